@@ -1,0 +1,132 @@
+"""Dynamic batching: a bounded queue per model and the rule that closes a batch.
+
+A request becomes one or more :class:`WorkItem` (a slice of at most
+``max_batch_size`` images). Workers call :meth:`BatchQueue.next_batch`, which
+waits for the first item, then lets the batch fill until it holds
+``max_batch_size`` images or the oldest item has waited ``max_queue_delay``,
+whichever comes first. :func:`collate` is the pure rule that picks the batch:
+items whose deadline passed, or whose caller went away, are taken out and
+answered, never computed. Only items of the same image shape share a batch.
+
+Time is ``time.monotonic()`` throughout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from service.errors import QueueFullError
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """Images of one request waiting for a forward pass, and how to answer them."""
+
+    pixels: torch.Tensor  # [n, 3, H, W] float32 on the CPU
+    on_result: Callable[[object], None]  # called with an np.ndarray [n, C] or an exception
+    deadline: float | None = None  # monotonic seconds; None: no deadline
+    is_cancelled: Callable[[], bool] = lambda: False
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def size(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def shape_key(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape[1:])
+
+    def expired(self, now: float) -> bool:
+        return self.is_cancelled() or (self.deadline is not None and now >= self.deadline)
+
+
+def collate(pending: deque[WorkItem], max_images: int, now: float) -> tuple[list[WorkItem], list[WorkItem]]:
+    """Take (batch, expired) out of ``pending``; what is left keeps its order.
+
+    The batch starts with the oldest live item and adds, in arrival order,
+    every live item of the same shape that still fits in ``max_images``.
+    """
+    batch: list[WorkItem] = []
+    expired: list[WorkItem] = []
+    kept: list[WorkItem] = []
+    total = 0
+    while pending:
+        item = pending.popleft()
+        if item.expired(now):
+            expired.append(item)
+        elif not batch or (item.shape_key == batch[0].shape_key and total + item.size <= max_images):
+            batch.append(item)
+            total += item.size
+            if total >= max_images:
+                break
+        else:
+            kept.append(item)
+    pending.extendleft(reversed(kept))
+    return batch, expired
+
+
+class BatchQueue:
+    """A bounded, thread-safe queue of work items for one model."""
+
+    def __init__(self, *, capacity_images: int, on_depth_change: Callable[[int], None] | None = None) -> None:
+        self._pending: deque[WorkItem] = deque()
+        self._images = 0
+        self._capacity = capacity_images
+        self._closed = False
+        self._cond = threading.Condition()
+        self._on_depth_change = on_depth_change or (lambda delta: None)
+
+    @property
+    def pending_images(self) -> int:
+        return self._images
+
+    def put(self, items: list[WorkItem]) -> None:
+        """Enqueue all of ``items`` or none of them."""
+        size = sum(item.size for item in items)
+        with self._cond:
+            if self._closed:
+                raise QueueFullError("the model is shutting down and takes no new work")
+            if self._images + size > self._capacity:
+                raise QueueFullError(
+                    f"the model's queue is full ({self._images} images waiting, capacity {self._capacity}); "
+                    "retry with backoff or add replicas"
+                )
+            self._pending.extend(items)
+            self._images += size
+            self._cond.notify_all()
+        self._on_depth_change(size)
+
+    def next_batch(self, max_images: int, max_delay_s: float) -> tuple[list[WorkItem], list[WorkItem]] | None:
+        """Block until a batch closes; ``None`` once the queue is closed and empty."""
+        with self._cond:
+            while True:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return None
+                close_at = self._pending[0].enqueued_at + max_delay_s
+                while self._images < max_images and not self._closed:
+                    remaining = close_at - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                    if not self._pending:
+                        break
+                batch, expired = collate(self._pending, max_images, time.monotonic())
+                taken = sum(item.size for item in batch) + sum(item.size for item in expired)
+                self._images -= taken
+                if taken:
+                    self._on_depth_change(-taken)
+                    return batch, expired
+
+    def close(self) -> None:
+        """Wake the workers; they finish what is queued, then get ``None``."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

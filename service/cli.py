@@ -1,0 +1,186 @@
+"""``vision-serve``: run the server, or ``vision-serve fetch-weights`` to pre-seed weights.
+
+Every option can also be set by an environment variable ``VISION_SERVE_<OPTION>``
+(``--max-batch-size`` is ``VISION_SERVE_MAX_BATCH_SIZE``); a flag wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from service.config import DEFAULT_MODELS, BatchingConfig, ServeConfig
+from service.errors import VisionServeError
+
+ENV_PREFIX = "VISION_SERVE_"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _model_list(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one model")
+    return names
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {number}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {number}")
+    return number
+
+
+class _EnvDefaults:
+    """Adds options whose default comes from ``VISION_SERVE_<OPTION>`` when it is set."""
+
+    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+        self._parser = parser
+        self._environ = environ
+
+    def add(self, flag: str, *, default: object, help: str, **kwargs: object) -> None:
+        env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+        if env in self._environ:
+            default = self._environ[env]
+            if kwargs.get("action") is argparse.BooleanOptionalAction:
+                default = default.strip().lower() in _TRUE
+        self._parser.add_argument(flag, default=default, help=f"{help} [env {env}; default: %(default)s]", **kwargs)
+
+
+def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vision-serve",
+        description="Serve torchvision classifiers over gRPC (Open Inference Protocol). "
+        "`vision-serve fetch-weights --help` pre-downloads pretrained weights.",
+    )
+    d = ServeConfig()
+    b = BatchingConfig()
+    opt = _EnvDefaults(parser, environ)
+    opt.add("--host", default=d.host, help="address to listen on")
+    opt.add("--grpc-port", default=d.grpc_port, type=_port, help="gRPC port (0: any free port)")
+    opt.add("--metrics-port", default=d.metrics_port, type=_port, help="Prometheus /metrics port")
+    opt.add("--models", default=",".join(d.models), type=_model_list, help="comma-separated models to serve")
+    opt.add(
+        "--weights",
+        default=d.weights,
+        help="'pretrained' (torchvision's, cached under TORCH_HOME), 'random' (seeded, for tests), "
+        "or a directory of <model>.pth state dicts",
+    )
+    opt.add("--device", default=d.device, help="'auto', 'cpu', 'cuda' or a list such as cuda:0,cuda:1")
+    opt.add("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="compute dtype on CUDA")
+    opt.add(
+        "--channels-last", default=d.channels_last, action=argparse.BooleanOptionalAction, help="NHWC memory format"
+    )
+    opt.add("--max-batch-size", default=b.max_batch_size, type=_positive_int, help="images per forward pass")
+    opt.add(
+        "--max-queue-delay-ms",
+        default=b.max_queue_delay_ms,
+        type=_non_negative_float,
+        help="longest wait for a batch to fill",
+    )
+    opt.add(
+        "--max-queue-size",
+        default=b.max_queue_size,
+        type=_positive_int,
+        help="images queued per model before RESOURCE_EXHAUSTED",
+    )
+    opt.add("--decode-threads", default=d.decode_threads, type=int, help="image decoding threads (0: one per core)")
+    opt.add(
+        "--max-image-pixels", default=d.max_image_pixels, type=_positive_int, help="largest decoded image (w*h)"
+    )
+    opt.add("--max-message-bytes", default=d.max_message_bytes, type=_positive_int, help="largest gRPC message")
+    opt.add("--model-store", default=None, type=Path, help="directory of fine-tuned models")
+    opt.add(
+        "--auth-token-file", default=None, type=Path, help="file with the bearer token FineTuning RPCs require"
+    )
+    opt.add(
+        "--drain-seconds", default=d.drain_seconds, type=_non_negative_float, help="grace for in-flight work on SIGTERM"
+    )
+    opt.add("--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    if args.max_queue_size < args.max_batch_size:
+        raise SystemExit("vision-serve: error: --max-queue-size must be at least --max-batch-size")
+    return ServeConfig(
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        models=tuple(args.models),
+        weights=args.weights,
+        device=args.device,
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        batching=BatchingConfig(
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_ms=args.max_queue_delay_ms,
+            max_queue_size=args.max_queue_size,
+        ),
+        decode_threads=args.decode_threads,
+        max_image_pixels=args.max_image_pixels,
+        max_message_bytes=args.max_message_bytes,
+        model_store=args.model_store,
+        auth_token_file=args.auth_token_file,
+        drain_seconds=args.drain_seconds,
+        log_level=args.log_level,
+    )
+
+
+def fetch_weights(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vision-serve fetch-weights",
+        description="Download pretrained weights into torch's cache (TORCH_HOME) ahead of serving.",
+    )
+    parser.add_argument(
+        "--models",
+        type=_model_list,
+        default=environ.get(ENV_PREFIX + "MODELS", ",".join(DEFAULT_MODELS)),
+        help="comma-separated models (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    from service.models import fetch_pretrained, get_model_spec
+
+    for name in args.models:
+        path = fetch_pretrained(get_model_spec(name))
+        print(f"{name}: {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = os.environ
+    try:
+        if argv[:1] == ["fetch-weights"]:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            return fetch_weights(argv[1:], environ)
+        config = config_from_args(build_serve_parser(environ).parse_args(argv))
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from service.server import serve
+
+        return asyncio.run(serve(config))
+    except VisionServeError as exc:
+        print(f"vision-serve: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The one exception tree of the server.
+
+Every error the core raises on purpose is a :class:`VisionServeError`. Each
+class names, in ``status``, the canonical gRPC status code it stands for; the
+transport maps it in one place (``service.transport.errors``). The core never
+imports gRPC.
+
+    VisionServeError
+    ├── InvalidInputError        INVALID_ARGUMENT   a request the client must fix
+    ├── ModelNotFoundError       NOT_FOUND          no model (or job) by that name
+    ├── AlreadyExistsError       ALREADY_EXISTS     a name that is taken
+    ├── QueueFullError           RESOURCE_EXHAUSTED the model's queue is full
+    ├── DeadlineExceededError    DEADLINE_EXCEEDED  expired before compute
+    ├── UnavailableError         UNAVAILABLE        not ready yet, or draining
+    ├── AuthenticationError      UNAUTHENTICATED    missing or wrong token
+    ├── FailedPreconditionError  FAILED_PRECONDITION
+    │   └── WeightsUnavailableError                 weights cannot be loaded
+    └── InternalError            INTERNAL           a bug or a device failure
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class VisionServeError(Exception):
+    """Base of every error the server raises deliberately."""
+
+    status: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInputError(VisionServeError):
+    status = "INVALID_ARGUMENT"
+
+
+class ModelNotFoundError(VisionServeError):
+    status = "NOT_FOUND"
+
+
+class AlreadyExistsError(VisionServeError):
+    status = "ALREADY_EXISTS"
+
+
+class QueueFullError(VisionServeError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceededError(VisionServeError):
+    status = "DEADLINE_EXCEEDED"
+
+
+class UnavailableError(VisionServeError):
+    status = "UNAVAILABLE"
+
+
+class AuthenticationError(VisionServeError):
+    status = "UNAUTHENTICATED"
+
+
+class FailedPreconditionError(VisionServeError):
+    status = "FAILED_PRECONDITION"
+
+
+class WeightsUnavailableError(FailedPreconditionError):
+    """Pretrained weights could not be downloaded or read."""
+
+
+class InternalError(VisionServeError):
+    status = "INTERNAL"

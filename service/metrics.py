@@ -1,0 +1,103 @@
+"""Prometheus metrics of the server, in a registry of their own.
+
+Throughput per device is ``rate(vision_inference_images_total[1m])`` by
+``device``. Everything is registered on a private ``CollectorRegistry`` so
+that several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.runtime import BatchStats
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    """Every metric the server exports; the core calls its ``record_*`` methods."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vision_requests", "Inference requests answered, by gRPC status.", ["model", "status"], registry=r
+        )
+        self.images = Counter(
+            "vision_inference_images", "Images run through a forward pass.", ["model", "device"], registry=r
+        )
+        self.batches = Counter("vision_batches", "Forward passes (batches) run.", ["model", "device"], registry=r)
+        self.batch_size = Histogram(
+            "vision_batch_size", "Images per forward pass.", ["model", "device"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "vision_queue_seconds",
+            "Time a request's images waited in the model's queue.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "vision_compute_seconds",
+            "Wall time of one forward pass, host copies included.",
+            ["model", "device"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "vision_request_seconds",
+            "Time from a request's arrival to its answer, decoding included.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pending_images = Gauge(
+            "vision_pending_images", "Images waiting in the model's queue.", ["model"], registry=r
+        )
+        self.model_ready = Gauge("vision_model_ready", "1 when the model serves, else 0.", ["model"], registry=r)
+
+    def record_batch(self, model: str, stats: BatchStats) -> None:
+        self.images.labels(model, stats.device).inc(stats.images)
+        self.batches.labels(model, stats.device).inc()
+        self.batch_size.labels(model, stats.device).observe(stats.images)
+        self.compute_seconds.labels(model, stats.device).observe(stats.compute_seconds)
+        queue = self.queue_seconds.labels(model)
+        for seconds in stats.queue_seconds:
+            queue.observe(seconds)
+
+    def record_request(self, model: str, status: str, seconds: float) -> None:
+        self.requests.labels(model, status).inc()
+        self.request_seconds.labels(model).observe(seconds)
+
+    def watch_cuda_memory(self, devices: Iterable[torch.device]) -> None:
+        cuda = [d for d in devices if d.type == "cuda"]
+        if cuda:
+            self.registry.register(_CudaMemoryCollector(cuda))
+
+
+class _CudaMemoryCollector(Collector):
+    """Device memory gauges, read at scrape time."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self._devices = devices
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        allocated = GaugeMetricFamily(
+            "vision_device_memory_allocated_bytes", "Device memory held by tensors.", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "vision_device_memory_reserved_bytes", "Device memory reserved by the caching allocator.", labels=["device"]
+        )
+        total = GaugeMetricFamily("vision_device_memory_total_bytes", "Device memory in all.", labels=["device"])
+        for device in self._devices:
+            label = f"cuda:{device.index or 0}"
+            allocated.add_metric([label], torch.cuda.memory_allocated(device))
+            reserved.add_metric([label], torch.cuda.memory_reserved(device))
+            total.add_metric([label], torch.cuda.get_device_properties(device).total_memory)
+        yield from (allocated, reserved, total)

@@ -1,0 +1,98 @@
+"""The built-in models, described together with their torchvision weights.
+
+As in torchvision's ``models/_api.py``, a model is a builder plus a weights
+entry whose metadata carries everything serving needs: the exact
+preprocessing (``weights.transforms()``), the category labels and the
+smallest input the network accepts. Weights other than the pretrained ones
+(random, or a user's state dict) reuse that metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision import models as tv_models
+from torchvision.models import AlexNet_Weights, ResNet101_Weights, VGG16_Weights, WeightsEnum
+
+from service.errors import ModelNotFoundError
+
+Builder = Callable[..., torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A servable architecture and the weights whose metadata it serves with."""
+
+    name: str
+    builder: Builder
+    weights: WeightsEnum
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.weights.meta["categories"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.weights.meta["categories"])
+
+    @property
+    def min_size(self) -> tuple[int, int]:
+        """Smallest (height, width) of a ``PIXELS`` input the network accepts."""
+        return tuple(self.weights.meta["min_size"])  # type: ignore[return-value]
+
+    @property
+    def crop_size(self) -> int:
+        """Side of the square the preprocessing produces from an encoded image."""
+        return int(self.weights.transforms().crop_size[0])
+
+    def transforms(self) -> Callable[[Any], torch.Tensor]:
+        """The exact preprocessing of the pretrained weights (PIL image -> CHW float)."""
+        return self.weights.transforms()
+
+    def build(self, *, pretrained: bool, progress: bool = False) -> torch.nn.Module:
+        return self.builder(weights=self.weights if pretrained else None, progress=progress)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, *, weights: WeightsEnum) -> Callable[[Builder], Builder]:
+    """Register ``builder`` as a built-in model served under ``name``."""
+
+    def wrap(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelSpec(name=name, builder=builder, weights=weights)
+        return builder
+
+    return wrap
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ModelNotFoundError(f"unknown model {name!r}; built-in models are: {known}") from None
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@register_model("alexnet", weights=AlexNet_Weights.DEFAULT)
+def alexnet(**kwargs: Any) -> torch.nn.Module:
+    return tv_models.alexnet(**kwargs)
+
+
+@register_model("vgg16", weights=VGG16_Weights.DEFAULT)
+def vgg16(**kwargs: Any) -> torch.nn.Module:
+    return tv_models.vgg16(**kwargs)
+
+
+@register_model("resnet101", weights=ResNet101_Weights.DEFAULT)
+def resnet101(**kwargs: Any) -> torch.nn.Module:
+    return tv_models.resnet101(**kwargs)

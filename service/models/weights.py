@@ -1,0 +1,102 @@
+"""Where a model's weights come from: pretrained, seeded random, or a directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.errors import WeightsUnavailableError
+from service.models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Parsed ``--weights``: ``pretrained``, ``random`` or a directory of state dicts."""
+
+    kind: str  # "pretrained" | "random" | "directory"
+    directory: Path | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> WeightsSource:
+        if value in ("pretrained", "random"):
+            return cls(kind=value)
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise WeightsUnavailableError(
+                f"--weights {value!r} is neither 'pretrained', 'random' nor an existing directory "
+                "of <model>.pth state dicts"
+            )
+        return cls(kind="directory", directory=path)
+
+    def describe(self) -> str:
+        return str(self.directory) if self.kind == "directory" else self.kind
+
+
+def build_model(spec: ModelSpec, source: WeightsSource) -> torch.nn.Module:
+    """Build ``spec``'s network on the CPU with weights from ``source``, in eval mode."""
+    if source.kind == "pretrained":
+        model = _pretrained(spec, progress=False)
+    elif source.kind == "random":
+        log.warning(
+            "MODEL %s USES RANDOM WEIGHTS (seeded): its predictions are meaningless. "
+            "Use --weights pretrained or a directory of state dicts for real results.",
+            spec.name,
+        )
+        model = _seeded_random(spec)
+    else:
+        assert source.directory is not None
+        model = _from_directory(spec, source.directory)
+    return model.eval()
+
+
+def fetch_pretrained(spec: ModelSpec) -> Path:
+    """Download ``spec``'s pretrained weights into torch's cache, with a progress bar."""
+    _pretrained(spec, progress=True)
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.weights.url).name
+
+
+def _pretrained(spec: ModelSpec, *, progress: bool) -> torch.nn.Module:
+    try:
+        return spec.build(pretrained=True, progress=progress)
+    except Exception as exc:  # urllib, SSL, hash and IO errors all mean the same to a user
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise WeightsUnavailableError(
+            f"cannot get pretrained weights for {spec.name} ({type(exc).__name__}: {exc}). "
+            f"Pre-seed the cache by running `vision-serve fetch-weights --models {spec.name}` on a "
+            f"machine with internet access and copying {cache}/{Path(spec.weights.url).name} to the "
+            f"same place here (the cache follows TORCH_HOME, now {os.environ.get('TORCH_HOME', 'unset')}), "
+            "or start with --weights DIR (a directory of <model>.pth state dicts) or --weights random."
+        ) from exc
+
+
+def _seeded_random(spec: ModelSpec) -> torch.nn.Module:
+    # The same name always gives the same weights, so that tests and replicas agree.
+    seed = RANDOM_SEED + zlib.crc32(spec.name.encode())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build(pretrained=False)
+
+
+def _from_directory(spec: ModelSpec, directory: Path) -> torch.nn.Module:
+    path = directory / f"{spec.name}.pth"
+    if not path.is_file():
+        raise WeightsUnavailableError(f"no weights for {spec.name}: expected the state dict file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = spec.build(pretrained=False)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise WeightsUnavailableError(
+            f"cannot load {path} as the state dict of torchvision's {spec.name} "
+            f"({type(exc).__name__}: {exc}); save it with torch.save(model.state_dict(), path)"
+        ) from exc
+    return model

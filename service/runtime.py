@@ -1,0 +1,137 @@
+"""A model instance on one device, and the worker thread that feeds it batches."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.batching import BatchQueue, WorkItem
+from service.devices import device_label
+from service.errors import DeadlineExceededError, InternalError
+
+log = logging.getLogger(__name__)
+
+
+class ModelInstance:
+    """One copy of a network on one device, running inference-mode forward passes."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device: torch.device,
+        *,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
+        self.device = device
+        self.label = device_label(device)
+        self.dtype = dtype
+        self.channels_last = channels_last
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.module = copy.deepcopy(module) if device.type != "cpu" else module
+        self.module = self.module.to(device=device, dtype=dtype, memory_format=memory_format).eval()
+        self._staging: dict[tuple[int, ...], torch.Tensor] = {}  # pinned host buffers, CUDA only
+
+    def forward(self, parts: list[torch.Tensor]) -> np.ndarray:
+        """Run the batch made of ``parts`` and return float32 outputs on the host."""
+        with torch.inference_mode():
+            batch = self._to_device(parts)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            output = self.module(batch)
+            return output.float().cpu().numpy()
+
+    def warm_up(self, shape: tuple[int, int, int]) -> None:
+        self.forward([torch.zeros((1, *shape))])
+
+    def _to_device(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if self.device.type == "cpu":
+            batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return batch.to(self.dtype)
+        # Gather into a reusable pinned buffer, then one asynchronous copy.
+        rows = sum(int(p.shape[0]) for p in parts)
+        key = tuple(parts[0].shape[1:])
+        staging = self._staging.get(key)
+        if staging is None or staging.shape[0] < rows:
+            staging = torch.empty((rows, *key), dtype=torch.float32).pin_memory()
+            self._staging[key] = staging
+        host = staging[:rows]
+        torch.cat(parts, out=host)
+        return host.to(self.device, non_blocking=True).to(self.dtype)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one batch did, for metrics."""
+
+    device: str
+    images: int
+    queue_seconds: list[float]
+    compute_seconds: float
+
+
+class InferenceWorker:
+    """A thread that takes batches from a model's queue and runs them on one instance."""
+
+    def __init__(
+        self,
+        name: str,
+        queue: BatchQueue,
+        instance: ModelInstance,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        on_batch: Callable[[BatchStats], None] = lambda stats: None,
+    ) -> None:
+        self.instance = instance
+        self._queue = queue
+        self._max_batch_size = max_batch_size
+        self._max_delay_s = max_delay_s
+        self._on_batch = on_batch
+        self._thread = threading.Thread(target=self._run, name=f"infer-{name}-{instance.label}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (taken := self._queue.next_batch(self._max_batch_size, self._max_delay_s)) is not None:
+            batch, expired = taken
+            for item in expired:
+                if not item.is_cancelled():
+                    item.on_result(DeadlineExceededError("the request's deadline passed while it waited in the queue"))
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[WorkItem]) -> None:
+        started = time.monotonic()
+        try:
+            outputs = self.instance.forward([item.pixels for item in batch])
+        except Exception as exc:
+            log.exception("forward pass failed on %s", self.instance.label)
+            error = InternalError(f"the forward pass failed on {self.instance.label}: {type(exc).__name__}")
+            for item in batch:
+                item.on_result(error)
+            return
+        finished = time.monotonic()
+        offset = 0
+        for item in batch:
+            item.on_result(outputs[offset : offset + item.size])
+            offset += item.size
+        self._on_batch(
+            BatchStats(
+                device=self.instance.label,
+                images=offset,
+                queue_seconds=[started - item.enqueued_at for item in batch],
+                compute_seconds=finished - started,
+            )
+        )

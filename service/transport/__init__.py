@@ -1,0 +1,1 @@
+"""gRPC transport: thin servicers that validate, convert, call the core and convert back."""
