@@ -74,7 +74,7 @@ def generate(out_dir: Path = OUT_DIR) -> None:
     packages = {str(Path(f).parent).replace("/", ".") for f in files}
     (out_dir / "__init__.py").write_text('"""Generated protobuf and gRPC stubs. Do not edit: run `make protos`."""\n')
     (out_dir / "_pool.py").write_text(POOL_MODULE)
-    for directory in sorted({p.parent for p in out_dir.rglob("*.py*")}):
+    for directory in sorted(d for d in out_dir.rglob("*") if d.is_dir()):
         init = directory / "__init__.py"
         if not init.exists():
             init.write_text("")

@@ -23,7 +23,9 @@ from service.models import WeightsSource
 from service.repository import ModelRepository, ServedModel
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.inference import InferenceServicer
+from service.transport.models import ModelsServicer
 from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from vision_client._proto.vision.v1 import models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,12 @@ class VisionServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane), self._grpc
         )
+        models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             [
                 grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -189,7 +193,7 @@ def _host(host: str) -> str:
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """Descriptors of every service we expose, for reflection clients (grpcurl)."""
     pool = descriptor_pool.DescriptorPool()
-    for file in (grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+    for file in (grpc_service_pb2.DESCRIPTOR, models_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         proto = descriptor_pb2.FileDescriptorProto()
         file.CopyToProto(proto)
         pool.Add(proto)

@@ -35,7 +35,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._dataplane.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._dataplane.model_ready(_model_name(request.name)))
+        return pb.ModelReadyResponse(ready=self._dataplane.model_ready(require_model_name(request.name)))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -45,7 +45,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model = self._dataplane.repository.get(_model_name(request.name))
+        model = self._dataplane.repository.get(require_model_name(request.name))
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -116,7 +116,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return build_infer_response(call, logits, labels)
 
 
-def _model_name(name: str) -> str:
+def require_model_name(name: str) -> str:
     if not name:
         raise InvalidInputError("name is empty: name a model, e.g. 'resnet101'")
     return name
