@@ -56,7 +56,12 @@ class ImageDecoder:
                 return image.convert("RGB")
         except InvalidInputError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InvalidInputError(
+                f"{where} declares more pixels than allowed, over the limit of {self._max_pixels} "
+                f"(decompression bomb guard: {exc}); downscale it before sending"
+            ) from exc
+        except UnidentifiedImageError as exc:
             raise InvalidInputError(
                 f"{where} ({len(data)} bytes) is not a decodable image: {exc}. "
                 "Send the raw bytes of a JPEG, PNG, WebP, BMP or GIF file"

@@ -1,0 +1,189 @@
+"""Shared fixtures: a real ``vision-serve`` process on loopback ports, real images."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A ``vision-serve`` child process and how to reach it."""
+
+    process: subprocess.Popen
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_serving(self, service: str = "", timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Block until the health service reports ``service`` SERVING."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise RuntimeError(f"vision-serve exited with {self.process.returncode}:\n{self.log()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"vision-serve not SERVING {service!r} after {timeout}s:\n{self.log()}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start ``vision-serve`` with ``args`` on free loopback ports (not yet waiting for it)."""
+    grpc_port, metrics_port = free_port(), free_port()
+    log_path = tmp_dir / f"server-{grpc_port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        str(metrics_port),
+        *args,
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
+    return ServerProcess(process, grpc_port, metrics_port, log_path, list(args))
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """State dicts of seeded random AlexNet and ResNet101 (nothing can be downloaded here)."""
+    import torch
+    from torchvision import models
+
+    directory = tmp_path_factory.mktemp("weights")
+    for name, builder in (("alexnet", models.alexnet), ("resnet101", models.resnet101)):
+        torch.manual_seed(1234)
+        torch.save(builder(weights=None).state_dict(), directory / f"{name}.pth")
+    return directory
+
+
+def load_reference(weights_dir: Path, name: str):  # -> torch.nn.Module
+    """The torchvision model with the very weights the server was given, in eval mode."""
+    import torch
+    from torchvision import models
+
+    model = getattr(models, name)(weights=None)
+    model.load_state_dict(torch.load(weights_dir / f"{name}.pth", weights_only=True))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[ServerProcess]:
+    """One AlexNet server for the whole session, batching as the issue asks."""
+    proc = start_server(
+        tmp_path_factory.mktemp("server"),
+        "--models",
+        "alexnet",
+        "--weights",
+        str(weights_dir),
+        "--max-batch-size",
+        "16",
+        "--max-queue-delay-ms",
+        "50",
+    )
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """Real photographs, JPEG-encoded: the two that scikit-learn ships, plus crops of them."""
+    from sklearn.datasets import load_sample_images
+
+    images = {}
+    for name, pixels in zip(("china", "flower"), load_sample_images().images):
+        full = Image.fromarray(pixels)
+        images[name] = encode(full, "JPEG", quality=92)
+        images[f"{name}-crop"] = encode(full.crop((100, 50, 400, 350)), "JPEG", quality=85)
+    return images
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="session")
+def system_tool():
+    """Path of a system tool the test needs; under CI its absence is a failure, not a skip."""
+
+    def find(name: str) -> str:
+        path = shutil.which(name)
+        if path is None:
+            message = f"{name} is not installed (make test installs Debian's package)"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        return path
+
+    return find

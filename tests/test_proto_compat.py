@@ -1,0 +1,98 @@
+"""Our Open Inference Protocol proto agrees, field by field, with the one compiled into tritonclient."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from vision_client._proto.inference import grpc_service_pb2 as ours
+
+triton = pytest.importorskip("tritonclient.grpc.service_pb2")
+
+
+def _as_proto(file_descriptor) -> descriptor_pb2.FileDescriptorProto:
+    proto = descriptor_pb2.FileDescriptorProto()
+    file_descriptor.CopyToProto(proto)
+    return proto
+
+
+def _messages(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, descriptor_pb2.DescriptorProto]:
+    found: dict[str, descriptor_pb2.DescriptorProto] = {}
+
+    def walk(message: descriptor_pb2.DescriptorProto, prefix: str) -> None:
+        name = f"{prefix}.{message.name}"
+        found[name] = message
+        for nested in message.nested_type:
+            walk(nested, name)
+
+    for message in proto.message_type:
+        walk(message, proto.package)
+    return found
+
+
+OURS = _as_proto(ours.DESCRIPTOR)
+THEIRS = _as_proto(triton.DESCRIPTOR)
+OUR_MESSAGES = _messages(OURS)
+THEIR_MESSAGES = _messages(THEIRS)
+
+
+def test_same_package() -> None:
+    assert OURS.package == THEIRS.package == "inference"
+
+
+@pytest.mark.parametrize("name", sorted(OUR_MESSAGES))
+def test_message_fields_match_triton(name: str) -> None:
+    assert name in THEIR_MESSAGES, f"{name} is not a Triton message"
+    mine, theirs = OUR_MESSAGES[name], THEIR_MESSAGES[name]
+    their_fields = {f.name: f for f in theirs.field}
+    assert [f.name for f in mine.field] == [f.name for f in theirs.field if f.name in {m.name for m in mine.field}]
+    for field in mine.field:
+        assert field.name in their_fields, f"{name}.{field.name} is not in Triton's {name}"
+        other = their_fields[field.name]
+        assert (field.number, field.type, field.label, field.type_name) == (
+            other.number,
+            other.type,
+            other.label,
+            other.type_name,
+        ), f"{name}.{field.name} differs from Triton's"
+        assert field.HasField("oneof_index") == other.HasField("oneof_index")
+        if field.HasField("oneof_index"):
+            assert mine.oneof_decl[field.oneof_index].name == theirs.oneof_decl[other.oneof_index].name
+    # Every field Triton has, we have too: the messages are the same on the wire.
+    assert {f.name for f in mine.field} == set(their_fields), f"{name} lacks some of Triton's fields"
+
+
+def test_service_methods_match_triton() -> None:
+    (our_service,) = OURS.service
+    their_service = next(s for s in THEIRS.service if s.name == our_service.name)
+    assert our_service.name == "GRPCInferenceService"
+    theirs = {m.name: m for m in their_service.method}
+    for method in our_service.method:
+        other = theirs[method.name]
+        assert (method.input_type, method.output_type, method.client_streaming, method.server_streaming) == (
+            other.input_type,
+            other.output_type,
+            other.client_streaming,
+            other.server_streaming,
+        ), method.name
+    expected = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelStreamInfer"}
+    assert expected <= {m.name for m in our_service.method}
+
+
+def test_stubs_are_generated_from_protos(tmp_path) -> None:
+    """The committed stubs are what `make protos` makes from protos/ today."""
+    import filecmp
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("grpc_tools") is None:
+        pytest.skip("grpcio-tools is not installed")
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("generate", root / "protos" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    generate.generate(tmp_path / "_proto")
+    committed = root / "clients" / "python" / "vision_client" / "_proto"
+    for fresh in (tmp_path / "_proto").rglob("*.py*"):
+        relative = fresh.relative_to(tmp_path / "_proto")
+        assert filecmp.cmp(fresh, committed / relative, shallow=False), f"{relative} is stale: run `make protos`"
