@@ -1,0 +1,109 @@
+"""Command line and configuration: flags, environment variables, weights sources."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from service.cli import build_serve_parser, config_from_args
+from service.errors import WeightsUnavailableError
+from service.models import WeightsSource, build_model, get_model_spec, list_models
+from tests.conftest import ROOT
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None):
+    return config_from_args(build_serve_parser(environ or {}).parse_args(argv))
+
+
+def test_defaults_follow_the_design() -> None:
+    config = parse([])
+    assert (config.host, config.grpc_port, config.metrics_port) == ("0.0.0.0", 8001, 8002)
+    assert config.models == ("alexnet", "vgg16", "resnet101")
+    assert (config.weights, config.device) == ("pretrained", "auto")
+
+
+def test_environment_variables_set_options_and_flags_win() -> None:
+    environ = {
+        "VISION_SERVE_MAX_BATCH_SIZE": "7",
+        "VISION_SERVE_MODELS": "alexnet,resnet101",
+        "VISION_SERVE_CHANNELS_LAST": "true",
+        "VISION_SERVE_GRPC_PORT": "9001",
+        "VISION_SERVE_MODEL_STORE": "/tmp/store",
+    }
+    config = parse(["--grpc-port", "9100"], environ)
+    assert config.batching.max_batch_size == 7
+    assert config.models == ("alexnet", "resnet101")
+    assert config.channels_last is True
+    assert config.grpc_port == 9100
+    assert str(config.model_store) == "/tmp/store"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--max-batch-size", "0"], ["--grpc-port", "70000"], ["--dtype", "int8"], ["--max-queue-delay-ms", "-1"]]
+)
+def test_bad_values_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(argv)
+
+
+def test_registry_has_the_three_models_with_weight_metadata() -> None:
+    assert list_models() == ["alexnet", "resnet101", "vgg16"]
+    for name in list_models():
+        spec = get_model_spec(name)
+        assert spec.num_classes == 1000 and spec.categories[0] == "tench"
+        assert spec.crop_size == 224
+
+
+def test_random_weights_are_seeded_and_repeatable() -> None:
+    spec = get_model_spec("alexnet")
+    first = build_model(spec, WeightsSource.parse("random")).state_dict()
+    second = build_model(spec, WeightsSource.parse("random")).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_weights_directory_errors_say_what_to_do(tmp_path) -> None:
+    spec = get_model_spec("alexnet")
+    with pytest.raises(WeightsUnavailableError, match="alexnet.pth"):
+        build_model(spec, WeightsSource.parse(str(tmp_path)))
+    torch.save({"not": torch.zeros(1)}, tmp_path / "alexnet.pth")
+    with pytest.raises(WeightsUnavailableError, match="state dict"):
+        build_model(spec, WeightsSource.parse(str(tmp_path)))
+    with pytest.raises(WeightsUnavailableError, match="neither"):
+        WeightsSource.parse(str(tmp_path / "missing"))
+
+
+def _offline_env(tmp_path) -> dict[str, str]:
+    # A proxy on a closed loopback port makes every download fail at once, online or not.
+    return {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+
+
+def test_fetch_weights_failure_explains_how_to_pre_seed(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "fetch-weights", "--models", "alexnet"],
+        capture_output=True,
+        text=True,
+        env=_offline_env(tmp_path),
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "vision-serve: error: cannot get pretrained weights for alexnet" in result.stderr
+    assert "TORCH_HOME" in result.stderr and "--weights" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_without_pretrained_weights_exits_with_the_reason(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--models", "alexnet", "--grpc-port", "0", "--metrics-port", "0", "--host", "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        env=_offline_env(tmp_path),
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "fetch-weights" in result.stderr and "--weights random" in result.stderr
