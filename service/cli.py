@@ -42,6 +42,13 @@ def _port(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {number}")
+    return number
+
+
 def _non_negative_float(value: str) -> float:
     number = float(value)
     if number < 0:
@@ -107,7 +114,18 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--max-image-pixels", default=d.max_image_pixels, type=_positive_int, help="largest decoded image (w*h)"
     )
     opt.add("--max-message-bytes", default=d.max_message_bytes, type=_positive_int, help="largest gRPC message")
-    opt.add("--model-store", default=None, type=Path, help="directory of fine-tuned models")
+    opt.add(
+        "--model-store",
+        default=str(Path("~/.local/share/vision-serving/models").expanduser()),
+        type=Path,
+        help="directory of fine-tuned models (shared by replicas)",
+    )
+    opt.add(
+        "--store-poll-seconds",
+        default=d.store_poll_seconds,
+        type=_positive_float,
+        help="how often to look for models other replicas wrote to the store",
+    )
     opt.add(
         "--auth-token-file", default=None, type=Path, help="file with the bearer token FineTuning RPCs require"
     )
@@ -139,6 +157,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_image_pixels=args.max_image_pixels,
         max_message_bytes=args.max_message_bytes,
         model_store=args.model_store,
+        store_poll_seconds=args.store_poll_seconds,
         auth_token_file=args.auth_token_file,
         drain_seconds=args.drain_seconds,
         log_level=args.log_level,

@@ -35,7 +35,8 @@ class ServeConfig:
     decode_threads: int = 0  # 0: one per CPU core
     max_image_pixels: int = 40_000_000  # decoded width*height cap (decompression bombs)
     max_message_bytes: int = 64 * 1024 * 1024
-    model_store: Path | None = None
+    model_store: Path | None = None  # None: fine-tuning is off
+    store_poll_seconds: float = 5.0
     auth_token_file: Path | None = None
     drain_seconds: float = 25.0
     log_level: str = "INFO"

@@ -57,6 +57,10 @@ class DataPlane:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def decode_pool(self) -> Executor:
+        return self._decode_pool
+
     # -- readiness -------------------------------------------------------
 
     @property
@@ -105,7 +109,12 @@ class DataPlane:
 
     async def infer(self, model_name: str, inputs: InferenceInput, *, timeout: float | None = None) -> np.ndarray:
         """Logits [N, C] (float32) of the model for ``inputs``."""
-        model = self.repository.get_ready(model_name)
+        return await self.infer_model(self.repository.get_ready(model_name), inputs, timeout=timeout)
+
+    async def infer_model(
+        self, model: ServedModel, inputs: InferenceInput, *, timeout: float | None = None
+    ) -> np.ndarray:
+        """Like :meth:`infer`, for a model already in hand (internal feature extractors)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if inputs.images is not None:
             pixels = await self._decode(model, inputs.images)

@@ -61,6 +61,13 @@ class ServerMetrics:
             "vision_pending_images", "Images waiting in the model's queue.", ["model"], registry=r
         )
         self.model_ready = Gauge("vision_model_ready", "1 when the model serves, else 0.", ["model"], registry=r)
+        self.finetune_jobs = Gauge("vision_finetune_jobs", "Fine-tuning jobs by state.", ["state"], registry=r)
+        self.finetune_loss = Gauge(
+            "vision_finetune_loss", "Training loss of the last epoch of each running job.", ["job"], registry=r
+        )
+        self.finetune_images = Counter(
+            "vision_finetune_images", "Training examples run through a head (per epoch).", registry=r
+        )
 
     def record_batch(self, model: str, stats: BatchStats) -> None:
         self.images.labels(model, stats.device).inc(stats.images)
@@ -74,6 +81,16 @@ class ServerMetrics:
     def record_request(self, model: str, status: str, seconds: float) -> None:
         self.requests.labels(model, status).inc()
         self.request_seconds.labels(model).observe(seconds)
+
+    def set_job_loss(self, job_id: str, loss: float) -> None:
+        self.finetune_loss.labels(job_id).set(loss)
+
+    def clear_job_loss(self, job_id: str) -> None:
+        """Drop a finished job's series so that only running jobs are exported."""
+        try:
+            self.finetune_loss.remove(job_id)
+        except KeyError:
+            pass
 
     def watch_cuda_memory(self, devices: Iterable[torch.device]) -> None:
         cuda = [d for d in devices if d.type == "cuda"]

@@ -1,10 +1,22 @@
-"""The models a server holds: building them, their state, their queue and workers."""
+"""The models a server holds: building them, their state, their queue and workers.
+
+Three kinds of served model share one shape (:class:`ServedModel`):
+
+- built-in models (``alexnet``...), loaded at start-up;
+- internal feature extractors (``alexnet:features``), made on demand for
+  fine-tuning jobs from the built-in model's instances, weights shared;
+- fine-tuned models: a base model's features followed by a trained head.
+
+Internal models are not listed and cannot be reached over the wire.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,13 +25,17 @@ import torch
 from service.batching import BatchQueue
 from service.config import ServeConfig
 from service.devices import resolve_dtype
-from service.errors import ModelNotFoundError, UnavailableError
+from service.errors import AlreadyExistsError, ModelNotFoundError, UnavailableError
 from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
 
 log = logging.getLogger(__name__)
+
+BUILTIN_PLATFORM = "pytorch_torchvision"
+FINETUNED_PLATFORM = "vision_finetuned"
+FEATURES_SUFFIX = ":features"
 
 
 class ModelState(enum.Enum):
@@ -34,23 +50,25 @@ class ServedModel:
 
     name: str
     labels: list[str]
+    num_outputs: int
     input_size: int  # side of the square IMAGE preprocessing produces
     min_size: tuple[int, int]  # smallest PIXELS height and width
     platform: str
     decoder: ImageDecoder
     queue: BatchQueue
     base_model: str | None = None
+    version: str = "1"
     state: ModelState = ModelState.LOADING
     reason: str = ""
     workers: list[InferenceWorker] = field(default_factory=list)
 
     @property
-    def num_outputs(self) -> int:
-        return len(self.labels)
-
-    @property
     def ready(self) -> bool:
         return self.state is ModelState.READY
+
+    @property
+    def instances(self) -> list[ModelInstance]:
+        return [worker.instance for worker in self.workers]
 
 
 StateListener = Callable[[ServedModel], None]
@@ -64,7 +82,10 @@ class ModelRepository:
         self._devices = devices
         self._metrics = metrics
         self._models: dict[str, ServedModel] = {}
+        self._internal: dict[str, ServedModel] = {}
+        self._retired: list[ServedModel] = []
         self._listeners: list[StateListener] = []
+        self._lock = threading.Lock()  # guards building internal models from several jobs
 
     @property
     def devices(self) -> list[torch.device]:
@@ -79,6 +100,9 @@ class ModelRepository:
     def all(self) -> list[ServedModel]:
         return list(self._models.values())
 
+    def builtin_names(self) -> list[str]:
+        return [m.name for m in self._models.values() if m.base_model is None]
+
     def get(self, name: str) -> ServedModel:
         try:
             return self._models[name]
@@ -87,50 +111,119 @@ class ModelRepository:
             raise ModelNotFoundError(f"model {name!r} is not served here; served models: {served}") from None
 
     def get_ready(self, name: str) -> ServedModel:
-        model = self.get(name)
-        if model.state is ModelState.LOADING:
-            raise UnavailableError(f"model {name!r} is still loading; retry shortly")
-        if model.state is not ModelState.READY:
-            raise UnavailableError(f"model {name!r} is unavailable: {model.reason}")
-        return model
+        return _require_ready(self.get(name))
+
+    # -- built-in models -------------------------------------------------
 
     def declare_builtin(self, names: list[str]) -> None:
         """Register the built-in models as LOADING, so they are known before they load."""
         for name in names:
             spec = get_model_spec(name)
-            self._models[name] = self._new_served(spec.name, spec, spec.categories, platform="pytorch_torchvision")
+            self._models[name] = self._new_served(
+                name, spec, spec.categories, spec.num_classes, platform=BUILTIN_PLATFORM
+            )
 
     async def load_builtin(self, weights: WeightsSource) -> None:
         """Build and warm up every declared built-in model, one after the other.
 
         Raises the first failure after marking that model UNAVAILABLE.
         """
-        for model in list(self._models.values()):
+        for model in [m for m in self._models.values() if m.base_model is None]:
             if model.state is not ModelState.LOADING:
                 continue
             spec = get_model_spec(model.name)
             try:
                 module = await asyncio.to_thread(build_model, spec, weights)
-                await asyncio.to_thread(self._start_workers, model, module)
+                instances = await asyncio.to_thread(self._place, module)
+                await asyncio.to_thread(self._start_workers, model, instances)
             except Exception as exc:
                 self._set_state(model, ModelState.UNAVAILABLE, str(exc))
                 raise
             self._set_state(model, ModelState.READY)
             log.info("model %s ready on %s (weights: %s)", model.name, self._device_names(), weights.describe())
 
+    # -- derived models ----------------------------------------------------
+
+    def features_model(self, base: str) -> ServedModel:
+        """The internal feature extractor of built-in model ``base`` (made on first use)."""
+        base_model = self.get_ready(base)
+        if base_model.base_model is not None:
+            raise ModelNotFoundError(f"{base!r} is a fine-tuned model; fine-tune from a built-in model instead")
+        name = base + FEATURES_SUFFIX
+        with self._lock:
+            model = self._internal.get(name)
+            if model is None:
+                spec = get_model_spec(base)
+                labels = [f"feature_{i}" for i in range(spec.feature_dim)]
+                model = self._new_served(name, spec, labels, spec.feature_dim, platform=BUILTIN_PLATFORM)
+                model.base_model = base
+                instances = [i.derive(spec.features(i.module)) for i in base_model.instances]
+                self._start_workers(model, instances, warm_up=False)
+                model.state = ModelState.READY
+                self._internal[name] = model
+        return model
+
+    def install_finetuned(
+        self, name: str, base: str, head: torch.nn.Module, labels: list[str], version: str
+    ) -> ServedModel:
+        """Serve ``head`` on ``base``'s features as ``name``, replacing an older version.
+
+        Blocking (warm-up forward passes): call it from a worker thread.
+        """
+        existing = self._models.get(name)
+        if existing is not None and existing.base_model is None:
+            raise AlreadyExistsError(f"{name!r} is a built-in model; choose another output_model name")
+        base_model = self.get_ready(base)
+        spec = get_model_spec(base)
+        model = self._new_served(name, spec, labels, len(labels), platform=FINETUNED_PLATFORM)
+        model.base_model = base
+        model.version = version
+        instances = [
+            i.derive(torch.nn.Sequential(spec.features(i.module), _copy_to(head, i.device))) for i in base_model.instances
+        ]
+        self._start_workers(model, instances)
+        return model
+
+    def activate(self, model: ServedModel) -> None:
+        """Make an installed model the one served under its name (in the event loop)."""
+        previous = self._models.get(model.name)
+        self._models[model.name] = model
+        self._set_state(model, ModelState.READY)
+        if previous is not None:
+            self._retire(previous)
+
+    def remove_finetuned(self, name: str, reason: str = "deleted") -> None:
+        model = self.get(name)
+        if model.base_model is None:
+            raise AlreadyExistsError(f"{name!r} is a built-in model and cannot be deleted")
+        del self._models[name]
+        self._set_state(model, ModelState.UNAVAILABLE, reason)
+        self._retire(model)
+
     async def stop(self) -> None:
         """Close every queue and wait for the workers to finish what was queued."""
-        for model in self._models.values():
+        models = [*self._models.values(), *self._internal.values(), *self._retired]
+        for model in models:
             model.queue.close()
-        for model in self._models.values():
+        for model in models:
             for worker in model.workers:
                 await asyncio.to_thread(worker.join)
 
-    def _new_served(self, name: str, spec: ModelSpec, labels: list[str], *, platform: str) -> ServedModel:
+    # -- internals ---------------------------------------------------------
+
+    def _retire(self, model: ServedModel) -> None:
+        """Stop taking work for ``model``; what it queued is still answered."""
+        model.queue.close()
+        self._retired = [m for m in self._retired if any(w.alive for w in m.workers)] + [model]
+
+    def _new_served(
+        self, name: str, spec: ModelSpec, labels: list[str], num_outputs: int, *, platform: str
+    ) -> ServedModel:
         gauge = self._metrics.pending_images.labels(name)
         return ServedModel(
             name=name,
             labels=labels,
+            num_outputs=num_outputs,
             input_size=spec.crop_size,
             min_size=spec.min_size,
             platform=platform,
@@ -138,16 +231,22 @@ class ModelRepository:
             queue=BatchQueue(capacity_images=self._config.batching.max_queue_size, on_depth_change=gauge.inc),
         )
 
-    def _start_workers(self, model: ServedModel, module: torch.nn.Module) -> None:
-        batching = self._config.batching
-        for device in self._devices:
-            instance = ModelInstance(
+    def _place(self, module: torch.nn.Module) -> list[ModelInstance]:
+        return [
+            ModelInstance.place(
                 module,
                 device,
                 dtype=resolve_dtype(self._config.dtype, device),
                 channels_last=self._config.channels_last,
             )
-            instance.warm_up((3, model.input_size, model.input_size))
+            for device in self._devices
+        ]
+
+    def _start_workers(self, model: ServedModel, instances: list[ModelInstance], *, warm_up: bool = True) -> None:
+        batching = self._config.batching
+        for instance in instances:
+            if warm_up:
+                instance.warm_up((3, model.input_size, model.input_size))
             worker = InferenceWorker(
                 model.name,
                 model.queue,
@@ -168,3 +267,15 @@ class ModelRepository:
 
     def _device_names(self) -> str:
         return ", ".join(str(d) for d in self._devices)
+
+
+def _require_ready(model: ServedModel) -> ServedModel:
+    if model.state is ModelState.LOADING:
+        raise UnavailableError(f"model {model.name!r} is still loading; retry shortly")
+    if model.state is not ModelState.READY:
+        raise UnavailableError(f"model {model.name!r} is unavailable: {model.reason}")
+    return model
+
+
+def _copy_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    return copy.deepcopy(module).to(device).eval()

@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class ModelInstance:
-    """One copy of a network on one device, running inference-mode forward passes."""
+    """One network on one device, running inference-mode forward passes.
+
+    The module must already live on ``device`` in ``dtype``; :meth:`place`
+    copies a CPU module there. Derived modules (a backbone's features, a
+    fine-tuned head on it) wrap an instance's module and share its weights.
+    """
 
     def __init__(
         self,
@@ -30,14 +35,34 @@ class ModelInstance:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
     ) -> None:
+        self.module = module.eval()
         self.device = device
         self.label = device_label(device)
         self.dtype = dtype
         self.channels_last = channels_last
-        memory_format = torch.channels_last if channels_last else torch.preserve_format
-        self.module = copy.deepcopy(module) if device.type != "cpu" else module
-        self.module = self.module.to(device=device, dtype=dtype, memory_format=memory_format).eval()
         self._staging: dict[tuple[int, ...], torch.Tensor] = {}  # pinned host buffers, CUDA only
+
+    @classmethod
+    def place(
+        cls,
+        module: torch.nn.Module,
+        device: torch.device,
+        *,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> ModelInstance:
+        """Put (a copy of, off the CPU) ``module`` on ``device``."""
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if device.type != "cpu":
+            module = copy.deepcopy(module)
+        module = module.to(device=device, dtype=dtype, memory_format=memory_format)
+        return cls(module, device, dtype=dtype, channels_last=channels_last)
+
+    def derive(self, module: torch.nn.Module) -> ModelInstance:
+        """Another instance on the same device and dtype, for a module built on this one's."""
+        return ModelInstance(
+            module.to(device=self.device, dtype=self.dtype), self.device, dtype=self.dtype, channels_last=self.channels_last
+        )
 
     def forward(self, parts: list[torch.Tensor]) -> np.ndarray:
         """Run the batch made of ``parts`` and return float32 outputs on the host."""
@@ -99,6 +124,10 @@ class InferenceWorker:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

@@ -17,15 +17,20 @@ from prometheus_client import start_http_server
 
 from service.config import ServeConfig
 from service.dataplane import DataPlane
+from service.finetune.jobs import JobManager
+from service.finetune.store import ModelStore
+from service.finetune.sync import StoreSync
 from service.devices import resolve_devices
 from service.metrics import ServerMetrics
 from service.models import WeightsSource
 from service.repository import ModelRepository, ServedModel
+from service.transport.auth import BearerTokenInterceptor, read_token
 from service.transport.errors import ErrorMappingInterceptor
+from service.transport.fine_tuning import FineTuningServicer
 from service.transport.inference import InferenceServicer
 from service.transport.models import ModelsServicer
 from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from vision_client._proto.vision.v1 import models_pb2, models_pb2_grpc
+from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,10 @@ class VisionServer:
             max_workers=config.decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
         )
         self.dataplane = DataPlane(config, self.repository, self.metrics, self._decode_pool)
+        self.store = ModelStore(config.model_store) if config.model_store is not None else None
+        self.jobs = JobManager(self.dataplane, self.repository, self.store, self.metrics)
+        self._token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
+        self._sync_task: asyncio.Task[None] | None = None
         self.health = HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -63,8 +72,11 @@ class VisionServer:
         """Bind the ports and begin loading the models in the background."""
         self.repository.declare_builtin(list(self.config.models))
         self.repository.add_listener(self._on_model_state)
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+        if self._token is not None:
+            interceptors.append(BearerTokenInterceptor(self._token))  # inside: its refusals get mapped
         self._grpc = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -75,11 +87,13 @@ class VisionServer:
             InferenceServicer(self.dataplane), self._grpc
         )
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._grpc)
+        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(self.jobs), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             [
                 grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                 models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+                fine_tuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -121,6 +135,10 @@ class VisionServer:
             log.error("cannot start: %s", exc)
             self.load_error = exc
             return
+        if self.store is not None:
+            sync = StoreSync(self.store, self.repository, interval_s=self.config.store_poll_seconds)
+            await sync.sync_once()
+            self._sync_task = asyncio.create_task(sync.run_forever())
         await self._update_server_health()
 
     def _on_model_state(self, model: ServedModel) -> None:
@@ -142,6 +160,9 @@ class VisionServer:
         await self.health.set("", NOT_SERVING)
         for model in self.repository.all():
             await self.health.set(model.name, NOT_SERVING)
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        await self.jobs.shutdown()
         drained = await self.dataplane.wait_idle(self.config.drain_seconds)
         if not drained:
             log.warning("drain timed out after %.0fs; cancelling what is left", self.config.drain_seconds)
@@ -193,7 +214,14 @@ def _host(host: str) -> str:
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """Descriptors of every service we expose, for reflection clients (grpcurl)."""
     pool = descriptor_pool.DescriptorPool()
-    for file in (grpc_service_pb2.DESCRIPTOR, models_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+    files = (
+        grpc_service_pb2.DESCRIPTOR,
+        models_pb2.DESCRIPTOR,
+        fine_tuning_pb2.DESCRIPTOR,
+        health_pb2.DESCRIPTOR,
+        reflection_pb2.DESCRIPTOR,
+    )
+    for file in files:
         proto = descriptor_pb2.FileDescriptorProto()
         file.CopyToProto(proto)
         pool.Add(proto)

@@ -20,6 +20,7 @@ from torchvision.models import AlexNet_Weights, ResNet101_Weights, VGG16_Weights
 from service.errors import ModelNotFoundError
 
 Builder = Callable[..., torch.nn.Module]
+FeatureExtractor = Callable[[torch.nn.Module], torch.nn.Module]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class ModelSpec:
     name: str
     builder: Builder
     weights: WeightsEnum
+    features: FeatureExtractor  # the network minus its last layer, sharing its parameters
+    feature_dim: int
 
     @property
     def categories(self) -> list[str]:
@@ -59,13 +62,17 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, weights: WeightsEnum) -> Callable[[Builder], Builder]:
+def register_model(
+    name: str, *, weights: WeightsEnum, features: FeatureExtractor, feature_dim: int
+) -> Callable[[Builder], Builder]:
     """Register ``builder`` as a built-in model served under ``name``."""
 
     def wrap(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelSpec(name=name, builder=builder, weights=weights)
+        _REGISTRY[name] = ModelSpec(
+            name=name, builder=builder, weights=weights, features=features, feature_dim=feature_dim
+        )
         return builder
 
     return wrap
@@ -83,16 +90,29 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-@register_model("alexnet", weights=AlexNet_Weights.DEFAULT)
+def classifier_features(net: torch.nn.Module) -> torch.nn.Module:
+    """AlexNet and VGG: everything up to the last Linear of ``classifier`` (post-ReLU features)."""
+    return torch.nn.Sequential(net.features, net.avgpool, torch.nn.Flatten(1), net.classifier[:-1])
+
+
+def resnet_features(net: torch.nn.Module) -> torch.nn.Module:
+    """ResNet: the pooled output that ``fc`` reads."""
+    return torch.nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4,
+        net.avgpool, torch.nn.Flatten(1),
+    )  # fmt: skip
+
+
+@register_model("alexnet", weights=AlexNet_Weights.DEFAULT, features=classifier_features, feature_dim=4096)
 def alexnet(**kwargs: Any) -> torch.nn.Module:
     return tv_models.alexnet(**kwargs)
 
 
-@register_model("vgg16", weights=VGG16_Weights.DEFAULT)
+@register_model("vgg16", weights=VGG16_Weights.DEFAULT, features=classifier_features, feature_dim=4096)
 def vgg16(**kwargs: Any) -> torch.nn.Module:
     return tv_models.vgg16(**kwargs)
 
 
-@register_model("resnet101", weights=ResNet101_Weights.DEFAULT)
+@register_model("resnet101", weights=ResNet101_Weights.DEFAULT, features=resnet_features, feature_dim=2048)
 def resnet101(**kwargs: Any) -> torch.nn.Module:
     return tv_models.resnet101(**kwargs)

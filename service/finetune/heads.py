@@ -1,0 +1,59 @@
+"""Head modules a job can train. Built from a :class:`HeadSpec`; never from client code."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from service.finetune.spec import HeadSpec
+
+
+class ParallelBlock(nn.Module):
+    """Two Linears side by side; their elementwise product, clamped at zero."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.left = nn.Linear(in_features, out_features)
+        self.right = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.left(x) * self.right(x), min=0)
+
+
+def build_head(spec: HeadSpec, in_features: int, out_features: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Dropout(spec.dropout)] if spec.dropout > 0 else []
+    if spec.kind == "linear":
+        layers.append(nn.Linear(in_features, out_features))
+    elif spec.kind == "two_layer":
+        layers += [nn.Linear(in_features, spec.hidden), nn.ReLU(), nn.Linear(spec.hidden, out_features)]
+    elif spec.kind == "parallel":
+        width = in_features
+        for _ in range(spec.blocks):
+            layers.append(ParallelBlock(width, spec.hidden))
+            width = spec.hidden
+        layers.append(nn.Linear(width, out_features))
+    else:
+        raise ValueError(f"unknown head kind {spec.kind!r}")
+    return nn.Sequential(*layers)
+
+
+class StandardizedHead(nn.Module):
+    """A head that first standardizes backbone features with training-set statistics.
+
+    The statistics are buffers, saved with the weights, so that the served head
+    sees features on the scale it was trained on whatever the backbone's weights.
+    """
+
+    def __init__(self, head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("mean", mean.detach().clone().float())
+        self.register_buffer("std", std.detach().clone().float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head((features - self.mean) / self.std)
+
+
+def build_standardized_head(spec: HeadSpec, in_features: int, out_features: int) -> StandardizedHead:
+    """An untrained head with identity statistics, ready for ``load_state_dict``."""
+    return StandardizedHead(build_head(spec, in_features, out_features), torch.zeros(in_features), torch.ones(in_features))

@@ -1,0 +1,166 @@
+"""``vision.v1.FineTuning``: create, watch, get, list and cancel jobs; delete fine-tuned models."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+
+from service.errors import InvalidInputError
+from service.finetune.jobs import Job, JobEvent, JobManager, JobState
+from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec
+from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
+from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
+
+_STATES = {
+    JobState.QUEUED: pb.QUEUED,
+    JobState.RUNNING: pb.RUNNING,
+    JobState.SUCCEEDED: pb.SUCCEEDED,
+    JobState.FAILED: pb.FAILED,
+    JobState.CANCELLED: pb.CANCELLED,
+}
+
+
+class FineTuningServicer(pb_grpc.FineTuningServicer):
+    def __init__(self, jobs: JobManager) -> None:
+        self._jobs = jobs
+
+    async def CreateJob(
+        self, request_iterator: AsyncIterator[pb.CreateJobRequest], context: grpc.aio.ServicerContext
+    ) -> pb.Job:
+        spec: FineTuneSpec | None = None
+        collector = None
+        async for message in request_iterator:
+            payload = message.WhichOneof("payload")
+            if spec is None:
+                if payload != "config":
+                    raise InvalidInputError("the first CreateJobRequest must carry the config, then examples")
+                spec = self._jobs.check_spec(spec_from_proto(message.config))
+                collector = self._jobs.collector(spec)
+            elif payload == "config":
+                raise InvalidInputError("send the config once, in the first CreateJobRequest")
+            elif payload == "examples":
+                for example in message.examples.examples:
+                    collector.add(example.image, example.label, list(example.target))
+        if spec is None or collector is None:
+            raise InvalidInputError("no config was sent: the first CreateJobRequest must carry it")
+        return job_to_proto(await self._jobs.submit(spec, collector))
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
+        async for event in self._jobs.watch(request.job_id):
+            yield event_to_proto(event)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        return job_to_proto(self._jobs.get(request.job_id))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[job_to_proto(job) for job in self._jobs.list()])
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        return job_to_proto(await self._jobs.cancel(request.job_id))
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteModelResponse:
+        self._jobs.delete_model(request.name)
+        return pb.DeleteModelResponse(deleted=True)
+
+
+def spec_from_proto(config: pb.FineTuneConfig) -> FineTuneSpec:
+    """Proto3 zeros mean "use the default"."""
+    defaults, head_defaults, opt_defaults = FineTuneSpec("", ""), HeadSpec(), OptimizerSpec()
+    head, opt = config.head, config.optimizer
+    return FineTuneSpec(
+        base_model=config.base_model,
+        output_model=config.output_model,
+        head=HeadSpec(
+            kind=head.kind or head_defaults.kind,
+            hidden=head.hidden or head_defaults.hidden,
+            blocks=head.blocks or head_defaults.blocks,
+            dropout=head.dropout,
+        ),
+        optimizer=OptimizerSpec(
+            kind=opt.kind or opt_defaults.kind,
+            lr=opt.lr or opt_defaults.lr,
+            momentum=opt.momentum if opt.HasField("momentum") else opt_defaults.momentum,
+            weight_decay=opt.weight_decay,
+            betas=(opt.beta1 or opt_defaults.betas[0], opt.beta2 or opt_defaults.betas[1]),
+        ),
+        loss=config.loss or defaults.loss,
+        epochs=config.epochs or defaults.epochs,
+        batch_size=config.batch_size or defaults.batch_size,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+        early_stopping_patience=config.early_stopping_patience,
+        replace=config.replace,
+    )
+
+
+def spec_to_proto(spec: FineTuneSpec) -> pb.FineTuneConfig:
+    return pb.FineTuneConfig(
+        base_model=spec.base_model,
+        output_model=spec.output_model,
+        head=pb.HeadSpec(kind=spec.head.kind, hidden=spec.head.hidden, blocks=spec.head.blocks, dropout=spec.head.dropout),
+        optimizer=pb.OptimizerSpec(
+            kind=spec.optimizer.kind,
+            lr=spec.optimizer.lr,
+            momentum=spec.optimizer.momentum,
+            weight_decay=spec.optimizer.weight_decay,
+            beta1=spec.optimizer.betas[0],
+            beta2=spec.optimizer.betas[1],
+        ),
+        loss=spec.loss,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        validation_fraction=spec.validation_fraction,
+        seed=spec.seed,
+        early_stopping_patience=spec.early_stopping_patience,
+        replace=spec.replace,
+    )
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    m = job.metrics
+    return pb.Job(
+        id=job.id,
+        state=_STATES[job.state],
+        config=spec_to_proto(job.spec),
+        error=job.error,
+        examples=len(job.examples),
+        labels=job.labels,
+        metrics=pb.JobMetrics(
+            train_loss=_number(m.get("train_loss")),
+            validation_loss=_number(m.get("validation_loss")),
+            validation_accuracy=_number(m.get("validation_accuracy")),
+            best_epoch=int(m.get("best_epoch", 0)),
+            epochs_run=int(m.get("epochs_run", 0)),
+            train_examples=int(m.get("train_examples", 0)),
+            validation_examples=int(m.get("validation_examples", 0)),
+            train_seconds=_number(m.get("train_seconds")),
+        ),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def event_to_proto(event: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(
+        job_id=event.job_id,
+        state=_STATES[event.state],
+        kind=event.kind,
+        epoch=event.epoch,
+        epochs=event.epochs,
+        train_loss=_number(event.train_loss),
+        validation_loss=_number(event.validation_loss),
+        validation_accuracy=_number(event.validation_accuracy),
+        eta_seconds=event.eta_seconds,
+        progress=event.progress,
+        message=event.message,
+    )
+
+
+def _number(value: float | None) -> float:
+    """NaN (not measured) travels as 0: proto3 has no "absent" for doubles."""
+    return 0.0 if value is None or math.isnan(value) else float(value)
