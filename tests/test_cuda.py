@@ -35,8 +35,8 @@ def test_auto_uses_every_visible_gpu() -> None:
 )
 def test_cuda_instance_matches_cpu(alexnet, dtype: str, channels_last: bool, tolerance: float) -> None:
     device = torch.device("cuda", 0)
-    cpu = ModelInstance(alexnet, torch.device("cpu"))
-    gpu = ModelInstance(alexnet, device, dtype=resolve_dtype(dtype, device), channels_last=channels_last)
+    cpu = ModelInstance.place(alexnet, torch.device("cpu"))
+    gpu = ModelInstance.place(alexnet, device, dtype=resolve_dtype(dtype, device), channels_last=channels_last)
     parts = [torch.randn(3, 3, 224, 224), torch.randn(2, 3, 224, 224)]
     expected = cpu.forward(parts)
     for _ in range(2):  # the second pass reuses the pinned staging buffer
