@@ -9,6 +9,8 @@ SERVE_ARGS ?=
 
 .PHONY: install install-test serve test protos bench lint clean
 
+include deploy/tools.mk
+
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
@@ -21,7 +23,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test system-test-tools
+install-test: $(VENV)/.installed-test system-test-tools k8s-test-tools
 
 # promtool and prometheus (Debian's package) for the metrics tests; kubectl for manifests.
 .PHONY: system-test-tools

@@ -18,6 +18,8 @@ from service.config import DEFAULT_MODELS, BatchingConfig, ServeConfig
 from service.errors import VisionServeError
 
 ENV_PREFIX = "VISION_SERVE_"
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -92,7 +94,7 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "or a directory of <model>.pth state dicts",
     )
     opt.add("--device", default=d.device, help="'auto', 'cpu', 'cuda' or a list such as cuda:0,cuda:1")
-    opt.add("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="compute dtype on CUDA")
+    opt.add("--dtype", default=d.dtype, choices=DTYPE_CHOICES, help="compute dtype on CUDA")
     opt.add(
         "--channels-last", default=d.channels_last, action=argparse.BooleanOptionalAction, help="NHWC memory format"
     )
@@ -132,11 +134,17 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     opt.add(
         "--drain-seconds", default=d.drain_seconds, type=_non_negative_float, help="grace for in-flight work on SIGTERM"
     )
-    opt.add("--log-level", default=d.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
+    opt.add("--log-level", default=d.log_level, choices=LOG_LEVELS, help="log level")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    # argparse checks choices on the command line only, not on defaults taken from the environment.
+    for option, allowed in (("dtype", DTYPE_CHOICES), ("log_level", LOG_LEVELS)):
+        if getattr(args, option) not in allowed:
+            raise SystemExit(
+                f"vision-serve: error: --{option.replace('_', '-')} {getattr(args, option)!r}: choose one of {', '.join(allowed)}"
+            )
     if args.max_queue_size < args.max_batch_size:
         raise SystemExit("vision-serve: error: --max-queue-size must be at least --max-batch-size")
     return ServeConfig(

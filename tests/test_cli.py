@@ -50,6 +50,11 @@ def test_bad_values_are_refused(argv: list[str]) -> None:
         parse(argv)
 
 
+def test_environment_values_are_checked_like_flags() -> None:
+    with pytest.raises(SystemExit):
+        parse([], {"VISION_SERVE_DTYPE": "half"})
+
+
 def test_registry_has_the_three_models_with_weight_metadata() -> None:
     assert list_models() == ["alexnet", "resnet101", "vgg16"]
     for name in list_models():

@@ -38,22 +38,46 @@ def build_head(spec: HeadSpec, in_features: int, out_features: int) -> nn.Sequen
 
 
 class StandardizedHead(nn.Module):
-    """A head that first standardizes backbone features with training-set statistics.
+    """A head that works on standardized features (and, for regression, targets).
 
-    The statistics are buffers, saved with the weights, so that the served head
-    sees features on the scale it was trained on whatever the backbone's weights.
+    Features are standardized with training-set statistics, so that the head
+    trains well whatever the scale of the backbone's features (random or
+    pretrained weights). Regression heads also learn standardized targets and
+    map their outputs back. The statistics are buffers, saved with the weights.
     """
 
-    def __init__(self, head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(
+        self,
+        head: nn.Module,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        target_mean: torch.Tensor | None = None,
+        target_std: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.head = head
         self.register_buffer("mean", mean.detach().clone().float())
         self.register_buffer("std", std.detach().clone().float())
+        self.register_buffer("target_mean", _or(target_mean, torch.zeros(())))
+        self.register_buffer("target_std", _or(target_std, torch.ones(())))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def standardized(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's output on the standardized scale (what training fits)."""
         return self.head((features - self.mean) / self.std)
 
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.standardized(features) * self.target_std + self.target_mean
 
-def build_standardized_head(spec: HeadSpec, in_features: int, out_features: int) -> StandardizedHead:
+
+def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return (default if value is None else value).detach().clone().float()
+
+
+def build_standardized_head(
+    spec: HeadSpec, in_features: int, out_features: int, *, regression: bool = False
+) -> StandardizedHead:
     """An untrained head with identity statistics, ready for ``load_state_dict``."""
-    return StandardizedHead(build_head(spec, in_features, out_features), torch.zeros(in_features), torch.ones(in_features))
+    targets = (torch.zeros(out_features), torch.ones(out_features)) if regression else (None, None)
+    return StandardizedHead(
+        build_head(spec, in_features, out_features), torch.zeros(in_features), torch.ones(in_features), *targets
+    )

@@ -174,7 +174,9 @@ class ModelStore:
             raise StoreReadError(f"{name}: {exc}") from exc
         if hashlib.sha256(blob).hexdigest() != manifest.sha256:
             raise StoreReadError(f"{name}: weights do not match the manifest's digest (being replaced?)")
-        head = build_standardized_head(manifest.head, manifest.feature_dim, len(manifest.labels))
+        head = build_standardized_head(
+            manifest.head, manifest.feature_dim, len(manifest.labels), regression=manifest.loss == "mse"
+        )
         try:
             head.load_state_dict(load_safetensors(blob))
         except (RuntimeError, ValueError) as exc:

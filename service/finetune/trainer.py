@@ -25,7 +25,7 @@ class EpochReport:
     epoch: int  # 1-based
     epochs: int
     train_loss: float
-    validation_loss: float  # nan without a validation split
+    validation_loss: float  # nan without a validation split; mse is on standardized targets
     validation_accuracy: float  # nan for regression or without a validation split
     eta_seconds: float
     images_seen: int  # training examples processed in this epoch
@@ -87,11 +87,16 @@ def train_head(
     x_train, y_train = features[train_idx].to(device), targets[train_idx].to(device)
     x_val, y_val = features[val_idx].to(device), targets[val_idx].to(device)
 
-    mean = x_train.mean(0)
-    std = x_train.std(0, unbiased=False).clamp_min(1e-6) if len(x_train) > 1 else torch.ones_like(mean)
+    mean, std = _statistics(x_train)
+    target_stats = (None, None)
+    if not classification:
+        target_stats = _statistics(y_train)
+        y_train = (y_train - target_stats[0]) / target_stats[1]
+        y_val = (y_val - target_stats[0]) / target_stats[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = StandardizedHead(build_head(spec.head, features.shape[1], num_outputs), mean, std).to(device)
+        head = build_head(spec.head, features.shape[1], num_outputs)
+        model = StandardizedHead(head, mean, std, *target_stats).to(device)
     optimizer = _optimizer(spec, model)
     loss_fn: nn.Module = nn.CrossEntropyLoss() if classification else nn.MSELoss()
     generator = torch.Generator().manual_seed(spec.seed + 1)
@@ -109,7 +114,7 @@ def train_head(
                 raise JobCancelled("the job was cancelled")
             batch = order[start : start + spec.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x_train[batch]), y_train[batch])
+            loss = loss_fn(model.standardized(x_train[batch]), y_train[batch])
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch)
@@ -154,14 +159,22 @@ def _optimizer(spec: FineTuneSpec, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
 
 
+def _statistics(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and standard deviation (never zero) of the training rows."""
+    mean = values.mean(0)
+    if len(values) < 2:
+        return mean, torch.ones_like(mean)
+    return mean, values.std(0, unbiased=False).clamp_min(1e-6)
+
+
 def _evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, classification: bool
+    model: StandardizedHead, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, classification: bool
 ) -> tuple[float, float]:
     if len(x) == 0:
         return math.nan, math.nan
     model.eval()
     with torch.inference_mode():
-        outputs = model(x)
+        outputs = model.standardized(x)
         loss = float(loss_fn(outputs, y))
         accuracy = float((outputs.argmax(1) == y).float().mean()) if classification else math.nan
     return loss, accuracy
