@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.errors import QueueFullError
+from service.errors import QueueClosedError, QueueFullError
 
 
 @dataclass(eq=False)
@@ -91,7 +91,7 @@ class BatchQueue:
         size = sum(item.size for item in items)
         with self._cond:
             if self._closed:
-                raise QueueFullError("the model is shutting down and takes no new work")
+                raise QueueClosedError("the model was replaced or is shutting down and takes no new work")
             if self._images + size > self._capacity:
                 raise QueueFullError(
                     f"the model's queue is full ({self._images} images waiting, capacity {self._capacity}); "

@@ -20,7 +20,7 @@ import torch
 
 from service.batching import WorkItem
 from service.config import ServeConfig
-from service.errors import InvalidInputError, UnavailableError, VisionServeError
+from service.errors import InvalidInputError, QueueClosedError, UnavailableError, VisionServeError
 from service.metrics import ServerMetrics
 from service.repository import ModelRepository, ServedModel
 
@@ -109,7 +109,16 @@ class DataPlane:
 
     async def infer(self, model_name: str, inputs: InferenceInput, *, timeout: float | None = None) -> np.ndarray:
         """Logits [N, C] (float32) of the model for ``inputs``."""
-        return await self.infer_model(self.repository.get_ready(model_name), inputs, timeout=timeout)
+        model = self.repository.get_ready(model_name)
+        while True:
+            try:
+                return await self.infer_model(model, inputs, timeout=timeout)
+            except QueueClosedError:
+                # A new version replaced the model between lookup and queueing: use that one.
+                current = self.repository.get_ready(model_name)
+                if current is model:
+                    raise
+                model = current
 
     async def infer_model(
         self, model: ServedModel, inputs: InferenceInput, *, timeout: float | None = None

@@ -12,6 +12,7 @@ imports gRPC.
     ├── QueueFullError           RESOURCE_EXHAUSTED the model's queue is full
     ├── DeadlineExceededError    DEADLINE_EXCEEDED  expired before compute
     ├── UnavailableError         UNAVAILABLE        not ready yet, or draining
+    │   └── QueueClosedError                        the model was replaced or stopped
     ├── AuthenticationError      UNAUTHENTICATED    missing or wrong token
     ├── FailedPreconditionError  FAILED_PRECONDITION
     │   └── WeightsUnavailableError                 weights cannot be loaded
@@ -55,6 +56,10 @@ class DeadlineExceededError(VisionServeError):
 
 class UnavailableError(VisionServeError):
     status = "UNAVAILABLE"
+
+
+class QueueClosedError(UnavailableError):
+    """The model's queue takes no more work: it was replaced, deleted or is stopping."""
 
 
 class AuthenticationError(VisionServeError):

@@ -192,6 +192,14 @@ class ModelRepository:
         if previous is not None:
             self._retire(previous)
 
+    def version_of(self, name: str) -> str | None:
+        model = self._models.get(name)
+        return None if model is None else model.version
+
+    def discard(self, model: ServedModel) -> None:
+        """Stop an installed model that will not be activated."""
+        self._retire(model)
+
     def remove_finetuned(self, name: str, reason: str = "deleted") -> None:
         model = self.get(name)
         if model.base_model is None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from service.batching import BatchQueue, WorkItem, collate
-from service.errors import QueueFullError
+from service.errors import QueueClosedError, QueueFullError
 
 
 def item(n: int = 1, *, side: int = 4, deadline: float | None = None, cancelled: bool = False, at: float = 0.0) -> WorkItem:
@@ -104,7 +104,7 @@ def test_close_lets_workers_finish_then_stop() -> None:
     queue.close()
     assert queue.next_batch(max_images=8, max_delay_s=10) is not None
     assert queue.next_batch(max_images=8, max_delay_s=10) is None
-    with pytest.raises(QueueFullError):
+    with pytest.raises(QueueClosedError):
         queue.put([item(1)])
 
 

@@ -45,6 +45,7 @@ class FineTuneSpec:
     validation_fraction: float = 0.2
     seed: int = 0
     early_stopping_patience: int = 0
+    refit: bool = True  # after choosing the epoch count, train again on every example
     replace: bool = False
 
 

@@ -68,5 +68,8 @@ class StoreSync:
         except VisionServeError as exc:
             log.warning("cannot serve %s from the store yet: %s", name, exc.message)
             return
+        if self._repository.version_of(name) == version:  # the job that wrote it got there first
+            self._repository.discard(model)
+            return
         self._repository.activate(model)
         log.info("serving fine-tuned model %s (version %s, base %s)", name, manifest.version, manifest.base_model)

@@ -80,76 +80,145 @@ def train_head(
     on_epoch: Callable[[EpochReport], None] = lambda report: None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
-    """Train ``spec.head`` on ``features`` [N, D] -> ``targets`` (class ids [N] or values [N, T])."""
+    """Train ``spec.head`` on ``features`` [N, D] -> ``targets`` (class ids [N] or values [N, T]).
+
+    With a validation split, the epochs run on the training part and the best
+    epoch is chosen on the validation part (accuracy, then loss, for classes;
+    loss for regression). With ``spec.refit`` the head is then trained again,
+    from the same seed, on every example for that many epochs, so that no
+    labelled example is left unused; the reported validation figures are
+    those of the selection run.
+    """
     started = time.monotonic()
     classification = spec.loss == "cross_entropy"
     train_idx, val_idx = split_indices(targets, spec.validation_fraction, spec.seed, stratify=classification)
-    x_train, y_train = features[train_idx].to(device), targets[train_idx].to(device)
-    x_val, y_val = features[val_idx].to(device), targets[val_idx].to(device)
+    fit = _Fit(spec, num_outputs, classification, device, cancelled)
+    selection = fit.run(features[train_idx], targets[train_idx], features[val_idx], targets[val_idx], on_epoch)
+    model = selection.model
+    if spec.refit and len(val_idx) and selection.best_epoch:
+        model = fit.run(features, targets, features[:0], targets[:0], None, epochs=selection.best_epoch).model
+    return TrainResult(
+        head=model.eval().cpu(),
+        train_loss=selection.train_loss,
+        validation_loss=selection.validation_loss,
+        validation_accuracy=selection.validation_accuracy,
+        best_epoch=selection.best_epoch,
+        epochs_run=selection.epochs_run,
+        train_examples=len(train_idx) if not (spec.refit and len(val_idx)) else len(targets),
+        validation_examples=len(val_idx),
+        train_seconds=time.monotonic() - started,
+    )
 
-    mean, std = _statistics(x_train)
-    target_stats = (None, None)
-    if not classification:
-        target_stats = _statistics(y_train)
-        y_train = (y_train - target_stats[0]) / target_stats[1]
-        y_val = (y_val - target_stats[0]) / target_stats[1]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        head = build_head(spec.head, features.shape[1], num_outputs)
-        model = StandardizedHead(head, mean, std, *target_stats).to(device)
-    optimizer = _optimizer(spec, model)
-    loss_fn: nn.Module = nn.CrossEntropyLoss() if classification else nn.MSELoss()
-    generator = torch.Generator().manual_seed(spec.seed + 1)
 
-    best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
-    train_loss = val_loss = val_acc = math.nan
-    epochs_run = 0
-    for epoch in range(1, spec.epochs + 1):
-        epoch_started = time.monotonic()
+@dataclass
+class _Outcome:
+    model: StandardizedHead  # at its best epoch
+    train_loss: float
+    validation_loss: float
+    validation_accuracy: float
+    best_epoch: int
+    epochs_run: int
+
+
+class _Fit:
+    """One training run's settings; :meth:`run` trains a fresh head from the seed."""
+
+    def __init__(
+        self,
+        spec: FineTuneSpec,
+        num_outputs: int,
+        classification: bool,
+        device: torch.device,
+        cancelled: Callable[[], bool],
+    ) -> None:
+        self.spec = spec
+        self.num_outputs = num_outputs
+        self.classification = classification
+        self.device = device
+        self.cancelled = cancelled
+        self.loss_fn: nn.Module = nn.CrossEntropyLoss() if classification else nn.MSELoss()
+
+    def run(
+        self,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+        on_epoch: Callable[[EpochReport], None] | None,
+        *,
+        epochs: int | None = None,
+    ) -> _Outcome:
+        spec, device = self.spec, self.device
+        epochs = epochs or spec.epochs
+        x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
+        mean, std = _statistics(x_train)
+        target_stats: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if not self.classification:
+            target_mean, target_std = _statistics(y_train)
+            target_stats = (target_mean, target_std)
+            y_train, y_val = (y_train - target_mean) / target_std, (y_val - target_mean) / target_std
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            head = build_head(spec.head, x_train.shape[1], self.num_outputs)
+            model = StandardizedHead(head, mean, std, *target_stats).to(device)
+        optimizer = _optimizer(spec, model)
+        generator = torch.Generator().manual_seed(spec.seed + 1)
+
+        best: tuple[float, float] = (math.inf, math.inf)  # lower is better
+        best_epoch, best_state, stale = 0, None, 0
+        train_loss = val_loss = val_acc = math.nan
+        epochs_run = 0
+        for epoch in range(1, epochs + 1):
+            epoch_started = time.monotonic()
+            train_loss, seen = self._epoch(model, optimizer, x_train, y_train, generator)
+            epochs_run = epoch
+            val_loss, val_acc = _evaluate(model, x_val, y_val, self.loss_fn, self.classification)
+            if len(x_val) == 0:
+                score = (train_loss, 0.0)
+            elif self.classification:
+                score = (-val_acc, val_loss)
+            else:
+                score = (val_loss, 0.0)
+            if score < best:
+                best, best_epoch, stale = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            stopping = bool(spec.early_stopping_patience) and stale >= spec.early_stopping_patience
+            if on_epoch is not None:
+                remaining = 0 if stopping else epochs - epoch
+                eta = remaining * (time.monotonic() - epoch_started) * (1 + spec.refit * spec.validation_fraction)
+                on_epoch(EpochReport(epoch, epochs, train_loss, val_loss, val_acc, eta, seen))
+            if stopping:
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        val_loss, val_acc = _evaluate(model, x_val, y_val, self.loss_fn, self.classification)
+        return _Outcome(model, train_loss, val_loss, val_acc, best_epoch, epochs_run)
+
+    def _epoch(
+        self,
+        model: StandardizedHead,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[float, int]:
         model.train()
-        order = torch.randperm(len(x_train), generator=generator).to(device)
+        order = torch.randperm(len(x), generator=generator).to(x.device)
         total, seen = 0.0, 0
-        for start in range(0, len(order), spec.batch_size):
-            if cancelled():
+        for start in range(0, len(order), self.spec.batch_size):
+            if self.cancelled():
                 raise JobCancelled("the job was cancelled")
-            batch = order[start : start + spec.batch_size]
+            batch = order[start : start + self.spec.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model.standardized(x_train[batch]), y_train[batch])
+            loss = self.loss_fn(model.standardized(x[batch]), y[batch])
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch)
             seen += len(batch)
             time.sleep(0)  # let the inference threads have the interpreter between steps
-        train_loss = total / max(seen, 1)
-        epochs_run = epoch
-        val_loss, val_acc = _evaluate(model, x_val, y_val, loss_fn, classification)
-        monitored = val_loss if len(x_val) else train_loss
-        if monitored < best_loss - 1e-7:
-            best_loss, best_epoch, stale = monitored, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        elapsed = time.monotonic() - epoch_started
-        stopping = bool(spec.early_stopping_patience) and stale >= spec.early_stopping_patience
-        remaining = 0 if stopping else spec.epochs - epoch
-        on_epoch(EpochReport(epoch, spec.epochs, train_loss, val_loss, val_acc, remaining * elapsed, seen))
-        if stopping:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    val_loss, val_acc = _evaluate(model, x_val, y_val, loss_fn, classification)
-    model.eval()
-    return TrainResult(
-        head=model.cpu(),
-        train_loss=train_loss,
-        validation_loss=val_loss,
-        validation_accuracy=val_acc,
-        best_epoch=best_epoch,
-        epochs_run=epochs_run,
-        train_examples=len(x_train),
-        validation_examples=len(x_val),
-        train_seconds=time.monotonic() - started,
-    )
+        return total / max(seen, 1), seen
 
 
 def _optimizer(spec: FineTuneSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -160,11 +229,17 @@ def _optimizer(spec: FineTuneSpec, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _statistics(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and standard deviation (never zero) of the training rows."""
+    """Per-column mean and standard deviation of the training rows.
+
+    A column that is constant in training (common for post-ReLU features) gets
+    a deviation of 1, as scikit-learn's StandardScaler does: dividing by a tiny
+    deviation would blow up any non-zero value it takes at serving time.
+    """
     mean = values.mean(0)
     if len(values) < 2:
         return mean, torch.ones_like(mean)
-    return mean, values.std(0, unbiased=False).clamp_min(1e-6)
+    std = values.std(0, unbiased=False)
+    return mean, torch.where(std < 1e-6 * (1 + mean.abs()), torch.ones_like(std), std)
 
 
 def _evaluate(

@@ -93,6 +93,7 @@ def spec_from_proto(config: pb.FineTuneConfig) -> FineTuneSpec:
         validation_fraction=config.validation_fraction,
         seed=config.seed,
         early_stopping_patience=config.early_stopping_patience,
+        refit=config.refit if config.HasField("refit") else defaults.refit,
         replace=config.replace,
     )
 
@@ -116,6 +117,7 @@ def spec_to_proto(spec: FineTuneSpec) -> pb.FineTuneConfig:
         validation_fraction=spec.validation_fraction,
         seed=spec.seed,
         early_stopping_patience=spec.early_stopping_patience,
+        refit=spec.refit,
         replace=spec.replace,
     )
 

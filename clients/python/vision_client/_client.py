@@ -11,6 +11,7 @@ clients drive plans: ``Client`` sends each call in turn and sleeps with
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Generator, Iterable, Sequence
 from types import TracebackType
@@ -55,6 +56,20 @@ class BaseClient:
 
     ``target`` is a gRPC target: ``host:port``, or ``dns:///name:port`` for every
     address a name resolves to (a headless Kubernetes Service), balanced round-robin.
+
+    Keyword arguments:
+
+    - ``timeout``: seconds each RPC may take, its retries included (None: no deadline);
+      every method takes ``timeout=`` to override it for one call.
+    - ``token``: sent as ``authorization: Bearer <token>`` with every call.
+    - ``tls``: True for TLS with the system's root certificates, or your own
+      ``grpc.ChannelCredentials``.
+    - ``retries``: how many times an idempotent call is retried after UNAVAILABLE, or a
+      :class:`Retry` (0 or None: never).
+    - ``max_message_bytes``: the largest message sent or received; calls with more
+      image bytes are split into several requests.
+    - ``max_images_per_request``: at most this many images in one request.
+    - ``options``: extra gRPC channel options, overriding the client's own.
     """
 
     _grpc: ClassVar[Any]  # the module whose channels the client uses: grpc or grpc.aio
@@ -88,6 +103,7 @@ class BaseClient:
         self._labels: dict[str, tuple[str, ...]] = {}
         self._channel: Any = None
         self._methods: dict[proto.Rpc, Any] = {}
+        self._lock = threading.Lock()  # a Client may be shared by threads
         self._closed = False
 
     def __repr__(self) -> str:
@@ -106,26 +122,31 @@ class BaseClient:
 
     def _method(self, rpc: proto.Rpc) -> Any:
         """The channel's callable for ``rpc``; opens the channel on first use."""
-        self._check_open()
-        if self._channel is None:
-            if self._credentials is None:
-                self._channel = self._grpc.insecure_channel(self.target, options=self._options)
-            else:
-                self._channel = self._grpc.secure_channel(self.target, self._credentials, options=self._options)
         method = self._methods.get(rpc)
-        if method is None:
-            method = self._methods[rpc] = self._channel.unary_unary(
-                rpc.path,
-                request_serializer=rpc.request_type.SerializeToString,
-                response_deserializer=rpc.response_type.FromString,
-            )
-        return method
+        if method is not None and not self._closed:
+            return method
+        with self._lock:
+            self._check_open()
+            if self._channel is None:
+                if self._credentials is None:
+                    self._channel = self._grpc.insecure_channel(self.target, options=self._options)
+                else:
+                    self._channel = self._grpc.secure_channel(self.target, self._credentials, options=self._options)
+            method = self._methods.get(rpc)
+            if method is None:
+                method = self._methods[rpc] = getattr(self._channel, rpc.kind)(
+                    rpc.path,
+                    request_serializer=rpc.request_type.SerializeToString,
+                    response_deserializer=rpc.response_type.FromString,
+                )
+            return method
 
     def _take_channel(self) -> Any:
         """Mark the client closed; the channel to close, if one was opened."""
-        self._closed = True
-        channel, self._channel = self._channel, None
-        self._methods.clear()
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
+            self._methods.clear()
         return channel
 
     def _attempts(self, rpc: proto.Rpc, timeout: float | None) -> Attempts:
@@ -193,7 +214,7 @@ class BaseClient:
         if not chunks:
             return np.zeros((0, len(labels)), dtype=np.float32), labels
         responses = yield [proto.Call(proto.MODEL_INFER, proto.infer_request(model, chunk)) for chunk in chunks]
-        logits = np.concatenate([proto.parse_logits(r, len(c)) for r, c in zip(responses, chunks)])
+        logits = np.concatenate([proto.parse_logits(r, len(c)) for r, c in zip(responses, chunks, strict=True)])
         if logits.shape[1] != len(labels):  # the model was replaced since its labels were cached
             labels = (yield from self._model_plan(model)).labels
         return logits, labels
@@ -251,7 +272,11 @@ class Client(BaseClient):
         return self._run(self._classify_plan(images, model, top_k), timeout)
 
     def logits(
-        self, images: ImageInput | Iterable[ImageInput], model: str = DEFAULT_MODEL, *, timeout: Timeout = USE_CLIENT_DEFAULT
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        model: str = DEFAULT_MODEL,
+        *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> np.ndarray:
         """The model's raw outputs, float32 ``[N, C]``, one row per image."""
         return self._run(self._logits_plan(images, model), timeout)
@@ -332,7 +357,11 @@ class AsyncClient(BaseClient):
         return await self._run(self._classify_plan(images, model, top_k), timeout)
 
     async def logits(
-        self, images: ImageInput | Iterable[ImageInput], model: str = DEFAULT_MODEL, *, timeout: Timeout = USE_CLIENT_DEFAULT
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        model: str = DEFAULT_MODEL,
+        *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> np.ndarray:
         """The model's raw outputs, float32 ``[N, C]``, one row per image."""
         return await self._run(self._logits_plan(images, model), timeout)

@@ -23,13 +23,16 @@ import sys
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import numpy as np
 
 from vision_client.errors import InvalidInputError
 
-ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO, np.ndarray, "PILImage"]
 """One image: a path, encoded bytes, a binary file, a PIL image or an HxWx3 uint8 array."""
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -28,12 +28,19 @@ _RESPONSE_OVERHEAD = 1024
 
 @dataclass(frozen=True)
 class Rpc:
-    """One unary RPC: its path, message types, and whether repeating it is harmless."""
+    """One RPC: its path, message types, and whether repeating it is harmless.
+
+    ``kind`` names the channel method that makes it: ``unary_unary``, or
+    ``stream_unary`` (the request is then an iterable of messages). Calls that
+    change the server (creating a fine-tuning job) must say ``idempotent=False``:
+    they are never retried.
+    """
 
     path: str
     request_type: type
     response_type: type
     idempotent: bool = True
+    kind: str = "unary_unary"
 
     @property
     def name(self) -> str:
@@ -153,7 +160,7 @@ def top_predictions(logits: np.ndarray, labels: Sequence[str], k: int) -> list[l
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return [
         [Prediction(_label(labels, int(i)), int(i), float(row[i])) for i in indices]
-        for row, indices in zip(probabilities, order)
+        for row, indices in zip(probabilities, order, strict=True)
     ]
 
 

@@ -51,7 +51,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ...) -> None: ...
 
 class FineTuneConfig(_message.Message):
-    __slots__ = ("base_model", "output_model", "head", "optimizer", "loss", "epochs", "batch_size", "validation_fraction", "seed", "early_stopping_patience", "replace")
+    __slots__ = ("base_model", "output_model", "head", "optimizer", "loss", "epochs", "batch_size", "validation_fraction", "seed", "early_stopping_patience", "replace", "refit")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class FineTuneConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    REFIT_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     output_model: str
     head: HeadSpec
@@ -74,7 +75,8 @@ class FineTuneConfig(_message.Message):
     seed: int
     early_stopping_patience: int
     replace: bool
-    def __init__(self, base_model: _Optional[str] = ..., output_model: _Optional[str] = ..., head: _Optional[_Union[HeadSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., loss: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., replace: _Optional[bool] = ...) -> None: ...
+    refit: bool
+    def __init__(self, base_model: _Optional[str] = ..., output_model: _Optional[str] = ..., head: _Optional[_Union[HeadSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., loss: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., replace: _Optional[bool] = ..., refit: _Optional[bool] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("image", "label", "target")

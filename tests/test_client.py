@@ -1,0 +1,659 @@
+"""The Python SDK (``vision_client``) against a real ``vision-serve`` process.
+
+Every behaviour is checked for both twins, ``Client`` and ``AsyncClient``, with
+one test body: ``connect(kind, ...)`` opens either, ``result()`` awaits what
+needs awaiting. Retries, tokens and deadlines are checked against a small
+scripted gRPC server (``ScriptedServer``), because the real one cannot be made
+to fail N times on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import cosine, encode, free_port, load_reference
+from vision_client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    ClientClosedError,
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotFoundError,
+    Retry,
+    UnavailableError,
+    VisionClientError,
+)
+from vision_client._proto.inference import grpc_service_pb2 as pb
+from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vision_client._retry import Attempts
+
+MODEL = "alexnet"
+CLI = Path(sys.executable).parent / "vision-client"
+README = Path(__file__).resolve().parent.parent / "clients" / "python" / "README.md"
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sync", "async"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@contextlib.asynccontextmanager
+async def connect(kind: str, target: str, **options: Any) -> AsyncIterator[Any]:
+    """A ``Client`` or an ``AsyncClient``, opened and closed as its users would."""
+    if kind == "sync":
+        with Client(target, **options) as client:
+            yield client
+    else:
+        async with AsyncClient(target, **options) as client:
+            yield client
+
+
+async def result(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+@dataclass
+class Inputs:
+    """One image of each accepted kind, and the PIL image the reference model sees for each."""
+
+    images: list[Any]
+    seen: list[Image.Image]
+
+
+@pytest.fixture(scope="module")
+def inputs(photos: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    path = tmp_path_factory.mktemp("images") / "china.jpg"
+    path.write_bytes(photos["china"])
+    pil = Image.open(io.BytesIO(photos["china-crop"]))
+    array = np.asarray(Image.open(io.BytesIO(photos["flower-crop"])).convert("RGB"))
+    return Inputs(
+        images=[path, photos["flower"], pil, array],
+        seen=[
+            Image.open(path),
+            Image.open(io.BytesIO(photos["flower"])),
+            Image.open(io.BytesIO(photos["china-crop"])),
+            Image.fromarray(array),
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(weights_dir: Path):
+    """Logits [N, C] of the torchvision model with the server's weights, for PIL images."""
+    import torch
+    from torchvision.models import AlexNet_Weights
+
+    model = load_reference(weights_dir, MODEL)
+    transforms = AlexNet_Weights.DEFAULT.transforms()
+
+    def logits(images: list[Image.Image]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.stack([transforms(image.convert("RGB")) for image in images])).numpy()
+
+    return logits
+
+
+@pytest.fixture(scope="module")
+def expected(inputs: Inputs, reference) -> np.ndarray:
+    return reference(inputs.seen)
+
+
+@pytest.fixture(scope="module")
+def categories() -> list[str]:
+    from torchvision.models import AlexNet_Weights
+
+    return AlexNet_Weights.DEFAULT.meta["categories"]
+
+
+def noise_png(seed: int, side: int = 180) -> bytes:
+    """A PNG of random pixels: incompressible, so about side*side*3 bytes (~97 KB at 180)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), "PNG")
+
+
+# -- inference ----------------------------------------------------------------------------
+
+
+def test_classify_each_kind_of_image_matches_torchvision(server, kind, inputs, expected, categories):
+    async def body():
+        async with connect(kind, server.target) as client:
+            many = await result(client.classify(inputs.images, model=MODEL, top_k=5))
+            one = await result(client.classify(inputs.images[0], model=MODEL, top_k=3))
+            return many, one
+
+    many, one = run(body())
+    assert len(many) == len(inputs.images)  # path, bytes, PIL image, numpy array
+    for predictions, logits in zip(many, expected, strict=True):
+        assert len(predictions) == 5
+        assert predictions[0].index == int(logits.argmax())
+        assert [p.index for p in predictions] == [int(i) for i in np.argsort(-logits, kind="stable")[:5]]
+        assert all(p.label == categories[p.index] for p in predictions)
+        scores = [p.score for p in predictions]
+        assert scores == sorted(scores, reverse=True)
+        assert all(0.0 < s <= 1.0 for s in scores)
+    # One image (not in a list) gives a list of one list.
+    assert len(one) == 1 and len(one[0]) == 3
+    assert one[0][0].index == many[0][0].index
+
+
+def test_logits_equal_torchvision(server, kind, inputs, expected):
+    async def body():
+        async with connect(kind, server.target) as client:
+            return await result(client.logits(inputs.images, model=MODEL))
+
+    logits = run(body())
+    assert logits.shape == (len(inputs.images), 1000) and logits.dtype == np.float32
+    for row, reference_row in zip(logits, expected, strict=True):
+        assert cosine(row, reference_row) > 0.999
+
+
+def test_scores_are_softmax_probabilities(server, kind, photos):
+    async def body():
+        async with connect(kind, server.target) as client:
+            every = await result(client.classify(photos["flower"], model=MODEL, top_k=1000))
+            top = await result(client.classify(photos["flower"], model=MODEL, top_k=5))
+            logits = await result(client.logits(photos["flower"], model=MODEL))
+            return every[0], top[0], logits[0]
+
+    every, top, logits = run(body())
+    scores = np.array([p.score for p in every])
+    assert sorted(p.index for p in every) == list(range(1000))
+    assert scores.sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.all(np.diff(scores) <= 0)  # best first
+    shifted = np.exp(logits.astype(np.float64) - logits.max())
+    probabilities = shifted / shifted.sum()
+    assert np.allclose(scores, probabilities[[p.index for p in every]], atol=1e-5)
+    assert [p.index for p in top] == [p.index for p in every[:5]]
+
+
+def test_unknown_model_raises_model_not_found(server, kind, photos):
+    async def body():
+        async with connect(kind, server.target) as client:
+            await result(client.classify(photos["flower"], model="no-such-model"))
+
+    with pytest.raises(ModelNotFoundError) as caught:
+        run(body())
+    assert caught.value.code is grpc.StatusCode.NOT_FOUND
+    assert "no-such-model" in str(caught.value) and str(caught.value) == caught.value.message
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+
+
+def test_garbage_bytes_raise_invalid_input(server, kind):
+    async def body():
+        async with connect(kind, server.target) as client:
+            await result(client.classify(b"this is not an image", model=MODEL))
+
+    with pytest.raises(VisionClientError) as caught:
+        run(body())
+    assert isinstance(caught.value, InvalidInputError)
+    assert not isinstance(caught.value, ModelNotFoundError)
+    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+
+
+def test_bad_arguments_fail_before_sending(kind):
+    # Nothing listens on the target: these must fail on the client, without a call.
+    async def body(images: Any, top_k: int = 5):
+        async with connect(kind, f"127.0.0.1:{free_port()}", retries=0) as client:
+            await result(client.classify(images, model=MODEL, top_k=top_k))
+
+    with pytest.raises(TypeError, match="cannot send a int"):
+        run(body(12))
+    with pytest.raises(InvalidInputError, match="uint8"):
+        run(body(np.zeros((8, 8, 3), dtype=np.float32)))
+    with pytest.raises(InvalidInputError, match="top_k"):
+        run(body(b"\x89PNG", top_k=0))
+
+
+def test_concurrent_async_calls_are_batched_by_the_server(server, photos):
+    images = [photos[name] for name in ("china", "flower", "china-crop", "flower-crop")] * 6
+
+    async def body():
+        async with AsyncClient(server.target) as client:
+            await client.model(MODEL)  # labels cached, so that the calls below are all ModelInfer
+            return await asyncio.gather(*(client.classify(image, model=MODEL, top_k=1) for image in images))
+
+    before = scrape(server.metrics_url)
+    results = run(body())
+    after = scrape(server.metrics_url)
+    assert len(results) == 24 and all(len(r) == 1 and len(r[0]) == 1 for r in results)
+    images_run = metric(after, "vision_inference_images_total", model=MODEL) - metric(
+        before, "vision_inference_images_total", model=MODEL
+    )
+    batches = metric(after, "vision_batches_total", model=MODEL) - metric(before, "vision_batches_total", model=MODEL)
+    assert images_run == 24
+    assert 1 <= batches < images_run
+
+
+def test_large_calls_are_split_into_requests_that_fit(server, kind):
+    images = [noise_png(seed) for seed in range(5)]
+    assert all(90_000 < len(image) < 110_000 for image in images)
+    limit = 200_000  # two images per request at most, so at least three requests
+
+    async def body():
+        async with connect(kind, server.target) as whole:
+            unsplit = await result(whole.logits(images, model=MODEL))
+        before = scrape(server.metrics_url)
+        async with connect(kind, server.target, max_message_bytes=limit) as small:
+            split = await result(small.logits(images, model=MODEL))
+            top = await result(small.classify(images, model=MODEL, top_k=1))
+        return unsplit, split, top, before, scrape(server.metrics_url)
+
+    unsplit, split, top, before, after = run(body())
+    requests = metric(after, "vision_requests_total", model=MODEL, status="OK") - metric(
+        before, "vision_requests_total", model=MODEL, status="OK"
+    )
+    assert requests >= 2 * 3  # logits and classify, each split in at least three
+    assert split.shape == (5, 1000)
+    # In order: each row is its own image's, and the images' rows differ from each other.
+    assert np.allclose(split, unsplit, rtol=1e-3, atol=1e-4)
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert not np.allclose(unsplit[i], unsplit[j], rtol=1e-3, atol=1e-4)
+    assert [r[0].index for r in top] == [int(row.argmax()) for row in split]
+
+
+def test_an_image_larger_than_a_message_is_refused_on_the_client(server, kind):
+    async def body():
+        async with connect(kind, server.target, max_message_bytes=50_000) as client:
+            await result(client.logits(noise_png(0), model=MODEL))
+
+    with pytest.raises(InvalidInputError, match="max_message_bytes"):
+        run(body())
+
+
+# -- health and models ----------------------------------------------------------------------
+
+
+def test_health_and_models(server, kind, categories):
+    async def body():
+        async with connect(kind, server.target) as client:
+            return (
+                await result(client.live()),
+                await result(client.ready()),
+                await result(client.ready(MODEL)),
+                await result(client.models()),
+                await result(client.models(labels=False)),
+                await result(client.model(MODEL)),
+            )
+
+    live, ready, model_ready, models, bare, one = run(body())
+    assert live and ready and model_ready
+    assert [m.name for m in models] == [MODEL] == [m.name for m in bare]
+    info = models[0]
+    assert info.ready and info.state == "READY" and info.reason == ""
+    assert info.num_classes == 1000 and list(info.labels) == categories
+    assert info.input_size == 224 and info.base_model is None and info.platform == "pytorch_torchvision"
+    assert bare[0].labels == () and bare[0].num_classes == 1000
+    assert one == info
+
+
+def test_ready_of_an_unknown_model_raises(server, kind):
+    async def body():
+        async with connect(kind, server.target) as client:
+            await result(client.ready("no-such-model"))
+
+    with pytest.raises(ModelNotFoundError):
+        run(body())
+
+
+def test_dns_target_with_round_robin(server, kind):
+    async def body():
+        async with connect(kind, f"dns:///localhost:{server.grpc_port}") as client:
+            return await result(client.ready(MODEL))
+
+    assert run(body()) is True
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+def test_use_after_close_raises(server, kind, photos):
+    async def body():
+        async with connect(kind, server.target) as client:
+            assert await result(client.live())
+        assert client.is_closed
+        with pytest.raises(ClientClosedError, match="closed"):
+            await result(client.classify(photos["flower"], model=MODEL))
+        with pytest.raises(ClientClosedError):
+            await result(client.live())
+        await result(client.close())  # closing twice is fine
+        if kind == "sync":
+            with pytest.raises(ClientClosedError), client:
+                pass
+        else:
+            with pytest.raises(ClientClosedError):
+                async with client:
+                    pass
+
+    run(body())
+
+
+def test_closed_error_is_a_runtime_error():
+    client = Client("localhost:1")
+    client.close()
+    with pytest.raises(RuntimeError):
+        client.live()
+
+
+# -- retries, deadlines, tokens (against a scripted server) -----------------------------------
+
+
+@dataclass
+class ScriptedServer(pb_grpc.GRPCInferenceServiceServicer):
+    """A gRPC server whose ServerLive fails ``failures`` times with UNAVAILABLE, then answers.
+
+    ServerReady requires ``authorization: Bearer secret``; ModelReady never answers
+    before the client's deadline. It records each call's metadata and time left.
+    """
+
+    failures: int = 0
+    calls: int = 0
+    metadata: list[dict[str, str]] = field(default_factory=list)
+    time_left: list[float | None] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def _record(self, context: grpc.ServicerContext) -> None:
+        self.calls += 1
+        self.metadata.append(dict(context.invocation_metadata()))
+        self.time_left.append(context.time_remaining())
+
+    def ServerLive(self, request, context):
+        self._record(context)
+        if self.calls <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"warming up (call {self.calls})")
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        self._record(context)
+        if dict(context.invocation_metadata()).get("authorization") != "Bearer secret":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "send authorization: Bearer <token>")
+        return pb.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request, context):
+        self._record(context)
+        self.release.wait(10)
+        return pb.ModelReadyResponse(ready=True)
+
+
+@contextlib.contextmanager
+def scripted(**script: Any) -> Iterator[tuple[ScriptedServer, str]]:
+    servicer = ScriptedServer(**script)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        servicer.release.set()
+        server.stop(grace=None)
+
+
+FAST_RETRY = Retry(attempts=3, backoff=0.001, max_backoff=0.01)
+
+
+def test_unavailable_is_retried_then_raised(kind, caplog):
+    caplog.set_level(logging.INFO, logger="vision_client")
+
+    async def body():
+        async with connect(kind, f"127.0.0.1:{free_port()}", retries=FAST_RETRY) as client:
+            await result(client.live())
+
+    with pytest.raises(UnavailableError) as caught:
+        run(body())
+    retries = [r for r in caplog.records if r.name == "vision_client" and r.getMessage().startswith("retry")]
+    assert [r.getMessage().split(" of ")[0] for r in retries] == ["retry 1", "retry 2", "retry 3"]
+    assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+
+    # No retries when asked for none.
+    caplog.clear()
+
+    async def once():
+        async with connect(kind, f"127.0.0.1:{free_port()}", retries=0) as client:
+            await result(client.live())
+
+    with pytest.raises(UnavailableError):
+        run(once())
+    assert not [r for r in caplog.records if r.getMessage().startswith("retry")]
+
+
+def test_retry_recovers_and_every_call_carries_token_and_deadline(kind):
+    with scripted(failures=2) as (servicer, target):
+
+        async def body():
+            async with connect(kind, target, token="secret", timeout=10.0, retries=FAST_RETRY) as client:
+                live = await result(client.live())
+                ready = await result(client.ready(timeout=2.5))
+                return live, ready
+
+        assert run(body()) == (True, True)
+    assert servicer.calls == 2 + 1 + 1  # two failures, the answer, then ServerReady
+    assert all(m.get("authorization") == "Bearer secret" for m in servicer.metadata)
+    assert all(left is not None for left in servicer.time_left)
+    # gRPC rounds deadlines on the wire, so compare with a margin.
+    assert 5.0 < servicer.time_left[2] < 10.5  # the client's default timeout
+    assert servicer.time_left[3] < 3.0  # overridden per call
+
+
+def test_non_idempotent_calls_are_not_retried():
+    with scripted(failures=5) as (_, target):
+        with Client(target, retries=0) as client, pytest.raises(UnavailableError) as caught:
+            client.live()
+        error = caught.value.__cause__
+        attempts = Attempts(FAST_RETRY, "FineTune", idempotent=False, timeout=None)
+        with pytest.raises(UnavailableError):
+            attempts.backoff(error)
+        assert attempts.retries == 0
+        retried = Attempts(FAST_RETRY, "ServerLive", idempotent=True, timeout=None)
+        assert retried.backoff(error) <= 0.001 and retried.retries == 1
+
+
+def test_missing_token_raises_authentication_error(kind):
+    with scripted() as (servicer, target):
+
+        async def body():
+            async with connect(kind, target) as client:
+                await result(client.ready())
+
+        with pytest.raises(AuthenticationError) as caught:
+            run(body())
+    assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization" in str(caught.value)
+    assert "authorization" not in servicer.metadata[0]
+
+
+def test_deadline_exceeded(kind):
+    with scripted() as (servicer, target):
+
+        async def body():
+            async with connect(kind, target, retries=FAST_RETRY) as client:
+                await result(client.ready(MODEL, timeout=1.0))
+
+        with pytest.raises(DeadlineExceededError) as caught:
+            run(body())
+    assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert servicer.calls == 1  # DEADLINE_EXCEEDED is not retried
+
+
+def test_round_robin_spreads_calls_over_every_address(kind):
+    with scripted() as (first, target1), scripted() as (second, target2):
+        ports = [t.rsplit(":", 1)[1] for t in (target1, target2)]
+
+        async def body():
+            async with connect(kind, f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}") as client:
+                for _ in range(50):
+                    await result(client.live())
+                    if first.calls and second.calls:
+                        break
+
+        run(body())
+    assert first.calls > 0 and second.calls > 0
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def vision_client(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VISION_CLIENT_")}
+    return subprocess.run(
+        [str(CLI), *args], capture_output=True, text=True, timeout=120, env={**environment, **(env or {})}, **kwargs
+    )
+
+
+LINE = re.compile(r"^(?P<image>\S+)\s+(?P<rank>\d+)\s+(?P<score>\d\.\d{4})\s+(?P<label>.+) \((?P<index>\d+)\)$")
+
+
+@pytest.fixture(scope="module")
+def photo_files(photos, tmp_path_factory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("cli")
+    files = {}
+    for name in ("china", "flower"):
+        files[name] = directory / f"{name}.jpg"
+        files[name].write_bytes(photos[name])
+    return files
+
+
+def test_cli_classify_prints_top_labels(server, photo_files, reference, categories):
+    files = [photo_files["china"], photo_files["flower"]]
+    done = vision_client("--target", server.target, "classify", *map(str, files), "--model", MODEL, "--top-k", "3")
+    assert done.returncode == 0, done.stderr
+    lines = [LINE.match(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 6 and all(lines), done.stdout
+    expected = reference([Image.open(f) for f in files])
+    for file, rows, logits in zip(files, (lines[:3], lines[3:]), expected, strict=True):
+        assert [m["image"] for m in rows] == [str(file)] * 3
+        assert [int(m["rank"]) for m in rows] == [1, 2, 3]
+        assert int(rows[0]["index"]) == int(logits.argmax())
+        assert rows[0]["label"] == categories[int(logits.argmax())]
+
+
+def test_cli_classify_json(server, photo_files):
+    # Options after the command work too; the target comes from the environment.
+    command = ["classify", str(photo_files["flower"]), "-m", MODEL, "-k", "2", "--json"]
+    done = vision_client(*command, env={"VISION_CLIENT_TARGET": server.target})
+    assert done.returncode == 0, done.stderr
+    (entry,) = json.loads(done.stdout)
+    assert entry["image"] == str(photo_files["flower"])
+    assert [p["rank"] for p in entry["predictions"]] == [1, 2]
+    assert entry["predictions"][0]["score"] >= entry["predictions"][1]["score"]
+    assert set(entry["predictions"][0]) == {"rank", "label", "index", "score"}
+
+
+def test_cli_models_and_health(server):
+    table = vision_client("--target", server.target, "models")
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split()[:4] == ["NAME", "STATE", "CLASSES", "INPUT"]
+    assert row.split()[:4] == [MODEL, "READY", "1000", "224x224"]
+
+    listed = vision_client("models", "--json", "--target", server.target)
+    assert listed.returncode == 0, listed.stderr
+    (model,) = json.loads(listed.stdout)
+    assert model["name"] == MODEL and model["ready"] is True and model["num_classes"] == 1000
+
+    health = vision_client("--target", server.target, "health")
+    assert health.returncode == 0, health.stderr
+    assert re.search(r"^server\s+live\s+ready", health.stdout, re.M)
+    assert re.search(rf"^{MODEL}\s+ready\s+READY", health.stdout, re.M)
+
+    health_json = vision_client("--target", server.target, "health", "--json")
+    assert health_json.returncode == 0
+    assert json.loads(health_json.stdout)["models"][MODEL]["ready"] is True
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["classify", "{photo}", "--model", "no-such-model"], "no-such-model"),
+        (["classify", "{missing}", "--model", MODEL], "No such file"),
+        (["classify", "{garbage}", "--model", MODEL], "image"),
+    ],
+    ids=["unknown-model", "missing-file", "not-an-image"],
+)
+def test_cli_errors_are_one_clean_line(server, photo_files, tmp_path, args, message):
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image at all")
+    paths = {"photo": photo_files["flower"], "missing": tmp_path / "missing.jpg", "garbage": garbage}
+    done = vision_client("--target", server.target, *(a.format(**paths) for a in args))
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("vision-client: error: ") and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_cli_health_of_an_unreachable_server_fails():
+    done = vision_client("--target", f"127.0.0.1:{free_port()}", "--timeout", "5", "health")
+    assert done.returncode == 1
+    assert done.stderr.startswith("vision-client: error: ") and "Traceback" not in done.stderr
+
+
+# -- the README ------------------------------------------------------------------------------
+
+
+def readme_examples() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", README.read_text(), re.M | re.S)
+
+
+def test_readme_has_examples():
+    assert len(readme_examples()) >= 5
+
+
+@pytest.mark.parametrize("index", range(len(readme_examples())))
+def test_readme_example_runs(server, photos, tmp_path, index):
+    """Each python block of the README, run as written against the test server.
+
+    The only substitutions: the test server's address for ``localhost:8001``, and
+    ``alexnet`` (the model it serves) for ``resnet101``.
+    """
+    code = readme_examples()[index].replace("localhost:8001", server.target).replace("resnet101", MODEL)
+    (tmp_path / "cat.jpg").write_bytes(photos["china"])
+    (tmp_path / "dog.jpg").write_bytes(photos["flower"])
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"README example {index} failed:\n{code}\n{done.stderr}"
