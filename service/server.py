@@ -198,13 +198,12 @@ async def serve(config: ServeConfig) -> int:
     loading = asyncio.ensure_future(server.wait_loaded())
     termination = asyncio.ensure_future(server.wait_for_termination())
     await asyncio.wait({loading, termination}, return_when=asyncio.FIRST_COMPLETED)
-    if loading.done() and loading.exception() is not None:
+    failed = loading.done() and not loading.cancelled() and loading.exception() is not None
+    if failed:
         await server.request_stop()
-        return 1
     await termination
-    if server._stopping is not None:
-        await server._stopping
-    return 0
+    await server.request_stop()  # already running when a signal ended the server: waits for it
+    return 1 if failed else 0
 
 
 def _host(host: str) -> str:

@@ -86,6 +86,8 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None) -
     """Start ``vision-serve`` with ``args`` on free loopback ports (not yet waiting for it)."""
     grpc_port, metrics_port = free_port(), free_port()
     log_path = tmp_dir / f"server-{grpc_port}.log"
+    if "--model-store" not in args:  # never the user's default store
+        args = (*args, "--model-store", str(tmp_dir / f"store-{grpc_port}"))
     command = [
         sys.executable,
         "-m",
