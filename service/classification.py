@@ -25,5 +25,5 @@ def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[list[ClassScore
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     return [
         [ClassScore(float(row[i]), int(i), labels[i] if i < len(labels) else str(i)) for i in indices]
-        for row, indices in zip(logits, order)
+        for row, indices in zip(logits, order, strict=True)
     ]

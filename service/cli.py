@@ -112,9 +112,7 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="images queued per model before RESOURCE_EXHAUSTED",
     )
     opt.add("--decode-threads", default=d.decode_threads, type=int, help="image decoding threads (0: one per core)")
-    opt.add(
-        "--max-image-pixels", default=d.max_image_pixels, type=_positive_int, help="largest decoded image (w*h)"
-    )
+    opt.add("--max-image-pixels", default=d.max_image_pixels, type=_positive_int, help="largest decoded image (w*h)")
     opt.add("--max-message-bytes", default=d.max_message_bytes, type=_positive_int, help="largest gRPC message")
     opt.add(
         "--model-store",
@@ -128,9 +126,7 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         type=_positive_float,
         help="how often to look for models other replicas wrote to the store",
     )
-    opt.add(
-        "--auth-token-file", default=None, type=Path, help="file with the bearer token FineTuning RPCs require"
-    )
+    opt.add("--auth-token-file", default=None, type=Path, help="file with the bearer token FineTuning RPCs require")
     opt.add(
         "--drain-seconds", default=d.drain_seconds, type=_non_negative_float, help="grace for in-flight work on SIGTERM"
     )
@@ -141,10 +137,10 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     # argparse checks choices on the command line only, not on defaults taken from the environment.
     for option, allowed in (("dtype", DTYPE_CHOICES), ("log_level", LOG_LEVELS)):
-        if getattr(args, option) not in allowed:
-            raise SystemExit(
-                f"vision-serve: error: --{option.replace('_', '-')} {getattr(args, option)!r}: choose one of {', '.join(allowed)}"
-            )
+        value = getattr(args, option)
+        if value not in allowed:
+            flag = "--" + option.replace("_", "-")
+            raise SystemExit(f"vision-serve: error: {flag} {value!r}: choose one of {', '.join(allowed)}")
     if args.max_queue_size < args.max_batch_size:
         raise SystemExit("vision-serve: error: --max-queue-size must be at least --max-batch-size")
     return ServeConfig(

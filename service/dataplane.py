@@ -140,7 +140,7 @@ class DataPlane:
         return torch.stack(tensors)
 
     def _check_pixels(self, model: ServedModel, pixels: np.ndarray) -> torch.Tensor:
-        n, channels, height, width = pixels.shape
+        _, channels, height, width = pixels.shape
         if channels != 3:
             raise InvalidInputError(f"PIXELS must have 3 channels (shape [N,3,H,W]), got {channels}")
         min_h, min_w = model.min_size

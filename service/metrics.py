@@ -7,6 +7,7 @@ that several servers (tests) can live in one process.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -87,10 +88,8 @@ class ServerMetrics:
 
     def clear_job_loss(self, job_id: str) -> None:
         """Drop a finished job's series so that only running jobs are exported."""
-        try:
+        with contextlib.suppress(KeyError):
             self.finetune_loss.remove(job_id)
-        except KeyError:
-            pass
 
     def watch_cuda_memory(self, devices: Iterable[torch.device]) -> None:
         cuda = [d for d in devices if d.type == "cuda"]

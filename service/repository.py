@@ -179,7 +179,8 @@ class ModelRepository:
         model.base_model = base
         model.version = version
         instances = [
-            i.derive(torch.nn.Sequential(spec.features(i.module), _copy_to(head, i.device))) for i in base_model.instances
+            i.derive(torch.nn.Sequential(spec.features(i.module), _copy_to(head, i.device)))
+            for i in base_model.instances
         ]
         self._start_workers(model, instances)
         return model

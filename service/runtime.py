@@ -61,7 +61,10 @@ class ModelInstance:
     def derive(self, module: torch.nn.Module) -> ModelInstance:
         """Another instance on the same device and dtype, for a module built on this one's."""
         return ModelInstance(
-            module.to(device=self.device, dtype=self.dtype), self.device, dtype=self.dtype, channels_last=self.channels_last
+            module.to(device=self.device, dtype=self.dtype),
+            self.device,
+            dtype=self.dtype,
+            channels_last=self.channels_last,
         )
 
     def forward(self, parts: list[torch.Tensor]) -> np.ndarray:

@@ -83,9 +83,7 @@ class VisionServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane), self._grpc
-        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), self._grpc)
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._grpc)
         fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(self.jobs), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

@@ -157,7 +157,7 @@ def photos() -> dict[str, bytes]:
     from sklearn.datasets import load_sample_images
 
     images = {}
-    for name, pixels in zip(("china", "flower"), load_sample_images().images):
+    for name, pixels in zip(("china", "flower"), load_sample_images().images, strict=True):
         full = Image.fromarray(pixels)
         images[name] = encode(full, "JPEG", quality=92)
         images[f"{name}-crop"] = encode(full.crop((100, 50, 400, 350)), "JPEG", quality=85)

@@ -13,7 +13,9 @@ from service.batching import BatchQueue, WorkItem, collate
 from service.errors import QueueClosedError, QueueFullError
 
 
-def item(n: int = 1, *, side: int = 4, deadline: float | None = None, cancelled: bool = False, at: float = 0.0) -> WorkItem:
+def item(
+    n: int = 1, *, side: int = 4, deadline: float | None = None, cancelled: bool = False, at: float = 0.0
+) -> WorkItem:
     return WorkItem(
         pixels=torch.zeros(n, 3, side, side),
         on_result=lambda value: None,

@@ -72,7 +72,7 @@ def test_random_weights_are_seeded_and_repeatable() -> None:
 
 def test_weights_directory_errors_say_what_to_do(tmp_path) -> None:
     spec = get_model_spec("alexnet")
-    with pytest.raises(WeightsUnavailableError, match="alexnet.pth"):
+    with pytest.raises(WeightsUnavailableError, match=r"alexnet\.pth"):
         build_model(spec, WeightsSource.parse(str(tmp_path)))
     torch.save({"not": torch.zeros(1)}, tmp_path / "alexnet.pth")
     with pytest.raises(WeightsUnavailableError, match="state dict"):
@@ -83,7 +83,12 @@ def test_weights_directory_errors_say_what_to_do(tmp_path) -> None:
 
 def _offline_env(tmp_path) -> dict[str, str]:
     # A proxy on a closed loopback port makes every download fail at once, online or not.
-    return {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    return {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
 
 
 def test_fetch_weights_failure_explains_how_to_pre_seed(tmp_path) -> None:
@@ -103,7 +108,19 @@ def test_fetch_weights_failure_explains_how_to_pre_seed(tmp_path) -> None:
 
 def test_server_without_pretrained_weights_exits_with_the_reason(tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "--models", "alexnet", "--grpc-port", "0", "--metrics-port", "0", "--host", "127.0.0.1"],
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--models",
+            "alexnet",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+        ],
         capture_output=True,
         text=True,
         env=_offline_env(tmp_path),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -26,7 +25,16 @@ HELD_OUT = slice(1000, 1300)
 @pytest.fixture(scope="module")
 def store_server(tmp_path_factory, weights_dir):
     store = tmp_path_factory.mktemp("store")
-    args = ("--models", "alexnet", "--weights", str(weights_dir), "--model-store", str(store), "--store-poll-seconds", "1")
+    args = (
+        "--models",
+        "alexnet",
+        "--weights",
+        str(weights_dir),
+        "--model-store",
+        str(store),
+        "--store-poll-seconds",
+        "1",
+    )
     proc = start_server(tmp_path_factory.mktemp("ft"), *args)
     try:
         proc.wait_serving()
@@ -51,7 +59,8 @@ def config(output: str, **overrides) -> pb.FineTuneConfig:
 def job_requests(cfg: pb.FineTuneConfig, images: list[bytes], labels: list[str], chunk: int = 64):
     yield pb.CreateJobRequest(config=cfg)
     for start in range(0, len(images), chunk):
-        examples = [pb.Example(image=i, label=l) for i, l in zip(images[start : start + chunk], labels[start : start + chunk])]
+        pairs = zip(images[start : start + chunk], labels[start : start + chunk], strict=True)
+        examples = [pb.Example(image=image, label=label) for image, label in pairs]
         yield pb.CreateJobRequest(examples=pb.ExampleBatch(examples=examples))
 
 
@@ -159,7 +168,9 @@ def test_bad_jobs_fail_clearly_and_inference_keeps_working(store_server) -> None
     with grpc.insecure_channel(store_server.target) as channel:
         stub = pb_grpc.FineTuningStub(channel)
         bad = grpc.StatusCode.INVALID_ARGUMENT
-        _expect_error(lambda: stub.CreateJob(job_requests(config("x"), images[:20], ["7"] * 20)), bad, "at least 2 classes")
+        _expect_error(
+            lambda: stub.CreateJob(job_requests(config("x"), images[:20], ["7"] * 20)), bad, "at least 2 classes"
+        )
         _expect_error(
             lambda: stub.CreateJob(job_requests(config("x", base_model="inception"), images[:4], labels[:4])),
             grpc.StatusCode.NOT_FOUND,
@@ -167,14 +178,18 @@ def test_bad_jobs_fail_clearly_and_inference_keeps_working(store_server) -> None
         )
         _expect_error(lambda: stub.CreateJob(job_requests(config("x"), [], [])), bad, "at least 2 examples")
         _expect_error(
-            lambda: stub.CreateJob(job_requests(config("x"), images[:5] + [b"not an image"], labels[:6])),
+            lambda: stub.CreateJob(job_requests(config("x"), [*images[:5], b"not an image"], labels[:6])),
             bad,
             "example 5",
         )
         _expect_error(lambda: stub.CreateJob(job_requests(config("alexnet"), images[:4], labels[:4])), bad, "built-in")
-        _expect_error(lambda: stub.CreateJob(job_requests(config("Bad Name"), images[:4], labels[:4])), bad, "valid model name")
         _expect_error(
-            lambda: stub.CreateJob(iter([pb.CreateJobRequest(examples=pb.ExampleBatch())])), bad, "first CreateJobRequest"
+            lambda: stub.CreateJob(job_requests(config("Bad Name"), images[:4], labels[:4])), bad, "valid model name"
+        )
+        _expect_error(
+            lambda: stub.CreateJob(iter([pb.CreateJobRequest(examples=pb.ExampleBatch())])),
+            bad,
+            "first CreateJobRequest",
         )
         _expect_error(lambda: stub.GetJob(pb.GetJobRequest(job_id="nope")), grpc.StatusCode.NOT_FOUND, "nope")
         _expect_error(lambda: stub.DeleteModel(pb.DeleteModelRequest(name="alexnet")), bad, "built-in")
@@ -248,7 +263,9 @@ def test_delete_model_stops_serving_it(store_server) -> None:
         assert job.state == pb.SUCCEEDED
         assert stub.DeleteModel(pb.DeleteModelRequest(name="digits-doomed")).deleted
         _expect_error(
-            lambda: stub.DeleteModel(pb.DeleteModelRequest(name="digits-doomed")), grpc.StatusCode.NOT_FOUND, "digits-doomed"
+            lambda: stub.DeleteModel(pb.DeleteModelRequest(name="digits-doomed")),
+            grpc.StatusCode.NOT_FOUND,
+            "digits-doomed",
         )
     with triton.InferenceServerClient(store_server.target) as client:
         assert "digits-doomed" not in [m.name for m in client.get_model_repository_index().models]
@@ -267,7 +284,11 @@ def test_fine_tuning_requires_the_token_when_one_is_set(tmp_path, weights_dir) -
             stub = pb_grpc.FineTuningStub(channel)
             _expect_error(lambda: stub.ListJobs(pb.ListJobsRequest()), grpc.StatusCode.UNAUTHENTICATED, "Bearer")
             wrong = (("authorization", "Bearer nope"),)
-            _expect_error(lambda: stub.ListJobs(pb.ListJobsRequest(), metadata=wrong), grpc.StatusCode.UNAUTHENTICATED, "not valid")
+            _expect_error(
+                lambda: stub.ListJobs(pb.ListJobsRequest(), metadata=wrong),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "not valid",
+            )
             _expect_error(
                 lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id="x"))), grpc.StatusCode.UNAUTHENTICATED, "Bearer"
             )

@@ -66,7 +66,7 @@ def test_image_logits_match_torchvision(client, reference, photos) -> None:
     logits = result.as_numpy("LOGITS")
     expected = reference_logits(reference, images)
     assert logits.shape == (len(images), 1000)
-    for got, want in zip(logits, expected):
+    for got, want in zip(logits, expected, strict=True):
         assert cosine(got, want) > 0.999
 
 
@@ -101,7 +101,7 @@ def test_images_in_bytes_contents(stub, reference, photos) -> None:
     response = stub.ModelInfer(request, timeout=60)
     assert response.id == "contents-1"
     logits = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(2, 1000)
-    for got, want in zip(logits, reference_logits(reference, images)):
+    for got, want in zip(logits, reference_logits(reference, images), strict=True):
         assert cosine(got, want) > 0.999
 
 
@@ -113,7 +113,7 @@ def test_classification_extension_matches_reference(client, reference, photos) -
     assert result.shape == (2, k)
     expected = reference_logits(reference, images)
     labels = WEIGHTS.meta["categories"]
-    for row, logits in zip(result, expected):
+    for row, logits in zip(result, expected, strict=True):
         entries = [entry.decode().split(":", 2) for entry in row]
         indices = [int(index) for _, index, _ in entries]
         assert indices[0] == int(np.argmax(logits))

@@ -10,7 +10,6 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
-import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from PIL import Image
@@ -44,9 +43,7 @@ def test_concurrent_requests_are_batched(server) -> None:
 
     async def burst() -> list:
         async with triton_aio.InferenceServerClient(server.target) as client:
-            return await asyncio.gather(
-                *(client.infer("alexnet", [one_image_input(i)]) for i in range(48))
-            )
+            return await asyncio.gather(*(client.infer("alexnet", [one_image_input(i)]) for i in range(48)))
 
     results = asyncio.run(burst())
     assert all(r.as_numpy("LOGITS").shape == (1, 1000) for r in results)
@@ -102,6 +99,7 @@ def test_real_prometheus_sees_throughput_per_device(server, system_tool, tmp_pat
         "scrape_configs:\n  - job_name: vision\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{server.metrics_port}']\n"
     )
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
         [
             prometheus,
@@ -109,8 +107,8 @@ def test_real_prometheus_sees_throughput_per_device(server, system_tool, tmp_pat
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{web_port}",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "prometheus.log", "wb"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         expression = 'sum by (device) (rate(vision_inference_images_total{model="alexnet"}[20s]))'
@@ -132,3 +130,4 @@ def test_real_prometheus_sees_throughput_per_device(server, system_tool, tmp_pat
     finally:
         process.terminate()
         process.wait(30)
+        log.close()

@@ -98,6 +98,8 @@ def test_sigterm_answers_everything_in_flight_then_exits_zero(tmp_path, weights_
             return await asyncio.gather(*calls, return_exceptions=True), late
 
     results, late = asyncio.run(scenario())
-    assert all(isinstance(r, pb.ModelInferResponse) for r in results), [r for r in results if not isinstance(r, pb.ModelInferResponse)]
+    assert all(isinstance(r, pb.ModelInferResponse) for r in results), [
+        r for r in results if not isinstance(r, pb.ModelInferResponse)
+    ]
     assert late == grpc.StatusCode.UNAVAILABLE
     assert proc.process.wait(60) == 0, proc.log()

@@ -75,7 +75,15 @@ def test_service_methods_match_triton() -> None:
             other.client_streaming,
             other.server_streaming,
         ), method.name
-    expected = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelStreamInfer"}
+    expected = {
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelStreamInfer",
+    }
     assert expected <= {m.name for m in our_service.method}
 
 

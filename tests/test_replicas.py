@@ -21,7 +21,16 @@ VISIBLE_WITHIN_S = 30.0
 def replicas(tmp_path_factory, weights_dir):
     store = tmp_path_factory.mktemp("shared-store")
     logs = tmp_path_factory.mktemp("replicas")
-    args = ("--models", "alexnet", "--weights", str(weights_dir), "--model-store", str(store), "--store-poll-seconds", "1")
+    args = (
+        "--models",
+        "alexnet",
+        "--weights",
+        str(weights_dir),
+        "--model-store",
+        str(store),
+        "--store-poll-seconds",
+        "1",
+    )
     first, second = start_server(logs, *args), start_server(logs, *args)
     try:
         first.wait_serving()
@@ -57,7 +66,9 @@ def train(target: str, name: str, seed: int, replace: bool = False) -> pb.Job:
     images, targets = digits()
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.FineTuningStub(channel)
-        job, _ = run_job(stub, config(name, epochs=5, seed=seed, replace=replace), images[:150], [str(t) for t in targets[:150]])
+        job, _ = run_job(
+            stub, config(name, epochs=5, seed=seed, replace=replace), images[:150], [str(t) for t in targets[:150]]
+        )
     assert job.state == pb.SUCCEEDED, job.error
     return job
 
@@ -68,7 +79,12 @@ def test_a_head_trained_on_one_replica_is_served_by_the_other(replicas) -> None:
     sample = images[1500:1516]
     train(first.target, "shared-digits", seed=1)
     second.wait_serving("shared-digits", timeout=VISIBLE_WITHIN_S)
-    np.testing.assert_allclose(logits(second.target, "shared-digits", sample), logits(first.target, "shared-digits", sample), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        logits(second.target, "shared-digits", sample),
+        logits(first.target, "shared-digits", sample),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
     # A replacement (another seed) reaches the other replica too.
     old = logits(second.target, "shared-digits", sample)
@@ -98,7 +114,9 @@ def test_sigterm_cancels_a_running_job_cleanly_and_exits_zero(tmp_path, weights_
     images, targets = digits()
     with grpc.insecure_channel(proc.target) as channel:
         stub = pb_grpc.FineTuningStub(channel)
-        job = stub.CreateJob(job_requests(config("endless", epochs=1000, batch_size=4), images[:100], [str(t) for t in targets[:100]]))
+        job = stub.CreateJob(
+            job_requests(config("endless", epochs=1000, batch_size=4), images[:100], [str(t) for t in targets[:100]])
+        )
         kinds = []
         for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=300):
             kinds.append(event.kind)

@@ -115,7 +115,9 @@ class ExampleCollector:
             raise InvalidInputError(f"example {index} has no image bytes")
         self._bytes += len(image)
         if self._bytes > self._limits.max_total_bytes:
-            raise InvalidInputError(f"the examples exceed {self._limits.max_total_bytes} bytes in all; send fewer or smaller images")
+            raise InvalidInputError(
+                f"the examples exceed {self._limits.max_total_bytes} bytes in all; send fewer or smaller images"
+            )
         if self._spec.loss == "cross_entropy":
             if not label:
                 raise InvalidInputError(f"example {index} has no label; cross_entropy needs a class name per example")
@@ -245,7 +247,7 @@ class JobManager:
         sent = 0
         while True:
             async with job.changed:
-                await job.changed.wait_for(lambda: len(job.events) > sent)
+                await job.changed.wait_for(lambda sent=sent: len(job.events) > sent)
                 fresh = job.events[sent:]
             for event in fresh:
                 yield event
@@ -441,4 +443,3 @@ class JobManager:
             counts[job.state] += 1
         for state, count in counts.items():
             self._metrics.finetune_jobs.labels(state.value).set(count)
-

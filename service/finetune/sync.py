@@ -35,7 +35,7 @@ class StoreSync:
     async def sync_once(self) -> None:
         stored = await asyncio.to_thread(self._store.list_versions)
         served = {m.name: m for m in self._repository.all() if m.base_model is not None}
-        for name, model in served.items():
+        for name in served:
             if name not in stored:
                 log.info("model %s was deleted from the store; no longer serving it", name)
                 self._repository.remove_finetuned(name, reason="deleted from the model store")

@@ -19,6 +19,8 @@ from service.errors import UnavailableError
 from service.finetune.heads import StandardizedHead, build_head
 from service.finetune.spec import FineTuneSpec
 
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class EpochReport:
@@ -60,7 +62,7 @@ def split_indices(
     train, validation = [], []
     for group in groups:
         group = group[torch.randperm(len(group), generator=generator)]
-        take = int(round(len(group) * fraction))
+        take = round(len(group) * fraction)
         take = min(take, len(group) - 1)  # every class keeps a training example
         validation.append(group[:take])
         train.append(group[take:])
@@ -76,7 +78,7 @@ def train_head(
     spec: FineTuneSpec,
     *,
     num_outputs: int,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     on_epoch: Callable[[EpochReport], None] = lambda report: None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> TrainResult:

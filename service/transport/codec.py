@@ -139,9 +139,7 @@ def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
     else:
         images = list(tensor.contents.bytes_contents)
     if len(images) != shape[0]:
-        raise InvalidInputError(
-            f"input IMAGE has shape {shape} but {len(images)} elements were sent; make them agree"
-        )
+        raise InvalidInputError(f"input IMAGE has shape {shape} but {len(images)} elements were sent; make them agree")
     return images
 
 

@@ -47,7 +47,9 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
             raise InvalidInputError("no config was sent: the first CreateJobRequest must carry it")
         return job_to_proto(await self._jobs.submit(spec, collector))
 
-    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.JobEvent]:
         async for event in self._jobs.watch(request.job_id):
             yield event_to_proto(event)
 
@@ -102,7 +104,9 @@ def spec_to_proto(spec: FineTuneSpec) -> pb.FineTuneConfig:
     return pb.FineTuneConfig(
         base_model=spec.base_model,
         output_model=spec.output_model,
-        head=pb.HeadSpec(kind=spec.head.kind, hidden=spec.head.hidden, blocks=spec.head.blocks, dropout=spec.head.dropout),
+        head=pb.HeadSpec(
+            kind=spec.head.kind, hidden=spec.head.hidden, blocks=spec.head.blocks, dropout=spec.head.dropout
+        ),
         optimizer=pb.OptimizerSpec(
             kind=spec.optimizer.kind,
             lr=spec.optimizer.lr,

@@ -26,7 +26,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._dataplane.live())
 
     async def ServerReady(
@@ -34,7 +36,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._dataplane.ready())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._dataplane.model_ready(require_model_name(request.name)))
 
     async def ServerMetadata(
@@ -68,7 +72,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.models.add(name=model.name, version="1", state=model.state.value, reason=model.reason)
         return response
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
@@ -83,7 +89,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 result = await self._infer(request, context.time_remaining())
                 await responses.put(pb.ModelStreamInferResponse(infer_response=result))
             except Exception as exc:
-                code, message = status_for(exc)
+                _, message = status_for(exc)
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
                 await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
 

@@ -15,7 +15,9 @@ class ModelsServicer(pb_grpc.ModelsServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         models = self._dataplane.repository.all()
         return pb.ListModelsResponse(models=[model_info(m, labels=not request.without_labels) for m in models])
 
