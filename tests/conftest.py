@@ -82,9 +82,14 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start ``vision-serve`` with ``args`` on free loopback ports (not yet waiting for it)."""
-    grpc_port, metrics_port = free_port(), free_port()
+def start_server(
+    tmp_dir: Path, *args: str, env: dict[str, str] | None = None, grpc_port: int | None = None
+) -> ServerProcess:
+    """Start ``vision-serve`` with ``args`` on free loopback ports (not yet waiting for it).
+
+    ``grpc_port``: listen there rather than on a fresh port (one a client already targets).
+    """
+    grpc_port, metrics_port = grpc_port or free_port(), free_port()
     log_path = tmp_dir / f"server-{grpc_port}.log"
     if "--model-store" not in args:  # never the user's default store
         args = (*args, "--model-store", str(tmp_dir / f"store-{grpc_port}"))
@@ -143,6 +148,32 @@ def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Itera
         "16",
         "--max-queue-delay-ms",
         "50",
+    )
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        proc.stop()
+
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="session")
+def token_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[ServerProcess]:
+    """An AlexNet server that fine-tunes into a model store, and wants ``Bearer TOKEN`` for it."""
+    directory = tmp_path_factory.mktemp("token-server")
+    (directory / "token").write_text(TOKEN + "\n")
+    proc = start_server(
+        directory,
+        "--models",
+        "alexnet",
+        "--weights",
+        str(weights_dir),
+        "--model-store",
+        str(directory / "store"),
+        "--auth-token-file",
+        str(directory / "token"),
     )
     try:
         proc.wait_serving()

@@ -1,29 +1,25 @@
-"""The Python SDK (``vision_client``) against a real ``vision-serve`` process.
+"""The Python SDK (``vision_client``) against real ``vision-serve`` processes.
 
 Every behaviour is checked for both twins, ``Client`` and ``AsyncClient``, with
-one test body: ``connect(kind, ...)`` opens either, ``result()`` awaits what
-needs awaiting. Retries, tokens and deadlines are checked against a small
-scripted gRPC server (``ScriptedServer``), because the real one cannot be made
-to fail N times on demand.
+one test body (``tests.client_util``). Retries, tokens, deadlines and balancing
+are shown against real servers too: one that starts after the client's first
+attempts, one with ``--auth-token-file``, one whose batches wait longer than the
+client's deadline, and two behind one target.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import io
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
 import threading
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from concurrent import futures
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +27,36 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import cosine, encode, free_port, load_reference
+from tests.client_util import collect, connect, readme_examples, result, run, vision_client
+from tests.conftest import (
+    STARTUP_TIMEOUT_S,
+    TOKEN,
+    ServerProcess,
+    cosine,
+    encode,
+    free_port,
+    load_reference,
+    start_server,
+)
+from tests.metrics_util import sample_value as metric
+from tests.metrics_util import scrape
 from vision_client import (
     AsyncClient,
     AuthenticationError,
     Client,
     ClientClosedError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidInputError,
     ModelNotFoundError,
     Retry,
     UnavailableError,
     VisionClientError,
 )
-from vision_client._proto.inference import grpc_service_pb2 as pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from vision_client._retry import Attempts
 
 MODEL = "alexnet"
-CLI = Path(sys.executable).parent / "vision-client"
-README = Path(__file__).resolve().parent.parent / "clients" / "python" / "README.md"
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -61,40 +65,6 @@ README = Path(__file__).resolve().parent.parent / "clients" / "python" / "README
 @pytest.fixture(params=["sync", "async"])
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-@contextlib.asynccontextmanager
-async def connect(kind: str, target: str, **options: Any) -> AsyncIterator[Any]:
-    """A ``Client`` or an ``AsyncClient``, opened and closed as its users would."""
-    if kind == "sync":
-        with Client(target, **options) as client:
-            yield client
-    else:
-        async with AsyncClient(target, **options) as client:
-            yield client
-
-
-async def result(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-def run(coroutine: Any) -> Any:
-    return asyncio.run(coroutine)
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 @dataclass
@@ -379,66 +349,22 @@ def test_closed_error_is_a_runtime_error():
     client.close()
     with pytest.raises(RuntimeError):
         client.live()
+    with pytest.raises(FailedPreconditionError):  # its status code's class
+        client.jobs()
 
 
-# -- retries, deadlines, tokens (against a scripted server) -----------------------------------
-
-
-@dataclass
-class ScriptedServer(pb_grpc.GRPCInferenceServiceServicer):
-    """A gRPC server whose ServerLive fails ``failures`` times with UNAVAILABLE, then answers.
-
-    ServerReady requires ``authorization: Bearer secret``; ModelReady never answers
-    before the client's deadline. It records each call's metadata and time left.
-    """
-
-    failures: int = 0
-    calls: int = 0
-    metadata: list[dict[str, str]] = field(default_factory=list)
-    time_left: list[float | None] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-
-    def _record(self, context: grpc.ServicerContext) -> None:
-        self.calls += 1
-        self.metadata.append(dict(context.invocation_metadata()))
-        self.time_left.append(context.time_remaining())
-
-    def ServerLive(self, request, context):
-        self._record(context)
-        if self.calls <= self.failures:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"warming up (call {self.calls})")
-        return pb.ServerLiveResponse(live=True)
-
-    def ServerReady(self, request, context):
-        self._record(context)
-        if dict(context.invocation_metadata()).get("authorization") != "Bearer secret":
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "send authorization: Bearer <token>")
-        return pb.ServerReadyResponse(ready=True)
-
-    def ModelReady(self, request, context):
-        self._record(context)
-        self.release.wait(10)
-        return pb.ModelReadyResponse(ready=True)
-
-
-@contextlib.contextmanager
-def scripted(**script: Any) -> Iterator[tuple[ScriptedServer, str]]:
-    servicer = ScriptedServer(**script)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        servicer.release.set()
-        server.stop(grace=None)
+# -- retries, deadlines, tokens, balancing (against real servers) -----------------------------
 
 
 FAST_RETRY = Retry(attempts=3, backoff=0.001, max_backoff=0.01)
 
 
+def retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "vision_client" and r.getMessage().startswith("retry")]
+
+
 def test_unavailable_is_retried_then_raised(kind, caplog):
+    # Nothing listens on the target: every attempt fails with UNAVAILABLE.
     caplog.set_level(logging.INFO, logger="vision_client")
 
     async def body():
@@ -447,8 +373,7 @@ def test_unavailable_is_retried_then_raised(kind, caplog):
 
     with pytest.raises(UnavailableError) as caught:
         run(body())
-    retries = [r for r in caplog.records if r.name == "vision_client" and r.getMessage().startswith("retry")]
-    assert [r.getMessage().split(" of ")[0] for r in retries] == ["retry 1", "retry 2", "retry 3"]
+    assert [m.split(" of ")[0] for m in retry_messages(caplog)] == ["retry 1", "retry 2", "retry 3"]
     assert caught.value.code is grpc.StatusCode.UNAVAILABLE
     assert isinstance(caught.value.__cause__, grpc.RpcError)
 
@@ -461,90 +386,193 @@ def test_unavailable_is_retried_then_raised(kind, caplog):
 
     with pytest.raises(UnavailableError):
         run(once())
-    assert not [r for r in caplog.records if r.getMessage().startswith("retry")]
+    assert not retry_messages(caplog)
 
 
-def test_retry_recovers_and_every_call_carries_token_and_deadline(kind):
-    with scripted(failures=2) as (servicer, target):
+def test_only_idempotent_calls_are_retried(kind, caplog, photos):
+    """Listing jobs may be repeated; creating one may not: a lost answer must not create two."""
+    caplog.set_level(logging.INFO, logger="vision_client")
+    target = f"127.0.0.1:{free_port()}"  # nothing listens
 
-        async def body():
-            async with connect(kind, target, token="secret", timeout=10.0, retries=FAST_RETRY) as client:
-                live = await result(client.live())
-                ready = await result(client.ready(timeout=2.5))
-                return live, ready
+    async def listing():
+        async with connect(kind, target, retries=FAST_RETRY) as client:
+            await result(client.jobs())
 
-        assert run(body()) == (True, True)
-    assert servicer.calls == 2 + 1 + 1  # two failures, the answer, then ServerReady
-    assert all(m.get("authorization") == "Bearer secret" for m in servicer.metadata)
-    assert all(left is not None for left in servicer.time_left)
-    # gRPC rounds deadlines on the wire, so compare with a margin.
-    assert 5.0 < servicer.time_left[2] < 10.5  # the client's default timeout
-    assert servicer.time_left[3] < 3.0  # overridden per call
+    async def creating():
+        async with connect(kind, target, retries=FAST_RETRY) as client:
+            examples = [(photos["china"], "china"), (photos["flower"], "flower")]
+            await result(client.create_job(base_model=MODEL, output_model="never", examples=examples))
 
-
-def test_non_idempotent_calls_are_not_retried():
-    with scripted(failures=5) as (_, target):
-        with Client(target, retries=0) as client, pytest.raises(UnavailableError) as caught:
-            client.live()
-        error = caught.value.__cause__
-        attempts = Attempts(FAST_RETRY, "FineTune", idempotent=False, timeout=None)
-        with pytest.raises(UnavailableError):
-            attempts.backoff(error)
-        assert attempts.retries == 0
-        retried = Attempts(FAST_RETRY, "ServerLive", idempotent=True, timeout=None)
-        assert retried.backoff(error) <= 0.001 and retried.retries == 1
-
-
-def test_missing_token_raises_authentication_error(kind):
-    with scripted() as (servicer, target):
-
-        async def body():
-            async with connect(kind, target) as client:
-                await result(client.ready())
-
-        with pytest.raises(AuthenticationError) as caught:
-            run(body())
-    assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
-    assert "authorization" in str(caught.value)
-    assert "authorization" not in servicer.metadata[0]
+    with pytest.raises(UnavailableError):
+        run(listing())
+    assert len(retry_messages(caplog)) == 3
+    caplog.clear()
+    with pytest.raises(UnavailableError):
+        run(creating())
+    assert retry_messages(caplog) == []
+    # The same decision, as the retry policy makes it for a real call's error.
+    with Client(target, retries=0) as client, pytest.raises(UnavailableError) as caught:
+        client.jobs()
+    error = caught.value.__cause__
+    assert Attempts(FAST_RETRY, "ListJobs", idempotent=True, timeout=None).backoff(error) <= 0.01
+    with pytest.raises(UnavailableError):
+        Attempts(FAST_RETRY, "CreateJob", idempotent=False, timeout=None).backoff(error)
 
 
-def test_deadline_exceeded(kind):
-    with scripted() as (servicer, target):
+def test_a_call_recovers_once_the_server_comes_up(kind, tmp_path, weights_dir, photos, caplog):
+    """The call starts before any server listens on its port, and retries until one answers.
 
-        async def body():
-            async with connect(kind, target, retries=FAST_RETRY) as client:
-                await result(client.ready(MODEL, timeout=1.0))
+    The server is started only after the client has logged its first retry, so the
+    call has certainly failed with UNAVAILABLE (connection refused, then models still
+    loading) before it succeeds.
+    """
+    caplog.set_level(logging.INFO, logger="vision_client")
+    port = free_port()
+    retried = threading.Event()
 
-        with pytest.raises(DeadlineExceededError) as caught:
-            run(body())
-    assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert servicer.calls == 1  # DEADLINE_EXCEEDED is not retried
+    class FirstRetry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("retry"):
+                retried.set()
+
+    watcher = FirstRetry()
+    logging.getLogger("vision_client").addHandler(watcher)
+    patient = Retry(attempts=10_000, backoff=0.05, max_backoff=0.5)
+    outcome: dict[str, Any] = {}
+
+    async def body():
+        async with connect(kind, f"127.0.0.1:{port}", retries=patient, timeout=STARTUP_TIMEOUT_S) as client:
+            return await result(client.classify(photos["flower"], model=MODEL, top_k=1))
+
+    def call() -> None:
+        try:
+            outcome["predictions"] = run(body())
+        except BaseException as error:  # handed to the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    server: ServerProcess | None = None
+    try:
+        assert retried.wait(60), "the client never retried"
+        server = start_server(tmp_path, "--models", MODEL, "--weights", str(weights_dir), grpc_port=port)
+        thread.join(STARTUP_TIMEOUT_S + 30)
+        assert not thread.is_alive()
+    finally:
+        logging.getLogger("vision_client").removeHandler(watcher)
+        if server is not None:
+            server.stop()
+        thread.join()
+    assert "error" not in outcome, outcome.get("error")
+    ((prediction,),) = outcome["predictions"]
+    assert 0 <= prediction.index < 1000
+    assert any("UNAVAILABLE" in message for message in retry_messages(caplog))
 
 
-def test_round_robin_spreads_calls_over_every_address(kind):
-    with scripted() as (first, target1), scripted() as (second, target2):
-        ports = [t.rsplit(":", 1)[1] for t in (target1, target2)]
+def test_the_token_goes_with_every_call(token_server, kind, photos):
+    """Fine-tuning calls need ``Bearer TOKEN``; inference takes it too, and ignores it."""
 
-        async def body():
-            async with connect(kind, f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}") as client:
-                for _ in range(50):
-                    await result(client.live())
-                    if first.calls and second.calls:
-                        break
+    async def listing(token: str | None):
+        async with connect(kind, token_server.target, token=token) as client:
+            return await result(client.jobs())
 
+    with pytest.raises(AuthenticationError) as missing:
+        run(listing(None))
+    assert missing.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization: Bearer" in str(missing.value)
+    assert isinstance(missing.value.__cause__, grpc.RpcError)
+    with pytest.raises(AuthenticationError, match="not valid"):
+        run(listing("wrong-token"))
+    assert isinstance(run(listing(TOKEN)), list)
+
+    async def streaming(token: str | None):
+        async with connect(kind, token_server.target, token=token) as client:
+            return await collect(client.watch_job("no-such-job"))
+
+    with pytest.raises(AuthenticationError):  # the server-streaming call carries it as well
+        run(streaming(None))
+    with pytest.raises(ModelNotFoundError, match="no-such-job"):
+        run(streaming(TOKEN))
+
+    async def classifying():
+        async with connect(kind, token_server.target, token=TOKEN) as client:
+            return await result(client.classify(photos["flower"], model=MODEL, top_k=1))
+
+    assert len(run(classifying())[0]) == 1
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory, weights_dir) -> Iterator[ServerProcess]:
+    """A server whose batches wait 3 s for company: a lone request outlives a 0.5 s deadline."""
+    directory = tmp_path_factory.mktemp("slow")
+    args = ("--models", MODEL, "--weights", str(weights_dir), "--max-queue-delay-ms", "3000", "--max-batch-size", "64")
+    proc = start_server(directory, *args)
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_deadline_exceeded(slow_server, kind, photos, caplog):
+    caplog.set_level(logging.INFO, logger="vision_client")
+
+    def failed(text: str) -> float:
+        return metric(text, "vision_requests_total", model=MODEL) - metric(
+            text, "vision_requests_total", model=MODEL, status="OK"
+        )
+
+    before = failed(scrape(slow_server.metrics_url))
+
+    async def body():
+        async with connect(kind, slow_server.target, retries=FAST_RETRY) as client:
+            await result(client.model(MODEL))  # labels cached: the call below is one ModelInfer
+            await result(client.logits(photos["flower"], model=MODEL, timeout=0.5))
+
+    with pytest.raises(DeadlineExceededError) as caught:
         run(body())
-    assert first.calls > 0 and second.calls > 0
+    assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert retry_messages(caplog) == []  # DEADLINE_EXCEEDED is not retried
+    # The server gave up on the request too: it is counted, but not as answered.
+    for _ in range(100):
+        if failed(scrape(slow_server.metrics_url)) > before:
+            break
+        time.sleep(0.1)
+    assert failed(scrape(slow_server.metrics_url)) == before + 1
+
+
+@pytest.fixture(scope="module")
+def second_server(tmp_path_factory, weights_dir) -> Iterator[ServerProcess]:
+    proc = start_server(tmp_path_factory.mktemp("second"), "--models", MODEL, "--weights", str(weights_dir))
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_round_robin_spreads_calls_over_every_address(server, second_server, kind, photos):
+    servers = (server, second_server)
+    target = f"ipv4:127.0.0.1:{server.grpc_port},127.0.0.1:{second_server.grpc_port}"
+
+    def answered() -> list[float]:
+        return [metric(scrape(s.metrics_url), "vision_requests_total", model=MODEL, status="OK") for s in servers]
+
+    before = answered()
+
+    async def body():
+        async with connect(kind, target) as client:
+            await result(client.model(MODEL))  # labels cached: each call below is one ModelInfer
+            for _ in range(20):
+                await result(client.classify(photos["flower"], model=MODEL, top_k=1))
+
+    run(body())
+    grew = [now - then for now, then in zip(answered(), before, strict=True)]
+    assert sum(grew) == 20
+    assert all(count > 0 for count in grew), grew
 
 
 # -- the command line ------------------------------------------------------------------------
-
-
-def vision_client(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("VISION_CLIENT_")}
-    return subprocess.run(
-        [str(CLI), *args], capture_output=True, text=True, timeout=120, env={**environment, **(env or {})}, **kwargs
-    )
 
 
 LINE = re.compile(r"^(?P<image>\S+)\s+(?P<rank>\d+)\s+(?P<score>\d\.\d{4})\s+(?P<label>.+) \((?P<index>\d+)\)$")
@@ -637,22 +665,19 @@ def test_cli_health_of_an_unreachable_server_fails():
 # -- the README ------------------------------------------------------------------------------
 
 
-def readme_examples() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), re.M | re.S)
-
-
 def test_readme_has_examples():
-    assert len(readme_examples()) >= 5
+    assert len(readme_examples(fine_tuning=False)) >= 5
 
 
-@pytest.mark.parametrize("index", range(len(readme_examples())))
+@pytest.mark.parametrize("index", range(len(readme_examples(fine_tuning=False))))
 def test_readme_example_runs(server, photos, tmp_path, index):
-    """Each python block of the README, run as written against the test server.
+    """Each python block of the README (but fine-tuning's), run as written against the test server.
 
     The only substitutions: the test server's address for ``localhost:8001``, and
     ``alexnet`` (the model it serves) for ``resnet101``.
     """
-    code = readme_examples()[index].replace("localhost:8001", server.target).replace("resnet101", MODEL)
+    code = readme_examples(fine_tuning=False)[index]
+    code = code.replace("localhost:8001", server.target).replace("resnet101", MODEL)
     (tmp_path / "cat.jpg").write_bytes(photos["china"])
     (tmp_path / "dog.jpg").write_bytes(photos["flower"])
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -1,10 +1,12 @@
-"""Python client of vision-serving: classify images with torchvision models over gRPC.
+"""Python client of vision-serving: classify images with torchvision models over gRPC, fine-tune heads.
 
     from vision_client import Client
 
     with Client("localhost:8001") as client:
         for prediction in client.classify("cat.jpg", model="resnet101")[0]:
             print(prediction.label, prediction.score)
+
+        result = client.fine_tune(base_model="resnet101", output_model="pets", examples=[("cat.jpg", "cat"), ...])
 
 ``AsyncClient`` has the same methods as coroutines. Errors are
 :class:`VisionClientError` subclasses (see :mod:`vision_client.errors`).
@@ -13,12 +15,14 @@
 from vision_client._client import USE_CLIENT_DEFAULT, AsyncClient, Client
 from vision_client._images import ImageInput
 from vision_client._retry import Retry
-from vision_client._types import ModelInfo, Prediction
+from vision_client._types import FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
 from vision_client._version import __version__
 from vision_client.errors import (
+    AlreadyExistsError,
     AuthenticationError,
     ClientClosedError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidInputError,
     ModelNotFoundError,
     ResourceExhaustedError,
@@ -28,13 +32,19 @@ from vision_client.errors import (
 
 __all__ = [
     "USE_CLIENT_DEFAULT",
+    "AlreadyExistsError",
     "AsyncClient",
     "AuthenticationError",
     "Client",
     "ClientClosedError",
     "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FineTuneResult",
     "ImageInput",
     "InvalidInputError",
+    "JobEvent",
+    "JobInfo",
+    "JobMetrics",
     "ModelInfo",
     "ModelNotFoundError",
     "Prediction",

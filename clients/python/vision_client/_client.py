@@ -1,19 +1,26 @@
 """``Client`` and ``AsyncClient``: twins that differ only in how they send.
 
 All the logic that does no I/O lives in :class:`BaseClient`: each operation is
-a *plan*, a generator that yields the RPCs it needs (a list of calls that may
-run concurrently) and receives their responses, then returns the result. The
-clients drive plans: ``Client`` sends each call in turn and sleeps with
-``time.sleep``; ``AsyncClient`` sends a list's calls concurrently and sleeps with
-``asyncio.sleep``. Their public methods are one line each.
+a *plan*, a generator that yields the steps it needs and receives their
+results, then returns its result. A step is a list of calls that may run
+concurrently (the plan receives their responses), one call of a
+server-streaming RPC (the plan receives its next response, ``None`` at its end),
+or :class:`Emit` (a value for the caller: ``on_event``, or the iterator
+``watch_job`` returns). The clients drive plans: ``Client`` sends each call in
+turn and sleeps with ``time.sleep``; ``AsyncClient`` sends a list's calls
+concurrently, sleeps with ``asyncio.sleep`` and awaits ``on_event`` if it is a
+coroutine function. Their public methods are one line each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import threading
 import time
-from collections.abc import Awaitable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
@@ -24,15 +31,36 @@ import numpy as np
 from vision_client import _protocol as proto
 from vision_client._images import ImageInput, encode_images
 from vision_client._proto.inference import grpc_service_pb2 as infer_pb
+from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client._proto.vision.v1 import models_pb2 as models_pb
 from vision_client._retry import Attempts, Retry
-from vision_client._types import ModelInfo, Prediction
+from vision_client._types import FineTuneResult, JobEvent, JobInfo, ModelInfo, Prediction
 from vision_client._version import __version__
-from vision_client.errors import ClientClosedError
+from vision_client.errors import ClientClosedError, UnavailableError
 
 T = TypeVar("T")
-Plan = Generator[list[proto.Call], list[Any], T]
-"""An operation: yields the calls it needs, receives their responses, returns its result."""
+
+
+@dataclass(frozen=True)
+class Emit:
+    """A plan's step that hands ``value`` to the caller; the plan receives None."""
+
+    value: Any
+
+
+Step = list[proto.Call] | proto.Call | Emit
+Plan = Generator[Step, Any, T]
+"""An operation: yields the steps it needs, receives their results, returns its result."""
+Example = tuple[ImageInput, Any]
+"""A training example: an image and its label (a class name, or a target vector for mse)."""
+
+
+@dataclass(frozen=True)
+class _Done:
+    """The last item a client's ``_steps`` yields: the plan's result."""
+
+    value: Any
+
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit
@@ -149,8 +177,19 @@ class BaseClient:
             self._methods.clear()
         return channel
 
-    def _attempts(self, rpc: proto.Rpc, timeout: float | None) -> Attempts:
-        return Attempts(self.retry, rpc.name, idempotent=rpc.idempotent, timeout=timeout)
+    def _attempts(self, call: proto.Call, timeout: float | None) -> Attempts:
+        if call.deadline is not None:
+            left = max(0.0, call.deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        return Attempts(self.retry, call.rpc.name, idempotent=call.rpc.idempotent, timeout=timeout)
+
+    def _reading(self, current: _ResponseStream | None, call: proto.Call, timeout: float | None) -> _ResponseStream:
+        """The stream a plan reads with ``call``: the open one, or a new one (a plan reads one at a time)."""
+        if current is not None and current.call is call:
+            return current
+        if current is not None:
+            current.close()
+        return _ResponseStream(call, self._attempts(call, timeout))
 
     def _timeout(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, UseClientDefault) else _check_timeout(timeout)
@@ -219,6 +258,93 @@ class BaseClient:
             labels = (yield from self._model_plan(model)).labels
         return logits, labels
 
+    # -- fine-tuning plans ---------------------------------------------------------------
+
+    def _fine_tune_plan(
+        self, config: dict[str, Any], examples: Iterable[Example], timeout: float | None
+    ) -> Plan[FineTuneResult]:
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        job = yield from self._create_job_plan(config, examples, deadline)
+        events = yield from self._watch_plan(job.id, deadline)
+        (final,) = yield [proto.Call(proto.GET_JOB, ft_pb.GetJobRequest(job_id=job.id), deadline)]
+        return proto.fine_tune_result(proto.job_info(final), events)
+
+    def _create_job_plan(
+        self, config: dict[str, Any], examples: Iterable[Example], deadline: float | None = None
+    ) -> Plan[JobInfo]:
+        message = proto.fine_tune_config(**config)  # before any call: a bad value fails fast
+        requests = proto.create_job_requests(message, examples, max_message_bytes=self.max_message_bytes)
+        (job,) = yield [proto.Call(proto.CREATE_JOB, proto.RequestStream(requests), deadline)]
+        # The new model's labels may differ from those cached under its name (replace=True).
+        self._labels.pop(message.output_model, None)
+        return proto.job_info(job)
+
+    def _watch_plan(self, job_id: str, deadline: float | None = None) -> Plan[list[JobEvent]]:
+        """Emits each event of the job, from its first to its last; returns them all."""
+        watch = proto.Call(proto.WATCH_JOB, ft_pb.WatchJobRequest(job_id=job_id), deadline)
+        events: list[JobEvent] = []
+        while (message := (yield watch)) is not None:
+            events.append(proto.job_event(message))
+            yield Emit(events[-1])
+            if events[-1].terminal:
+                return events
+        raise UnavailableError(
+            f"the server closed the event stream of job {job_id!r} before the job ended; watch it again"
+        )
+
+    def _job_plan(self, job_id: str) -> Plan[JobInfo]:
+        (job,) = yield [proto.Call(proto.GET_JOB, ft_pb.GetJobRequest(job_id=job_id))]
+        return proto.job_info(job)
+
+    def _jobs_plan(self) -> Plan[list[JobInfo]]:
+        (response,) = yield [proto.Call(proto.LIST_JOBS, ft_pb.ListJobsRequest())]
+        return [proto.job_info(job) for job in response.jobs]
+
+    def _cancel_job_plan(self, job_id: str) -> Plan[JobInfo]:
+        (job,) = yield [proto.Call(proto.CANCEL_JOB, ft_pb.CancelJobRequest(job_id=job_id))]
+        return proto.job_info(job)
+
+    def _delete_model_plan(self, name: str) -> Plan[None]:
+        yield [proto.Call(proto.DELETE_MODEL, ft_pb.DeleteModelRequest(name=name))]
+        self._labels.pop(name, None)
+
+
+class _ResponseStream:
+    """A server-streaming call that a plan reads one response at a time.
+
+    After a failure that may be retried the call is made again. WatchJob then
+    replays the job's events from its start, so as many responses as the plan
+    already has are skipped. Each new response earns the retries back: a long
+    watch survives any number of brief outages, each within the retry policy.
+    """
+
+    def __init__(self, call: proto.Call, attempts: Attempts) -> None:
+        self.call = call
+        self.attempts = attempts
+        self.responses: Any = None  # the channel's call object while it is open
+        self._taken = 0
+        self._skip = 0
+
+    def take(self, response: Any) -> bool:
+        """Whether ``response`` is new, rather than one replayed after the call was made again."""
+        if self._skip:
+            self._skip -= 1
+            return False
+        self._taken += 1
+        self.attempts.retries = 0
+        return True
+
+    def backoff(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before making the call again; raises the client error if there is no retry."""
+        self.close()
+        self._skip = self._taken
+        return self.attempts.backoff(error)
+
+    def close(self) -> None:
+        responses, self.responses = self.responses, None
+        if responses is not None:
+            responses.cancel()  # a no-op once the call has ended
+
 
 class Client(BaseClient):
     """A blocking client of vision-serving. Use it in a ``with`` block, or ``close()`` it.
@@ -281,26 +407,154 @@ class Client(BaseClient):
         """The model's raw outputs, float32 ``[N, C]``, one row per image."""
         return self._run(self._logits_plan(images, model), timeout)
 
+    def fine_tune(
+        self,
+        *,
+        base_model: str,
+        output_model: str,
+        examples: Iterable[Example],
+        head: str = "linear",
+        hidden: int = 256,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        loss: str = "cross_entropy",
+        epochs: int = 10,
+        batch_size: int = 32,
+        validation_fraction: float = 0.2,
+        seed: int = 0,
+        early_stopping_patience: int = 0,
+        replace: bool = False,
+        on_event: Callable[[JobEvent], object] | None = None,
+        timeout: float | None = None,
+    ) -> FineTuneResult:
+        """Train a new head on ``base_model``'s features of ``examples``; served as ``output_model`` once done.
+
+        Streams the examples, then waits for the job to end, calling ``on_event`` with each
+        :class:`JobEvent`. Returns however the job ended (``result.state``); raises for a job
+        the server refuses. ``timeout`` bounds all of it (None: no deadline). See the README.
+        """
+        config = _config(locals())
+        return self._run(self._fine_tune_plan(config, examples, timeout), None, on_event)
+
+    def create_job(
+        self,
+        *,
+        base_model: str,
+        output_model: str,
+        examples: Iterable[Example],
+        head: str = "linear",
+        hidden: int = 256,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        loss: str = "cross_entropy",
+        epochs: int = 10,
+        batch_size: int = 32,
+        validation_fraction: float = 0.2,
+        seed: int = 0,
+        early_stopping_patience: int = 0,
+        replace: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> JobInfo:
+        """Stream the examples and return the queued job at once (``fine_tune`` without the wait)."""
+        return self._run(self._create_job_plan(_config(locals()), examples), timeout)
+
+    def watch_job(self, job_id: str, *, timeout: Timeout = None) -> Iterator[JobEvent]:
+        """The job's events from its start (replayed) until it ends, as they come."""
+        return self._iterate(self._watch_plan(job_id), timeout)
+
+    def job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> JobInfo:
+        """One fine-tuning job; :class:`ModelNotFoundError` if the server has no such job."""
+        return self._run(self._job_plan(job_id), timeout)
+
+    def jobs(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[JobInfo]:
+        """Every fine-tuning job since the server started, oldest first."""
+        return self._run(self._jobs_plan(), timeout)
+
+    def cancel_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> JobInfo:
+        """Ask a queued or running job to stop; it ends ``cancelled`` soon after. A finished job is left as it is."""
+        return self._run(self._cancel_job_plan(job_id), timeout)
+
+    def delete_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Delete a fine-tuned model from the server's store and stop serving it."""
+        return self._run(self._delete_model_plan(name), timeout)
+
     # -- sending: the only part that differs from AsyncClient --------------------------
 
-    def _run(self, plan: Plan[T], timeout: Timeout) -> T:
+    def _run(self, plan: Plan[T], timeout: Timeout, on_emit: Callable[[Any], object] | None = None) -> T:
+        with contextlib.closing(self._steps(plan, timeout)) as steps:
+            for item in steps:
+                if isinstance(item, _Done):
+                    return item.value
+                if on_emit is not None:
+                    on_emit(item)
+        raise AssertionError("a plan's steps end with its result")
+
+    def _iterate(self, plan: Plan[Any], timeout: Timeout) -> Iterator[Any]:
+        with contextlib.closing(self._steps(plan, timeout)) as steps:
+            yield from (item for item in steps if not isinstance(item, _Done))
+
+    def _steps(self, plan: Plan[T], timeout: Timeout) -> Iterator[Any]:
+        """Drive ``plan``: yields each value it emits, then ``_Done(result)``."""
         seconds = self._timeout(timeout)
+        reading: _ResponseStream | None = None
         try:
-            calls = next(plan)
+            step = next(plan)
             while True:
-                calls = plan.send([self._send(call, seconds) for call in calls])
+                if isinstance(step, Emit):
+                    yield step.value
+                    reply = None
+                elif isinstance(step, proto.Call):
+                    reading = self._reading(reading, step, seconds)
+                    reply = self._read(reading)
+                else:
+                    reply = [self._send(call, seconds) for call in step]
+                step = plan.send(reply)
         except StopIteration as done:
-            return done.value
+            yield _Done(done.value)
         finally:
             plan.close()
+            if reading is not None:
+                reading.close()
 
     def _send(self, call: proto.Call, timeout: float | None) -> Any:
-        attempts = self._attempts(call.rpc, timeout)
+        attempts = self._attempts(call, timeout)
         while True:
             try:
+                if isinstance(call.request, proto.RequestStream):
+                    return self._upload(call, attempts.timeout())
                 return self._method(call.rpc)(call.request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as error:
                 time.sleep(attempts.backoff(error))  # raises instead when there is no retry left
+
+    def _upload(self, call: proto.Call, timeout: float | None) -> Any:
+        """A client-streaming call; its RequestStream cancels it if making a message fails."""
+        future = self._method(call.rpc).future(call.request, timeout=timeout, metadata=self._metadata)
+        call.request.started(future.cancel)
+        try:
+            return future.result()
+        except grpc.FutureCancelledError:
+            raise call.request.failure() from None
+        except BaseException:
+            future.cancel()  # interrupted (Ctrl-C): stop sending; a no-op once the call has ended
+            raise
+
+    def _read(self, stream: _ResponseStream) -> Any:
+        """The stream's next new response; None once it has ended."""
+        while True:
+            try:
+                if stream.responses is None:
+                    method = self._method(stream.call.rpc)
+                    timeout = stream.attempts.timeout()
+                    stream.responses = method(stream.call.request, timeout=timeout, metadata=self._metadata)
+                response = next(stream.responses, None)
+                if response is None or stream.take(response):
+                    return response
+            except grpc.RpcError as error:
+                time.sleep(stream.backoff(error))  # raises instead when there is no retry left
 
 
 class AsyncClient(BaseClient):
@@ -366,26 +620,154 @@ class AsyncClient(BaseClient):
         """The model's raw outputs, float32 ``[N, C]``, one row per image."""
         return await self._run(self._logits_plan(images, model), timeout)
 
+    async def fine_tune(
+        self,
+        *,
+        base_model: str,
+        output_model: str,
+        examples: Iterable[Example],
+        head: str = "linear",
+        hidden: int = 256,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        loss: str = "cross_entropy",
+        epochs: int = 10,
+        batch_size: int = 32,
+        validation_fraction: float = 0.2,
+        seed: int = 0,
+        early_stopping_patience: int = 0,
+        replace: bool = False,
+        on_event: Callable[[JobEvent], object] | None = None,
+        timeout: float | None = None,
+    ) -> FineTuneResult:
+        """:meth:`Client.fine_tune`; ``on_event`` may be a plain function or a coroutine function."""
+        config = _config(locals())
+        return await self._run(self._fine_tune_plan(config, examples, timeout), None, on_event)
+
+    async def create_job(
+        self,
+        *,
+        base_model: str,
+        output_model: str,
+        examples: Iterable[Example],
+        head: str = "linear",
+        hidden: int = 256,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        loss: str = "cross_entropy",
+        epochs: int = 10,
+        batch_size: int = 32,
+        validation_fraction: float = 0.2,
+        seed: int = 0,
+        early_stopping_patience: int = 0,
+        replace: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> JobInfo:
+        """Stream the examples and return the queued job at once (``fine_tune`` without the wait)."""
+        return await self._run(self._create_job_plan(_config(locals()), examples), timeout)
+
+    def watch_job(self, job_id: str, *, timeout: Timeout = None) -> AsyncIterator[JobEvent]:
+        """The job's events from its start (replayed) until it ends: ``async for event in ...``."""
+        return self._iterate(self._watch_plan(job_id), timeout)
+
+    async def job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> JobInfo:
+        """One fine-tuning job; :class:`ModelNotFoundError` if the server has no such job."""
+        return await self._run(self._job_plan(job_id), timeout)
+
+    async def jobs(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[JobInfo]:
+        """Every fine-tuning job since the server started, oldest first."""
+        return await self._run(self._jobs_plan(), timeout)
+
+    async def cancel_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> JobInfo:
+        """Ask a queued or running job to stop; it ends ``cancelled`` soon after. A finished job is left as it is."""
+        return await self._run(self._cancel_job_plan(job_id), timeout)
+
+    async def delete_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Delete a fine-tuned model from the server's store and stop serving it."""
+        return await self._run(self._delete_model_plan(name), timeout)
+
     # -- sending: the only part that differs from Client -------------------------------
 
-    async def _run(self, plan: Plan[T], timeout: Timeout) -> T:
+    async def _run(self, plan: Plan[T], timeout: Timeout, on_emit: Callable[[Any], object] | None = None) -> T:
+        async with contextlib.aclosing(self._steps(plan, timeout)) as steps:
+            async for item in steps:
+                if isinstance(item, _Done):
+                    return item.value
+                if on_emit is not None:
+                    outcome = on_emit(item)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+        raise AssertionError("a plan's steps end with its result")
+
+    async def _iterate(self, plan: Plan[Any], timeout: Timeout) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(self._steps(plan, timeout)) as steps:
+            async for item in steps:
+                if not isinstance(item, _Done):
+                    yield item
+
+    async def _steps(self, plan: Plan[T], timeout: Timeout) -> AsyncIterator[Any]:
+        """Drive ``plan``: yields each value it emits, then ``_Done(result)``."""
         seconds = self._timeout(timeout)
+        reading: _ResponseStream | None = None
         try:
-            calls = next(plan)
+            step = next(plan)
             while True:
-                calls = plan.send(await self._gather([self._send(call, seconds) for call in calls]))
+                if isinstance(step, Emit):
+                    yield step.value
+                    reply = None
+                elif isinstance(step, proto.Call):
+                    reading = self._reading(reading, step, seconds)
+                    reply = await self._read(reading)
+                else:
+                    reply = await self._gather([self._send(call, seconds) for call in step])
+                step = plan.send(reply)
         except StopIteration as done:
-            return done.value
+            yield _Done(done.value)
         finally:
             plan.close()
+            if reading is not None:
+                reading.close()
 
     async def _send(self, call: proto.Call, timeout: float | None) -> Any:
-        attempts = self._attempts(call.rpc, timeout)
+        attempts = self._attempts(call, timeout)
         while True:
             try:
+                if isinstance(call.request, proto.RequestStream):
+                    return await self._upload(call, attempts.timeout())
                 return await self._method(call.rpc)(call.request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.backoff(error))  # raises instead when there is no retry left
+
+    async def _upload(self, call: proto.Call, timeout: float | None) -> Any:
+        """A client-streaming call; its RequestStream cancels it if making a message fails."""
+        pending = self._method(call.rpc)(call.request, timeout=timeout, metadata=self._metadata)
+        call.request.started(pending.cancel)
+        try:
+            return await pending
+        except asyncio.CancelledError:
+            if call.request.error is None:  # this task was cancelled
+                raise
+            raise call.request.failure() from None
+
+    async def _read(self, stream: _ResponseStream) -> Any:
+        """The stream's next new response; None once it has ended."""
+        while True:
+            try:
+                if stream.responses is None:
+                    method = self._method(stream.call.rpc)
+                    timeout = stream.attempts.timeout()
+                    stream.responses = method(stream.call.request, timeout=timeout, metadata=self._metadata)
+                response = await stream.responses.read()
+                if response is grpc.aio.EOF:
+                    return None
+                if stream.take(response):
+                    return response
+            except grpc.RpcError as error:
+                await asyncio.sleep(stream.backoff(error))  # raises instead when there is no retry left
 
     async def _gather(self, sends: list[Awaitable[Any]]) -> list[Any]:
         """Await ``sends`` with at most ``max_concurrency`` at once; the first failure cancels the rest."""
@@ -403,6 +785,30 @@ class AsyncClient(BaseClient):
         finally:
             for task in tasks:
                 task.cancel()
+
+
+def _config(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A job's configuration: the keyword arguments of ``fine_tune`` or ``create_job`` that make it."""
+    return {name: arguments[name] for name in _CONFIG_FIELDS}
+
+
+_CONFIG_FIELDS = (
+    "base_model",
+    "output_model",
+    "head",
+    "hidden",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "loss",
+    "epochs",
+    "batch_size",
+    "validation_fraction",
+    "seed",
+    "early_stopping_patience",
+    "replace",
+)
 
 
 def _check_timeout(timeout: float | None) -> float | None:

@@ -6,16 +6,21 @@ that both clients share it and it can be tested without a server.
 
 from __future__ import annotations
 
+import math
+import numbers
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from vision_client._images import encode_image
 from vision_client._proto.inference import grpc_service_pb2 as infer_pb
+from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client._proto.vision.v1 import models_pb2 as models_pb
-from vision_client._types import ModelInfo, Prediction
+from vision_client._types import FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
 from vision_client.errors import InvalidInputError, VisionClientError
 
 IMAGE = "IMAGE"
@@ -30,8 +35,9 @@ _RESPONSE_OVERHEAD = 1024
 class Rpc:
     """One RPC: its path, message types, and whether repeating it is harmless.
 
-    ``kind`` names the channel method that makes it: ``unary_unary``, or
-    ``stream_unary`` (the request is then an iterable of messages). Calls that
+    ``kind`` names the channel method that makes it: ``unary_unary``;
+    ``stream_unary`` (the request is then a :class:`RequestStream`); or
+    ``unary_stream`` (a plan reads its responses one at a time). Calls that
     change the server (creating a fine-tuning job) must say ``idempotent=False``:
     they are never retried.
     """
@@ -47,12 +53,17 @@ class Rpc:
         return self.path.rsplit("/", 1)[-1]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Call:
-    """One RPC to make with one request."""
+    """One RPC to make with one request.
+
+    ``deadline`` (a ``time.monotonic()`` instant) bounds the call whatever its
+    timeout: the calls of one operation that has a deadline of its own share it.
+    """
 
     rpc: Rpc
     request: Any
+    deadline: float | None = None
 
 
 _INFERENCE = "/inference.GRPCInferenceService/"
@@ -63,6 +74,16 @@ MODEL_READY = Rpc(_INFERENCE + "ModelReady", infer_pb.ModelReadyRequest, infer_p
 MODEL_INFER = Rpc(_INFERENCE + "ModelInfer", infer_pb.ModelInferRequest, infer_pb.ModelInferResponse)
 LIST_MODELS = Rpc(_MODELS + "ListModels", models_pb.ListModelsRequest, models_pb.ListModelsResponse)
 GET_MODEL = Rpc(_MODELS + "GetModel", models_pb.GetModelRequest, models_pb.ModelInfo)
+
+_FINE_TUNING = "/vision.v1.FineTuning/"
+CREATE_JOB = Rpc(_FINE_TUNING + "CreateJob", ft_pb.CreateJobRequest, ft_pb.Job, idempotent=False, kind="stream_unary")
+# WatchJob replays a job's events from its start: a retried watch skips those already seen.
+WATCH_JOB = Rpc(_FINE_TUNING + "WatchJob", ft_pb.WatchJobRequest, ft_pb.JobEvent, kind="unary_stream")
+GET_JOB = Rpc(_FINE_TUNING + "GetJob", ft_pb.GetJobRequest, ft_pb.Job)
+LIST_JOBS = Rpc(_FINE_TUNING + "ListJobs", ft_pb.ListJobsRequest, ft_pb.ListJobsResponse)
+CANCEL_JOB = Rpc(_FINE_TUNING + "CancelJob", ft_pb.CancelJobRequest, ft_pb.Job)  # cancelling twice is harmless
+# Deleting twice is not: the second answers NOT_FOUND, so a lost answer must not be retried.
+DELETE_MODEL = Rpc(_FINE_TUNING + "DeleteModel", ft_pb.DeleteModelRequest, ft_pb.DeleteModelResponse, idempotent=False)
 
 
 # -- requests ------------------------------------------------------------------
@@ -102,6 +123,182 @@ def split_images(
     return chunks
 
 
+# -- fine-tuning requests --------------------------------------------------------
+
+HEADS = ("linear", "two_layer", "parallel")
+OPTIMIZERS = ("adam", "sgd")
+LOSSES = ("cross_entropy", "mse")
+# Bytes of examples per CreateJob message: well under the message limit, so that the
+# upload streams (and holds little in memory) rather than sending a few huge messages.
+EXAMPLES_MESSAGE_BYTES = 4 * 1024 * 1024
+_EXAMPLE_FRAMING = 16  # an Example's field tag and length prefix inside its ExampleBatch
+
+
+def fine_tune_config(
+    *,
+    base_model: str,
+    output_model: str,
+    head: str,
+    hidden: int,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    loss: str,
+    epochs: int,
+    batch_size: int,
+    validation_fraction: float,
+    seed: int,
+    early_stopping_patience: int,
+    replace: bool,
+) -> ft_pb.FineTuneConfig:
+    """The job's config. The server checks every value; here only what proto3 would hide.
+
+    A zero on the wire means "the server's default", so a zero learning rate, epoch
+    count, batch size or hidden size would silently become something else: refused here.
+    """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("hidden", hidden)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        raise InvalidInputError(f"lr must be a positive number, got {lr!r}")
+    if loss not in LOSSES:
+        raise InvalidInputError(f"loss {loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+    return ft_pb.FineTuneConfig(
+        base_model=base_model,
+        output_model=output_model,
+        head=ft_pb.HeadSpec(kind=head, hidden=int(hidden)),
+        optimizer=ft_pb.OptimizerSpec(kind=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay),
+        loss=loss,
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        validation_fraction=validation_fraction,
+        seed=seed,
+        early_stopping_patience=early_stopping_patience,
+        replace=replace,
+    )
+
+
+def create_job_requests(
+    config: ft_pb.FineTuneConfig, examples: Iterable[Any], *, max_message_bytes: int
+) -> Iterator[ft_pb.CreateJobRequest]:
+    """The messages of a CreateJob call: the config, then the examples in batches that fit.
+
+    Made lazily, one batch at a time: each example is read and encoded only when its
+    batch is about to be sent.
+    """
+    yield ft_pb.CreateJobRequest(config=config)
+    limit = max_message_bytes - _REQUEST_OVERHEAD
+    batch_limit = min(limit, EXAMPLES_MESSAGE_BYTES)
+    batch: list[ft_pb.Example] = []
+    size = 0
+    for position, item in enumerate(examples):
+        example = make_example(item, position, config.loss)
+        cost = example.ByteSize() + _EXAMPLE_FRAMING
+        if cost > limit:
+            raise InvalidInputError(
+                f"example {position} is {cost} bytes, more than fits in one message "
+                f"(max_message_bytes={max_message_bytes}); make the image smaller or raise max_message_bytes "
+                "(the server's own limit too)"
+            )
+        if batch and size + cost > batch_limit:
+            yield ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=batch))
+            batch, size = [], 0
+        batch.append(example)
+        size += cost
+    if batch:
+        yield ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=batch))
+
+
+def make_example(item: Any, position: int, loss: str) -> ft_pb.Example:
+    """One ``(image, label)`` pair as an Example: a class name, or a target vector for mse."""
+    try:
+        image, label = item
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"example {position}: expected an (image, label) pair, got {type(item).__name__}"
+        ) from None
+    data = encode_image(image, position)
+    if loss == "mse":
+        return ft_pb.Example(image=data, target=_target(label, position))
+    if isinstance(label, str):
+        name = label
+    elif isinstance(label, numbers.Integral) and not isinstance(label, bool):
+        name = str(int(label))  # class 3 is the class named "3"
+    else:
+        raise InvalidInputError(
+            f"example {position}: the label must be a class name (str), got {type(label).__name__}; "
+            "pass loss='mse' for regression targets"
+        )
+    if not name:
+        raise InvalidInputError(f"example {position}: the label is empty; name its class")
+    return ft_pb.Example(image=data, label=name)
+
+
+def _target(label: Any, position: int) -> list[float]:
+    if isinstance(label, numbers.Real) and not isinstance(label, bool):
+        values = [float(label)]
+    elif isinstance(label, (str, bytes)) or not isinstance(label, (Sequence, np.ndarray)):
+        raise InvalidInputError(
+            f"example {position}: with loss='mse' the label must be a sequence of numbers (the target), "
+            f"got {type(label).__name__}"
+        )
+    else:
+        try:
+            values = [float(v) for v in np.asarray(label, dtype=np.float64).reshape(-1)]
+        except (TypeError, ValueError) as error:
+            raise InvalidInputError(f"example {position}: the target is not a sequence of numbers ({error})") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise InvalidInputError(f"example {position}: the target must be non-empty and finite, got {label!r}")
+    return values
+
+
+class RequestStream:
+    """The messages of a client-streaming call, made lazily from the caller's data.
+
+    Making a message may fail (a file that cannot be read, a label of the wrong
+    type). gRPC must not see that exception: it would only report "Exception
+    iterating requests!" (and log a traceback). So the stream keeps it in
+    ``error``, cancels the call through the callback the client gave
+    :meth:`started` (so that the server never takes a half-sent job for a whole
+    one), and ends; the client then raises ``error`` itself.
+    """
+
+    def __init__(self, messages: Iterator[Any]) -> None:
+        self._messages = messages
+        self._cancel: Callable[[], object] | None = None
+        self._started = threading.Event()
+        self.error: BaseException | None = None
+
+    def started(self, cancel: Callable[[], object]) -> None:
+        """The call is under way; ``cancel`` stops it."""
+        self._cancel = cancel
+        self._started.set()
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._messages)
+        except StopIteration:
+            raise
+        except Exception as error:
+            self.error = error
+            # A blocking client iterates in gRPC's thread, which may get here before
+            # the call object (and so the callback) exists; it comes at once.
+            if not self._started.wait(60) or self._cancel is None:
+                raise  # never end the stream as if it were whole: gRPC cancels the call itself
+            self._cancel()
+            raise StopIteration from None
+
+    def failure(self) -> BaseException:
+        """What to raise when the call was cancelled: the error that stopped the stream."""
+        return self.error or VisionClientError("the upload was cancelled")
+
+
 # -- responses -----------------------------------------------------------------
 
 
@@ -136,6 +333,73 @@ def model_info(message: models_pb.ModelInfo) -> ModelInfo:
         min_height=message.min_height,
         min_width=message.min_width,
     )
+
+
+def job_event(message: ft_pb.JobEvent) -> JobEvent:
+    return JobEvent(
+        job_id=message.job_id,
+        kind=message.kind,
+        state=_state(message.state),
+        epoch=message.epoch,
+        epochs=message.epochs,
+        train_loss=message.train_loss,
+        validation_loss=message.validation_loss,
+        validation_accuracy=message.validation_accuracy,
+        eta_seconds=message.eta_seconds,
+        progress=message.progress,
+        message=message.message,
+    )
+
+
+def job_info(message: ft_pb.Job) -> JobInfo:
+    m, config = message.metrics, message.config
+    return JobInfo(
+        id=message.id,
+        state=_state(message.state),
+        base_model=config.base_model,
+        output_model=config.output_model,
+        head=config.head.kind,
+        optimizer=config.optimizer.kind,
+        loss=config.loss,
+        epochs=config.epochs,
+        error=message.error,
+        examples=message.examples,
+        labels=tuple(message.labels),
+        metrics=JobMetrics(
+            train_loss=m.train_loss,
+            validation_loss=m.validation_loss,
+            validation_accuracy=m.validation_accuracy,
+            best_epoch=m.best_epoch,
+            epochs_run=m.epochs_run,
+            train_examples=m.train_examples,
+            validation_examples=m.validation_examples,
+            train_seconds=m.train_seconds,
+        ),
+        created_at=message.created_at,
+        started_at=message.started_at or None,
+        finished_at=message.finished_at or None,
+    )
+
+
+def fine_tune_result(job: JobInfo, events: Sequence[JobEvent]) -> FineTuneResult:
+    return FineTuneResult(
+        job_id=job.id,
+        output_model=job.output_model,
+        state=job.state,
+        error=job.error,
+        metrics=job.metrics,
+        labels=job.labels,
+        events=tuple(events),
+        job=job,
+    )
+
+
+def _state(value: int) -> str:
+    """``SUCCEEDED`` as ``succeeded``; a state this client does not know keeps its number."""
+    try:
+        return ft_pb.JobState.Name(value).lower()
+    except ValueError:
+        return str(value)
 
 
 def _bad_response(problem: str) -> VisionClientError:

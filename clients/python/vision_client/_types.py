@@ -32,3 +32,103 @@ class ModelInfo:
     @property
     def ready(self) -> bool:
         return self.state == "READY"
+
+
+# -- fine-tuning ---------------------------------------------------------------------------
+# Numbers the server did not measure (validation figures without a validation split, accuracy
+# of a regression head, losses of events other than "epoch") arrive as 0.0: proto3 doubles
+# have no "absent".
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One step of a fine-tuning job, as ``watch_job`` and ``on_event`` see it.
+
+    ``kind`` is ``queued``, ``features`` (the backbone's features of a chunk of the
+    examples are computed), ``epoch`` (one per training epoch, with its losses), or the
+    terminal ``succeeded``, ``failed`` or ``cancelled`` (``message`` says why).
+    """
+
+    job_id: str
+    kind: str
+    state: str  # one of JOB_STATES
+    epoch: int  # the epoch just finished (epoch events), or the last one run
+    epochs: int  # the epochs asked for
+    train_loss: float
+    validation_loss: float
+    validation_accuracy: float  # fraction right on the validation split (cross_entropy only)
+    eta_seconds: float  # estimated time left
+    progress: float  # fraction of the job done, 0 to 1
+    message: str
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job ended with this event (no more follow)."""
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class JobMetrics:
+    """How a finished job's head did, at the epoch it kept (``best_epoch``)."""
+
+    train_loss: float
+    validation_loss: float
+    validation_accuracy: float  # cross_entropy only
+    best_epoch: int  # the epoch with the lowest validation loss (the last one without validation)
+    epochs_run: int  # fewer than asked when early stopping ended the job
+    train_examples: int
+    validation_examples: int
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A fine-tuning job as the server describes it (``vision.v1.FineTuning/GetJob``)."""
+
+    id: str
+    state: str  # one of JOB_STATES
+    base_model: str
+    output_model: str
+    head: str  # linear, two_layer or parallel
+    optimizer: str  # adam or sgd
+    loss: str  # cross_entropy or mse
+    epochs: int
+    error: str  # why it failed, when it did
+    examples: int
+    labels: tuple[str, ...]  # the new model's output names: class names, or target_0... for mse
+    metrics: JobMetrics
+    created_at: float  # Unix seconds
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def done(self) -> bool:
+        """Whether the job has ended (succeeded, failed or was cancelled)."""
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class FineTuneResult:
+    """What ``fine_tune`` returns once the job has ended, however it ended."""
+
+    job_id: str
+    output_model: str
+    state: str  # succeeded, failed or cancelled
+    error: str  # why it failed; empty unless state is "failed"
+    metrics: JobMetrics
+    labels: tuple[str, ...]
+    events: tuple[JobEvent, ...]  # every event of the job, in order
+    job: JobInfo
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the head was trained and is now served as ``output_model``."""
+        return self.state == "succeeded"
+
+    @property
+    def epochs(self) -> tuple[JobEvent, ...]:
+        """The ``epoch`` events, one per epoch run: the training curves."""
+        return tuple(event for event in self.events if event.kind == "epoch")

@@ -1,14 +1,19 @@
-"""``vision-client``: classify images, list models and check health from a shell.
+"""``vision-client``: classify images, fine-tune heads, list models and check health from a shell.
 
     vision-client [--target HOST:PORT] [--token TOKEN] [--timeout S] [--tls] COMMAND
 
     vision-client classify IMAGE... [--model M] [--top-k K] [--json]
     vision-client models [--json]
     vision-client health [--json]
+    vision-client fine-tune DIR --base M --output NAME [--head H] [--epochs N] ... [--plot FILE] [--json]
+    vision-client jobs [--json]
+    vision-client cancel JOB_ID [--json]
+    vision-client delete-model NAME
 
 The target defaults to ``$VISION_CLIENT_TARGET`` or ``localhost:8001`` and the
 token to ``$VISION_CLIENT_TOKEN``. Errors print ``vision-client: error: ...``
-and exit 1; ``health`` exits 1 when the server is not ready.
+and exit 1; ``health`` exits 1 when the server is not ready, ``fine-tune`` when
+the job does not succeed.
 """
 
 from __future__ import annotations
@@ -16,12 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
 
+from vision_client import _plot
 from vision_client._client import DEFAULT_MODEL, DEFAULT_TIMEOUT, Client
-from vision_client._types import ModelInfo, Prediction
+from vision_client._protocol import HEADS, OPTIMIZERS
+from vision_client._types import FineTuneResult, JobEvent, JobInfo, ModelInfo, Prediction
 from vision_client._version import __version__
 from vision_client.errors import UnavailableError, VisionClientError
 
@@ -70,6 +80,49 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
         "health", parents=[connection], help="server and model readiness (exit 1 if not ready)"
     )
     health.add_argument("--json", action="store_true", help="print JSON")
+
+    fine_tune = commands.add_parser(
+        "fine-tune",
+        parents=[connection],
+        help="train a new head on a served model, from a folder of labelled images",
+        description=(
+            "Fine-tune a new classification head on a served model's frozen backbone. DIR holds one "
+            "sub-folder per class, named after it, with the class's images inside (torchvision's "
+            "ImageFolder layout); other files are skipped. Progress goes to stderr, a summary to "
+            "stdout. The job is waited for without a deadline; Ctrl-C cancels it."
+        ),
+    )
+    fine_tune.add_argument("directory", type=Path, metavar="DIR", help="DIR/<class>/<image> files")
+    fine_tune.add_argument("--base", required=True, metavar="MODEL", help="served model to build on")
+    fine_tune.add_argument("--output", required=True, metavar="NAME", help="name to serve the new model under")
+    fine_tune.add_argument("--head", choices=HEADS, default="linear", help="head architecture (default linear)")
+    fine_tune.add_argument("--hidden", type=_positive_int, default=256, help="hidden width (default 256)")
+    fine_tune.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="default adam")
+    fine_tune.add_argument("--lr", type=_positive_number, default=1e-3, help="learning rate (default 0.001)")
+    fine_tune.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    fine_tune.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
+    fine_tune.add_argument("--epochs", type=_positive_int, default=10, help="default 10")
+    fine_tune.add_argument("--batch-size", type=_positive_int, default=32, help="default 32")
+    fine_tune.add_argument(
+        "--validation-fraction", type=float, default=0.2, help="share of examples held out (default 0.2)"
+    )
+    fine_tune.add_argument("--early-stopping-patience", type=int, default=0, help="default 0: never stop early")
+    fine_tune.add_argument("--seed", type=int, default=0, help="default 0")
+    fine_tune.add_argument("--replace", action="store_true", help="replace a fine-tuned model of that name")
+    fine_tune.add_argument(
+        "--plot", type=Path, metavar="FILE", help=f"save loss and accuracy curves per epoch ({_plot.INSTALL_HINT})"
+    )
+    fine_tune.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    jobs = commands.add_parser("jobs", parents=[connection], help="list fine-tuning jobs")
+    jobs.add_argument("--json", action="store_true", help="print JSON")
+
+    cancel = commands.add_parser("cancel", parents=[connection], help="cancel a fine-tuning job")
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument("--json", action="store_true", help="print JSON")
+
+    delete = commands.add_parser("delete-model", parents=[connection], help="delete a fine-tuned model")
+    delete.add_argument("name", metavar="NAME")
     return parser
 
 
@@ -105,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error))
     except OSError as error:  # an image file that cannot be read
         return _fail(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+    except _plot.PlotUnavailableError as error:
+        return _fail(str(error))
     except KeyboardInterrupt:
         return 130
 
@@ -176,7 +231,203 @@ def health_command(client: Client, args: argparse.Namespace) -> int:
     return 0 if live and ready else 1
 
 
-COMMANDS = {"classify": classify_command, "models": models_command, "health": health_command}
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})  # what the server decodes
+
+
+def image_folder(root: Path) -> tuple[list[tuple[Path, str]], int]:
+    """The ``(image, class)`` pairs of an ImageFolder tree, and how many other files were skipped.
+
+    Classes are the sub-folders of ``root`` (hidden ones left out); each class's images
+    are found at any depth below its folder, in sorted order.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(2, "not a directory", str(root))
+    examples: list[tuple[Path, str]] = []
+    skipped = 0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(folder.rglob("*")):
+            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                examples.append((path, folder.name))
+            else:
+                skipped += 1
+    if not examples:
+        raise VisionClientError(
+            f"no images in {root}: put each class's images in a sub-folder named after it, "
+            f"e.g. {root}/cat/1.jpg ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return examples, skipped
+
+
+def fine_tune_command(client: Client, args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        _plot.check_available()  # before the job, not after it
+    examples, skipped = image_folder(args.directory)
+    classes = sorted({label for _, label in examples})
+    note = ""
+    if skipped:
+        note = f"; skipped {_count(skipped, 'file')} that are not images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+    counts = f"{_count(len(examples), 'image')} of {_count(len(classes), 'class')}"
+    print(f"uploading {counts} from {args.directory}{note}", file=sys.stderr)
+    progress = Progress(sys.stderr)
+    try:
+        result = client.fine_tune(
+            base_model=args.base,
+            output_model=args.output,
+            examples=examples,
+            head=args.head,
+            hidden=args.hidden,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            validation_fraction=args.validation_fraction,
+            seed=args.seed,
+            early_stopping_patience=args.early_stopping_patience,
+            replace=args.replace,
+            on_event=progress,
+            timeout=None,  # the job takes what it takes; Ctrl-C cancels it
+        )
+    except KeyboardInterrupt:
+        progress.end()
+        if progress.job_id:
+            client.cancel_job(progress.job_id)
+            print(f"{PROG}: cancelled job {progress.job_id}", file=sys.stderr)
+        raise
+    finally:
+        progress.end()
+    plot = None
+    if args.plot is not None and result.epochs:
+        plot = _plot.plot_training(
+            result.epochs,
+            args.plot,
+            title=f"{result.output_model}: {result.job.head} head on {result.job.base_model}, {result.job.optimizer}",
+            validation=any(event.validation_loss for event in result.epochs),
+            accuracy=result.job.loss == "cross_entropy",
+        )
+    if args.json:
+        _print_json({**_job_json(result.job), "plot": None if plot is None else str(plot)})
+    else:
+        _print_summary(result, plot)
+    return 0 if result.succeeded else 1
+
+
+def jobs_command(client: Client, args: argparse.Namespace) -> int:
+    jobs = client.jobs()
+    if args.json:
+        _print_json([_job_json(job) for job in jobs])
+        return 0
+    header = ("ID", "STATE", "BASE MODEL", "OUTPUT", "HEAD", "EPOCHS", "EXAMPLES", "VAL ACC", "ERROR")
+    rows = [
+        (
+            job.id,
+            job.state,
+            job.base_model,
+            job.output_model,
+            job.head,
+            f"{job.metrics.epochs_run}/{job.epochs}" if job.state == "succeeded" else str(job.epochs),
+            str(job.examples),
+            f"{job.metrics.validation_accuracy:.3f}" if _has_accuracy(job) else "-",
+            job.error,
+        )
+        for job in jobs
+    ]
+    _print_table(header, rows)
+    return 0
+
+
+def cancel_command(client: Client, args: argparse.Namespace) -> int:
+    job = client.cancel_job(args.job_id)
+    if args.json:
+        _print_json(_job_json(job))
+    elif job.done:
+        print(f"job {job.id} {job.state}" + ("" if job.state == "cancelled" else " already: nothing to cancel"))
+    else:
+        print(f"job {job.id} cancelling: it stops at its next epoch")
+    return 0
+
+
+def delete_model_command(client: Client, args: argparse.Namespace) -> int:
+    client.delete_model(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
+COMMANDS = {
+    "classify": classify_command,
+    "models": models_command,
+    "health": health_command,
+    "fine-tune": fine_tune_command,
+    "jobs": jobs_command,
+    "cancel": cancel_command,
+    "delete-model": delete_model_command,
+}
+
+
+# -- progress -----------------------------------------------------------------------------
+
+
+class Progress:
+    """A job's events on ``stream``: a bar redrawn in place on a terminal, one line per event otherwise."""
+
+    BAR_WIDTH = 20
+
+    def __init__(self, stream: IO[str], *, interactive: bool | None = None) -> None:
+        self._stream = stream
+        self._interactive = stream.isatty() if interactive is None else interactive
+        self._drawn = 0  # characters of the bar now on screen
+        self.job_id: str | None = None
+
+    def __call__(self, event: JobEvent) -> None:
+        self.job_id = event.job_id
+        text = describe_event(event)
+        if not self._interactive:
+            print(text, file=self._stream, flush=True)
+            return
+        done = round(self.BAR_WIDTH * min(max(event.progress, 0.0), 1.0))
+        line = f"[{'#' * done}{'.' * (self.BAR_WIDTH - done)}] {event.progress:4.0%}  {text}"
+        line = line[: max(20, shutil.get_terminal_size().columns - 1)]
+        self._stream.write("\r" + line.ljust(self._drawn))
+        self._drawn = len(line)
+        if event.terminal:
+            self.end()
+        self._stream.flush()
+
+    def end(self) -> None:
+        """Move past the bar, if one is drawn."""
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._drawn = 0
+
+
+def describe_event(event: JobEvent) -> str:
+    if event.kind == "epoch":
+        parts = [f"epoch {event.epoch}/{event.epochs}", f"loss {event.train_loss:.4f}"]
+        if event.validation_loss:
+            parts.append(f"val {event.validation_loss:.4f}")
+        if event.validation_accuracy:
+            parts.append(f"acc {event.validation_accuracy:.3f}")
+        if event.epoch < event.epochs:
+            parts.append(f"eta {_duration(event.eta_seconds)}")
+        return "  ".join(parts)
+    if event.kind == "queued":
+        return f"job {event.job_id} queued"
+    if event.terminal:
+        return f"job {event.job_id} {event.state}" + (f": {event.message}" if event.message else "")
+    return event.message or event.kind
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 # -- output -----------------------------------------------------------------------------
@@ -201,6 +452,56 @@ def _model_json(model: ModelInfo) -> dict[str, object]:
     }
 
 
+def _has_accuracy(job: JobInfo) -> bool:
+    return job.state == "succeeded" and job.loss == "cross_entropy" and job.metrics.validation_examples > 0
+
+
+def _job_json(job: JobInfo) -> dict[str, object]:
+    return {
+        "job_id": job.id,
+        "state": job.state,
+        "error": job.error,
+        "base_model": job.base_model,
+        "output_model": job.output_model,
+        "head": job.head,
+        "optimizer": job.optimizer,
+        "loss": job.loss,
+        "epochs": job.epochs,
+        "examples": job.examples,
+        "labels": list(job.labels),
+        "metrics": asdict(job.metrics),
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
+
+
+def _print_summary(result: FineTuneResult, plot: Path | None) -> None:
+    job, m = result.job, result.metrics
+    if result.succeeded:
+        print(f"job {job.id} succeeded: {job.output_model} is served")
+    else:
+        print(f"job {job.id} {job.state}" + (f": {job.error}" if job.error else ""))
+    rows = [
+        ("base model", job.base_model),
+        ("head", f"{job.head}, {job.optimizer}, {job.loss}"),
+        ("classes" if job.loss == "cross_entropy" else "outputs", f"{len(job.labels)}: {' '.join(job.labels)}"),
+        ("examples", str(job.examples)),
+    ]
+    if result.succeeded:
+        rows.append(("epochs", f"{m.epochs_run} of {job.epochs} (best {m.best_epoch})"))
+        rows.append(("train loss", f"{m.train_loss:.4f}"))
+        if m.validation_examples:
+            rows.append(("validation loss", f"{m.validation_loss:.4f} ({m.validation_examples} examples)"))
+        if _has_accuracy(job):
+            rows.append(("validation accuracy", f"{m.validation_accuracy:.3f}"))
+    if plot is not None:
+        rows.append(("plot", str(plot)))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
 def _print_json(value: object) -> None:
     json.dump(value, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -220,6 +521,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 

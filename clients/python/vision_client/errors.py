@@ -9,13 +9,17 @@ original status stays reachable as ``__cause__``. ``str(error)`` (and
 
     VisionClientError                 any other status (INTERNAL, UNKNOWN, ...)
     ├── InvalidInputError             INVALID_ARGUMENT   fix the request (image, top_k, ...)
-    ├── ModelNotFoundError            NOT_FOUND          no model by that name on the server
+    ├── ModelNotFoundError            NOT_FOUND          no model (or fine-tuning job) by that name
+    ├── AlreadyExistsError            ALREADY_EXISTS     a fine-tuned model (or a running job) has
+    │                                                    that output_model name; pass replace=True
     ├── AuthenticationError           UNAUTHENTICATED, PERMISSION_DENIED  missing or wrong token
     ├── ResourceExhaustedError        RESOURCE_EXHAUSTED the model's queue is full, or a message
     │                                                    is larger than a side accepts
     ├── UnavailableError              UNAVAILABLE        unreachable, loading or draining; retried
     ├── DeadlineExceededError         DEADLINE_EXCEEDED  the call's timeout expired
-    └── ClientClosedError             FAILED_PRECONDITION  the client was used after close()
+    └── FailedPreconditionError       FAILED_PRECONDITION  the server is not set up for the call
+        │                                                    (fine-tuning switched off)
+        └── ClientClosedError                                the client was used after close()
 
 ``ResourceExhaustedError`` is not an ``UnavailableError``: a full queue clears
 up, but an oversized message never does, so it is not retried by default (add
@@ -31,9 +35,11 @@ from typing import ClassVar
 import grpc
 
 __all__ = [
+    "AlreadyExistsError",
     "AuthenticationError",
     "ClientClosedError",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "InvalidInputError",
     "ModelNotFoundError",
     "ResourceExhaustedError",
@@ -64,9 +70,15 @@ class InvalidInputError(VisionClientError):
 
 
 class ModelNotFoundError(VisionClientError):
-    """The server serves no model by that name; ``models()`` lists those it does."""
+    """The server serves no model by that name (``models()`` lists those it does), or has no such job."""
 
     default_code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(VisionClientError):
+    """The name is taken: a fine-tuned model or a running job already has that ``output_model``."""
+
+    default_code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class AuthenticationError(VisionClientError):
@@ -93,15 +105,21 @@ class DeadlineExceededError(VisionClientError):
     default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class ClientClosedError(VisionClientError, RuntimeError):
-    """The client was used after ``close()`` (or after its ``with`` block)."""
+class FailedPreconditionError(VisionClientError):
+    """The server (or the client) is not in a state to make this call, e.g. fine-tuning is switched off."""
 
     default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ClientClosedError(FailedPreconditionError, RuntimeError):
+    """The client was used after ``close()`` (or after its ``with`` block)."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[VisionClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
