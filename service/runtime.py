@@ -155,15 +155,16 @@ class InferenceWorker:
                 item.on_result(error)
             return
         finished = time.monotonic()
-        offset = 0
-        for item in batch:
-            item.on_result(outputs[offset : offset + item.size])
-            offset += item.size
+        # Metrics first: whoever reads them after getting an answer sees this batch counted.
         self._on_batch(
             BatchStats(
                 device=self.instance.label,
-                images=offset,
+                images=int(outputs.shape[0]),
                 queue_seconds=[started - item.enqueued_at for item in batch],
                 compute_seconds=finished - started,
             )
         )
+        offset = 0
+        for item in batch:
+            item.on_result(outputs[offset : offset + item.size])
+            offset += item.size
