@@ -51,12 +51,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `service` (for the seeded weights rule) when not installed
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 torch: Any = None  # imported by main() once OMP_WAIT_POLICY is settled, before libgomp reads it
 
 STARTUP_TIMEOUT_S = 600.0
+DISTURBED_CORES = 0.25  # CPU cores used by other processes above which a point is flagged
 WARMUP_CAP_S = 600.0  # a point whose clients cannot all finish two requests by then is an error
 
 
@@ -84,11 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Throughput and latency of vision-serve against torchvision in-process, same machine, one run.",
     )
-    p.add_argument("--models", type=_csv, default=["alexnet", "resnet101"], help="comma-separated models [default: alexnet,resnet101]")
     p.add_argument(
-        "--concurrency", type=_csv_ints, default=None, help="comma-separated client counts [default: 1,8,32; quick: 1,8]"
+        "--models",
+        type=_csv,
+        default=["alexnet", "resnet101"],
+        help="comma-separated models [default: alexnet,resnet101]",
     )
-    p.add_argument("--modes", type=_csv, default=["image", "pixels"], help="comma-separated: image, pixels [default: both]")
+    p.add_argument(
+        "--concurrency",
+        type=_csv_ints,
+        default=None,
+        help="comma-separated client counts [default: 1,8,32; quick: 1,8]",
+    )
+    p.add_argument(
+        "--modes", type=_csv, default=["image", "pixels"], help="comma-separated: image, pixels [default: both]"
+    )
     p.add_argument("--seconds", type=float, default=None, help="measured seconds per point [default: 10; quick: 2]")
     p.add_argument("--warmup-seconds", type=float, default=None, help="warm-up per point [default: 2; quick: 1]")
     p.add_argument(
@@ -106,10 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(robust to other work on a shared machine) [default: 1]",
     )
     p.add_argument("--quick", action="store_true", help="smoke test: 2 s per point, concurrency 1,8")
-    p.add_argument("--max-batch-size", type=int, default=32, help="server --max-batch-size; raw batches min(C, this) [default: 32]")
+    p.add_argument(
+        "--max-batch-size", type=int, default=32, help="server --max-batch-size; raw batches min(C, this) [default: 32]"
+    )
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="server --max-queue-delay-ms [default: 5]")
-    p.add_argument("--weights", default="random", help="'random' (seeded, the server's rule) or a directory of <model>.pth [default: random]")
-    p.add_argument("--device", default="auto", help="server --device; raw runs on the first device it resolves to [default: auto]")
+    p.add_argument(
+        "--weights",
+        default="random",
+        help="'random' (seeded, the server's rule) or a directory of <model>.pth [default: random]",
+    )
+    p.add_argument(
+        "--device", default="auto", help="server --device; raw runs on the first device it resolves to [default: auto]"
+    )
     p.add_argument(
         "--torch-threads",
         type=int,
@@ -119,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server-args",
         default="",
-        help="extra vision-serve options, e.g. \"--decode-threads 1\" (raw is unaffected)",
+        help='extra vision-serve options, e.g. "--decode-threads 1" (raw is unaffected)',
     )
     p.add_argument(
         "--server-env",
@@ -140,14 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--omp-wait-policy",
-        choices=("passive", "active", "inherit"),
-        default="passive",
-        help="OMP_WAIT_POLICY for raw AND server. passive: waiting OpenMP threads sleep instead of spinning; "
-        "with libgomp's default spinning, raw (few threads) loses a core per barrier whenever anything else "
-        "runs, while the server (many threads) is throttled by libgomp anyway; inherit: leave the "
-        "environment alone [default: passive]",
+        choices=("inherit", "passive", "active"),
+        default="inherit",
+        help="OMP_WAIT_POLICY for raw AND server. inherit: leave the environment alone, i.e. libgomp's "
+        "spin-then-sleep default, fastest on a quiet machine; passive: waiting OpenMP threads sleep at once, "
+        "which keeps raw usable when other processes load the CPUs (see bench/README.md) [default: inherit]",
     )
-    p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "throughput.json", help="JSON output [default: bench/results/throughput.json]")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "bench" / "results" / "throughput.json",
+        help="JSON output [default: bench/results/throughput.json]",
+    )
     return p
 
 
@@ -189,9 +212,13 @@ def photographs() -> list[tuple[str, bytes]]:
         full = Image.fromarray(pixels)
         w, h = full.size
         photos.append((name, encode_jpeg(full)))
-        photos.append((f"{name}-center", encode_jpeg(full.crop((w // 2 - 180, h // 2 - 150, w // 2 + 180, h // 2 + 150)))))
+        photos.append(
+            (f"{name}-center", encode_jpeg(full.crop((w // 2 - 180, h // 2 - 150, w // 2 + 180, h // 2 + 150))))
+        )
         photos.append((f"{name}-left", encode_jpeg(full.crop((0, 0, 400, 380)))))
-        photos.append((f"{name}-right", encode_jpeg(full.crop((w - 320, h - 300, w, h)).transpose(Image.FLIP_LEFT_RIGHT))))
+        photos.append(
+            (f"{name}-right", encode_jpeg(full.crop((w - 320, h - 300, w, h)).transpose(Image.FLIP_LEFT_RIGHT)))
+        )
     return photos
 
 
@@ -214,7 +241,9 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -238,7 +267,9 @@ def server_torch_threads(env: dict[str, str]) -> int:
 
 
 def machine_info(args: argparse.Namespace, server_env: dict[str, str], raw_device: torch.device) -> dict[str, Any]:
-    mem_kb = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal")), 0)
+    mem_kb = next(
+        (int(line.split()[1]) for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal")), 0
+    )
     info: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -276,7 +307,7 @@ def machine_info(args: argparse.Namespace, server_env: dict[str, str], raw_devic
 def system_busy_seconds() -> float:
     """CPU seconds all cores of the machine spent busy (not idle, not waiting on IO) since boot."""
     fields = [int(v) for v in _read("/proc/stat").splitlines()[0].split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
@@ -328,7 +359,9 @@ class Server:
                     if not self.alive():
                         raise RuntimeError(f"vision-serve exited with {self.process.returncode}:\n{self.log_tail()}")
                     if time.monotonic() - started > timeout:
-                        raise TimeoutError(f"vision-serve not SERVING {service!r} after {timeout:.0f}s:\n{self.log_tail()}")
+                        raise TimeoutError(
+                            f"vision-serve not SERVING {service!r} after {timeout:.0f}s:\n{self.log_tail()}"
+                        )
                     try:
                         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
                         if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -414,11 +447,19 @@ class RawModel:
             return self.module(batch.to(self.device)).float().cpu().numpy()
 
 
+def preprocess_all(model: RawModel, jpegs: list[bytes]) -> list[torch.Tensor]:
+    return [model.preprocess(jpeg) for jpeg in jpegs]
+
+
 def load_raw_model(name: str, weights: str, device: torch.device) -> RawModel:
     # The server's own rule for `--weights random` (seeded by the model's name) or a directory,
     # so that raw and service compute with identical parameters (checked by `agreement`).
+    import logging
+
     from service.models import WeightsSource, build_model, get_model_spec
 
+    # The server logs its loud random-weights warning; the benchmark's copy would only break the table.
+    logging.getLogger("service.models.weights").setLevel(logging.ERROR)
     spec = get_model_spec(name)
     module = build_model(spec, WeightsSource.parse(weights)).to(device).eval()
     return RawModel(name, module, spec.transforms(), device)
@@ -454,6 +495,7 @@ def measure_raw(
     started = time.perf_counter()
     warm = 0
     while warm < 2 or time.perf_counter() - started < args.warmup_seconds:
+        _check_stop()
         one_batch()
         warm += 1
 
@@ -461,6 +503,7 @@ def measure_raw(
     preprocess: list[float] = []
     busy0, server0, cpu0, t0 = system_busy_seconds(), server.cpu_seconds(), time.process_time(), time.perf_counter()
     while len(latencies) < args.min_batches or time.perf_counter() - t0 < args.seconds:
+        _check_stop()
         total, prep = one_batch()
         latencies.append(total)
         preprocess.append(prep)
@@ -605,28 +648,32 @@ def measure_service(server: Server, model: str, mode: str, concurrency: int, pay
         time.sleep(0.2)  # let the loop create its channels before the clock starts
         go.set()
 
-    # Warm-up: --warmup-seconds, and until every client has had two answers (the first batches
-    # of each size are slow while oneDNN primes them; slow models need seconds per batch).
-    begun = time.perf_counter()
-    while time.perf_counter() - begun < args.warmup_seconds or min(clock.done) < 2:
-        if time.perf_counter() - begun > WARMUP_CAP_S:
-            clock.stop_at = 0.0
-            errors = [e for log in logs for e in log.errors]
-            raise RuntimeError(f"warm-up did not finish in {WARMUP_CAP_S:.0f}s; errors: {errors[:3]}\n{server.log_tail()}")
-        if not server.alive():
-            clock.stop_at = 0.0
-            raise RuntimeError(f"vision-serve died:\n{server.log_tail()}")
-        time.sleep(0.05)
-    warmup_s = time.perf_counter() - begun
+    try:
+        # Warm-up: --warmup-seconds, and until every client has had two answers (the first batches
+        # of each size are slow while oneDNN primes them; slow models need seconds per batch).
+        begun = time.perf_counter()
+        while time.perf_counter() - begun < args.warmup_seconds or min(clock.done) < 2:
+            if time.perf_counter() - begun > WARMUP_CAP_S:
+                errors = [e for log in logs for e in log.errors]
+                raise RuntimeError(
+                    f"warm-up did not finish in {WARMUP_CAP_S:.0f}s; errors: {errors[:3]}\n{server.log_tail()}"
+                )
+            if not server.alive():
+                raise RuntimeError(f"vision-serve died:\n{server.log_tail()}")
+            time.sleep(0.05)
+        warmup_s = time.perf_counter() - begun
 
-    metrics0 = server.metrics(model)
-    busy0, cpu_server0, cpu_client0 = system_busy_seconds(), server.cpu_seconds(), time.process_time()
-    t0 = time.perf_counter()
-    t1 = t0 + window_s
-    clock.stop_at = t1
-    time.sleep(max(0.0, t1 - time.perf_counter()))
-    busy1, cpu_server1, cpu_client1 = system_busy_seconds(), server.cpu_seconds(), time.process_time()
-    metrics1 = server.metrics(model)
+        metrics0 = server.metrics(model)
+        busy0, cpu_server0, cpu_client0 = system_busy_seconds(), server.cpu_seconds(), time.process_time()
+        t0 = time.perf_counter()
+        t1 = t0 + window_s
+        clock.stop_at = t1
+        time.sleep(max(0.0, t1 - time.perf_counter()))
+        busy1, cpu_server1, cpu_client1 = system_busy_seconds(), server.cpu_seconds(), time.process_time()
+        metrics1 = server.metrics(model)
+    except BaseException:
+        clock.stop_at = 0.0  # clients stop after their current request
+        raise
     for worker in workers:
         worker.join()  # in-flight requests finish; they end after t1 and are not counted
 
@@ -738,6 +785,16 @@ def row(point: dict[str, Any]) -> str:
 
 
 _RAW_THREAD: ThreadPoolExecutor | None = None
+_STOP = threading.Event()  # set when the run is aborted: raw stops at its next batch
+
+
+def _check_stop() -> None:
+    if _STOP.is_set():
+        raise RuntimeError("benchmark aborted")
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the server subprocess is stopped
 
 
 def on_raw_thread(fn: Any, *args: Any) -> Any:
@@ -748,11 +805,22 @@ def on_raw_thread(fn: Any, *args: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _RAW_THREAD, torch
     args = resolve_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(args)
+    finally:
+        _STOP.set()
+        if _RAW_THREAD is not None:
+            _RAW_THREAD.shutdown(wait=False, cancel_futures=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    global _RAW_THREAD, torch
     if args.omp_wait_policy != "inherit":
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # before torch (libgomp) loads
     import torch
+
     if args.raw_thread == "worker":
         _RAW_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raw")
     if args.torch_threads:
@@ -774,8 +842,8 @@ def main(argv: list[str] | None = None) -> int:
         f"threads raw={info['torch_threads_raw']} server={info['torch_threads_server']}, "
         f"OMP_WAIT_POLICY={info['omp_wait_policy_env'] or 'unset'}, raw on {raw_device} ({args.raw_thread} thread); "
         f"{len(jpegs)} JPEGs of {min(map(len, jpegs)) // 1024}-{max(map(len, jpegs)) // 1024} KiB; "
-        f"server: --max-batch-size {args.max_batch_size} --max-queue-delay-ms {args.max_queue_delay_ms} "
-        f"{args.server_args}".rstrip(),
+        f"weights {args.weights}; server: --max-batch-size {args.max_batch_size} "
+        f"--max-queue-delay-ms {args.max_queue_delay_ms} {args.server_args}".rstrip(),
         flush=True,
     )
     if info["torch_threads_raw"] != info["torch_threads_server"]:
@@ -790,16 +858,24 @@ def main(argv: list[str] | None = None) -> int:
     print(header(), flush=True)
     for name in args.models:
         model = load_raw_model(name, args.weights, raw_device)
-        pixels = on_raw_thread(lambda: [model.preprocess(jpeg) for jpeg in jpegs])
+        pixels = on_raw_thread(preprocess_all, model, jpegs)
         server = start_server(args, name, server_env, log_dir)
         try:
             ready_s = server.wait_serving(name)
             check = agreement(server, model, jpegs, pixels)
             servers.append(
-                {"model": name, "command": shlex.join(server.command), "ready_seconds": ready_s, "agreement": check}
+                {
+                    "model": name,
+                    "command": shlex.join(server.command),
+                    "log": str(server.log_path),
+                    "ready_seconds": ready_s,
+                    "agreement": check,
+                }
             )
             if min(check["image_cosine"], check["pixels_cosine"]) < 0.9999:
-                print(f"# WARNING {name}: service and raw logits differ ({check}); the comparison is unfair", flush=True)
+                print(
+                    f"# WARNING {name}: service and raw logits differ ({check}); the comparison is unfair", flush=True
+                )
             for mode in args.modes:
                 payloads = request_payloads(mode, jpegs, pixels)
                 for concurrency in args.concurrency:
@@ -826,19 +902,26 @@ def main(argv: list[str] | None = None) -> int:
                     print(row(point), flush=True)
         finally:
             server.stop()
-        del model
 
     info["loadavg_end"] = os.getloadavg()
-    print("\n" + header())
-    for point in results:
-        print(row(point))
     print(
         "\nraw batch ms: p50 per batch (decode+preprocess+forward for image, forward for pixels) at batch size b; "
         "svc batch: mean images per server forward pass;\nsrv/cli cores: CPU cores busy in the server / in this "
         "client process over the window; others: cores busy with other processes during raw/service "
-        "(above ~0.2 the point is disturbed: rerun, or use --repeats)."
+        f"(above {DISTURBED_CORES} the point is flagged)."
     )
+    disturbed = [
+        f"{p['model']}/{p['mode']}/C={p['concurrency']}"
+        for p in results
+        if max(p["raw"]["other_processes_cpu_cores"], p["service"]["other_processes_cpu_cores"]) > DISTURBED_CORES
+    ]
+    if disturbed:
+        print(
+            f"\nWARNING: other processes used more than {DISTURBED_CORES} cores during {len(disturbed)} point(s) "
+            f"({', '.join(disturbed)}); their figures are not comparable: rerun on a quiet machine or with --repeats 3."
+        )
     document = {
+        "disturbed_points": disturbed,
         "machine": info,
         "settings": {
             "models": args.models,
