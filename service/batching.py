@@ -3,8 +3,13 @@
 A request becomes one or more :class:`WorkItem` (a slice of at most
 ``max_batch_size`` images). Workers call :meth:`BatchQueue.next_batch`, which
 waits for the first item, then lets the batch fill until it holds
-``max_batch_size`` images or the oldest item has waited ``max_queue_delay``,
-whichever comes first. :func:`collate` is the pure rule that picks the batch:
+``max_batch_size`` images or ``max_queue_delay`` has passed, whichever comes
+first. The delay counts from when the batch could have started: the oldest
+item's arrival, or, if the worker was busy then, the moment it became free.
+So an item never waits more than the delay for a free worker, and clients
+answered by the previous batch have that long to join the next one (with
+closed-loop clients, counting from the oldest arrival alone would split them
+into two half-size batches that alternate forever). :func:`collate` is the pure rule that picks the batch:
 items whose deadline passed, or whose caller went away, are taken out and
 answered, never computed. Only items of the same image shape share a batch.
 
@@ -104,13 +109,14 @@ class BatchQueue:
 
     def next_batch(self, max_images: int, max_delay_s: float) -> tuple[list[WorkItem], list[WorkItem]] | None:
         """Block until a batch closes; ``None`` once the queue is closed and empty."""
+        free_since = time.monotonic()
         with self._cond:
             while True:
                 while not self._pending and not self._closed:
                     self._cond.wait()
                 if not self._pending:
                     return None
-                close_at = self._pending[0].enqueued_at + max_delay_s
+                close_at = max(self._pending[0].enqueued_at, free_since) + max_delay_s
                 while self._images < max_images and not self._closed:
                     remaining = close_at - time.monotonic()
                     if remaining <= 0:

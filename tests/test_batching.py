@@ -100,6 +100,22 @@ def test_items_arriving_during_the_window_join_the_batch() -> None:
     assert sum(i.size for i in batch) == 8
 
 
+def test_the_delay_counts_from_when_the_worker_is_free() -> None:
+    """Items that waited while the worker was busy still get a window for late arrivals."""
+    queue = BatchQueue(capacity_images=64)
+    queue.put([item(1, at=time.monotonic() - 60) for _ in range(4)])  # waited a minute already
+
+    def later() -> None:
+        time.sleep(0.05)
+        queue.put([item(1) for _ in range(4)])
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    batch, _ = queue.next_batch(max_images=8, max_delay_s=30)
+    thread.join()
+    assert sum(i.size for i in batch) == 8
+
+
 def test_close_lets_workers_finish_then_stop() -> None:
     queue = BatchQueue(capacity_images=8)
     queue.put([item(1)])
