@@ -254,8 +254,6 @@ class ModelRepository:
     def _start_workers(self, model: ServedModel, instances: list[ModelInstance], *, warm_up: bool = True) -> None:
         batching = self._config.batching
         for instance in instances:
-            if warm_up:
-                instance.warm_up((3, model.input_size, model.input_size))
             worker = InferenceWorker(
                 model.name,
                 model.queue,
@@ -263,6 +261,7 @@ class ModelRepository:
                 max_batch_size=batching.max_batch_size,
                 max_delay_s=batching.max_queue_delay_s,
                 on_batch=lambda stats, name=model.name: self._metrics.record_batch(name, stats),
+                warm_up_shape=(3, model.input_size, model.input_size) if warm_up else None,
             )
             worker.start()
             model.workers.append(worker)

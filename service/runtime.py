@@ -117,8 +117,12 @@ class InferenceWorker:
         max_batch_size: int,
         max_delay_s: float,
         on_batch: Callable[[BatchStats], None] = lambda stats: None,
+        warm_up_shape: tuple[int, int, int] | None = None,
     ) -> None:
         self.instance = instance
+        self._warm_up_shape = warm_up_shape
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._queue = queue
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
@@ -126,7 +130,11 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._run, name=f"infer-{name}-{instance.label}", daemon=True)
 
     def start(self) -> None:
+        """Start the thread and wait until its warm-up forward pass is done."""
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
 
     @property
     def alive(self) -> bool:
@@ -136,6 +144,17 @@ class InferenceWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        # The warm-up runs here, not in the thread that built the model: torch's CPU kernels
+        # parallelize with OpenMP, whose thread team belongs to the thread that first uses it,
+        # and every forward pass should find that team ready.
+        try:
+            if self._warm_up_shape is not None:
+                self.instance.warm_up(self._warm_up_shape)
+        except BaseException as exc:
+            self._start_error = exc
+            return
+        finally:
+            self._started.set()
         while (taken := self._queue.next_batch(self._max_batch_size, self._max_delay_s)) is not None:
             batch, expired = taken
             for item in expired:

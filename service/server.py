@@ -9,6 +9,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -52,7 +53,9 @@ class VisionServer:
         self.metrics.watch_cuda_memory(self.devices)
         self.repository = ModelRepository(config, self.devices, self.metrics)
         self._decode_pool = ThreadPoolExecutor(
-            max_workers=config.decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
+            max_workers=config.decode_threads or os.cpu_count() or 1,
+            thread_name_prefix="decode",
+            initializer=_single_threaded_torch,
         )
         self.dataplane = DataPlane(config, self.repository, self.metrics, self._decode_pool)
         self.store = ModelStore(config.model_store) if config.model_store is not None else None
@@ -202,6 +205,12 @@ async def serve(config: ServeConfig) -> int:
     await termination
     await server.request_stop()  # already running when a signal ended the server: waits for it
     return 1 if failed else 0
+
+
+def _single_threaded_torch() -> None:
+    """Preprocessing one image needs no intra-op parallelism: keep decode threads from
+    starting OpenMP thread teams of their own, which would compete with the forward passes."""
+    torch.set_num_threads(1)
 
 
 def _host(host: str) -> str:
