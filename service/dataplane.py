@@ -104,7 +104,7 @@ class DataPlane:
             if self._in_flight == 0:
                 self._idle.set()
             # Unknown names share one label so that clients cannot grow the series without bound.
-            label = model_name if model_name in self.repository.names() else ""
+            label = model_name if model_name in self.repository else ""
             self._metrics.record_request(label, status, time.monotonic() - started)
 
     async def infer(self, model_name: str, inputs: InferenceInput, *, timeout: float | None = None) -> np.ndarray:

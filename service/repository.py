@@ -97,6 +97,9 @@ class ModelRepository:
     def names(self) -> list[str]:
         return list(self._models)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
     def all(self) -> list[ServedModel]:
         return list(self._models.values())
 

@@ -220,3 +220,11 @@ def system_tool():
         return path
 
     return find
+
+
+def store_server_args(weights_dir: Path, store: Path, *extra: str) -> tuple[str, ...]:
+    """Options of an AlexNet server that fine-tunes into ``store`` and polls it every second."""
+    return (
+        "--models", "alexnet", "--weights", str(weights_dir),
+        "--model-store", str(store), "--store-poll-seconds", "1", *extra,
+    )  # fmt: skip

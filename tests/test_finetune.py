@@ -12,7 +12,7 @@ import torch
 import tritonclient.grpc as triton
 
 from service.models import get_model_spec
-from tests.conftest import load_reference, start_server
+from tests.conftest import load_reference, start_server, store_server_args
 from tests.finetune_data import digits
 from tests.metrics_util import sample_value, scrape
 from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
@@ -25,16 +25,7 @@ HELD_OUT = slice(1000, 1300)
 @pytest.fixture(scope="module")
 def store_server(tmp_path_factory, weights_dir):
     store = tmp_path_factory.mktemp("store")
-    args = (
-        "--models",
-        "alexnet",
-        "--weights",
-        str(weights_dir),
-        "--model-store",
-        str(store),
-        "--store-poll-seconds",
-        "1",
-    )
+    args = store_server_args(weights_dir, store)
     proc = start_server(tmp_path_factory.mktemp("ft"), *args)
     try:
         proc.wait_serving()

@@ -8,7 +8,7 @@ import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import start_server
+from tests.conftest import store_server_args, start_server
 from tests.finetune_data import digits
 from tests.test_finetune import config, job_requests, run_job
 from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
@@ -21,16 +21,7 @@ VISIBLE_WITHIN_S = 30.0
 def replicas(tmp_path_factory, weights_dir):
     store = tmp_path_factory.mktemp("shared-store")
     logs = tmp_path_factory.mktemp("replicas")
-    args = (
-        "--models",
-        "alexnet",
-        "--weights",
-        str(weights_dir),
-        "--model-store",
-        str(store),
-        "--store-poll-seconds",
-        "1",
-    )
+    args = store_server_args(weights_dir, store)
     first, second = start_server(logs, *args), start_server(logs, *args)
     try:
         first.wait_serving()

@@ -189,7 +189,7 @@ class JobManager:
             raise InvalidInputError(
                 f"output_model {spec.output_model!r} is the name of a built-in model; choose another name"
             )
-        clash = spec.output_model in self._repository.names() or any(
+        clash = spec.output_model in self._repository or any(
             j.spec.output_model == spec.output_model and not j.state.terminal for j in self._jobs.values()
         )
         if clash and not spec.replace:
@@ -203,7 +203,7 @@ class JobManager:
 
     async def submit(self, spec: FineTuneSpec, collector: ExampleCollector) -> Job:
         """Queue a job; fails at once with INVALID_ARGUMENT if an example is not a decodable image."""
-        self.check_spec(spec)
+        self.check_spec(spec)  # again: the name may have been taken while the examples streamed
         examples, labels = collector.finish()
         if self._dataplane.draining:
             raise UnavailableError("the server is shutting down and takes no new jobs")
@@ -217,6 +217,11 @@ class JobManager:
         return job
 
     async def _check_images(self, base: str, images: list[bytes]) -> None:
+        """Decode every example once, so that a bad image fails CreateJob itself.
+
+        Feature extraction decodes them again through the batched path; keeping the decoded
+        pixels instead would hold ~600 KB per example in memory for the job's whole life.
+        """
         decoder = self._repository.get(base).decoder
         loop = asyncio.get_running_loop()
         pool = self._dataplane.decode_pool
@@ -279,7 +284,7 @@ class JobManager:
         if self._store is None:
             raise FailedPreconditionError("fine-tuning is off: start the server with --model-store DIR")
         self._store.delete(name)
-        if name in self._repository.names():
+        if name in self._repository:
             self._repository.remove_finetuned(name)
 
     # -- running -----------------------------------------------------------
