@@ -228,3 +228,29 @@ def store_server_args(weights_dir: Path, store: Path, *extra: str) -> tuple[str,
         "--models", "alexnet", "--weights", str(weights_dir),
         "--model-store", str(store), "--store-poll-seconds", "1", *extra,
     )  # fmt: skip
+
+
+@pytest.fixture
+def serve_inprocess(tmp_path: Path, weights_dir: Path):  # -> Callable[..., InProcessServer]
+    """Factory of in-process servers (AlexNet, the test's weights, a store of the test's own),
+    each stopped after the test. Keyword arguments override ``ServeConfig`` fields."""
+    from service.config import ServeConfig
+    from tests.inprocess import InProcessServer
+
+    started: list[InProcessServer] = []
+
+    def start(*, wait_loaded: bool = True, **overrides: object) -> InProcessServer:
+        settings: dict[str, object] = {
+            "models": ("alexnet",),
+            "weights": str(weights_dir),
+            "model_store": tmp_path / f"store-{len(started)}",
+            "drain_seconds": 5.0,
+        }
+        settings.update(overrides)
+        server = InProcessServer(ServeConfig(**settings))  # type: ignore[arg-type]
+        started.append(server)
+        return server.start(wait_loaded=wait_loaded)
+
+    yield start
+    for server in reversed(started):
+        server.stop()

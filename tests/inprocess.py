@@ -1,0 +1,79 @@
+"""A real server in the test process: ``VisionServer`` on its own event loop in a thread.
+
+Use it wherever no process boundary is the point of the test (signals, restarts and the
+CLI still need :func:`tests.conftest.start_server`). The server binds port 0 for gRPC and
+metrics; clients reach it over loopback exactly as they would reach a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from service.config import ServeConfig
+from service.server import VisionServer, create_server
+
+T = TypeVar("T")
+
+LOAD_TIMEOUT_S = 240.0
+
+
+class InProcessServer:
+    """Start with :meth:`start`, stop with :meth:`stop` (or use it as a context manager)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = replace(config, host="127.0.0.1", grpc_port=0, metrics_port=0)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-server-loop", daemon=True)
+        self.server: VisionServer | None = None
+
+    def start(self, *, wait_loaded: bool = True) -> InProcessServer:
+        self._thread.start()
+        self.server = self.call(create_server(self.config))
+        if wait_loaded:
+            self.call(self.server.wait_loaded(), timeout=LOAD_TIMEOUT_S)
+        return self
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        """Run ``coroutine`` on the server's event loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start ``coroutine`` on the server's event loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    @property
+    def grpc_port(self) -> int:
+        assert self.server is not None
+        return self.server.grpc_port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            server = self.server
+
+            async def stop() -> None:
+                await server.request_stop()
+
+            self.call(stop(), timeout=120.0)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30.0)
+        self._loop.close()
+
+    def __enter__(self) -> InProcessServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
