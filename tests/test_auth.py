@@ -287,6 +287,4 @@ def test_a_token_server_refuses_unknown_methods_before_saying_unimplemented(serv
             call(b"", timeout=10)
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
         delete = ft_grpc.FineTuningStub(channel).DeleteModel
-        assert (
-            _code(lambda: delete(ft_pb.DeleteModelRequest(name="x"), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
-        )
+        assert _code(lambda: delete(ft_pb.DeleteModelRequest(name="x"), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED

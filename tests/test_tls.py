@@ -57,9 +57,7 @@ def _tls_server(serve_inprocess, files: dict[str, Path], *, mutual: bool = False
 
 def _liveness(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode | int:
     """The health service "liveness" over a new channel: its status, or the call's error code."""
-    channel = (
-        grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
-    )
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -98,9 +96,7 @@ def test_tritonclient_and_the_sdk_classify_over_tls(serve_inprocess, tls_files, 
     assert asyncio.run(run_async()) == 2
 
 
-def test_plaintext_and_untrusting_clients_fail_against_the_tls_port(
-    serve_inprocess, tls_files, other_ca
-) -> None:
+def test_plaintext_and_untrusting_clients_fail_against_the_tls_port(serve_inprocess, tls_files, other_ca) -> None:
     server = _tls_server(serve_inprocess, tls_files, wait_loaded=False)
     assert _liveness(server.target, grpc.ssl_channel_credentials(tls_files["ca"].read_bytes())) == SERVING
     assert _liveness(server.target, None) == grpc.StatusCode.UNAVAILABLE
@@ -126,9 +122,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_of_the_ca(
     member = grpc.ssl_channel_credentials(trust, private_key=good.key, certificate_chain=good.cert)
     assert _liveness(server.target, member) == SERVING
     cert, key = write_pair(tmp_path / "client", good, "client")
-    with Client(
-        server.target, root_certificates=tls_files["ca"], client_certificate=cert, client_key=key
-    ) as sdk:
+    with Client(server.target, root_certificates=tls_files["ca"], client_certificate=cert, client_key=key) as sdk:
         assert len(sdk.classify(photos["china"], model="alexnet", top_k=1)[0]) == 1
     with Client(server.target, root_certificates=tls_files["ca"], retries=0) as sdk:  # no client certificate
         with pytest.raises(UnavailableError):

@@ -155,7 +155,9 @@ class TokenFile:
             if initial:
                 raise FailedPreconditionError(f"cannot read --auth-token-file {self.path}: {exc}") from exc
             if self._signature is not None:
-                log.error("cannot read --auth-token-file %s (%s): refusing every token until it is back", self.path, exc)
+                log.error(
+                    "cannot read --auth-token-file %s (%s): refusing every token until it is back", self.path, exc
+                )
             self._signature, self._digests = None, ()
             return
         if not tokens:
@@ -165,7 +167,9 @@ class TokenFile:
             log.error("%s: refusing every token until it does", message)
         for token in tokens:
             if len(token) < 16:
-                log.warning("a token in %s is only %d characters long: use 32 random bytes or more", self.path, len(token))
+                log.warning(
+                    "a token in %s is only %d characters long: use 32 random bytes or more", self.path, len(token)
+                )
         if not initial:
             log.info("re-read %s: %d token(s)", self.path, len(tokens))
         self._signature = signature

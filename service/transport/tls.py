@@ -80,7 +80,9 @@ class CertificateFiles:
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._current.config, self.fetch, require_client_authentication=self.mutual
+            self._current.config,
+            self.fetch,  # type: ignore[arg-type]  # gRPC documents None as "no change"; its stubs do not
+            require_client_authentication=self.mutual,
         )
 
     def _signature(self) -> tuple[tuple[int, ...], ...]:
