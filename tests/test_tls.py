@@ -57,7 +57,13 @@ def _tls_server(serve_inprocess, files: dict[str, Path], *, mutual: bool = False
 
 def _liveness(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode | int:
     """The health service "liveness" over a new channel: its status, or the call's error code."""
-    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    # A subchannel of its own: a fresh connection, so every check is a new handshake.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channel = (
+        grpc.insecure_channel(target, options=options)
+        if credentials is None
+        else grpc.secure_channel(target, credentials, options=options)
+    )
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
