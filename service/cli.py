@@ -168,6 +168,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         if value not in allowed:
             flag = "--" + option.replace("_", "-")
             raise SystemExit(f"vision-serve: error: {flag} {value!r}: choose one of {', '.join(allowed)}")
+    if args.health_port and args.health_port in (args.grpc_port, args.metrics_port):
+        raise SystemExit("vision-serve: error: --health-port must differ from --grpc-port and --metrics-port")
     if args.max_queue_size < args.max_batch_size:
         raise SystemExit("vision-serve: error: --max-queue-size must be at least --max-batch-size")
     return ServeConfig(

@@ -218,5 +218,7 @@ def test_tls_options_from_the_command_line_and_environment(tls_files) -> None:
         tls_files["cert"], tls_files["key"], tls_files["ca"],
     )  # fmt: skip
     assert config.health_port == 8003 and config.metrics_host == "127.0.0.1"
+    with pytest.raises(SystemExit, match="--health-port must differ"):
+        config_from_args(build_serve_parser({}).parse_args(["--health-port", "8001"]))
     defaults = config_from_args(build_serve_parser({}).parse_args([]))
     assert defaults.tls_cert_file is None and defaults.health_port is None and defaults.metrics_host is None
