@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SERVE_ARGS ?=
 
-.PHONY: install install-test serve test protos bench lint clean
+.PHONY: install install-test serve test protos bench lint clean image-test
 
 include deploy/tools.mk
 
@@ -44,6 +44,12 @@ protos: install-test
 
 bench: install-test
 	$(PY) bench/throughput.py $(BENCH_ARGS)
+
+# Builds the image, runs it with a token and TLS, checks health, an inference and a refused
+# management call, stops it with SIGTERM (minutes, gigabytes; not part of `make test`).
+# Settings: ENGINE, IMAGE, PYTHON_IMAGE, TORCH_INDEX, BUILD_ARGS, SKIP_BUILD (deploy/image-test.sh).
+image-test: install
+	PY=$(PY) deploy/image-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

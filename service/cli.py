@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from service.config import DEFAULT_MODELS, BatchingConfig, ServeConfig
+from service.config import AUTH_SCOPES, DEFAULT_MODELS, BatchingConfig, ServeConfig
 from service.errors import VisionServeError
 
 ENV_PREFIX = "VISION_SERVE_"
@@ -86,6 +86,13 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     opt.add("--host", default=d.host, help="address to listen on")
     opt.add("--grpc-port", default=d.grpc_port, type=_port, help="gRPC port (0: any free port)")
     opt.add("--metrics-port", default=d.metrics_port, type=_port, help="Prometheus /metrics port")
+    opt.add("--metrics-host", default=d.metrics_host, help="address of the metrics port (default: --host)")
+    opt.add(
+        "--health-port",
+        default=d.health_port,
+        type=_port,
+        help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes when gRPC uses TLS)",
+    )
     opt.add("--models", default=",".join(d.models), type=_model_list, help="comma-separated models to serve")
     opt.add(
         "--weights",
@@ -126,7 +133,27 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         type=_positive_float,
         help="how often to look for models other replicas wrote to the store",
     )
-    opt.add("--auth-token-file", default=None, type=Path, help="file with the bearer token FineTuning RPCs require")
+    opt.add(
+        "--auth-token-file",
+        default=None,
+        type=Path,
+        help="bearer tokens, one a line, re-read when the file changes; management RPCs need one "
+        "(without this file they are accepted from loopback only)",
+    )
+    opt.add(
+        "--auth-scope",
+        default=d.auth_scope,
+        choices=AUTH_SCOPES,
+        help="what the tokens protect: 'management' RPCs, or 'all' RPCs (health stays open)",
+    )
+    opt.add("--tls-cert-file", default=None, type=Path, help="PEM certificate chain: the gRPC port speaks TLS")
+    opt.add("--tls-key-file", default=None, type=Path, help="PEM private key of --tls-cert-file")
+    opt.add(
+        "--tls-client-ca-file",
+        default=None,
+        type=Path,
+        help="PEM CA bundle: mutual TLS, clients need a certificate it signed",
+    )
     opt.add(
         "--drain-seconds", default=d.drain_seconds, type=_non_negative_float, help="grace for in-flight work on SIGTERM"
     )
@@ -136,17 +163,21 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     # argparse checks choices on the command line only, not on defaults taken from the environment.
-    for option, allowed in (("dtype", DTYPE_CHOICES), ("log_level", LOG_LEVELS)):
+    for option, allowed in (("dtype", DTYPE_CHOICES), ("log_level", LOG_LEVELS), ("auth_scope", AUTH_SCOPES)):
         value = getattr(args, option)
         if value not in allowed:
             flag = "--" + option.replace("_", "-")
             raise SystemExit(f"vision-serve: error: {flag} {value!r}: choose one of {', '.join(allowed)}")
+    if args.health_port and args.health_port in (args.grpc_port, args.metrics_port):
+        raise SystemExit("vision-serve: error: --health-port must differ from --grpc-port and --metrics-port")
     if args.max_queue_size < args.max_batch_size:
         raise SystemExit("vision-serve: error: --max-queue-size must be at least --max-batch-size")
     return ServeConfig(
         host=args.host,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host or None,
+        health_port=args.health_port,
         models=tuple(args.models),
         weights=args.weights,
         device=args.device,
@@ -163,6 +194,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model_store=args.model_store,
         store_poll_seconds=args.store_poll_seconds,
         auth_token_file=args.auth_token_file,
+        auth_scope=args.auth_scope,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
+        tls_client_ca_file=args.tls_client_ca_file,
         drain_seconds=args.drain_seconds,
         log_level=args.log_level,
     )

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODELS: tuple[str, ...] = ("alexnet", "vgg16", "resnet101")
+# What --auth-token-file protects: "management" RPCs only, or "all" (inference too; health never).
+AUTH_SCOPES: tuple[str, ...] = ("management", "all")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,12 @@ class ServeConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     model_store: Path | None = None  # None: fine-tuning is off
     store_poll_seconds: float = 5.0
-    auth_token_file: Path | None = None
+    auth_token_file: Path | None = None  # one token a line, re-read when it changes
+    auth_scope: str = "management"  # one of AUTH_SCOPES
+    tls_cert_file: Path | None = None  # PEM chain; with tls_key_file, the gRPC port speaks TLS only
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # mutual TLS: clients need a certificate this CA signed
+    metrics_host: str | None = None  # None: the same address as host
+    health_port: int | None = None  # a plaintext port serving grpc.health.v1 only (probes under TLS)
     drain_seconds: float = 25.0
     log_level: str = "INFO"

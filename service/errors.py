@@ -14,6 +14,7 @@ imports gRPC.
     ├── UnavailableError         UNAVAILABLE        not ready yet, or draining
     │   └── QueueClosedError                        the model was replaced or stopped
     ├── AuthenticationError      UNAUTHENTICATED    missing or wrong token
+    ├── PermissionDeniedError    PERMISSION_DENIED  a caller this server does not let in
     ├── FailedPreconditionError  FAILED_PRECONDITION
     │   └── WeightsUnavailableError                 weights cannot be loaded
     └── InternalError            INTERNAL           a bug or a device failure
@@ -64,6 +65,13 @@ class QueueClosedError(UnavailableError):
 
 class AuthenticationError(VisionServeError):
     status = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(VisionServeError):
+    """The caller may not make this call whatever it sends: a management call from a
+    non-loopback peer to a server that has no token file."""
+
+    status = "PERMISSION_DENIED"
 
 
 class FailedPreconditionError(VisionServeError):

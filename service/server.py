@@ -25,11 +25,12 @@ from service.devices import resolve_devices
 from service.metrics import ServerMetrics
 from service.models import WeightsSource
 from service.repository import ModelRepository, ServedModel
-from service.transport.auth import BearerTokenInterceptor, read_token
+from service.transport.auth import AuthorizationInterceptor, policy_from
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
 from service.transport.inference import InferenceServicer
 from service.transport.models import ModelsServicer
+from service.transport.tls import CertificateFiles, TlsFiles
 from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -60,7 +61,11 @@ class VisionServer:
         self.dataplane = DataPlane(config, self.repository, self.metrics, self._decode_pool)
         self.store = ModelStore(config.model_store) if config.model_store is not None else None
         self.jobs = JobManager(self.dataplane, self.repository, self.store, self.metrics)
-        self._token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
+        self._access = policy_from(config.auth_token_file, config.auth_scope)
+        tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        self._tls = CertificateFiles(tls_files) if tls_files is not None else None
+        self._health_grpc: grpc.aio.Server | None = None
+        self.health_port = 0
         self._sync_task: asyncio.Task[None] | None = None
         self.health = HealthServicer()
         self.grpc_port = 0
@@ -75,9 +80,10 @@ class VisionServer:
         """Bind the ports and begin loading the models in the background."""
         self.repository.declare_builtin(list(self.config.models))
         self.repository.add_listener(self._on_model_state)
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
-        if self._token is not None:
-            interceptors.append(BearerTokenInterceptor(self._token))  # inside: its refusals get mapped
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ErrorMappingInterceptor(),
+            AuthorizationInterceptor(self._access),  # inside: its refusals get mapped
+        ]
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -101,26 +107,43 @@ class VisionServer:
             self._grpc,
             pool=_reflection_pool(),
         )
-        self.grpc_port = self._grpc.add_insecure_port(f"{_host(self.config.host)}:{self.config.grpc_port}")
+        address = f"{_host(self.config.host)}:{self.config.grpc_port}"
+        if self._tls is None:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        else:
+            self.grpc_port = self._grpc.add_secure_port(address, self._tls.credentials())
         await self._grpc.start()
+        if self.config.health_port is not None:
+            await self._start_health_port(self.config.health_port)
         await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.health.set("", NOT_SERVING)
         for model in self.repository.all():
             await self.health.set(model.name, NOT_SERVING)
+        metrics_host = self.config.metrics_host or self.config.host
         self._metrics_http, _ = start_http_server(
-            self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
+            self.config.metrics_port, addr=metrics_host, registry=self.metrics.registry
         )
         self.metrics_port = self._metrics_http.server_port
         log.info(
-            "serving gRPC on %s:%d and metrics on http://%s:%d/metrics; loading %s on %s",
+            "serving gRPC (%s) on %s:%d and metrics on http://%s:%d/metrics; loading %s on %s",
+            "plaintext" if self._tls is None else "mutual TLS" if self._tls.mutual else "TLS",
             self.config.host,
             self.grpc_port,
-            self.config.host,
+            metrics_host,
             self.metrics_port,
             ", ".join(self.config.models),
             ", ".join(str(d) for d in self.devices),
         )
         self._loading = asyncio.create_task(self._load())
+
+    async def _start_health_port(self, port: int) -> None:
+        """A second, plaintext port that serves grpc.health.v1 and nothing else: kubelet's gRPC
+        probes cannot speak TLS. It shares the health servicer, so it tells the same story."""
+        self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        self.health_port = self._health_grpc.add_insecure_port(f"{_host(self.config.host)}:{port}")
+        await self._health_grpc.start()
+        log.info("serving health checks only, in plaintext, on %s:%d", self.config.host, self.health_port)
 
     async def wait_loaded(self) -> None:
         """Wait until every model has loaded; raises what failed, if anything did."""
@@ -171,6 +194,8 @@ class VisionServer:
             self._loading.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(grace=None)
         await self.repository.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -30,6 +30,9 @@ OVERLAYS = ("cpu", "gpu")
 APP = "vision-serving"
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+HEALTH_PORT = 8003  # plaintext, health checks only: the kubelet's gRPC probes cannot speak TLS
+AUTH_SECRET, AUTH_KEY, AUTH_DIR = "vision-serving-auth", "token", "/etc/vision/auth"
+TLS_SECRET, TLS_DIR = "vision-serving-tls", "/etc/vision/tls"
 MODEL_STORE = "/var/lib/vision/models"
 # Kubernetes versions the built-in objects must be valid for: the oldest we support (gRPC probes
 # are GA since 1.27) and the newest schema kubernetes-validate ships.
@@ -191,7 +194,9 @@ def test_probes_are_native_grpc_health_checks(workload: Workload) -> None:
         probe = c.get(name)
         assert probe, f"{name} missing"
         assert set(probe) & {"httpGet", "tcpSocket", "exec"} == set(), f"{name} must be a gRPC probe: {probe}"
-        assert probe["grpc"]["port"] == GRPC_PORT, probe
+        assert probe["grpc"]["port"] == HEALTH_PORT, probe
+    # The plaintext health-only port is what the probes reach, with or without TLS on 8001.
+    assert workload.env_value("VISION_SERVE_HEALTH_PORT") == str(HEALTH_PORT)
     # "" is the whole server (all models loaded, not draining); "liveness" is the process.
     assert c["readinessProbe"]["grpc"].get("service", "") == ""
     assert c["livenessProbe"]["grpc"]["service"] == "liveness"
@@ -237,7 +242,7 @@ def test_model_store_is_a_shared_volume(workload: Workload) -> None:
 
 def test_ports_resources_annotations_and_spread(workload: Workload) -> None:
     ports = {p["name"]: p["containerPort"] for p in workload.container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "health": HEALTH_PORT}
     resources = workload.container["resources"]
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(resources[kind]), f"{kind}: {resources.get(kind)}"

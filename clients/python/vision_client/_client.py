@@ -29,6 +29,7 @@ import grpc.aio
 import numpy as np
 
 from vision_client import _protocol as proto
+from vision_client._channel import PemSource, channel_credentials, check_token_transport
 from vision_client._images import ImageInput, encode_images
 from vision_client._proto.inference import grpc_service_pb2 as infer_pb
 from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -89,9 +90,14 @@ class BaseClient:
 
     - ``timeout``: seconds each RPC may take, its retries included (None: no deadline);
       every method takes ``timeout=`` to override it for one call.
-    - ``token``: sent as ``authorization: Bearer <token>`` with every call.
-    - ``tls``: True for TLS with the system's root certificates, or your own
-      ``grpc.ChannelCredentials``.
+    - ``token``: sent as ``authorization: Bearer <token>`` with every call. It is sent in
+      plaintext only to loopback targets, unless ``allow_insecure_token=True``.
+    - ``tls``: True for TLS (with the system's root certificates unless
+      ``root_certificates`` is given), False for plaintext, or your own
+      ``grpc.ChannelCredentials``; unset, TLS is on when a certificate option is given.
+    - ``root_certificates``: the CA certificates that sign the server's certificate.
+    - ``client_certificate``, ``client_key``: this client's certificate chain and key, for
+      servers that want mutual TLS. The three are PEM: a path, or the bytes.
     - ``retries``: how many times an idempotent call is retried after UNAVAILABLE, or a
       :class:`Retry` (0 or None: never).
     - ``max_message_bytes``: the largest message sent or received; calls with more
@@ -108,7 +114,11 @@ class BaseClient:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         token: str | None = None,
-        tls: bool | grpc.ChannelCredentials = False,
+        tls: bool | grpc.ChannelCredentials | None = None,
+        root_certificates: PemSource | None = None,
+        client_certificate: PemSource | None = None,
+        client_key: PemSource | None = None,
+        allow_insecure_token: bool = False,
         retries: int | Retry | None = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST,
@@ -125,7 +135,8 @@ class BaseClient:
         self.retry = Retry.of(retries)
         self.max_message_bytes = max_message_bytes
         self.max_images_per_request = max_images_per_request
-        self._credentials = _credentials(tls)
+        self._credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+        check_token_transport(target, token, self._credentials, allow_insecure_token)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._options = _channel_options(max_message_bytes, options)
         self._labels: dict[str, tuple[str, ...]] = {}
@@ -815,16 +826,6 @@ def _check_timeout(timeout: float | None) -> float | None:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"timeout must be a positive number of seconds or None (no deadline), got {timeout!r}")
     return None if timeout is None else float(timeout)
-
-
-def _credentials(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredentials | None:
-    if isinstance(tls, grpc.ChannelCredentials):
-        return tls
-    if tls is True:
-        return grpc.ssl_channel_credentials()  # the system's root certificates
-    if tls is False:
-        return None
-    raise TypeError(f"tls must be a bool or grpc.ChannelCredentials, got {type(tls).__name__}")
 
 
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:

@@ -1,6 +1,7 @@
 """``vision-client``: classify images, fine-tune heads, list models and check health from a shell.
 
-    vision-client [--target HOST:PORT] [--token TOKEN] [--timeout S] [--tls] COMMAND
+    vision-client [--target HOST:PORT] [--token TOKEN] [--timeout S]
+                  [--tls] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] COMMAND
 
     vision-client classify IMAGE... [--model M] [--top-k K] [--json]
     vision-client models [--json]
@@ -144,13 +145,41 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: Defaults 
         default=default(DEFAULT_TIMEOUT),
         help=f"seconds per call (default {DEFAULT_TIMEOUT:g})",
     )
-    parser.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS")
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False), help="connect with TLS (the system's root certificates)"
+    )
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", default=default(None), help="PEM CA certificates of the server (implies --tls)"
+    )
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", default=default(None), help="PEM client certificate, for mutual TLS"
+    )
+    parser.add_argument("--tls-key", metavar="FILE", default=default(None), help="PEM key of --tls-cert")
+    parser.add_argument(
+        "--allow-insecure-token",
+        action="store_true",
+        default=default(False),
+        help="send --token over plaintext to a non-loopback target (only on a trusted or encrypted network)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(Defaults.from_env(os.environ)).parse_args(argv)
     try:
-        with Client(args.target, timeout=args.timeout, token=args.token, tls=args.tls) as client:
+        client = Client(
+            args.target,
+            timeout=args.timeout,
+            token=args.token,
+            tls=args.tls or None,
+            root_certificates=args.tls_ca,
+            client_certificate=args.tls_cert,
+            client_key=args.tls_key,
+            allow_insecure_token=args.allow_insecure_token,
+        )
+    except ValueError as error:  # connection options that cannot work together
+        return _fail(str(error))
+    try:
+        with client:
             return COMMANDS[args.command](client, args)
     except UnavailableError as error:
         return _fail(f"{error} (target {args.target})")

@@ -1,0 +1,290 @@
+"""Who may call what: the scope table, the loopback rule, tokens (several, re-read), --auth-scope.
+
+The rule itself (``AccessPolicy``, ``is_loopback_peer``) is tested as pure functions with peer
+strings of every kind, since tests can only reach servers over loopback; the server tests
+show the same rule end to end on a real server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.config import ServeConfig
+from service.errors import AuthenticationError, FailedPreconditionError, PermissionDeniedError
+from service.transport.auth import (
+    RPC_SCOPES,
+    AccessPolicy,
+    Scope,
+    TokenFile,
+    bearer_token,
+    is_loopback_peer,
+    parse_tokens,
+    policy_from,
+    scope_of,
+)
+from vision_client._proto.inference import grpc_service_pb2 as infer_pb
+from vision_client._proto.inference import grpc_service_pb2_grpc as infer_grpc
+from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
+from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+from vision_client._proto.vision.v1 import models_pb2
+
+TOKEN_A = "a-first-token-0123456789abcdef"
+TOKEN_B = "b-second-token-0123456789abcdef"
+
+# -- the scope table -------------------------------------------------------------------------
+
+
+def _methods(file_descriptor, service: str) -> set[str]:
+    described = file_descriptor.services_by_name[service]
+    return {f"/{described.full_name}/{method.name}" for method in described.methods}
+
+
+def test_every_method_the_server_exposes_has_a_scope() -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    exposed = (
+        _methods(infer_pb.DESCRIPTOR, "GRPCInferenceService")
+        | _methods(models_pb2.DESCRIPTOR, "Models")
+        | _methods(ft_pb.DESCRIPTOR, "FineTuning")
+        | _methods(health_pb2.DESCRIPTOR, "Health")
+        | _methods(reflection_pb2.DESCRIPTOR, "ServerReflection")
+    )
+    missing = exposed - set(RPC_SCOPES)
+    assert not missing, f"give these RPCs a scope in service/transport/auth.py RPC_SCOPES: {sorted(missing)}"
+
+
+def test_management_is_fine_tuning_and_model_load_unload() -> None:
+    management = {method for method, scope in RPC_SCOPES.items() if scope is Scope.MANAGEMENT}
+    assert management == _methods(ft_pb.DESCRIPTOR, "FineTuning") | {
+        "/inference.GRPCInferenceService/RepositoryModelLoad",
+        "/inference.GRPCInferenceService/RepositoryModelUnload",
+    }
+    assert "/vision.v1.FineTuning/DeleteModel" in management
+    assert {m for m, s in RPC_SCOPES.items() if s is Scope.OPEN} == {
+        "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List",
+    }  # fmt: skip
+    assert scope_of("/inference.GRPCInferenceService/ModelInfer") is Scope.INFERENCE
+    assert scope_of("/inference.GRPCInferenceService/ModelStreamInfer") is Scope.INFERENCE
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["/inference.GRPCInferenceService/SystemSharedMemoryRegister", "/vision.v2.Anything/New", "", "garbage"],
+)
+def test_unknown_methods_get_the_stricter_scope(method: str) -> None:
+    assert scope_of(method) is Scope.MANAGEMENT
+
+
+# -- the loopback rule -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "loopback"),
+    [
+        ("ipv4:127.0.0.1:50000", True),
+        ("ipv4:127.0.0.2:1", True),  # all of 127.0.0.0/8
+        ("ipv4:127.255.255.254:1", True),
+        ("ipv6:[::1]:5", True),
+        ("ipv6:%5B::1%5D:36950", True),  # how grpcio 1.81 writes it
+        ("ipv6:[::ffff:127.0.0.1]:5", True),  # IPv4-mapped loopback
+        ("ipv6:%5B::ffff:127.0.0.9%5D:5", True),
+        ("unix:/run/vision.sock", True),
+        ("unix:", True),
+        ("unix-abstract:vision", True),
+        ("ipv4:10.0.0.5:1234", False),
+        ("ipv4:192.168.1.20:443", False),
+        ("ipv4:0.0.0.0:1", False),
+        ("ipv4:128.0.0.1:1", False),
+        ("ipv6:[::ffff:10.0.0.5]:5", False),  # IPv4-mapped, not loopback
+        ("ipv6:[2001:db8::1]:5", False),
+        ("ipv6:[::]:5", False),
+        ("ipv6:[fe80::1%25eth0]:5", False),
+        ("ipv6:[::1:5", False),  # no closing bracket
+        ("ipv4:localhost:5", False),  # names are not addresses
+        ("ipv4:", False),
+        ("127.0.0.1:5", False),  # no scheme: not a gRPC peer string
+        ("vsock:3:5", False),
+        ("", False),
+    ],
+)
+def test_the_peer_rule(peer: str, loopback: bool) -> None:
+    assert is_loopback_peer(peer) is loopback
+
+
+def test_without_a_token_management_is_refused_to_other_hosts_with_a_how_to() -> None:
+    policy = AccessPolicy(tokens=None)
+    management = "/vision.v1.FineTuning/DeleteModel"
+    policy.check(scope_of(management), [], "ipv4:127.0.0.1:4000")
+    policy.check(scope_of(management), [], "ipv6:%5B::1%5D:4000")
+    for peer in ("ipv4:10.0.0.5:1234", "ipv6:[::ffff:10.0.0.5]:1", "ipv6:[2001:db8::7]:9"):
+        with pytest.raises(PermissionDeniedError) as refused:
+            policy.check(Scope.MANAGEMENT, [], peer)
+        assert "--auth-token-file" in refused.value.message and "authorization: Bearer" in refused.value.message
+        policy.check(Scope.INFERENCE, [], peer)  # inference stays open
+        policy.check(Scope.OPEN, [], peer)
+    # A token does not help when the server has none to compare it with.
+    with pytest.raises(PermissionDeniedError):
+        policy.check(Scope.MANAGEMENT, ["Bearer anything"], "ipv4:10.0.0.5:1")
+
+
+def test_with_a_token_loopback_is_no_exemption(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN_A}\n")
+    policy = AccessPolicy(TokenFile(path))
+    for peer in ("ipv4:127.0.0.1:1", "ipv4:10.0.0.5:1"):
+        with pytest.raises(AuthenticationError, match="needs 'authorization: Bearer <token>'"):
+            policy.check(Scope.MANAGEMENT, [], peer)
+        with pytest.raises(AuthenticationError, match="not valid"):
+            policy.check(Scope.MANAGEMENT, ["Bearer nope"], peer)
+        policy.check(Scope.MANAGEMENT, [f"Bearer {TOKEN_A}"], peer)
+        policy.check(Scope.INFERENCE, [], peer)  # --auth-scope management
+    protect_all = AccessPolicy(TokenFile(path), protect_inference=True)
+    with pytest.raises(AuthenticationError):
+        protect_all.check(Scope.INFERENCE, [], "ipv4:127.0.0.1:1")
+    protect_all.check(Scope.OPEN, [], "ipv4:10.0.0.5:1")
+
+
+@pytest.mark.parametrize(
+    ("values", "token"),
+    [
+        (["Bearer abc"], "abc"),
+        (["bearer abc"], "abc"),  # RFC 6750: the scheme is case-insensitive
+        (["  Bearer   abc  "], "abc"),
+        (["Basic abc"], None),
+        (["Bearer"], None),
+        (["Bearer "], None),
+        (["abc"], None),
+        ([], None),
+        (["Bearer abc", "Bearer def"], None),  # one, and only one
+    ],
+)
+def test_bearer_header_parsing(values: list[str], token: str | None) -> None:
+    assert bearer_token(values) == token
+
+
+# -- the token file --------------------------------------------------------------------------
+
+
+def test_token_file_lines_comments_and_blank_lines() -> None:
+    assert parse_tokens("# rotated 2026-11\n\n  tok-1  \ntok-2\r\n   # old one removed\n") == ("tok-1", "tok-2")
+    assert parse_tokens("\n \n# only comments\n") == ()
+
+
+def test_token_file_must_hold_a_token_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    with pytest.raises(FailedPreconditionError, match="cannot read --auth-token-file"):
+        TokenFile(path)
+    path.write_text("# nothing yet\n\n")
+    with pytest.raises(FailedPreconditionError, match="holds no token"):
+        TokenFile(path)
+
+
+def test_token_file_changes_apply_at_once_and_a_lost_file_refuses_everything(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN_A}\n")
+    tokens = TokenFile(path)
+    assert tokens.accepts(TOKEN_A) and not tokens.accepts(TOKEN_B)
+    path.write_text(f"{TOKEN_A}\n{TOKEN_B}\n")
+    assert tokens.accepts(TOKEN_A) and tokens.accepts(TOKEN_B)
+    path.write_text(f"{TOKEN_B}\n")
+    assert not tokens.accepts(TOKEN_A) and tokens.accepts(TOKEN_B)
+    assert not tokens.accepts(TOKEN_B[:-1]) and not tokens.accepts(TOKEN_B + "x") and not tokens.accepts("")
+    path.unlink()
+    assert not tokens.accepts(TOKEN_B)  # fail closed
+    path.write_text(f"{TOKEN_A}\n")
+    assert tokens.accepts(TOKEN_A)
+    path.write_text("\n")
+    assert not tokens.accepts(TOKEN_A)
+
+
+def test_auth_scope_all_needs_a_token_file(tmp_path: Path) -> None:
+    with pytest.raises(FailedPreconditionError, match="--auth-scope all .* --auth-token-file"):
+        policy_from(None, "all")
+    from service.cli import build_serve_parser, config_from_args
+
+    with pytest.raises(SystemExit):
+        config_from_args(build_serve_parser({"VISION_SERVE_AUTH_SCOPE": "everything"}).parse_args([]))
+    assert config_from_args(build_serve_parser({}).parse_args([])).auth_scope == "management"
+    assert ServeConfig().auth_scope == "management"
+
+
+# -- on a real server ------------------------------------------------------------------------
+
+
+def _auth(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _code(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_auth_scope_all_and_two_tokens_rotated_without_a_restart(serve_inprocess, tmp_path: Path, photos) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN_A}\n{TOKEN_B}\n")
+    server = serve_inprocess(auth_token_file=tokens, auth_scope="all")
+    with grpc.insecure_channel(server.target) as channel:
+        infer = infer_grpc.GRPCInferenceServiceStub(channel)
+        jobs = ft_grpc.FineTuningStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def live(token: str | None) -> grpc.StatusCode:
+            return _code(lambda: infer.ServerLive(infer_pb.ServerLiveRequest(), metadata=_auth(token), timeout=10))
+
+        def classify(token: str | None) -> grpc.StatusCode:
+            request = infer_pb.ModelInferRequest(model_name="alexnet")
+            tensor = request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+            tensor.contents.bytes_contents.append(photos["china"])
+            return _code(lambda: infer.ModelInfer(request, metadata=_auth(token), timeout=60))
+
+        def list_jobs(token: str | None) -> grpc.StatusCode:
+            return _code(lambda: jobs.ListJobs(ft_pb.ListJobsRequest(), metadata=_auth(token), timeout=10))
+
+        for call in (live, classify, list_jobs):
+            assert call(None) == grpc.StatusCode.UNAUTHENTICATED, call.__name__
+            assert call("wrong") == grpc.StatusCode.UNAUTHENTICATED, call.__name__
+            assert call(TOKEN_A) == grpc.StatusCode.OK, call.__name__
+            assert call(TOKEN_B) == grpc.StatusCode.OK, call.__name__
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)  # no token
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        with pytest.raises(grpc.RpcError) as missing:
+            infer.ServerLive(infer_pb.ServerLiveRequest(), timeout=10)
+        assert "authorization: Bearer" in missing.value.details()
+
+        # Roll out B, retire A: no restart.
+        tokens.write_text(f"{TOKEN_B}\n")
+        assert live(TOKEN_A) == grpc.StatusCode.UNAUTHENTICATED
+        assert list_jobs(TOKEN_A) == grpc.StatusCode.UNAUTHENTICATED
+        assert live(TOKEN_B) == grpc.StatusCode.OK
+        assert classify(TOKEN_B) == grpc.StatusCode.OK
+
+
+def test_without_a_token_loopback_manages_and_inference_is_open(serve_inprocess) -> None:
+    server = serve_inprocess(wait_loaded=False)
+    with grpc.insecure_channel(server.target) as channel:
+        reply = ft_grpc.FineTuningStub(channel).ListJobs(ft_pb.ListJobsRequest(), timeout=10)
+        assert list(reply.jobs) == []
+        assert infer_grpc.GRPCInferenceServiceStub(channel).ServerLive(infer_pb.ServerLiveRequest(), timeout=10).live
+
+
+def test_a_token_server_refuses_unknown_methods_before_saying_unimplemented(serve_inprocess, tmp_path) -> None:
+    """An unregistered method is UNIMPLEMENTED for everyone: nothing to protect, nothing revealed."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN_A}\n")
+    server = serve_inprocess(auth_token_file=tokens, wait_loaded=False)
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_unary("/vision.v1.FineTuning/Nope")
+        with pytest.raises(grpc.RpcError) as error:
+            call(b"", timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        delete = ft_grpc.FineTuningStub(channel).DeleteModel
+        assert _code(lambda: delete(ft_pb.DeleteModelRequest(name="x"), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
