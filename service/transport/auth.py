@@ -11,7 +11,11 @@ import grpc
 
 from service.errors import AuthenticationError, FailedPreconditionError
 
-PROTECTED_PREFIXES = ("/vision.v1.FineTuning/",)
+PROTECTED_PREFIXES = (
+    "/vision.v1.FineTuning/",
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
