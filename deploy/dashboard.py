@@ -124,6 +124,7 @@ def render(
                     series.values,
                     label=legend(target.get("legendFormat", ""), series.labels),
                     linewidth=1,
+                    marker="." if len(series.values) < 20 else None,  # a short-lived series stays visible
                 )
                 plotted += 1
         if plotted:
@@ -131,6 +132,7 @@ def render(
         else:
             axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes, color="grey")
         unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
+        axis.set_xlim(0, end - start)
         axis.set_xlabel("seconds", fontsize=8)
         axis.set_ylabel({"s": "seconds", "ops": "per second", "reqps": "requests/s", "bytes": "bytes"}.get(unit, ""))
         axis.tick_params(labelsize=7)
