@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -321,9 +322,7 @@ class ModelRepository:
                 instance,
                 max_batch_size=batching.max_batch_size,
                 max_delay_s=batching.max_queue_delay_s,
-                on_batch=lambda stats, name=model.name, version=model.version: self._metrics.record_batch(
-                    name, stats, version
-                ),
+                on_batch=partial(self._metrics.record_batch, model.name, version=model.version),
                 warm_up_shape=(3, model.input_size, model.input_size) if warm_up else None,
             )
             worker.start()
