@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SERVE_ARGS ?=
 
-.PHONY: install install-test serve test protos bench lint clean image-test
+.PHONY: install install-test serve test protos bench lint clean image-test kserve-venv
 
 include deploy/tools.mk
 
@@ -23,7 +23,19 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test system-test-tools k8s-test-tools
+install-test: $(VENV)/.installed-test system-test-tools k8s-test-tools kserve-venv
+
+# KServe's client for tests/test_kserve.py, in an environment of its own: kserve pulls in
+# pandas, fastapi, the Kubernetes client and more, none of which the project needs.
+KSERVE_VENV ?= .venv-kserve
+KSERVE_VERSION := 0.21.0
+
+$(KSERVE_VENV)/.installed:
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install --quiet kserve==$(KSERVE_VERSION)
+	touch $@
+
+kserve-venv: $(KSERVE_VENV)/.installed
 
 # promtool and prometheus (Debian's package) for the metrics tests; kubectl for manifests.
 .PHONY: system-test-tools
@@ -52,4 +64,4 @@ image-test: install
 	PY=$(PY) deploy/image-test.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(KSERVE_VENV) .pytest_cache

@@ -136,3 +136,21 @@ class BatchQueue:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def close_rejecting(self, error: Exception) -> int:
+        """Close, and answer everything still queued with ``error`` instead of running it.
+
+        The batch a worker already took still runs. Returns how many items were refused.
+        """
+        with self._cond:
+            self._closed = True
+            refused = list(self._pending)
+            self._pending.clear()
+            images, self._images = self._images, 0
+            self._cond.notify_all()
+        if images:
+            self._on_depth_change(-images)
+        for item in refused:
+            if not item.is_cancelled():
+                item.on_result(error)
+        return len(refused)

@@ -72,7 +72,8 @@ class DataPlane:
 
     def ready(self) -> bool:
         models = self.repository.all()
-        return not self._draining and bool(models) and all(m.ready for m in models)
+        # Models unloaded on request (RepositoryModelUnload) do not make the server unready.
+        return not self._draining and bool(models) and all(m.ready for m in models if not m.unloaded)
 
     def model_ready(self, name: str) -> bool:
         return not self._draining and self.repository.get(name).ready
@@ -105,7 +106,8 @@ class DataPlane:
                 self._idle.set()
             # Unknown names share one label so that clients cannot grow the series without bound.
             label = model_name if model_name in self.repository else ""
-            self._metrics.record_request(label, status, time.monotonic() - started)
+            version = self.repository.version_of(label) or "1"
+            self._metrics.record_request(label, status, time.monotonic() - started, version)
 
     async def infer(self, model_name: str, inputs: InferenceInput, *, timeout: float | None = None) -> np.ndarray:
         """Logits [N, C] (float32) of the model for ``inputs``."""

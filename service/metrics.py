@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.runtime import BatchStats
+from service.statistics import StatisticsCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -69,8 +70,11 @@ class ServerMetrics:
         self.finetune_images = Counter(
             "vision_finetune_images", "Training examples run through a head (per epoch).", registry=r
         )
+        # Triton's per model and version statistics (ModelStatistics), from the same events.
+        self.statistics = StatisticsCollector()
 
-    def record_batch(self, model: str, stats: BatchStats) -> None:
+    def record_batch(self, model: str, stats: BatchStats, version: str = "1") -> None:
+        self.statistics.record_batch(model, version, stats)
         self.images.labels(model, stats.device).inc(stats.images)
         self.batches.labels(model, stats.device).inc()
         self.batch_size.labels(model, stats.device).observe(stats.images)
@@ -79,7 +83,9 @@ class ServerMetrics:
         for seconds in stats.queue_seconds:
             queue.observe(seconds)
 
-    def record_request(self, model: str, status: str, seconds: float) -> None:
+    def record_request(self, model: str, status: str, seconds: float, version: str = "1") -> None:
+        if model:
+            self.statistics.record_request(model, version, status == "OK", seconds)
         self.requests.labels(model, status).inc()
         self.request_seconds.labels(model).observe(seconds)
 

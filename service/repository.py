@@ -19,13 +19,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from service.batching import BatchQueue
 from service.config import ServeConfig
 from service.devices import resolve_dtype
-from service.errors import AlreadyExistsError, ModelNotFoundError, UnavailableError
+from service.errors import AlreadyExistsError, InvalidInputError, ModelNotFoundError, UnavailableError
 from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
 from service.preprocess import ImageDecoder
@@ -61,6 +62,9 @@ class ServedModel:
     state: ModelState = ModelState.LOADING
     reason: str = ""
     workers: list[InferenceWorker] = field(default_factory=list)
+    # Unloaded on request (RepositoryModelUnload) or never loaded since: such a model does
+    # not count against the server's readiness.
+    unloaded: bool = False
 
     @property
     def ready(self) -> bool:
@@ -134,16 +138,71 @@ class ModelRepository:
         for model in [m for m in self._models.values() if m.base_model is None]:
             if model.state is not ModelState.LOADING:
                 continue
-            spec = get_model_spec(model.name)
-            try:
-                module = await asyncio.to_thread(build_model, spec, weights)
-                instances = await asyncio.to_thread(self._place, module)
-                await asyncio.to_thread(self._start_workers, model, instances)
-            except Exception as exc:
-                self._set_state(model, ModelState.UNAVAILABLE, str(exc))
-                raise
-            self._set_state(model, ModelState.READY)
-            log.info("model %s ready on %s (weights: %s)", model.name, self._device_names(), weights.describe())
+            await self._build_builtin(model, weights)
+
+    async def _build_builtin(self, model: ServedModel, weights: WeightsSource) -> None:
+        spec = get_model_spec(model.name)
+        try:
+            module = await asyncio.to_thread(build_model, spec, weights)
+            instances = await asyncio.to_thread(self._place, module)
+            await asyncio.to_thread(self._start_workers, model, instances)
+        except Exception as exc:
+            self._set_state(model, ModelState.UNAVAILABLE, str(exc))
+            raise
+        model.unloaded = False
+        self._set_state(model, ModelState.READY)
+        log.info("model %s ready on %s (weights: %s)", model.name, self._device_names(), weights.describe())
+
+    # -- explicit unloading and loading ------------------------------------
+
+    async def unload(self, name: str, reason: str = "") -> None:
+        """Stop serving ``name`` and free its memory (idempotent).
+
+        Requests still queued are answered UNAVAILABLE; a batch already running
+        finishes. The workers stop and the modules are dropped; for a built-in
+        model, its feature extractor too. Fine-tuned models on a built-in one
+        share its backbone: unload them first, or its memory stays held.
+        The model stays listed, UNAVAILABLE, with ``reason``.
+        """
+        model = self.get(name)
+        if model.unloaded:
+            return
+        if model.state is ModelState.LOADING:
+            raise UnavailableError(f"model {name!r} is still loading; unload it once it is ready")
+        reason = reason or "unloaded by RepositoryModelUnload; RepositoryModelLoad serves it again"
+        model.unloaded = True
+        self._set_state(model, ModelState.UNAVAILABLE, reason)
+        stopping = [model]
+        features = self._internal.pop(name + FEATURES_SUFFIX, None) if model.base_model is None else None
+        if features is not None:
+            stopping.append(features)
+        refusal = UnavailableError(f"model {name!r} was unloaded before this request ran: {reason}")
+        for served in stopping:
+            served.queue.close_rejecting(refusal)
+        for served in stopping:
+            for worker in served.workers:
+                await asyncio.to_thread(worker.join)
+            served.workers.clear()
+        self._retired = [m for m in self._retired if any(w.alive for w in m.workers)]
+        log.info("model %s unloaded", name)
+
+    async def load(self, name: str, weights: WeightsSource) -> None:
+        """Build built-in model ``name`` again after :meth:`unload`, warm it up and serve it.
+
+        A no-op for a model that is loaded or loading. Raises what failed,
+        leaving the model UNAVAILABLE with the reason.
+        """
+        current = self.get(name)
+        if current.base_model is not None:
+            raise InvalidInputError(f"{name!r} is a fine-tuned model; it loads from the model store")
+        if not current.unloaded:
+            return
+        spec = get_model_spec(name)
+        model = self._new_served(name, spec, spec.categories, spec.num_classes, platform=BUILTIN_PLATFORM)
+        model.unloaded = True  # until it is ready
+        self._models[name] = model
+        self._set_state(model, ModelState.LOADING)
+        await self._build_builtin(model, weights)
 
     # -- derived models ----------------------------------------------------
 
@@ -263,7 +322,7 @@ class ModelRepository:
                 instance,
                 max_batch_size=batching.max_batch_size,
                 max_delay_s=batching.max_queue_delay_s,
-                on_batch=lambda stats, name=model.name: self._metrics.record_batch(name, stats),
+                on_batch=partial(self._metrics.record_batch, model.name, version=model.version),
                 warm_up_shape=(3, model.input_size, model.input_size) if warm_up else None,
             )
             worker.start()

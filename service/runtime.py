@@ -69,12 +69,28 @@ class ModelInstance:
 
     def forward(self, parts: list[torch.Tensor]) -> np.ndarray:
         """Run the batch made of ``parts`` and return float32 outputs on the host."""
+        return self.forward_timed(parts)[0]
+
+    def forward_timed(self, parts: list[torch.Tensor]) -> tuple[np.ndarray, PhaseTimes]:
+        """:meth:`forward`, and how long its input copy, forward pass and output copy took.
+
+        On CUDA the phases are separated by synchronizing the device; copies are
+        asynchronous, so without that the forward pass would absorb them.
+        """
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda device=None: None)
         with torch.inference_mode():
+            started = time.monotonic()
             batch = self._to_device(parts)
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
+            sync(self.device)
+            copied = time.monotonic()
             output = self.module(batch)
-            return output.float().cpu().numpy()
+            sync(self.device)
+            computed = time.monotonic()
+            result = output.float().cpu().numpy()
+            finished = time.monotonic()
+        return result, PhaseTimes(copied - started, computed - copied, finished - computed)
 
     def warm_up(self, shape: tuple[int, int, int]) -> None:
         self.forward([torch.zeros((1, *shape))])
@@ -96,6 +112,15 @@ class ModelInstance:
 
 
 @dataclass(frozen=True)
+class PhaseTimes:
+    """Seconds one forward pass spent copying inputs in, computing, copying outputs out."""
+
+    input_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    output_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class BatchStats:
     """What one batch did, for metrics."""
 
@@ -103,6 +128,7 @@ class BatchStats:
     images: int
     queue_seconds: list[float]
     compute_seconds: float
+    phases: PhaseTimes | None = None  # None: only the total is known
 
 
 class InferenceWorker:
@@ -166,7 +192,7 @@ class InferenceWorker:
     def _run_batch(self, batch: list[WorkItem]) -> None:
         started = time.monotonic()
         try:
-            outputs = self.instance.forward([item.pixels for item in batch])
+            outputs, phases = self.instance.forward_timed([item.pixels for item in batch])
         except Exception as exc:
             log.exception("forward pass failed on %s", self.instance.label)
             error = InternalError(f"the forward pass failed on {self.instance.label}: {type(exc).__name__}")
@@ -181,6 +207,7 @@ class InferenceWorker:
                 images=int(outputs.shape[0]),
                 queue_seconds=[started - item.enqueued_at for item in batch],
                 compute_seconds=finished - started,
+                phases=phases,
             )
         )
         offset = 0

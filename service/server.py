@@ -23,6 +23,7 @@ from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
 from service.devices import resolve_devices
 from service.metrics import ServerMetrics
+from service.model_control import ModelControl
 from service.models import WeightsSource
 from service.repository import ModelRepository, ServedModel
 from service.transport.auth import AuthorizationInterceptor, policy_from
@@ -31,7 +32,7 @@ from service.transport.fine_tuning import FineTuningServicer
 from service.transport.inference import InferenceServicer
 from service.transport.models import ModelsServicer
 from service.transport.tls import CertificateFiles, TlsFiles
-from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,13 @@ class VisionServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), self._grpc)
+        inference = InferenceServicer(
+            self.dataplane,
+            batching=self.config.batching,
+            statistics=self.metrics.statistics,
+            control=ModelControl(self.repository, self.store, self.weights),
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._grpc)
         fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(self.jobs), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -246,6 +253,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """Descriptors of every service we expose, for reflection clients (grpcurl)."""
     pool = descriptor_pool.DescriptorPool()
     files = (
+        model_config_pb2.DESCRIPTOR,  # before grpc_service, which imports it
         grpc_service_pb2.DESCRIPTOR,
         models_pb2.DESCRIPTOR,
         fine_tuning_pb2.DESCRIPTOR,

@@ -179,6 +179,7 @@ def test_each_overlay_has_the_expected_objects(built: dict[str, list[dict]]) -> 
         ("HorizontalPodAutoscaler", APP),
         ("PodDisruptionBudget", APP),
         ("ServiceMonitor", APP),
+        ("ConfigMap", f"{APP}-dashboard"),
     }
     for overlay, objects in built.items():
         assert {(o["kind"], o["metadata"]["name"]) for o in objects} == expected, overlay

@@ -42,7 +42,8 @@ class StoreSync:
         builtin = set(self._repository.builtin_names())
         for name, version in stored.items():
             current = served.get(name)
-            if (current is not None and current.version == version) or (name, version) in self._skipped:
+            unloaded = current is not None and current.unloaded  # loading it later takes the newest version
+            if (current is not None and current.version == version) or unloaded or (name, version) in self._skipped:
                 continue
             await self._load(name, version, builtin)
 

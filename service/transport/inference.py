@@ -9,22 +9,43 @@ from collections.abc import AsyncIterator
 import grpc
 
 import service
+from service.config import BatchingConfig
 from service.dataplane import DataPlane
-from service.errors import InvalidInputError
-from service.transport.codec import IMAGE, LOGITS, PIXELS, build_infer_response, parse_infer_request
+from service.errors import InvalidInputError, ModelNotFoundError
+from service.model_control import ModelControl
+from service.repository import ServedModel
+from service.statistics import StatisticsCollector
+from service.transport.codec import build_infer_response, parse_infer_request
 from service.transport.errors import status_for
+from service.transport.model_config import (
+    input_specs,
+    model_config,
+    model_statistics,
+    output_specs,
+    tensor_metadata,
+)
 from vision_client._proto.inference import grpc_service_pb2 as pb
 from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "vision-serving"
-EXTENSIONS = ("classification",)
+EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repository")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        batching: BatchingConfig,
+        statistics: StatisticsCollector,
+        control: ModelControl,
+    ) -> None:
         self._dataplane = dataplane
+        self._batching = batching
+        self._statistics = statistics
+        self._control = control
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -49,17 +70,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model = self._dataplane.repository.get(require_model_name(request.name))
-        tensor = pb.ModelMetadataResponse.TensorMetadata
+        model = self._model(request.name, request.version)
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=["1"],
+            versions=[model.version],
             platform=model.platform,
-            inputs=[
-                tensor(name=IMAGE, datatype="BYTES", shape=[-1]),
-                tensor(name=PIXELS, datatype="FP32", shape=[-1, 3, -1, -1]),
-            ],
-            outputs=[tensor(name=LOGITS, datatype="FP32", shape=[-1, model.num_outputs])],
+            inputs=[tensor_metadata(spec) for spec in input_specs(model)],
+            outputs=[tensor_metadata(spec) for spec in output_specs(model)],
+        )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        model = self._model(request.name, request.version)
+        return pb.ModelConfigResponse(
+            config=model_config(model, self._batching, self._dataplane.repository.devices)
+        )
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            models = [self._model(request.name, request.version)]
+        else:
+            models = [m for m in self._dataplane.repository.all() if request.version in ("", m.version)]
+        return pb.ModelStatisticsResponse(
+            model_stats=[model_statistics(self._statistics.get(m.name, m.version)) for m in models]
         )
 
     async def RepositoryIndex(
@@ -69,8 +105,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for model in self._dataplane.repository.all():
             if request.ready and not model.ready:
                 continue
-            response.models.add(name=model.name, version="1", state=model.state.value, reason=model.reason)
+            response.models.add(name=model.name, version=model.version, state=model.state.value, reason=model.reason)
         return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._control.load(_control_target(request))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._control.unload(_control_target(request))
+        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -120,6 +168,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             logits = await self._dataplane.infer(call.model_name, call.inputs, timeout=timeout)
             labels = self._dataplane.repository.get(call.model_name).labels
             return build_infer_response(call, logits, labels)
+
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        model = self._dataplane.repository.get(require_model_name(name))
+        if version and version != model.version:
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r}; it serves version {model.version} (or leave version empty)"
+            )
+        return model
+
+
+def _control_target(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest) -> str:
+    """The model a load or unload request names, after refusing what this server does not do."""
+    if request.repository_name:
+        raise ModelNotFoundError(
+            f"no model repository named {request.repository_name!r}; this server has one: leave repository_name empty"
+        )
+    # tritonclient always sends `unload_dependents`; fine-tuned models on a built-in model share
+    # its backbone and are unloaded with it whatever its value. Configs and files are not taken.
+    unsupported = sorted(set(request.parameters) - {"unload_dependents"})
+    if unsupported:
+        raise InvalidInputError(
+            f"load and unload parameters are not supported (got {', '.join(unsupported)}); "
+            "send the model name alone"
+        )
+    if not request.model_name:
+        raise InvalidInputError("model_name is empty: name the model to load or unload, e.g. 'resnet101'")
+    return request.model_name
 
 
 def require_model_name(name: str) -> str:

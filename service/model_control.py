@@ -1,0 +1,85 @@
+"""Explicit model control: unloading and loading models while the server runs.
+
+Triton's model repository extension (``RepositoryModelLoad``/``Unload``) over
+our two kinds of served model:
+
+- a built-in model (one of ``--models``) is built again from its weights source,
+  warmed up, and served;
+- a fine-tuned model is read again from the model store (its newest version) and
+  put on its base model's backbone, which must be loaded.
+
+Fine-tuned models share their base model's backbone, so unloading a built-in
+model unloads the fine-tuned models on it too (to free the memory), and loading
+it again brings those back. One operation runs at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.errors import ModelNotFoundError, UnavailableError, VisionServeError
+from service.finetune.store import ModelStore, StoreReadError
+from service.models import WeightsSource, list_models
+from service.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+class ModelControl:
+    def __init__(self, repository: ModelRepository, store: ModelStore | None, weights: WeightsSource) -> None:
+        self._repository = repository
+        self._store = store
+        self._weights = weights
+        self._lock = asyncio.Lock()
+        self._unloaded_with_base: dict[str, set[str]] = {}  # base -> fine-tuned models unloaded with it
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            model = self._repository.get(name)
+            if model.base_model is None:
+                dependents = [m.name for m in self._repository.all() if m.base_model == name and not m.unloaded]
+                for dependent in dependents:
+                    await self._repository.unload(
+                        dependent,
+                        reason=f"its base model {name!r} was unloaded; loading {name!r} serves it again",
+                    )
+                self._unloaded_with_base.setdefault(name, set()).update(dependents)
+            await self._repository.unload(name)
+
+    async def load(self, name: str) -> None:
+        if name not in self._repository and name in list_models():
+            raise ModelNotFoundError(
+                f"{name!r} is a built-in model this server was not started with; "
+                "restart it with the model in --models (those load at start and can then be unloaded and loaded)"
+            )
+        async with self._lock:
+            model = self._repository.get(name)
+            if model.base_model is not None:
+                await self._load_finetuned(name, model.base_model)
+                return
+            await self._repository.load(name, self._weights)
+            for dependent in sorted(self._unloaded_with_base.pop(name, set())):
+                if dependent not in self._repository or not self._repository.get(dependent).unloaded:
+                    continue
+                try:
+                    await self._load_finetuned(dependent, name)
+                except VisionServeError as exc:
+                    log.warning("cannot serve %s again after loading %s: %s", dependent, name, exc.message)
+
+    async def _load_finetuned(self, name: str, base: str) -> None:
+        if not self._repository.get(name).unloaded:
+            return
+        if not self._repository.get(base).ready:
+            raise UnavailableError(f"cannot load {name!r}: its base model {base!r} is not loaded; load {base!r} first")
+        if self._store is None:
+            raise ModelNotFoundError(f"{name!r} has no model store to load from")
+        try:
+            manifest, head = await asyncio.to_thread(self._store.load, name)
+        except StoreReadError as exc:
+            raise UnavailableError(f"cannot read {name!r} from the model store: {exc}") from exc
+        model = await asyncio.to_thread(
+            self._repository.install_finetuned, name, manifest.base_model, head, manifest.labels, manifest.version
+        )
+        self._repository.activate(model)
+        log.info("model %s loaded (version %s, base %s)", name, manifest.version, manifest.base_model)
