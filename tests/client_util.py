@@ -2,7 +2,8 @@
 
 ``connect(kind, ...)`` opens either; ``result()`` awaits what needs awaiting and
 ``collect()`` drains an iterator or an async iterator, so that a body written once
-runs with both. ``run()`` runs the body.
+runs with both. ``run()`` runs the body. ``inprocess_server()`` is a real server in
+the test process, for a module's fixtures (the SDK needs no process boundary).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,15 @@ CLI = Path(sys.executable).parent / "vision-client"
 FINE_TUNING_SECTION = "Fine-tuning"
 
 
+CALL_TIMEOUT = 120.0
+"""The tests' default deadline per call: generous, as a loaded 2-core machine can be slow (no
+test is about speed; those about deadlines set their own)."""
+
+
 @contextlib.asynccontextmanager
 async def connect(kind: str, target: str, **options: Any) -> AsyncIterator[Any]:
     """A ``Client`` or an ``AsyncClient``, opened and closed as its users would."""
+    options.setdefault("timeout", CALL_TIMEOUT)
     if kind == "sync":
         with Client(target, **options) as client:
             yield client
@@ -49,6 +56,33 @@ async def collect(iterator: Any) -> list[Any]:
 
 def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
+
+
+@contextlib.contextmanager
+def inprocess_server(directory: Path, weights_dir: Path, *, grpc_port: int = 0, **overrides: Any) -> Iterator[Any]:
+    """An AlexNet ``InProcessServer`` with the test weights and a model store in ``directory``,
+    loaded, then stopped; keyword arguments override ``ServeConfig`` fields.
+
+    ``grpc_port``: listen there rather than on a free port (one a client already targets).
+    """
+    from dataclasses import replace
+
+    from service.config import ServeConfig
+    from tests.inprocess import InProcessServer
+
+    settings: dict[str, Any] = {
+        "models": ("alexnet",),
+        "weights": str(weights_dir),
+        "model_store": directory / "store",
+        "drain_seconds": 5.0,
+        **overrides,
+    }
+    server = InProcessServer(ServeConfig(**settings))
+    server.config = replace(server.config, grpc_port=grpc_port)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 def readme_examples(*, fine_tuning: bool) -> list[str]:
