@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from service.errors import InvalidInputError
 from vision_client._config import HEAD_KINDS, LOSSES
 from vision_client._config import OPTIMIZER_KINDS as OPTIMIZERS
+
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
