@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from vision_client import AsyncClient, Client
+from tests.conftest import TOKEN
+from vision_client import AsyncClient, Client, FineTuneConfig, HeadConfig, OptimizerConfig
 
 README = Path(__file__).resolve().parent.parent / "clients" / "python" / "README.md"
 CLI = Path(sys.executable).parent / "vision-client"
@@ -83,6 +84,31 @@ def inprocess_server(directory: Path, weights_dir: Path, *, grpc_port: int = 0, 
         yield server.start()
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def token_server(directory: Path, weights_dir: Path) -> Iterator[Any]:
+    """:func:`inprocess_server` wanting ``Bearer TOKEN`` for fine-tuning calls."""
+    (directory / "token").write_text(TOKEN + "\n")
+    with inprocess_server(directory, weights_dir, auth_token_file=directory / "token") as server:
+        yield server
+
+
+EVERY_SETTING = FineTuneConfig(
+    base_model="resnet101",
+    output_model="every-setting",
+    head=HeadConfig("parallel", hidden=64, blocks=3, dropout=0.25),
+    optimizer=OptimizerConfig("sgd", lr=0.05, momentum=0.5, weight_decay=1e-4, beta1=0.8, beta2=0.99),
+    loss="mse",
+    epochs=7,
+    batch_size=16,
+    validation_fraction=0.3,
+    seed=2**40,
+    early_stopping_patience=3,
+    refit=False,
+    replace=True,
+)
+"""A job's config with no field at its default, so that a field left behind shows."""
 
 
 def readme_examples(*, fine_tuning: bool) -> list[str]:

@@ -31,6 +31,7 @@ import pytest
 from PIL import Image
 
 from service.config import BatchingConfig
+from tests import client_util
 from tests.client_util import collect, connect, inprocess_server, readme_examples, result, run, vision_client
 from tests.conftest import STARTUP_TIMEOUT_S, TOKEN, cosine, encode, free_port, load_reference
 from tests.inprocess import InProcessServer
@@ -73,10 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Itera
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
-    """An AlexNet server that wants ``Bearer TOKEN`` for fine-tuning calls."""
-    directory = tmp_path_factory.mktemp("token-server")
-    (directory / "token").write_text(TOKEN + "\n")
-    with inprocess_server(directory, weights_dir, auth_token_file=directory / "token") as started:
+    with client_util.token_server(tmp_path_factory.mktemp("token-server"), weights_dir) as started:
         yield started
 
 

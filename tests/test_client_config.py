@@ -18,6 +18,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from service.finetune import spec as server_spec
 from service.transport.fine_tuning import spec_from_proto, spec_to_proto
+from tests.client_util import EVERY_SETTING
 from vision_client import FineTuneConfig, HeadConfig, InvalidInputError, OptimizerConfig
 from vision_client._config import HEAD_KINDS, LOSSES, OPTIMIZER_KINDS
 from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -25,21 +26,7 @@ from vision_client._protocol import config_message
 from vision_client.cli import FINE_TUNE_OPTIONS, build_parser, config_from_args
 from vision_client.cli import Defaults as CliDefaults
 
-# No field at its default, so that a field the conversion forgets shows.
-EVERY = FineTuneConfig(
-    base_model="resnet101",
-    output_model="pets",
-    head=HeadConfig("parallel", hidden=64, blocks=3, dropout=0.25),
-    optimizer=OptimizerConfig("sgd", lr=0.05, momentum=0.5, weight_decay=1e-4, beta1=0.8, beta2=0.99),
-    loss="mse",
-    epochs=7,
-    batch_size=16,
-    validation_fraction=0.3,
-    seed=2**40,
-    early_stopping_patience=3,
-    refit=False,
-    replace=True,
-)
+EVERY = dataclasses.replace(EVERY_SETTING, output_model="pets")
 
 
 def leaves(message: Any, descriptor: Descriptor, prefix: str = "") -> dict[str, Any]:

@@ -9,6 +9,7 @@ scikit-learn's handwritten digits, 120 of them to train on, ten classes.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -23,8 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import client_util
 from tests.client_util import (
     CALL_TIMEOUT,
+    EVERY_SETTING,
     collect,
     connect,
     inprocess_server,
@@ -72,10 +75,7 @@ def store_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) ->
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
-    """A fine-tuning AlexNet server that wants ``Bearer TOKEN`` for it."""
-    directory = tmp_path_factory.mktemp("token-server")
-    (directory / "token").write_text(TOKEN + "\n")
-    with inprocess_server(directory, weights_dir, auth_token_file=directory / "token") as server:
+    with client_util.token_server(tmp_path_factory.mktemp("token-server"), weights_dir) as server:
         yield server
 
 
@@ -177,22 +177,11 @@ def test_fine_tune_trains_a_head_that_is_served_at_once(store_server, kind, head
 def test_every_setting_of_the_config_reaches_the_server(store_server):
     """A config with no field left at its default: the server's job echoes each one, the
     stored head has the asked shape, and ``refit=False`` shows in the examples trained on."""
-    every = config(
-        "digits-every-setting",
-        head=HeadConfig("parallel", hidden=32, blocks=3, dropout=0.25),
-        optimizer=OptimizerConfig("adam", lr=0.002, momentum=0.5, weight_decay=1e-4, beta1=0.8, beta2=0.99),
-        loss="cross_entropy",
-        epochs=4,
-        batch_size=16,
-        validation_fraction=0.25,
-        seed=7,
-        early_stopping_patience=2,
-        refit=False,
-        replace=True,
-    )
+    every = dataclasses.replace(EVERY_SETTING, base_model=BASE, output_model="digits-every-setting")
+    assert every.loss == "mse"  # each digit's value is its target
     with Client(store_server.target, timeout=CALL_TIMEOUT) as client:
-        done = client.fine_tune(every, training_set())
-    assert done.succeeded, done.error
+        done = client.fine_tune(every, [(image, [float(label)]) for image, label in training_set()])
+    assert done.succeeded and done.labels == ("target_0",), done.error
     with grpc.insecure_channel(store_server.target) as channel:
         get_job = channel.unary_unary(
             "/vision.v1.FineTuning/GetJob",
@@ -202,7 +191,7 @@ def test_every_setting_of_the_config_reaches_the_server(store_server):
         echoed = get_job(ft_pb.GetJobRequest(job_id=done.job_id), timeout=10).config
     assert echoed == config_message(every)
     manifest = json.loads((store_server.config.model_store / every.output_model / "manifest.json").read_text())
-    assert manifest["head"] == {"kind": "parallel", "hidden": 32, "blocks": 3, "dropout": 0.25}
+    assert manifest["head"] == {"kind": "parallel", "hidden": 64, "blocks": 3, "dropout": 0.25}
     m = done.metrics
     assert m.validation_examples > 0 and m.train_examples + m.validation_examples == 120  # not refit on all
 
