@@ -127,6 +127,7 @@ def test_numpy_numbers_are_stored_as_python_numbers():
         (lambda: FineTuneConfig("resnet101", None), "output_model must be a model name"),  # type: ignore[arg-type]
         (lambda: FineTuneConfig("a", "b", head="two_layer"), r"head=HeadConfig\('two_layer'\)"),  # type: ignore[arg-type]
         (lambda: FineTuneConfig("a", "b", optimizer="sgd"), r"optimizer=OptimizerConfig\('sgd'\)"),  # type: ignore[arg-type]
+        (lambda: FineTuneConfig("a", "b", head={"kind": "linear"}), r"must be a HeadConfig.*HeadConfig\(\.\.\.\)"),  # type: ignore[arg-type]
         (lambda: FineTuneConfig("a", "b", loss="hinge"), "loss 'hinge' is unknown; choose one of cross_entropy, mse"),  # type: ignore[arg-type]
         (lambda: FineTuneConfig("a", "b", epochs=0), "epochs must be a positive integer"),
         (lambda: FineTuneConfig("a", "b", epochs=2.5), "epochs must be a positive integer"),  # type: ignore[arg-type]

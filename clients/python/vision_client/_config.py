@@ -119,15 +119,11 @@ class FineTuneConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise InvalidInputError(f"{name} must be a model name (a non-empty str), got {value!r}")
-        if not isinstance(self.head, HeadConfig):
-            raise InvalidInputError(
-                f"head must be a HeadConfig, got {self.head!r}; e.g. head=HeadConfig({self.head!r})"
-            )
-        if not isinstance(self.optimizer, OptimizerConfig):
-            raise InvalidInputError(
-                f"optimizer must be an OptimizerConfig, got {self.optimizer!r}; "
-                f"e.g. optimizer=OptimizerConfig({self.optimizer!r})"
-            )
+        for name, kind in (("head", HeadConfig), ("optimizer", OptimizerConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                example = f"{kind.__name__}({value!r})" if isinstance(value, str) else f"{kind.__name__}(...)"
+                raise InvalidInputError(f"{name} must be a {kind.__name__}, got {value!r}; e.g. {name}={example}")
         _check_choice("loss", self.loss, LOSSES)
         _set(self, "epochs", _check_count("epochs", self.epochs))
         _set(self, "batch_size", _check_count("batch_size", self.batch_size))
