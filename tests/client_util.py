@@ -2,7 +2,8 @@
 
 ``connect(kind, ...)`` opens either; ``result()`` awaits what needs awaiting and
 ``collect()`` drains an iterator or an async iterator, so that a body written once
-runs with both. ``run()`` runs the body.
+runs with both. ``run()`` runs the body. ``inprocess_server()`` is a real server in
+the test process, for a module's fixtures (the SDK needs no process boundary).
 """
 
 from __future__ import annotations
@@ -14,20 +15,27 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from vision_client import AsyncClient, Client
+from tests.conftest import TOKEN
+from vision_client import AsyncClient, Client, FineTuneConfig, HeadConfig, OptimizerConfig
 
 README = Path(__file__).resolve().parent.parent / "clients" / "python" / "README.md"
 CLI = Path(sys.executable).parent / "vision-client"
 FINE_TUNING_SECTION = "Fine-tuning"
 
 
+CALL_TIMEOUT = 120.0
+"""The tests' default deadline per call: generous, as a loaded 2-core machine can be slow (no
+test is about speed; those about deadlines set their own)."""
+
+
 @contextlib.asynccontextmanager
 async def connect(kind: str, target: str, **options: Any) -> AsyncIterator[Any]:
     """A ``Client`` or an ``AsyncClient``, opened and closed as its users would."""
+    options.setdefault("timeout", CALL_TIMEOUT)
     if kind == "sync":
         with Client(target, **options) as client:
             yield client
@@ -49,6 +57,58 @@ async def collect(iterator: Any) -> list[Any]:
 
 def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
+
+
+@contextlib.contextmanager
+def inprocess_server(directory: Path, weights_dir: Path, *, grpc_port: int = 0, **overrides: Any) -> Iterator[Any]:
+    """An AlexNet ``InProcessServer`` with the test weights and a model store in ``directory``,
+    loaded, then stopped; keyword arguments override ``ServeConfig`` fields.
+
+    ``grpc_port``: listen there rather than on a free port (one a client already targets).
+    """
+    from dataclasses import replace
+
+    from service.config import ServeConfig
+    from tests.inprocess import InProcessServer
+
+    settings: dict[str, Any] = {
+        "models": ("alexnet",),
+        "weights": str(weights_dir),
+        "model_store": directory / "store",
+        "drain_seconds": 5.0,
+        **overrides,
+    }
+    server = InProcessServer(ServeConfig(**settings))
+    server.config = replace(server.config, grpc_port=grpc_port)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def token_server(directory: Path, weights_dir: Path) -> Iterator[Any]:
+    """:func:`inprocess_server` wanting ``Bearer TOKEN`` for fine-tuning calls."""
+    (directory / "token").write_text(TOKEN + "\n")
+    with inprocess_server(directory, weights_dir, auth_token_file=directory / "token") as server:
+        yield server
+
+
+EVERY_SETTING = FineTuneConfig(
+    base_model="resnet101",
+    output_model="every-setting",
+    head=HeadConfig("parallel", hidden=64, blocks=3, dropout=0.25),
+    optimizer=OptimizerConfig("sgd", lr=0.05, momentum=0.5, weight_decay=1e-4, beta1=0.8, beta2=0.99),
+    loss="mse",
+    epochs=7,
+    batch_size=16,
+    validation_fraction=0.3,
+    seed=2**40,
+    early_stopping_patience=3,
+    refit=False,
+    replace=True,
+)
+"""A job's config with no field at its default, so that a field left behind shows."""
 
 
 def readme_examples(*, fine_tuning: bool) -> list[str]:

@@ -1,10 +1,12 @@
-"""The Python SDK (``vision_client``) against real ``vision-serve`` processes.
+"""The Python SDK (``vision_client``) against real servers.
 
-Every behaviour is checked for both twins, ``Client`` and ``AsyncClient``, with
-one test body (``tests.client_util``). Retries, tokens, deadlines and balancing
-are shown against real servers too: one that starts after the client's first
-attempts, one with ``--auth-token-file``, one whose batches wait longer than the
-client's deadline, and two behind one target.
+The servers run in the test process (``tests.client_util.inprocess_server``): the SDK
+reaches them over loopback gRPC as it would any other. The command line and the
+README's examples run as processes. Every behaviour is checked for both twins,
+``Client`` and ``AsyncClient``, with one test body (``tests.client_util``). Retries,
+tokens, deadlines and balancing are shown against real servers too: one that starts
+after the client's first attempts, one with a token file, one whose batches wait
+longer than the client's deadline, and two behind one target.
 """
 
 from __future__ import annotations
@@ -28,17 +30,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.client_util import collect, connect, readme_examples, result, run, vision_client
-from tests.conftest import (
-    STARTUP_TIMEOUT_S,
-    TOKEN,
-    ServerProcess,
-    cosine,
-    encode,
-    free_port,
-    load_reference,
-    start_server,
-)
+from service.config import BatchingConfig
+from tests import client_util
+from tests.client_util import collect, connect, inprocess_server, readme_examples, result, run, vision_client
+from tests.conftest import STARTUP_TIMEOUT_S, TOKEN, cosine, encode, free_port, load_reference
+from tests.inprocess import InProcessServer
 from tests.metrics_util import sample_value as metric
 from tests.metrics_util import scrape
 from vision_client import (
@@ -48,6 +44,7 @@ from vision_client import (
     ClientClosedError,
     DeadlineExceededError,
     FailedPreconditionError,
+    FineTuneConfig,
     InvalidInputError,
     ModelNotFoundError,
     Retry,
@@ -65,6 +62,20 @@ MODEL = "alexnet"
 @pytest.fixture(params=["sync", "async"])
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
+    """An AlexNet server whose batches wait up to 50 ms for up to 16 images."""
+    batching = BatchingConfig(max_batch_size=16, max_queue_delay_ms=50)
+    with inprocess_server(tmp_path_factory.mktemp("server"), weights_dir, batching=batching) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
+    with client_util.token_server(tmp_path_factory.mktemp("token-server"), weights_dir) as started:
+        yield started
 
 
 @dataclass
@@ -401,7 +412,7 @@ def test_only_idempotent_calls_are_retried(kind, caplog, photos):
     async def creating():
         async with connect(kind, target, retries=FAST_RETRY) as client:
             examples = [(photos["china"], "china"), (photos["flower"], "flower")]
-            await result(client.create_job(base_model=MODEL, output_model="never", examples=examples))
+            await result(client.create_job(FineTuneConfig(MODEL, "never"), examples))
 
     with pytest.raises(UnavailableError):
         run(listing())
@@ -452,16 +463,13 @@ def test_a_call_recovers_once_the_server_comes_up(kind, tmp_path, weights_dir, p
 
     thread = threading.Thread(target=call)
     thread.start()
-    server: ServerProcess | None = None
     try:
         assert retried.wait(60), "the client never retried"
-        server = start_server(tmp_path, "--models", MODEL, "--weights", str(weights_dir), grpc_port=port)
-        thread.join(STARTUP_TIMEOUT_S + 30)
-        assert not thread.is_alive()
+        with inprocess_server(tmp_path, weights_dir, grpc_port=port):
+            thread.join(STARTUP_TIMEOUT_S + 30)
+            assert not thread.is_alive()
     finally:
         logging.getLogger("vision_client").removeHandler(watcher)
-        if server is not None:
-            server.stop()
         thread.join()
     assert "error" not in outcome, outcome.get("error")
     ((prediction,),) = outcome["predictions"]
@@ -502,16 +510,11 @@ def test_the_token_goes_with_every_call(token_server, kind, photos):
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory, weights_dir) -> Iterator[ServerProcess]:
+def slow_server(tmp_path_factory, weights_dir) -> Iterator[InProcessServer]:
     """A server whose batches wait 3 s for company: a lone request outlives a 0.5 s deadline."""
-    directory = tmp_path_factory.mktemp("slow")
-    args = ("--models", MODEL, "--weights", str(weights_dir), "--max-queue-delay-ms", "3000", "--max-batch-size", "64")
-    proc = start_server(directory, *args)
-    try:
-        proc.wait_serving()
-        yield proc
-    finally:
-        proc.stop()
+    batching = BatchingConfig(max_batch_size=64, max_queue_delay_ms=3000)
+    with inprocess_server(tmp_path_factory.mktemp("slow"), weights_dir, batching=batching) as started:
+        yield started
 
 
 def test_deadline_exceeded(slow_server, kind, photos, caplog):
@@ -542,13 +545,9 @@ def test_deadline_exceeded(slow_server, kind, photos, caplog):
 
 
 @pytest.fixture(scope="module")
-def second_server(tmp_path_factory, weights_dir) -> Iterator[ServerProcess]:
-    proc = start_server(tmp_path_factory.mktemp("second"), "--models", MODEL, "--weights", str(weights_dir))
-    try:
-        proc.wait_serving()
-        yield proc
-    finally:
-        proc.stop()
+def second_server(tmp_path_factory, weights_dir) -> Iterator[InProcessServer]:
+    with inprocess_server(tmp_path_factory.mktemp("second"), weights_dir) as started:
+        yield started
 
 
 def test_round_robin_spreads_calls_over_every_address(server, second_server, kind, photos):

@@ -1,5 +1,7 @@
-"""Fine-tuning through the SDK and its command line, against a real ``vision-serve`` with a model store.
+"""Fine-tuning through the SDK and its command line, against a real server with a model store.
 
+The server runs in the test process (``tests.client_util.inprocess_server``): the SDK
+reaches it over loopback gRPC as it would any other. The command line runs as a process.
 Every behaviour is checked for both twins, ``Client`` and ``AsyncClient``, with one
 test body (``tests.client_util``). The examples are real labelled images:
 scikit-learn's handwritten digits, 120 of them to train on, ten classes.
@@ -7,6 +9,7 @@ scikit-learn's handwritten digits, 120 of them to train on, ten classes.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -21,19 +24,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.client_util import collect, connect, readme_examples, result, run, vision_client
-from tests.conftest import TOKEN, ServerProcess, start_server
+from tests import client_util
+from tests.client_util import (
+    CALL_TIMEOUT,
+    EVERY_SETTING,
+    collect,
+    connect,
+    inprocess_server,
+    readme_examples,
+    result,
+    run,
+    vision_client,
+)
+from tests.conftest import TOKEN
 from tests.finetune_data import digits
-from vision_client.cli import Progress
+from tests.inprocess import InProcessServer
 from vision_client import (
     AlreadyExistsError,
     AuthenticationError,
     Client,
+    FineTuneConfig,
     FineTuneResult,
+    HeadConfig,
     InvalidInputError,
     JobEvent,
     ModelNotFoundError,
+    OptimizerConfig,
 )
+from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
+from vision_client._protocol import config_message
+from vision_client.cli import Progress
 
 BASE = "alexnet"
 DIGITS = tuple(str(d) for d in range(10))
@@ -47,16 +67,21 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def store_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[ServerProcess]:
+def store_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
     """An AlexNet server that fine-tunes into (and serves from) a model store."""
-    directory = tmp_path_factory.mktemp("finetune-server")
-    store = directory / "store"
-    proc = start_server(directory, "--models", BASE, "--weights", str(weights_dir), "--model-store", str(store))
-    try:
-        proc.wait_serving()
-        yield proc
-    finally:
-        proc.stop()
+    with inprocess_server(tmp_path_factory.mktemp("finetune-server"), weights_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
+    with client_util.token_server(tmp_path_factory.mktemp("token-server"), weights_dir) as server:
+        yield server
+
+
+def config(output_model: str, **settings: Any) -> FineTuneConfig:
+    """A job on the digits' base model."""
+    return FineTuneConfig(base_model=BASE, output_model=output_model, **settings)
 
 
 def training_set(selection: slice = TRAIN) -> list[tuple[bytes, str]]:
@@ -83,7 +108,7 @@ def check_events(events: list[JobEvent], job_id: str, last: str) -> list[JobEven
     assert kinds[0] == "queued" and "features" in kinds and kinds[-1] == last
     assert [event.terminal for event in events] == [False] * (len(events) - 1) + [True]
     progress = [event.progress for event in events]
-    assert progress == sorted(progress) and 0.0 <= progress[0] and progress[-1] <= 1.0
+    assert progress == sorted(progress) and progress[0] >= 0.0 and progress[-1] <= 1.0
     epochs = [event for event in events if event.kind == "epoch"]
     assert [event.epoch for event in epochs] == list(range(1, len(epochs) + 1))
     return epochs
@@ -104,13 +129,8 @@ def test_fine_tune_trains_a_head_that_is_served_at_once(store_server, kind, head
         async with connect(kind, store_server.target) as client:
             done = await result(
                 client.fine_tune(
-                    base_model=BASE,
-                    output_model=name,
-                    examples=(pair for pair in training_set()),  # any iterable, read lazily
-                    head=head,
-                    optimizer=optimizer,
-                    lr=lr,
-                    epochs=5,
+                    config(name, head=HeadConfig(head), optimizer=OptimizerConfig(optimizer, lr=lr), epochs=5),
+                    (pair for pair in training_set()),  # any iterable, read lazily
                     on_event=seen.append,
                 )
             )
@@ -154,6 +174,28 @@ def test_fine_tune_trains_a_head_that_is_served_at_once(store_server, kind, head
     assert job.examples == 120 and job.finished_at >= job.started_at >= job.created_at > 0
 
 
+def test_every_setting_of_the_config_reaches_the_server(store_server):
+    """A config with no field left at its default: the server's job echoes each one, the
+    stored head has the asked shape, and ``refit=False`` shows in the examples trained on."""
+    every = dataclasses.replace(EVERY_SETTING, base_model=BASE, output_model="digits-every-setting")
+    assert every.loss == "mse"  # each digit's value is its target
+    with Client(store_server.target, timeout=CALL_TIMEOUT) as client:
+        done = client.fine_tune(every, [(image, [float(label)]) for image, label in training_set()])
+    assert done.succeeded and done.labels == ("target_0",), done.error
+    with grpc.insecure_channel(store_server.target) as channel:
+        get_job = channel.unary_unary(
+            "/vision.v1.FineTuning/GetJob",
+            request_serializer=ft_pb.GetJobRequest.SerializeToString,
+            response_deserializer=ft_pb.Job.FromString,
+        )
+        echoed = get_job(ft_pb.GetJobRequest(job_id=done.job_id), timeout=10).config
+    assert echoed == config_message(every)
+    manifest = json.loads((store_server.config.model_store / every.output_model / "manifest.json").read_text())
+    assert manifest["head"] == {"kind": "parallel", "hidden": 64, "blocks": 3, "dropout": 0.25}
+    m = done.metrics
+    assert m.validation_examples > 0 and m.train_examples + m.validation_examples == 120  # not refit on all
+
+
 def test_fine_tune_cancelled_from_on_event(store_server, kind):
     """A long job, cancelled at its second epoch by on_event: a plain function, or a coroutine function."""
     name = f"digits-cancelled-{kind}"
@@ -169,14 +211,7 @@ def test_fine_tune_cancelled_from_on_event(store_server, kind):
                 return None
 
             done = await result(
-                client.fine_tune(
-                    base_model=BASE,
-                    output_model=name,
-                    examples=training_set(),
-                    epochs=1000,
-                    batch_size=1,
-                    on_event=on_event,
-                )
+                client.fine_tune(config(name, epochs=1000, batch_size=1), training_set(), on_event=on_event)
             )
             with pytest.raises(ModelNotFoundError):
                 await result(client.model(name))  # a cancelled job leaves no model
@@ -194,11 +229,7 @@ def test_create_job_returns_at_once_then_watch_and_cancel(store_server, kind):
 
     async def body():
         async with connect(kind, store_server.target) as client:
-            job = await result(
-                client.create_job(
-                    base_model=BASE, output_model=name, examples=training_set(), epochs=1000, batch_size=1
-                )
-            )
+            job = await result(client.create_job(config(name, epochs=1000, batch_size=1), training_set()))
             events: list[JobEvent] = []
 
             async def follow(event: JobEvent) -> None:
@@ -235,8 +266,8 @@ def test_create_job_returns_at_once_then_watch_and_cancel(store_server, kind):
 @pytest.fixture(scope="module")
 def existing_model(store_server) -> str:
     """A fine-tuned model on the store server, made by the SDK."""
-    with Client(store_server.target) as client:
-        done = client.fine_tune(base_model=BASE, output_model="digits-existing", examples=training_set(), epochs=2)
+    with Client(store_server.target, timeout=CALL_TIMEOUT) as client:
+        done = client.fine_tune(config("digits-existing", epochs=2), training_set())
     assert done.succeeded, done.error
     return done.output_model
 
@@ -244,9 +275,8 @@ def existing_model(store_server) -> str:
 def test_refused_jobs_raise_and_create_nothing(store_server, existing_model, kind, tmp_path):
     examples = training_set()
 
-    async def attempt(client: Any, **overrides: Any) -> None:
-        options = {"base_model": BASE, "output_model": f"refused-{kind}", "examples": examples[:12], **overrides}
-        await result(client.fine_tune(**options))
+    async def attempt(client: Any, examples: Any = examples[:12], **settings: Any) -> None:
+        await result(client.fine_tune(config(f"refused-{kind}", **settings), examples))
 
     async def body():
         async with connect(kind, store_server.target) as client:
@@ -255,22 +285,22 @@ def test_refused_jobs_raise_and_create_nothing(store_server, existing_model, kin
             with pytest.raises(InvalidInputError, match="at least 2 classes") as one_class:
                 await attempt(client, examples=[(image, "7") for image, _ in examples[:12]])
             with pytest.raises(ModelNotFoundError, match="inception"):
-                await attempt(client, base_model="inception")
+                await result(client.fine_tune(FineTuneConfig("inception", f"refused-{kind}"), examples[:12]))
             with pytest.raises(AlreadyExistsError, match=existing_model) as taken:
-                await attempt(client, output_model=existing_model)
+                await result(client.fine_tune(config(existing_model), examples[:12]))
             with pytest.raises(InvalidInputError, match="example 5"):
-                await attempt(client, examples=examples[:5] + [(b"not an image", "3")])
+                await attempt(client, examples=[*examples[:5], (b"not an image", "3")])
             with pytest.raises(InvalidInputError, match="built-in"):
-                await attempt(client, output_model=BASE)
+                await result(client.fine_tune(config(BASE), examples[:12]))
+            with pytest.raises(InvalidInputError, match="head blocks must be between"):  # the server's limit
+                await attempt(client, head=HeadConfig("parallel", blocks=1000))
             # Refused by the client: while the examples stream, or before anything is sent.
             with pytest.raises(InvalidInputError, match="example 8: the label must be a class name"):
-                await attempt(client, examples=examples[:8] + [(examples[8][0], [0.5, 1.0])])
+                await attempt(client, examples=[*examples[:8], (examples[8][0], [0.5, 1.0])])
             with pytest.raises(FileNotFoundError):
-                await attempt(client, examples=examples[:8] + [(tmp_path / "missing.png", "3")])
-            with pytest.raises(InvalidInputError, match="lr must be a positive number"):
-                await attempt(client, lr=0)
-            with pytest.raises(InvalidInputError, match="loss"):
-                await attempt(client, loss="hinge")
+                await attempt(client, examples=[*examples[:8], (tmp_path / "missing.png", "3")])
+            with pytest.raises(TypeError, match="FineTuneConfig"):
+                await result(client.fine_tune({"base_model": BASE, "output_model": "dict"}, examples[:12]))
             after = len(await result(client.jobs()))
             (predictions,) = await result(client.classify(examples[0][0], model=existing_model, top_k=1))
             return before, after, one_class.value, taken.value, predictions
@@ -280,7 +310,6 @@ def test_refused_jobs_raise_and_create_nothing(store_server, existing_model, kin
     assert one_class.code is grpc.StatusCode.INVALID_ARGUMENT and isinstance(one_class.__cause__, grpc.RpcError)
     assert taken.code is grpc.StatusCode.ALREADY_EXISTS and "replace" in str(taken)
     assert predictions[0].label in DIGITS  # the server kept serving
-    assert store_server.alive()
 
 
 def test_replace_trains_the_model_again(store_server, existing_model, kind):
@@ -288,9 +317,7 @@ def test_replace_trains_the_model_again(store_server, existing_model, kind):
         async with connect(kind, store_server.target) as client:
             # Only two classes this time: the served model's labels follow the new head.
             pairs = [pair for pair in training_set() if pair[1] in ("0", "1")]
-            done = await result(
-                client.fine_tune(base_model=BASE, output_model=existing_model, examples=pairs, epochs=2, replace=True)
-            )
+            done = await result(client.fine_tune(config(existing_model, epochs=2, replace=True), pairs))
             predictions = await result(client.classify(pairs[0][0], model=existing_model, top_k=5))
             return done, predictions
 
@@ -305,7 +332,7 @@ def test_delete_model_stops_serving_it(store_server, kind):
 
     async def body():
         async with connect(kind, store_server.target) as client:
-            done = await result(client.fine_tune(base_model=BASE, output_model=name, examples=training_set(), epochs=2))
+            done = await result(client.fine_tune(config(name, epochs=2), training_set()))
             assert done.succeeded, done.error
             assert len((await result(client.classify(image, model=name)))[0]) == 5
             assert await result(client.delete_model(name)) is None
@@ -325,7 +352,7 @@ def test_fine_tuning_needs_the_token_when_the_server_wants_one(token_server, kin
 
     async def body(token: str | None):
         async with connect(kind, token_server.target, token=token) as client:
-            return await result(client.fine_tune(base_model=BASE, output_model=name, examples=training_set(), epochs=2))
+            return await result(client.fine_tune(config(name, epochs=2), training_set()))
 
     with pytest.raises(AuthenticationError, match="Bearer") as caught:
         run(body(None))
@@ -398,11 +425,34 @@ def test_cli_fine_tune_json_and_errors(store_server, tmp_path):
     assert summary["state"] == "succeeded" and summary["output_model"] == "cli-json" and summary["plot"] is None
     assert summary["metrics"]["epochs_run"] == 2 and summary["labels"] == list(DIGITS)
 
+    # Every field of the config has its option; with --loss mse the folders' names are the targets.
+    every = vision_client(
+        *target, "fine-tune", str(folder), "--base", BASE, "--output", "cli-every", "--json",
+        "--head", "parallel", "--hidden", "16", "--blocks", "3", "--dropout", "0.125",
+        "--optimizer", "sgd", "--lr", "0.01", "--momentum", "0.5", "--weight-decay", "0.001",
+        "--beta1", "0.5", "--beta2", "0.75", "--loss", "mse", "--epochs", "2", "--batch-size", "8",
+        "--validation-fraction", "0.25", "--early-stopping-patience", "1", "--seed", "3", "--no-refit", "--replace",
+    )  # fmt: skip
+    assert every.returncode == 0, every.stderr
+    assert "uploading 30 images of 10 targets" in every.stderr
+    summary = json.loads(every.stdout)
+    assert summary["state"] == "succeeded" and summary["labels"] == ["target_0"]
+    assert (summary["head"], summary["optimizer"], summary["loss"], summary["epochs"]) == ("parallel", "sgd", "mse", 2)
+    assert summary["metrics"]["train_examples"] < 30  # --no-refit: trained on the split only
+    manifest = json.loads((store_server.config.model_store / "cli-every" / "manifest.json").read_text())
+    assert manifest["head"] == {"kind": "parallel", "hidden": 16, "blocks": 3, "dropout": 0.125}
+
     one_class = tmp_path / "one-class"
     write_image_folder(one_class, [(image, "7") for image, _ in training_set(slice(0, 6))])
     empty = tmp_path / "empty"
     (empty / "cats").mkdir(parents=True)
+    named = tmp_path / "named"
+    write_image_folder(named, [(image, "cat" if n % 2 else "dog") for n, (image, _) in enumerate(training_set())])
     for args, message in [
+        ((str(folder), "--base", BASE, "--output", "x", "--epochs", "0"), "epochs must be a positive integer"),
+        ((str(folder), "--base", BASE, "--output", "x", "--beta1", "0"), "beta1 must be in (0, 1)"),
+        ((str(folder), "--base", BASE, "--output", "x", "--dropout", "1"), "dropout must be in [0, 1)"),
+        ((str(named), "--base", BASE, "--output", "x", "--loss", "mse"), "'cat' is not"),
         ((str(one_class), "--base", BASE, "--output", "x"), "at least 2 classes"),
         ((str(folder), "--base", "inception", "--output", "x"), "inception"),
         ((str(folder), "--base", BASE, "--output", "cli-json"), "cli-json"),  # exists

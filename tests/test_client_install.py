@@ -26,6 +26,11 @@ for heavy in ("torch", "torchvision", "PIL"):
 (png,) = encode_images(np.zeros((4, 5, 3), dtype=np.uint8))
 assert png.startswith(bytes([0x89]) + b"PNG")
 Client("localhost:1").close()
+# A job's config, and its one conversion to the wire.
+from vision_client import FineTuneConfig, HeadConfig
+from vision_client._protocol import config_message
+
+assert config_message(FineTuneConfig("a", "b", head=HeadConfig("parallel", blocks=3))).head.blocks == 3
 print("ok")
 """
 

@@ -6,10 +6,9 @@ import re
 from dataclasses import dataclass, field
 
 from service.errors import InvalidInputError
+from vision_client._config import HEAD_KINDS, LOSSES
+from vision_client._config import OPTIMIZER_KINDS as OPTIMIZERS
 
-HEAD_KINDS = ("linear", "two_layer", "parallel")
-OPTIMIZERS = ("adam", "sgd")
-LOSSES = ("cross_entropy", "mse")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 

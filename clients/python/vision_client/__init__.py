@@ -1,18 +1,20 @@
 """Python client of vision-serving: classify images with torchvision models over gRPC, fine-tune heads.
 
-    from vision_client import Client
+    from vision_client import Client, FineTuneConfig
 
     with Client("localhost:8001") as client:
         for prediction in client.classify("cat.jpg", model="resnet101")[0]:
             print(prediction.label, prediction.score)
 
-        result = client.fine_tune(base_model="resnet101", output_model="pets", examples=[("cat.jpg", "cat"), ...])
+        config = FineTuneConfig(base_model="resnet101", output_model="pets")
+        result = client.fine_tune(config, examples=[("cat.jpg", "cat"), ...])
 
 ``AsyncClient`` has the same methods as coroutines. Errors are
 :class:`VisionClientError` subclasses (see :mod:`vision_client.errors`).
 """
 
 from vision_client._client import USE_CLIENT_DEFAULT, AsyncClient, Client
+from vision_client._config import FineTuneConfig, HeadConfig, OptimizerConfig
 from vision_client._images import ImageInput
 from vision_client._retry import Retry
 from vision_client._types import FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
@@ -39,7 +41,9 @@ __all__ = [
     "ClientClosedError",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "FineTuneConfig",
     "FineTuneResult",
+    "HeadConfig",
     "ImageInput",
     "InvalidInputError",
     "JobEvent",
@@ -47,6 +51,7 @@ __all__ = [
     "JobMetrics",
     "ModelInfo",
     "ModelNotFoundError",
+    "OptimizerConfig",
     "Prediction",
     "ResourceExhaustedError",
     "Retry",

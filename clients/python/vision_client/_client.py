@@ -19,10 +19,10 @@ import contextlib
 import inspect
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 import grpc.aio
@@ -30,6 +30,7 @@ import numpy as np
 
 from vision_client import _protocol as proto
 from vision_client._channel import PemSource, channel_credentials, check_token_transport
+from vision_client._config import FineTuneConfig
 from vision_client._images import ImageInput, encode_images
 from vision_client._proto.inference import grpc_service_pb2 as infer_pb
 from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -57,10 +58,10 @@ Example = tuple[ImageInput, Any]
 
 
 @dataclass(frozen=True)
-class _Done:
+class _Done(Generic[T]):
     """The last item a client's ``_steps`` yields: the plan's result."""
 
-    value: Any
+    value: T
 
 
 DEFAULT_TIMEOUT = 10.0
@@ -272,22 +273,29 @@ class BaseClient:
     # -- fine-tuning plans ---------------------------------------------------------------
 
     def _fine_tune_plan(
-        self, config: dict[str, Any], examples: Iterable[Example], timeout: float | None
+        self, config: FineTuneConfig, examples: Iterable[Example], timeout: float | None
     ) -> Plan[FineTuneResult]:
-        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        seconds = _check_timeout(timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
         job = yield from self._create_job_plan(config, examples, deadline)
         events = yield from self._watch_plan(job.id, deadline)
         (final,) = yield [proto.Call(proto.GET_JOB, ft_pb.GetJobRequest(job_id=job.id), deadline)]
         return proto.fine_tune_result(proto.job_info(final), events)
 
     def _create_job_plan(
-        self, config: dict[str, Any], examples: Iterable[Example], deadline: float | None = None
+        self, config: FineTuneConfig, examples: Iterable[Example], deadline: float | None = None
     ) -> Plan[JobInfo]:
-        message = proto.fine_tune_config(**config)  # before any call: a bad value fails fast
-        requests = proto.create_job_requests(message, examples, max_message_bytes=self.max_message_bytes)
+        if not isinstance(config, FineTuneConfig):  # before any call: a bad value fails fast
+            raise TypeError(
+                f"config must be a vision_client.FineTuneConfig, got {type(config).__name__}; "
+                "e.g. FineTuneConfig(base_model='resnet101', output_model='pets')"
+            )
+        requests = proto.create_job_requests(
+            proto.config_message(config), examples, max_message_bytes=self.max_message_bytes
+        )
         (job,) = yield [proto.Call(proto.CREATE_JOB, proto.RequestStream(requests), deadline)]
         # The new model's labels may differ from those cached under its name (replace=True).
-        self._labels.pop(message.output_model, None)
+        self._labels.pop(config.output_model, None)
         return proto.job_info(job)
 
     def _watch_plan(self, job_id: str, deadline: float | None = None) -> Plan[list[JobEvent]]:
@@ -364,7 +372,7 @@ class Client(BaseClient):
     ...     client.classify("cat.jpg", model="resnet101")
     """
 
-    _grpc = grpc
+    _grpc: ClassVar[Any] = grpc
 
     def __enter__(self) -> Client:
         self._check_open()
@@ -420,58 +428,26 @@ class Client(BaseClient):
 
     def fine_tune(
         self,
-        *,
-        base_model: str,
-        output_model: str,
+        config: FineTuneConfig,
         examples: Iterable[Example],
-        head: str = "linear",
-        hidden: int = 256,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        loss: str = "cross_entropy",
-        epochs: int = 10,
-        batch_size: int = 32,
-        validation_fraction: float = 0.2,
-        seed: int = 0,
-        early_stopping_patience: int = 0,
-        replace: bool = False,
+        *,
         on_event: Callable[[JobEvent], object] | None = None,
         timeout: float | None = None,
     ) -> FineTuneResult:
-        """Train a new head on ``base_model``'s features of ``examples``; served as ``output_model`` once done.
+        """Train a new head on ``config.base_model``'s features of ``examples``; served as
+        ``config.output_model`` once done.
 
         Streams the examples, then waits for the job to end, calling ``on_event`` with each
         :class:`JobEvent`. Returns however the job ended (``result.state``); raises for a job
         the server refuses. ``timeout`` bounds all of it (None: no deadline). See the README.
         """
-        config = _config(locals())
         return self._run(self._fine_tune_plan(config, examples, timeout), None, on_event)
 
     def create_job(
-        self,
-        *,
-        base_model: str,
-        output_model: str,
-        examples: Iterable[Example],
-        head: str = "linear",
-        hidden: int = 256,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        loss: str = "cross_entropy",
-        epochs: int = 10,
-        batch_size: int = 32,
-        validation_fraction: float = 0.2,
-        seed: int = 0,
-        early_stopping_patience: int = 0,
-        replace: bool = False,
-        timeout: Timeout = USE_CLIENT_DEFAULT,
+        self, config: FineTuneConfig, examples: Iterable[Example], *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> JobInfo:
         """Stream the examples and return the queued job at once (``fine_tune`` without the wait)."""
-        return self._run(self._create_job_plan(_config(locals()), examples), timeout)
+        return self._run(self._create_job_plan(config, examples), timeout)
 
     def watch_job(self, job_id: str, *, timeout: Timeout = None) -> Iterator[JobEvent]:
         """The job's events from its start (replayed) until it ends, as they come."""
@@ -501,22 +477,22 @@ class Client(BaseClient):
                 if isinstance(item, _Done):
                     return item.value
                 if on_emit is not None:
-                    on_emit(item)
+                    on_emit(item.value)
         raise AssertionError("a plan's steps end with its result")
 
     def _iterate(self, plan: Plan[Any], timeout: Timeout) -> Iterator[Any]:
         with contextlib.closing(self._steps(plan, timeout)) as steps:
-            yield from (item for item in steps if not isinstance(item, _Done))
+            yield from (item.value for item in steps if isinstance(item, Emit))
 
-    def _steps(self, plan: Plan[T], timeout: Timeout) -> Iterator[Any]:
-        """Drive ``plan``: yields each value it emits, then ``_Done(result)``."""
+    def _steps(self, plan: Plan[T], timeout: Timeout) -> Generator[Emit | _Done[T], None, None]:
+        """Drive ``plan``: yields each ``Emit`` step, then ``_Done(result)``."""
         seconds = self._timeout(timeout)
         reading: _ResponseStream | None = None
         try:
             step = next(plan)
             while True:
                 if isinstance(step, Emit):
-                    yield step.value
+                    yield step
                     reply = None
                 elif isinstance(step, proto.Call):
                     reading = self._reading(reading, step, seconds)
@@ -576,7 +552,7 @@ class AsyncClient(BaseClient):
     of a call that is split into several run concurrently (``max_concurrency`` at once).
     """
 
-    _grpc = grpc.aio
+    _grpc: ClassVar[Any] = grpc.aio
     max_concurrency = 4
 
     async def __aenter__(self) -> AsyncClient:
@@ -633,53 +609,20 @@ class AsyncClient(BaseClient):
 
     async def fine_tune(
         self,
-        *,
-        base_model: str,
-        output_model: str,
+        config: FineTuneConfig,
         examples: Iterable[Example],
-        head: str = "linear",
-        hidden: int = 256,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        loss: str = "cross_entropy",
-        epochs: int = 10,
-        batch_size: int = 32,
-        validation_fraction: float = 0.2,
-        seed: int = 0,
-        early_stopping_patience: int = 0,
-        replace: bool = False,
+        *,
         on_event: Callable[[JobEvent], object] | None = None,
         timeout: float | None = None,
     ) -> FineTuneResult:
         """:meth:`Client.fine_tune`; ``on_event`` may be a plain function or a coroutine function."""
-        config = _config(locals())
         return await self._run(self._fine_tune_plan(config, examples, timeout), None, on_event)
 
     async def create_job(
-        self,
-        *,
-        base_model: str,
-        output_model: str,
-        examples: Iterable[Example],
-        head: str = "linear",
-        hidden: int = 256,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        loss: str = "cross_entropy",
-        epochs: int = 10,
-        batch_size: int = 32,
-        validation_fraction: float = 0.2,
-        seed: int = 0,
-        early_stopping_patience: int = 0,
-        replace: bool = False,
-        timeout: Timeout = USE_CLIENT_DEFAULT,
+        self, config: FineTuneConfig, examples: Iterable[Example], *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> JobInfo:
         """Stream the examples and return the queued job at once (``fine_tune`` without the wait)."""
-        return await self._run(self._create_job_plan(_config(locals()), examples), timeout)
+        return await self._run(self._create_job_plan(config, examples), timeout)
 
     def watch_job(self, job_id: str, *, timeout: Timeout = None) -> AsyncIterator[JobEvent]:
         """The job's events from its start (replayed) until it ends: ``async for event in ...``."""
@@ -709,7 +652,7 @@ class AsyncClient(BaseClient):
                 if isinstance(item, _Done):
                     return item.value
                 if on_emit is not None:
-                    outcome = on_emit(item)
+                    outcome = on_emit(item.value)
                     if inspect.isawaitable(outcome):
                         await outcome
         raise AssertionError("a plan's steps end with its result")
@@ -717,18 +660,18 @@ class AsyncClient(BaseClient):
     async def _iterate(self, plan: Plan[Any], timeout: Timeout) -> AsyncIterator[Any]:
         async with contextlib.aclosing(self._steps(plan, timeout)) as steps:
             async for item in steps:
-                if not isinstance(item, _Done):
-                    yield item
+                if isinstance(item, Emit):
+                    yield item.value
 
-    async def _steps(self, plan: Plan[T], timeout: Timeout) -> AsyncIterator[Any]:
-        """Drive ``plan``: yields each value it emits, then ``_Done(result)``."""
+    async def _steps(self, plan: Plan[T], timeout: Timeout) -> AsyncGenerator[Emit | _Done[T], None]:
+        """Drive ``plan``: yields each ``Emit`` step, then ``_Done(result)``."""
         seconds = self._timeout(timeout)
         reading: _ResponseStream | None = None
         try:
             step = next(plan)
             while True:
                 if isinstance(step, Emit):
-                    yield step.value
+                    yield step
                     reply = None
                 elif isinstance(step, proto.Call):
                     reading = self._reading(reading, step, seconds)
@@ -796,30 +739,6 @@ class AsyncClient(BaseClient):
         finally:
             for task in tasks:
                 task.cancel()
-
-
-def _config(arguments: dict[str, Any]) -> dict[str, Any]:
-    """A job's configuration: the keyword arguments of ``fine_tune`` or ``create_job`` that make it."""
-    return {name: arguments[name] for name in _CONFIG_FIELDS}
-
-
-_CONFIG_FIELDS = (
-    "base_model",
-    "output_model",
-    "head",
-    "hidden",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "loss",
-    "epochs",
-    "batch_size",
-    "validation_fraction",
-    "seed",
-    "early_stopping_patience",
-    "replace",
-)
 
 
 def _check_timeout(timeout: float | None) -> float | None:

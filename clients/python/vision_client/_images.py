@@ -23,7 +23,7 @@ import sys
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeGuard, Union, cast
 
 import numpy as np
 
@@ -47,8 +47,8 @@ def as_image_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]
         return list(images) if images.ndim == 4 else [images]
     if _is_single(images):
         return [images]
-    if isinstance(images, Iterable):
-        return list(images)
+    if isinstance(images, Iterable):  # not one image, so a sequence of them
+        return list(cast("Iterable[ImageInput]", images))
     raise TypeError(_unsupported(images))
 
 
@@ -67,8 +67,8 @@ def encode_image(image: ImageInput, position: int = 0) -> bytes:
         data = encode_png(image, position)
     elif _is_pil_image(image):
         data = _encode_pil(image)
-    elif callable(getattr(image, "read", None)):
-        data = image.read()
+    elif callable(read := getattr(image, "read", None)):
+        data = read()
         if not isinstance(data, bytes):
             raise TypeError(f"image {position}: the file object must be opened in binary mode ('rb')")
     else:
@@ -118,12 +118,12 @@ def _encode_pil(image: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _is_pil_image(value: object) -> bool:
+def _is_pil_image(value: object) -> TypeGuard[PILImage]:
     module = sys.modules.get("PIL.Image")  # loaded if the caller made a PIL image
     return module is not None and isinstance(value, module.Image)
 
 
-def _is_single(value: object) -> bool:
+def _is_single(value: object) -> TypeGuard[ImageInput]:
     return (
         isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview))
         or _is_pil_image(value)

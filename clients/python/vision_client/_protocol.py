@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 
+from vision_client._config import FineTuneConfig
 from vision_client._images import encode_image
 from vision_client._proto.inference import grpc_service_pb2 as infer_pb
 from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -43,8 +45,8 @@ class Rpc:
     """
 
     path: str
-    request_type: type
-    response_type: type
+    request_type: type[Message]
+    response_type: type[Message]
     idempotent: bool = True
     kind: str = "unary_unary"
 
@@ -125,57 +127,38 @@ def split_images(
 
 # -- fine-tuning requests --------------------------------------------------------
 
-HEADS = ("linear", "two_layer", "parallel")
-OPTIMIZERS = ("adam", "sgd")
-LOSSES = ("cross_entropy", "mse")
 # Bytes of examples per CreateJob message: well under the message limit, so that the
 # upload streams (and holds little in memory) rather than sending a few huge messages.
 EXAMPLES_MESSAGE_BYTES = 4 * 1024 * 1024
 _EXAMPLE_FRAMING = 16  # an Example's field tag and length prefix inside its ExampleBatch
 
 
-def fine_tune_config(
-    *,
-    base_model: str,
-    output_model: str,
-    head: str,
-    hidden: int,
-    optimizer: str,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    loss: str,
-    epochs: int,
-    batch_size: int,
-    validation_fraction: float,
-    seed: int,
-    early_stopping_patience: int,
-    replace: bool,
-) -> ft_pb.FineTuneConfig:
-    """The job's config. The server checks every value; here only what proto3 would hide.
+def config_message(config: FineTuneConfig) -> ft_pb.FineTuneConfig:
+    """The job's config as the wire carries it: the one conversion, field for field.
 
-    A zero on the wire means "the server's default", so a zero learning rate, epoch
-    count, batch size or hidden size would silently become something else: refused here.
+    ``FineTuneConfig`` checked every value when it was made; the server checks them again.
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("hidden", hidden)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-        raise InvalidInputError(f"lr must be a positive number, got {lr!r}")
-    if loss not in LOSSES:
-        raise InvalidInputError(f"loss {loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+    head, optimizer = config.head, config.optimizer
     return ft_pb.FineTuneConfig(
-        base_model=base_model,
-        output_model=output_model,
-        head=ft_pb.HeadSpec(kind=head, hidden=int(hidden)),
-        optimizer=ft_pb.OptimizerSpec(kind=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay),
-        loss=loss,
-        epochs=int(epochs),
-        batch_size=int(batch_size),
-        validation_fraction=validation_fraction,
-        seed=seed,
-        early_stopping_patience=early_stopping_patience,
-        replace=replace,
+        base_model=config.base_model,
+        output_model=config.output_model,
+        head=ft_pb.HeadSpec(kind=head.kind, hidden=head.hidden, blocks=head.blocks, dropout=head.dropout),
+        optimizer=ft_pb.OptimizerSpec(
+            kind=optimizer.kind,
+            lr=optimizer.lr,
+            momentum=optimizer.momentum,
+            weight_decay=optimizer.weight_decay,
+            beta1=optimizer.beta1,
+            beta2=optimizer.beta2,
+        ),
+        loss=config.loss,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+        early_stopping_patience=config.early_stopping_patience,
+        refit=config.refit,
+        replace=config.replace,
     )
 
 
@@ -413,7 +396,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64, shifted by each row's maximum so that it cannot overflow."""
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 def top_predictions(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Prediction]]:

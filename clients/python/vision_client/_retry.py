@@ -57,7 +57,7 @@ class Retry:
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1 for the first)."""
-        ceiling = min(self.max_backoff, self.backoff * 2 ** (retry - 1))
+        ceiling = min(self.max_backoff, self.backoff * 2.0 ** (retry - 1))
         return ceiling * (1.0 - self.jitter * random.random())
 
     def should_retry(self, code: grpc.StatusCode, *, idempotent: bool) -> bool:

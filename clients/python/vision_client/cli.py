@@ -25,13 +25,13 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from vision_client import _plot
 from vision_client._client import DEFAULT_MODEL, DEFAULT_TIMEOUT, Client
-from vision_client._protocol import HEADS, OPTIMIZERS
+from vision_client._config import HEAD_KINDS, LOSSES, OPTIMIZER_KINDS, FineTuneConfig, HeadConfig, OptimizerConfig
 from vision_client._types import FineTuneResult, JobEvent, JobInfo, ModelInfo, Prediction
 from vision_client._version import __version__
 from vision_client.errors import UnavailableError, VisionClientError
@@ -89,27 +89,19 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
         description=(
             "Fine-tune a new classification head on a served model's frozen backbone. DIR holds one "
             "sub-folder per class, named after it, with the class's images inside (torchvision's "
-            "ImageFolder layout); other files are skipped. Progress goes to stderr, a summary to "
-            "stdout. The job is waited for without a deadline; Ctrl-C cancels it."
+            "ImageFolder layout); other files are skipped. With --loss mse each sub-folder's name is "
+            "instead a number: its images' target. Progress goes to stderr, a summary to stdout. "
+            "The job is waited for without a deadline; Ctrl-C cancels it. Every option sets the "
+            "field of vision_client.FineTuneConfig named in its help."
         ),
     )
     fine_tune.add_argument("directory", type=Path, metavar="DIR", help="DIR/<class>/<image> files")
-    fine_tune.add_argument("--base", required=True, metavar="MODEL", help="served model to build on")
-    fine_tune.add_argument("--output", required=True, metavar="NAME", help="name to serve the new model under")
-    fine_tune.add_argument("--head", choices=HEADS, default="linear", help="head architecture (default linear)")
-    fine_tune.add_argument("--hidden", type=_positive_int, default=256, help="hidden width (default 256)")
-    fine_tune.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="default adam")
-    fine_tune.add_argument("--lr", type=_positive_number, default=1e-3, help="learning rate (default 0.001)")
-    fine_tune.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    fine_tune.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
-    fine_tune.add_argument("--epochs", type=_positive_int, default=10, help="default 10")
-    fine_tune.add_argument("--batch-size", type=_positive_int, default=32, help="default 32")
+    fine_tune.add_argument("--base", required=True, metavar="MODEL", help="served model to build on (base_model)")
     fine_tune.add_argument(
-        "--validation-fraction", type=float, default=0.2, help="share of examples held out (default 0.2)"
+        "--output", required=True, metavar="NAME", help="name to serve the new model under (output_model)"
     )
-    fine_tune.add_argument("--early-stopping-patience", type=int, default=0, help="default 0: never stop early")
-    fine_tune.add_argument("--seed", type=int, default=0, help="default 0")
-    fine_tune.add_argument("--replace", action="store_true", help="replace a fine-tuned model of that name")
+    for option in FINE_TUNE_OPTIONS:
+        option.add_to(fine_tune)
     fine_tune.add_argument(
         "--plot", type=Path, metavar="FILE", help=f"save loss and accuracy curves per epoch ({_plot.INSTALL_HINT})"
     )
@@ -196,6 +188,109 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 1
+
+
+# -- fine-tuning options ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """A ``fine-tune`` flag and the :class:`FineTuneConfig` field it sets.
+
+    ``part`` is ``"head"`` or ``"optimizer"`` for a field of the nested dataclass, ``""``
+    for the config's own. The default shown is the dataclass's; an option not given
+    is left out, so the dataclass's default applies and the dataclass checks the value.
+    """
+
+    flag: str
+    part: str
+    name: str
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def dest(self) -> str:
+        return f"config_{self.part}_{self.name}"
+
+    @property
+    def path(self) -> str:
+        """The field's path in the config: ``head.hidden``, ``epochs``."""
+        return f"{self.part}.{self.name}" if self.part else self.name
+
+    def default(self) -> Any:
+        owner = {"": FineTuneConfig, "head": HeadConfig, "optimizer": OptimizerConfig}[self.part]
+        (spec,) = [f for f in fields(owner) if f.name == self.name]
+        return spec.default
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        default = self.default()
+        text = f"{self.help} ({self.path}; default {default})"
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(self.flag, dest=self.dest, action=action, default=argparse.SUPPRESS, help=text)
+            return
+        parser.add_argument(
+            self.flag,
+            dest=self.dest,
+            type=type(default),
+            choices=self.choices or None,
+            default=argparse.SUPPRESS,
+            metavar=None if self.choices else self.name.split("_")[-1].upper(),
+            help=text,
+        )
+
+
+FINE_TUNE_OPTIONS = (
+    ConfigOption("--head", "head", "kind", "head architecture", HEAD_KINDS),
+    ConfigOption("--hidden", "head", "hidden", "hidden width of two_layer and parallel heads"),
+    ConfigOption("--blocks", "head", "blocks", "blocks of a parallel head"),
+    ConfigOption("--dropout", "head", "dropout", "dropout on the head's input while training"),
+    ConfigOption("--optimizer", "optimizer", "kind", "optimizer", OPTIMIZER_KINDS),
+    ConfigOption("--lr", "optimizer", "lr", "learning rate"),
+    ConfigOption("--momentum", "optimizer", "momentum", "SGD momentum"),
+    ConfigOption("--weight-decay", "optimizer", "weight_decay", "weight decay"),
+    ConfigOption("--beta1", "optimizer", "beta1", "Adam's first beta"),
+    ConfigOption("--beta2", "optimizer", "beta2", "Adam's second beta"),
+    ConfigOption("--loss", "", "loss", "cross_entropy: folders are classes; mse: folder names are targets", LOSSES),
+    ConfigOption("--epochs", "", "epochs", "training epochs"),
+    ConfigOption("--batch-size", "", "batch_size", "examples per training step"),
+    ConfigOption("--validation-fraction", "", "validation_fraction", "share of examples held out"),
+    ConfigOption(
+        "--early-stopping-patience", "", "early_stopping_patience", "epochs without a better validation loss; 0: never"
+    ),
+    ConfigOption("--seed", "", "seed", "seed of the split and the head's initial weights"),
+    ConfigOption("--refit", "", "refit", "train again on every example for the best epoch count"),
+    ConfigOption("--replace", "", "replace", "replace a fine-tuned model of that name"),
+)
+
+
+def config_from_args(args: argparse.Namespace) -> FineTuneConfig:
+    """The job's config: ``--base``, ``--output`` and the options given; the dataclass's defaults for the rest."""
+    given: dict[str, dict[str, Any]] = {"": {}, "head": {}, "optimizer": {}}
+    for option in FINE_TUNE_OPTIONS:
+        if hasattr(args, option.dest):
+            given[option.part][option.name] = getattr(args, option.dest)
+    return FineTuneConfig(
+        base_model=args.base,
+        output_model=args.output,
+        head=HeadConfig(**given["head"]),
+        optimizer=OptimizerConfig(**given["optimizer"]),
+        **given[""],
+    )
+
+
+def _regression_examples(examples: list[tuple[Path, str]]) -> list[tuple[Path, list[float]]]:
+    """With ``--loss mse``: each folder's name, a number, is the target of its images."""
+    targets: dict[str, list[float]] = {}
+    for _, name in examples:
+        if name not in targets:
+            try:
+                targets[name] = [float(name)]
+            except ValueError:
+                raise VisionClientError(
+                    f"with --loss mse each sub-folder's name is its images' target, a number; {name!r} is not"
+                ) from None
+    return [(path, targets[name]) for path, name in examples]
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -290,6 +385,7 @@ def image_folder(root: Path) -> tuple[list[tuple[Path, str]], int]:
 
 
 def fine_tune_command(client: Client, args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # before reading the folder: a bad option fails fast
     if args.plot is not None:
         _plot.check_available()  # before the job, not after it
     examples, skipped = image_folder(args.directory)
@@ -297,29 +393,14 @@ def fine_tune_command(client: Client, args: argparse.Namespace) -> int:
     note = ""
     if skipped:
         note = f"; skipped {_count(skipped, 'file')} that are not images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-    counts = f"{_count(len(examples), 'image')} of {_count(len(classes), 'class')}"
+    noun = "class" if config.loss == "cross_entropy" else "target"
+    counts = f"{_count(len(examples), 'image')} of {_count(len(classes), noun)}"
+    labelled = examples if config.loss == "cross_entropy" else _regression_examples(examples)
     print(f"uploading {counts} from {args.directory}{note}", file=sys.stderr)
     progress = Progress(sys.stderr)
     try:
-        result = client.fine_tune(
-            base_model=args.base,
-            output_model=args.output,
-            examples=examples,
-            head=args.head,
-            hidden=args.hidden,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            validation_fraction=args.validation_fraction,
-            seed=args.seed,
-            early_stopping_patience=args.early_stopping_patience,
-            replace=args.replace,
-            on_event=progress,
-            timeout=None,  # the job takes what it takes; Ctrl-C cancels it
-        )
+        # The job takes what it takes (no deadline); Ctrl-C cancels it.
+        result = client.fine_tune(config, labelled, on_event=progress, timeout=None)
     except KeyboardInterrupt:
         progress.end()
         if progress.job_id:
@@ -550,13 +631,6 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_number(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
