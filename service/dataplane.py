@@ -71,8 +71,10 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
+        """Ready: not draining, every model ready, and the model store read (so that a
+        restarted replica serves every fine-tuned model it can before it takes traffic)."""
         models = self.repository.all()
-        return not self._draining and bool(models) and all(m.ready for m in models)
+        return not self._draining and self.repository.store_read and bool(models) and all(m.ready for m in models)
 
     def model_ready(self, name: str) -> bool:
         return not self._draining and self.repository.get(name).ready

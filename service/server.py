@@ -18,7 +18,8 @@ from prometheus_client import start_http_server
 
 from service.config import ServeConfig
 from service.dataplane import DataPlane
-from service.finetune.jobs import JobManager
+from service.finetune.manager import JobManager
+from service.finetune.names import LIVENESS_SERVICE, SERVER_SERVICE
 from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
 from service.devices import resolve_devices
@@ -34,9 +35,6 @@ from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_gr
 from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-# Health service names besides "" (the whole server) and one per model.
-LIVENESS_SERVICE = "liveness"  # SERVING for as long as the process runs; for liveness probes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -58,10 +56,13 @@ class VisionServer:
             initializer=_single_threaded_torch,
         )
         self.dataplane = DataPlane(config, self.repository, self.metrics, self._decode_pool)
-        self.store = ModelStore(config.model_store) if config.model_store is not None else None
-        self.jobs = JobManager(self.dataplane, self.repository, self.store, self.metrics)
+        limits = config.fine_tuning
+        self.store = ModelStore(config.model_store, limits) if config.model_store is not None else None
+        self.jobs = JobManager(self.dataplane, self.repository, self.store, self.metrics, limits)
         self._token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
         self._sync_task: asyncio.Task[None] | None = None
+        self.store_sync: StoreSync | None = None
+        self._store_read = asyncio.Event()
         self.health = HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -104,7 +105,7 @@ class VisionServer:
         self.grpc_port = self._grpc.add_insecure_port(f"{_host(self.config.host)}:{self.config.grpc_port}")
         await self._grpc.start()
         await self.health.set(LIVENESS_SERVICE, SERVING)
-        await self.health.set("", NOT_SERVING)
+        await self.health.set(SERVER_SERVICE, NOT_SERVING)
         for model in self.repository.all():
             await self.health.set(model.name, NOT_SERVING)
         self._metrics_http, _ = start_http_server(
@@ -128,6 +129,8 @@ class VisionServer:
         await asyncio.shield(self._loading)
         if self.load_error is not None:
             raise self.load_error
+        if self.store is not None:
+            await self._store_read.wait()
 
     async def _load(self) -> None:
         try:
@@ -137,17 +140,34 @@ class VisionServer:
             self.load_error = exc
             return
         if self.store is not None:
-            sync = StoreSync(self.store, self.repository, interval_s=self.config.store_poll_seconds)
-            await sync.sync_once()
-            self._sync_task = asyncio.create_task(sync.run_forever())
-        await self._update_server_health()
+            # Ready only after the first full pass over the store: a restarted replica then
+            # serves every fine-tuned model it can before it takes traffic. A bad or hung
+            # entry does not hold that pass up (see StoreSync).
+            self.store_sync = StoreSync(
+                self.store,
+                self.repository,
+                self.metrics,
+                interval_s=self.config.store_poll_seconds,
+                on_first_pass=self._on_store_read,
+            )
+            self._sync_task = asyncio.create_task(self.store_sync.run_forever())
+        else:
+            await self._update_server_health()
+
+    def _on_store_read(self) -> None:
+        self.repository.mark_store_read()
+        self._store_read.set()
+        asyncio.get_running_loop().create_task(self._update_server_health())
 
     def _on_model_state(self, model: ServedModel) -> None:
         status = SERVING if model.ready and not self.dataplane.draining else NOT_SERVING
-        asyncio.get_running_loop().create_task(self.health.set(model.name, status))
+        loop = asyncio.get_running_loop()
+        loop.create_task(self.health.set(model.name, status))
+        loop.create_task(self._update_server_health())
 
     async def _update_server_health(self) -> None:
-        await self.health.set("", SERVING if self.dataplane.ready() else NOT_SERVING)
+        """Health ``""`` says what ServerReady says (``DataPlane.ready``)."""
+        await self.health.set(SERVER_SERVICE, SERVING if self.dataplane.ready() else NOT_SERVING)
 
     def request_stop(self) -> asyncio.Task[None]:
         """Start draining (idempotent); the returned task ends when the server has stopped."""
@@ -158,7 +178,7 @@ class VisionServer:
     async def stop(self) -> None:
         """Drain: refuse new work, answer what is in flight, then shut everything down."""
         self.dataplane.start_draining()
-        await self.health.set("", NOT_SERVING)
+        await self.health.set(SERVER_SERVICE, NOT_SERVING)
         for model in self.repository.all():
             await self.health.set(model.name, NOT_SERVING)
         if self._sync_task is not None:
