@@ -36,6 +36,8 @@ from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_S = 5.0  # for calls still open once the data plane has drained
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -186,11 +188,20 @@ class VisionServer:
         await self.jobs.shutdown()
         drained = await self.dataplane.wait_idle(self.config.drain_seconds)
         if not drained:
-            log.warning("drain timed out after %.0fs; cancelling what is left", self.config.drain_seconds)
+            stopped = self.dataplane.abandon_in_flight()
+            log.warning(
+                "drain timed out after %.0fs; answering the %d requests left UNAVAILABLE",
+                self.config.drain_seconds,
+                stopped,
+            )
+            await self.dataplane.wait_idle(STOP_GRACE_S)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self._grpc is not None:
-            await self._grpc.stop(grace=1.0)
+            # Calls that reached gRPC but not yet our handlers (a busy event loop) still get
+            # their UNAVAILABLE from them within the grace; only what is left after it is
+            # cancelled. stop() returns as soon as no call is left.
+            await self._grpc.stop(grace=STOP_GRACE_S)
         await self.repository.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -166,4 +166,4 @@ class StoreSync:
             return
         self._reported[name] = key
         self._metrics.record_store_error(error.reason)
-        log.error("model store: skipping %s: %s", name or "the store", error)
+        log.error("model store: skipping %r (%s): %s", name, error.reason, error)
