@@ -74,6 +74,7 @@ class Clients:
         self.target = target
         self.phase = "idle"
         self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.unexpected: collections.Counter[str] = collections.Counter()  # status details of the bad answers
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(count)]
@@ -99,6 +100,9 @@ class Clients:
                         code = "OK"
                     except grpc.RpcError as exc:
                         code = exc.code().name
+                        if code not in ("OK", "UNAVAILABLE"):
+                            with self._lock:
+                                self.unexpected[f"{phase} {code}: {exc.details()}"] += 1
                     with self._lock:
                         self.counts[phase][f"{model.split('-')[0]}:{code}"] += 1
                     if code != "OK":
@@ -166,6 +170,8 @@ def main() -> int:
         process.wait(60)
     result = {phase: dict(sorted(counter.items())) for phase, counter in clients.counts.items()}
     print(json.dumps(result, indent=2))
+    for details, count in clients.unexpected.most_common():
+        print(f"{count:6d}  {details}")
     print(f"server log: {log}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
