@@ -175,7 +175,12 @@ def main() -> int:
     print(f"server log: {log}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
-    bad = sum(n for counter in clients.counts.values() for key, n in counter.items() if not key.endswith(("OK", "UNAVAILABLE")))
+    bad = sum(
+        n
+        for counter in clients.counts.values()
+        for key, n in counter.items()
+        if not key.endswith(("OK", "UNAVAILABLE"))
+    )
     return 1 if bad else 0
 
 

@@ -15,7 +15,12 @@ ALEXNET_FEATURES = 4096
 
 
 def save_head(
-    store: Path, name: str, *, seed: int = 0, labels: tuple[str, ...] = ("a", "b", "c"), features: int = ALEXNET_FEATURES
+    store: Path,
+    name: str,
+    *,
+    seed: int = 0,
+    labels: tuple[str, ...] = ("a", "b", "c"),
+    features: int = ALEXNET_FEATURES,
 ) -> Manifest:
     """A random linear head on AlexNet's features (or another width), saved as ``name``."""
     torch.manual_seed(seed)

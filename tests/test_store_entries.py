@@ -77,7 +77,12 @@ def bad_store(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     expected["fifo-manifest"] = "not_regular_file"
     _copy(store, "template", "dev-zero", **{"weights.file": "/dev/zero"})
     expected["dev-zero"] = "outside_folder"
-    _copy(store, "template", "escape", **{"weights.file": "../good-one/" + manifest_of(store, "good-one")["weights"]["file"]})
+    _copy(
+        store,
+        "template",
+        "escape",
+        **{"weights.file": "../good-one/" + manifest_of(store, "good-one")["weights"]["file"]},
+    )
     expected["escape"] = "outside_folder"
     data = _copy(store, "template", "symlink-zero")
     os.unlink(store / "symlink-zero" / data["weights"]["file"])
@@ -111,9 +116,7 @@ def _logits(target: str, model: str) -> np.ndarray:
     return np.frombuffer(reply.raw_output_contents[0], dtype=np.float32)
 
 
-def test_bad_entries_are_skipped_with_one_error_each_and_the_rest_is_served(
-    bad_store, serve_inprocess, caplog
-) -> None:
+def test_bad_entries_are_skipped_with_one_error_each_and_the_rest_is_served(bad_store, serve_inprocess, caplog) -> None:
     store, expected = bad_store
     caplog.set_level(logging.ERROR, logger="service.finetune.sync")
     server = serve_inprocess(model_store=store, store_poll_seconds=0.2)

@@ -323,7 +323,9 @@ class ModelStore:
         except FileNotFoundError:
             return deleted
         for entry in entries:
-            collectable = _WEIGHTS_FILE.fullmatch(entry.name) or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+            collectable = _WEIGHTS_FILE.fullmatch(entry.name) or (
+                entry.name.startswith(".") and entry.name.endswith(".tmp")
+            )
             if not collectable or entry.name in keep:
                 continue
             try:
@@ -411,7 +413,9 @@ class ModelStore:
             tensors = load_safetensors(blob)
             head.load_state_dict(tensors)
         except Exception as exc:  # safetensors raises its own error types on a malformed header
-            raise StoreEntryError("bad_weights", f"{name}: weights do not fit the manifest's head: {exc}"[:500]) from exc
+            raise StoreEntryError(
+                "bad_weights", f"{name}: weights do not fit the manifest's head: {exc}"[:500]
+            ) from exc
         if not all(bool(torch.isfinite(t).all()) for t in head.state_dict().values()):
             raise StoreEntryError("bad_weights", f"{name}: weights hold NaN or infinite values")
         return manifest, head.eval()
