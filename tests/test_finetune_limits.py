@@ -209,3 +209,25 @@ def test_concurrent_uploads_and_queued_jobs_are_capped(stub) -> None:
     stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
     events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=120))
     assert events[-1].kind == "cancelled"
+
+
+def test_every_cap_is_a_flag_and_an_environment_variable() -> None:
+    from service.cli import build_serve_parser, config_from_args
+
+    flags = {
+        "--max-finished-jobs": "max_finished_jobs",
+        "--max-queued-jobs": "max_queued_jobs",
+        "--max-job-uploads": "max_uploads",
+        "--max-job-examples": "max_examples",
+        "--max-job-bytes": "max_total_bytes",
+        "--max-head-parameters": "max_head_parameters",
+        "--max-labels": "max_labels",
+        "--max-label-length": "max_label_length",
+    }
+    argv = [part for i, flag in enumerate(flags) for part in (flag, str(i + 1))]
+    limits = config_from_args(build_serve_parser({}).parse_args(argv)).fine_tuning
+    assert [getattr(limits, field) for field in flags.values()] == list(range(1, len(flags) + 1))
+    environ = {"VISION_SERVE_MAX_FINISHED_JOBS": "7"}
+    assert config_from_args(build_serve_parser(environ).parse_args([])).fine_tuning.max_finished_jobs == 7
+    with pytest.raises(SystemExit):
+        build_serve_parser({}).parse_args(["--max-queued-jobs", "0"])
