@@ -52,7 +52,8 @@ class StoreSync:
         self._on_first_pass = on_first_pass
         self._seen: dict[str, tuple[Fingerprint, str | None]] = {}  # manifest last read and its version
         self._reported: dict[str, tuple[str, Fingerprint | None]] = {}  # (reason, fingerprint) last logged
-        self._reading: set[str] = set()  # entries whose read timed out and has not returned yet
+        self._reading: set[str] = set()  # entries being read (a read that timed out may still be running)
+        self._listing = False  # a listing of the store is running
         self.passes = 0
 
     async def run_forever(self) -> None:
@@ -65,8 +66,18 @@ class StoreSync:
 
     async def sync_once(self) -> None:
         """One pass: unload what was deleted, load what is new or changed."""
+        if self._listing:
+            return  # the last listing has not returned (a hung file system): do not pile up threads
+        self._listing = True
+
+        def entries() -> tuple[dict[str, Fingerprint], dict[str, StoreEntryError]]:
+            try:
+                return self._store.entries()
+            finally:
+                self._listing = False
+
         try:
-            stored, errors = await call_with_timeout(self._store.entries, self._read_timeout_s, "store-list")
+            stored, errors = await call_with_timeout(entries, self._read_timeout_s, "store-list")
         except (OSError, TimedOut) as exc:
             error = StoreEntryError("unreadable_store", f"cannot list the model store {self._store.root}: {exc}")
             self._report("", error, None)
