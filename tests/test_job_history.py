@@ -30,13 +30,13 @@ def test_history_keeps_the_newest_records_only(tmp_path: Path) -> None:
     history = JobHistory(tmp_path, max_records=3)
     for i in range(5):
         history.save(_finished(f"{i:012x}", 1_700_000_000.0 + i))
-    assert [job.id for job in history.list()] == [f"{i:012x}" for i in (2, 3, 4)]
+    assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (2, 3, 4)]
     assert history.get(f"{0:012x}") is None
     again = history.get(f"{4:012x}")
     assert again is not None and again.metrics == TrainMetrics(train_loss=0.5, best_epoch=3)
     assert again.state is JobState.SUCCEEDED and again.example_count == 10 and again.examples is None
     (history.folder / "1700000009000-0000000000ff.json").write_text("[" * 10_000)  # a damaged record
-    assert [job.id for job in history.list()] == [f"{i:012x}" for i in (3, 4)]  # newest 3: one skipped
+    assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (3, 4)]  # newest 3: one skipped
     assert history.get("../../etc/passwd") is None
 
 

@@ -66,7 +66,7 @@ class JobHistory:
                 return self._read(name)
         return None
 
-    def list(self) -> list[Job]:
+    def recent(self) -> list[Job]:
         """The newest ``max_records`` records that can be read."""
         jobs = (self._read(name) for name in self._names()[-self.max_records :])
         return [job for job in jobs if job is not None]

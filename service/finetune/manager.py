@@ -162,7 +162,7 @@ class JobManager:
 
     async def list(self) -> list[Job]:
         """Jobs running here, and finished jobs of every replica sharing the store."""
-        jobs = {job.id: job for job in (await asyncio.to_thread(self._history.list) if self._history else [])}
+        jobs = {job.id: job for job in (await asyncio.to_thread(self._history.recent) if self._history else [])}
         jobs.update(self._finished)
         jobs.update(self._live)
         return sorted(jobs.values(), key=lambda j: j.created_at)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from service.repository import ModelRepository
 FEATURE_CHUNK = 32  # images per feature-extraction request
 FEATURE_SHARE = 0.3  # share of a job's progress given to feature extraction
 
-Emit = Callable[[Job, JobEvent], Awaitable[None]]
+Emit = Callable[[Job, JobEvent], Coroutine[Any, Any, None]]
 
 
 class JobPipeline:

@@ -185,14 +185,14 @@ class _Fields:
         self._where = where
 
     def get(self, key: str, kind: type, default: Any = None) -> Any:
-        value = self._data.get(key, default)
+        value: Any = self._data.get(key, default)
         if value is None:
             raise StoreEntryError("bad_manifest", f"{self._where}: {key} is missing")
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise StoreEntryError("bad_manifest", f"{self._where}: {key} must be a {kind.__name__}")
-        if kind is float and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise StoreEntryError("bad_manifest", f"{self._where}: {key} must be finite")
         return value
 
@@ -271,7 +271,7 @@ class ModelStore:
             version=version,
             base_model=base_model,
             head=head_spec,
-            feature_dim=int(head.mean.shape[0]),
+            feature_dim=int(state["mean"].shape[0]),
             labels=labels,
             loss=loss,
             metrics=metrics,
@@ -316,7 +316,7 @@ class ModelStore:
             keep.add(self.read_manifest(name).weights_file)
         except (FileNotFoundError, StoreEntryError):
             pass
-        deleted = []
+        deleted: list[str] = []
         cutoff = time.time() - grace_s
         try:
             entries = list(os.scandir(folder))
