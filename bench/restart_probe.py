@@ -57,7 +57,7 @@ def seed_store(store: Path) -> None:
     head = build_standardized_head(HeadSpec(), 4096, 3)
     ModelStore(store).save(
         name=FINETUNED, base_model="alexnet", head_spec=HeadSpec(), head=head,
-        labels=["a", "b", "c"], loss="cross_entropy", metrics={}, job_id="probe",
+        labels=["a", "b", "c"], loss="cross_entropy", job_id="probe",
     )  # fmt: skip
 
 
