@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from service.config import AUTH_SCOPES, DEFAULT_MODELS, BatchingConfig, ServeConfig
+from service.config import AUTH_SCOPES, DEFAULT_MODELS, BatchingConfig, FineTuneLimits, ServeConfig
 from service.errors import VisionServeError
 
 ENV_PREFIX = "VISION_SERVE_"
@@ -133,6 +133,18 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         type=_positive_float,
         help="how often to look for models other replicas wrote to the store",
     )
+    f = FineTuneLimits()
+    for flag, default, meaning in (
+        ("--max-finished-jobs", f.max_finished_jobs, "finished fine-tuning job records kept in the model store"),
+        ("--max-queued-jobs", f.max_queued_jobs, "fine-tuning jobs queued or running before RESOURCE_EXHAUSTED"),
+        ("--max-job-uploads", f.max_uploads, "CreateJob streams receiving examples at once before RESOURCE_EXHAUSTED"),
+        ("--max-job-examples", f.max_examples, "examples per fine-tuning job"),
+        ("--max-job-bytes", f.max_total_bytes, "bytes of one job's images, labels and targets together"),
+        ("--max-head-parameters", f.max_head_parameters, "trainable parameters of a fine-tuned head"),
+        ("--max-labels", f.max_labels, "classes of one fine-tuning job"),
+        ("--max-label-length", f.max_label_length, "UTF-8 bytes of one class name"),
+    ):
+        opt.add(flag, default=default, type=_positive_int, help=meaning)
     opt.add(
         "--auth-token-file",
         default=None,
@@ -193,6 +205,16 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_message_bytes=args.max_message_bytes,
         model_store=args.model_store,
         store_poll_seconds=args.store_poll_seconds,
+        fine_tuning=FineTuneLimits(
+            max_finished_jobs=args.max_finished_jobs,
+            max_queued_jobs=args.max_queued_jobs,
+            max_uploads=args.max_job_uploads,
+            max_examples=args.max_job_examples,
+            max_total_bytes=args.max_job_bytes,
+            max_head_parameters=args.max_head_parameters,
+            max_labels=args.max_labels,
+            max_label_length=args.max_label_length,
+        ),
         auth_token_file=args.auth_token_file,
         auth_scope=args.auth_scope,
         tls_cert_file=args.tls_cert_file,

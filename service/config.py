@@ -24,6 +24,25 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class FineTuneLimits:
+    """What fine-tuning may ask of a server: per job, and jobs at once."""
+
+    max_examples: int = 20_000  # examples per job
+    max_total_bytes: int = 512 * 1024 * 1024  # a job's image, label and target bytes together
+    max_epochs: int = 1_000
+    max_hidden: int = 8_192
+    max_blocks: int = 8
+    max_batch_size: int = 4_096
+    max_target_size: int = 1_024  # values per regression target
+    max_head_parameters: int = 50_000_000  # trainable parameters of a head (200 MB of float32)
+    max_label_length: int = 128  # UTF-8 bytes of one class name
+    max_labels: int = 4_096  # distinct classes of one job
+    max_uploads: int = 4  # CreateJob streams receiving examples at once
+    max_queued_jobs: int = 8  # jobs queued or running (each holds its examples until features are extracted)
+    max_finished_jobs: int = 100  # finished job records kept in the store
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "0.0.0.0"
     grpc_port: int = 8001
@@ -39,6 +58,7 @@ class ServeConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     model_store: Path | None = None  # None: fine-tuning is off
     store_poll_seconds: float = 5.0
+    fine_tuning: FineTuneLimits = field(default_factory=FineTuneLimits)
     auth_token_file: Path | None = None  # one token a line, re-read when it changes
     auth_scope: str = "management"  # one of AUTH_SCOPES
     tls_cert_file: Path | None = None  # PEM chain; with tls_key_file, the gRPC port speaks TLS only

@@ -56,6 +56,8 @@ class DataPlane:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._requests: set[asyncio.Task[object]] = set()  # the tasks of requests in flight
+        self._abandoning = False
 
     @property
     def decode_pool(self) -> Executor:
@@ -71,9 +73,16 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
+        """Ready: not draining, every model ready, and the model store read (so that a
+        restarted replica serves every fine-tuned model it can before it takes traffic)."""
         models = self.repository.all()
         # Models unloaded on request (RepositoryModelUnload) do not make the server unready.
-        return not self._draining and bool(models) and all(m.ready for m in models if not m.unloaded)
+        return (
+            not self._draining
+            and self.repository.store_read
+            and bool(models)
+            and all(m.ready for m in models if not m.unloaded)
+        )
 
     def model_ready(self, name: str) -> bool:
         return not self._draining and self.repository.get(name).ready
@@ -89,18 +98,29 @@ class DataPlane:
         status = "OK"
         self._in_flight += 1
         self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._requests.add(task)
         try:
             yield
         except VisionServeError as exc:
             status = exc.status
             raise
         except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
+            if not self._abandoning:
+                status = "CANCELLED"
+                raise
+            # Cancelled by abandon_in_flight, not by the client: the request will not run here.
+            status = "UNAVAILABLE"
+            raise UnavailableError(
+                "the server is shutting down and could not finish this request within its drain time; "
+                "retry on another replica"
+            ) from None
         except Exception:
             status = "INTERNAL"
             raise
         finally:
+            self._requests.discard(task)  # type: ignore[arg-type]
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -184,6 +204,14 @@ class DataPlane:
 
     def start_draining(self) -> None:
         self._draining = True
+
+    def abandon_in_flight(self) -> int:
+        """Stop every request still in flight (the drain time ran out): each is answered
+        UNAVAILABLE, so that its client retries elsewhere; the number stopped."""
+        self._abandoning = True
+        for task in self._requests:
+            task.cancel()
+        return len(self._requests)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight; False if ``timeout`` passed first."""

@@ -7,6 +7,7 @@ imports gRPC.
 
     VisionServeError
     ├── InvalidInputError        INVALID_ARGUMENT   a request the client must fix
+    │   └── BuiltinModelError                       a built-in model's name where a fine-tuned one is meant
     ├── ModelNotFoundError       NOT_FOUND          no model (or job) by that name
     ├── AlreadyExistsError       ALREADY_EXISTS     a name that is taken
     ├── QueueFullError           RESOURCE_EXHAUSTED the model's queue is full
@@ -37,6 +38,14 @@ class VisionServeError(Exception):
 
 class InvalidInputError(VisionServeError):
     status = "INVALID_ARGUMENT"
+
+
+class BuiltinModelError(InvalidInputError):
+    """A built-in model named where only a fine-tuned one may be (output, deletion, store entry)."""
+
+    def __init__(self, name: str, action: str) -> None:
+        super().__init__(f"{name!r} is a built-in model and cannot be {action}; use another name")
+        self.name = name
 
 
 class ModelNotFoundError(VisionServeError):

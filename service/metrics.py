@@ -8,7 +8,7 @@ that several servers (tests) can live in one process.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -70,8 +70,24 @@ class ServerMetrics:
         self.finetune_images = Counter(
             "vision_finetune_images", "Training examples run through a head (per epoch).", registry=r
         )
+        self.store_errors = Counter(
+            "vision_store_errors", "Model store entries skipped because they cannot be served.", ["reason"], registry=r
+        )
+
         # Triton's per model and version statistics (ModelStatistics), from the same events.
         self.statistics = StatisticsCollector()
+
+    def record_store_error(self, reason: str) -> None:
+        """Count a model store entry skipped because it cannot be served (``reason``: a short label)."""
+        self.store_errors.labels(reason).inc()
+
+    def record_finetune_images(self, count: int) -> None:
+        self.finetune_images.inc(count)
+
+    def set_job_counts(self, counts: Mapping[str, int]) -> None:
+        """Jobs by state, every state given (0 included)."""
+        for state, count in counts.items():
+            self.finetune_jobs.labels(state).set(count)
 
     def record_batch(self, model: str, stats: BatchStats, version: str = "1") -> None:
         self.statistics.record_batch(model, version, stats)

@@ -19,7 +19,9 @@ import asyncio
 import logging
 
 from service.errors import ModelNotFoundError, UnavailableError, VisionServeError
-from service.finetune.store import ModelStore, StoreReadError
+from service.finetune.files import TimedOut, call_with_timeout
+from service.finetune.store import ModelStore, StoreEntryError
+from service.finetune.sync import READ_TIMEOUT_S
 from service.models import WeightsSource, list_models
 from service.repository import ModelRepository
 
@@ -74,9 +76,10 @@ class ModelControl:
             raise UnavailableError(f"cannot load {name!r}: its base model {base!r} is not loaded; load {base!r} first")
         if self._store is None:
             raise ModelNotFoundError(f"{name!r} has no model store to load from")
+        store = self._store
         try:
-            manifest, head = await asyncio.to_thread(self._store.load, name)
-        except StoreReadError as exc:
+            manifest, head = await call_with_timeout(lambda: store.load(name), READ_TIMEOUT_S, f"store-read-{name}")
+        except (StoreEntryError, OSError, TimedOut) as exc:
             raise UnavailableError(f"cannot read {name!r} from the model store: {exc}") from exc
         model = await asyncio.to_thread(
             self._repository.install_finetuned, name, manifest.base_model, head, manifest.labels, manifest.version

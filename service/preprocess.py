@@ -30,8 +30,16 @@ class ImageDecoder:
     def __call__(self, data: bytes, index: int = 0) -> torch.Tensor:
         return self._transform(self.decode(data, index))
 
-    def decode(self, data: bytes, index: int = 0) -> Image.Image:
-        """Decode to an RGB PIL image, refusing what is not an image we accept."""
+    def check(self, data: bytes, index: int = 0, size: int = 64) -> None:
+        """Refuse ``data`` exactly as :meth:`decode` would, decoding JPEG at reduced size
+        (at least ``size`` on each side): what is checked only costs a fraction of a decode."""
+        self.decode(data, index, reduce_to=size).close()
+
+    def decode(self, data: bytes, index: int = 0, *, reduce_to: int | None = None) -> Image.Image:
+        """Decode to an RGB PIL image, refusing what is not an image we accept.
+
+        ``reduce_to``: let JPEG decode at a reduced scale, no smaller than that on each side.
+        """
         where = f"IMAGE element {index}"
         if not data:
             raise InvalidInputError(f"{where} is empty: send the bytes of an encoded JPEG, PNG, WebP, BMP or GIF")
@@ -49,6 +57,8 @@ class ImageDecoder:
                         f"{where} is {width}x{height} = {width * height} pixels, over the limit of "
                         f"{self._max_pixels}; downscale it before sending"
                     )
+                if reduce_to is not None and image.format in ("JPEG", "MPO"):
+                    image.draft("RGB", (reduce_to, reduce_to))
                 if getattr(image, "n_frames", 1) > 1:
                     image.seek(0)  # animated GIF/WebP: the first frame
                 if image.mode in ("P", "LA", "PA", "RGBA") or "transparency" in image.info:

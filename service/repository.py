@@ -26,7 +26,8 @@ import torch
 from service.batching import BatchQueue
 from service.config import ServeConfig
 from service.devices import resolve_dtype
-from service.errors import AlreadyExistsError, InvalidInputError, ModelNotFoundError, UnavailableError
+from service.errors import BuiltinModelError, InvalidInputError, ModelNotFoundError, UnavailableError
+from service.finetune.names import is_model_name
 from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
 from service.preprocess import ImageDecoder
@@ -90,6 +91,7 @@ class ModelRepository:
         self._retired: list[ServedModel] = []
         self._listeners: list[StateListener] = []
         self._lock = threading.Lock()  # guards building internal models from several jobs
+        self._store_pending = config.model_store is not None  # fine-tuned models not read yet
 
     @property
     def devices(self) -> list[torch.device]:
@@ -110,10 +112,23 @@ class ModelRepository:
     def builtin_names(self) -> list[str]:
         return [m.name for m in self._models.values() if m.base_model is None]
 
+    @property
+    def store_read(self) -> bool:
+        """Whether every model of the store that can be served is (no store: always)."""
+        return not self._store_pending
+
+    def mark_store_read(self) -> None:
+        """The model store has been read once: from now on an unknown name is NOT_FOUND."""
+        self._store_pending = False
+
     def get(self, name: str) -> ServedModel:
         try:
             return self._models[name]
         except KeyError:
+            if self._store_pending and is_model_name(name):
+                raise UnavailableError(
+                    f"model {name!r} is not loaded yet: the server is still reading its model store; retry shortly"
+                ) from None
             served = ", ".join(self._models) or "none"
             raise ModelNotFoundError(f"model {name!r} is not served here; served models: {served}") from None
 
@@ -234,7 +249,7 @@ class ModelRepository:
         """
         existing = self._models.get(name)
         if existing is not None and existing.base_model is None:
-            raise AlreadyExistsError(f"{name!r} is a built-in model; choose another output_model name")
+            raise BuiltinModelError(name, "replaced by a fine-tuned model")
         base_model = self.get_ready(base)
         spec = get_model_spec(base)
         model = self._new_served(name, spec, labels, len(labels), platform=FINETUNED_PLATFORM)
@@ -266,7 +281,7 @@ class ModelRepository:
     def remove_finetuned(self, name: str, reason: str = "deleted") -> None:
         model = self.get(name)
         if model.base_model is None:
-            raise AlreadyExistsError(f"{name!r} is a built-in model and cannot be deleted")
+            raise BuiltinModelError(name, "deleted")
         del self._models[name]
         self._set_state(model, ModelState.UNAVAILABLE, reason)
         self._retire(model)

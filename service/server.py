@@ -18,7 +18,8 @@ from prometheus_client import start_http_server
 
 from service.config import ServeConfig
 from service.dataplane import DataPlane
-from service.finetune.jobs import JobManager
+from service.finetune.manager import JobManager
+from service.finetune.names import LIVENESS_SERVICE, SERVER_SERVICE
 from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
 from service.devices import resolve_devices
@@ -37,8 +38,7 @@ from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Health service names besides "" (the whole server) and one per model.
-LIVENESS_SERVICE = "liveness"  # SERVING for as long as the process runs; for liveness probes
+STOP_GRACE_S = 5.0  # for calls still open once the data plane has drained
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -60,14 +60,17 @@ class VisionServer:
             initializer=_single_threaded_torch,
         )
         self.dataplane = DataPlane(config, self.repository, self.metrics, self._decode_pool)
-        self.store = ModelStore(config.model_store) if config.model_store is not None else None
-        self.jobs = JobManager(self.dataplane, self.repository, self.store, self.metrics)
+        limits = config.fine_tuning
+        self.store = ModelStore(config.model_store, limits) if config.model_store is not None else None
+        self.jobs = JobManager(self.dataplane, self.repository, self.store, self.metrics, limits)
         self._access = policy_from(config.auth_token_file, config.auth_scope)
         tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
         self._tls = CertificateFiles(tls_files) if tls_files is not None else None
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port = 0
         self._sync_task: asyncio.Task[None] | None = None
+        self.store_sync: StoreSync | None = None
+        self._store_read = asyncio.Event()
         self.health = HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -123,7 +126,7 @@ class VisionServer:
         if self.config.health_port is not None:
             await self._start_health_port(self.config.health_port)
         await self.health.set(LIVENESS_SERVICE, SERVING)
-        await self.health.set("", NOT_SERVING)
+        await self.health.set(SERVER_SERVICE, NOT_SERVING)
         for model in self.repository.all():
             await self.health.set(model.name, NOT_SERVING)
         metrics_host = self.config.metrics_host or self.config.host
@@ -158,6 +161,8 @@ class VisionServer:
         await asyncio.shield(self._loading)
         if self.load_error is not None:
             raise self.load_error
+        if self.store is not None:
+            await self._store_read.wait()
 
     async def _load(self) -> None:
         try:
@@ -167,17 +172,34 @@ class VisionServer:
             self.load_error = exc
             return
         if self.store is not None:
-            sync = StoreSync(self.store, self.repository, interval_s=self.config.store_poll_seconds)
-            await sync.sync_once()
-            self._sync_task = asyncio.create_task(sync.run_forever())
-        await self._update_server_health()
+            # Ready only after the first full pass over the store: a restarted replica then
+            # serves every fine-tuned model it can before it takes traffic. A bad or hung
+            # entry does not hold that pass up (see StoreSync).
+            self.store_sync = StoreSync(
+                self.store,
+                self.repository,
+                self.metrics,
+                interval_s=self.config.store_poll_seconds,
+                on_first_pass=self._on_store_read,
+            )
+            self._sync_task = asyncio.create_task(self.store_sync.run_forever())
+        else:
+            await self._update_server_health()
+
+    def _on_store_read(self) -> None:
+        self.repository.mark_store_read()
+        self._store_read.set()
+        asyncio.get_running_loop().create_task(self._update_server_health())
 
     def _on_model_state(self, model: ServedModel) -> None:
         status = SERVING if model.ready and not self.dataplane.draining else NOT_SERVING
-        asyncio.get_running_loop().create_task(self.health.set(model.name, status))
+        loop = asyncio.get_running_loop()
+        loop.create_task(self.health.set(model.name, status))
+        loop.create_task(self._update_server_health())
 
     async def _update_server_health(self) -> None:
-        await self.health.set("", SERVING if self.dataplane.ready() else NOT_SERVING)
+        """Health ``""`` says what ServerReady says (``DataPlane.ready``)."""
+        await self.health.set(SERVER_SERVICE, SERVING if self.dataplane.ready() else NOT_SERVING)
 
     def request_stop(self) -> asyncio.Task[None]:
         """Start draining (idempotent); the returned task ends when the server has stopped."""
@@ -188,7 +210,7 @@ class VisionServer:
     async def stop(self) -> None:
         """Drain: refuse new work, answer what is in flight, then shut everything down."""
         self.dataplane.start_draining()
-        await self.health.set("", NOT_SERVING)
+        await self.health.set(SERVER_SERVICE, NOT_SERVING)
         for model in self.repository.all():
             await self.health.set(model.name, NOT_SERVING)
         if self._sync_task is not None:
@@ -196,11 +218,20 @@ class VisionServer:
         await self.jobs.shutdown()
         drained = await self.dataplane.wait_idle(self.config.drain_seconds)
         if not drained:
-            log.warning("drain timed out after %.0fs; cancelling what is left", self.config.drain_seconds)
+            stopped = self.dataplane.abandon_in_flight()
+            log.warning(
+                "drain timed out after %.0fs; answering the %d requests left UNAVAILABLE",
+                self.config.drain_seconds,
+                stopped,
+            )
+            await self.dataplane.wait_idle(STOP_GRACE_S)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self._grpc is not None:
-            await self._grpc.stop(grace=1.0)
+            # Calls that reached gRPC but not yet our handlers (a busy event loop) still get
+            # their UNAVAILABLE from them within the grace; only what is left after it is
+            # cancelled. stop() returns as soon as no call is left.
+            await self._grpc.stop(grace=STOP_GRACE_S)
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=None)
         await self.repository.stop()

@@ -61,6 +61,8 @@ class InProcessServer:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return  # stopped already
         if self.server is not None:
             server = self.server
 

@@ -10,10 +10,11 @@ import torch
 
 from service.errors import InvalidInputError, ModelNotFoundError
 from service.finetune.heads import ParallelBlock, build_head
-from service.finetune.jobs import ExampleCollector
-from service.finetune.spec import FineTuneSpec, HeadSpec, Limits, OptimizerSpec, validate_spec
-from service.finetune.store import ModelStore, StoreReadError
-from service.finetune.trainer import JobCancelled, split_indices, train_head
+from service.config import FineTuneLimits as Limits
+from service.finetune.examples import ExampleCollector
+from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec, validate_spec
+from service.finetune.store import ModelStore, StoreEntryError
+from service.finetune.trainer import JobCancelled, TrainMetrics, split_indices, train_head
 
 
 def blobs(n: int = 300, dim: int = 32, classes: int = 3, scale: float = 50.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +48,7 @@ def test_trainer_learns_separable_classes_whatever_the_feature_scale(head: str, 
     spec = FineTuneSpec("alexnet", "blobs", head=HeadSpec(kind=head, hidden=32), optimizer=optimizer, epochs=15)
     reports = []
     result = train_head(features, labels, spec, num_outputs=3, on_epoch=reports.append)
-    assert result.validation_accuracy > 0.95
+    assert result.metrics.validation_accuracy > 0.95
     assert [r.epoch for r in reports] == list(range(1, 16))
     assert reports[-1].train_loss < reports[0].train_loss
     assert result.head.mean.shape == (32,) and result.head.std.min() > 0
@@ -59,8 +60,8 @@ def test_mse_regression_head() -> None:
     targets = features @ weights / 100
     spec = FineTuneSpec("alexnet", "reg", loss="mse", epochs=60, optimizer=OptimizerSpec(lr=1e-2))
     result = train_head(features, targets, spec, num_outputs=2)
-    assert result.validation_loss < 0.05  # on standardized targets: 5% of their variance
-    assert math.isnan(result.validation_accuracy)
+    assert result.metrics.validation_loss < 0.05  # on standardized targets: 5% of their variance
+    assert math.isnan(result.metrics.validation_accuracy)
     predicted = result.head(features[:50]).detach()  # served outputs are in the targets' own units
     assert float(((predicted - targets[:50]) ** 2).mean() / targets[:50].var(0).mean()) < 0.1
 
@@ -69,8 +70,8 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     features, labels = blobs()
     spec = FineTuneSpec("alexnet", "x", epochs=200, early_stopping_patience=3, optimizer=OptimizerSpec(lr=0.05))
     result = train_head(features, labels, spec, num_outputs=3)
-    assert result.epochs_run < 200
-    assert result.best_epoch == result.epochs_run - 3
+    assert result.metrics.epochs_run < 200
+    assert result.metrics.best_epoch == result.metrics.epochs_run - 3
 
 
 def test_training_stops_when_cancelled() -> None:
@@ -109,12 +110,12 @@ def test_bad_configs_are_invalid_input(change: dict, message: str) -> None:
 
 def test_example_collector_enforces_limits() -> None:
     spec = FineTuneSpec("alexnet", "x")
-    collector = ExampleCollector(spec, Limits(max_examples=3, max_total_bytes=100))
+    collector = ExampleCollector(spec, Limits(max_examples=3, max_total_bytes=300))
     collector.add(b"a" * 10, "cat", [])
     with pytest.raises(InvalidInputError, match="no label"):
         collector.add(b"b", "", [])
-    with pytest.raises(InvalidInputError, match="100 bytes"):
-        collector.add(b"c" * 200, "dog", [])
+    with pytest.raises(InvalidInputError, match="300 bytes"):
+        collector.add(b"c" * 300, "dog", [])
     one_class = ExampleCollector(spec, Limits())
     one_class.add(b"a", "cat", [])
     one_class.add(b"b", "cat", [])
@@ -138,10 +139,10 @@ def test_store_round_trip_replace_and_delete(tmp_path) -> None:
     head = _trained_head()
     saved = store.save(
         name="pets", base_model="alexnet", head_spec=HeadSpec(), head=head, labels=["a", "b", "c"],
-        loss="cross_entropy", metrics={"validation_accuracy": 1.0}, job_id="j1",
+        loss="cross_entropy", metrics=TrainMetrics(validation_accuracy=1.0), job_id="j1",
     )  # fmt: skip
     manifest, loaded = store.load("pets")
-    assert manifest == saved and store.list_versions() == {"pets": saved.version}
+    assert manifest == saved and list(store.entries()[0]) == ["pets"]
     x = torch.randn(4, 6) * 50 + 1000
     assert torch.equal(loaded(x), head(x))
     on_disk = json.loads((tmp_path / "pets" / "manifest.json").read_text())
@@ -149,12 +150,15 @@ def test_store_round_trip_replace_and_delete(tmp_path) -> None:
     assert on_disk["head"]["kind"] == "linear" and on_disk["metrics"]["validation_accuracy"] == 1.0
     again = store.save(
         name="pets", base_model="alexnet", head_spec=HeadSpec(), head=head, labels=["a", "b", "c"],
-        loss="cross_entropy", metrics={}, job_id="j2",
+        loss="cross_entropy", job_id="j2",
     )  # fmt: skip
     assert again.version != saved.version
-    assert [p.name for p in (tmp_path / "pets").glob("*.safetensors")] == [again.weights_file]
+    # The old weights stay for a grace period (a reader may have read the old manifest)...
+    assert sorted(p.name for p in (tmp_path / "pets").glob("*.safetensors")) == [saved.weights_file, again.weights_file]
+    # ...and go once it has passed.
+    assert store.collect_garbage("pets", grace_s=0) == [saved.weights_file]
     store.delete("pets")
-    assert store.list_versions() == {}
+    assert store.entries() == ({}, {}) and not (tmp_path / "pets").exists()
     with pytest.raises(ModelNotFoundError):
         store.delete("pets")
 
@@ -163,12 +167,13 @@ def test_store_never_serves_half_written_or_tampered_weights(tmp_path) -> None:
     store = ModelStore(tmp_path)
     saved = store.save(
         name="pets", base_model="alexnet", head_spec=HeadSpec(), head=_trained_head(), labels=["a", "b", "c"],
-        loss="cross_entropy", metrics={}, job_id="j",
+        loss="cross_entropy", job_id="j",
     )  # fmt: skip
     weights = tmp_path / "pets" / saved.weights_file
     weights.write_bytes(weights.read_bytes()[:-10])
-    with pytest.raises(StoreReadError, match="digest"):
+    with pytest.raises(StoreEntryError, match="sha256"):
         store.load("pets")
     (tmp_path / "pets" / "manifest.json").write_text("{not json")
-    assert store.list_versions() == {}
+    with pytest.raises(StoreEntryError, match="not valid JSON"):
+        store.load("pets")
     assert not list(tmp_path.glob("pets/.*.tmp"))

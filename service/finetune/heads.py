@@ -46,6 +46,11 @@ class StandardizedHead(nn.Module):
     map their outputs back. The statistics are buffers, saved with the weights.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+
     def __init__(
         self,
         head: nn.Module,

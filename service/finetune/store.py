@@ -1,15 +1,26 @@
-"""The model store: one folder per fine-tuned model, written so a reader never sees half of one.
+"""The model store: one folder per fine-tuned model, shared by replicas, trusted by none.
 
 Layout::
 
     <store>/<name>/manifest.json              base model, head spec, labels, metrics, time,
-                                              and the weights file it belongs to (+ sha256)
-    <store>/<name>/head-<version>.safetensors the head's tensors
+                                              and the weights file it names (+ sha256)
+    <store>/<name>/head-<version>.safetensors the head's tensors, one file per version
+    <store>/.jobs/                            records of finished jobs (:mod:`.history`)
 
-A save writes the weights under a new name, then replaces the manifest with
-``os.replace`` (atomic on POSIX); the manifest is what makes a version exist.
-Readers that meet a manifest whose weights are gone or do not match its
-digest treat the model as not there yet and look again at the next poll.
+Writing is two steps, so that two writers of one name (two replicas) never destroy
+each other's model: :meth:`ModelStore.stage` writes the weights under a name of their
+own, :meth:`ModelStore.commit` then makes the version exist by putting its manifest in
+place, with ``os.replace`` (replace) or ``os.link`` (create only: the link fails if any
+process created the manifest first, so ``replace=False`` holds across replicas). A
+weights file is deleted only when no current manifest names it and it is older than
+:data:`GC_GRACE_S`, so a writer whose manifest has not landed yet, and a reader that read
+the previous manifest a moment ago, both still find their file.
+
+Reading trusts nothing: file names are confined to the model's folder (no path, no
+symlink), files are opened without blocking and read only if ``fstat`` says they are
+regular and not larger than a cap, the manifest is checked field by field (with its
+``format_version``) before anything is built from it. A bad entry raises
+:class:`StoreEntryError` with a short ``reason`` for the metric.
 """
 
 from __future__ import annotations
@@ -17,26 +28,46 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import shutil
-import tempfile
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from service.errors import InternalError, ModelNotFoundError
+from service.config import FineTuneLimits
+from service.errors import AlreadyExistsError, InternalError, InvalidInputError, ModelNotFoundError
+from service.finetune.files import FileRefused, read_bounded, sync_directory, write_temporary
 from service.finetune.heads import StandardizedHead, build_standardized_head
-from service.finetune.spec import MODEL_NAME, HeadSpec
+from service.finetune.names import is_model_name
+from service.finetune.spec import HEAD_KINDS, LOSSES, HeadSpec, validate_head
+from service.finetune.trainer import TrainMetrics
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_FEATURE_DIM = 65_536
+GC_GRACE_S = 600.0  # unreferenced weights younger than this are kept: a writer or reader may still need them
+_VERSION = re.compile(r"[0-9]{13}-[0-9a-f]{8}")
+_WEIGHTS_FILE = re.compile(r"head-[0-9]{13}-[0-9a-f]{8}\.safetensors")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_WEIGHTS_SLACK = 1 << 20  # safetensors header and the standardization buffers
+
+
+class StoreEntryError(Exception):
+    """A store entry that cannot be served: ``reason`` labels the metric, ``str()`` is for the log."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -48,7 +79,7 @@ class Manifest:
     feature_dim: int
     labels: list[str]  # class names, or target names for regression
     loss: str
-    metrics: dict[str, Any]
+    metrics: TrainMetrics
     created_at: float
     job_id: str
     weights_file: str
@@ -64,44 +95,128 @@ class Manifest:
             "feature_dim": self.feature_dim,
             "labels": self.labels,
             "loss": self.loss,
-            "metrics": self.metrics,
+            "metrics": self.metrics.to_json(),
             "created_at": self.created_at,
             "job_id": self.job_id,
             "weights": {"file": self.weights_file, "sha256": self.sha256},
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        head = data["head"]
+    def from_json(cls, data: object, folder: str, limits: FineTuneLimits) -> Manifest:
+        """A manifest read from folder ``folder``, every field checked; :class:`StoreEntryError` if not."""
+        fields = _Fields(data, folder)
+        version = fields.get("format_version", int)
+        if version != FORMAT_VERSION:
+            raise StoreEntryError(
+                "format_version",
+                f"{folder}: manifest format_version {version} is not {FORMAT_VERSION}, the one this server reads "
+                "(written by a newer or older server?)",
+            )
+        name = fields.get("name", str)
+        if name != folder:
+            raise StoreEntryError("bad_manifest", f"{folder}: the manifest names another model, {name!r}")
+        head_fields = _Fields(fields.get("head", dict), f"{folder}: head")
+        kind = head_fields.get("kind", str)
+        if kind not in HEAD_KINDS:
+            raise StoreEntryError(
+                "unknown_head", f"{folder}: head kind {kind!r} is unknown to this server ({', '.join(HEAD_KINDS)})"
+            )
+        head = HeadSpec(
+            kind=kind,
+            hidden=head_fields.get("hidden", int),
+            blocks=head_fields.get("blocks", int),
+            dropout=head_fields.get("dropout", float, 0.0),
+        )
+        feature_dim = fields.get("feature_dim", int)
+        labels = fields.get("labels", list)
+        if not all(isinstance(label, str) for label in labels):
+            raise StoreEntryError("bad_manifest", f"{folder}: labels must be strings")
+        if not 1 <= len(labels) <= limits.max_labels or not 1 <= feature_dim <= MAX_FEATURE_DIM:
+            raise StoreEntryError(
+                "bad_dimensions",
+                f"{folder}: {feature_dim} features and {len(labels)} labels are out of range "
+                f"(1..{MAX_FEATURE_DIM} and 1..{limits.max_labels})",
+            )
+        try:
+            validate_head(head, feature_dim, len(labels), limits)
+        except InvalidInputError as exc:
+            raise StoreEntryError("bad_dimensions", f"{folder}: {exc.message}") from exc
+        loss = fields.get("loss", str)
+        if loss not in LOSSES:
+            raise StoreEntryError("bad_manifest", f"{folder}: loss {loss!r} is unknown")
+        weights = _Fields(fields.get("weights", dict), f"{folder}: weights")
+        weights_file, sha256 = weights.get("file", str), weights.get("sha256", str)
+        if not _WEIGHTS_FILE.fullmatch(weights_file):
+            raise StoreEntryError(
+                "outside_folder",
+                f"{folder}: weights.file {weights_file!r} is not a head-<version>.safetensors file of the "
+                "model's own folder",
+            )
+        version = fields.get("version", str)
+        if not _VERSION.fullmatch(version) or not _SHA256.fullmatch(sha256):
+            raise StoreEntryError("bad_manifest", f"{folder}: malformed version {version!r} or sha256")
+        try:
+            metrics = TrainMetrics.from_json(data.get("metrics", {}) if isinstance(data, dict) else {})
+        except (ValueError, OverflowError) as exc:
+            raise StoreEntryError("bad_manifest", f"{folder}: {exc}") from exc
         return cls(
-            name=str(data["name"]),
-            version=str(data["version"]),
-            base_model=str(data["base_model"]),
-            head=HeadSpec(
-                kind=str(head["kind"]),
-                hidden=int(head["hidden"]),
-                blocks=int(head["blocks"]),
-                dropout=float(head.get("dropout", 0.0)),
-            ),
-            feature_dim=int(data["feature_dim"]),
-            labels=[str(label) for label in data["labels"]],
-            loss=str(data["loss"]),
-            metrics=dict(data.get("metrics", {})),
-            created_at=float(data["created_at"]),
-            job_id=str(data.get("job_id", "")),
-            weights_file=str(data["weights"]["file"]),
-            sha256=str(data["weights"]["sha256"]),
+            name=name,
+            version=version,
+            base_model=fields.get("base_model", str),
+            head=head,
+            feature_dim=feature_dim,
+            labels=list(labels),
+            loss=loss,
+            metrics=metrics,
+            created_at=fields.get("created_at", float),
+            job_id=fields.get("job_id", str, ""),
+            weights_file=weights_file,
+            sha256=sha256,
         )
 
 
-class StoreReadError(Exception):
-    """A model folder that cannot be read (yet): half-written, or damaged."""
+class _Fields:
+    """Typed access to a JSON object, refusing what has the wrong type."""
+
+    def __init__(self, data: object, where: str) -> None:
+        if not isinstance(data, dict):
+            raise StoreEntryError("bad_manifest", f"{where}: expected a JSON object")
+        self._data = data
+        self._where = where
+
+    def get(self, key: str, kind: type, default: Any = None) -> Any:
+        value: Any = self._data.get(key, default)
+        if value is None:
+            raise StoreEntryError("bad_manifest", f"{self._where}: {key} is missing")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise StoreEntryError("bad_manifest", f"{self._where}: {key} must be a {kind.__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise StoreEntryError("bad_manifest", f"{self._where}: {key} must be finite")
+        return value
+
+
+def parse_json(data: bytes, where: str) -> object:
+    """JSON from untrusted bytes: NaN and Infinity refused, deep nesting a clean error."""
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not allowed")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=refuse)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise StoreEntryError("bad_json", f"{where}: not valid JSON: {type(exc).__name__}: {exc}"[:500]) from None
 
 
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limits: FineTuneLimits | None = None) -> None:
         self.root = root
+        self.limits = limits or FineTuneLimits()
+        self.max_weights_bytes = 4 * self.limits.max_head_parameters + _WEIGHTS_SLACK
         self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- writing -----------------------------------------------------------
 
     def save(
         self,
@@ -112,22 +227,51 @@ class ModelStore:
         head: StandardizedHead,
         labels: list[str],
         loss: str,
-        metrics: dict[str, Any],
+        metrics: TrainMetrics | None = None,
+        job_id: str,
+        replace: bool = True,
+    ) -> Manifest:
+        """Write a new version of ``name``: :meth:`stage`, then :meth:`commit`."""
+        manifest = self.stage(
+            name=name, base_model=base_model, head_spec=head_spec, head=head, labels=labels, loss=loss,
+            metrics=metrics or TrainMetrics(), job_id=job_id,
+        )  # fmt: skip
+        self.commit(manifest, replace=replace)
+        return manifest
+
+    def stage(
+        self,
+        *,
+        name: str,
+        base_model: str,
+        head_spec: HeadSpec,
+        head: StandardizedHead,
+        labels: list[str],
+        loss: str,
+        metrics: TrainMetrics,
         job_id: str,
     ) -> Manifest:
+        """Write the weights of a new version under a file name of their own; nothing serves it yet."""
         folder = self._folder(name)
-        folder.mkdir(parents=True, exist_ok=True)
         version = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
         state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
         blob = save_safetensors(state, metadata={"format": "pt", "model": name, "version": version})
         weights_file = f"head-{version}.safetensors"
-        _atomic_write(folder / weights_file, blob)
-        manifest = Manifest(
+        for attempt in range(3):  # a concurrent delete may remove the (empty) folder between mkdir and write
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                temporary = write_temporary(folder, weights_file, blob)
+                os.replace(temporary, folder / weights_file)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        return Manifest(
             name=name,
             version=version,
             base_model=base_model,
             head=head_spec,
-            feature_dim=int(head.mean.shape[0]),
+            feature_dim=int(state["mean"].shape[0]),
             labels=labels,
             loss=loss,
             metrics=metrics,
@@ -136,83 +280,153 @@ class ModelStore:
             weights_file=weights_file,
             sha256=hashlib.sha256(blob).hexdigest(),
         )
-        _atomic_write(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2).encode())
-        for stale in folder.glob("head-*.safetensors"):
-            if stale.name != weights_file:
-                stale.unlink(missing_ok=True)
-        return manifest
 
-    def list_versions(self) -> dict[str, str]:
-        """``{name: version}`` of every model whose manifest is readable."""
-        versions: dict[str, str] = {}
-        for manifest_path in self.root.glob(f"*/{MANIFEST}"):
-            name = manifest_path.parent.name
-            if not MODEL_NAME.match(name):
+    def commit(self, manifest: Manifest, *, replace: bool) -> None:
+        """Make a staged version the one that exists.
+
+        ``replace=False`` claims the name atomically (``os.link`` fails if the manifest
+        exists, whoever made it): ALREADY_EXISTS if another writer got there first.
+        """
+        folder = self._folder(manifest.name)
+        data = json.dumps(manifest.to_json(), indent=2).encode()
+        temporary = write_temporary(folder, MANIFEST, data)
+        try:
+            if replace:
+                os.replace(temporary, folder / MANIFEST)
+            else:
+                try:
+                    os.link(temporary, folder / MANIFEST)
+                except FileExistsError:
+                    (folder / manifest.weights_file).unlink(missing_ok=True)  # ours, and named by no manifest
+                    raise AlreadyExistsError(
+                        f"a model named {manifest.name!r} appeared in the store while this job ran "
+                        "(another replica?); pick another name or set replace"
+                    ) from None
+        finally:
+            temporary.unlink(missing_ok=True)
+        sync_directory(folder)
+        self.collect_garbage(manifest.name)
+
+    def collect_garbage(self, name: str, *, grace_s: float = GC_GRACE_S) -> list[str]:
+        """Delete weights and temporary files of ``name`` that the current manifest does not name
+        and that are older than ``grace_s``; the names deleted."""
+        folder = self._folder(name)
+        keep = set()
+        try:
+            keep.add(self.read_manifest(name).weights_file)
+        except (FileNotFoundError, StoreEntryError):
+            pass
+        deleted: list[str] = []
+        cutoff = time.time() - grace_s
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return deleted
+        for entry in entries:
+            collectable = _WEIGHTS_FILE.fullmatch(entry.name) or (
+                entry.name.startswith(".") and entry.name.endswith(".tmp")
+            )
+            if not collectable or entry.name in keep:
                 continue
             try:
-                versions[name] = self.read_manifest(name).version
-            except StoreReadError as exc:
-                log.debug("store: skipping %s: %s", name, exc)
-        return versions
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    deleted.append(entry.name)
+            except FileNotFoundError:
+                pass  # another replica collected it
+        return deleted
+
+    def delete(self, name: str) -> None:
+        folder = self._folder(name)
+        manifest_path = folder / MANIFEST
+        try:
+            weights_file = self.read_manifest(name).weights_file
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"no fine-tuned model {name!r} in the store") from None
+        except StoreEntryError:
+            weights_file = None  # a damaged entry can be deleted too
+        try:
+            manifest_path.unlink()  # from here on the model does not exist for any reader
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"no fine-tuned model {name!r} in the store") from None
+        except OSError as exc:
+            raise InternalError(f"cannot delete {manifest_path}: {exc}") from exc
+        if weights_file is not None:
+            (folder / weights_file).unlink(missing_ok=True)
+        self.collect_garbage(name)
+        try:
+            folder.rmdir()  # only when empty: another writer's staged weights keep it
+        except OSError:
+            pass
+
+    # -- reading -----------------------------------------------------------
+
+    def entries(self) -> tuple[dict[str, tuple[int, int, int]], dict[str, StoreEntryError]]:
+        """``({name: fingerprint of its manifest}, {entry: error})`` of every folder in the store.
+
+        The fingerprint (inode, mtime, size) changes whenever a manifest is replaced; a
+        folder without a manifest (being written or deleted) is not listed. Hidden entries
+        (temporary files, job records) are ignored.
+        """
+        found: dict[str, tuple[int, int, int]] = {}
+        errors: dict[str, StoreEntryError] = {}
+        with os.scandir(self.root) as listing:
+            for entry in listing:
+                if entry.name.startswith("."):
+                    continue
+                if not is_model_name(entry.name):
+                    errors[entry.name] = StoreEntryError(
+                        "bad_name", f"store entry {entry.name!r} is not a valid model name; it is ignored"
+                    )
+                    continue
+                try:
+                    info = os.lstat(os.path.join(entry.path, MANIFEST))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    errors[entry.name] = StoreEntryError("unreadable", f"{entry.name}: {exc}")
+                    continue
+                found[entry.name] = (info.st_ino, info.st_mtime_ns, info.st_size)
+        return found, errors
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self._folder(name) / MANIFEST)
 
     def read_manifest(self, name: str) -> Manifest:
-        path = self._folder(name) / MANIFEST
-        try:
-            return Manifest.from_json(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreReadError(f"{path}: {exc}") from exc
+        """The checked manifest of ``name``; FileNotFoundError if there is none."""
+        data = self._read(self._folder(name) / MANIFEST, MAX_MANIFEST_BYTES)
+        return Manifest.from_json(parse_json(data, f"{name}/{MANIFEST}"), name, self.limits)
 
     def load(self, name: str) -> tuple[Manifest, StandardizedHead]:
         """The manifest and the head with its trained weights (on the CPU)."""
+        manifest = self.read_manifest(name)
         try:
-            manifest = self.read_manifest(name)
-            blob = (self._folder(name) / manifest.weights_file).read_bytes()
-        except FileNotFoundError as exc:
-            raise StoreReadError(f"{name}: {exc}") from exc
+            blob = self._read(self._folder(name) / manifest.weights_file, self.max_weights_bytes)
+        except FileNotFoundError:
+            raise StoreEntryError("missing_weights", f"{name}: {manifest.weights_file} is missing") from None
         if hashlib.sha256(blob).hexdigest() != manifest.sha256:
-            raise StoreReadError(f"{name}: weights do not match the manifest's digest (being replaced?)")
+            raise StoreEntryError("digest_mismatch", f"{name}: weights do not match the manifest's sha256")
         head = build_standardized_head(
             manifest.head, manifest.feature_dim, len(manifest.labels), regression=manifest.loss == "mse"
         )
         try:
-            head.load_state_dict(load_safetensors(blob))
-        except (RuntimeError, ValueError) as exc:
-            raise StoreReadError(f"{name}: weights do not fit the manifest's head: {exc}") from exc
+            tensors = load_safetensors(blob)
+            head.load_state_dict(tensors)
+        except Exception as exc:  # safetensors raises its own error types on a malformed header
+            raise StoreEntryError(
+                "bad_weights", f"{name}: weights do not fit the manifest's head: {exc}"[:500]
+            ) from exc
+        if not all(bool(torch.isfinite(t).all()) for t in head.state_dict().values()):
+            raise StoreEntryError("bad_weights", f"{name}: weights hold NaN or infinite values")
         return manifest, head.eval()
 
-    def delete(self, name: str) -> None:
-        folder = self._folder(name)
-        manifest = folder / MANIFEST
-        if not manifest.exists():
-            raise ModelNotFoundError(f"no fine-tuned model {name!r} in the store")
+    def _read(self, path: Path, max_bytes: int) -> bytes:
         try:
-            manifest.unlink()  # from here on the model does not exist for any reader
-            shutil.rmtree(folder, ignore_errors=True)
-        except OSError as exc:
-            raise InternalError(f"cannot delete {folder}: {exc}") from exc
+            return read_bounded(path, max_bytes)
+        except FileRefused as exc:
+            raise StoreEntryError(exc.reason, str(exc)) from exc
 
     def _folder(self, name: str) -> Path:
-        if not MODEL_NAME.match(name):
+        if not is_model_name(name):
             raise ModelNotFoundError(f"{name!r} is not a valid fine-tuned model name")
         return self.root / name
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # readable by replicas running as other users
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

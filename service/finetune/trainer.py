@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -33,17 +33,43 @@ class EpochReport:
     images_seen: int  # training examples processed in this epoch
 
 
-@dataclass
+@dataclass(frozen=True)
+class TrainMetrics:
+    """What a training run measured; kept with the job and written to the manifest."""
+
+    train_loss: float = math.nan
+    validation_loss: float = math.nan  # nan without a validation split
+    validation_accuracy: float = math.nan  # nan for regression or without a validation split
+    best_epoch: int = 0
+    epochs_run: int = 0
+    train_examples: int = 0
+    validation_examples: int = 0
+    train_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, float | int | None]:
+        """JSON has no NaN: figures not measured are null."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: object) -> TrainMetrics:
+        """Read back :meth:`to_json`; unknown keys are ignored, wrong types refused (ValueError)."""
+        if not isinstance(data, dict):
+            raise ValueError("metrics must be an object")
+        values: dict[str, float | int] = {}
+        for name, default in asdict(cls()).items():
+            value = data.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"metric {name} must be a number, got {type(value).__name__}")
+            values[name] = int(value) if isinstance(default, int) else float(value)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class TrainResult:
     head: StandardizedHead
-    train_loss: float
-    validation_loss: float
-    validation_accuracy: float
-    best_epoch: int
-    epochs_run: int
-    train_examples: int
-    validation_examples: int
-    train_seconds: float
+    metrics: TrainMetrics
 
 
 class JobCancelled(UnavailableError):
@@ -101,14 +127,16 @@ def train_head(
         model = fit.run(features, targets, features[:0], targets[:0], None, epochs=selection.best_epoch).model
     return TrainResult(
         head=model.eval().cpu(),
-        train_loss=selection.train_loss,
-        validation_loss=selection.validation_loss,
-        validation_accuracy=selection.validation_accuracy,
-        best_epoch=selection.best_epoch,
-        epochs_run=selection.epochs_run,
-        train_examples=len(train_idx) if not (spec.refit and len(val_idx)) else len(targets),
-        validation_examples=len(val_idx),
-        train_seconds=time.monotonic() - started,
+        metrics=TrainMetrics(
+            train_loss=selection.train_loss,
+            validation_loss=selection.validation_loss,
+            validation_accuracy=selection.validation_accuracy,
+            best_epoch=selection.best_epoch,
+            epochs_run=selection.epochs_run,
+            train_examples=len(train_idx) if not (spec.refit and len(val_idx)) else len(targets),
+            validation_examples=len(val_idx),
+            train_seconds=time.monotonic() - started,
+        ),
     )
 
 

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from service.errors import InvalidInputError
-from service.finetune.jobs import Job, JobEvent, JobManager, JobState
+from service.finetune.job import Job, JobEvent, JobState
+from service.finetune.manager import JobManager
 from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec
 from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
 from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
@@ -29,23 +30,25 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
     async def CreateJob(
         self, request_iterator: AsyncIterator[pb.CreateJobRequest], context: grpc.aio.ServicerContext
     ) -> pb.Job:
-        spec: FineTuneSpec | None = None
-        collector = None
-        async for message in request_iterator:
-            payload = message.WhichOneof("payload")
-            if spec is None:
-                if payload != "config":
-                    raise InvalidInputError("the first CreateJobRequest must carry the config, then examples")
-                spec = self._jobs.check_spec(spec_from_proto(message.config))
-                collector = self._jobs.collector(spec)
-            elif payload == "config":
-                raise InvalidInputError("send the config once, in the first CreateJobRequest")
-            elif payload == "examples":
-                for example in message.examples.examples:
-                    collector.add(example.image, example.label, list(example.target))
-        if spec is None or collector is None:
-            raise InvalidInputError("no config was sent: the first CreateJobRequest must carry it")
-        return job_to_proto(await self._jobs.submit(spec, collector))
+        with self._jobs.upload():
+            spec: FineTuneSpec | None = None
+            collector = None
+            async for message in request_iterator:
+                payload = message.WhichOneof("payload")
+                if spec is None:
+                    if payload != "config":
+                        raise InvalidInputError("the first CreateJobRequest must carry the config, then examples")
+                    spec = self._jobs.check_spec(spec_from_proto(message.config))
+                    collector = self._jobs.collector(spec)
+                elif payload == "config":
+                    raise InvalidInputError("send the config once, in the first CreateJobRequest")
+                elif payload == "examples":
+                    assert collector is not None
+                    for example in message.examples.examples:
+                        collector.add(example.image, example.label, list(example.target))
+            if spec is None or collector is None:
+                raise InvalidInputError("no config was sent: the first CreateJobRequest must carry it")
+            return job_to_proto(await self._jobs.submit(spec, collector))
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
@@ -54,10 +57,10 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
             yield event_to_proto(event)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        return job_to_proto(self._jobs.get(request.job_id))
+        return job_to_proto(await self._jobs.get(request.job_id))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
-        return pb.ListJobsResponse(jobs=[job_to_proto(job) for job in self._jobs.list()])
+        return pb.ListJobsResponse(jobs=[job_to_proto(job) for job in await self._jobs.list()])
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         return job_to_proto(await self._jobs.cancel(request.job_id))
@@ -133,17 +136,17 @@ def job_to_proto(job: Job) -> pb.Job:
         state=_STATES[job.state],
         config=spec_to_proto(job.spec),
         error=job.error,
-        examples=len(job.examples),
+        examples=job.example_count,
         labels=job.labels,
         metrics=pb.JobMetrics(
-            train_loss=_number(m.get("train_loss")),
-            validation_loss=_number(m.get("validation_loss")),
-            validation_accuracy=_number(m.get("validation_accuracy")),
-            best_epoch=int(m.get("best_epoch", 0)),
-            epochs_run=int(m.get("epochs_run", 0)),
-            train_examples=int(m.get("train_examples", 0)),
-            validation_examples=int(m.get("validation_examples", 0)),
-            train_seconds=_number(m.get("train_seconds")),
+            train_loss=_number(m.train_loss),
+            validation_loss=_number(m.validation_loss),
+            validation_accuracy=_number(m.validation_accuracy),
+            best_epoch=m.best_epoch,
+            epochs_run=m.epochs_run,
+            train_examples=m.train_examples,
+            validation_examples=m.validation_examples,
+            train_seconds=_number(m.train_seconds),
         ),
         created_at=job.created_at,
         started_at=job.started_at,

@@ -1,0 +1,113 @@
+"""Records of finished jobs, kept in the store so that they survive restarts and are
+shared by replicas: ``<store>/.jobs/<finished-ms>-<job id>.json``, at most
+``max_finished_jobs`` of them (the oldest are deleted). A record holds the job's
+config, state, labels, error and metrics; never its images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from service.finetune.files import FileRefused, atomic_write, read_bounded
+from service.finetune.job import Job, JobState
+from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec
+from service.finetune.store import StoreEntryError, parse_json
+from service.finetune.trainer import TrainMetrics
+
+log = logging.getLogger(__name__)
+
+JOBS_FOLDER = ".jobs"
+JOB_ID = re.compile(r"[0-9a-f]{12}")
+_RECORD = re.compile(r"(?P<finished>[0-9]{13})-(?P<id>[0-9a-f]{12})\.json")
+MAX_RECORD_BYTES = 1024 * 1024
+RECORD_FORMAT_VERSION = 1
+
+
+class JobHistory:
+    def __init__(self, store_root: Path, max_records: int) -> None:
+        self.folder = store_root / JOBS_FOLDER
+        self.max_records = max_records
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, job: Job) -> None:
+        """Write ``job``'s record and delete the oldest records beyond the limit (blocking)."""
+        record = {
+            "format_version": RECORD_FORMAT_VERSION,
+            "id": job.id,
+            "state": job.state.value,
+            "spec": asdict(job.spec),
+            "labels": job.labels,
+            "examples": job.example_count,
+            "error": job.error,
+            "metrics": job.metrics.to_json(),
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+        }
+        name = f"{int(job.finished_at * 1000):013d}-{job.id}.json"
+        atomic_write(self.folder / name, json.dumps(record).encode())
+        self.prune()
+
+    def prune(self) -> None:
+        records = self._names()
+        for name in records[: max(0, len(records) - self.max_records)]:
+            (self.folder / name).unlink(missing_ok=True)
+
+    def get(self, job_id: str) -> Job | None:
+        if not JOB_ID.fullmatch(job_id):
+            return None
+        for name in self._names():
+            if name.endswith(f"-{job_id}.json"):
+                return self._read(name)
+        return None
+
+    def recent(self) -> list[Job]:
+        """The newest ``max_records`` records that can be read."""
+        jobs = (self._read(name) for name in self._names()[-self.max_records :])
+        return [job for job in jobs if job is not None]
+
+    def _names(self) -> list[str]:
+        """Record file names, oldest first."""
+        try:
+            return sorted(name for name in os.listdir(self.folder) if _RECORD.fullmatch(name))
+        except FileNotFoundError:
+            return []
+
+    def _read(self, name: str) -> Job | None:
+        path = self.folder / name
+        try:
+            data = parse_json(read_bounded(path, MAX_RECORD_BYTES), name)
+            return job_from_record(data)
+        except FileNotFoundError:
+            return None  # pruned by another replica meanwhile
+        except (FileRefused, StoreEntryError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            log.warning("job record %s cannot be read; ignoring it: %s", path, exc)
+            return None
+
+
+def job_from_record(data: object) -> Job:
+    if not isinstance(data, dict) or data.get("format_version") != RECORD_FORMAT_VERSION:
+        raise ValueError("not a job record of a known format_version")
+    spec = dict(data["spec"])
+    optimizer = dict(spec.pop("optimizer"))
+    optimizer["betas"] = tuple(optimizer["betas"])
+    job = Job(
+        id=str(data["id"]),
+        spec=FineTuneSpec(head=HeadSpec(**spec.pop("head")), optimizer=OptimizerSpec(**optimizer), **spec),
+        labels=[str(label) for label in data["labels"]],
+        example_count=int(data["examples"]),
+        state=JobState(data["state"]),
+        error=str(data["error"]),
+        created_at=float(data["created_at"]),
+        started_at=float(data["started_at"]),
+        finished_at=float(data["finished_at"]),
+        metrics=TrainMetrics.from_json(data["metrics"]),
+    )
+    if not job.state.terminal or not JOB_ID.fullmatch(job.id):
+        raise ValueError("a job record must be of a finished job with a valid id")
+    return job

@@ -1,0 +1,79 @@
+"""What a fine-tuning job is: its state, its events, and the record kept once it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+from service.finetune.examples import TrainingExamples
+from service.finetune.spec import FineTuneSpec
+from service.finetune.trainer import TrainMetrics
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    state: JobState
+    kind: str  # queued, features, epoch, succeeded, failed, cancelled
+    epoch: int = 0
+    epochs: int = 0
+    train_loss: float = math.nan
+    validation_loss: float = math.nan
+    validation_accuracy: float = math.nan
+    eta_seconds: float = 0.0
+    progress: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class Job:
+    """A job. ``examples`` is released (None) as soon as their features are extracted,
+    or when the job ends; ``example_count`` stays."""
+
+    id: str
+    spec: FineTuneSpec
+    labels: list[str]  # output names: class names, or target_0..T-1 for regression
+    example_count: int
+    examples: TrainingExamples | None = None
+    state: JobState = JobState.QUEUED
+    error: str = ""
+    created_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    metrics: TrainMetrics = field(default_factory=TrainMetrics)
+    events: list[JobEvent] = field(default_factory=list)
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def final_event(self) -> JobEvent:
+        """The event that ends the job (for records read back without their events)."""
+        last = self.events[-1] if self.events else None
+        message = self.error if self.state is JobState.FAILED else (last.message if last else self.state.value)
+        return JobEvent(
+            self.id,
+            self.state,
+            self.state.value,
+            epoch=self.metrics.epochs_run,
+            epochs=self.spec.epochs,
+            train_loss=self.metrics.train_loss,
+            validation_loss=self.metrics.validation_loss,
+            validation_accuracy=self.metrics.validation_accuracy,
+            progress=1.0 if self.state is JobState.SUCCEEDED else (last.progress if last else 0.0),
+            message=message,
+        )

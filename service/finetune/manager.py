@@ -1,0 +1,282 @@
+"""The job manager: admits jobs within the caps, queues them (one per device), runs their
+pipeline, streams their events, cancels them, and keeps a bounded history of finished ones.
+
+Caps (``FineTuneLimits``), each answered at once:
+
+- ``max_uploads`` CreateJob streams receiving examples at the same time (RESOURCE_EXHAUSTED);
+- ``max_queued_jobs`` jobs queued or running, since each holds its images until their
+  features are extracted (RESOURCE_EXHAUSTED);
+- per job: examples, bytes (images, labels and targets), classes, label length, head
+  parameters, every number of the spec (INVALID_ARGUMENT).
+
+A finished job keeps no images. Its record goes to the store (:mod:`.history`), so that
+GetJob and ListJobs answer after a restart and on every replica sharing the store; the
+last ``max_finished_jobs`` finished jobs also stay in memory with their events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+
+import torch
+
+from service.config import FineTuneLimits
+from service.dataplane import DataPlane
+from service.errors import (
+    AlreadyExistsError,
+    BuiltinModelError,
+    FailedPreconditionError,
+    InvalidInputError,
+    ModelNotFoundError,
+    QueueFullError,
+    UnavailableError,
+    VisionServeError,
+)
+from service.finetune.examples import ExampleCollector, check_images
+from service.finetune.history import JobHistory
+from service.finetune.job import Job, JobEvent, JobState
+from service.finetune.pipeline import JobPipeline
+from service.finetune.spec import FineTuneSpec, validate_spec
+from service.finetune.store import ModelStore
+from service.finetune.trainer import JobCancelled
+from service.metrics import ServerMetrics
+from service.models import get_model_spec
+from service.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+class JobManager:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        repository: ModelRepository,
+        store: ModelStore | None,
+        metrics: ServerMetrics,
+        limits: FineTuneLimits | None = None,
+    ) -> None:
+        self._dataplane = dataplane
+        self._repository = repository
+        self._store = store
+        self._metrics = metrics
+        self.limits = limits or FineTuneLimits()
+        self._live: dict[str, Job] = {}  # queued or running
+        self._finished: OrderedDict[str, Job] = OrderedDict()  # the most recent, with their events
+        self._history = JobHistory(store.root, self.limits.max_finished_jobs) if store is not None else None
+        self._pipeline = JobPipeline(dataplane, repository, store, metrics, self._emit) if store is not None else None
+        self._uploads = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._devices: asyncio.Queue[torch.device] = asyncio.Queue()
+        for device in repository.devices:
+            self._devices.put_nowait(device)
+        self._update_state_gauge()
+
+    # -- creating --------------------------------------------------------
+
+    @contextlib.contextmanager
+    def upload(self) -> Iterator[None]:
+        """Hold one of ``max_uploads`` slots for a CreateJob stream while it receives examples."""
+        if self._uploads >= self.limits.max_uploads:
+            raise QueueFullError(
+                f"{self._uploads} fine-tuning jobs are being uploaded already, the most this server takes at "
+                "once (--max-job-uploads); retry when one is done"
+            )
+        self._uploads += 1
+        try:
+            yield
+        finally:
+            self._uploads -= 1
+
+    def check_spec(self, spec: FineTuneSpec, *, outputs: int = 2) -> FineTuneSpec:
+        """Refuse a job before its examples are streamed, where the config alone says it is bad."""
+        if self._store is None:
+            raise FailedPreconditionError("fine-tuning is off: start the server with --model-store DIR")
+        validate_spec(spec, self.limits)
+        base = self._repository.get(spec.base_model)  # NOT_FOUND for unknown models
+        if base.base_model is not None:
+            raise InvalidInputError(
+                f"base_model {spec.base_model!r} is itself fine-tuned; build on one of "
+                f"{', '.join(self._repository.builtin_names())}"
+            )
+        validate_spec(spec, self.limits, feature_dim=get_model_spec(spec.base_model).feature_dim, outputs=outputs)
+        if spec.output_model in self._repository.builtin_names():
+            raise BuiltinModelError(spec.output_model, "the output of a fine-tuning job")
+        clash = spec.output_model in self._repository or any(
+            j.spec.output_model == spec.output_model for j in self._live.values()
+        )
+        if clash and not spec.replace:
+            raise AlreadyExistsError(
+                f"a model or running job named {spec.output_model!r} exists; pick another name or set replace"
+            )
+        self._check_queue()
+        return spec
+
+    def collector(self, spec: FineTuneSpec) -> ExampleCollector:
+        return ExampleCollector(spec, self.limits)
+
+    async def submit(self, spec: FineTuneSpec, collector: ExampleCollector) -> Job:
+        """Queue a job; fails at once with INVALID_ARGUMENT if an example is not a decodable image."""
+        examples, labels = collector.finish()
+        self.check_spec(spec, outputs=len(labels))  # again: the name may have been taken meanwhile
+        if self._dataplane.draining:
+            raise UnavailableError("the server is shutting down and takes no new jobs")
+        assert self._store is not None
+        if not spec.replace and await asyncio.to_thread(self._store.exists, spec.output_model):
+            raise AlreadyExistsError(
+                f"the model store already holds a model named {spec.output_model!r}; pick another name or set replace"
+            )
+        decoder = self._repository.get(spec.base_model).decoder
+        await check_images(decoder, examples.images, self._dataplane.decode_pool)
+        self._check_queue()  # again: other jobs may have been queued while the images were checked
+        job = Job(id=uuid.uuid4().hex[:12], spec=spec, labels=labels, example_count=len(examples), examples=examples)
+        self._live[job.id] = job
+        await self._emit(job, JobEvent(job.id, JobState.QUEUED, "queued", epochs=spec.epochs))
+        self._update_state_gauge()
+        task = asyncio.create_task(self._run(job), name=f"finetune-{job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def _check_queue(self) -> None:
+        if len(self._live) >= self.limits.max_queued_jobs:
+            raise QueueFullError(
+                f"{len(self._live)} fine-tuning jobs are queued or running, the most this server holds "
+                "(--max-queued-jobs); retry when one has finished"
+            )
+
+    # -- reading ---------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job:
+        job = self._live.get(job_id) or self._finished.get(job_id)
+        if job is None and self._history is not None:
+            job = await asyncio.to_thread(self._history.get, job_id)
+        if job is None:
+            raise ModelNotFoundError(f"no fine-tuning job {job_id!r} (finished jobs are kept up to a limit)")
+        return job
+
+    async def list(self) -> list[Job]:
+        """Jobs running here, and finished jobs of every replica sharing the store."""
+        jobs = {job.id: job for job in (await asyncio.to_thread(self._history.recent) if self._history else [])}
+        jobs.update(self._finished)
+        jobs.update(self._live)
+        return sorted(jobs.values(), key=lambda j: j.created_at)
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """Every event of the job so far, then each new one until it ends."""
+        job = await self.get(job_id)
+        if job.state.terminal and not job.events:  # a record from the store: only its end is known
+            yield job.final_event()
+            return
+        sent = 0
+        while True:
+            async with job.changed:
+                await job.changed.wait_for(lambda sent=sent: len(job.events) > sent)
+                fresh = job.events[sent:]
+            for event in fresh:
+                yield event
+            sent += len(fresh)
+            if fresh[-1].state.terminal:
+                return
+
+    # -- cancelling --------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        if not job.state.terminal:
+            job.cancel_requested.set()
+            if job.state is JobState.QUEUED:
+                await self._finish(job, JobState.CANCELLED, "cancelled before it started")
+        return job
+
+    async def shutdown(self) -> None:
+        """Cancel every job that has not ended and wait for them to stop."""
+        for job in list(self._live.values()):
+            if not job.state.terminal:
+                await self.cancel(job.id)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def delete_model(self, name: str) -> None:
+        if name in self._repository.builtin_names():
+            raise BuiltinModelError(name, "deleted")
+        if self._store is None:
+            raise FailedPreconditionError("fine-tuning is off: start the server with --model-store DIR")
+        self._store.delete(name)
+        if name in self._repository:
+            self._repository.remove_finetuned(name)
+
+    # -- running -----------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        device = await self._devices.get()
+        try:
+            if job.state.terminal:
+                return
+            job.state = JobState.RUNNING
+            job.started_at = time.time()
+            self._update_state_gauge()
+            assert self._pipeline is not None
+            await self._pipeline.run(job, device)
+            await self._finish(job, JobState.SUCCEEDED, f"serving {job.spec.output_model}")
+        except JobCancelled:
+            await self._finish(job, JobState.CANCELLED, "cancelled")
+        except VisionServeError as exc:
+            await self._finish(job, JobState.FAILED, exc.message)
+        except Exception as exc:
+            log.exception("fine-tuning job %s failed", job.id)
+            await self._finish(job, JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._devices.put_nowait(device)
+            self._metrics.clear_job_loss(job.id)
+
+    async def _finish(self, job: Job, state: JobState, message: str) -> None:
+        if job.state.terminal:
+            return
+        job.state = state
+        job.finished_at = time.time()
+        job.examples = None
+        if state is JobState.FAILED:
+            job.error = message
+        self._live.pop(job.id, None)
+        self._finished[job.id] = job
+        while len(self._finished) > self.limits.max_finished_jobs:
+            self._finished.popitem(last=False)
+        self._update_state_gauge()
+        last = job.events[-1] if job.events else None
+        await self._emit(
+            job,
+            JobEvent(
+                job.id,
+                state,
+                state.value,
+                epoch=last.epoch if last else 0,
+                epochs=job.spec.epochs,
+                train_loss=job.metrics.train_loss,
+                validation_loss=job.metrics.validation_loss,
+                validation_accuracy=job.metrics.validation_accuracy,
+                progress=1.0 if state is JobState.SUCCEEDED else (last.progress if last else 0.0),
+                message=message,
+            ),
+        )
+        if self._history is not None:
+            try:
+                await asyncio.to_thread(self._history.save, job)
+            except OSError as exc:
+                log.error("cannot write the record of job %s to the store: %s", job.id, exc)
+
+    async def _emit(self, job: Job, event: JobEvent) -> None:
+        async with job.changed:
+            job.events.append(event)
+            job.changed.notify_all()
+
+    def _update_state_gauge(self) -> None:
+        counts = {state.value: 0 for state in JobState}
+        for job in [*self._live.values(), *self._finished.values()]:
+            counts[job.state.value] += 1
+        self._metrics.set_job_counts(counts)

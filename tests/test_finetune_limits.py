@@ -1,0 +1,233 @@
+"""Fine-tuning within bounds: every number of a spec, names, labels, head size, and the
+caps on uploads and queued jobs, each refused at CreateJob with a clear status."""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+
+import grpc
+import pytest
+
+from service.config import FineTuneLimits
+from service.errors import InvalidInputError
+from service.finetune.examples import ExampleCollector
+from service.finetune.names import MODEL_NAME_PATTERN, is_model_name, validate_model_name
+from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec, head_parameters, validate_spec
+from service.finetune.heads import build_head
+from tests.finetune_data import digits
+from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
+from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
+
+LIMITS = FineTuneLimits()
+NOT_FINITE = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        *({"optimizer": OptimizerSpec(lr=v)} for v in NOT_FINITE),
+        *({"optimizer": OptimizerSpec(weight_decay=v)} for v in NOT_FINITE),
+        *({"optimizer": OptimizerSpec(momentum=v)} for v in NOT_FINITE),
+        *({"optimizer": OptimizerSpec(betas=(v, 0.9))} for v in NOT_FINITE),
+        *({"head": HeadSpec(dropout=v)} for v in NOT_FINITE),
+        *({"validation_fraction": v} for v in NOT_FINITE),
+        {"optimizer": OptimizerSpec(weight_decay=1e30)},
+        {"optimizer": OptimizerSpec(lr=-1.0)},
+        {"seed": 2**64 - 1},
+        {"seed": -1},
+        {"epochs": -5},
+        {"batch_size": 2**31 - 1},
+        {"early_stopping_patience": 2**31 - 1},
+        {"head": HeadSpec(hidden=-1)},
+        {"head": HeadSpec(blocks=0)},
+    ],
+)
+def test_spec_numbers_out_of_range_are_invalid(change: dict) -> None:
+    spec = FineTuneSpec(**{"base_model": "alexnet", "output_model": "ok", **change})
+    with pytest.raises(InvalidInputError, match="must be"):
+        validate_spec(spec, LIMITS)
+
+
+def test_the_largest_seed_accepted_trains() -> None:
+    import torch
+
+    from service.finetune.spec import MAX_SEED
+    from service.finetune.trainer import train_head
+
+    spec = validate_spec(FineTuneSpec("alexnet", "ok", seed=MAX_SEED, epochs=1), LIMITS)
+    features, labels = torch.randn(8, 4), torch.tensor([0, 1] * 4)
+    assert train_head(features, labels, spec, num_outputs=2).metrics.epochs_run == 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "two_layer", "parallel"])
+def test_head_parameter_count_matches_the_built_head(kind: str) -> None:
+    head = HeadSpec(kind=kind, hidden=7, blocks=3)
+    built = sum(p.numel() for p in build_head(head, 11, 5).parameters())
+    assert head_parameters(head, 11, 5) == built
+
+
+def test_a_head_over_the_parameter_budget_is_refused_before_examples() -> None:
+    spec = FineTuneSpec("alexnet", "big", head=HeadSpec(kind="parallel", hidden=8192, blocks=8))
+    with pytest.raises(InvalidInputError, match="parameters, over the limit"):
+        validate_spec(spec, LIMITS, feature_dim=4096)
+
+
+@pytest.mark.parametrize("name", ["", "liveness", "a\n", "Pets", "-pets", "a/b", "..", "x" * 64, "caf\u00e9"])
+def test_bad_and_reserved_model_names_are_refused(name: str) -> None:
+    assert not is_model_name(name)
+    with pytest.raises(InvalidInputError, match="reserved|pattern"):
+        validate_model_name(name)
+
+
+def test_the_pattern_takes_ordinary_names() -> None:
+    for name in ("pets", "pets-v2.1", "0day", "a" * 63):
+        assert validate_model_name(name) == name
+    assert MODEL_NAME_PATTERN == "[a-z0-9][a-z0-9._-]{0,62}"
+
+
+def test_labels_are_bounded_in_length_count_and_bytes() -> None:
+    spec = FineTuneSpec("alexnet", "x")
+    limits = FineTuneLimits(max_label_length=8, max_labels=2, max_total_bytes=1000)
+    collector = ExampleCollector(spec, limits)
+    with pytest.raises(InvalidInputError, match="9 bytes long"):
+        collector.add(b"img", "x" * 9, [])
+    with pytest.raises(InvalidInputError, match="control characters"):
+        collector.add(b"img", "a\nb", [])
+    collector.add(b"img", "cat", [])
+    collector.add(b"img", "dog", [])
+    with pytest.raises(InvalidInputError, match="at most 2 classes"):
+        collector.add(b"img", "emu", [])
+    collector.add(b"img", "cat", [])  # a known class is fine
+    # Labels count toward the byte limit: long labels alone exhaust it.
+    long_labels = ExampleCollector(spec, FineTuneLimits(max_total_bytes=1000))
+    with pytest.raises(InvalidInputError, match="exceed 1000 bytes"):
+        for i in range(100):
+            long_labels.add(b"i", f"{i:03d}" + "l" * 100, [])
+
+
+# -- over the wire -------------------------------------------------------------
+
+
+def _config(output: str = "limited", **fields) -> pb.FineTuneConfig:
+    config = pb.FineTuneConfig(base_model="alexnet", output_model=output, epochs=1, batch_size=4)
+    for key, value in fields.items():
+        if key in ("head", "optimizer"):
+            getattr(config, key).CopyFrom(value)
+        else:
+            setattr(config, key, value)
+    return config
+
+
+def _examples(count: int = 4) -> pb.CreateJobRequest:
+    images, targets = digits()
+    examples = [pb.Example(image=images[i], label=str(targets[i] % 2)) for i in range(count)]
+    return pb.CreateJobRequest(examples=pb.ExampleBatch(examples=examples))
+
+
+def _create(stub, config: pb.FineTuneConfig, *batches: pb.CreateJobRequest) -> pb.Job:
+    return stub.CreateJob(iter([pb.CreateJobRequest(config=config), *batches]), timeout=120)
+
+
+@pytest.fixture
+def stub(serve_inprocess):
+    server = serve_inprocess(fine_tuning=FineTuneLimits(max_uploads=1, max_queued_jobs=1))
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.FineTuningStub(channel)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (_config(optimizer=pb.OptimizerSpec(weight_decay=math.inf)), "weight decay"),
+        (_config(optimizer=pb.OptimizerSpec(lr=math.nan)), "learning rate"),
+        (_config(validation_fraction=math.nan), "validation_fraction"),
+        (_config(seed=2**64 - 1), "seed"),
+        (_config(output="liveness"), "reserved"),
+        (_config(output=""), "reserved"),
+        (_config(output="pets\n"), "not a valid model name"),
+        (_config(output="alexnet"), "built-in model"),
+        (_config(head=pb.HeadSpec(kind="parallel", hidden=8192, blocks=8)), "over the limit"),
+    ],
+)
+def test_create_job_refuses_bad_specs_with_invalid_argument(stub, config, message) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        _create(stub, config, _examples())
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+
+
+def test_built_in_names_get_one_status_everywhere(stub) -> None:
+    with pytest.raises(grpc.RpcError) as deleting:
+        stub.DeleteModel(pb.DeleteModelRequest(name="alexnet"))
+    with pytest.raises(grpc.RpcError) as creating:
+        _create(stub, _config(output="alexnet"), _examples())
+    assert deleting.value.code() is creating.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_undecodable_example_is_refused_at_create_job(stub) -> None:
+    batch = _examples(4)
+    batch.examples.examples[2].image = b"\xff\xd8\xff\xe0 not really a jpeg"
+    with pytest.raises(grpc.RpcError) as error:
+        _create(stub, _config(), batch)
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "example 2" in error.value.details()
+
+
+def test_concurrent_uploads_and_queued_jobs_are_capped(stub) -> None:
+    # One upload open (max_uploads=1): a second stream is refused at once.
+    held: queue.Queue = queue.Queue()
+
+    def slow_requests():
+        yield pb.CreateJobRequest(config=_config("first", epochs=1000, batch_size=1))
+        yield _examples()
+        held.get()  # the stream stays open until the test lets it go
+
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.setdefault("job", stub.CreateJob(slow_requests(), timeout=120)))
+    thread.start()
+    try:
+        for _ in range(600):  # until the first stream holds its slot (an invalid probe takes none for long)
+            with pytest.raises(grpc.RpcError) as error:
+                _create(stub, _config("Invalid Name"), _examples())
+            if error.value.code() is not grpc.StatusCode.INVALID_ARGUMENT:
+                break
+            time.sleep(0.05)
+        assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-job-uploads" in error.value.details()
+    finally:
+        held.put(None)
+        thread.join(120)
+    job = first["job"]
+    # One job queued or running (max_queued_jobs=1): the next one is refused, before its examples.
+    with pytest.raises(grpc.RpcError) as error:
+        _create(stub, _config("second"), _examples())
+    assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-queued-jobs" in error.value.details()
+    stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
+    events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=120))
+    assert events[-1].kind == "cancelled"
+
+
+def test_every_cap_is_a_flag_and_an_environment_variable() -> None:
+    from service.cli import build_serve_parser, config_from_args
+
+    flags = {
+        "--max-finished-jobs": "max_finished_jobs",
+        "--max-queued-jobs": "max_queued_jobs",
+        "--max-job-uploads": "max_uploads",
+        "--max-job-examples": "max_examples",
+        "--max-job-bytes": "max_total_bytes",
+        "--max-head-parameters": "max_head_parameters",
+        "--max-labels": "max_labels",
+        "--max-label-length": "max_label_length",
+    }
+    argv = [part for i, flag in enumerate(flags) for part in (flag, str(i + 1))]
+    limits = config_from_args(build_serve_parser({}).parse_args(argv)).fine_tuning
+    assert [getattr(limits, field) for field in flags.values()] == list(range(1, len(flags) + 1))
+    environ = {"VISION_SERVE_MAX_FINISHED_JOBS": "7"}
+    assert config_from_args(build_serve_parser(environ).parse_args([])).fine_tuning.max_finished_jobs == 7
+    with pytest.raises(SystemExit):
+        build_serve_parser({}).parse_args(["--max-queued-jobs", "0"])

@@ -1,0 +1,70 @@
+"""Finished jobs keep no images; their records are bounded and kept in the store, so that
+GetJob, ListJobs and WatchJob answer on another server sharing the store (a replica, or
+the same one after a restart)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+
+from service.finetune.history import JobHistory
+from service.finetune.job import Job, JobState
+from service.finetune.spec import FineTuneSpec
+from service.finetune.trainer import TrainMetrics
+from tests.finetune_data import digits
+from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
+from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
+
+
+def _finished(job_id: str, finished_at: float) -> Job:
+    return Job(
+        id=job_id, spec=FineTuneSpec("alexnet", "pets"), labels=["a", "b"], example_count=10,
+        state=JobState.SUCCEEDED, created_at=finished_at - 1, finished_at=finished_at,
+        metrics=TrainMetrics(train_loss=0.5, best_epoch=3),
+    )  # fmt: skip
+
+
+def test_history_keeps_the_newest_records_only(tmp_path: Path) -> None:
+    history = JobHistory(tmp_path, max_records=3)
+    for i in range(5):
+        history.save(_finished(f"{i:012x}", 1_700_000_000.0 + i))
+    assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (2, 3, 4)]
+    assert history.get(f"{0:012x}") is None
+    again = history.get(f"{4:012x}")
+    assert again is not None and again.metrics == TrainMetrics(train_loss=0.5, best_epoch=3)
+    assert again.state is JobState.SUCCEEDED and again.example_count == 10 and again.examples is None
+    (history.folder / "1700000009000-0000000000ff.json").write_text("[" * 10_000)  # a damaged record
+    assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (3, 4)]  # newest 3: one skipped
+    assert history.get("../../etc/passwd") is None
+
+
+def test_a_finished_job_is_known_to_another_server_on_the_store(tmp_path: Path, serve_inprocess) -> None:
+    store = tmp_path / "shared"
+    first = serve_inprocess(model_store=store)
+    images, targets = digits()
+    config = pb.FineTuneConfig(base_model="alexnet", output_model="history", epochs=2, batch_size=4)
+    examples = [pb.Example(image=images[i], label=str(targets[i] % 2)) for i in range(8)]
+    requests = [pb.CreateJobRequest(config=config), pb.CreateJobRequest(examples=pb.ExampleBatch(examples=examples))]
+    with grpc.insecure_channel(first.target) as channel:
+        stub = pb_grpc.FineTuningStub(channel)
+        job = stub.CreateJob(iter(requests), timeout=120)
+        events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=300))
+    assert events[-1].kind == "succeeded", events[-1].message
+    held = first.call(first.server.jobs.get(job.id))
+    assert held.examples is None and held.example_count == 8  # the images were let go
+
+    second = serve_inprocess(model_store=store)
+    with grpc.insecure_channel(second.target) as channel:
+        stub = pb_grpc.FineTuningStub(channel)
+        again = stub.GetJob(pb.GetJobRequest(job_id=job.id))
+        assert again.state == pb.SUCCEEDED and again.examples == 8 and list(again.labels) == ["0", "1"]
+        assert again.metrics.epochs_run == 2 and again.config.output_model == "history"
+        assert job.id in [j.id for j in stub.ListJobs(pb.ListJobsRequest()).jobs]
+        (final,) = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=30))
+        assert final.kind == "succeeded" and final.state == pb.SUCCEEDED
+        deadline = time.monotonic() + 60
+        while "history" not in second.server.repository:  # and the model itself, by the store
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
