@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,7 +27,7 @@ from service.repository import ModelRepository, ServedModel
 from service.transport.auth import BearerTokenInterceptor, read_token
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
-from service.transport.inference import InferenceServicer
+from service.transport.inference import InferenceServicer, inference_parsing_interceptor
 from service.transport.models import ModelsServicer
 from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
@@ -53,7 +52,7 @@ class VisionServer:
         self.metrics.watch_cuda_memory(self.devices)
         self.repository = ModelRepository(config, self.devices, self.metrics)
         self._decode_pool = ThreadPoolExecutor(
-            max_workers=config.decode_threads or os.cpu_count() or 1,
+            max_workers=config.decode_thread_count,
             thread_name_prefix="decode",
             initializer=_single_threaded_torch,
         )
@@ -78,6 +77,7 @@ class VisionServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
         if self._token is not None:
             interceptors.append(BearerTokenInterceptor(self._token))  # inside: its refusals get mapped
+        interceptors.append(inference_parsing_interceptor())  # innermost: parse only what was admitted
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
