@@ -63,6 +63,9 @@ class ImageDecoder:
     def __init__(self, transform: Callable[[Any], torch.Tensor], *, max_pixels: int) -> None:
         self._transform = transform
         self._max_pixels = max_pixels
+        # Pillow imports its format plugins on the first image it opens; do it now, at start-up,
+        # rather than while the event loop waits on the first request's decode job's import lock.
+        Image.init()
 
     def __call__(self, data: bytes, index: int = 0) -> torch.Tensor:
         return self._transform(self.decode(data, index))
