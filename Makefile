@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SERVE_ARGS ?=
 
-.PHONY: install install-test serve test protos bench lint clean
+.PHONY: install install-test serve test fuzz protos bench lint clean
 
 include deploy/tools.mk
 
@@ -38,6 +38,11 @@ serve: install
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A long random run of the fuzz targets (make test runs a short, fixed pass of the same tests).
+FUZZ_EXAMPLES ?= 20000
+fuzz: install-test
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q $(PYTEST_ARGS)
 
 protos: install-test
 	$(PY) protos/generate.py

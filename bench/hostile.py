@@ -138,9 +138,7 @@ def probes() -> list[Probe]:
     tiny_png = _png(Image.new("RGB", (1, 1), (10, 20, 30)))
     photos = [_jpeg_photo(i) for i in range(63)]
     contents = pb.ModelInferRequest(model_name="alexnet")
-    contents.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.extend(
-        [b""] * 30_000_000
-    )
+    contents.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b""] * 30_000_000)
     pixels = pb.ModelInferRequest(model_name="alexnet")
     pixels.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 3, 100_000, 100_000])
     pixels.raw_input_contents.append(b"\0" * 12)
@@ -266,7 +264,10 @@ def measure(label: str, code: Path, selected: list[Probe], server_args: list[str
         server = Server(code, Path(workdir), server_args)
         try:
             server.wait_ready()
-            options = [("grpc.max_send_message_length", MESSAGE_BYTES), ("grpc.max_receive_message_length", MESSAGE_BYTES)]
+            options = [
+                ("grpc.max_send_message_length", MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MESSAGE_BYTES),
+            ]
             for probe in selected:
                 if not server.alive():
                     break
@@ -336,9 +337,7 @@ def main() -> int:
     output = args.output or ROOT / "bench" / "results" / f"hostile-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(
-        json.dumps(
-            {"command": sys.argv, "cpus": os.cpu_count(), "results": [asdict(r) for r in results]}, indent=2
-        )
+        json.dumps({"command": sys.argv, "cpus": os.cpu_count(), "results": [asdict(r) for r in results]}, indent=2)
     )
     print(f"\nwrote {output}")
     return 0

@@ -151,7 +151,9 @@ class DataPlane:
                     raise
                 model = current
                 continue
-            return InferenceResult(model_name=model.name, model_version=model.version, logits=logits, labels=model.labels)
+            return InferenceResult(
+                model_name=model.name, model_version=model.version, logits=logits, labels=model.labels
+            )
 
     @property
     def max_request_images(self) -> int:

@@ -59,7 +59,9 @@ def test_16_bit_png_is_read_as_its_8_bit_rendering(decoder: ImageDecoder) -> Non
 
 def test_16_bit_big_endian_png_is_read_as_its_8_bit_rendering(decoder: ImageDecoder) -> None:
     levels = grey8()
-    big_endian = Image.frombytes("I;16B", (levels.shape[1], levels.shape[0]), sixteen_bit(levels).astype(">u2").tobytes())
+    big_endian = Image.frombytes(
+        "I;16B", (levels.shape[1], levels.shape[0]), sixteen_bit(levels).astype(">u2").tobytes()
+    )
     data = encode(big_endian, "PNG")
     assert_close(decoder.decode(data), Image.fromarray(levels, "L"), tolerance=0)
 

@@ -164,9 +164,7 @@ def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
     if shape[0] == 0:
         raise InvalidInputError("input IMAGE has shape [0]: send at least one image")
     if raw is not None:
-        images = decode_bytes_elements(
-            raw, "raw_input_contents[0] (IMAGE)", max_elements=shape[0], allow_empty=False
-        )
+        images = decode_bytes_elements(raw, "raw_input_contents[0] (IMAGE)", max_elements=shape[0], allow_empty=False)
     else:
         sent = tensor.contents.bytes_contents
         if len(sent) != shape[0]:
