@@ -77,7 +77,7 @@ class VisionServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
         if self._token is not None:
             interceptors.append(BearerTokenInterceptor(self._token))  # inside: its refusals get mapped
-        interceptors.append(inference_parsing_interceptor())  # innermost: parse only what was admitted
+        interceptors.append(inference_parsing_interceptor(self.config.request_images_limit))  # innermost
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[

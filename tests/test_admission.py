@@ -17,7 +17,13 @@ from service.config import BatchingConfig
 from service.errors import InvalidInputError, QueueClosedError, QueueFullError
 from service.preprocess import ImageDecoder
 from service.transport.codec import encode_bytes_elements, parse_infer_request
-from service.transport.parsing import OffLoopParsingInterceptor
+from service.transport.parsing import (
+    FIELDS_BESIDES_IMAGES,
+    INFER_REQUEST_SCHEMA,
+    ScreenedParser,
+    ScreenedParsingInterceptor,
+    screen,
+)
 from tests.conftest import encode
 from vision_client._proto.inference import grpc_service_pb2 as pb
 from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -232,7 +238,7 @@ def test_empty_elements_are_invalid_argument(serve_inprocess, stub_for) -> None:
 
 
 def test_requests_that_are_not_protobuf_are_invalid_argument(serve_inprocess) -> None:
-    """ModelInfer is parsed by our parser (off the event loop when large), which says what is wrong."""
+    """ModelInfer is screened and parsed by our parser, which says what is wrong."""
     server = serve_inprocess()
     with grpc.insecure_channel(server.target) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
@@ -245,23 +251,19 @@ def test_requests_that_are_not_protobuf_are_invalid_argument(serve_inprocess) ->
         assert pb.ServerLiveResponse.FromString(live(b"", timeout=10)).live
 
 
-def test_server_live_answers_while_a_huge_message_is_parsed(serve_inprocess, stub_for) -> None:
-    """Millions of tiny elements take a while to parse; ServerLive does not wait for it."""
+def test_a_huge_message_of_tiny_elements_is_refused_before_parsing(serve_inprocess, stub_for) -> None:
+    """8 million elements would take seconds to parse, holding the GIL; they are counted up to the limit."""
     server = serve_inprocess(max_message_bytes=64 << 20)
     stub = stub_for(server)
     request = pb.ModelInferRequest(model_name="alexnet")
     request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b""] * 8_000_000)
     data = request.SerializeToString()
     with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        big = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer").future(data, timeout=120)
-        answered_before = 0
-        while not big.done():
-            if stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live and not big.done():
-                answered_before += 1
         with pytest.raises(grpc.RpcError) as raised:
-            big.result()
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(data, timeout=120)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert answered_before > 0
+    assert "more than 768 protobuf fields" in raised.value.details()  # 512 images + 256 other fields
+    assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
 
 
 def test_stream_reads_no_further_than_its_in_flight_bound(serve_inprocess) -> None:
@@ -334,32 +336,51 @@ def test_decoding_never_runs_on_the_event_loop(serve_inprocess, stub_for) -> Non
     assert threads and all(name.startswith("decode") for name in threads), threads
 
 
-def test_large_messages_are_parsed_on_a_worker_thread() -> None:
-    parsed_on: list[str] = []
+def big_request(elements: int) -> bytes:
+    request = pb.ModelInferRequest(model_name="alexnet")
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b"x"] * elements)
+    return request.SerializeToString()
 
-    def parser(data: bytes) -> bytes:
-        parsed_on.append(threading.current_thread().name)
-        return data.upper()
 
-    async def behavior(request: bytes, context: object) -> bytes:
-        return request
+def test_screening_counts_fields_without_parsing() -> None:
+    parse = ScreenedParser(pb.ModelInferRequest.FromString, INFER_REQUEST_SCHEMA, 8 + FIELDS_BESIDES_IMAGES)
+    assert len(parse(big_request(8)).inputs[0].contents.bytes_contents) == 8
+    with pytest.raises(InvalidInputError, match="more than 264 protobuf fields"):
+        parse(big_request(1_000_000))
+    with pytest.raises(InvalidInputError, match="more than 264 protobuf fields"):
+        parse(
+            pb.ModelInferRequest(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor()] * 300).SerializeToString()
+        )
+    # Large tensors are skipped by their length: 64 MB of raw data is a handful of fields.
+    raw = pb.ModelInferRequest(model_name="alexnet", raw_input_contents=[b"\0" * (64 << 20)]).SerializeToString()
+    screen(raw, INFER_REQUEST_SCHEMA, max_fields=2)
+    with pytest.raises(InvalidInputError, match="not a valid protobuf message"):
+        parse(raw[:1000])  # the raw tensor's length runs past the end
+    with pytest.raises(InvalidInputError, match="not a valid protobuf message"):
+        parse(b"\x0b\x0c")  # a group: no field of ours uses that wire type
 
-    async def scenario() -> tuple[grpc.RpcMethodHandler, list[bytes]]:
-        interceptor = OffLoopParsingInterceptor({"/s/M": parser}, inline_bytes=4)
+
+def test_screening_and_interceptor_hand_parsed_requests_to_the_servicer() -> None:
+    async def behavior(request: pb.ModelInferRequest, context: object) -> str:
+        return request.model_name
+
+    async def scenario() -> tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler, str]:
+        interceptor = ScreenedParsingInterceptor(
+            {"/s/M": pb.ModelInferRequest.FromString}, schema=INFER_REQUEST_SCHEMA, max_fields=16
+        )
 
         async def continuation(details: object) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=pb.ServerLiveRequest.FromString)
+            return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=pb.ModelInferRequest.FromString)
 
         handler = await interceptor.intercept_service(continuation, _Details("/s/M"))
         other = await interceptor.intercept_service(continuation, _Details("/s/Other"))
-        assert other.request_deserializer == pb.ServerLiveRequest.FromString  # methods not named are untouched
-        return handler, [await handler.unary_unary(b"abc", None), await handler.unary_unary(b"abcdefgh", None)]
+        answer = await handler.unary_unary(pb.ModelInferRequest(model_name="m").SerializeToString(), None)
+        return handler, other, answer
 
-    handler, answers = asyncio.run(scenario())
-    assert handler.request_deserializer is None  # gRPC hands over the bytes; the parser runs later
-    assert answers == [b"ABC", b"ABCDEFGH"]
-    assert parsed_on[0] == threading.main_thread().name  # small: inline, on the loop's thread
-    assert parsed_on[1] != threading.main_thread().name  # large: on a worker thread
+    handler, other, answer = asyncio.run(scenario())
+    assert handler.request_deserializer is None  # gRPC hands over the bytes, screened before parsing
+    assert other.request_deserializer == pb.ModelInferRequest.FromString  # methods not named are untouched
+    assert answer == "m"
 
 
 class _Details(grpc.HandlerCallDetails):

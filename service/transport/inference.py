@@ -13,7 +13,7 @@ from service.dataplane import DataPlane
 from service.errors import InvalidInputError
 from service.transport.codec import IMAGE, LOGITS, PIXELS, build_infer_response, parse_infer_request
 from service.transport.errors import status_for
-from service.transport.parsing import OffLoopParsingInterceptor
+from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEMA, ScreenedParsingInterceptor
 from vision_client._proto.inference import grpc_service_pb2 as pb
 from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -138,14 +138,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return build_infer_response(call, result)
 
 
-def inference_parsing_interceptor() -> OffLoopParsingInterceptor:
-    """Parses large inference requests off the event loop (see :mod:`service.transport.parsing`)."""
+def inference_parsing_interceptor(max_request_images: int) -> ScreenedParsingInterceptor:
+    """Screens inference requests' wire bytes before parsing them (see :mod:`service.transport.parsing`)."""
     service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-    return OffLoopParsingInterceptor(
+    return ScreenedParsingInterceptor(
         {
             f"/{service_name}/ModelInfer": pb.ModelInferRequest.FromString,
             f"/{service_name}/ModelStreamInfer": pb.ModelInferRequest.FromString,
-        }
+        },
+        schema=INFER_REQUEST_SCHEMA,
+        max_fields=max_request_images + FIELDS_BESIDES_IMAGES,
     )
 
 

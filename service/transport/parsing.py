@@ -1,17 +1,18 @@
-"""Parsing large request messages off the event loop.
+"""Bounded parsing of inference requests: the wire bytes are screened before protobuf builds them.
 
-gRPC parses a request on the thread that runs the servicer, here the event
-loop: a 64 MB ``ModelInferRequest`` made of millions of tiny BYTES elements
-takes seconds to parse, and health checks and ``ServerLive`` would wait that
-long. The protobuf parser leaves the GIL to other threads while it works, so
-for the methods named here the message arrives as bytes and is parsed in a
-worker thread; small messages, the usual case, are parsed at once (a thread
-hop would cost more than the parse).
+gRPC parses a request on the event loop's thread, and protobuf's parser holds the
+GIL throughout (in any thread): a 60 MB ``ModelInferRequest`` made of 30 million
+empty ``bytes_contents`` elements takes seconds to parse and grows the process by
+a gigabyte, while health checks and ``ServerLive`` wait. So for the methods named
+here gRPC hands over the bytes, and :func:`screen` first walks the message's wire
+format, skipping every field by its length and counting fields. A request holds a
+few fields besides its images (at most ``--max-request-images`` of them), so a
+message with more fields than that is refused after a walk over at most that
+many, whatever its size; only then is it parsed.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -21,16 +22,25 @@ from google.protobuf.message import DecodeError
 from service.errors import InvalidInputError
 
 Parser = Callable[[bytes], Any]
+Schema = Mapping[int, "Schema"]  # field number -> schema of the sub-message to look into
 
-INLINE_PARSE_BYTES = 32 * 1024  # messages up to this size are parsed on the event loop
+# ModelInferRequest: inputs (5) -> InferInputTensor: contents (5) -> InferTensorContents,
+# whose bytes_contents are the images; outputs (6) -> their parameters. Everything else is
+# skipped by its length (raw_input_contents too, however large).
+INFER_REQUEST_SCHEMA: Schema = {5: {5: {}}, 6: {}}
+FIELDS_BESIDES_IMAGES = 256  # names, shapes, parameters, outputs...: generous for any real request
 
 
-class OffLoopParsingInterceptor(grpc.aio.ServerInterceptor):
-    """Parses the requests of ``methods`` (full method name -> parser) in a worker thread."""
+class ScreenedParsingInterceptor(grpc.aio.ServerInterceptor):
+    """Screens, then parses, the requests of ``methods`` (full method name -> parser).
 
-    def __init__(self, methods: Mapping[str, Parser], *, inline_bytes: int = INLINE_PARSE_BYTES) -> None:
+    ``max_fields``: the most wire fields a request may hold in all (see :func:`screen`).
+    """
+
+    def __init__(self, methods: Mapping[str, Parser], *, schema: Schema, max_fields: int) -> None:
         self._methods = dict(methods)
-        self._inline_bytes = inline_bytes
+        self._schema = schema
+        self._max_fields = max_fields
 
     async def intercept_service(
         self,
@@ -41,7 +51,7 @@ class OffLoopParsingInterceptor(grpc.aio.ServerInterceptor):
         parser = self._methods.get(handler_call_details.method)
         if handler is None or parser is None:
             return handler
-        parse = _Parse(parser, self._inline_bytes)
+        parse = ScreenedParser(parser, self._schema, self._max_fields)
         if handler.unary_unary:
             return handler._replace(request_deserializer=None, unary_unary=_unary(handler.unary_unary, parse))
         if handler.stream_stream:
@@ -49,17 +59,16 @@ class OffLoopParsingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-class _Parse:
-    def __init__(self, parser: Parser, inline_bytes: int) -> None:
+class ScreenedParser:
+    """``parser`` behind :func:`screen`; protobuf's own errors become :class:`InvalidInputError`."""
+
+    def __init__(self, parser: Parser, schema: Schema, max_fields: int) -> None:
         self._parser = parser
-        self._inline_bytes = inline_bytes
+        self._schema = schema
+        self._max_fields = max_fields
 
-    async def __call__(self, data: bytes) -> Any:
-        if len(data) <= self._inline_bytes:
-            return self._checked(data)
-        return await asyncio.get_running_loop().run_in_executor(None, self._checked, data)
-
-    def _checked(self, data: bytes) -> Any:
+    def __call__(self, data: bytes) -> Any:
+        screen(data, self._schema, self._max_fields)
         try:
             return self._parser(data)
         except DecodeError as exc:
@@ -68,17 +77,74 @@ class _Parse:
             ) from exc
 
 
-def _unary(behavior: Callable[..., Awaitable[Any]], parse: _Parse) -> Callable[..., Awaitable[Any]]:
+def screen(data: bytes, schema: Schema, max_fields: int) -> None:
+    """Refuse ``data`` if it holds more than ``max_fields`` fields, looking into ``schema``'s sub-messages.
+
+    Costs at most ``max_fields`` field headers, whatever the size of ``data``. Malformed wire
+    data found on the way is refused too (the parser would refuse it later anyway).
+    """
+    budget = [max_fields]
+    _walk(memoryview(data), 0, len(data), schema, budget, max_fields)
+
+
+def _walk(buf: memoryview, pos: int, end: int, schema: Schema, budget: list[int], max_fields: int) -> None:
+    while pos < end:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise InvalidInputError(
+                f"the request holds more than {max_fields} protobuf fields (IMAGE elements, inputs, outputs, "
+                "parameters); a request may carry at most as many images as --max-request-images allows: "
+                "split it into smaller requests"
+            )
+        key, pos = _varint(buf, pos, end)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise _malformed(f"field {field} says {length} bytes but {end - pos} remain")
+            child = schema.get(field)
+            if child is not None:
+                _walk(buf, pos, pos + length, child, budget, max_fields)
+            pos += length
+        else:
+            raise _malformed(f"field {field} has wire type {wire_type}, which this message does not use")
+    if pos > end:
+        raise _malformed("the last field runs past the end of its message")
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < end and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise _malformed("a varint is truncated or longer than 10 bytes")
+
+
+def _malformed(detail: str) -> InvalidInputError:
+    return InvalidInputError(f"the request is not a valid protobuf message of this method: {detail}")
+
+
+def _unary(behavior: Callable[..., Awaitable[Any]], parse: ScreenedParser) -> Callable[..., Awaitable[Any]]:
     async def wrapper(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-        return await behavior(await parse(data), context)
+        return await behavior(parse(data), context)
 
     return wrapper
 
 
-def _streaming(behavior: Callable[..., AsyncIterator[Any]], parse: _Parse) -> Callable[..., AsyncIterator[Any]]:
+def _streaming(behavior: Callable[..., AsyncIterator[Any]], parse: ScreenedParser) -> Callable[..., AsyncIterator[Any]]:
     async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         async for data in requests:
-            yield await parse(data)
+            yield parse(data)
 
     async def wrapper(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for response in behavior(parsed(requests), context):
