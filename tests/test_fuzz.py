@@ -14,7 +14,6 @@ import struct
 
 import numpy as np
 import torch
-from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -23,6 +22,7 @@ from torchvision.models import AlexNet_Weights
 from service.errors import VisionServeError
 from service.preprocess import ImageDecoder
 from service.transport.codec import InferCall, encode_bytes_elements, parse_infer_request
+from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEMA, ScreenedParser, screen
 from vision_client._proto.inference import grpc_service_pb2 as pb
 
 LONG_RUN = "FUZZ_EXAMPLES" in os.environ
@@ -165,19 +165,37 @@ def test_codec_raises_only_our_errors(request: pb.ModelInferRequest) -> None:
 
 @FUZZ
 @given(st.binary(max_size=512) | requests().map(lambda r: r.SerializeToString()), st.data())
-def test_codec_on_damaged_wire_bytes(data: bytes, draw: st.DataObject) -> None:
+def test_screened_parsing_of_damaged_wire_bytes(data: bytes, draw: st.DataObject) -> None:
+    """What the server does with a request's bytes: screen, parse, then the codec."""
     damaged = bytearray(data)
     for _ in range(draw.draw(st.integers(0, 4))):
         if damaged:
             damaged[draw.draw(st.integers(0, len(damaged) - 1))] = draw.draw(st.integers(0, 255))
+    max_fields = draw.draw(st.sampled_from([4, MAX_IMAGES + FIELDS_BESIDES_IMAGES]))
     try:
-        message = pb.ModelInferRequest.FromString(bytes(damaged))
-    except DecodeError:
-        return  # answered INVALID_ARGUMENT by the parsing interceptor (tests/test_admission.py)
-    try:
+        message = PARSE[max_fields](bytes(damaged))
         check_call(parse_infer_request(message, max_images=MAX_IMAGES))
     except VisionServeError:
         pass
+
+
+def test_screening_never_refuses_a_request_within_the_limits() -> None:
+    """Every request the fuzzer builds with few images passes screening with the server's budget."""
+
+    @FUZZ
+    @given(requests())
+    def check(request: pb.ModelInferRequest) -> None:
+        images = sum(len(t.contents.bytes_contents) for t in request.inputs)
+        if images <= MAX_IMAGES:
+            screen(request.SerializeToString(), INFER_REQUEST_SCHEMA, MAX_IMAGES + FIELDS_BESIDES_IMAGES)
+
+    check()
+
+
+PARSE = {
+    fields: ScreenedParser(pb.ModelInferRequest.FromString, INFER_REQUEST_SCHEMA, fields)
+    for fields in (4, MAX_IMAGES + FIELDS_BESIDES_IMAGES)
+}
 
 
 DECODER = ImageDecoder(AlexNet_Weights.DEFAULT.transforms(), max_pixels=1_000_000)
