@@ -387,3 +387,20 @@ class _Details(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:
         self.method = method
         self.invocation_metadata = ()
+
+
+def test_limits_are_flags_and_environment_variables() -> None:
+    from service.cli import build_serve_parser, config_from_args
+
+    def config(argv: list[str], environ: dict[str, str] | None = None):  # noqa: ANN202
+        return config_from_args(build_serve_parser(environ or {}).parse_args(argv))
+
+    assert config([]).request_images_limit == 512  # the queue size
+    assert config(["--max-queue-size", "64"]).request_images_limit == 64
+    assert config(["--max-request-images", "8"]).request_images_limit == 8
+    assert config([], {"VISION_SERVE_MAX_REQUEST_IMAGES": "4"}).request_images_limit == 4
+    assert config([], {"VISION_SERVE_MAX_STREAM_IN_FLIGHT": "3"}).max_stream_in_flight == 3
+    with pytest.raises(SystemExit, match="must not exceed --max-queue-size"):
+        config(["--max-queue-size", "64", "--max-request-images", "65"])
+    with pytest.raises(SystemExit):
+        config(["--max-stream-in-flight", "0"])
