@@ -148,6 +148,18 @@ def test_a_reservation_is_given_back_when_the_request_fails() -> None:
 # -- a real server ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory, weights_dir):  # -> InProcessServer
+    """One server with the default limits for the tests that change nothing in it."""
+    from service.config import ServeConfig
+    from tests.inprocess import InProcessServer
+
+    config = ServeConfig(models=("alexnet",), weights=str(weights_dir), model_store=None, drain_seconds=5.0)
+    server = InProcessServer(config).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def stub_for():
     channels: list[grpc.Channel] = []
@@ -229,17 +241,17 @@ def test_one_bad_image_cancels_the_requests_other_decodes(serve_inprocess, stub_
     assert model.queue.reserved_images == 0 and model.queue.pending_images == 0
 
 
-def test_empty_elements_are_invalid_argument(serve_inprocess, stub_for) -> None:
-    stub = stub_for(serve_inprocess())
+def test_empty_elements_are_invalid_argument(default_server, stub_for) -> None:
+    stub = stub_for(default_server)
     error = refusal(stub, image_request([PNG, b""], raw=False))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "element 1 is empty" in error.details()
     error = refusal(stub, image_request([b""] * 200_000, shape=[2]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "element 0 is empty" in error.details()
 
 
-def test_requests_that_are_not_protobuf_are_invalid_argument(serve_inprocess) -> None:
+def test_requests_that_are_not_protobuf_are_invalid_argument(default_server) -> None:
     """ModelInfer is screened and parsed by our parser, which says what is wrong."""
-    server = serve_inprocess()
+    server = default_server
     with grpc.insecure_channel(server.target) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         for garbage in (b"\xff" * 10, b"\x0a\xff\xff\xff\xff\x0f" + b"x" * 100_000):
@@ -251,9 +263,9 @@ def test_requests_that_are_not_protobuf_are_invalid_argument(serve_inprocess) ->
         assert pb.ServerLiveResponse.FromString(live(b"", timeout=10)).live
 
 
-def test_a_huge_message_of_tiny_elements_is_refused_before_parsing(serve_inprocess, stub_for) -> None:
+def test_a_huge_message_of_tiny_elements_is_refused_before_parsing(default_server, stub_for) -> None:
     """8 million elements would take seconds to parse, holding the GIL; they are counted up to the limit."""
-    server = serve_inprocess(max_message_bytes=64 << 20)
+    server = default_server  # messages up to 64 MB
     stub = stub_for(server)
     request = pb.ModelInferRequest(model_name="alexnet")
     request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b""] * 8_000_000)
@@ -321,9 +333,8 @@ def _wait_until(condition, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def test_decoding_never_runs_on_the_event_loop(serve_inprocess, stub_for) -> None:
-    server = serve_inprocess()
-    model = server.server.repository.get("alexnet")
+def test_decoding_never_runs_on_the_event_loop(default_server, stub_for) -> None:
+    model = default_server.server.repository.get("alexnet")
     decoder = model.decoder
     threads: set[str] = set()
 
@@ -332,7 +343,10 @@ def test_decoding_never_runs_on_the_event_loop(serve_inprocess, stub_for) -> Non
         return decoder(data, index)
 
     model.decoder = recording  # type: ignore[assignment]
-    stub_for(server).ModelInfer(image_request([PNG] * 6), timeout=60)
+    try:
+        stub_for(default_server).ModelInfer(image_request([PNG] * 6), timeout=60)
+    finally:
+        model.decoder = decoder
     assert threads and all(name.startswith("decode") for name in threads), threads
 
 
