@@ -36,7 +36,7 @@ class ServeConfig:
     decode_threads: int = 0  # 0: one per CPU core
     max_image_pixels: int = 40_000_000  # decoded width*height cap (decompression bombs)
     max_request_images: int | None = None  # images in one request; None: the queue size
-    max_stream_in_flight: int = 16  # requests of one ModelStreamInfer call being worked on at once
+    max_stream_in_flight: int = 64  # requests of one ModelStreamInfer call being worked on at once (>= a batch)
     max_message_bytes: int = 64 * 1024 * 1024
     model_store: Path | None = None  # None: fine-tuning is off
     store_poll_seconds: float = 5.0

@@ -26,7 +26,7 @@ from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEM
 from vision_client._proto.inference import grpc_service_pb2 as pb
 
 LONG_RUN = "FUZZ_EXAMPLES" in os.environ
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 MAX_IMAGES = 8
 FUZZ = settings(
     max_examples=EXAMPLES,
