@@ -418,3 +418,30 @@ def test_limits_are_flags_and_environment_variables() -> None:
         config(["--max-queue-size", "64", "--max-request-images", "65"])
     with pytest.raises(SystemExit):
         config(["--max-stream-in-flight", "0"])
+
+
+def test_a_stream_whose_client_stops_reading_keeps_its_bound(serve_inprocess) -> None:
+    """A client that sends and never reads: the server works on at most the bound at a time, and
+    reads the stream only as fast as it answers (the answers wait in gRPC's flow-control windows,
+    which in the end stop the server from writing and so from reading)."""
+    server = serve_inprocess(max_stream_in_flight=2)
+    queue = server.server.repository.get("alexnet").queue
+    pixels = np.zeros((1, 3, 224, 224), dtype="<f4").tobytes()
+
+    def requests():
+        for i in range(200):
+            request = pb.ModelInferRequest(model_name="alexnet", id=str(i))
+            request.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 3, 224, 224])
+            request.raw_input_contents.append(pixels)
+            yield request
+
+    with grpc.insecure_channel(server.target) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=120)
+        assert not next(call).error_message  # the stream runs; from now on the client reads nothing
+        most = 0
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            most = max(most, queue.pending_images + queue.reserved_images)
+            time.sleep(0.002)
+        call.cancel()
+    assert 1 <= most <= 2, most
