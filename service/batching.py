@@ -135,8 +135,6 @@ class BatchQueue:
 
     def _put_reserved(self, items: list[WorkItem], reserved: int) -> None:
         size = sum(item.size for item in items)
-        if size > reserved:
-            raise ValueError(f"{size} images do not fit a reservation of {reserved}")
         with self._cond:
             self._reserved -= reserved
             if self._closed:
@@ -199,6 +197,9 @@ class Reservation:
         """Enqueue ``items`` in the reserved room (all of them, at once)."""
         if self._spent:
             raise RuntimeError("this reservation was already used")
+        size = sum(item.size for item in items)
+        if size > self._images:
+            raise ValueError(f"{size} images do not fit a reservation of {self._images}")
         self._spent = True
         self._queue._put_reserved(items, self._images)
 

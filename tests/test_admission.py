@@ -130,8 +130,11 @@ def test_reservations_count_against_the_queue_capacity() -> None:
     assert queue.reserved_images == 6
     second.put([item(4)])  # a request may spend less than it reserved (never more)
     assert (queue.pending_images, queue.reserved_images) == (4, 0)
+    too_small = queue.reserve(5)
     with pytest.raises(ValueError):
-        queue.reserve(5).put([item(6)])
+        too_small.put([item(6)])
+    too_small.release()
+    assert queue.reserved_images == 0
     queue.close()
     with pytest.raises(QueueClosedError):
         queue.reserve(1)
