@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SERVE_ARGS ?=
 
-.PHONY: install install-test serve test protos bench lint clean image-test kserve-venv
+.PHONY: install install-test serve test fuzz protos bench lint clean image-test kserve-venv
 
 include deploy/tools.mk
 
@@ -56,6 +56,11 @@ lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+
+# A long random run of the fuzz targets (make test runs a short, fixed pass of the same tests).
+FUZZ_EXAMPLES ?= 20000
+fuzz: install-test
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q $(PYTEST_ARGS)
 
 protos: install-test
 	$(PY) protos/generate.py

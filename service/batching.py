@@ -13,6 +13,12 @@ into two half-size batches that alternate forever). :func:`collate` is the pure 
 items whose deadline passed, or whose caller went away, are taken out and
 answered, never computed. Only items of the same image shape share a batch.
 
+Admission comes before work: a request first reserves room (:meth:`BatchQueue.reserve`)
+for all of its images, before any of them is decoded, so that a request the
+queue cannot take is refused at once and concurrent requests cannot all
+decode and then find the queue full. The reservation is then spent by
+:meth:`Reservation.put`, or given back when the request fails.
+
 Time is ``time.monotonic()`` throughout.
 """
 
@@ -82,6 +88,7 @@ class BatchQueue:
     def __init__(self, *, capacity_images: int, on_depth_change: Callable[[int], None] | None = None) -> None:
         self._pending: deque[WorkItem] = deque()
         self._images = 0
+        self._reserved = 0
         self._capacity = capacity_images
         self._closed = False
         self._cond = threading.Condition()
@@ -91,21 +98,53 @@ class BatchQueue:
     def pending_images(self) -> int:
         return self._images
 
+    @property
+    def reserved_images(self) -> int:
+        """Room promised to requests that are still decoding."""
+        return self._reserved
+
+    def reserve(self, images: int) -> Reservation:
+        """Promise room for ``images`` images, or raise at once if there is none."""
+        with self._cond:
+            self._check_room(images)
+            self._reserved += images
+        return Reservation(self, images)
+
     def put(self, items: list[WorkItem]) -> None:
-        """Enqueue all of ``items`` or none of them."""
+        """Enqueue all of ``items`` or none of them (without a reservation)."""
         size = sum(item.size for item in items)
         with self._cond:
+            self._check_room(size)
+            self._enqueue(items, size)
+        self._on_depth_change(size)
+
+    def _check_room(self, images: int) -> None:
+        if self._closed:
+            raise QueueClosedError("the model was replaced or is shutting down and takes no new work")
+        taken = self._images + self._reserved
+        if taken + images > self._capacity:
+            raise QueueFullError(
+                f"the model's queue is full ({self._images} images waiting and {self._reserved} being decoded, "
+                f"capacity {self._capacity}; this request has {images}); retry with backoff or add replicas"
+            )
+
+    def _enqueue(self, items: list[WorkItem], size: int) -> None:
+        self._pending.extend(items)
+        self._images += size
+        self._cond.notify_all()
+
+    def _put_reserved(self, items: list[WorkItem], reserved: int) -> None:
+        size = sum(item.size for item in items)
+        with self._cond:
+            self._reserved -= reserved
             if self._closed:
                 raise QueueClosedError("the model was replaced or is shutting down and takes no new work")
-            if self._images + size > self._capacity:
-                raise QueueFullError(
-                    f"the model's queue is full ({self._images} images waiting, capacity {self._capacity}); "
-                    "retry with backoff or add replicas"
-                )
-            self._pending.extend(items)
-            self._images += size
-            self._cond.notify_all()
+            self._enqueue(items, size)
         self._on_depth_change(size)
+
+    def _release(self, reserved: int) -> None:
+        with self._cond:
+            self._reserved -= reserved
 
     def next_batch(self, max_images: int, max_delay_s: float) -> tuple[list[WorkItem], list[WorkItem]] | None:
         """Block until a batch closes; ``None`` once the queue is closed and empty."""
@@ -154,3 +193,42 @@ class BatchQueue:
             if not item.is_cancelled():
                 item.on_result(error)
         return len(refused)
+
+
+class Reservation:
+    """Room in a :class:`BatchQueue` held for one request while its images are decoded.
+
+    Use it as a context manager: leaving the block gives back whatever
+    :meth:`put` did not spend (a failed decode, a cancelled caller).
+    """
+
+    def __init__(self, queue: BatchQueue, images: int) -> None:
+        self._queue = queue
+        self._images = images
+        self._spent = False
+
+    @property
+    def images(self) -> int:
+        return self._images
+
+    def put(self, items: list[WorkItem]) -> None:
+        """Enqueue ``items`` in the reserved room (all of them, at once)."""
+        if self._spent:
+            raise RuntimeError("this reservation was already used")
+        size = sum(item.size for item in items)
+        if size > self._images:
+            raise ValueError(f"{size} images do not fit a reservation of {self._images}")
+        self._spent = True
+        self._queue._put_reserved(items, self._images)
+
+    def release(self) -> None:
+        """Give the room back unless :meth:`put` spent it (idempotent)."""
+        if not self._spent:
+            self._spent = True
+            self._queue._release(self._images)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

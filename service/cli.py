@@ -120,6 +120,18 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     opt.add("--decode-threads", default=d.decode_threads, type=int, help="image decoding threads (0: one per core)")
     opt.add("--max-image-pixels", default=d.max_image_pixels, type=_positive_int, help="largest decoded image (w*h)")
+    opt.add(
+        "--max-request-images",
+        default=d.max_request_images,
+        type=_positive_int,
+        help="images one request may carry, checked before any is decoded (default: --max-queue-size)",
+    )
+    opt.add(
+        "--max-stream-in-flight",
+        default=d.max_stream_in_flight,
+        type=_positive_int,
+        help="requests of one ModelStreamInfer stream worked on at once; the stream is not read further meanwhile",
+    )
     opt.add("--max-message-bytes", default=d.max_message_bytes, type=_positive_int, help="largest gRPC message")
     opt.add(
         "--model-store",
@@ -184,6 +196,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise SystemExit("vision-serve: error: --health-port must differ from --grpc-port and --metrics-port")
     if args.max_queue_size < args.max_batch_size:
         raise SystemExit("vision-serve: error: --max-queue-size must be at least --max-batch-size")
+    if args.max_request_images is not None and args.max_request_images > args.max_queue_size:
+        raise SystemExit(
+            "vision-serve: error: --max-request-images must not exceed --max-queue-size "
+            "(a larger request could never be queued)"
+        )
     return ServeConfig(
         host=args.host,
         grpc_port=args.grpc_port,
@@ -202,6 +219,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         ),
         decode_threads=args.decode_threads,
         max_image_pixels=args.max_image_pixels,
+        max_request_images=args.max_request_images,
+        max_stream_in_flight=args.max_stream_in_flight,
         max_message_bytes=args.max_message_bytes,
         model_store=args.model_store,
         store_poll_seconds=args.store_poll_seconds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class ServeConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     decode_threads: int = 0  # 0: one per CPU core
     max_image_pixels: int = 40_000_000  # decoded width*height cap (decompression bombs)
+    max_request_images: int | None = None  # images in one request; None: the queue size
+    max_stream_in_flight: int = 64  # requests of one ModelStreamInfer call being worked on at once (>= a batch)
     max_message_bytes: int = 64 * 1024 * 1024
     model_store: Path | None = None  # None: fine-tuning is off
     store_poll_seconds: float = 5.0
@@ -68,3 +71,13 @@ class ServeConfig:
     health_port: int | None = None  # a plaintext port serving grpc.health.v1 only (probes under TLS)
     drain_seconds: float = 25.0
     log_level: str = "INFO"
+
+    @property
+    def decode_thread_count(self) -> int:
+        """Threads of the decode pool (``decode_threads``, else one per CPU core)."""
+        return self.decode_threads or os.cpu_count() or 1
+
+    @property
+    def request_images_limit(self) -> int:
+        """Most images one request may carry (``max_request_images``, else the queue size)."""
+        return self.max_request_images or self.batching.max_queue_size

@@ -18,10 +18,18 @@ from functools import partial
 import numpy as np
 import torch
 
-from service.batching import WorkItem
+from service.batching import Reservation, WorkItem
 from service.config import ServeConfig
-from service.errors import InvalidInputError, QueueClosedError, UnavailableError, VisionServeError
+from service.errors import (
+    InternalError,
+    InvalidInputError,
+    ModelNotFoundError,
+    QueueClosedError,
+    UnavailableError,
+    VisionServeError,
+)
 from service.metrics import ServerMetrics
+from service.preprocess import ImageDecoder
 from service.repository import ModelRepository, ServedModel
 
 
@@ -38,6 +46,16 @@ class InferenceInput:
             return len(self.images)
         assert self.pixels is not None
         return int(self.pixels.shape[0])
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """What one request got, all from the one model that ran it."""
+
+    model_name: str
+    model_version: str
+    logits: np.ndarray  # [N, C] float32
+    labels: Sequence[str]  # that model's class names, C of them
 
 
 class DataPlane:
@@ -58,6 +76,10 @@ class DataPlane:
         self._idle.set()
         self._requests: set[asyncio.Task[object]] = set()  # the tasks of requests in flight
         self._abandoning = False
+
+    @property
+    def config(self) -> ServeConfig:
+        return self._config
 
     @property
     def decode_pool(self) -> Executor:
@@ -129,39 +151,89 @@ class DataPlane:
             version = self.repository.version_of(label) or "1"
             self._metrics.record_request(label, status, time.monotonic() - started, version)
 
-    async def infer(self, model_name: str, inputs: InferenceInput, *, timeout: float | None = None) -> np.ndarray:
-        """Logits [N, C] (float32) of the model for ``inputs``."""
+    async def infer(
+        self, model_name: str, inputs: InferenceInput, *, version: str = "", timeout: float | None = None
+    ) -> InferenceResult:
+        """Run ``inputs`` through the model served as ``model_name``.
+
+        The result names the model and version that ran and carries that model's labels,
+        so that a model replaced meanwhile can never pair its labels with another's logits.
+        ``version``: empty for whatever version is served, else the one that must run.
+        """
+        self.check_request_images(inputs.batch_size)
         model = self.repository.get_ready(model_name)
         while True:
+            _check_version(model, version)
             try:
-                return await self.infer_model(model, inputs, timeout=timeout)
+                logits = await self.infer_model(model, inputs, timeout=timeout)
             except QueueClosedError:
                 # A new version replaced the model between lookup and queueing: use that one.
                 current = self.repository.get_ready(model_name)
                 if current is model:
                     raise
                 model = current
+                continue
+            return InferenceResult(
+                model_name=model.name, model_version=model.version, logits=logits, labels=model.labels
+            )
+
+    @property
+    def max_request_images(self) -> int:
+        return self._config.request_images_limit
+
+    def check_request_images(self, count: int) -> None:
+        """Refuse a request with more images than one request may carry."""
+        if count > self._config.request_images_limit:
+            raise too_many_images(count, self._config.request_images_limit)
 
     async def infer_model(
         self, model: ServedModel, inputs: InferenceInput, *, timeout: float | None = None
     ) -> np.ndarray:
-        """Like :meth:`infer`, for a model already in hand (internal feature extractors)."""
+        """Logits [N, C] (float32) of ``model`` for ``inputs`` (also for internal feature extractors).
+
+        Room in the model's queue is reserved before any image is decoded: a request the
+        queue cannot take costs nothing but this check.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        if inputs.images is not None:
-            pixels = await self._decode(model, inputs.images)
-        else:
-            assert inputs.pixels is not None
-            pixels = self._check_pixels(model, inputs.pixels)
-        return await self._run(model, pixels, deadline)
+        with model.queue.reserve(inputs.batch_size) as reservation:
+            if inputs.images is not None:
+                pixels = await self._decode(model, inputs.images)
+            else:
+                assert inputs.pixels is not None
+                self._check_pixels(model, inputs.pixels)
+                loop = asyncio.get_running_loop()
+                pixels = await loop.run_in_executor(self._decode_pool, _pixels_tensor, inputs.pixels)
+            return await self._run(model, pixels, deadline, reservation)
 
     async def _decode(self, model: ServedModel, images: Sequence[bytes]) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        tensors = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, model.decoder, data, i) for i, data in enumerate(images))
-        )
-        return torch.stack(tensors)
+        """Decode ``images`` into one [N, 3, S, S] tensor in the decode pool.
 
-    def _check_pixels(self, model: ServedModel, pixels: np.ndarray) -> torch.Tensor:
+        A request has at most as many decodes queued in the pool as the pool has threads,
+        so that one large request cannot hold every other request's images behind all of
+        its own; each job decodes one image straight into its row of the output. The first
+        image that fails ends the request: its decodes not yet started are cancelled.
+        """
+        loop = asyncio.get_running_loop()
+        side = model.input_size
+        output = torch.empty((len(images), 3, side, side), dtype=torch.float32)
+        window = self._config.decode_thread_count
+        running: set[asyncio.Future[None]] = set()
+        submitted = 0
+        try:
+            while submitted < len(images) or running:
+                while submitted < len(images) and len(running) < window:
+                    job = partial(_decode_into, model.decoder, images[submitted], submitted, output)
+                    running.add(loop.run_in_executor(self._decode_pool, job))
+                    submitted += 1
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # the first failure ends the request
+        finally:
+            for future in running:
+                future.cancel()  # decodes not yet started never start
+        return output
+
+    def _check_pixels(self, model: ServedModel, pixels: np.ndarray) -> None:
         _, channels, height, width = pixels.shape
         if channels != 3:
             raise InvalidInputError(f"PIXELS must have 3 channels (shape [N,3,H,W]), got {channels}")
@@ -174,9 +246,10 @@ class DataPlane:
             raise InvalidInputError(
                 f"PIXELS of {height}x{width} exceed the limit of {self._config.max_image_pixels} pixels per image"
             )
-        return torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
 
-    async def _run(self, model: ServedModel, pixels: torch.Tensor, deadline: float | None) -> np.ndarray:
+    async def _run(
+        self, model: ServedModel, pixels: torch.Tensor, deadline: float | None, reservation: Reservation
+    ) -> np.ndarray:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[np.ndarray]] = []
         items: list[WorkItem] = []
@@ -191,7 +264,7 @@ class DataPlane:
                     is_cancelled=future.cancelled,
                 )
             )
-        model.queue.put(items)
+        reservation.put(items)
         try:
             outputs = await asyncio.gather(*futures)
         except BaseException:
@@ -220,6 +293,35 @@ class DataPlane:
         except asyncio.TimeoutError:
             return False
         return True
+
+
+def too_many_images(count: int, limit: int) -> InvalidInputError:
+    """The error for a request carrying more than ``limit`` images."""
+    return InvalidInputError(
+        f"the request has {count} images, over the limit of {limit} per request "
+        "(--max-request-images); split it into smaller requests"
+    )
+
+
+def _check_version(model: ServedModel, version: str) -> None:
+    if version and version != model.version:
+        raise ModelNotFoundError(
+            f"model {model.name!r} has no version {version!r}; it serves version {model.version!r}: "
+            "ask for that one or leave model_version empty"
+        )
+
+
+def _decode_into(decoder: ImageDecoder, data: bytes, index: int, output: torch.Tensor) -> None:
+    """Decode image ``index`` into row ``index`` of ``output`` (a decode pool job)."""
+    tensor = decoder(data, index)
+    if tensor.shape != output.shape[1:]:
+        raise InternalError(f"preprocessing made a {tuple(tensor.shape)} tensor, expected {tuple(output.shape[1:])}")
+    output[index].copy_(tensor)
+
+
+def _pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of its own (a decode pool job: a large copy stays off the event loop)."""
+    return torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
 
 
 def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: object) -> None:

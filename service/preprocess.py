@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -20,12 +21,51 @@ from service.errors import InvalidInputError
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "GIF"})
 
 
+# How each Pillow mode the formats above can produce maps to 8-bit RGB. Wide samples are
+# scaled, not clipped: Pillow's own conversion clips them, so 50 % grey in a 16-bit PNG
+# would come out white.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # 0..65535 ("I": a 16-bit PNG)
+FLOAT_MODES = frozenset({"F"})  # 0.0..1.0
+PALETTE_OR_ALPHA_MODES = frozenset({"P", "PA", "LA", "RGBA", "RGBa"})  # colours as stored, alpha dropped
+EIGHT_BIT_MODES = frozenset({"1", "L", "RGB", "RGBX", "CMYK", "YCbCr"})
+ACCEPTED_MODES = SIXTEEN_BIT_MODES | FLOAT_MODES | PALETTE_OR_ALPHA_MODES | EIGHT_BIT_MODES
+
+
+def to_rgb(image: Image.Image, where: str = "the image") -> Image.Image:
+    """``image`` as 8-bit RGB, the way its 8-bit rendering would look.
+
+    Alpha is dropped (colours kept as stored), as ``Image.convert("RGB")`` and so
+    torchvision's own image loader do for 8-bit images.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        image.load()  # decode here, where decoding errors are caught, not in the transform
+        return image
+    if mode in SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif mode in FLOAT_MODES:
+        unit = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0), 0.0, 1.0)
+        image = Image.fromarray(np.rint(unit * 255.0).astype(np.uint8), "L")
+    elif mode in PALETTE_OR_ALPHA_MODES or "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode not in EIGHT_BIT_MODES:
+        raise InvalidInputError(
+            f"{where} has pixel mode {mode!r}, which is not served; send 8- or 16-bit greyscale, "
+            "palette, RGB, RGBA or CMYK images"
+        )
+    return image.convert("RGB")
+
+
 class ImageDecoder:
     """Turns one encoded image into the model's input tensor (3xHxW float32)."""
 
     def __init__(self, transform: Callable[[Any], torch.Tensor], *, max_pixels: int) -> None:
         self._transform = transform
         self._max_pixels = max_pixels
+        # Pillow imports its format plugins on the first image it opens; do it now, at start-up,
+        # rather than while the event loop waits on the first request's decode job's import lock.
+        Image.init()
 
     def __call__(self, data: bytes, index: int = 0) -> torch.Tensor:
         return self._transform(self.decode(data, index))
@@ -59,11 +99,9 @@ class ImageDecoder:
                     )
                 if reduce_to is not None and image.format in ("JPEG", "MPO"):
                     image.draft("RGB", (reduce_to, reduce_to))
-                if getattr(image, "n_frames", 1) > 1:
-                    image.seek(0)  # animated GIF/WebP: the first frame
-                if image.mode in ("P", "LA", "PA", "RGBA") or "transparency" in image.info:
-                    image = image.convert("RGBA")
-                return image.convert("RGB")
+                # Animated GIF/WebP and MPO open at their first frame, the one we serve
+                # (counting frames would read the whole file).
+                return to_rgb(image, where)
         except InvalidInputError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +29,7 @@ from service.repository import ModelRepository, ServedModel
 from service.transport.auth import AuthorizationInterceptor, policy_from
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
-from service.transport.inference import InferenceServicer
+from service.transport.inference import InferenceServicer, inference_parsing_interceptor
 from service.transport.models import ModelsServicer
 from service.transport.tls import CertificateFiles, TlsFiles
 from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
@@ -55,7 +54,7 @@ class VisionServer:
         self.metrics.watch_cuda_memory(self.devices)
         self.repository = ModelRepository(config, self.devices, self.metrics)
         self._decode_pool = ThreadPoolExecutor(
-            max_workers=config.decode_threads or os.cpu_count() or 1,
+            max_workers=config.decode_thread_count,
             thread_name_prefix="decode",
             initializer=_single_threaded_torch,
         )
@@ -87,6 +86,7 @@ class VisionServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ErrorMappingInterceptor(),
             AuthorizationInterceptor(self._access),  # inside: its refusals get mapped
+            inference_parsing_interceptor(self.config.request_images_limit),  # innermost
         ]
         self._grpc = grpc.aio.server(
             interceptors=interceptors,

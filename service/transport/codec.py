@@ -2,6 +2,10 @@
 
 Pure functions over protobuf messages: every malformed request is an
 :class:`InvalidInputError` that names the field and says how to fix it.
+Parsing costs at most a pass over the bytes it keeps: counts (inputs,
+outputs, elements) are checked before anything is iterated, a BYTES tensor
+is split in one pass that stops at the first element too many or the first
+empty one, and nothing is decoded here.
 """
 
 from __future__ import annotations
@@ -14,16 +18,16 @@ from math import prod
 import numpy as np
 
 from service.classification import top_k
-from service.dataplane import InferenceInput
-from service.errors import InvalidInputError, ModelNotFoundError
+from service.dataplane import InferenceInput, InferenceResult, too_many_images
+from service.errors import InvalidInputError
 from vision_client._proto.inference import grpc_service_pb2 as pb
 
 IMAGE = "IMAGE"
 PIXELS = "PIXELS"
 LOGITS = "LOGITS"
 CLASSIFICATION = "classification"
-SUPPORTED_VERSIONS = ("", "1")
 _LENGTH = struct.Struct("<I")
+_PACKED_FP32_TAG = (6 << 3) | 2  # InferTensorContents.fp32_contents, length-delimited (packed)
 
 
 @dataclass(frozen=True)
@@ -31,29 +35,31 @@ class InferCall:
     """A parsed ``ModelInferRequest``."""
 
     model_name: str
+    model_version: str  # empty: whichever version is served
     request_id: str
     inputs: InferenceInput
     classification: int | None  # k of the classification extension, or raw LOGITS
 
 
-def parse_infer_request(request: pb.ModelInferRequest) -> InferCall:
+def parse_infer_request(request: pb.ModelInferRequest, *, max_images: int) -> InferCall:
+    """Check and convert a request; ``max_images``: most images (IMAGE elements or PIXELS rows) it may carry."""
     if not request.model_name:
         raise InvalidInputError("model_name is empty: name the model to run, e.g. 'resnet101'")
-    if request.model_version not in SUPPORTED_VERSIONS:
-        raise ModelNotFoundError(
-            f"model {request.model_name!r} has no version {request.model_version!r}; "
-            "leave model_version empty or use '1'"
-        )
     return InferCall(
         model_name=request.model_name,
+        model_version=request.model_version,
         request_id=request.id,
-        inputs=_parse_inputs(request),
+        inputs=_parse_inputs(request, max_images),
         classification=_parse_outputs(request),
     )
 
 
-def build_infer_response(call: InferCall, logits: np.ndarray, labels: list[str]) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=call.model_name, model_version="1", id=call.request_id)
+def build_infer_response(call: InferCall, result: InferenceResult) -> pb.ModelInferResponse:
+    """The response for ``call``, named after the model and version that computed ``result``."""
+    response = pb.ModelInferResponse(
+        model_name=result.model_name, model_version=result.model_version, id=call.request_id
+    )
+    logits, labels = result.logits, list(result.labels)
     if call.classification is None:
         response.outputs.add(name=LOGITS, datatype="FP32", shape=list(logits.shape))
         response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
@@ -72,8 +78,14 @@ def encode_bytes_elements(elements: Iterable[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
 
 
-def decode_bytes_elements(raw: bytes, field: str) -> list[bytes]:
-    """Split raw BYTES tensor contents into elements, checking every length prefix."""
+def decode_bytes_elements(
+    raw: bytes, field: str, *, max_elements: int | None = None, allow_empty: bool = True
+) -> list[bytes]:
+    """Split raw BYTES tensor contents into elements, checking every length prefix.
+
+    One pass, linear in ``len(raw)``; it stops at element ``max_elements + 1`` and, unless
+    ``allow_empty``, at the first empty element, so a hostile tensor costs little.
+    """
     elements: list[bytes] = []
     offset = 0
     view = memoryview(raw)
@@ -83,6 +95,11 @@ def decode_bytes_elements(raw: bytes, field: str) -> list[bytes]:
                 f"{field}: element {len(elements)} has a truncated length prefix ({len(raw) - offset} of 4 bytes); "
                 "each BYTES element must be a 4-byte little-endian length followed by that many bytes"
             )
+        if max_elements is not None and len(elements) >= max_elements:
+            raise InvalidInputError(
+                f"{field} holds more than {max_elements} elements, the number its shape declares; "
+                "make the shape and the elements agree"
+            )
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += 4
         if offset + length > len(raw):
@@ -90,12 +107,19 @@ def decode_bytes_elements(raw: bytes, field: str) -> list[bytes]:
                 f"{field}: element {len(elements)}'s length prefix says {length} bytes but only "
                 f"{len(raw) - offset} remain; fix the length prefixes of the raw BYTES tensor"
             )
+        if length == 0 and not allow_empty:
+            raise InvalidInputError(f"{field}: element {len(elements)} is empty; every element must hold data")
         elements.append(bytes(view[offset : offset + length]))
         offset += length
     return elements
 
 
-def _parse_inputs(request: pb.ModelInferRequest) -> InferenceInput:
+def _parse_inputs(request: pb.ModelInferRequest, max_images: int) -> InferenceInput:
+    if len(request.inputs) > 2:
+        raise InvalidInputError(
+            f"the request has {len(request.inputs)} inputs; send exactly one: "
+            "IMAGE (BYTES [N], encoded images) or PIXELS (FP32 [N,3,H,W], preprocessed)"
+        )
     names = [tensor.name for tensor in request.inputs]
     unknown = [name for name in names if name not in (IMAGE, PIXELS)]
     if unknown:
@@ -120,8 +144,13 @@ def _parse_inputs(request: pb.ModelInferRequest) -> InferenceInput:
             f"input {tensor.name} has data both in contents and in raw_input_contents; send it in one of them"
         )
     shape = list(tensor.shape)
+    if len(tensor.shape) > 4:
+        raise InvalidInputError(f"input {tensor.name} has rank {len(tensor.shape)}; IMAGE is [N], PIXELS [N,3,H,W]")
+    shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input {tensor.name} has a negative dimension in shape {shape}")
+    if shape and shape[0] > max_images:
+        raise too_many_images(shape[0], max_images)
     if tensor.name == IMAGE:
         return InferenceInput(images=_parse_images(tensor, shape, raw))
     return InferenceInput(pixels=_parse_pixels(tensor, shape, raw))
@@ -135,9 +164,18 @@ def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
     if shape[0] == 0:
         raise InvalidInputError("input IMAGE has shape [0]: send at least one image")
     if raw is not None:
-        images = decode_bytes_elements(raw, "raw_input_contents[0] (IMAGE)")
+        images = decode_bytes_elements(raw, "raw_input_contents[0] (IMAGE)", max_elements=shape[0], allow_empty=False)
     else:
-        images = list(tensor.contents.bytes_contents)
+        sent = tensor.contents.bytes_contents
+        if len(sent) != shape[0]:
+            raise InvalidInputError(
+                f"input IMAGE has shape {shape} but {len(sent)} elements were sent; make them agree"
+            )
+        images = []
+        for index, element in enumerate(sent):
+            if not element:
+                raise InvalidInputError(f"input IMAGE: element {index} is empty; every element must hold an image")
+            images.append(element)
     if len(images) != shape[0]:
         raise InvalidInputError(f"input IMAGE has shape {shape} but {len(images)} elements were sent; make them agree")
     return images
@@ -164,13 +202,43 @@ def _parse_pixels(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
             raise InvalidInputError(
                 f"input PIXELS has shape {shape} ({count} values) but contents.fp32_contents holds {sent}"
             )
-        values = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
+        values = _fp32_values(tensor.contents)
     return values.reshape(shape)
+
+
+def _fp32_values(contents: pb.InferTensorContents) -> np.ndarray:
+    """``contents.fp32_contents`` as an array, without a Python float per value.
+
+    Iterating the repeated field costs seconds for a large tensor (and would hold the
+    event loop); its serialized form is one packed field whose payload is the array.
+    """
+    blob = contents.SerializeToString()
+    if not blob:
+        return np.empty(0, dtype=np.float32)
+    length, offset = 0, 1
+    if blob[0] == _PACKED_FP32_TAG:
+        for shift in range(0, 64, 7):
+            if offset >= len(blob):
+                break
+            byte = blob[offset]
+            offset += 1
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+    if blob[0] != _PACKED_FP32_TAG or offset + length != len(blob) or length % 4:
+        raise InvalidInputError(
+            "input PIXELS: contents holds other fields besides fp32_contents; send the values in fp32_contents only"
+        )
+    return np.frombuffer(blob, dtype="<f4", offset=offset)
 
 
 def _parse_outputs(request: pb.ModelInferRequest) -> int | None:
     classification: int | None = None
     seen: set[str] = set()
+    if len(request.outputs) > 1:
+        raise InvalidInputError(
+            f"{len(request.outputs)} outputs are requested; the only output is LOGITS: request it once"
+        )
     for output in request.outputs:
         if output.name != LOGITS:
             raise InvalidInputError(f"unknown output {output.name!r}: the only output is LOGITS")

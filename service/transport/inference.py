@@ -24,6 +24,7 @@ from service.transport.model_config import (
     output_specs,
     tensor_metadata,
 )
+from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEMA, ScreenedParsingInterceptor
 from vision_client._proto.inference import grpc_service_pb2 as pb
 from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -128,34 +129,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Run each streamed request as it arrives; answer in completion order, with its id."""
+        """Run each streamed request as it arrives; answer in completion order, with its id.
+
+        At most ``max_stream_in_flight`` requests of a stream are being worked on or waiting
+        to be sent back; while that many are, the stream is not read further, so a client
+        that sends faster than it is answered (or stops reading) meets gRPC flow control
+        instead of growing the server's queues.
+        """
+        slots = asyncio.Semaphore(self._dataplane.config.max_stream_in_flight)
+        # Each response holds a slot until it is sent: the queue never holds more than the bound.
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
                 result = await self._infer(request, context.time_remaining())
-                await responses.put(pb.ModelStreamInferResponse(infer_response=result))
+                responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
             except Exception as exc:
                 _, message = status_for(exc)
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+                responses.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
+                while True:
+                    await slots.acquire()
+                    try:
+                        request = await request_iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 if running:
                     await asyncio.gather(*running)
             finally:
-                await responses.put(None)
+                responses.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (response := await responses.get()) is not None:
                 yield response
+                slots.release()
             await reader  # re-raise what ended the request stream, if anything
         finally:
             reader.cancel()
@@ -164,11 +179,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
         async with self._dataplane.track(request.model_name):
-            call = parse_infer_request(request)
-            logits = await self._dataplane.infer(call.model_name, call.inputs, timeout=timeout)
-            labels = self._dataplane.repository.get(call.model_name).labels
-            return build_infer_response(call, logits, labels)
-
+            call = parse_infer_request(request, max_images=self._dataplane.max_request_images)
+            result = await self._dataplane.infer(
+                call.model_name, call.inputs, version=call.model_version, timeout=timeout
+            )
+            return build_infer_response(call, result)
 
     def _model(self, name: str, version: str) -> ServedModel:
         model = self._dataplane.repository.get(require_model_name(name))
@@ -177,6 +192,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"model {name!r} has no version {version!r}; it serves version {model.version} (or leave version empty)"
             )
         return model
+
+
+def inference_parsing_interceptor(max_request_images: int) -> ScreenedParsingInterceptor:
+    """Screens inference requests' wire bytes before parsing them (see :mod:`service.transport.parsing`)."""
+    service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    return ScreenedParsingInterceptor(
+        {
+            f"/{service_name}/ModelInfer": pb.ModelInferRequest.FromString,
+            f"/{service_name}/ModelStreamInfer": pb.ModelInferRequest.FromString,
+        },
+        schema=INFER_REQUEST_SCHEMA,
+        max_fields=max_request_images + FIELDS_BESIDES_IMAGES,
+    )
 
 
 def _control_target(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest) -> str:

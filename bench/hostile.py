@@ -1,0 +1,347 @@
+#!/usr/bin/env python3
+"""Hostile and careless requests against a ``vision-serve`` process: what each one costs.
+
+For every input class, against a real server subprocess on 127.0.0.1 (AlexNet, random
+weights, default limits), it measures:
+
+- the time until the client has its answer (or all answers, for the stream);
+- the peak RSS growth of the server process while it ran (the kernel's high-water mark,
+  reset before each probe through ``/proc/PID/clear_refs``);
+- the worst ``ServerLive`` latency seen by another client polling meanwhile.
+
+Each ``--code DIR`` is a checkout of the server whose code runs (``service`` and
+``vision_client`` imported from there), so one command compares two versions:
+
+    .venv/bin/python bench/hostile.py --code before=/path/to/old/checkout --code after=.
+
+It prints a table and writes JSON to ``--output`` (default ``bench/results/hostile-<time>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "clients" / "python")]
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vision_client._proto.inference import grpc_service_pb2 as pb  # noqa: E402
+from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+
+MESSAGE_BYTES = 64 << 20
+CALL_TIMEOUT_S = 600.0
+
+
+def _raw_elements(elements: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def _image_request(elements: list[bytes], shape: list[int] | None = None) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="alexnet")
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=shape or [len(elements)])
+    request.raw_input_contents.append(_raw_elements(elements))
+    return request
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bomb_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` greyscale pixels, with one row of data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    row = zlib.compress(b"\0" * (width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+
+
+def _jpeg_photo(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = Image.linear_gradient("L").resize((640, 480)).convert("RGB")
+    noise = Image.fromarray(rng.integers(0, 60, (480, 640, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    Image.blend(base, noise, 0.3).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+@dataclass
+class Probe:
+    name: str
+    description: str
+    run: Callable[[grpc.Channel], str]  # returns the outcome (status code names)
+
+
+def _unary(request: pb.ModelInferRequest) -> Callable[[grpc.Channel], str]:
+    data = request.SerializeToString()  # sent as bytes: the client's own serialization is not timed
+
+    def run(channel: grpc.Channel) -> str:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        try:
+            call(data, timeout=CALL_TIMEOUT_S)
+            return "OK"
+        except grpc.RpcError as error:
+            return error.code().name
+
+    return run
+
+
+def _stream(count: int) -> Callable[[grpc.Channel], str]:
+    pixels = np.zeros((1, 3, 64, 64), dtype="<f4").tobytes()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        for i in range(count):
+            request = pb.ModelInferRequest(model_name="alexnet", id=str(i))
+            request.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 3, 64, 64])
+            request.raw_input_contents.append(pixels)
+            yield request
+
+    def run(channel: grpc.Channel) -> str:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answered = failed = 0
+        try:
+            for response in stub.ModelStreamInfer(requests(), timeout=CALL_TIMEOUT_S):
+                answered += 1
+                failed += bool(response.error_message)
+        except grpc.RpcError as error:
+            return f"{error.code().name} after {answered}"
+        return f"{answered - failed} OK, {failed} errors"
+
+    return run
+
+
+def probes() -> list[Probe]:
+    tiny_png = _png(Image.new("RGB", (1, 1), (10, 20, 30)))
+    photos = [_jpeg_photo(i) for i in range(63)]
+    contents = pb.ModelInferRequest(model_name="alexnet")
+    contents.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b""] * 30_000_000)
+    pixels = pb.ModelInferRequest(model_name="alexnet")
+    pixels.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 3, 100_000, 100_000])
+    pixels.raw_input_contents.append(b"\0" * 12)
+    return [
+        Probe("empty-200k", "200,000 empty IMAGE elements (800 KB raw)", _unary(_image_request([b""] * 200_000))),
+        Probe("tiny-png-1000", "1,000 tiny PNGs (73 KB)", _unary(_image_request([tiny_png] * 1000))),
+        Probe("contents-30M", "30,000,000 empty bytes_contents (60 MB message)", _unary(contents)),
+        Probe("bomb-header", "PNG header of 100,000 x 100,000 pixels", _unary(_image_request([_bomb_header(100_000, 100_000)]))),
+        Probe(
+            "corrupt-among-good",
+            "1 corrupt + 63 JPEGs of 640x480",
+            _unary(_image_request([b"\xff\xd8 corrupt", *photos])),
+        ),
+        Probe("pixels-huge-shape", "PIXELS [1,3,100000,100000] with 12 bytes", _unary(pixels)),
+        Probe("stream-1000", "1,000 PIXELS requests on one ModelStreamInfer", _stream(1000)),
+    ]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, code: Path, workdir: Path, extra: list[str]) -> None:
+        self.port = _free_port()
+        self.log_path = workdir / f"server-{self.port}.log"
+        env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{code / 'clients' / 'python'}"}
+        command = [
+            sys.executable, "-m", "service", "--host", "127.0.0.1", "--grpc-port", str(self.port),
+            "--metrics-port", str(_free_port()), "--models", "alexnet", "--weights", "random",
+            "--model-store", str(workdir / f"store-{self.port}"), *extra,
+        ]  # fmt: skip
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited:\n{self.log_path.read_text()}")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(service="alexnet"), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError("server not ready")
+
+    def status(self, key: str) -> int:
+        """A ``/proc/PID/status`` field in bytes (VmRSS, VmHWM)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class LivenessPoller(threading.Thread):
+    """Calls ServerLive back to back on its own channel and keeps the worst latency."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(daemon=True)
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._done = threading.Event()
+        self.worst = 0.0
+        self.calls = 0
+        self.failures = 0
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            started = time.perf_counter()
+            try:
+                self._stub.ServerLive(pb.ServerLiveRequest(), timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError:
+                self.failures += 1
+            self.worst = max(self.worst, time.perf_counter() - started)
+            self.calls += 1
+            time.sleep(0.005)
+
+    def finish(self) -> None:
+        self._done.set()
+        self.join()
+        self._channel.close()
+
+
+@dataclass
+class Measurement:
+    code: str
+    probe: str
+    description: str
+    outcome: str
+    seconds: float
+    peak_rss_growth_mb: float
+    live_worst_ms: float
+    live_calls: int
+    server_alive: bool
+
+
+def measure(label: str, code: Path, selected: list[Probe], server_args: list[str]) -> list[Measurement]:
+    results: list[Measurement] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        server = Server(code, Path(workdir), server_args)
+        try:
+            server.wait_ready()
+            options = [
+                ("grpc.max_send_message_length", MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MESSAGE_BYTES),
+            ]
+            for probe in selected:
+                if not server.alive():
+                    break
+                with grpc.insecure_channel(server.target, options=options) as channel:
+                    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                    stub.ServerLive(pb.ServerLiveRequest(), timeout=30)
+                    time.sleep(1.0)
+                    baseline = server.status("VmRSS")
+                    server.reset_peak()
+                    poller = LivenessPoller(server.target)
+                    poller.start()
+                    started = time.perf_counter()
+                    outcome = probe.run(channel)
+                    seconds = time.perf_counter() - started
+                    poller.finish()
+                    alive = server.alive()
+                    peak = server.status("VmHWM") if alive else baseline
+                result = Measurement(
+                    label, probe.name, probe.description, outcome, round(seconds, 3),
+                    round((peak - baseline) / 2**20, 1), round(poller.worst * 1000, 1), poller.calls, alive,
+                )  # fmt: skip
+                print(json.dumps(asdict(result)), flush=True)
+                results.append(result)
+        finally:
+            server.stop()
+    return results
+
+
+def table(results: list[Measurement]) -> str:
+    labels = list(dict.fromkeys(r.code for r in results))
+    names = list(dict.fromkeys(r.probe for r in results))
+    by = {(r.code, r.probe): r for r in results}
+    header = "| input class | " + " | ".join(labels) + " |"
+    lines = [header, "|---|" + "---|" * len(labels)]
+    for name in names:
+        cells = []
+        for label in labels:
+            r = by.get((label, name))
+            cells.append(
+                "—"
+                if r is None
+                else f"{r.outcome}: {r.seconds:.2f} s, +{r.peak_rss_growth_mb:.0f} MB, live ≤ {r.live_worst_ms:.0f} ms"
+                + ("" if r.server_alive else " (server died)")
+            )
+        description = next(r.description for r in results if r.probe == name)
+        lines.append(f"| {description} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--code", action="append", required=True, help="LABEL=DIR: a checkout to run (repeatable)")
+    parser.add_argument("--probes", default="", help="comma list of probe names (default: all)")
+    parser.add_argument("--server-args", default="", help="extra vision-serve options")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    selected = probes()
+    if args.probes:
+        wanted = set(args.probes.split(","))
+        selected = [p for p in selected if p.name in wanted]
+    results: list[Measurement] = []
+    for spec in args.code:
+        label, _, directory = spec.partition("=")
+        results += measure(label, Path(directory).resolve(), selected, args.server_args.split())
+    print()
+    print(table(results))
+    output = args.output or ROOT / "bench" / "results" / f"hostile-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps({"command": sys.argv, "cpus": os.cpu_count(), "results": [asdict(r) for r in results]}, indent=2)
+    )
+    print(f"\nwrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
