@@ -84,9 +84,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         model = self._model(request.name, request.version)
-        return pb.ModelConfigResponse(
-            config=model_config(model, self._batching, self._dataplane.repository.devices)
-        )
+        return pb.ModelConfigResponse(config=model_config(model, self._batching, self._dataplane.repository.devices))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
@@ -218,8 +216,7 @@ def _control_target(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelU
     unsupported = sorted(set(request.parameters) - {"unload_dependents"})
     if unsupported:
         raise InvalidInputError(
-            f"load and unload parameters are not supported (got {', '.join(unsupported)}); "
-            "send the model name alone"
+            f"load and unload parameters are not supported (got {', '.join(unsupported)}); send the model name alone"
         )
     if not request.model_name:
         raise InvalidInputError("model_name is empty: name the model to load or unload, e.g. 'resnet101'")
