@@ -47,8 +47,9 @@ from service.errors import AlreadyExistsError, InternalError, InvalidInputError,
 from service.finetune.files import FileRefused, read_bounded, sync_directory, write_temporary
 from service.finetune.heads import StandardizedHead, build_standardized_head
 from service.finetune.names import is_model_name
-from service.finetune.spec import HEAD_KINDS, LOSSES, HeadSpec, validate_head
+from service.finetune.spec import HeadSpec, validate_head
 from service.finetune.trainer import TrainMetrics
+from vision_client._config import HEAD_KINDS, LOSSES
 
 log = logging.getLogger(__name__)
 
