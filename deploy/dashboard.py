@@ -158,7 +158,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("dashboard.png"))
     args = parser.parse_args()
     end = time.time()
-    render(load(args.dashboard), args.prometheus, end - args.minutes * 60, end, args.out, rate_interval=args.rate_interval)
+    render(
+        load(args.dashboard), args.prometheus, end - args.minutes * 60, end, args.out, rate_interval=args.rate_interval
+    )
     print(f"wrote {args.out}")
 
 

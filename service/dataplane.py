@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,7 +143,7 @@ class DataPlane:
             status = "INTERNAL"
             raise
         finally:
-            self._requests.discard(task)  # type: ignore[arg-type]
+            self._requests.discard(task)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -324,8 +325,8 @@ def _pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
 
 
-def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: object) -> None:
-    """Hand a worker thread's result to the event loop that awaits it."""
+def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: object) -> None:
+    """Hand a worker thread's result (an array, or the exception that stands for it) to the event loop."""
 
     def resolve() -> None:
         if future.done():

@@ -273,9 +273,11 @@ def test_a_huge_message_of_tiny_elements_is_refused_before_parsing(default_serve
     request = pb.ModelInferRequest(model_name="alexnet")
     request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b""] * 8_000_000)
     data = request.SerializeToString()
-    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        with pytest.raises(grpc.RpcError) as raised:
-            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(data, timeout=120)
+    with (
+        grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel,
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(data, timeout=120)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "more than 768 protobuf fields" in raised.value.details()  # 512 images + 256 other fields
     assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
@@ -409,7 +411,7 @@ class _Details(grpc.HandlerCallDetails):
 def test_limits_are_flags_and_environment_variables() -> None:
     from service.cli import build_serve_parser, config_from_args
 
-    def config(argv: list[str], environ: dict[str, str] | None = None):  # noqa: ANN202
+    def config(argv: list[str], environ: dict[str, str] | None = None):
         return config_from_args(build_serve_parser(environ or {}).parse_args(argv))
 
     assert config([]).request_images_limit == 512  # the queue size

@@ -202,7 +202,7 @@ def test_token_file_changes_apply_at_once_and_a_lost_file_refuses_everything(tmp
 
 
 def test_auth_scope_all_needs_a_token_file(tmp_path: Path) -> None:
-    with pytest.raises(FailedPreconditionError, match="--auth-scope all .* --auth-token-file"):
+    with pytest.raises(FailedPreconditionError, match=r"--auth-scope all .* --auth-token-file"):
         policy_from(None, "all")
     from service.cli import build_serve_parser, config_from_args
 

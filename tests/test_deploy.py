@@ -254,7 +254,8 @@ def test_ports_resources_annotations_and_spread(workload: Workload) -> None:
     spread = workload.pod.get("topologySpreadConstraints", [])
     anti = workload.pod.get("affinity", {}).get("podAntiAffinity")
     assert anti or any(
-        t["topologyKey"] == "kubernetes.io/hostname" and _selects(t["labelSelector"]["matchLabels"], workload.pod_labels)
+        t["topologyKey"] == "kubernetes.io/hostname"
+        and _selects(t["labelSelector"]["matchLabels"], workload.pod_labels)
         for t in spread
     ), "replicas must be spread over nodes"
     selector = workload.deployment["spec"]["selector"]["matchLabels"]
@@ -280,7 +281,7 @@ def test_env_settings_are_server_options(workload: Workload) -> None:
         if not name.startswith("VISION_SERVE_"):
             continue
         # resourceFieldRef (limits.cpu with divisor 1) gives a whole number of cores.
-        env[name] = entry["value"] if "value" in entry else "4"
+        env[name] = entry.get("value", "4")
     parser = build_serve_parser({})
     known = {
         "VISION_SERVE_" + flag.lstrip("-").replace("-", "_").upper()

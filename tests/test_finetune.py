@@ -205,9 +205,11 @@ def test_cancel_stops_a_running_job(store_server) -> None:
         assert kinds[-1] == "cancelled" and kinds.count("epoch") < 1000
         listed = {j.id: j.state for j in stub.ListJobs(pb.ListJobsRequest()).jobs}
         assert listed[job.id] == pb.CANCELLED
-    with triton.InferenceServerClient(store_server.target) as client:
-        with pytest.raises(Exception, match="digits-cancelled"):
-            client.get_model_metadata("digits-cancelled")
+    with (
+        triton.InferenceServerClient(store_server.target) as client,
+        pytest.raises(Exception, match="digits-cancelled"),
+    ):
+        client.get_model_metadata("digits-cancelled")
 
 
 def test_inference_is_answered_while_a_job_trains(store_server) -> None:

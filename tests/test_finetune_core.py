@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from service.errors import InvalidInputError, ModelNotFoundError
-from service.finetune.heads import ParallelBlock, build_head
 from service.config import FineTuneLimits as Limits
+from service.errors import InvalidInputError, ModelNotFoundError
 from service.finetune.examples import ExampleCollector
+from service.finetune.heads import ParallelBlock, build_head
 from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec, validate_spec
 from service.finetune.store import ModelStore, StoreEntryError
 from service.finetune.trainer import JobCancelled, TrainMetrics, split_indices, train_head

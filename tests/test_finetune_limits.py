@@ -14,9 +14,9 @@ import pytest
 from service.config import FineTuneLimits
 from service.errors import InvalidInputError
 from service.finetune.examples import ExampleCollector
+from service.finetune.heads import build_head
 from service.finetune.names import MODEL_NAME_PATTERN, is_model_name, validate_model_name
 from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec, head_parameters, validate_spec
-from service.finetune.heads import build_head
 from tests.finetune_data import digits
 from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
 from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ def test_a_head_over_the_parameter_budget_is_refused_before_examples() -> None:
 @pytest.mark.parametrize("name", ["", "liveness", "a\n", "Pets", "-pets", "a/b", "..", "x" * 64, "caf\u00e9"])
 def test_bad_and_reserved_model_names_are_refused(name: str) -> None:
     assert not is_model_name(name)
-    with pytest.raises(InvalidInputError, match="reserved|pattern"):
+    with pytest.raises(InvalidInputError, match=r"reserved|pattern"):
         validate_model_name(name)
 
 

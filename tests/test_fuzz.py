@@ -41,7 +41,7 @@ def _image(mode: str, fmt: str, size: tuple[int, int] = (24, 16)) -> bytes:
     rng = np.random.default_rng(len(mode) * 31 + len(fmt))
     picture = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
     if mode == "I;16":
-        picture = Image.fromarray((np.asarray(picture.convert("L")).astype(np.uint16) * 257))
+        picture = Image.fromarray(np.asarray(picture.convert("L")).astype(np.uint16) * 257)
     else:
         picture = picture.convert(mode)
     buffer = io.BytesIO()

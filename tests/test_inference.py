@@ -267,8 +267,7 @@ def test_oversized_message_is_resource_exhausted(server) -> None:
     big.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
     big.raw_input_contents.append(b"\x00" * (70 * 1024 * 1024))
     options = [("grpc.max_send_message_length", 100 * 1024 * 1024)]
-    with grpc.insecure_channel(server.target, options=options) as channel:
-        with pytest.raises(grpc.RpcError) as raised:
-            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(big, timeout=60)
+    with grpc.insecure_channel(server.target, options=options) as channel, pytest.raises(grpc.RpcError) as raised:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(big, timeout=60)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert server.alive()

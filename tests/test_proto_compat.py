@@ -51,7 +51,9 @@ OUR_CONFIG_MESSAGES = _messages(OURS_CONFIG)
 THEIR_CONFIG_MESSAGES = _messages(THEIRS_CONFIG)
 
 
-def _assert_fields_match(name: str, mine: descriptor_pb2.DescriptorProto, theirs: descriptor_pb2.DescriptorProto) -> None:
+def _assert_fields_match(
+    name: str, mine: descriptor_pb2.DescriptorProto, theirs: descriptor_pb2.DescriptorProto
+) -> None:
     their_fields = {f.name: f for f in theirs.field}
     assert [f.name for f in mine.field] == [f.name for f in theirs.field if f.name in {m.name for m in mine.field}]
     for field in mine.field:
@@ -114,7 +116,9 @@ def test_config_decodes_with_tritons_descriptors() -> None:
             max_queue_delay_microseconds=5000,
             default_queue_policy=ours_config.ModelQueuePolicy(max_queue_size=512),
         ),
-        instance_group=[ours_config.ModelInstanceGroup(kind=ours_config.ModelInstanceGroup.KIND_GPU, count=1, gpus=[0, 1])],
+        instance_group=[
+            ours_config.ModelInstanceGroup(kind=ours_config.ModelInstanceGroup.KIND_GPU, count=1, gpus=[0, 1])
+        ],
     )
     response = ours.ModelConfigResponse(config=config)
     decoded = triton.ModelConfigResponse.FromString(response.SerializeToString())

@@ -130,9 +130,11 @@ def test_mutual_tls_refuses_clients_without_a_certificate_of_the_ca(
     cert, key = write_pair(tmp_path / "client", good, "client")
     with Client(server.target, root_certificates=tls_files["ca"], client_certificate=cert, client_key=key) as sdk:
         assert len(sdk.classify(photos["china"], model="alexnet", top_k=1)[0]) == 1
-    with Client(server.target, root_certificates=tls_files["ca"], retries=0) as sdk:  # no client certificate
-        with pytest.raises(UnavailableError):
-            sdk.models()
+    with (
+        Client(server.target, root_certificates=tls_files["ca"], retries=0) as sdk,  # no client certificate
+        pytest.raises(UnavailableError),
+    ):
+        sdk.models()
 
 
 def test_rotated_certificates_are_served_without_a_restart(serve_inprocess, tls_files, ca, caplog) -> None:

@@ -49,7 +49,9 @@ def status_of(call) -> str:
 
 def health(target: str, service: str) -> int:
     with grpc.insecure_channel(target) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -71,7 +73,11 @@ def test_model_config_is_what_the_server_runs(serve_inprocess) -> None:
     assert config.dynamic_batching.max_queue_delay_microseconds == 12500
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 40
     gpus = [d.index or 0 for d in server.server.devices if d.type == "cuda"]
-    expected = (triton_config.ModelInstanceGroup.KIND_GPU, 1, gpus) if gpus else (triton_config.ModelInstanceGroup.KIND_CPU, 1, [])
+    expected = (
+        (triton_config.ModelInstanceGroup.KIND_GPU, 1, gpus)
+        if gpus
+        else (triton_config.ModelInstanceGroup.KIND_CPU, 1, [])
+    )
     assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [expected]
     # Inputs and outputs are the metadata's, dims without the batch dimension (max_batch_size > 0).
     for declared, described in ((config.input, metadata.inputs), (config.output, metadata.outputs)):
@@ -170,7 +176,9 @@ def test_unload_frees_the_model_and_load_serves_it_again(serve_inprocess) -> Non
 
         assert not client.is_model_ready("alexnet")
         assert client.is_server_ready(), "an unloaded model does not make the server unready"
-        error = pytest.raises(InferenceServerException, client.infer, "alexnet", [image_input(1)]).value
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer("alexnet", [image_input(1)])
+        error = raised.value
         assert error.status() == "StatusCode.UNAVAILABLE" and "RepositoryModelLoad" in error.message()
         (entry,) = client.get_model_repository_index().models
         assert (entry.name, entry.state) == ("alexnet", "UNAVAILABLE") and "unloaded" in entry.reason
@@ -221,7 +229,9 @@ def test_load_and_unload_refuse_what_they_cannot_do(serve_inprocess) -> None:
     with triton.InferenceServerClient(server.target) as client:
         assert status_of(lambda: client.unload_model("nope")) == "StatusCode.NOT_FOUND"
         assert status_of(lambda: client.load_model("alexnet:features")) == "StatusCode.NOT_FOUND"
-        not_started = pytest.raises(InferenceServerException, client.load_model, "vgg16").value
+        with pytest.raises(InferenceServerException) as raised:
+            client.load_model("vgg16")
+        not_started = raised.value
         assert not_started.status() == "StatusCode.NOT_FOUND" and "--models" in not_started.message()
         assert status_of(lambda: client.load_model("")) == "StatusCode.INVALID_ARGUMENT"
         assert status_of(lambda: client.load_model("alexnet", config='{"max_batch_size": 2}')) == (
@@ -287,7 +297,9 @@ def test_fine_tuned_models_unload_load_and_follow_their_base(serve_inprocess, st
         client.unload_model("alexnet")
         states = {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}
         assert states["pets"][0] == "UNAVAILABLE" and "'alexnet'" in states["pets"][1]
-        refused = pytest.raises(InferenceServerException, client.load_model, "pets").value
+        with pytest.raises(InferenceServerException) as raised:
+            client.load_model("pets")
+        refused = raised.value
         assert refused.status() == "StatusCode.UNAVAILABLE" and "load 'alexnet' first" in refused.message()
         # ... and loading the base model brings it back.
         client.load_model("alexnet")
@@ -300,10 +312,14 @@ def test_fine_tuned_models_unload_load_and_follow_their_base(serve_inprocess, st
 def test_on_cuda_unload_gives_the_memory_back_and_statistics_split_the_phases(serve_inprocess) -> None:
     server = serve_inprocess(device="cuda:0")
     device = torch.device("cuda", 0)
-    parameters = sum(p.numel() * p.element_size() for p in server.server.repository.get("alexnet").instances[0].module.parameters())
+    parameters = sum(
+        p.numel() * p.element_size() for p in server.server.repository.get("alexnet").instances[0].module.parameters()
+    )
     with triton.InferenceServerClient(server.target) as client:
         config = client.get_model_config("alexnet").config
-        assert [(g.kind, list(g.gpus)) for g in config.instance_group] == [(triton_config.ModelInstanceGroup.KIND_GPU, [0])]
+        assert [(g.kind, list(g.gpus)) for g in config.instance_group] == [
+            (triton_config.ModelInstanceGroup.KIND_GPU, [0])
+        ]
         client.infer("alexnet", [pixels_input(4)])
         infer = client.get_inference_statistics("alexnet").model_stats[0].inference_stats
         assert min(infer.compute_input.ns, infer.compute_infer.ns, infer.compute_output.ns) > 0

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import tempfile
@@ -118,17 +119,13 @@ async def call_with_timeout(function: Callable[[], T], timeout: float, name: str
     def run() -> None:
         try:
             result = function()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as exc:  # handed to the awaiting coroutine
             error = exc
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
                 loop.call_soon_threadsafe(settle, lambda: future.set_exception(error))
-            except RuntimeError:  # the loop closed: nobody is waiting any more
-                pass
             return
-        try:
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
-        except RuntimeError:
-            pass
 
     threading.Thread(target=run, name=name, daemon=True).start()
     try:

@@ -68,7 +68,8 @@ class StandardizedHead(nn.Module):
 
     def standardized(self, features: torch.Tensor) -> torch.Tensor:
         """The head's output on the standardized scale (what training fits)."""
-        return self.head((features - self.mean) / self.std)
+        output: torch.Tensor = self.head((features - self.mean) / self.std)
+        return output
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.standardized(features) * self.target_std + self.target_mean

@@ -176,7 +176,11 @@ class JobManager:
         sent = 0
         while True:
             async with job.changed:
-                await job.changed.wait_for(lambda sent=sent: len(job.events) > sent)
+
+                def grown(sent: int = sent) -> bool:
+                    return len(job.events) > sent
+
+                await job.changed.wait_for(grown)
                 fresh = job.events[sent:]
             for event in fresh:
                 yield event

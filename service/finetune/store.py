@@ -25,6 +25,7 @@ regular and not larger than a cap, the manifest is checked field by field (with 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,8 +47,9 @@ from service.errors import AlreadyExistsError, InternalError, InvalidInputError,
 from service.finetune.files import FileRefused, read_bounded, sync_directory, write_temporary
 from service.finetune.heads import StandardizedHead, build_standardized_head
 from service.finetune.names import is_model_name
-from service.finetune.spec import HEAD_KINDS, LOSSES, HeadSpec, validate_head
+from service.finetune.spec import HeadSpec, validate_head
 from service.finetune.trainer import TrainMetrics
+from vision_client._config import HEAD_KINDS, LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -312,10 +314,8 @@ class ModelStore:
         and that are older than ``grace_s``; the names deleted."""
         folder = self._folder(name)
         keep = set()
-        try:
+        with contextlib.suppress(FileNotFoundError, StoreEntryError):
             keep.add(self.read_manifest(name).weights_file)
-        except (FileNotFoundError, StoreEntryError):
-            pass
         deleted: list[str] = []
         cutoff = time.time() - grace_s
         try:
@@ -354,10 +354,8 @@ class ModelStore:
         if weights_file is not None:
             (folder / weights_file).unlink(missing_ok=True)
         self.collect_garbage(name)
-        try:
+        with contextlib.suppress(OSError):
             folder.rmdir()  # only when empty: another writer's staged weights keep it
-        except OSError:
-            pass
 
     # -- reading -----------------------------------------------------------
 

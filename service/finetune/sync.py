@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from service.errors import BuiltinModelError, VisionServeError
 from service.finetune.files import TimedOut, call_with_timeout
-from service.finetune.store import Manifest, ModelStore, StoreEntryError
 from service.finetune.heads import StandardizedHead
+from service.finetune.store import Manifest, ModelStore, StoreEntryError
 from service.metrics import ServerMetrics
 from service.models import get_model_spec
 from service.repository import ModelRepository

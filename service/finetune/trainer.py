@@ -84,7 +84,7 @@ def split_indices(
     n = int(targets.shape[0])
     if fraction <= 0 or n < 2:
         return torch.randperm(n, generator=generator), torch.empty(0, dtype=torch.long)
-    groups = [torch.nonzero(targets == c).flatten() for c in targets.unique()] if stratify else [torch.arange(n)]
+    groups = [torch.nonzero(targets == c).flatten() for c in torch.unique(targets)] if stratify else [torch.arange(n)]
     train, validation = [], []
     for group in groups:
         group = group[torch.randperm(len(group), generator=generator)]

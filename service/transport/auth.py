@@ -24,7 +24,7 @@ import hmac
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from urllib.parse import unquote
 import grpc
 
 from service.errors import AuthenticationError, FailedPreconditionError, PermissionDeniedError
+from service.transport.handlers import AioContext, Continuation, Req, Resp, behaviors, replace
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +251,9 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation[Req, Resp],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         handler = await continuation(handler_call_details)
         scope = scope_of(handler_call_details.method)
         if handler is None or not self._policy.needs_check(scope):
@@ -263,30 +264,36 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization"
         ]
 
-        def check(context: grpc.aio.ServicerContext) -> None:
+        def check(context: AioContext) -> None:
             self._policy.check(scope, authorization, context.peer())
 
         return _guarded(handler, check)
 
 
-def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[Any], None]) -> grpc.RpcMethodHandler:
+def _guarded(
+    handler: grpc.RpcMethodHandler[Req, Resp], check: Callable[[AioContext], None]
+) -> grpc.RpcMethodHandler[Req, Resp]:
     """``handler`` with ``check(context)`` run before its behaviour."""
-    if handler.unary_unary or handler.stream_unary:
-        field = "unary_unary" if handler.unary_unary else "stream_unary"
-        behavior = getattr(handler, field)
+    given = behaviors(handler)
+    behavior = given.unary_unary or given.stream_unary
+    if behavior is not None:
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(request: Any, context: AioContext) -> Any:
             check(context)
             return await behavior(request, context)
 
-        return handler._replace(**{field: unary})
+        if given.unary_unary:
+            return replace(handler, unary_unary=unary)
+        return replace(handler, stream_unary=unary)
 
-    field = "unary_stream" if handler.unary_stream else "stream_stream"
-    stream_behavior = getattr(handler, field)
+    stream_behavior = given.unary_stream or given.stream_stream
+    assert stream_behavior is not None, "a method handler has one behaviour"
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(request: Any, context: AioContext) -> AsyncIterator[Any]:
         check(context)
         async for response in stream_behavior(request, context):
             yield response
 
-    return handler._replace(**{field: stream})
+    if given.unary_stream:
+        return replace(handler, unary_stream=stream)
+    return replace(handler, stream_stream=stream)

@@ -8,12 +8,22 @@ and the client gets INTERNAL with a generic message.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from service.errors import VisionServeError
+from service.transport.handlers import (
+    AioContext,
+    Continuation,
+    Req,
+    Resp,
+    StreamBehavior,
+    UnaryBehavior,
+    behaviors,
+    replace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +40,26 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation[Req, Resp],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+        behavior = behaviors(handler)
+        if behavior.unary_unary:
+            return replace(handler, unary_unary=_wrap_unary(behavior.unary_unary))
+        if behavior.stream_unary:
+            return replace(handler, stream_unary=_wrap_unary(behavior.stream_unary))
+        if behavior.unary_stream:
+            return replace(handler, unary_stream=_wrap_stream(behavior.unary_stream))
+        if behavior.stream_stream:
+            return replace(handler, stream_stream=_wrap_stream(behavior.stream_stream))
         return handler
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:
+    async def wrapper(request: Any, context: AioContext) -> Any:
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -59,8 +70,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+def _wrap_stream(behavior: StreamBehavior) -> StreamBehavior:
+    async def wrapper(request: Any, context: AioContext) -> AsyncIterator[Any]:
         try:
             async for response in behavior(request, context):
                 yield response

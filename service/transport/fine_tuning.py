@@ -28,7 +28,9 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
         self._jobs = jobs
 
     async def CreateJob(
-        self, request_iterator: AsyncIterator[pb.CreateJobRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.CreateJobRequest],
+        context: grpc.aio.ServicerContext[pb.CreateJobRequest, pb.Job],
     ) -> pb.Job:
         with self._jobs.upload():
             spec: FineTuneSpec | None = None
@@ -51,22 +53,30 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
             return job_to_proto(await self._jobs.submit(spec, collector))
 
     async def WatchJob(
-        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext[pb.WatchJobRequest, pb.JobEvent]
     ) -> AsyncIterator[pb.JobEvent]:
         async for event in self._jobs.watch(request.job_id):
             yield event_to_proto(event)
 
-    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+    async def GetJob(
+        self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext[pb.GetJobRequest, pb.Job]
+    ) -> pb.Job:
         return job_to_proto(await self._jobs.get(request.job_id))
 
-    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
+    async def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext[pb.ListJobsRequest, pb.ListJobsResponse]
+    ) -> pb.ListJobsResponse:
         return pb.ListJobsResponse(jobs=[job_to_proto(job) for job in await self._jobs.list()])
 
-    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+    async def CancelJob(
+        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext[pb.CancelJobRequest, pb.Job]
+    ) -> pb.Job:
         return job_to_proto(await self._jobs.cancel(request.job_id))
 
     async def DeleteModel(
-        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.DeleteModelRequest,
+        context: grpc.aio.ServicerContext[pb.DeleteModelRequest, pb.DeleteModelResponse],
     ) -> pb.DeleteModelResponse:
         self._jobs.delete_model(request.name)
         return pb.DeleteModelResponse(deleted=True)

@@ -49,27 +49,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._control = control
 
     async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ServerLiveRequest,
+        context: grpc.aio.ServicerContext[pb.ServerLiveRequest, pb.ServerLiveResponse],
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._dataplane.live())
 
     async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ServerReadyRequest,
+        context: grpc.aio.ServicerContext[pb.ServerReadyRequest, pb.ServerReadyResponse],
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._dataplane.ready())
 
     async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ModelReadyRequest,
+        context: grpc.aio.ServicerContext[pb.ModelReadyRequest, pb.ModelReadyResponse],
     ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._dataplane.model_ready(require_model_name(request.name)))
 
     async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ServerMetadataRequest,
+        context: grpc.aio.ServicerContext[pb.ServerMetadataRequest, pb.ServerMetadataResponse],
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=service.__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ModelMetadataRequest,
+        context: grpc.aio.ServicerContext[pb.ModelMetadataRequest, pb.ModelMetadataResponse],
     ) -> pb.ModelMetadataResponse:
         model = self._model(request.name, request.version)
         return pb.ModelMetadataResponse(
@@ -81,15 +91,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(
-        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ModelConfigRequest,
+        context: grpc.aio.ServicerContext[pb.ModelConfigRequest, pb.ModelConfigResponse],
     ) -> pb.ModelConfigResponse:
         model = self._model(request.name, request.version)
-        return pb.ModelConfigResponse(
-            config=model_config(model, self._batching, self._dataplane.repository.devices)
-        )
+        return pb.ModelConfigResponse(config=model_config(model, self._batching, self._dataplane.repository.devices))
 
     async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ModelStatisticsRequest,
+        context: grpc.aio.ServicerContext[pb.ModelStatisticsRequest, pb.ModelStatisticsResponse],
     ) -> pb.ModelStatisticsResponse:
         if request.name:
             models = [self._model(request.name, request.version)]
@@ -100,7 +112,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.RepositoryIndexRequest,
+        context: grpc.aio.ServicerContext[pb.RepositoryIndexRequest, pb.RepositoryIndexResponse],
     ) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
         for model in self._dataplane.repository.all():
@@ -110,24 +124,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.RepositoryModelLoadRequest,
+        context: grpc.aio.ServicerContext[pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse],
     ) -> pb.RepositoryModelLoadResponse:
         await self._control.load(_control_target(request))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.RepositoryModelUnloadRequest,
+        context: grpc.aio.ServicerContext[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse],
     ) -> pb.RepositoryModelUnloadResponse:
         await self._control.unload(_control_target(request))
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
     ) -> pb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelStreamInferResponse],
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Run each streamed request as it arrives; answer in completion order, with its id.
 
@@ -218,8 +240,7 @@ def _control_target(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelU
     unsupported = sorted(set(request.parameters) - {"unload_dependents"})
     if unsupported:
         raise InvalidInputError(
-            f"load and unload parameters are not supported (got {', '.join(unsupported)}); "
-            "send the model name alone"
+            f"load and unload parameters are not supported (got {', '.join(unsupported)}); send the model name alone"
         )
     if not request.model_name:
         raise InvalidInputError("model_name is empty: name the model to load or unload, e.g. 'resnet101'")

@@ -81,10 +81,14 @@ def _instance_groups(name: str, devices: list[torch.device]) -> list[config_pb.M
     cpus = [d for d in devices if d.type != "cuda"]
     gpus = [d.index or 0 for d in devices if d.type == "cuda"]
     if cpus:
-        groups.append(config_pb.ModelInstanceGroup(name=f"{name}_cpu", kind=config_pb.ModelInstanceGroup.KIND_CPU, count=1))
+        groups.append(
+            config_pb.ModelInstanceGroup(name=f"{name}_cpu", kind=config_pb.ModelInstanceGroup.KIND_CPU, count=1)
+        )
     if gpus:
         groups.append(
-            config_pb.ModelInstanceGroup(name=f"{name}_gpu", kind=config_pb.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
+            config_pb.ModelInstanceGroup(
+                name=f"{name}_gpu", kind=config_pb.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus
+            )
         )
     return groups
 

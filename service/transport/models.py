@@ -16,12 +16,16 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         self._dataplane = dataplane
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
     ) -> pb.ListModelsResponse:
         models = self._dataplane.repository.all()
         return pb.ListModelsResponse(models=[model_info(m, labels=not request.without_labels) for m in models])
 
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[pb.GetModelRequest, pb.ModelInfo]
+    ) -> pb.ModelInfo:
         return model_info(self._dataplane.repository.get(require_model_name(request.name)), labels=True)
 
 

@@ -13,13 +13,23 @@ many, whatever its size; only then is it parsed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from service.errors import InvalidInputError
+from service.transport.handlers import (
+    AioContext,
+    Continuation,
+    Req,
+    Resp,
+    StreamBehavior,
+    UnaryBehavior,
+    behaviors,
+    replace,
+)
 
 Parser = Callable[[bytes], Any]
 Schema = Mapping[int, "Schema"]  # field number -> schema of the sub-message to look into
@@ -44,18 +54,21 @@ class ScreenedParsingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation[Req, Resp],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         handler = await continuation(handler_call_details)
         parser = self._methods.get(handler_call_details.method)
         if handler is None or parser is None:
             return handler
         parse = ScreenedParser(parser, self._schema, self._max_fields)
-        if handler.unary_unary:
-            return handler._replace(request_deserializer=None, unary_unary=_unary(handler.unary_unary, parse))
-        if handler.stream_stream:
-            return handler._replace(request_deserializer=None, stream_stream=_streaming(handler.stream_stream, parse))
+        behavior = behaviors(handler)
+        if behavior.unary_unary:
+            return replace(handler, drop_request_deserializer=True, unary_unary=_unary(behavior.unary_unary, parse))
+        if behavior.stream_stream:
+            return replace(
+                handler, drop_request_deserializer=True, stream_stream=_streaming(behavior.stream_stream, parse)
+            )
         return handler
 
 
@@ -134,19 +147,19 @@ def _malformed(detail: str) -> InvalidInputError:
     return InvalidInputError(f"the request is not a valid protobuf message of this method: {detail}")
 
 
-def _unary(behavior: Callable[..., Awaitable[Any]], parse: ScreenedParser) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+def _unary(behavior: UnaryBehavior, parse: ScreenedParser) -> UnaryBehavior:
+    async def wrapper(data: bytes, context: AioContext) -> Any:
         return await behavior(parse(data), context)
 
     return wrapper
 
 
-def _streaming(behavior: Callable[..., AsyncIterator[Any]], parse: ScreenedParser) -> Callable[..., AsyncIterator[Any]]:
+def _streaming(behavior: StreamBehavior, parse: ScreenedParser) -> StreamBehavior:
     async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         async for data in requests:
             yield parse(data)
 
-    async def wrapper(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(requests: AsyncIterator[bytes], context: AioContext) -> AsyncIterator[Any]:
         async for response in behavior(parsed(requests), context):
             yield response
 

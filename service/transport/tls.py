@@ -120,7 +120,7 @@ class CertificateFiles:
             loaded = self._load()
         except _Changing:
             return None
-        except Exception as exc:  # noqa: BLE001 - whatever it is, keep serving the old certificate
+        except Exception as exc:  # whatever it is, keep serving the old certificate
             try:
                 self._rejected = self._signature()
             except OSError:

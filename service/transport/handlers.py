@@ -1,0 +1,78 @@
+"""Method handlers as grpc.aio runs them, for the interceptors that wrap their behaviours.
+
+types-grpcio describes :class:`grpc.RpcMethodHandler` as the sync server uses it: an ABC
+whose behaviours take a ``grpc.ServicerContext`` and return a response or an iterator.
+Under grpc.aio the same handler objects (the namedtuples that ``grpc.*_rpc_method_handler``
+and the generated ``add_*Servicer_to_server`` make) hold coroutine functions and async
+generators that take a ``grpc.aio.ServicerContext``. This module is the one place that
+tells the type checker so; the interceptors stay fully typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar, cast
+
+import grpc
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+AioContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+UnaryBehavior: TypeAlias = "Callable[[Any, AioContext], Awaitable[Any]]"
+"""``unary_unary`` and ``stream_unary``: (request or request iterator, context) -> response."""
+StreamBehavior: TypeAlias = "Callable[[Any, AioContext], AsyncIterator[Any]]"
+"""``unary_stream`` and ``stream_stream``: (request or request iterator, context) -> responses."""
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]]"
+"""What ``grpc.aio.ServerInterceptor.intercept_service`` is handed to reach the next handler."""
+
+
+@dataclass(frozen=True)
+class Behaviors:
+    """A handler's behaviours as grpc.aio calls them; exactly one is set."""
+
+    unary_unary: UnaryBehavior | None
+    unary_stream: StreamBehavior | None
+    stream_unary: UnaryBehavior | None
+    stream_stream: StreamBehavior | None
+
+
+def behaviors(handler: grpc.RpcMethodHandler[Any, Any]) -> Behaviors:
+    # The stub types these for the sync server (see the module docstring).
+    return Behaviors(
+        unary_unary=cast("UnaryBehavior | None", handler.unary_unary),
+        unary_stream=cast("StreamBehavior | None", handler.unary_stream),
+        stream_unary=cast("UnaryBehavior | None", handler.stream_unary),
+        stream_stream=cast("StreamBehavior | None", handler.stream_stream),
+    )
+
+
+def replace(
+    handler: grpc.RpcMethodHandler[Req, Resp],
+    *,
+    unary_unary: UnaryBehavior | None = None,
+    unary_stream: StreamBehavior | None = None,
+    stream_unary: UnaryBehavior | None = None,
+    stream_stream: StreamBehavior | None = None,
+    drop_request_deserializer: bool = False,
+) -> grpc.RpcMethodHandler[Req, Resp]:
+    """``handler`` with the behaviours given here in place of its own (the others kept).
+
+    ``drop_request_deserializer``: the behaviour is handed the request's bytes, unparsed.
+    """
+    changes: dict[str, object] = {
+        field: behavior
+        for field, behavior in (
+            ("unary_unary", unary_unary),
+            ("unary_stream", unary_stream),
+            ("stream_unary", stream_unary),
+            ("stream_stream", stream_stream),
+        )
+        if behavior is not None
+    }
+    if drop_request_deserializer:
+        changes["request_deserializer"] = None
+    # The stub's ABC lacks the namedtuple's _replace that grpc's handlers have at run time.
+    replaced: grpc.RpcMethodHandler[Req, Resp] = handler._replace(**changes)  # type: ignore[attr-defined]
+    return replaced
