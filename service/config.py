@@ -22,6 +22,15 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Which runtime runs the networks, where exported networks are cached, and its threads."""
+
+    name: str = "auto"  # auto, torch, onnxruntime, openvino, fastest (service.runtimes.base)
+    cache_dir: Path | None = None  # None: $XDG_CACHE_HOME/vision-serving/runtimes
+    threads: int = 0  # intra-op threads of the runtime; 0: one per core
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "0.0.0.0"
     grpc_port: int = 8001
@@ -32,6 +41,7 @@ class ServeConfig:
     dtype: str = "float32"  # compute dtype on CUDA: float32, float16, bfloat16
     channels_last: bool = False
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     decode_threads: int = 0  # 0: one per CPU core
     max_image_pixels: int = 40_000_000  # decoded width*height cap (decompression bombs)
     max_message_bytes: int = 64 * 1024 * 1024

@@ -18,10 +18,11 @@ from prometheus_client import start_http_server
 
 from service.config import ServeConfig
 from service.dataplane import DataPlane
+from service.devices import resolve_devices
+from service.factory import ModelFactory
 from service.finetune.jobs import JobManager
 from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
-from service.devices import resolve_devices
 from service.metrics import ServerMetrics
 from service.models import WeightsSource
 from service.repository import ModelRepository, ServedModel
@@ -51,7 +52,7 @@ class VisionServer:
         self.weights = WeightsSource.parse(config.weights)
         self.devices = resolve_devices(config.device)
         self.metrics.watch_cuda_memory(self.devices)
-        self.repository = ModelRepository(config, self.devices, self.metrics)
+        self.repository = ModelRepository(ModelFactory(config, self.devices, self.metrics), self.metrics)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=config.decode_threads or os.cpu_count() or 1,
             thread_name_prefix="decode",

@@ -1,0 +1,51 @@
+"""What every runtime offers the server: run a batch, get logits or backbone features.
+
+A *runtime* is the library that executes a model's network: eager PyTorch, or the
+network exported once to ONNX and run by ONNX Runtime or OpenVINO. Each exported
+network has two outputs, the logits and the backbone's features (the input of the
+last layer), so that classification, feature extraction for fine-tuning and
+fine-tuned heads (features, then a small torch head) all run through the same
+compiled network.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+
+Output = Literal["logits", "features"]
+LOGITS: Output = "logits"
+FEATURES: Output = "features"
+
+TORCH = "torch"
+ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
+RUNTIMES: tuple[str, ...] = (TORCH, ONNXRUNTIME, OPENVINO)
+# What --runtime accepts: a runtime, or a rule that picks one per model and device kind.
+AUTO = "auto"
+FASTEST = "fastest"
+RUNTIME_CHOICES: tuple[str, ...] = (AUTO, *RUNTIMES, FASTEST)
+
+
+class Backend(Protocol):
+    """One model's network on one device, as one runtime runs it."""
+
+    @property
+    def runtime(self) -> str:
+        """``torch``, ``onnxruntime`` or ``openvino``."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def run(self, parts: list[torch.Tensor], output: Output) -> torch.Tensor:
+        """The ``output`` of the batch made of ``parts`` (CPU float32 tensors [n, 3, H, W]).
+
+        The result is a float tensor on :attr:`device` (torch) or on the host.
+        """
+        ...
+
+    def share(self) -> Backend:
+        """Another handle on the same weights, for use from another thread."""
+        ...
