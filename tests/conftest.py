@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,21 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240.0
+RUNTIME_CACHE_ENV = "VISION_SERVE_RUNTIME_CACHE"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One runtime cache (exported networks) for the whole session, shared by in-process and
+    child servers, so that each model and weights is exported once per session; never the
+    user's own cache."""
+    if RUNTIME_CACHE_ENV not in os.environ:
+        directory = tempfile.mkdtemp(prefix="vision-runtime-cache-")
+        os.environ[RUNTIME_CACHE_ENV] = directory
+        config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+
+def session_runtime_cache() -> Path:
+    return Path(os.environ[RUNTIME_CACHE_ENV])
 
 
 def free_port() -> int:
@@ -234,7 +250,7 @@ def store_server_args(weights_dir: Path, store: Path, *extra: str) -> tuple[str,
 def serve_inprocess(tmp_path: Path, weights_dir: Path):  # -> Callable[..., InProcessServer]
     """Factory of in-process servers (AlexNet, the test's weights, a store of the test's own),
     each stopped after the test. Keyword arguments override ``ServeConfig`` fields."""
-    from service.config import ServeConfig
+    from service.config import RuntimeConfig, ServeConfig
     from tests.inprocess import InProcessServer
 
     started: list[InProcessServer] = []
@@ -245,6 +261,7 @@ def serve_inprocess(tmp_path: Path, weights_dir: Path):  # -> Callable[..., InPr
             "weights": str(weights_dir),
             "model_store": tmp_path / f"store-{len(started)}",
             "drain_seconds": 5.0,
+            "runtime": RuntimeConfig(cache_dir=session_runtime_cache()),
         }
         settings.update(overrides)
         server = InProcessServer(ServeConfig(**settings))  # type: ignore[arg-type]
