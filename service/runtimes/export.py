@@ -53,7 +53,7 @@ def state_digest(net: torch.nn.Module) -> str:
     for name, tensor in sorted(net.state_dict().items()):
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
