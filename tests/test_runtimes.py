@@ -24,7 +24,7 @@ from service.config import RuntimeConfig, ServeConfig
 from service.errors import FailedPreconditionError
 from service.models import WeightsSource, build_model, get_model_spec
 from service.runtime import ModelInstance
-from service.runtimes.base import FEATURES, LOGITS, ONNXRUNTIME, OPENVINO, RUNTIMES, TORCH
+from service.runtimes.base import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCH
 from service.runtimes.export import ENTRY_FILE, MODEL_FILE, ExportCache, state_digest
 from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from service.runtimes.openvino_backend import OpenVinoBackend
