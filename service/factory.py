@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 
 import torch
 
@@ -152,7 +153,7 @@ class ModelFactory:
                 instance,
                 max_batch_size=batching.max_batch_size,
                 max_delay_s=batching.max_queue_delay_s,
-                on_batch=lambda stats, name=model.name: self._metrics.record_batch(name, stats),
+                on_batch=partial(self._metrics.record_batch, model.name),
                 warm_up_shape=(3, model.input_size, model.input_size) if warm_up else None,
             )
             worker.start()

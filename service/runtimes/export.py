@@ -89,7 +89,8 @@ class ShapeGenericAdaptiveAvgPool2d(torch.nn.Module):
         return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
 
 
-def _averaging_matrix(n: int | torch.Tensor, o: int, like: torch.Tensor) -> torch.Tensor:
+def _averaging_matrix(n: int, o: int, like: torch.Tensor) -> torch.Tensor:
+    # While exporting, ``n`` is a traced size: the matrix is built in the graph from the input's shape.
     k = torch.arange(o, device=like.device)
     index = torch.arange(n, device=like.device)
     start = torch.div(k * n, o, rounding_mode="floor")
@@ -106,9 +107,10 @@ def exportable(spec: ModelSpec, net: torch.nn.Module) -> DualOutput:
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.AdaptiveAvgPool2d):
                 size = child.output_size
-                pair = (size, size) if isinstance(size, int) else tuple(size)
-                if pair != (1, 1):  # 1x1 exports as GlobalAveragePool, already shape-generic
-                    setattr(parent, name, ShapeGenericAdaptiveAvgPool2d(pair))  # type: ignore[arg-type]
+                h, w = (size, size) if isinstance(size, int) else size  # type: ignore[misc]
+                if h is None or w is None or (h, w) == (1, 1):  # 1x1 exports as GlobalAveragePool: generic
+                    continue
+                setattr(parent, name, ShapeGenericAdaptiveAvgPool2d((h, w)))
     return model.eval()
 
 

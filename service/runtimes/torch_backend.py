@@ -45,7 +45,7 @@ class TorchBackend:
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         if device.type != "cpu":
             net = copy.deepcopy(net)
-        net = net.to(device=device, dtype=dtype, memory_format=memory_format).eval()
+        net = net.to(device=device, dtype=dtype).to(memory_format=memory_format).eval()
         return cls(spec.features(net), spec.classifier(net), device, dtype=dtype, channels_last=channels_last)
 
     def share(self) -> TorchBackend:
