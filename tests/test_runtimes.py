@@ -284,3 +284,36 @@ def test_stop_instances_then_load_serves_the_model_again(serve_inprocess) -> Non
         assert 'vision_model_ready{model="alexnet"} 0.0' in text and "vision_model_runtime_info{" not in text
         server.call(repository.load("alexnet", weights), timeout=240)
         np.testing.assert_allclose(client.infer("alexnet", [tensor]).as_numpy("LOGITS"), before, rtol=0, atol=1e-5)
+
+
+# -- options ----------------------------------------------------------------------------------
+
+
+def test_runtime_options_from_flags_and_environment(tmp_path: Path) -> None:
+    from service.cli import build_serve_parser, config_from_args
+
+    def parse(argv: list[str], environ: dict[str, str]) -> RuntimeConfig:
+        return config_from_args(build_serve_parser(environ).parse_args(argv)).runtime
+
+    default = parse([], {"XDG_CACHE_HOME": str(tmp_path)})
+    assert default == RuntimeConfig("auto", tmp_path / "vision-serving" / "runtimes", 0)
+    assert parse([], {"HOME": str(tmp_path)}).cache_dir is not None
+    environ = {
+        "VISION_SERVE_RUNTIME": "openvino",
+        "VISION_SERVE_RUNTIME_CACHE": "/c",
+        "VISION_SERVE_RUNTIME_THREADS": "3",
+    }
+    assert parse([], environ) == RuntimeConfig("openvino", Path("/c"), 3)
+    assert parse(["--runtime", "torch", "--runtime-threads", "1"], environ) == RuntimeConfig("torch", Path("/c"), 1)
+    with pytest.raises(SystemExit, match="--runtime 'tensorrt': choose one of auto, torch"):
+        parse([], {"VISION_SERVE_RUNTIME": "tensorrt"})
+    for bad in (["--runtime", "tensorrt"], ["--runtime-threads", "-1"]):
+        with pytest.raises(SystemExit):
+            parse(bad, {})
+
+
+def test_a_runtime_that_cannot_run_stops_the_server_at_start_with_its_reason() -> None:
+    from service.server import VisionServer
+
+    with pytest.raises(FailedPreconditionError, match="choose one of"):
+        VisionServer(ServeConfig(models=("alexnet",), model_store=None, runtime=RuntimeConfig(name="tensorrt")))
