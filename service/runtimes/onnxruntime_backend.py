@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -14,11 +15,8 @@ from service.runtimes.export import INPUT
 
 
 def available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Installed? (Without importing it: a server that does not use it should not pay for it.)"""
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def version() -> str:

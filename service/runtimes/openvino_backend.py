@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,8 @@ from service.runtimes.base import OPENVINO, Output
 
 
 def available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Installed? (Without importing it: a server that does not use it should not pay for it.)"""
+    return importlib.util.find_spec("openvino") is not None
 
 
 def version() -> str:
