@@ -46,8 +46,8 @@ class ModelInstance:
     def with_head(self, head: torch.nn.Module) -> ModelInstance:
         """Another instance on the same weights that runs ``head`` (copied here) on the features."""
         head_device = self.device if self.runtime == TORCH else torch.device("cpu")
-        dtype = getattr(self.backend, "dtype", torch.float32)
-        return ModelInstance(self.backend.share(), head=copy.deepcopy(head).to(head_device, dtype).eval())
+        head = copy.deepcopy(head).to(head_device, self.backend.dtype).eval()
+        return ModelInstance(self.backend.share(), head=head)
 
     def forward(self, parts: list[torch.Tensor]) -> np.ndarray:
         """Run the batch made of ``parts`` and return float32 outputs on the host."""

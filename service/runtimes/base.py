@@ -39,6 +39,11 @@ class Backend(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What it computes in (and returns features in): float32 except torch's ``--dtype``."""
+        ...
+
     def run(self, parts: list[torch.Tensor], output: Output) -> torch.Tensor:
         """The ``output`` of the batch made of ``parts`` (CPU float32 tensors [n, 3, H, W]).
 

@@ -35,6 +35,7 @@ class OnnxRuntimeBackend:
     """One ``InferenceSession`` (thread-safe: handles share it)."""
 
     runtime = ONNXRUNTIME
+    dtype = torch.float32
 
     def __init__(self, session: object, device: torch.device) -> None:
         self._session = session

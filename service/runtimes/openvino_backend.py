@@ -37,6 +37,7 @@ class OpenVinoBackend:
     """A compiled model; each thread gets an infer request of its own (they are not thread-safe)."""
 
     runtime = OPENVINO
+    dtype = torch.float32
 
     def __init__(self, compiled: Any, device: torch.device) -> None:
         self._compiled = compiled
