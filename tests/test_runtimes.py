@@ -317,3 +317,13 @@ def test_a_runtime_that_cannot_run_stops_the_server_at_start_with_its_reason() -
 
     with pytest.raises(FailedPreconditionError, match="choose one of"):
         VisionServer(ServeConfig(models=("alexnet",), model_store=None, runtime=RuntimeConfig(name="tensorrt")))
+
+
+def test_an_entry_that_is_not_a_directory_is_replaced(tmp_path: Path, alexnet: torch.nn.Module) -> None:
+    cache = ExportCache(tmp_path)
+    entry = cache.entry("alexnet", state_digest(alexnet))
+    entry.parent.mkdir(parents=True)
+    entry.write_text("a stray file where the entry belongs")
+    assert cache.check(entry) is not None
+    cache.discard(entry)
+    assert list(entry.parent.iterdir()) == []

@@ -13,7 +13,6 @@ model cache) go into a subdirectory named after the runtime and its version.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -161,9 +160,14 @@ class ExportCache:
     def discard(self, entry: Path) -> None:
         """Remove an entry (atomically out of the way first, then deleted)."""
         doomed = entry.with_name(f".discard-{entry.name}-{uuid.uuid4().hex[:8]}")
-        with contextlib.suppress(FileNotFoundError):
+        try:
             entry.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        except OSError:  # gone already, or a read-only cache: exporting will say so
+            return
+        if doomed.is_dir():
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            doomed.unlink(missing_ok=True)
 
     def _export(self, spec: ModelSpec, net: torch.nn.Module, digest: str, entry: Path) -> None:
         try:
