@@ -14,8 +14,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from service.config import AUTH_SCOPES, DEFAULT_MODELS, BatchingConfig, FineTuneLimits, ServeConfig
+from service.config import AUTH_SCOPES, DEFAULT_MODELS, BatchingConfig, FineTuneLimits, RuntimeConfig, ServeConfig
 from service.errors import VisionServeError
+from service.runtimes.base import RUNTIME_CHOICES
+from service.runtimes.export import default_cache_dir
 
 ENV_PREFIX = "VISION_SERVE_"
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
@@ -41,6 +43,13 @@ def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"not a port: {number}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {number}")
     return number
 
 
@@ -104,6 +113,26 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     opt.add("--dtype", default=d.dtype, choices=DTYPE_CHOICES, help="compute dtype on CUDA")
     opt.add(
         "--channels-last", default=d.channels_last, action=argparse.BooleanOptionalAction, help="NHWC memory format"
+    )
+    r = RuntimeConfig()
+    opt.add(
+        "--runtime",
+        default=r.name,
+        choices=RUNTIME_CHOICES,
+        help="what runs the networks: auto (ONNX Runtime on CPUs, PyTorch on CUDA), torch, onnxruntime, "
+        "openvino, or fastest (time each installed runtime at load, keep the fastest)",
+    )
+    opt.add(
+        "--runtime-cache",
+        default=str(default_cache_dir(environ)),
+        type=Path,
+        help="directory of networks exported for onnxruntime/openvino (shareable; rebuilt when missing or corrupt)",
+    )
+    opt.add(
+        "--runtime-threads",
+        default=r.threads,
+        type=_non_negative_int,
+        help="intra-op threads of the runtime per forward pass (0: one per core)",
     )
     opt.add("--max-batch-size", default=b.max_batch_size, type=_positive_int, help="images per forward pass")
     opt.add(
@@ -187,7 +216,8 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     # argparse checks choices on the command line only, not on defaults taken from the environment.
-    for option, allowed in (("dtype", DTYPE_CHOICES), ("log_level", LOG_LEVELS), ("auth_scope", AUTH_SCOPES)):
+    choices = (("dtype", DTYPE_CHOICES), ("log_level", LOG_LEVELS), ("auth_scope", AUTH_SCOPES), ("runtime", RUNTIME_CHOICES))
+    for option, allowed in choices:
         value = getattr(args, option)
         if value not in allowed:
             flag = "--" + option.replace("_", "-")
@@ -217,6 +247,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             max_queue_delay_ms=args.max_queue_delay_ms,
             max_queue_size=args.max_queue_size,
         ),
+        runtime=RuntimeConfig(name=args.runtime, cache_dir=args.runtime_cache, threads=args.runtime_threads),
         decode_threads=args.decode_threads,
         max_image_pixels=args.max_image_pixels,
         max_request_images=args.max_request_images,

@@ -8,10 +8,10 @@ that several servers (tests) can live in one process.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -63,6 +63,12 @@ class ServerMetrics:
             "vision_pending_images", "Images waiting in the model's queue.", ["model"], registry=r
         )
         self.model_ready = Gauge("vision_model_ready", "1 when the model serves, else 0.", ["model"], registry=r)
+        self.model_runtime = Info(
+            "vision_model_runtime",
+            "The runtime (torch, onnxruntime, openvino) that runs each model on each device.",
+            ["model", "device"],
+            registry=r,
+        )
         self.finetune_jobs = Gauge("vision_finetune_jobs", "Fine-tuning jobs by state.", ["state"], registry=r)
         self.finetune_loss = Gauge(
             "vision_finetune_loss", "Training loss of the last epoch of each running job.", ["job"], registry=r
@@ -73,6 +79,7 @@ class ServerMetrics:
         self.store_errors = Counter(
             "vision_store_errors", "Model store entries skipped because they cannot be served.", ["reason"], registry=r
         )
+        self._runtime_series: set[tuple[str, str]] = set()
 
         # Triton's per model and version statistics (ModelStatistics), from the same events.
         self.statistics = StatisticsCollector()
@@ -98,6 +105,22 @@ class ServerMetrics:
         queue = self.queue_seconds.labels(model)
         for seconds in stats.queue_seconds:
             queue.observe(seconds)
+
+    def queue_depth_recorder(self, model: str) -> Callable[[int], None]:
+        """What a model's queue calls with each change in the number of images it holds."""
+        return self.pending_images.labels(model).inc
+
+    def set_model_state(self, model: str, *, ready: bool, runtimes: Mapping[str, str]) -> None:
+        """``vision_model_ready`` and the runtime by device (``runtimes``: device -> runtime)
+        of ``model``; a model that runs nowhere (unloaded, deleted) loses its runtime series."""
+        self.model_ready.labels(model).set(1 if ready else 0)
+        for labels in [labels for labels in self._runtime_series if labels[0] == model]:
+            if labels[1] not in runtimes:
+                self.model_runtime.remove(*labels)
+                self._runtime_series.discard(labels)
+        for device, runtime in runtimes.items():
+            self.model_runtime.labels(model, device).info({"runtime": runtime})
+            self._runtime_series.add((model, device))
 
     def record_request(self, model: str, status: str, seconds: float, version: str = "1") -> None:
         if model:

@@ -1,4 +1,4 @@
-"""A model instance on one device, and the worker thread that feeds it batches."""
+"""A model instance (a runtime backend and what it outputs), and the worker thread that feeds it batches."""
 
 from __future__ import annotations
 
@@ -15,57 +15,39 @@ import torch
 from service.batching import BatchQueue, WorkItem
 from service.devices import device_label
 from service.errors import DeadlineExceededError, InternalError
+from service.runtimes.base import FEATURES, LOGITS, TORCH, Backend, Output
 
 log = logging.getLogger(__name__)
 
 
 class ModelInstance:
-    """One network on one device, running inference-mode forward passes.
+    """What one worker runs: a backend (one network on one device, in one runtime), the output
+    it serves, and for fine-tuned models a torch head applied to the backbone's features.
 
-    The module must already live on ``device`` in ``dtype``; :meth:`place`
-    copies a CPU module there. Derived modules (a backbone's features, a
-    fine-tuned head on it) wrap an instance's module and share its weights.
+    Derived instances (a backbone's features, a fine-tuned head on it) share their
+    base instance's weights through :meth:`Backend.share`.
     """
 
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        device: torch.device,
-        *,
-        dtype: torch.dtype = torch.float32,
-        channels_last: bool = False,
-    ) -> None:
-        self.module = module.eval()
-        self.device = device
-        self.label = device_label(device)
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self._staging: dict[tuple[int, ...], torch.Tensor] = {}  # pinned host buffers, CUDA only
+    def __init__(self, backend: Backend, *, output: Output = LOGITS, head: torch.nn.Module | None = None) -> None:
+        self.backend = backend
+        self.output: Output = FEATURES if head is not None else output
+        self.head = head
+        self.device = backend.device
+        self.label = device_label(backend.device)
 
-    @classmethod
-    def place(
-        cls,
-        module: torch.nn.Module,
-        device: torch.device,
-        *,
-        dtype: torch.dtype = torch.float32,
-        channels_last: bool = False,
-    ) -> ModelInstance:
-        """Put (a copy of, off the CPU) ``module`` on ``device``."""
-        memory_format = torch.channels_last if channels_last else torch.preserve_format
-        if device.type != "cpu":
-            module = copy.deepcopy(module)
-        module = module.to(device=device, dtype=dtype, memory_format=memory_format)
-        return cls(module, device, dtype=dtype, channels_last=channels_last)
+    @property
+    def runtime(self) -> str:
+        return self.backend.runtime
 
-    def derive(self, module: torch.nn.Module) -> ModelInstance:
-        """Another instance on the same device and dtype, for a module built on this one's."""
-        return ModelInstance(
-            module.to(device=self.device, dtype=self.dtype),
-            self.device,
-            dtype=self.dtype,
-            channels_last=self.channels_last,
-        )
+    def features(self) -> ModelInstance:
+        """Another instance on the same weights that returns the backbone's features."""
+        return ModelInstance(self.backend.share(), output=FEATURES)
+
+    def with_head(self, head: torch.nn.Module) -> ModelInstance:
+        """Another instance on the same weights that runs ``head`` (copied here) on the features."""
+        head_device = self.device if self.runtime == TORCH else torch.device("cpu")
+        head = copy.deepcopy(head).to(head_device, self.backend.dtype).eval()
+        return ModelInstance(self.backend.share(), head=head)
 
     def forward(self, parts: list[torch.Tensor]) -> np.ndarray:
         """Run the batch made of ``parts`` and return float32 outputs on the host."""
@@ -80,12 +62,12 @@ class ModelInstance:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda device=None: None)
         with torch.inference_mode():
             started = time.monotonic()
-            batch = self._to_device(parts)
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = self.backend.gather(parts)
             sync(self.device)
             copied = time.monotonic()
-            output = self.module(batch)
+            output = self.backend.run(batch, self.output)
+            if self.head is not None:
+                output = self.head(output)
             sync(self.device)
             computed = time.monotonic()
             result = output.float().cpu().numpy()
@@ -94,21 +76,6 @@ class ModelInstance:
 
     def warm_up(self, shape: tuple[int, int, int]) -> None:
         self.forward([torch.zeros((1, *shape))])
-
-    def _to_device(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        if self.device.type == "cpu":
-            batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-            return batch.to(self.dtype)
-        # Gather into a reusable pinned buffer, then one asynchronous copy.
-        rows = sum(int(p.shape[0]) for p in parts)
-        key = tuple(parts[0].shape[1:])
-        staging = self._staging.get(key)
-        if staging is None or staging.shape[0] < rows:
-            staging = torch.empty((rows, *key), dtype=torch.float32).pin_memory()
-            self._staging[key] = staging
-        host = staging[:rows]
-        torch.cat(parts, out=host)
-        return host.to(self.device, non_blocking=True).to(self.dtype)
 
 
 @dataclass(frozen=True)

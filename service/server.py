@@ -17,11 +17,12 @@ from prometheus_client import start_http_server
 
 from service.config import ServeConfig
 from service.dataplane import DataPlane
+from service.devices import resolve_devices
+from service.factory import ModelFactory
 from service.finetune.manager import JobManager
 from service.finetune.names import LIVENESS_SERVICE, SERVER_SERVICE
 from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
-from service.devices import resolve_devices
 from service.metrics import ServerMetrics
 from service.model_control import ModelControl
 from service.models import WeightsSource
@@ -52,7 +53,11 @@ class VisionServer:
         self.weights = WeightsSource.parse(config.weights)
         self.devices = resolve_devices(config.device)
         self.metrics.watch_cuda_memory(self.devices)
-        self.repository = ModelRepository(config, self.devices, self.metrics)
+        self.repository = ModelRepository(
+            ModelFactory(config, self.devices, self.metrics),
+            self.metrics,
+            store_pending=config.model_store is not None,
+        )
         self._decode_pool = ThreadPoolExecutor(
             max_workers=config.decode_thread_count,
             thread_name_prefix="decode",

@@ -32,6 +32,7 @@ class ModelSpec:
     weights: WeightsEnum
     features: FeatureExtractor  # the network minus its last layer, sharing its parameters
     feature_dim: int
+    classifier: FeatureExtractor  # the last layer: logits = classifier(features(x))
 
     @property
     def categories(self) -> list[str]:
@@ -63,7 +64,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(
-    name: str, *, weights: WeightsEnum, features: FeatureExtractor, feature_dim: int
+    name: str, *, weights: WeightsEnum, features: FeatureExtractor, feature_dim: int, classifier: FeatureExtractor
 ) -> Callable[[Builder], Builder]:
     """Register ``builder`` as a built-in model served under ``name``."""
 
@@ -71,7 +72,12 @@ def register_model(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelSpec(
-            name=name, builder=builder, weights=weights, features=features, feature_dim=feature_dim
+            name=name,
+            builder=builder,
+            weights=weights,
+            features=features,
+            feature_dim=feature_dim,
+            classifier=classifier,
         )
         return builder
 
@@ -95,6 +101,15 @@ def classifier_features(net: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.Sequential(net.features, net.avgpool, torch.nn.Flatten(1), net.classifier[:-1])
 
 
+def last_classifier_layer(net: torch.nn.Module) -> torch.nn.Module:
+    """AlexNet and VGG: the last Linear of ``classifier``."""
+    return net.classifier[-1]
+
+
+def resnet_fc(net: torch.nn.Module) -> torch.nn.Module:
+    return net.fc
+
+
 def resnet_features(net: torch.nn.Module) -> torch.nn.Module:
     """ResNet: the pooled output that ``fc`` reads."""
     return torch.nn.Sequential(
@@ -103,16 +118,30 @@ def resnet_features(net: torch.nn.Module) -> torch.nn.Module:
     )  # fmt: skip
 
 
-@register_model("alexnet", weights=AlexNet_Weights.DEFAULT, features=classifier_features, feature_dim=4096)
+@register_model(
+    "alexnet",
+    weights=AlexNet_Weights.DEFAULT,
+    features=classifier_features,
+    feature_dim=4096,
+    classifier=last_classifier_layer,
+)
 def alexnet(**kwargs: Any) -> torch.nn.Module:
     return tv_models.alexnet(**kwargs)
 
 
-@register_model("vgg16", weights=VGG16_Weights.DEFAULT, features=classifier_features, feature_dim=4096)
+@register_model(
+    "vgg16",
+    weights=VGG16_Weights.DEFAULT,
+    features=classifier_features,
+    feature_dim=4096,
+    classifier=last_classifier_layer,
+)
 def vgg16(**kwargs: Any) -> torch.nn.Module:
     return tv_models.vgg16(**kwargs)
 
 
-@register_model("resnet101", weights=ResNet101_Weights.DEFAULT, features=resnet_features, feature_dim=2048)
+@register_model(
+    "resnet101", weights=ResNet101_Weights.DEFAULT, features=resnet_features, feature_dim=2048, classifier=resnet_fc
+)
 def resnet101(**kwargs: Any) -> torch.nn.Module:
     return tv_models.resnet101(**kwargs)

@@ -41,4 +41,5 @@ def model_info(model: ServedModel, *, labels: bool) -> pb.ModelInfo:
         labels=model.labels if labels else [],
         min_height=model.min_size[0],
         min_width=model.min_size[1],
+        runtime=model.runtime,
     )

@@ -1,0 +1,1 @@
+"""Benchmarks of vision-serve (never run by the tests): see bench/README.md."""

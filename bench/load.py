@@ -1,0 +1,230 @@
+"""Load generation: C closed-loop clients sending single-image requests, and what they saw.
+
+Each client sends its next request as soon as the previous one is answered. The loop's
+bookkeeping (when to stop, which input is next, what was answered when, what failed) is
+:class:`ClosedLoopClient`, written once; ``--client threads`` drives it from one thread
+and one ``tritonclient.grpc`` client per C, ``--client aio`` from C tasks on one
+``tritonclient.grpc.aio`` event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bench.inputs import infer_input
+from bench.machine import process_cpu_seconds, system_busy_seconds
+from bench.records import ServiceResult
+
+WARMUP_CAP_S = 600.0  # a point whose clients cannot all finish two requests by then is an error
+
+
+class Clock:
+    """Shared between the clients and the conductor: when to stop, how far warm-up has got."""
+
+    def __init__(self, clients: int) -> None:
+        self.stop_at = float("inf")
+        self.done = [0] * clients
+
+
+@dataclass
+class ClosedLoopClient:
+    """One client's loop state: the inputs it cycles through and the (start, end) of each answer."""
+
+    index: int
+    clock: Clock
+    inputs: list[Any]
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _sent: int = 0
+    _started: float = 0.0
+
+    def next_input(self) -> Any | None:
+        """The next request's input, or None when the window is over."""
+        self._started = time.perf_counter()
+        if self._started >= self.clock.stop_at:
+            return None
+        payload = self.inputs[(self.index + self._sent) % len(self.inputs)]
+        self._sent += 1
+        return payload
+
+    def answered(self) -> None:
+        self.spans.append((self._started, time.perf_counter()))
+        self.clock.done[self.index] += 1
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _drive_sync(client: ClosedLoopClient, url: str, model: str, ready: threading.Barrier) -> None:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as triton:
+        ready.wait()
+        while (payload := client.next_input()) is not None:
+            try:
+                triton.infer(model, [payload]).as_numpy("LOGITS")
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                client.failed(exc)
+                time.sleep(0.01)
+            else:
+                client.answered()
+
+
+async def _drive_async(clients: list[ClosedLoopClient], url: str, model: str, go: threading.Event) -> None:
+    import tritonclient.grpc.aio as aioclient
+
+    async def one(client: ClosedLoopClient) -> None:
+        triton = aioclient.InferenceServerClient(url)
+        try:
+            while (payload := client.next_input()) is not None:
+                try:
+                    (await triton.infer(model, [payload])).as_numpy("LOGITS")
+                except Exception as exc:  # noqa: BLE001
+                    client.failed(exc)
+                    await asyncio.sleep(0.01)
+                else:
+                    client.answered()
+        finally:
+            await triton.close()
+
+    await asyncio.to_thread(go.wait)
+    await asyncio.gather(*(one(c) for c in clients))
+
+
+def start_clients(kind: str, url: str, model: str, mode: str, payloads: list[np.ndarray], concurrency: int
+                  ) -> tuple[Clock, list[ClosedLoopClient], list[threading.Thread]]:  # fmt: skip
+    """Start C clients (``kind``: threads or aio); they run until ``clock.stop_at``."""
+    if kind == "threads":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.grpc.aio as module  # type: ignore[no-redef]
+    clock = Clock(concurrency)
+    clients = [ClosedLoopClient(i, clock, [infer_input(module, mode, p) for p in payloads]) for i in range(concurrency)]
+    if kind == "threads":
+        barrier = threading.Barrier(concurrency + 1)
+        threads = [threading.Thread(target=_drive_sync, args=(c, url, model, barrier), daemon=True) for c in clients]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+    else:
+        go = threading.Event()
+        threads = [threading.Thread(target=lambda: asyncio.run(_drive_async(clients, url, model, go)), daemon=True)]
+        threads[0].start()
+        time.sleep(0.2)  # let the loop create its channels before the clock starts
+        go.set()
+    return clock, clients, threads
+
+
+def server_histograms(metrics_url: str, model: str) -> dict[str, float]:
+    """Sums and counts of the server's batch and latency histograms for ``model``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {
+        "vision_batch_size": "batch_size",
+        "vision_compute_seconds": "compute_seconds",
+        "vision_queue_seconds": "queue_seconds",
+        "vision_request_seconds": "request_seconds",
+    }
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return out
+    for family in text_string_to_metric_families(text):
+        key = wanted.get(family.name)
+        if key is None:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            for suffix in ("_sum", "_count"):
+                if sample.name.endswith(suffix):
+                    out[key + suffix] = out.get(key + suffix, 0.0) + sample.value
+    return out
+
+
+@dataclass
+class Target:
+    """The server under load: where to send, where its metrics are, how to check on it."""
+
+    url: str
+    metrics_url: str
+    pid: int
+    runtime: str
+    alive: Callable[[], bool]
+    log_tail: Callable[[], str]
+
+
+def measure_service(target: Target, model: str, mode: str, concurrency: int, payloads: list[np.ndarray],
+                    *, window_s: float, warmup_s: float, client: str) -> ServiceResult:  # fmt: skip
+    """C closed-loop clients; images/s and latency over a window after warm-up."""
+    clock, clients, threads = start_clients(client, target.url, model, mode, payloads, concurrency)
+    try:
+        # Warm-up: warmup_s, and until every client has had two answers (the first batches
+        # of each size are slow while oneDNN primes them; slow models need seconds per batch).
+        begun = time.perf_counter()
+        while time.perf_counter() - begun < warmup_s or min(clock.done) < 2:
+            if time.perf_counter() - begun > WARMUP_CAP_S:
+                errors = [e for c in clients for e in c.errors]
+                raise RuntimeError(f"warm-up did not finish in {WARMUP_CAP_S:.0f}s; errors: {errors[:3]}\n"
+                                   f"{target.log_tail()}")  # fmt: skip
+            if not target.alive():
+                raise RuntimeError(f"vision-serve died:\n{target.log_tail()}")
+            time.sleep(0.05)
+        warmed = time.perf_counter() - begun
+
+        metrics0 = server_histograms(target.metrics_url, model)
+        busy0, server0, client0 = system_busy_seconds(), process_cpu_seconds(target.pid), time.process_time()
+        t0 = time.perf_counter()
+        t1 = t0 + window_s
+        clock.stop_at = t1
+        time.sleep(max(0.0, t1 - time.perf_counter()))
+        busy1, server1, client1 = system_busy_seconds(), process_cpu_seconds(target.pid), time.process_time()
+        metrics1 = server_histograms(target.metrics_url, model)
+    except BaseException:
+        clock.stop_at = 0.0  # clients stop after their current request
+        raise
+    for thread in threads:
+        thread.join()  # in-flight requests finish; they end after t1 and are not counted
+
+    ended = [(s, e) for c in clients for (s, e) in c.spans if t0 <= e <= t1]
+    latencies_ms = np.array([1000 * (e - s) for s, e in ended]) if ended else np.array([float("nan")])
+    errors = [e for c in clients for e in c.errors]
+    delta = {k: metrics1.get(k, 0.0) - metrics0.get(k, 0.0) for k in metrics1}
+    batches = delta.get("batch_size_count", 0.0)
+    requests = delta.get("request_seconds_count", 0.0)
+    queued = delta.get("queue_seconds_count", 0.0)
+    compute = delta.get("compute_seconds_sum", 0.0)
+    return ServiceResult(
+        runtime=target.runtime,
+        concurrency=concurrency,
+        client=client,
+        warmup_s=warmed,
+        seconds=window_s,
+        requests=len(ended),
+        images_per_s=len(ended) / window_s,
+        latency_ms_p50=float(np.percentile(latencies_ms, 50)),
+        latency_ms_p90=float(np.percentile(latencies_ms, 90)),
+        latency_ms_p99=float(np.percentile(latencies_ms, 99)),
+        latency_ms_mean=float(latencies_ms.mean()),
+        errors=len(errors),
+        error_examples=sorted(set(errors))[:3],
+        server_cpu_cores_used=(server1 - server0) / window_s,
+        client_cpu_cores_used=(client1 - client0) / window_s,
+        other_processes_cpu_cores=max(0.0, (busy1 - busy0 - (server1 - server0) - (client1 - client0)) / window_s),
+        server_batches=batches,
+        server_batch_size_mean=delta.get("batch_size_sum", 0.0) / batches if batches else None,
+        server_compute_busy_fraction=compute / window_s,
+        server_compute_ms_per_batch_mean=1000 * compute / batches if batches else None,
+        server_queue_ms_mean=1000 * delta.get("queue_seconds_sum", 0.0) / queued if queued else None,
+        server_request_ms_mean=1000 * delta.get("request_seconds_sum", 0.0) / requests if requests else None,
+    )

@@ -1,0 +1,160 @@
+"""Building served models: networks with their weights, placed on the devices in the chosen
+runtime (``--runtime``), behind a queue and worker threads that are warmed up before use.
+
+:class:`ModelFactory` makes things and forgets them; :class:`service.repository.ModelRepository`
+keeps them by name. Derived models (a built-in model's features for fine-tuning, fine-tuned
+heads) are built from a built-in model's instances and share its weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+
+import torch
+
+from service.batching import BatchQueue
+from service.config import ServeConfig
+from service.devices import resolve_dtype
+from service.metrics import ServerMetrics
+from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
+from service.preprocess import ImageDecoder
+from service.runtime import InferenceWorker, ModelInstance
+from service.runtimes.base import FASTEST, Backend
+from service.runtimes.export import default_cache_dir
+from service.runtimes.select import BackendLoader, RuntimeOptions, candidates, time_backend
+from service.served import BUILTIN_PLATFORM, FEATURES_SUFFIX, FINETUNED_PLATFORM, ServedModel
+
+log = logging.getLogger(__name__)
+
+
+class ModelFactory:
+    def __init__(self, config: ServeConfig, devices: list[torch.device], metrics: ServerMetrics) -> None:
+        self._config = config
+        self._devices = devices
+        self._metrics = metrics
+        runtime = config.runtime
+        self._options = RuntimeOptions(
+            runtime=runtime.name,
+            cache_dir=runtime.cache_dir or default_cache_dir(),
+            threads=runtime.threads,
+            channels_last=config.channels_last,
+        )
+        # Every runtime and device must be usable before anything is built: fail at start-up, clearly.
+        for device in devices:
+            candidates(runtime.name, device)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return list(self._devices)
+
+    # -- served models, not yet running ---------------------------------------
+
+    def declare_builtin(self, name: str) -> ServedModel:
+        """A built-in model, LOADING: known (listed, health NOT_SERVING) before it is built."""
+        spec = get_model_spec(name)
+        return self._new_served(name, spec, spec.categories, spec.num_classes, platform=BUILTIN_PLATFORM)
+
+    # -- building and starting ------------------------------------------------
+
+    async def start_builtin(self, model: ServedModel, weights: WeightsSource) -> None:
+        """Build built-in ``model``'s network from ``weights`` on every device and start its
+        workers, warmed up. The torch copy of the weights is dropped when the runtime does not
+        need it."""
+        spec = get_model_spec(model.name)
+        instances = await asyncio.to_thread(self.build_instances, spec, weights)
+        await asyncio.to_thread(self._start_workers, model, instances)
+
+    def build_instances(self, spec: ModelSpec, weights: WeightsSource) -> list[ModelInstance]:
+        """``spec``'s network with ``weights``, one instance per device (blocking: seconds)."""
+        net = build_model(spec, weights)
+        loader = BackendLoader(spec, net, self._options)
+        instances = []
+        for device in self._devices:
+            dtype = resolve_dtype(self._config.dtype, device)
+            names = candidates(self._options.runtime, device)
+            if self._options.runtime == FASTEST and len(names) > 1:
+                backend = self._fastest(spec, loader, names, device, dtype)
+            else:
+                backend = loader.load(names[0], device, dtype)
+            instances.append(ModelInstance(backend))
+        log.info(
+            "%s runs on %s",
+            spec.name,
+            ", ".join(f"{i.runtime} ({i.label})" for i in instances),
+        )
+        return instances
+
+    def start_features(self, base: ServedModel) -> ServedModel:
+        """The internal feature extractor of built-in ``base``, running (blocking: starts threads)."""
+        spec = get_model_spec(base.name)
+        labels = [f"feature_{i}" for i in range(spec.feature_dim)]
+        model = self._new_served(base.name + FEATURES_SUFFIX, spec, labels, spec.feature_dim, platform=BUILTIN_PLATFORM)
+        model.base_model = base.name
+        self._start_workers(model, [i.features() for i in base.instances], warm_up=False)
+        return model
+
+    def start_finetuned(
+        self, name: str, base: ServedModel, head: torch.nn.Module, labels: list[str], version: str
+    ) -> ServedModel:
+        """``head`` on ``base``'s features, served as ``name`` (blocking: warm-up forward passes)."""
+        spec = get_model_spec(base.name)
+        model = self._new_served(name, spec, labels, len(labels), platform=FINETUNED_PLATFORM)
+        model.base_model = base.name
+        model.version = version
+        self._start_workers(model, [i.with_head(head) for i in base.instances])
+        return model
+
+    # -- internals -------------------------------------------------------------
+
+    def _fastest(
+        self, spec: ModelSpec, loader: BackendLoader, names: list[str], device: torch.device, dtype: torch.dtype
+    ) -> Backend:
+        timings = {}
+        backends = {}
+        for name in names:
+            backend = loader.load(name, device, dtype)
+            timings[name] = time_backend(backend, spec.crop_size)
+            backends[name] = backend
+        best = min(timings, key=timings.__getitem__)
+        log.info(
+            "--runtime fastest: %s on %s, ms per image: %s; keeping %s",
+            spec.name,
+            device,
+            ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in timings.items()),
+            best,
+        )
+        return backends[best]
+
+    def _new_served(
+        self, name: str, spec: ModelSpec, labels: list[str], num_outputs: int, *, platform: str
+    ) -> ServedModel:
+        return ServedModel(
+            name=name,
+            labels=labels,
+            num_outputs=num_outputs,
+            input_size=spec.crop_size,
+            min_size=spec.min_size,
+            platform=platform,
+            decoder=ImageDecoder(spec.transforms(), max_pixels=self._config.max_image_pixels),
+            queue=BatchQueue(
+                capacity_images=self._config.batching.max_queue_size,
+                on_depth_change=self._metrics.queue_depth_recorder(name),
+            ),
+        )
+
+    def _start_workers(self, model: ServedModel, instances: list[ModelInstance], *, warm_up: bool = True) -> None:
+        batching = self._config.batching
+        for instance in instances:
+            worker = InferenceWorker(
+                model.name,
+                model.queue,
+                instance,
+                max_batch_size=batching.max_batch_size,
+                max_delay_s=batching.max_queue_delay_s,
+                on_batch=partial(self._metrics.record_batch, model.name, version=model.version),
+                warm_up_shape=(3, model.input_size, model.input_size) if warm_up else None,
+            )
+            worker.start()
+            model.workers.append(worker)

@@ -1,0 +1,88 @@
+"""ONNX Runtime: the exported network on the CPU, or on CUDA through its CUDA execution provider."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.errors import FailedPreconditionError
+from service.runtimes.base import ONNXRUNTIME, Output, gather_on_host
+from service.runtimes.export import INPUT
+
+
+def available() -> bool:
+    """Installed? (Without importing it: a server that does not use it should not pay for it.)"""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+class OnnxRuntimeBackend:
+    """One ``InferenceSession`` (thread-safe: handles share it)."""
+
+    runtime = ONNXRUNTIME
+    dtype = torch.float32
+
+    def __init__(self, session: object, device: torch.device) -> None:
+        self._session = session
+        self.device = device
+
+    @staticmethod
+    def require(device: torch.device) -> None:
+        """Raise what stops ONNX Runtime from running on ``device`` here, if anything does."""
+        if not available():
+            raise FailedPreconditionError(
+                "--runtime onnxruntime: onnxruntime is not installed; pip install onnxruntime, or use --runtime torch"
+            )
+        import onnxruntime as ort
+
+        if device.type == "cuda" and not has_cuda():
+            raise FailedPreconditionError(
+                f"--runtime onnxruntime on {device}: the installed onnxruntime {ort.__version__} has no "
+                f"CUDAExecutionProvider (it has {', '.join(ort.get_available_providers())}); install "
+                "onnxruntime-gpu built for this CUDA, or use --runtime torch (the default on CUDA)"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise FailedPreconditionError(f"--runtime onnxruntime does not run on {device}")
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, *, threads: int) -> OnnxRuntimeBackend:
+        """A session for the ONNX file at ``path``; ``threads`` intra-op threads (0: one per core)."""
+        cls.require(device)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise
+        providers: list[object] = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return cls(session, device)
+
+    def share(self) -> OnnxRuntimeBackend:
+        return OnnxRuntimeBackend(self._session, self.device)
+
+    def gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return gather_on_host(parts)
+
+    def run(self, batch: torch.Tensor, output: Output) -> torch.Tensor:
+        (result,) = self._session.run([output], {INPUT: batch.numpy()})  # type: ignore[attr-defined]
+        return torch.from_numpy(result)

@@ -1,0 +1,136 @@
+"""Which runtime runs a model on a device (``--runtime``), and building its backend.
+
+``auto`` takes the runtime measured fastest for the device kind among those installed:
+on CPUs ONNX Runtime, then OpenVINO, then PyTorch (bench/README.md has the figures); on
+CUDA PyTorch, which has ``--dtype`` and ``--channels-last``. ``fastest`` builds every
+installed runtime for the model, times a few batches of each at load and keeps the
+fastest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.errors import FailedPreconditionError
+from service.models import ModelSpec
+from service.runtimes import onnxruntime_backend, openvino_backend
+from service.runtimes.base import AUTO, FASTEST, LOGITS, ONNXRUNTIME, OPENVINO, RUNTIME_CHOICES, TORCH, Backend
+from service.runtimes.export import ExportCache, state_digest
+from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
+from service.runtimes.openvino_backend import OpenVinoBackend
+from service.runtimes.torch_backend import TorchBackend
+
+log = logging.getLogger(__name__)
+
+# The order auto prefers on each device kind: fastest first (measured, see bench/README.md).
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": (ONNXRUNTIME, OPENVINO, TORCH),
+    "cuda": (TORCH,),
+}
+FASTEST_BATCH = 4  # images per timed batch for --runtime fastest
+FASTEST_RUNS = 3
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How backends are built: from ``--runtime``, ``--runtime-cache``, ``--runtime-threads``,
+    and the torch-only ``--dtype`` / ``--channels-last`` (already resolved per device)."""
+
+    runtime: str
+    cache_dir: Path
+    threads: int = 0
+    channels_last: bool = False
+
+
+def installed(device: torch.device) -> list[str]:
+    """Runtimes that can run on ``device`` here, in ``auto``'s order of preference."""
+    usable = []
+    for name in (ONNXRUNTIME, OPENVINO, TORCH):
+        if name == TORCH:
+            usable.append(name)
+        elif name == ONNXRUNTIME and onnxruntime_backend.available():
+            if device.type == "cpu" or onnxruntime_backend.has_cuda():
+                usable.append(name)
+        elif name == OPENVINO and device.type == "cpu" and openvino_backend.available():
+            usable.append(name)
+    return usable
+
+
+def candidates(requested: str, device: torch.device) -> list[str]:
+    """The runtimes to build for ``device``: one, or several for ``fastest`` to time."""
+    if requested not in RUNTIME_CHOICES:
+        raise FailedPreconditionError(f"--runtime {requested!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
+    usable = installed(device)
+    if requested == AUTO:
+        return [next(name for name in PREFERENCE.get(device.type, (TORCH,)) if name in usable)]
+    if requested == FASTEST:
+        return usable
+    return [requested]  # load_backend explains why one cannot run here
+
+
+class BackendLoader:
+    """Builds backends of one network (one model's weights) for any runtime and device."""
+
+    def __init__(self, spec: ModelSpec, net: torch.nn.Module, options: RuntimeOptions) -> None:
+        self._spec = spec
+        self._net = net
+        self._options = options
+        self._cache = ExportCache(options.cache_dir)
+        self._onnx: Path | None = None
+
+    def load(self, runtime: str, device: torch.device, dtype: torch.dtype) -> Backend:
+        if runtime == TORCH:
+            return TorchBackend.place(
+                self._spec, self._net, device, dtype=dtype, channels_last=self._options.channels_last
+            )
+        if dtype != torch.float32:
+            raise FailedPreconditionError(
+                f"--runtime {runtime} computes in float32 only; drop --dtype {str(dtype).removeprefix('torch.')} "
+                "or use --runtime torch"
+            )
+        # Check that the runtime can run here before exporting: an export takes seconds to minutes.
+        if runtime == ONNXRUNTIME:
+            OnnxRuntimeBackend.require(device)
+            return self._load_exported(
+                lambda path: OnnxRuntimeBackend.load(path, device, threads=self._options.threads)
+            )
+        if runtime == OPENVINO:
+            OpenVinoBackend.require(device)
+
+            def compile_openvino(path: Path) -> Backend:
+                blobs = path.parent / f"openvino-{openvino_backend.version()}"
+                return OpenVinoBackend.load(path, device, threads=self._options.threads, cache_dir=blobs)
+
+            return self._load_exported(compile_openvino)
+        raise FailedPreconditionError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
+
+    def _load_exported(self, load: Callable[[Path], Backend]) -> Backend:
+        if self._onnx is None:
+            self._onnx = self._cache.onnx_file(self._spec, self._net, state_digest(self._net))
+        try:
+            return load(self._onnx)
+        except FailedPreconditionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the file passed its checksum but the runtime cannot read it
+            log.warning("%s: the runtime cannot load %s (%s); exporting again", self._spec.name, self._onnx, exc)
+            self._cache.discard(self._onnx.parent)
+            self._onnx = self._cache.onnx_file(self._spec, self._net, state_digest(self._net))
+            return load(self._onnx)
+
+
+def time_backend(backend: Backend, side: int, *, batch: int = FASTEST_BATCH, runs: int = FASTEST_RUNS) -> float:
+    """Median seconds per image of ``runs`` batches (after one untimed batch)."""
+    parts = [torch.zeros(batch, 3, side, side)]
+    backend.run(parts, LOGITS)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        backend.run(parts, LOGITS)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2] / batch

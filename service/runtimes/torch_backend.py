@@ -1,0 +1,80 @@
+"""Eager PyTorch: the reference runtime, and the one that supports CUDA dtypes and channels_last."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from service.models import ModelSpec
+from service.runtimes.base import FEATURES, TORCH, Output
+
+
+class TorchBackend:
+    """A network split into backbone features and its last layer, on one device and dtype."""
+
+    runtime = TORCH
+
+    def __init__(
+        self,
+        features: torch.nn.Module,
+        classifier: torch.nn.Module,
+        device: torch.device,
+        *,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
+        self.features = features.eval()
+        self.classifier = classifier.eval()
+        self.device = device
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self._staging: dict[tuple[int, ...], torch.Tensor] = {}  # pinned host buffers, CUDA only
+
+    @classmethod
+    def place(
+        cls,
+        spec: ModelSpec,
+        net: torch.nn.Module,
+        device: torch.device,
+        *,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> TorchBackend:
+        """Put (a copy of, off the CPU) ``net`` on ``device``."""
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if device.type != "cpu":
+            net = copy.deepcopy(net)
+        net = net.to(device=device, dtype=dtype).to(memory_format=memory_format).eval()
+        return cls(spec.features(net), spec.classifier(net), device, dtype=dtype, channels_last=channels_last)
+
+    def share(self) -> TorchBackend:
+        return TorchBackend(
+            self.features, self.classifier, self.device, dtype=self.dtype, channels_last=self.channels_last
+        )
+
+    def gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        batch = self._to_device(parts)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def run(self, batch: torch.Tensor, output: Output) -> torch.Tensor:
+        with torch.inference_mode():
+            features = self.features(batch)
+            return features if output == FEATURES else self.classifier(features)
+
+    def _to_device(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if self.device.type == "cpu":
+            batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return batch.to(self.dtype)
+        # Gather into a reusable pinned buffer, then one asynchronous copy.
+        rows = sum(int(p.shape[0]) for p in parts)
+        key = tuple(parts[0].shape[1:])
+        staging = self._staging.get(key)
+        if staging is None or staging.shape[0] < rows:
+            staging = torch.empty((rows, *key), dtype=torch.float32).pin_memory()
+            self._staging[key] = staging
+        host = staging[:rows]
+        torch.cat(parts, out=host)
+        return host.to(self.device, non_blocking=True).to(self.dtype)

@@ -1,0 +1,58 @@
+"""A served model as the data plane sees it: metadata, state, queue and the workers behind it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from service.batching import BatchQueue
+from service.preprocess import ImageDecoder
+from service.runtime import InferenceWorker, ModelInstance
+
+BUILTIN_PLATFORM = "pytorch_torchvision"
+FINETUNED_PLATFORM = "vision_finetuned"
+FEATURES_SUFFIX = ":features"
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    labels: list[str]
+    num_outputs: int
+    input_size: int  # side of the square IMAGE preprocessing produces
+    min_size: tuple[int, int]  # smallest PIXELS height and width
+    platform: str
+    decoder: ImageDecoder
+    queue: BatchQueue
+    base_model: str | None = None
+    version: str = "1"
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    workers: list[InferenceWorker] = field(default_factory=list)
+    # Unloaded on request (RepositoryModelUnload) or never loaded since: such a model does
+    # not count against the server's readiness.
+    unloaded: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    @property
+    def instances(self) -> list[ModelInstance]:
+        return [worker.instance for worker in self.workers]
+
+    @property
+    def runtimes(self) -> dict[str, str]:
+        """Device label -> the runtime that runs this model there (empty until it is built)."""
+        return {instance.label: instance.runtime for instance in self.instances}
+
+    @property
+    def runtime(self) -> str:
+        """The runtime(s) running this model, comma-separated; empty until it is built."""
+        return ",".join(dict.fromkeys(self.runtimes.values()))
