@@ -146,7 +146,11 @@ def probes() -> list[Probe]:
         Probe("empty-200k", "200,000 empty IMAGE elements (800 KB raw)", _unary(_image_request([b""] * 200_000))),
         Probe("tiny-png-1000", "1,000 tiny PNGs (73 KB)", _unary(_image_request([tiny_png] * 1000))),
         Probe("contents-30M", "30,000,000 empty bytes_contents (60 MB message)", _unary(contents)),
-        Probe("bomb-header", "PNG header of 100,000 x 100,000 pixels", _unary(_image_request([_bomb_header(100_000, 100_000)]))),
+        Probe(
+            "bomb-header",
+            "PNG header of 100,000 x 100,000 pixels",
+            _unary(_image_request([_bomb_header(100_000, 100_000)])),
+        ),
         Probe(
             "corrupt-among-good",
             "1 corrupt + 63 JPEGs of 640x480",

@@ -65,6 +65,7 @@ def start(args: argparse.Namespace, model: str, runtime: str, env: dict[str, str
 def served_runtime(target: str, model: str) -> str:
     """What the server runs ``model`` in, as ``vision.v1.Models`` reports it."""
     import grpc
+
     from vision_client._proto.vision.v1 import models_pb2, models_pb2_grpc
 
     with grpc.insecure_channel(target) as channel:

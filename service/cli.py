@@ -216,7 +216,12 @@ def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     # argparse checks choices on the command line only, not on defaults taken from the environment.
-    choices = (("dtype", DTYPE_CHOICES), ("log_level", LOG_LEVELS), ("auth_scope", AUTH_SCOPES), ("runtime", RUNTIME_CHOICES))
+    choices = (
+        ("dtype", DTYPE_CHOICES),
+        ("log_level", LOG_LEVELS),
+        ("auth_scope", AUTH_SCOPES),
+        ("runtime", RUNTIME_CHOICES),
+    )
     for option, allowed in choices:
         value = getattr(args, option)
         if value not in allowed:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import torch
@@ -73,6 +75,7 @@ class VisionServer:
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port = 0
         self._sync_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.store_sync: StoreSync | None = None
         self._store_read = asyncio.Event()
         self.health = HealthServicer()
@@ -194,13 +197,19 @@ class VisionServer:
     def _on_store_read(self) -> None:
         self.repository.mark_store_read()
         self._store_read.set()
-        asyncio.get_running_loop().create_task(self._update_server_health())
+        self._spawn(self._update_server_health())
 
     def _on_model_state(self, model: ServedModel) -> None:
         status = SERVING if model.ready and not self.dataplane.draining else NOT_SERVING
-        loop = asyncio.get_running_loop()
-        loop.create_task(self.health.set(model.name, status))
-        loop.create_task(self._update_server_health())
+        self._spawn(self.health.set(model.name, status))
+        self._spawn(self._update_server_health())
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` in the background, holding a reference until it is done
+        (the event loop keeps only weak references to tasks)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _update_server_health(self) -> None:
         """Health ``""`` says what ServerReady says (``DataPlane.ready``)."""

@@ -74,7 +74,7 @@ def test_onnxruntime_on_cuda_uses_its_cuda_provider_or_says_why_not(alexnet, tmp
     device = torch.device("cuda", 0)
     loader = BackendLoader(SPEC, alexnet, RuntimeOptions(ONNXRUNTIME, tmp_path / "cache"))
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        with pytest.raises(FailedPreconditionError, match="CUDAExecutionProvider.*--runtime torch"):
+        with pytest.raises(FailedPreconditionError, match=r"CUDAExecutionProvider.*--runtime torch"):
             loader.load(ONNXRUNTIME, device, torch.float32)
         return
     instance = ModelInstance(loader.load(ONNXRUNTIME, device, torch.float32))

@@ -232,13 +232,13 @@ def test_auto_prefers_onnxruntime_on_cpu_and_torch_on_cuda() -> None:
 
 def test_runtimes_that_cannot_run_on_cuda_say_what_to_do(alexnet: torch.nn.Module) -> None:
     cuda = torch.device("cuda", 0)
-    with pytest.raises(FailedPreconditionError, match="CPU only.*--runtime torch"):
+    with pytest.raises(FailedPreconditionError, match=r"CPU only.*--runtime torch"):
         OpenVinoBackend.require(cuda)
     import onnxruntime
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has its CUDA execution provider")
-    with pytest.raises(FailedPreconditionError, match="no CUDAExecutionProvider.*onnxruntime-gpu"):
+    with pytest.raises(FailedPreconditionError, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
         OnnxRuntimeBackend.require(cuda)
     loader = BackendLoader(get_model_spec("alexnet"), alexnet, RuntimeOptions(ONNXRUNTIME, Path("/nonexistent")))
     with pytest.raises(FailedPreconditionError, match="float32 only"):

@@ -6,7 +6,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from service.errors import FailedPreconditionError

@@ -117,7 +117,7 @@ class BackendLoader:
             return load(self._onnx)
         except FailedPreconditionError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the file passed its checksum but the runtime cannot read it
+        except Exception as exc:
             log.warning("%s: the runtime cannot load %s (%s); exporting again", self._spec.name, self._onnx, exc)
             self._cache.discard(self._onnx.parent)
             self._onnx = self._cache.onnx_file(self._spec, self._net, state_digest(self._net))
@@ -127,10 +127,10 @@ class BackendLoader:
 def time_backend(backend: Backend, side: int, *, batch: int = FASTEST_BATCH, runs: int = FASTEST_RUNS) -> float:
     """Median seconds per image of ``runs`` batches (after one untimed batch)."""
     parts = [torch.zeros(batch, 3, side, side)]
-    backend.run(parts, LOGITS)
+    backend.run(backend.gather(parts), LOGITS)
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        backend.run(parts, LOGITS)
+        backend.run(backend.gather(parts), LOGITS)
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2] / batch
