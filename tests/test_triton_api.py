@@ -168,7 +168,7 @@ def _infer_threads_alive(model: str) -> list[str]:
 def test_unload_frees_the_model_and_load_serves_it_again(serve_inprocess) -> None:
     server = serve_inprocess()
     repository = server.server.repository
-    module = weakref.ref(repository.get("alexnet").instances[0].module)
+    backend = weakref.ref(repository.get("alexnet").instances[0].backend)
     with triton.InferenceServerClient(server.target) as client:
         assert client.infer("alexnet", [image_input(1)]).as_numpy("LOGITS").shape == (1, 1000)
         client.unload_model("alexnet")
@@ -186,7 +186,7 @@ def test_unload_frees_the_model_and_load_serves_it_again(serve_inprocess) -> Non
         assert health(server.target, "alexnet") == NOT_SERVING
         assert health(server.target, "") == SERVING
         gc.collect()
-        assert module() is None, "the unloaded model's module is still referenced"
+        assert backend() is None, "the unloaded model's network is still referenced"
         assert _infer_threads_alive("alexnet") == []
 
         client.load_model("alexnet")
