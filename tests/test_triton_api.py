@@ -312,9 +312,10 @@ def test_fine_tuned_models_unload_load_and_follow_their_base(serve_inprocess, st
 def test_on_cuda_unload_gives_the_memory_back_and_statistics_split_the_phases(serve_inprocess) -> None:
     server = serve_inprocess(device="cuda:0")
     device = torch.device("cuda", 0)
-    parameters = sum(
-        p.numel() * p.element_size() for p in server.server.repository.get("alexnet").instances[0].module.parameters()
-    )
+    backend = server.server.repository.get("alexnet").instances[0].backend  # PyTorch: auto's choice on CUDA
+    modules = (backend.features, backend.classifier)
+    parameters = sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
+    del backend, modules
     with triton.InferenceServerClient(server.target) as client:
         config = client.get_model_config("alexnet").config
         assert [(g.kind, list(g.gpus)) for g in config.instance_group] == [
