@@ -48,10 +48,10 @@ system-test-tools:
 serve: install
 	$(VENV)/bin/vision-serve $(SERVE_ARGS)
 
-test: install-test
+# Lint and types (well under a minute) before the suite: make test fails on either.
+test: install-test lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Not yet part of `make test`: service/ still has mypy --strict errors to fix.
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

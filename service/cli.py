@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from service.config import AUTH_SCOPES, DEFAULT_MODELS, BatchingConfig, FineTuneLimits, RuntimeConfig, ServeConfig
 from service.errors import VisionServeError
@@ -74,7 +75,8 @@ class _EnvDefaults:
         self._parser = parser
         self._environ = environ
 
-    def add(self, flag: str, *, default: object, help: str, **kwargs: object) -> None:
+    def add(self, flag: str, *, default: object, help: str, **kwargs: Any) -> None:
+        """``kwargs`` go to ``ArgumentParser.add_argument`` as they are (its options each have their own type)."""
         env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
         if env in self._environ:
             default = self._environ[env]

@@ -8,6 +8,7 @@ import signal
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
@@ -82,7 +83,7 @@ class VisionServer:
         self.grpc_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_http = None
+        self._metrics_http: WSGIServer | None = None
         self._loading: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.load_error: BaseException | None = None
@@ -110,9 +111,10 @@ class VisionServer:
             statistics=self.metrics.statistics,
             control=ModelControl(self.repository, self.store, self.weights),
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)
-        models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._grpc)
-        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(self.jobs), self._grpc)
+        # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)  # type: ignore[no-untyped-call]
+        models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._grpc)  # type: ignore[no-untyped-call]
+        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(self.jobs), self._grpc)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             [
@@ -138,10 +140,9 @@ class VisionServer:
         for model in self.repository.all():
             await self.health.set(model.name, NOT_SERVING)
         metrics_host = self.config.metrics_host or self.config.host
-        self._metrics_http, _ = start_http_server(
-            self.config.metrics_port, addr=metrics_host, registry=self.metrics.registry
-        )
-        self.metrics_port = self._metrics_http.server_port
+        metrics_http, _ = start_http_server(self.config.metrics_port, addr=metrics_host, registry=self.metrics.registry)
+        self._metrics_http = metrics_http
+        self.metrics_port = metrics_http.server_port
         log.info(
             "serving gRPC (%s) on %s:%d and metrics on http://%s:%d/metrics; loading %s on %s",
             "plaintext" if self._tls is None else "mutual TLS" if self._tls.mutual else "TLS",
@@ -308,5 +309,5 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     for file in files:
         proto = descriptor_pb2.FileDescriptorProto()
         file.CopyToProto(proto)
-        pool.Add(proto)
+        pool.Add(proto)  # type: ignore[no-untyped-call]  # types-protobuf leaves DescriptorPool.Add unannotated
     return pool

@@ -45,7 +45,8 @@ class ModelSpec:
     @property
     def min_size(self) -> tuple[int, int]:
         """Smallest (height, width) of a ``PIXELS`` input the network accepts."""
-        return tuple(self.weights.meta["min_size"])  # type: ignore[return-value]
+        height, width = self.weights.meta["min_size"]
+        return (height, width)
 
     @property
     def crop_size(self) -> int:
@@ -54,7 +55,8 @@ class ModelSpec:
 
     def transforms(self) -> Callable[[Any], torch.Tensor]:
         """The exact preprocessing of the pretrained weights (PIL image -> CHW float)."""
-        return self.weights.transforms()
+        transforms: Callable[[Any], torch.Tensor] = self.weights.transforms()
+        return transforms
 
     def build(self, *, pretrained: bool, progress: bool = False) -> torch.nn.Module:
         return self.builder(weights=self.weights if pretrained else None, progress=progress)
@@ -96,26 +98,37 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _sequential(net: torch.nn.Module, name: str) -> torch.nn.Sequential:
+    """The ``torch.nn.Sequential`` child ``name`` of ``net`` (``Module.__getattr__`` is typed ``Tensor | Module``)."""
+    child = net.get_submodule(name)
+    if not isinstance(child, torch.nn.Sequential):
+        raise TypeError(f"{type(net).__name__}.{name} is a {type(child).__name__}, expected a Sequential")
+    return child
+
+
 def classifier_features(net: torch.nn.Module) -> torch.nn.Module:
     """AlexNet and VGG: everything up to the last Linear of ``classifier`` (post-ReLU features)."""
-    return torch.nn.Sequential(net.features, net.avgpool, torch.nn.Flatten(1), net.classifier[:-1])
+    return torch.nn.Sequential(
+        net.get_submodule("features"),
+        net.get_submodule("avgpool"),
+        torch.nn.Flatten(1),
+        _sequential(net, "classifier")[:-1],
+    )
 
 
 def last_classifier_layer(net: torch.nn.Module) -> torch.nn.Module:
     """AlexNet and VGG: the last Linear of ``classifier``."""
-    return net.classifier[-1]
+    return _sequential(net, "classifier")[-1]
 
 
 def resnet_fc(net: torch.nn.Module) -> torch.nn.Module:
-    return net.fc
+    return net.get_submodule("fc")
 
 
 def resnet_features(net: torch.nn.Module) -> torch.nn.Module:
     """ResNet: the pooled output that ``fc`` reads."""
-    return torch.nn.Sequential(
-        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4,
-        net.avgpool, torch.nn.Flatten(1),
-    )  # fmt: skip
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
+    return torch.nn.Sequential(*(net.get_submodule(name) for name in names), torch.nn.Flatten(1))
 
 
 @register_model(
@@ -126,7 +139,8 @@ def resnet_features(net: torch.nn.Module) -> torch.nn.Module:
     classifier=last_classifier_layer,
 )
 def alexnet(**kwargs: Any) -> torch.nn.Module:
-    return tv_models.alexnet(**kwargs)
+    net: torch.nn.Module = tv_models.alexnet(**kwargs)  # torchvision's builders are untyped
+    return net
 
 
 @register_model(
@@ -137,11 +151,13 @@ def alexnet(**kwargs: Any) -> torch.nn.Module:
     classifier=last_classifier_layer,
 )
 def vgg16(**kwargs: Any) -> torch.nn.Module:
-    return tv_models.vgg16(**kwargs)
+    net: torch.nn.Module = tv_models.vgg16(**kwargs)  # torchvision's builders are untyped
+    return net
 
 
 @register_model(
     "resnet101", weights=ResNet101_Weights.DEFAULT, features=resnet_features, feature_dim=2048, classifier=resnet_fc
 )
 def resnet101(**kwargs: Any) -> torch.nn.Module:
-    return tv_models.resnet101(**kwargs)
+    net: torch.nn.Module = tv_models.resnet101(**kwargs)  # torchvision's builders are untyped
+    return net

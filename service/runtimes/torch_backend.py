@@ -61,8 +61,11 @@ class TorchBackend:
 
     def run(self, batch: torch.Tensor, output: Output) -> torch.Tensor:
         with torch.inference_mode():
-            features = self.features(batch)
-            return features if output == FEATURES else self.classifier(features)
+            features: torch.Tensor = self.features(batch)
+            if output == FEATURES:
+                return features
+            logits: torch.Tensor = self.classifier(features)
+            return logits
 
     def _to_device(self, parts: list[torch.Tensor]) -> torch.Tensor:
         if self.device.type == "cpu":
