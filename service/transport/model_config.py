@@ -34,7 +34,9 @@ _CONFIG_DATATYPES = {"BYTES": config_pb.TYPE_STRING, "FP32": config_pb.TYPE_FP32
 
 def input_specs(model: ServedModel) -> list[TensorSpec]:
     return [
-        TensorSpec(IMAGE, "BYTES", (-1,), optional=True),
+        # [N, 1], as Triton declares a batched BYTES input (dims [1]); [N] is accepted too. Tools
+        # that build requests from the config (perf_analyzer) need a non-empty dims list.
+        TensorSpec(IMAGE, "BYTES", (-1, 1), optional=True),
         TensorSpec(PIXELS, "FP32", (-1, 3, -1, -1), optional=True, nchw=True),
     ]
 
