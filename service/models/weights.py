@@ -79,11 +79,28 @@ def _pretrained(spec: ModelSpec, *, progress: bool) -> torch.nn.Module:
 
 
 def _seeded_random(spec: ModelSpec) -> torch.nn.Module:
-    # The same name always gives the same weights, so that tests and replicas agree.
-    seed = RANDOM_SEED + zlib.crc32(spec.name.encode())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return spec.build(pretrained=False)
+    """The same name always gives the same weights, so that tests and replicas agree.
+
+    Every weight is drawn again from a generator of its own rather than torch's global one,
+    which other threads (fine-tuning, another model loading) may draw from at the same time.
+    The rule is VGG's and ResNet's own initialization (He for convolutions, N(0, 0.01) for
+    linear layers, zero biases, unit batch norms).
+    """
+    generator = torch.Generator().manual_seed(RANDOM_SEED + zlib.crc32(spec.name.encode()))
+    model = spec.build(pretrained=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+            elif isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, 0.0, 0.01, generator=generator)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(module.weight)
+            else:
+                continue
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
 
 
 def _from_directory(spec: ModelSpec, directory: Path) -> torch.nn.Module:
