@@ -178,6 +178,12 @@ class DataPlane:
                 model_name=model.name, model_version=model.version, logits=logits, labels=model.labels
             )
 
+    def model(self, name: str, version: str = "") -> ServedModel:
+        """The model served as ``name``; NOT_FOUND unless ``version`` is empty or the one served."""
+        model = self.repository.get(name)
+        _check_version(model, version)
+        return model
+
     @property
     def max_request_images(self) -> int:
         return self._config.request_images_limit

@@ -208,12 +208,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return build_infer_response(call, result)
 
     def _model(self, name: str, version: str) -> ServedModel:
-        model = self._dataplane.repository.get(require_model_name(name))
-        if version and version != model.version:
-            raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r}; it serves version {model.version} (or leave version empty)"
-            )
-        return model
+        return self._dataplane.model(require_model_name(name), version)
 
 
 def inference_parsing_interceptor(max_request_images: int) -> ScreenedParsingInterceptor:
