@@ -19,9 +19,8 @@ import asyncio
 import logging
 
 from service.errors import ModelNotFoundError, UnavailableError, VisionServeError
-from service.finetune.files import TimedOut, call_with_timeout
-from service.finetune.store import ModelStore, StoreEntryError
-from service.finetune.sync import READ_TIMEOUT_S
+from service.finetune.store import StoreEntryError
+from service.finetune.sync import StoreSync
 from service.models import WeightsSource, list_models
 from service.repository import ModelRepository
 
@@ -29,9 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class ModelControl:
-    def __init__(self, repository: ModelRepository, store: ModelStore | None, weights: WeightsSource) -> None:
+    def __init__(self, repository: ModelRepository, store_sync: StoreSync | None, weights: WeightsSource) -> None:
         self._repository = repository
-        self._store = store
+        self._store_sync = store_sync
         self._weights = weights
         self._lock = asyncio.Lock()
         self._unloaded_with_base: dict[str, set[str]] = {}  # base -> fine-tuned models unloaded with it
@@ -74,15 +73,12 @@ class ModelControl:
             return
         if not self._repository.get(base).ready:
             raise UnavailableError(f"cannot load {name!r}: its base model {base!r} is not loaded; load {base!r} first")
-        if self._store is None:
+        if self._store_sync is None:
             raise ModelNotFoundError(f"{name!r} has no model store to load from")
-        store = self._store
         try:
-            manifest, head = await call_with_timeout(lambda: store.load(name), READ_TIMEOUT_S, f"store-read-{name}")
-        except (StoreEntryError, OSError, TimedOut) as exc:
-            raise UnavailableError(f"cannot read {name!r} from the model store: {exc}") from exc
-        model = await asyncio.to_thread(
-            self._repository.install_finetuned, name, manifest.base_model, head, manifest.labels, manifest.version
-        )
-        self._repository.activate(model)
-        log.info("model %s loaded (version %s, base %s)", name, manifest.version, manifest.base_model)
+            version = await self._store_sync.serve(name)
+        except StoreEntryError as exc:
+            if exc.reason == "missing_manifest":
+                raise ModelNotFoundError(f"{name!r} is no longer in the model store") from exc
+            raise UnavailableError(f"cannot load {name!r} from the model store: {exc}") from exc
+        log.info("model %s loaded (version %s, base %s)", name, version, base)

@@ -77,8 +77,21 @@ class VisionServer:
         self.health_port = 0
         self._sync_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self.store_sync: StoreSync | None = None
         self._store_read = asyncio.Event()
+        # Ready only after the first full pass over the store: a restarted replica then
+        # serves every fine-tuned model it can before it takes traffic. A bad or hung
+        # entry does not hold that pass up (see StoreSync).
+        self.store_sync = (
+            StoreSync(
+                self.store,
+                self.repository,
+                self.metrics,
+                interval_s=config.store_poll_seconds,
+                on_first_pass=self._on_store_read,
+            )
+            if self.store is not None
+            else None
+        )
         self.health = HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -109,7 +122,7 @@ class VisionServer:
             self.dataplane,
             batching=self.config.batching,
             statistics=self.metrics.statistics,
-            control=ModelControl(self.repository, self.store, self.weights),
+            control=ModelControl(self.repository, self.store_sync, self.weights),
         )
         # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)  # type: ignore[no-untyped-call]
@@ -180,17 +193,7 @@ class VisionServer:
             log.error("cannot start: %s", exc)
             self.load_error = exc
             return
-        if self.store is not None:
-            # Ready only after the first full pass over the store: a restarted replica then
-            # serves every fine-tuned model it can before it takes traffic. A bad or hung
-            # entry does not hold that pass up (see StoreSync).
-            self.store_sync = StoreSync(
-                self.store,
-                self.repository,
-                self.metrics,
-                interval_s=self.config.store_poll_seconds,
-                on_first_pass=self._on_store_read,
-            )
+        if self.store_sync is not None:
             self._sync_task = asyncio.create_task(self.store_sync.run_forever())
         else:
             await self._update_server_health()

@@ -306,6 +306,24 @@ def test_fine_tuned_models_unload_load_and_follow_their_base(serve_inprocess, st
         assert client.is_model_ready("pets")
         assert client.infer("pets", [image_input(1)]).as_numpy("LOGITS").shape == (1, 3)
 
+        # An explicit load reads the store with the checks of a poll: a head that does not
+        # fit its base model is refused, logged and counted, and the server goes on.
+        from service.finetune.heads import build_standardized_head
+        from service.finetune.spec import HeadSpec
+        from service.finetune.store import ModelStore
+
+        client.unload_model("pets")
+        misfit = build_standardized_head(HeadSpec(), 2048, 3)  # ResNet101's features, not AlexNet's 9216
+        ModelStore(store_with_head).save(
+            name="pets", base_model="alexnet", head_spec=HeadSpec(), head=misfit, labels=["cat", "dog", "fish"],
+            loss="cross_entropy", job_id="misfit",
+        )  # fmt: skip
+        with pytest.raises(InferenceServerException) as raised:
+            client.load_model("pets")
+        assert raised.value.status() == "StatusCode.UNAVAILABLE" and "2048 features" in raised.value.message()
+        assert sample_value(scrape(server.metrics_url), "vision_store_errors_total", reason="bad_dimensions") == 1
+        assert not client.is_model_ready("pets") and client.is_model_ready("alexnet")
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -115,6 +115,19 @@ class StoreSync:
         if self.passes == 1:
             self._on_first_pass()
 
+    async def serve(self, name: str) -> str:
+        """Read ``name`` from the store now and serve it (an explicit load); its version.
+
+        The same checks as a poll's, and a failure is logged and counted the same way
+        before it is raised.
+        """
+        try:
+            return await self._load(name, set(self._repository.builtin_names()))
+        except StoreEntryError as exc:
+            if exc.reason != "missing_manifest":
+                self._report(name, exc, None)
+            raise
+
     def _current(self, name: str, version: str | None) -> bool:
         """Whether what is served under ``name`` is what the store held when last read
         (a job of this server may have activated another version meanwhile)."""
@@ -125,7 +138,7 @@ class StoreSync:
         if name in builtin:
             raise StoreEntryError("builtin_name", f"{name}: the name of a built-in model; the entry is ignored")
         manifest, head = await self._read(name)
-        if self._repository.version_of(name) == manifest.version:
+        if self._served_version(name) == manifest.version:
             return manifest.version  # already served (this server wrote it, or only the file's time changed)
         if manifest.base_model not in builtin:
             raise StoreEntryError(
@@ -148,12 +161,18 @@ class StoreSync:
         except Exception as exc:
             log.exception("installing %s from the store failed", name)
             raise StoreEntryError("install_failed", f"{name}: {type(exc).__name__}: {exc}"[:500]) from exc
-        if self._repository.version_of(name) == manifest.version:  # the job that wrote it got there first
+        if self._served_version(name) == manifest.version:  # the job that wrote it got there first
             self._repository.discard(model)
             return manifest.version
         self._repository.activate(model)
         log.info("serving fine-tuned model %s (version %s, base %s)", name, manifest.version, manifest.base_model)
         return manifest.version
+
+    def _served_version(self, name: str) -> str | None:
+        """The version served under ``name``; None when none is (an unloaded model serves nothing)."""
+        if name not in self._repository or self._repository.get(name).unloaded:
+            return None
+        return self._repository.version_of(name)
 
     async def _read(self, name: str) -> tuple[Manifest, StandardizedHead]:
         self._reading.add(name)
