@@ -49,8 +49,11 @@ serve: install
 	$(VENV)/bin/vision-serve $(SERVE_ARGS)
 
 # Lint and types (well under a minute) before the suite: make test fails on either.
+# The suite runs one test file at a time per worker (module-scoped servers stay in one process);
+# much of it waits on servers and subprocesses, so two workers gain even on two cores.
+PYTEST_WORKERS ?= 2
 test: install-test lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
