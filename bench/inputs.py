@@ -43,7 +43,7 @@ def request_payloads(mode: str, jpegs: list[bytes], pixels: list) -> list[np.nda
 def infer_input(module: object, mode: str, payload: np.ndarray) -> object:
     """``payload`` as a tritonclient ``InferInput`` of ``module`` (tritonclient.grpc or .aio)."""
     if mode == "image":
-        tensor = module.InferInput("IMAGE", [1], "BYTES")  # type: ignore[attr-defined]
+        tensor = module.InferInput("IMAGE", [len(payload)], "BYTES")  # type: ignore[attr-defined]
     else:
         tensor = module.InferInput("PIXELS", list(payload.shape), "FP32")  # type: ignore[attr-defined]
     tensor.set_data_from_numpy(payload)

@@ -2,8 +2,9 @@
 """Time to ready and resident memory of ``vision-serve`` under each runtime.
 
 For each ``--runtimes`` entry a server with ``--models`` starts (a child process through the
-tests' harness) and is timed until its health service says SERVING; then one IMAGE request
-per model runs and its RSS (VmRSS) and peak RSS (VmHWM) are read from /proc. Runtimes that
+tests' harness) and is timed until its health service says SERVING; then one IMAGE request of
+``--batch`` images per model runs (32, the default largest batch: memory as under load), and
+its RSS (VmRSS) and peak RSS (VmHWM) are read from /proc. Runtimes that
 export (everything but ``torch``) start twice: from an empty ``--runtime-cache`` (the first
 start on a new machine or after an upgrade: exports included) and from the cache that start
 filled (every later start).
@@ -30,7 +31,7 @@ from bench.machine import machine_info, process_memory_mib  # noqa: E402
 from tests.harness import start_server  # noqa: E402
 
 
-def measure(models: list[str], runtime: str, cache: Path, weights: str, log_dir: Path) -> dict[str, object]:
+def measure(models: list[str], runtime: str, cache: Path, weights: str, log_dir: Path, batch: int) -> dict[str, object]:
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -45,13 +46,14 @@ def measure(models: list[str], runtime: str, cache: Path, weights: str, log_dir:
         jpeg = photographs()[0][1]
         with grpcclient.InferenceServerClient(server.target) as client:
             for model in models:
-                payload = np.array([jpeg], dtype=np.object_)
+                payload = np.array([jpeg] * batch, dtype=np.object_)
                 client.infer(model, [infer_input(grpcclient, "image", payload)]).as_numpy("LOGITS")
         memory = process_memory_mib(server.process.pid)
     finally:
         server.stop()
     return {
         "runtime": runtime,
+        "images_per_model": batch,
         "ready_seconds": round(ready, 1),
         "rss_mib_ready": round(after_ready.get("VmRSS", float("nan"))),
         "rss_mib_after_requests": round(memory.get("VmRSS", float("nan"))),
@@ -64,6 +66,7 @@ def main() -> int:
     parser.add_argument("--models", default="alexnet,vgg16,resnet101")
     parser.add_argument("--runtimes", default="torch,auto")
     parser.add_argument("--weights", default="random")
+    parser.add_argument("--batch", type=int, default=32, help="images in the one request per model [default: 32]")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "startup.json")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
@@ -76,12 +79,12 @@ def main() -> int:
             for cache_state in starts:
                 log_dir = work / f"{runtime}-{cache_state.replace(' ', '-')}"
                 log_dir.mkdir()
-                row = {"cache": cache_state, **measure(models, runtime, cache, args.weights, log_dir)}
+                row = {"cache": cache_state, **measure(models, runtime, cache, args.weights, log_dir, args.batch)}
                 rows.append(row)
                 print(
                     f"{row['runtime']:<8} {cache_state:<12} ready in {row['ready_seconds']:>6.1f} s   "
-                    f"RSS {row['rss_mib_ready']:>6} MiB at ready, {row['rss_mib_after_requests']:>6} MiB after one "
-                    f"request per model, peak {row['peak_rss_mib']:>6} MiB",
+                    f"RSS {row['rss_mib_ready']:>6} MiB at ready, {row['rss_mib_after_requests']:>6} MiB after "
+                    f"{args.batch} images per model, peak {row['peak_rss_mib']:>6} MiB",
                     flush=True,
                 )
     finally:
