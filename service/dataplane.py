@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -208,8 +209,7 @@ class DataPlane:
             else:
                 assert inputs.pixels is not None
                 self._check_pixels(model, inputs.pixels)
-                loop = asyncio.get_running_loop()
-                pixels = await loop.run_in_executor(self._decode_pool, _pixels_tensor, inputs.pixels)
+                pixels = _pixels_tensor(inputs.pixels)
             return await self._run(model, pixels, deadline, reservation)
 
     async def _decode(self, model: ServedModel, images: Sequence[bytes]) -> torch.Tensor:
@@ -327,8 +327,16 @@ def _decode_into(decoder: ImageDecoder, data: bytes, index: int, output: torch.T
 
 
 def _pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """A float32 tensor of its own (a decode pool job: a large copy stays off the event loop)."""
-    return torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
+    """The request's pixels as a float32 tensor, without a copy where they already are float32.
+
+    The tensor views the request's (read-only) bytes: nothing writes into a model's input
+    (batches are gathered into memory of their own, or run as they are).
+    """
+    if pixels.dtype != np.float32 or not pixels.flags.c_contiguous:
+        return torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+        return torch.from_numpy(pixels)
 
 
 def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: object) -> None:
