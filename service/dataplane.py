@@ -209,7 +209,12 @@ class DataPlane:
             else:
                 assert inputs.pixels is not None
                 self._check_pixels(model, inputs.pixels)
-                pixels = _pixels_tensor(inputs.pixels)
+                view = _pixels_view(inputs.pixels)
+                if view is not None:
+                    pixels = view
+                else:  # a large copy stays off the event loop
+                    loop = asyncio.get_running_loop()
+                    pixels = await loop.run_in_executor(self._decode_pool, _pixels_copy, inputs.pixels)
             return await self._run(model, pixels, deadline, reservation)
 
     async def _decode(self, model: ServedModel, images: Sequence[bytes]) -> torch.Tensor:
@@ -326,17 +331,23 @@ def _decode_into(decoder: ImageDecoder, data: bytes, index: int, output: torch.T
     output[index].copy_(tensor)
 
 
-def _pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """The request's pixels as a float32 tensor, without a copy where they already are float32.
+def _pixels_view(pixels: np.ndarray) -> torch.Tensor | None:
+    """The request's pixels as a float32 tensor without a copy, if they allow one (aligned
+    float32, as ``raw_input_contents`` are; ``fp32_contents`` may not be); else None.
 
     The tensor views the request's (read-only) bytes: nothing writes into a model's input
     (batches are gathered into memory of their own, or run as they are).
     """
-    if pixels.dtype != np.float32 or not pixels.flags.c_contiguous:
-        return torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
+    if pixels.dtype != np.float32 or not (pixels.flags.c_contiguous and pixels.flags.aligned):
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
         return torch.from_numpy(pixels)
+
+
+def _pixels_copy(pixels: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of its own (a decode pool job)."""
+    return torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
 
 
 def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: object) -> None:

@@ -112,6 +112,23 @@ def test_fp32_contents_read_as_one_array_equal_raw() -> None:
         parse_infer_request(request, max_images=8)
 
 
+def test_raw_pixels_are_used_in_place_and_unaligned_ones_copied() -> None:
+    from service.dataplane import _pixels_copy, _pixels_view
+
+    values = np.random.default_rng(4).standard_normal((2, 3, 8, 8), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name="alexnet", raw_input_contents=[values.tobytes()])
+    request.inputs.add(name="PIXELS", datatype="FP32", shape=list(values.shape))
+    parsed = parse_infer_request(request, max_images=8).inputs.pixels
+    assert parsed is not None
+    view = _pixels_view(parsed)
+    assert view is not None and view.data_ptr() == parsed.ctypes.data  # no copy
+    assert torch.equal(view, torch.from_numpy(values))
+
+    unaligned = np.frombuffer(b"\0" + values.tobytes(), dtype="<f4", offset=1).reshape(values.shape)
+    assert _pixels_view(unaligned) is None
+    assert torch.equal(_pixels_copy(unaligned), torch.from_numpy(values))
+
+
 # -- the queue: room is reserved before decoding, exactly ----------------------------------------
 
 
