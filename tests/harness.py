@@ -19,10 +19,46 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240.0
 
 
+_PORT_BLOCK = 2000  # ports per test worker
+_FIRST_PORT = 20000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that is free now and that nothing else in this test run will be given.
+
+    Binding port 0 gives a port that is free only until that socket closes: an in-process
+    server of another test worker, binding port 0 itself, can get it before the child
+    process that was meant to. So ports come from below the kernel's ephemeral range
+    (where port-0 binds land), from a block of each pytest-xdist worker's own, and each
+    is handed out once per process.
+    """
+    ephemeral_low = _ephemeral_range_start()
+    if ephemeral_low < _FIRST_PORT + _PORT_BLOCK:  # no room below it: let the kernel choose
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    blocks = max(1, (ephemeral_low - _FIRST_PORT) // _PORT_BLOCK)
+    first = _FIRST_PORT + (int(worker) if worker.isdigit() else 0) % blocks * _PORT_BLOCK
+    for port in range(first, min(first + _PORT_BLOCK, ephemeral_low)):
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {first}-{first + _PORT_BLOCK - 1}")
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @dataclass
