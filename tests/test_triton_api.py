@@ -323,6 +323,9 @@ def test_fine_tuned_models_unload_load_and_follow_their_base(serve_inprocess, st
         assert raised.value.status() == "StatusCode.UNAVAILABLE" and "2048 features" in raised.value.message()
         assert sample_value(scrape(server.metrics_url), "vision_store_errors_total", reason="bad_dimensions") == 1
         assert not client.is_model_ready("pets") and client.is_model_ready("alexnet")
+        # Deleted from the store while unloaded: there is nothing left to load.
+        ModelStore(store_with_head).delete("pets")
+        assert status_of(lambda: client.load_model("pets")) == "StatusCode.NOT_FOUND"
 
 
 @pytest.mark.cuda
