@@ -69,7 +69,10 @@ def query_range(prometheus: str, expr: str, start: float, end: float, step: floa
         with urllib.request.urlopen(url, timeout=30) as response:
             body = json.load(response)
     except urllib.error.HTTPError as exc:  # 400 for a bad query, with the reason in the body
-        body = json.load(exc)
+        try:
+            body = json.load(exc)
+        except ValueError:
+            raise exc from None  # no API answer (503 "Service Unavailable" while Prometheus starts)
     if body.get("status") != "success":
         raise QueryError(f"{expr}: {body.get('errorType')}: {body.get('error')}")
     return [

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,13 +119,23 @@ def prometheus(system_tool, tmp_path: Path) -> Iterator:
             stderr=subprocess.STDOUT,
         )
         started.append((process, log))
-        return f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(url), 120, "Prometheus to be ready")  # it answers 503 until then
+        return url
 
     yield start
     for process, log in started:
         process.terminate()
         process.wait(30)
         log.close()  # type: ignore[attr-defined]
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def keep_inferring(target: str, stop: threading.Event, errors: list[BaseException], seed: int) -> None:
