@@ -34,6 +34,11 @@ from service.metrics import ServerMetrics
 from service.preprocess import ImageDecoder
 from service.repository import ModelRepository, ServedModel
 
+# PIXELS tensors view the request's read-only bytes (_pixels_view) and nothing writes into
+# them: torch's warning about such arrays says nothing here. A filter set once, not a
+# catch_warnings() per request, which swaps process-wide state under the other threads.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
 
 @dataclass(frozen=True)
 class InferenceInput:
@@ -340,9 +345,7 @@ def _pixels_view(pixels: np.ndarray) -> torch.Tensor | None:
     """
     if pixels.dtype != np.float32 or not (pixels.flags.c_contiguous and pixels.flags.aligned):
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
-        return torch.from_numpy(pixels)
+    return torch.from_numpy(pixels)
 
 
 def _pixels_copy(pixels: np.ndarray) -> torch.Tensor:
