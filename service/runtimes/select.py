@@ -83,6 +83,7 @@ class BackendLoader:
         self._options = options
         self._cache = ExportCache(options.cache_dir)
         self._onnx: Path | None = None
+        self._digest: str | None = None
 
     def load(self, runtime: str, device: torch.device, dtype: torch.dtype) -> Backend:
         if runtime == TORCH:
@@ -112,7 +113,7 @@ class BackendLoader:
 
     def _load_exported(self, load: Callable[[Path], Backend]) -> Backend:
         if self._onnx is None:
-            self._onnx = self._cache.onnx_file(self._spec, self._net, state_digest(self._net))
+            self._onnx = self._export()
         try:
             return load(self._onnx)
         except FailedPreconditionError:
@@ -120,8 +121,15 @@ class BackendLoader:
         except Exception as exc:
             log.warning("%s: the runtime cannot load %s (%s); exporting again", self._spec.name, self._onnx, exc)
             self._cache.discard(self._onnx.parent)
-            self._onnx = self._cache.onnx_file(self._spec, self._net, state_digest(self._net))
+            self._onnx = self._export()
             return load(self._onnx)
+
+    def _export(self) -> Path:
+        """The cached export of the network (made now if missing); the weights are hashed once
+        (seconds for VGG16), however often the entry must be made again."""
+        if self._digest is None:
+            self._digest = state_digest(self._net)
+        return self._cache.onnx_file(self._spec, self._net, self._digest)
 
 
 def time_backend(backend: Backend, side: int, *, batch: int = FASTEST_BATCH, runs: int = FASTEST_RUNS) -> float:
