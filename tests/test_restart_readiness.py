@@ -46,8 +46,10 @@ def test_a_restarted_replica_is_ready_only_with_its_stored_models(tmp_path, weig
                 while True:
                     assert time.monotonic() < deadline, proc.log()
                     try:
-                        ready = stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+                        # Health first: it follows ServerReady, so health SERVING read before a
+                        # ServerReady false is a disagreement, never two reads straddling the flip.
                         healthy = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                        ready = stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
                     except grpc.RpcError:
                         time.sleep(0.05)
                         continue  # not listening yet
@@ -61,6 +63,7 @@ def test_a_restarted_replica_is_ready_only_with_its_stored_models(tmp_path, weig
                                 disagreements.append(f"ServerReady but {name}: {exc.code().name}")
                     if ready:
                         model_ready = stub.ModelReady(pb.ModelReadyRequest(name="stored-2")).ready
+                        healthy = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
                         if not (model_ready and healthy == SERVING):
                             disagreements.append(f"ServerReady but ModelReady={model_ready}, health={healthy}")
                         break
