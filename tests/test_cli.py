@@ -70,6 +70,39 @@ def test_random_weights_are_seeded_and_repeatable() -> None:
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.parametrize("name", ["alexnet", "resnet101"])
+def test_random_weights_fill_every_tensor(name: str) -> None:
+    """The network is built without storage and then filled: nothing may stay unset."""
+    model = build_model(get_model_spec(name), WeightsSource.parse("random"))
+    for key, tensor in model.state_dict().items():
+        assert tensor.device.type == "cpu" and torch.isfinite(tensor).all(), key
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.equal(module.running_mean, torch.zeros_like(module.running_mean))
+            assert torch.equal(module.running_var, torch.ones_like(module.running_var))
+
+
+def test_weights_directory_keeps_the_networks_dtype_and_checks_every_key(tmp_path) -> None:
+    spec = get_model_spec("alexnet")
+    reference = build_model(spec, WeightsSource.parse("random"))
+    torch.save({k: v.double() for k, v in reference.state_dict().items()}, tmp_path / "alexnet.pth")
+    loaded = build_model(spec, WeightsSource.parse(str(tmp_path)))
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    image = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(loaded(image), reference(image), atol=1e-6)
+
+    state = reference.state_dict()
+    for broken in (
+        {k: v for k, v in state.items() if k != "classifier.6.bias"},  # a key missing
+        {**state, "classifier.7.weight": torch.zeros(1)},  # a key too many
+        {**state, "classifier.6.bias": torch.zeros(10)},  # a wrong shape
+    ):
+        torch.save(broken, tmp_path / "alexnet.pth")
+        with pytest.raises(WeightsUnavailableError, match="state dict"):
+            build_model(spec, WeightsSource.parse(str(tmp_path)))
+
+
 def test_weights_directory_errors_say_what_to_do(tmp_path) -> None:
     spec = get_model_spec("alexnet")
     with pytest.raises(WeightsUnavailableError, match=r"alexnet\.pth"):

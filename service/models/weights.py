@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def fetch_pretrained(spec: ModelSpec) -> Path:
 
 def _pretrained(spec: ModelSpec, *, progress: bool) -> torch.nn.Module:
     try:
-        return spec.build(pretrained=True, progress=progress)
+        state = spec.weights.get_state_dict(progress=progress, check_hash=True)
+        return _with_state(spec, state)
     except Exception as exc:  # urllib, SSL, hash and IO errors all mean the same to a user
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise WeightsUnavailableError(
@@ -87,7 +89,7 @@ def _seeded_random(spec: ModelSpec) -> torch.nn.Module:
     linear layers, zero biases, unit batch norms).
     """
     generator = torch.Generator().manual_seed(RANDOM_SEED + zlib.crc32(spec.name.encode()))
-    model = spec.build(pretrained=False)
+    model = _unset(spec).to_empty(device="cpu")
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d):
@@ -96,10 +98,42 @@ def _seeded_random(spec: ModelSpec) -> torch.nn.Module:
                 torch.nn.init.normal_(module.weight, 0.0, 0.01, generator=generator)
             elif isinstance(module, torch.nn.BatchNorm2d):
                 torch.nn.init.ones_(module.weight)
+                module.reset_running_stats()
+            elif (
+                next(module.parameters(recurse=False), None) is not None
+                or next(module.buffers(recurse=False), None) is not None
+            ):
+                raise TypeError(f"{spec.name}: no seeded initialization for {type(module).__name__}")
             else:
                 continue
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def _unset(spec: ModelSpec) -> torch.nn.Module:
+    """``spec``'s network with storage-less (meta) tensors: building it this way skips
+    torchvision's own random initialization, seconds of CPU for VGG16 that every weights
+    source would overwrite at once."""
+    with torch.device("meta"):
+        return spec.build(pretrained=False)
+
+
+def _with_state(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``spec``'s network holding ``state``'s tensors (strict: every key, every shape).
+
+    Tensors are taken as they are, not copied, except where their dtype is not the network's
+    (a state dict saved in half or double precision), which is converted as a copying load would.
+    """
+    model = _unset(spec)
+    expected = model.state_dict()
+    converted = {
+        key: value.to(expected[key].dtype)
+        if key in expected and isinstance(value, torch.Tensor) and value.dtype != expected[key].dtype
+        else value
+        for key, value in state.items()
+    }
+    model.load_state_dict(converted, assign=True)
     return model
 
 
@@ -109,8 +143,7 @@ def _from_directory(spec: ModelSpec, directory: Path) -> torch.nn.Module:
         raise WeightsUnavailableError(f"no weights for {spec.name}: expected the state dict file {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = spec.build(pretrained=False)
-        model.load_state_dict(state)
+        model = _with_state(spec, state)
     except Exception as exc:
         raise WeightsUnavailableError(
             f"cannot load {path} as the state dict of torchvision's {spec.name} "
