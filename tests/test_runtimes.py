@@ -7,6 +7,7 @@ networks are cached once per test session (``VISION_SERVE_RUNTIME_CACHE``, see c
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 import urllib.request
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import torch
 import tritonclient.grpc as triton
@@ -25,7 +27,7 @@ from service.errors import FailedPreconditionError
 from service.models import WeightsSource, build_model, get_model_spec
 from service.runtime import ModelInstance
 from service.runtimes.base import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCH
-from service.runtimes.export import ENTRY_FILE, MODEL_FILE, ExportCache, state_digest
+from service.runtimes.export import ENTRY_FILE, ENTRY_FILES, MODEL_FILE, WEIGHTS_FILE, ExportCache, state_digest
 from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from service.runtimes.openvino_backend import OpenVinoBackend
 from service.runtimes.select import BackendLoader, RuntimeOptions, candidates
@@ -168,16 +170,39 @@ def cache_copy(tmp_path: Path, alexnet: torch.nn.Module) -> tuple[ExportCache, P
     return cache, entry
 
 
-def test_incomplete_or_tampered_entries_are_detected(cache_copy: tuple[ExportCache, Path]) -> None:
-    cache, entry = cache_copy
-    with (entry / MODEL_FILE).open("r+b") as file:  # same size, one byte changed
-        file.seek(1000)
+def flip_byte(path: Path, offset: int) -> None:
+    """Change one byte of ``path`` in place: same size, other content."""
+    with path.open("r+b") as file:
+        file.seek(offset)
         byte = file.read(1)
-        file.seek(1000)
+        file.seek(offset)
         file.write(bytes([byte[0] ^ 0xFF]))
-    assert "SHA-256" in (cache.check(entry) or "")
-    (entry / MODEL_FILE).write_bytes(b"truncated")
-    assert "bytes, expected" in (cache.check(entry) or "")
+
+
+def test_an_entry_keeps_its_weights_outside_the_graph(cache_copy: tuple[ExportCache, Path]) -> None:
+    """The graph names its initializers in ``weights.bin``: a session need not parse them."""
+    _, entry = cache_copy
+    assert sorted(p.name for p in entry.iterdir() if p.is_file()) == sorted([ENTRY_FILE, *ENTRY_FILES])
+    graph = onnx.load(str(entry / MODEL_FILE), load_external_data=False)
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [t for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert len(external) >= 14 and all(4 * int(np.prod(t.dims)) < 1024 for t in inline)  # two small biases
+    assert {entry_.value for t in external for entry_ in t.external_data if entry_.key == "location"} == {WEIGHTS_FILE}
+    assert (entry / MODEL_FILE).stat().st_size < 100_000 < 200_000_000 < (entry / WEIGHTS_FILE).stat().st_size
+
+
+@pytest.mark.parametrize("name", ENTRY_FILES)
+def test_incomplete_or_tampered_entries_are_detected(cache_copy: tuple[ExportCache, Path], name: str) -> None:
+    cache, entry = cache_copy
+    flip_byte(entry / name, 1000)
+    assert f"{name} does not match its recorded SHA-256" in (cache.check(entry) or "")
+    (entry / name).write_bytes(b"truncated")
+    assert f"{name} has 9 bytes, expected" in (cache.check(entry) or "")
+    (entry / name).unlink()
+    assert f"{name} is missing" in (cache.check(entry) or "")
+    meta = json.loads((entry / ENTRY_FILE).read_text())
+    (entry / ENTRY_FILE).write_text(json.dumps({**meta, "format": 1}))
+    assert "another version" in (cache.check(entry) or "")
     (entry / ENTRY_FILE).write_text("{not json")
     assert cache.check(entry) is not None
     (entry / ENTRY_FILE).unlink()
