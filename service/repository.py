@@ -60,6 +60,7 @@ class ModelRepository:
         self._models: dict[str, ServedModel] = {}
         self._internal: dict[str, ServedModel] = {}
         self._retired: list[ServedModel] = []
+        self._removals: dict[str, int] = {}  # name -> how often a fine-tuned model of that name was removed
         self._listeners: list[StateListener] = []
         self._lock = threading.Lock()  # guards building internal models from several jobs
         self._store_pending = store_pending
@@ -233,8 +234,14 @@ class ModelRepository:
         if model.base_model is None:
             raise BuiltinModelError(name, "deleted")
         del self._models[name]
+        self._removals[name] = self._removals.get(name, 0) + 1
         self._set_state(model, ModelState.UNAVAILABLE, reason)
         self._retire(model)
+
+    def removals(self, name: str) -> int:
+        """How often a fine-tuned model called ``name`` was removed: a reader of the store
+        compares it before and after a read, so that a model deleted meanwhile stays deleted."""
+        return self._removals.get(name, 0)
 
     async def stop(self) -> None:
         """Close every queue and wait for the workers to finish what was queued."""

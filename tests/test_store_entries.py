@@ -213,3 +213,50 @@ def test_store_refuses_manifests_field_by_field(tmp_path) -> None:
         with pytest.raises(StoreEntryError) as error:
             ModelStore(store).load(name)
         assert error.value.reason == reason, (name, error.value)
+
+
+@pytest.mark.parametrize("path", ["poll", "explicit load"])
+def test_a_model_deleted_while_the_store_reads_it_stays_deleted(tmp_path, serve_inprocess, monkeypatch, path) -> None:
+    """DeleteModel lands between a store read of the entry and its activation: the read's
+    result is dropped, not served again under the deleted name."""
+    from service.finetune.store import StoreEntryError
+    from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
+    from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+
+    store = tmp_path / "store"
+    save_head(store, "doomed", seed=1)
+    server = serve_inprocess(model_store=store, store_poll_seconds=3600)  # this test runs the polls
+    vision = server.server
+    assert vision is not None and vision.store is not None and vision.store_sync is not None
+    sync = vision.store_sync
+    assert "doomed" in vision.repository
+    save_head(store, "doomed", seed=2)  # a new version: the next poll reads the entry again
+
+    read_done, release = threading.Event(), threading.Event()
+    load = vision.store.load
+
+    def slow_load(name: str):  # the entry is read whole, then the reader stalls before returning
+        result = load(name)
+        read_done.set()
+        release.wait(30)
+        return result
+
+    monkeypatch.setattr(vision.store, "load", slow_load)
+    reading = server.submit(sync.sync_once() if path == "poll" else sync.serve("doomed"))
+    assert read_done.wait(30)
+    with grpc.insecure_channel(server.target) as channel:
+        assert ft_grpc.FineTuningStub(channel).DeleteModel(ft_pb.DeleteModelRequest(name="doomed")).deleted
+    release.set()
+    if path == "poll":
+        reading.result(30)
+    else:
+        with pytest.raises(StoreEntryError, match="deleted while it was read"):
+            reading.result(30)
+    assert "doomed" not in vision.repository and not (store / "doomed" / "manifest.json").exists()
+    with grpc.insecure_channel(server.target) as channel:
+        index = {
+            m.name
+            for m in pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest()).models
+        }
+    assert index == {"alexnet"}
+    assert sample_value(scrape(server.metrics_url), "vision_store_errors_total", reason="missing_manifest") in (None, 0)
