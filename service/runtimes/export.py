@@ -8,9 +8,9 @@ session is built in 0.3 s rather than 0.9 s). The key names everything the files
 depend on: the state dict's SHA-256, torch's version (the exporter), the ONNX
 opset and this module's export format. ``entry.json`` records each file's size
 and SHA-256 and is written last, so an entry without it, or whose files do not
-match it, is incomplete or corrupt: it is removed and exported again. Entries are built in a temporary
-directory next to their final place and renamed into it, so replicas sharing
-the cache never see half an entry. Runtime-specific compiled blobs (OpenVINO's
+match it, is incomplete or corrupt: it is removed and exported again. Entries
+are built in a temporary directory next to their final place and renamed into
+it, so replicas sharing the cache never see half an entry. Runtime-specific compiled blobs (OpenVINO's
 model cache) go into a subdirectory named after the runtime and its version.
 """
 
