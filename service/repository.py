@@ -60,7 +60,7 @@ class ModelRepository:
         self._models: dict[str, ServedModel] = {}
         self._internal: dict[str, ServedModel] = {}
         self._retired: list[ServedModel] = []
-        self._removals: dict[str, int] = {}  # name -> how often a fine-tuned model of that name was removed
+        self._withdrawals: dict[str, int] = {}  # name -> how often a model of that name was removed or unloaded
         self._listeners: list[StateListener] = []
         self._lock = threading.Lock()  # guards building internal models from several jobs
         self._store_pending = store_pending
@@ -151,6 +151,7 @@ class ModelRepository:
             raise UnavailableError(f"model {name!r} is still loading; unload it once it is ready")
         reason = reason or "unloaded by RepositoryModelUnload; RepositoryModelLoad serves it again"
         model.unloaded = True
+        self._withdraw(name)
         self._set_state(model, ModelState.UNAVAILABLE, reason)
         stopping = [model]
         if model.base_model is None:
@@ -234,14 +235,18 @@ class ModelRepository:
         if model.base_model is None:
             raise BuiltinModelError(name, "deleted")
         del self._models[name]
-        self._removals[name] = self._removals.get(name, 0) + 1
+        self._withdraw(name)
         self._set_state(model, ModelState.UNAVAILABLE, reason)
         self._retire(model)
 
-    def removals(self, name: str) -> int:
-        """How often a fine-tuned model called ``name`` was removed: a reader of the store
-        compares it before and after a read, so that a model deleted meanwhile stays deleted."""
-        return self._removals.get(name, 0)
+    def withdrawals(self, name: str) -> int:
+        """How often a model called ``name`` was removed or unloaded: a reader of the store
+        compares it before and after a read, so that a model deleted or unloaded meanwhile
+        stays so rather than being served again by the read's result."""
+        return self._withdrawals.get(name, 0)
+
+    def _withdraw(self, name: str) -> None:
+        self._withdrawals[name] = self._withdrawals.get(name, 0) + 1
 
     async def stop(self) -> None:
         """Close every queue and wait for the workers to finish what was queued."""

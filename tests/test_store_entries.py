@@ -215,10 +215,14 @@ def test_store_refuses_manifests_field_by_field(tmp_path) -> None:
         assert error.value.reason == reason, (name, error.value)
 
 
-@pytest.mark.parametrize("path", ["poll", "explicit load"])
-def test_a_model_deleted_while_the_store_reads_it_stays_deleted(tmp_path, serve_inprocess, monkeypatch, path) -> None:
-    """DeleteModel lands between a store read of the entry and its activation: the read's
-    result is dropped, not served again under the deleted name."""
+@pytest.mark.parametrize(
+    "path, action", [("poll", "delete"), ("explicit load", "delete"), ("poll", "unload")], ids="-".join
+)
+def test_a_model_withdrawn_while_the_store_reads_it_stays_withdrawn(
+    tmp_path, serve_inprocess, monkeypatch, path, action
+) -> None:
+    """DeleteModel or RepositoryModelUnload lands between a store read of the entry and its
+    activation: the read's result is dropped, not served again under the name."""
     from service.finetune.store import StoreEntryError
     from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
     from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
@@ -245,18 +249,25 @@ def test_a_model_deleted_while_the_store_reads_it_stays_deleted(tmp_path, serve_
     reading = server.submit(sync.sync_once() if path == "poll" else sync.serve("doomed"))
     assert read_done.wait(30)
     with grpc.insecure_channel(server.target) as channel:
-        assert ft_grpc.FineTuningStub(channel).DeleteModel(ft_pb.DeleteModelRequest(name="doomed")).deleted
+        if action == "delete":
+            assert ft_grpc.FineTuningStub(channel).DeleteModel(ft_pb.DeleteModelRequest(name="doomed")).deleted
+        else:
+            pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name="doomed"), timeout=30
+            )
     release.set()
     if path == "poll":
         reading.result(30)
     else:
-        with pytest.raises(StoreEntryError, match="deleted while it was read"):
+        with pytest.raises(StoreEntryError, match="deleted or unloaded while it was read"):
             reading.result(30)
-    assert "doomed" not in vision.repository and not (store / "doomed" / "manifest.json").exists()
     with grpc.insecure_channel(server.target) as channel:
-        index = {
-            m.name
-            for m in pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest()).models
-        }
-    assert index == {"alexnet"}
+        index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest()).models
+    states = {m.name: m.state for m in index}
+    if action == "delete":
+        assert "doomed" not in vision.repository and not (store / "doomed" / "manifest.json").exists()
+        assert set(states) == {"alexnet"}
+    else:
+        assert vision.repository.get("doomed").unloaded and (store / "doomed" / "manifest.json").exists()
+        assert states == {"alexnet": "READY", "doomed": "UNAVAILABLE"}
     assert sample_value(scrape(server.metrics_url), "vision_store_errors_total", reason="missing_manifest") in (None, 0)

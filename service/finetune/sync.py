@@ -137,7 +137,7 @@ class StoreSync:
         """Serve the store's version of ``name``; that version."""
         if name in builtin:
             raise StoreEntryError("builtin_name", f"{name}: the name of a built-in model; the entry is ignored")
-        removals = self._repository.removals(name)
+        withdrawals = self._repository.withdrawals(name)
         manifest, head = await self._read(name)
         if self._served_version(name) == manifest.version:
             return manifest.version  # already served (this server wrote it, or only the file's time changed)
@@ -165,9 +165,9 @@ class StoreSync:
         if self._served_version(name) == manifest.version:  # the job that wrote it got there first
             self._repository.discard(model)
             return manifest.version
-        if self._repository.removals(name) != removals:  # deleted (DeleteModel) while it was read
+        if self._repository.withdrawals(name) != withdrawals:  # DeleteModel or an unload came first
             self._repository.discard(model)
-            raise StoreEntryError("missing_manifest", f"{name}: deleted while it was read")
+            raise StoreEntryError("missing_manifest", f"{name}: deleted or unloaded while it was read")
         self._repository.activate(model)
         log.info("serving fine-tuned model %s (version %s, base %s)", name, manifest.version, manifest.base_model)
         return manifest.version
