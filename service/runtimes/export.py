@@ -10,8 +10,9 @@ opset and this module's export format. ``entry.json`` records each file's size
 and SHA-256 and is written last, so an entry without it, or whose files do not
 match it, is incomplete or corrupt: it is removed and exported again. Entries
 are built in a temporary directory next to their final place and renamed into
-it, so replicas sharing the cache never see half an entry. Runtime-specific compiled blobs (OpenVINO's
-model cache) go into a subdirectory named after the runtime and its version.
+it, so replicas sharing the cache never see half an entry. Runtime-specific
+compiled blobs (OpenVINO's model cache) go into a subdirectory named after the
+runtime and its version.
 """
 
 from __future__ import annotations
