@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import urllib.request
 from collections.abc import Iterator
@@ -198,6 +199,9 @@ def test_incomplete_or_tampered_entries_are_detected(cache_copy: tuple[ExportCac
     assert f"{name} does not match its recorded SHA-256" in (cache.check(entry) or "")
     (entry / name).write_bytes(b"truncated")
     assert f"{name} has 9 bytes, expected" in (cache.check(entry) or "")
+    (entry / name).unlink()
+    os.mkfifo(entry / name)  # never opened: its size already says it is not the file (no hang)
+    assert f"{name} has 0 bytes, expected" in (cache.check(entry) or "")
     (entry / name).unlink()
     assert f"{name} is missing" in (cache.check(entry) or "")
     meta = json.loads((entry / ENTRY_FILE).read_text())
