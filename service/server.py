@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
@@ -33,6 +30,7 @@ from service.repository import ModelRepository, ServedModel
 from service.transport.auth import AuthorizationInterceptor, policy_from
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
+from service.transport.health import NOT_SERVING, SERVING, HealthServicer
 from service.transport.inference import InferenceServicer, inference_parsing_interceptor
 from service.transport.models import ModelsServicer
 from service.transport.tls import CertificateFiles, TlsFiles
@@ -42,9 +40,6 @@ from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0  # for calls still open once the data plane has drained
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class VisionServer:
@@ -76,7 +71,6 @@ class VisionServer:
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port = 0
         self._sync_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self._store_read = asyncio.Event()
         # Ready only after the first full pass over the store: a restarted replica then
         # serves every fine-tuned model it can before it takes traffic. A bad or hung
@@ -148,10 +142,10 @@ class VisionServer:
         await self._grpc.start()
         if self.config.health_port is not None:
             await self._start_health_port(self.config.health_port)
-        await self.health.set(LIVENESS_SERVICE, SERVING)
-        await self.health.set(SERVER_SERVICE, NOT_SERVING)
+        self.health.set(LIVENESS_SERVICE, SERVING)
+        self.health.set(SERVER_SERVICE, NOT_SERVING)
         for model in self.repository.all():
-            await self.health.set(model.name, NOT_SERVING)
+            self.health.set(model.name, NOT_SERVING)
         metrics_host = self.config.metrics_host or self.config.host
         metrics_http, _ = start_http_server(self.config.metrics_port, addr=metrics_host, registry=self.metrics.registry)
         self._metrics_http = metrics_http
@@ -196,28 +190,21 @@ class VisionServer:
         if self.store_sync is not None:
             self._sync_task = asyncio.create_task(self.store_sync.run_forever())
         else:
-            await self._update_server_health()
+            self._update_server_health()
 
     def _on_store_read(self) -> None:
         self.repository.mark_store_read()
         self._store_read.set()
-        self._spawn(self._update_server_health())
+        self._update_server_health()
 
     def _on_model_state(self, model: ServedModel) -> None:
         status = SERVING if model.ready and not self.dataplane.draining else NOT_SERVING
-        self._spawn(self.health.set(model.name, status))
-        self._spawn(self._update_server_health())
+        self.health.set(model.name, status)
+        self._update_server_health()
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Run ``coroutine`` in the background, holding a reference until it is done
-        (the event loop keeps only weak references to tasks)."""
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _update_server_health(self) -> None:
+    def _update_server_health(self) -> None:
         """Health ``""`` says what ServerReady says (``DataPlane.ready``)."""
-        await self.health.set(SERVER_SERVICE, SERVING if self.dataplane.ready() else NOT_SERVING)
+        self.health.set(SERVER_SERVICE, SERVING if self.dataplane.ready() else NOT_SERVING)
 
     def request_stop(self) -> asyncio.Task[None]:
         """Start draining (idempotent); the returned task ends when the server has stopped."""
@@ -228,9 +215,9 @@ class VisionServer:
     async def stop(self) -> None:
         """Drain: refuse new work, answer what is in flight, then shut everything down."""
         self.dataplane.start_draining()
-        await self.health.set(SERVER_SERVICE, NOT_SERVING)
+        self.health.set(SERVER_SERVICE, NOT_SERVING)
         for model in self.repository.all():
-            await self.health.set(model.name, NOT_SERVING)
+            self.health.set(model.name, NOT_SERVING)
         if self._sync_task is not None:
             self._sync_task.cancel()
         await self.jobs.shutdown()

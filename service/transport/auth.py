@@ -33,7 +33,7 @@ from urllib.parse import unquote
 import grpc
 
 from service.errors import AuthenticationError, FailedPreconditionError, PermissionDeniedError
-from service.transport.handlers import AioContext, Continuation, Req, Resp, behaviors, replace
+from service.transport.handlers import AioContext, Continuation, Req, Resp, behaviors, replace, responses
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def _guarded(
 
     async def stream(request: Any, context: AioContext) -> AsyncIterator[Any]:
         check(context)
-        async for response in stream_behavior(request, context):
+        async for response in responses(stream_behavior, request, context):
             yield response
 
     if given.unary_stream:

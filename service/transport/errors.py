@@ -23,6 +23,7 @@ from service.transport.handlers import (
     UnaryBehavior,
     behaviors,
     replace,
+    responses,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def _wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:
 def _wrap_stream(behavior: StreamBehavior) -> StreamBehavior:
     async def wrapper(request: Any, context: AioContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            async for response in responses(behavior, request, context):
                 yield response
         except grpc.aio.AbortError:
             raise

@@ -10,6 +10,7 @@ tells the type checker so; the interceptors stay fully typed.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar, cast
@@ -22,8 +23,10 @@ Resp = TypeVar("Resp")
 AioContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 UnaryBehavior: TypeAlias = "Callable[[Any, AioContext], Awaitable[Any]]"
 """``unary_unary`` and ``stream_unary``: (request or request iterator, context) -> response."""
-StreamBehavior: TypeAlias = "Callable[[Any, AioContext], AsyncIterator[Any]]"
-"""``unary_stream`` and ``stream_stream``: (request or request iterator, context) -> responses."""
+StreamBehavior: TypeAlias = "Callable[[Any, AioContext], AsyncIterator[Any] | Awaitable[None]]"
+"""``unary_stream`` and ``stream_stream``: (request or request iterator, context) -> responses,
+as an async iterator, or a coroutine that writes them itself with ``context.write()``
+(grpc.aio accepts both; grpcio-health-checking's Watch is the second kind)."""
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]]"
 """What ``grpc.aio.ServerInterceptor.intercept_service`` is handed to reach the next handler."""
 
@@ -76,3 +79,18 @@ def replace(
     # The stub's ABC lacks the namedtuple's _replace that grpc's handlers have at run time.
     replaced: grpc.RpcMethodHandler[Req, Resp] = handler._replace(**changes)  # type: ignore[attr-defined]
     return replaced
+
+
+async def responses(behavior: StreamBehavior, request: Any, context: AioContext) -> AsyncIterator[Any]:
+    """What streaming ``behavior`` answers, for a wrapper that is itself an async generator.
+
+    Every wrapper of a streaming behaviour iterates through this, so that both shapes grpc.aio
+    accepts work under it: an async iterator is iterated; a coroutine that writes with
+    ``context.write()`` is awaited (its writes reach the client directly) and yields nothing here.
+    """
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for response in result:
+        yield response

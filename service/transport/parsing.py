@@ -29,6 +29,7 @@ from service.transport.handlers import (
     UnaryBehavior,
     behaviors,
     replace,
+    responses,
 )
 
 Parser = Callable[[bytes], Any]
@@ -160,7 +161,7 @@ def _streaming(behavior: StreamBehavior, parse: ScreenedParser) -> StreamBehavio
             yield parse(data)
 
     async def wrapper(requests: AsyncIterator[bytes], context: AioContext) -> AsyncIterator[Any]:
-        async for response in behavior(parsed(requests), context):
+        async for response in responses(behavior, parsed(requests), context):
             yield response
 
     return wrapper
