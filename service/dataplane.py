@@ -29,6 +29,7 @@ from service.errors import (
     QueueClosedError,
     UnavailableError,
     VisionServeError,
+    quote,
 )
 from service.metrics import ServerMetrics
 from service.preprocess import ImageDecoder
@@ -323,7 +324,7 @@ def too_many_images(count: int, limit: int) -> InvalidInputError:
 def _check_version(model: ServedModel, version: str) -> None:
     if version and version != model.version:
         raise ModelNotFoundError(
-            f"model {model.name!r} has no version {version!r}; it serves version {model.version!r}: "
+            f"model {quote(model.name)} has no version {quote(version)}; it serves version {quote(model.version)}: "
             "ask for that one or leave model_version empty"
         )
 

@@ -25,6 +25,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+QUOTE_CHARS = 80  # of a caller's name, version, id or value repeated in a message or a log line
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``value`` quoted for a message or a log line, cut to ``limit`` characters.
+
+    Whatever a caller sends (a model name, a version, a job id, a parameter) is quoted through
+    this, never repeated whole: a 10 KB name would otherwise make the status trailer exceed a
+    client's metadata limit (which then reports RESOURCE_EXHAUSTED instead of the real error) and
+    fill the log.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 class VisionServeError(Exception):
     """Base of every error the server raises deliberately."""

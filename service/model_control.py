@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service.errors import ModelNotFoundError, UnavailableError, VisionServeError
+from service.errors import ModelNotFoundError, UnavailableError, VisionServeError, quote
 from service.finetune.store import StoreEntryError
 from service.finetune.sync import StoreSync
 from service.models import WeightsSource, list_models
@@ -43,7 +43,7 @@ class ModelControl:
                 for dependent in dependents:
                     await self._repository.unload(
                         dependent,
-                        reason=f"its base model {name!r} was unloaded; loading {name!r} serves it again",
+                        reason=f"its base model {quote(name)} was unloaded; loading {quote(name)} serves it again",
                     )
                 self._unloaded_with_base.setdefault(name, set()).update(dependents)
             await self._repository.unload(name)
@@ -51,7 +51,7 @@ class ModelControl:
     async def load(self, name: str) -> None:
         if name not in self._repository and name in list_models():
             raise ModelNotFoundError(
-                f"{name!r} is a built-in model this server was not started with; "
+                f"{quote(name)} is a built-in model this server was not started with; "
                 "restart it with the model in --models (those load at start and can then be unloaded and loaded)"
             )
         async with self._lock:
@@ -72,13 +72,15 @@ class ModelControl:
         if not self._repository.get(name).unloaded:
             return
         if not self._repository.get(base).ready:
-            raise UnavailableError(f"cannot load {name!r}: its base model {base!r} is not loaded; load {base!r} first")
+            raise UnavailableError(
+                f"cannot load {quote(name)}: its base model {quote(base)} is not loaded; load {quote(base)} first"
+            )
         if self._store_sync is None:
-            raise ModelNotFoundError(f"{name!r} has no model store to load from")
+            raise ModelNotFoundError(f"{quote(name)} has no model store to load from")
         try:
             version = await self._store_sync.serve(name)
         except StoreEntryError as exc:
             if exc.reason == "missing_manifest":
-                raise ModelNotFoundError(f"{name!r} is no longer in the model store") from exc
-            raise UnavailableError(f"cannot load {name!r} from the model store: {exc}") from exc
+                raise ModelNotFoundError(f"{quote(name)} is no longer in the model store") from exc
+            raise UnavailableError(f"cannot load {quote(name)} from the model store: {exc}") from exc
         log.info("model %s loaded (version %s, base %s)", name, version, base)

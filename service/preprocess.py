@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, quote
 
 # The formats we promise; others Pillow might read are refused so that the
 # decoder surface stays small (no EPS/PDF/plugin formats from strangers).
@@ -51,7 +51,7 @@ def to_rgb(image: Image.Image, where: str = "the image") -> Image.Image:
         image = image.convert("RGBA")
     elif mode not in EIGHT_BIT_MODES:
         raise InvalidInputError(
-            f"{where} has pixel mode {mode!r}, which is not served; send 8- or 16-bit greyscale, "
+            f"{where} has pixel mode {quote(mode)}, which is not served; send 8- or 16-bit greyscale, "
             "palette, RGB, RGBA or CMYK images"
         )
     return image.convert("RGB")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from service.errors import BuiltinModelError, InvalidInputError, ModelNotFoundError, UnavailableError
+from service.errors import BuiltinModelError, InvalidInputError, ModelNotFoundError, UnavailableError, quote
 from service.factory import ModelFactory
 from service.finetune.names import is_model_name
 from service.metrics import ServerMetrics
@@ -99,10 +99,10 @@ class ModelRepository:
         except KeyError:
             if self._store_pending and is_model_name(name):
                 raise UnavailableError(
-                    f"model {name!r} is not loaded yet: the server is still reading its model store; retry shortly"
+                    f"model {quote(name)} is not loaded yet: the server is still reading its model store; retry shortly"
                 ) from None
             served = ", ".join(self._models) or "none"
-            raise ModelNotFoundError(f"model {name!r} is not served here; served models: {served}") from None
+            raise ModelNotFoundError(f"model {quote(name)} is not served here; served models: {served}") from None
 
     def get_ready(self, name: str) -> ServedModel:
         return _require_ready(self.get(name))
@@ -148,7 +148,7 @@ class ModelRepository:
         if model.unloaded:
             return
         if model.state is ModelState.LOADING:
-            raise UnavailableError(f"model {name!r} is still loading; unload it once it is ready")
+            raise UnavailableError(f"model {quote(name)} is still loading; unload it once it is ready")
         reason = reason or "unloaded by RepositoryModelUnload; RepositoryModelLoad serves it again"
         model.unloaded = True
         self._withdraw(name)
@@ -159,7 +159,7 @@ class ModelRepository:
                 features = self._internal.pop(name + FEATURES_SUFFIX, None)
             if features is not None:
                 stopping.append(features)
-        refusal = UnavailableError(f"model {name!r} was unloaded before this request ran: {reason}")
+        refusal = UnavailableError(f"model {quote(name)} was unloaded before this request ran: {reason}")
         for served in stopping:
             served.queue.close_rejecting(refusal)
         for served in stopping:
@@ -177,7 +177,7 @@ class ModelRepository:
         """
         current = self.get(name)
         if current.base_model is not None:
-            raise InvalidInputError(f"{name!r} is a fine-tuned model; it loads from the model store")
+            raise InvalidInputError(f"{quote(name)} is a fine-tuned model; it loads from the model store")
         if not current.unloaded:
             return
         model = self._factory.declare_builtin(name)
@@ -192,7 +192,7 @@ class ModelRepository:
         """The internal feature extractor of built-in model ``base`` (made on first use)."""
         base_model = self.get_ready(base)
         if base_model.base_model is not None:
-            raise ModelNotFoundError(f"{base!r} is a fine-tuned model; fine-tune from a built-in model instead")
+            raise ModelNotFoundError(f"{quote(base)} is a fine-tuned model; fine-tune from a built-in model instead")
         name = base + FEATURES_SUFFIX
         with self._lock:
             model = self._internal.get(name)
@@ -279,7 +279,7 @@ def _describe(model: ServedModel) -> str:
 
 def _require_ready(model: ServedModel) -> ServedModel:
     if model.state is ModelState.LOADING:
-        raise UnavailableError(f"model {model.name!r} is still loading; retry shortly")
+        raise UnavailableError(f"model {quote(model.name)} is still loading; retry shortly")
     if model.state is not ModelState.READY:
-        raise UnavailableError(f"model {model.name!r} is unavailable: {model.reason}")
+        raise UnavailableError(f"model {quote(model.name)} is unavailable: {model.reason}")
     return model

@@ -165,7 +165,9 @@ class VisionServer:
     async def _start_health_port(self, port: int) -> None:
         """A second, plaintext port that serves grpc.health.v1 and nothing else: kubelet's gRPC
         probes cannot speak TLS. It shares the health servicer, so it tells the same story."""
-        self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._health_grpc = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()], options=[("grpc.so_reuseport", 0)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
         self.health_port = self._health_grpc.add_insecure_port(f"{_host(self.config.host)}:{port}")
         await self._health_grpc.start()

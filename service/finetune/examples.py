@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.config import FineTuneLimits
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, quote
 from service.finetune.spec import FineTuneSpec
 from service.preprocess import ImageDecoder
 
@@ -71,7 +71,9 @@ class ExampleCollector:
                     f"{limits.max_label_length}; use shorter class names"
                 )
             if not label.isprintable():
-                raise InvalidInputError(f"example {index}'s label {label!r} has control characters; use plain text")
+                raise InvalidInputError(
+                    f"example {index}'s label {quote(label)} has control characters; use plain text"
+                )
             if label not in self._classes:
                 if len(self._classes) >= limits.max_labels:
                     raise InvalidInputError(
@@ -102,7 +104,7 @@ class ExampleCollector:
             classes = sorted(self._classes)
             if len(classes) < 2:
                 raise InvalidInputError(
-                    f"all examples have the label {classes[0]!r}; a classifier needs at least 2 classes"
+                    f"all examples have the label {quote(classes[0])}; a classifier needs at least 2 classes"
                 )
             return TrainingExamples(self._images, labels=self._labels), classes
         targets = np.asarray(self._targets, dtype=np.float32)

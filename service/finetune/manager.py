@@ -37,6 +37,7 @@ from service.errors import (
     QueueFullError,
     UnavailableError,
     VisionServeError,
+    quote,
 )
 from service.finetune.examples import ExampleCollector, check_images
 from service.finetune.history import JobHistory
@@ -101,7 +102,7 @@ class JobManager:
         base = self._repository.get(spec.base_model)  # NOT_FOUND for unknown models
         if base.base_model is not None:
             raise InvalidInputError(
-                f"base_model {spec.base_model!r} is itself fine-tuned; build on one of "
+                f"base_model {quote(spec.base_model)} is itself fine-tuned; build on one of "
                 f"{', '.join(self._repository.builtin_names())}"
             )
         validate_spec(spec, self.limits, feature_dim=get_model_spec(spec.base_model).feature_dim, outputs=outputs)
@@ -112,7 +113,7 @@ class JobManager:
         )
         if clash and not spec.replace:
             raise AlreadyExistsError(
-                f"a model or running job named {spec.output_model!r} exists; pick another name or set replace"
+                f"a model or running job named {quote(spec.output_model)} exists; pick another name or set replace"
             )
         self._check_queue()
         return spec
@@ -129,7 +130,8 @@ class JobManager:
         assert self._store is not None
         if not spec.replace and await asyncio.to_thread(self._store.exists, spec.output_model):
             raise AlreadyExistsError(
-                f"the model store already holds a model named {spec.output_model!r}; pick another name or set replace"
+                f"the model store already holds a model named {quote(spec.output_model)}; "
+                "pick another name or set replace"
             )
         decoder = self._repository.get(spec.base_model).decoder
         await check_images(decoder, examples.images, self._dataplane.decode_pool)
@@ -157,7 +159,7 @@ class JobManager:
         if job is None and self._history is not None:
             job = await asyncio.to_thread(self._history.get, job_id)
         if job is None:
-            raise ModelNotFoundError(f"no fine-tuning job {job_id!r} (finished jobs are kept up to a limit)")
+            raise ModelNotFoundError(f"no fine-tuning job {quote(job_id)} (finished jobs are kept up to a limit)")
         return job
 
     async def list(self) -> list[Job]:

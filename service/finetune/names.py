@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, quote
 
 MODEL_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,62}"
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
@@ -29,11 +29,11 @@ def validate_model_name(name: str, field_name: str = "output_model") -> str:
     """``name``, or INVALID_ARGUMENT saying what a valid name looks like."""
     if name in RESERVED_NAMES:
         raise InvalidInputError(
-            f"{field_name} {name!r} is reserved (a health service name of the server); choose another name"
+            f"{field_name} {quote(name)} is reserved (a health service name of the server); choose another name"
         )
     if _MODEL_NAME.fullmatch(name) is None:
         raise InvalidInputError(
-            f"{field_name} {name!r} is not a valid model name: use 1 to 63 characters from lowercase letters, "
+            f"{field_name} {quote(name)} is not a valid model name: use 1 to 63 characters from lowercase letters, "
             f"digits, '_', '-' and '.', starting with a letter or digit (pattern {MODEL_NAME_PATTERN})"
         )
     return name

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from service.config import FineTuneLimits
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, quote
 from service.finetune.names import validate_model_name
 from vision_client._config import HEAD_KINDS, LOSSES
 from vision_client._config import OPTIMIZER_KINDS as OPTIMIZERS
@@ -67,13 +67,13 @@ def head_parameters(head: HeadSpec, in_features: int, out_features: int) -> int:
     if head.kind == "parallel":
         blocks = 2 * (in_features + 1) * head.hidden + (head.blocks - 1) * 2 * (head.hidden + 1) * head.hidden
         return blocks + (head.hidden + 1) * out_features
-    raise InvalidInputError(f"head {head.kind!r} is unknown; choose one of {', '.join(HEAD_KINDS)}")
+    raise InvalidInputError(f"head {quote(head.kind)} is unknown; choose one of {', '.join(HEAD_KINDS)}")
 
 
 def validate_head(head: HeadSpec, in_features: int, out_features: int, limits: FineTuneLimits) -> HeadSpec:
     """Check a head's kind and sizes, and that it stays within the parameter budget."""
     if head.kind not in HEAD_KINDS:
-        raise InvalidInputError(f"head {head.kind!r} is unknown; choose one of {', '.join(HEAD_KINDS)}")
+        raise InvalidInputError(f"head {quote(head.kind)} is unknown; choose one of {', '.join(HEAD_KINDS)}")
     _check_int("head hidden size", head.hidden, 1, limits.max_hidden)
     _check_int("head blocks", head.blocks, 1, limits.max_blocks)
     _check_float("head dropout", head.dropout, 0.0, 1.0, high_open=True)
@@ -99,7 +99,7 @@ def validate_spec(
         raise InvalidInputError("base_model is empty: name the served model to build on, e.g. 'resnet101'")
     validate_model_name(spec.output_model)
     if spec.head.kind not in HEAD_KINDS:
-        raise InvalidInputError(f"head {spec.head.kind!r} is unknown; choose one of {', '.join(HEAD_KINDS)}")
+        raise InvalidInputError(f"head {quote(spec.head.kind)} is unknown; choose one of {', '.join(HEAD_KINDS)}")
     if feature_dim is not None:
         validate_head(spec.head, feature_dim, outputs, limits)
     else:
@@ -108,14 +108,14 @@ def validate_spec(
         _check_float("head dropout", spec.head.dropout, 0.0, 1.0, high_open=True)
     opt = spec.optimizer
     if opt.kind not in OPTIMIZERS:
-        raise InvalidInputError(f"optimizer {opt.kind!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        raise InvalidInputError(f"optimizer {quote(opt.kind)} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     _check_float("learning rate", opt.lr, 0.0, MAX_LEARNING_RATE, low_open=True)
     _check_float("momentum", opt.momentum, 0.0, 1.0, high_open=True)
     _check_float("weight decay", opt.weight_decay, 0.0, MAX_WEIGHT_DECAY)
     for name, beta in zip(("beta1", "beta2"), opt.betas, strict=True):
         _check_float(f"Adam {name}", beta, 0.0, 1.0, high_open=True)
     if spec.loss not in LOSSES:
-        raise InvalidInputError(f"loss {spec.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        raise InvalidInputError(f"loss {quote(spec.loss)} is unknown; choose one of {', '.join(LOSSES)}")
     _check_int("epochs", spec.epochs, 1, limits.max_epochs)
     _check_int("batch_size", spec.batch_size, 1, limits.max_batch_size)
     _check_float("validation_fraction", spec.validation_fraction, 0.0, 1.0, high_open=True)
@@ -126,7 +126,7 @@ def validate_spec(
 
 def _check_int(name: str, value: int, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInputError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+        raise InvalidInputError(f"{name} must be an integer from {low} to {high}, got {quote(value)}")
 
 
 def _check_float(
@@ -137,4 +137,4 @@ def _check_float(
     below = number < high if high_open else number <= high
     if not (math.isfinite(number) and above and below):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise InvalidInputError(f"{name} must be a finite number in {interval}, got {value!r}")
+        raise InvalidInputError(f"{name} must be a finite number in {interval}, got {quote(value)}")

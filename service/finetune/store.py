@@ -43,7 +43,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from service.config import FineTuneLimits
-from service.errors import AlreadyExistsError, InternalError, InvalidInputError, ModelNotFoundError
+from service.errors import AlreadyExistsError, InternalError, InvalidInputError, ModelNotFoundError, quote
 from service.finetune.files import FileRefused, read_bounded, sync_directory, write_temporary
 from service.finetune.heads import StandardizedHead, build_standardized_head
 from service.finetune.names import is_model_name
@@ -116,12 +116,12 @@ class Manifest:
             )
         name = fields.get("name", str)
         if name != folder:
-            raise StoreEntryError("bad_manifest", f"{folder}: the manifest names another model, {name!r}")
+            raise StoreEntryError("bad_manifest", f"{folder}: the manifest names another model, {quote(name)}")
         head_fields = _Fields(fields.get("head", dict), f"{folder}: head")
         kind = head_fields.get("kind", str)
         if kind not in HEAD_KINDS:
             raise StoreEntryError(
-                "unknown_head", f"{folder}: head kind {kind!r} is unknown to this server ({', '.join(HEAD_KINDS)})"
+                "unknown_head", f"{folder}: head kind {quote(kind)} is unknown to this server ({', '.join(HEAD_KINDS)})"
             )
         head = HeadSpec(
             kind=kind,
@@ -145,18 +145,18 @@ class Manifest:
             raise StoreEntryError("bad_dimensions", f"{folder}: {exc.message}") from exc
         loss = fields.get("loss", str)
         if loss not in LOSSES:
-            raise StoreEntryError("bad_manifest", f"{folder}: loss {loss!r} is unknown")
+            raise StoreEntryError("bad_manifest", f"{folder}: loss {quote(loss)} is unknown")
         weights = _Fields(fields.get("weights", dict), f"{folder}: weights")
         weights_file, sha256 = weights.get("file", str), weights.get("sha256", str)
         if not _WEIGHTS_FILE.fullmatch(weights_file):
             raise StoreEntryError(
                 "outside_folder",
-                f"{folder}: weights.file {weights_file!r} is not a head-<version>.safetensors file of the "
+                f"{folder}: weights.file {quote(weights_file)} is not a head-<version>.safetensors file of the "
                 "model's own folder",
             )
         version = fields.get("version", str)
         if not _VERSION.fullmatch(version) or not _SHA256.fullmatch(sha256):
-            raise StoreEntryError("bad_manifest", f"{folder}: malformed version {version!r} or sha256")
+            raise StoreEntryError("bad_manifest", f"{folder}: malformed version {quote(version)} or sha256")
         try:
             metrics = TrainMetrics.from_json(data.get("metrics", {}) if isinstance(data, dict) else {})
         except (ValueError, OverflowError) as exc:
@@ -301,7 +301,7 @@ class ModelStore:
                 except FileExistsError:
                     (folder / manifest.weights_file).unlink(missing_ok=True)  # ours, and named by no manifest
                     raise AlreadyExistsError(
-                        f"a model named {manifest.name!r} appeared in the store while this job ran "
+                        f"a model named {quote(manifest.name)} appeared in the store while this job ran "
                         "(another replica?); pick another name or set replace"
                     ) from None
         finally:
@@ -342,13 +342,13 @@ class ModelStore:
         try:
             weights_file = self.read_manifest(name).weights_file
         except FileNotFoundError:
-            raise ModelNotFoundError(f"no fine-tuned model {name!r} in the store") from None
+            raise ModelNotFoundError(f"no fine-tuned model {quote(name)} in the store") from None
         except StoreEntryError:
             weights_file = None  # a damaged entry can be deleted too
         try:
             manifest_path.unlink()  # from here on the model does not exist for any reader
         except FileNotFoundError:
-            raise ModelNotFoundError(f"no fine-tuned model {name!r} in the store") from None
+            raise ModelNotFoundError(f"no fine-tuned model {quote(name)} in the store") from None
         except OSError as exc:
             raise InternalError(f"cannot delete {manifest_path}: {exc}") from exc
         if weights_file is not None:
@@ -374,7 +374,7 @@ class ModelStore:
                     continue
                 if not is_model_name(entry.name):
                     errors[entry.name] = StoreEntryError(
-                        "bad_name", f"store entry {entry.name!r} is not a valid model name; it is ignored"
+                        "bad_name", f"store entry {quote(entry.name)} is not a valid model name; it is ignored"
                     )
                     continue
                 try:
@@ -426,5 +426,5 @@ class ModelStore:
 
     def _folder(self, name: str) -> Path:
         if not is_model_name(name):
-            raise ModelNotFoundError(f"{name!r} is not a valid fine-tuned model name")
+            raise ModelNotFoundError(f"{quote(name)} is not a valid fine-tuned model name")
         return self.root / name

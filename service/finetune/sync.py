@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from service.errors import BuiltinModelError, VisionServeError
+from service.errors import BuiltinModelError, VisionServeError, quote
 from service.finetune.files import TimedOut, call_with_timeout
 from service.finetune.heads import StandardizedHead
 from service.finetune.store import Manifest, ModelStore, StoreEntryError
@@ -143,7 +143,7 @@ class StoreSync:
             return manifest.version  # already served (this server wrote it, or only the file's time changed)
         if manifest.base_model not in builtin:
             raise StoreEntryError(
-                "base_not_served", f"{name}: base model {manifest.base_model!r} is not served by this server"
+                "base_not_served", f"{name}: base model {quote(manifest.base_model)} is not served by this server"
             )
         expected = get_model_spec(manifest.base_model).feature_dim
         if manifest.feature_dim != expected:

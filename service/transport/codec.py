@@ -19,7 +19,7 @@ import numpy as np
 
 from service.classification import top_k
 from service.dataplane import InferenceInput, InferenceResult, too_many_images
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, quote
 from vision_client._proto.inference import grpc_service_pb2 as pb
 
 IMAGE = "IMAGE"
@@ -124,7 +124,7 @@ def _parse_inputs(request: pb.ModelInferRequest, max_images: int) -> InferenceIn
     unknown = [name for name in names if name not in (IMAGE, PIXELS)]
     if unknown:
         raise InvalidInputError(
-            f"unknown input {unknown[0]!r}: inputs are IMAGE (BYTES [N], encoded images) "
+            f"unknown input {quote(unknown[0])}: inputs are IMAGE (BYTES [N], encoded images) "
             "or PIXELS (FP32 [N,3,H,W], preprocessed)"
         )
     if len(names) != 1:
@@ -158,7 +158,9 @@ def _parse_inputs(request: pb.ModelInferRequest, max_images: int) -> InferenceIn
 
 def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int], raw: bytes | None) -> list[bytes]:
     if tensor.datatype != "BYTES":
-        raise InvalidInputError(f"input IMAGE must have datatype BYTES (encoded image files), got {tensor.datatype!r}")
+        raise InvalidInputError(
+            f"input IMAGE must have datatype BYTES (encoded image files), got {quote(tensor.datatype)}"
+        )
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise InvalidInputError(f"input IMAGE must have shape [N] or [N,1], got {shape}")
     if shape[0] == 0:
@@ -183,7 +185,7 @@ def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
 
 def _parse_pixels(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int], raw: bytes | None) -> np.ndarray:
     if tensor.datatype != "FP32":
-        raise InvalidInputError(f"input PIXELS must have datatype FP32, got {tensor.datatype!r}")
+        raise InvalidInputError(f"input PIXELS must have datatype FP32, got {quote(tensor.datatype)}")
     if len(shape) != 4:
         raise InvalidInputError(f"input PIXELS must have shape [N,3,H,W], got {shape} (rank {len(shape)})")
     if 0 in shape:
@@ -241,7 +243,7 @@ def _parse_outputs(request: pb.ModelInferRequest) -> int | None:
         )
     for output in request.outputs:
         if output.name != LOGITS:
-            raise InvalidInputError(f"unknown output {output.name!r}: the only output is LOGITS")
+            raise InvalidInputError(f"unknown output {quote(output.name)}: the only output is LOGITS")
         if output.name in seen:
             raise InvalidInputError("output LOGITS is requested twice; request it once")
         seen.add(output.name)
@@ -250,11 +252,24 @@ def _parse_outputs(request: pb.ModelInferRequest) -> int | None:
     return classification
 
 
+MAX_INT_PARAMETER_DIGITS = 18  # any int64 fits; longer strings are refused before int() sees them
+
+
 def _positive_int(parameter: pb.InferParameter, field: str) -> int:
+    """A positive integer request parameter, as an int64 parameter or a string of ASCII digits.
+
+    ``str.isdigit`` and ``int`` accept far more than a number a person writes ("²", "٣",
+    thousands of digits that cost ``int`` quadratic time): only ``0-9`` are taken, and only so
+    many of them.
+    """
     kind = parameter.WhichOneof("parameter_choice")
     value: object = getattr(parameter, kind) if kind else None
-    if kind == "string_param" and str(value).isdigit():
-        value = int(str(value))
+    if kind == "string_param":
+        text = str(value)
+        if text.isascii() and text.isdigit() and len(text) <= MAX_INT_PARAMETER_DIGITS:
+            value = int(text)
+        else:
+            raise InvalidInputError(f"{field} must be a positive integer (the number of classes), got {quote(text)}")
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{field} must be a positive integer (the number of classes), got {value!r}")
+        raise InvalidInputError(f"{field} must be a positive integer (the number of classes), got {quote(value)}")
     return value

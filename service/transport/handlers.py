@@ -51,6 +51,12 @@ def behaviors(handler: grpc.RpcMethodHandler[Any, Any]) -> Behaviors:
     )
 
 
+def request_deserializer(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[[bytes], Any] | None:
+    """How ``handler`` parses a request's bytes; None when its behaviour takes the bytes."""
+    deserializer: Callable[[bytes], Any] | None = handler.request_deserializer
+    return deserializer
+
+
 def replace(
     handler: grpc.RpcMethodHandler[Req, Resp],
     *,

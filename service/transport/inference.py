@@ -11,7 +11,7 @@ import grpc
 import service
 from service.config import BatchingConfig
 from service.dataplane import DataPlane
-from service.errors import InvalidInputError, ModelNotFoundError
+from service.errors import InvalidInputError, ModelNotFoundError, quote
 from service.model_control import ModelControl
 from service.repository import ServedModel
 from service.statistics import StatisticsCollector
@@ -228,7 +228,8 @@ def _control_target(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelU
     """The model a load or unload request names, after refusing what this server does not do."""
     if request.repository_name:
         raise ModelNotFoundError(
-            f"no model repository named {request.repository_name!r}; this server has one: leave repository_name empty"
+            f"no model repository named {quote(request.repository_name)}; "
+            "this server has one: leave repository_name empty"
         )
     # tritonclient always sends `unload_dependents`; fine-tuned models on a built-in model share
     # its backbone and are unloaded with it whatever its value. Configs and files are not taken.
