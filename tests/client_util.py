@@ -22,7 +22,9 @@ from typing import Any
 from tests.conftest import TOKEN
 from vision_client import AsyncClient, Client, FineTuneConfig, HeadConfig, OptimizerConfig
 
-README = Path(__file__).resolve().parent.parent / "clients" / "python" / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+READMES = (ROOT / "clients" / "python" / "README.md", ROOT / "README.md")
+"""The pages whose python examples the tests run: the SDK's and the project's tour."""
 CLI = Path(sys.executable).parent / "vision-client"
 FINE_TUNING_SECTION = "Fine-tuning"
 
@@ -112,12 +114,12 @@ EVERY_SETTING = FineTuneConfig(
 
 
 def readme_examples(*, fine_tuning: bool) -> list[str]:
-    """The README's python blocks: those of its fine-tuning section, or all the others.
+    """The READMEs' python blocks: those of their fine-tuning sections, or all the others.
 
     The fine-tuning examples need a server with a model store, so they run in
     ``test_client_finetune.py``; the others in ``test_client.py``.
     """
-    sections = re.split(r"^## ", README.read_text(), flags=re.M)
+    sections = [section for readme in READMES for section in re.split(r"^## ", readme.read_text(), flags=re.M)]
     return [
         block
         for section in sections

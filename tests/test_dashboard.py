@@ -1,7 +1,7 @@
 """The Grafana dashboard: importable JSON, wired into the overlays, and every query evaluated
 by a real Prometheus server scraping a real server under load (inference and a fine-tuning job).
 
-Set ``VISION_DASHBOARD_PNG=path`` to also draw the panels (deploy/README's picture) and
+Set ``VISION_DASHBOARD_PNG=path`` to also draw the panels (docs/deployment.md's picture) and
 ``VISION_DASHBOARD_SECONDS`` to run the load for longer than the test needs.
 """
 

@@ -1,6 +1,6 @@
 """Security in deploy/: the token Secret, the optional TLS components, probes that survive TLS.
 
-The Secrets are made by the very commands deploy/README.md documents (``kubectl create secret
+The Secrets are made by the very commands docs/deployment.md documents (``kubectl create secret
 ... --dry-run=client``) and validated strictly, together with the overlays built with the
 ``tls`` and ``mtls`` components. Skips without kubectl unless ``CI`` is set.
 """
@@ -34,7 +34,7 @@ from tests.test_deploy import (  # noqa: E402
     _one,
 )
 
-README = (DEPLOY / "README.md").read_text()
+README = (DEPLOY.parent / "docs" / "deployment.md").read_text()
 
 
 def _kubectl() -> str:
@@ -130,7 +130,7 @@ def test_the_documented_secrets_are_valid_and_match_the_manifests(tmp_path: Path
 
     kubectl = _kubectl()
     documented = re.search(r"kubectl -n vision create secret generic (\S+) --from-literal=(\w+)=", README)
-    assert documented, "deploy/README.md shows how to create the token Secret"
+    assert documented, "docs/deployment.md shows how to create the token Secret"
     assert (documented.group(1), documented.group(2)) == (AUTH_SECRET, AUTH_KEY)
     assert f"create secret tls {TLS_SECRET} " in README
 
