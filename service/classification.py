@@ -21,7 +21,8 @@ def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[list[ClassScore
     if k < 1:
         raise InvalidInputError(f"classification count must be a positive integer, got {k}")
     k = min(k, logits.shape[1])
-    # argsort of the negated row keeps ties in index order (stable).
+    # argsort of the negated row keeps ties in index order (stable). NaN (a head that diverged)
+    # ranks last: argsort puts NaN at the end, and negating keeps it NaN.
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     return [
         [ClassScore(float(row[i]), int(i), labels[i] if i < len(labels) else str(i)) for i in indices]

@@ -264,6 +264,11 @@ class DataPlane:
             raise InvalidInputError(
                 f"PIXELS of {height}x{width} exceed the limit of {self._config.max_image_pixels} pixels per image"
             )
+        if not _all_finite(pixels):
+            raise InvalidInputError(
+                "PIXELS hold NaN or infinite values; send finite, preprocessed values "
+                "(a network's output for them is meaningless)"
+            )
 
     async def _run(
         self, model: ServedModel, pixels: torch.Tensor, deadline: float | None, reservation: Reservation
@@ -367,3 +372,12 @@ def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future
 
     with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
         loop.call_soon_threadsafe(resolve)
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite, usually at the cost of one sum: NaN and infinities carry
+    into it. A sum that overflows (finite values near float32's limit) is checked element-wise."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(values.sum(dtype=np.float32)):
+            return True
+    return bool(np.isfinite(values).all())

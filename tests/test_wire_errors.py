@@ -171,3 +171,41 @@ def test_quote_cuts_long_input_and_says_how_long_it_was() -> None:
     cut = quote("x" * 10_000)
     assert cut.startswith("'" + "x" * QUOTE_CHARS + "'") and "10000 characters" in cut
     assert len(cut) < QUOTE_CHARS + 40
+
+
+def pixels_request(values: np.ndarray, *, raw: bool) -> infer_pb.ModelInferRequest:
+    request = infer_pb.ModelInferRequest(model_name=TINY)
+    tensor = request.inputs.add(name="PIXELS", datatype="FP32", shape=list(values.shape))
+    if raw:
+        request.raw_input_contents.append(values.astype("<f4").tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(values.ravel().tolist())
+    return request
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_pixels_that_are_not_finite_are_invalid_argument(tiny_server, caplog, raw: bool, bad: float) -> None:
+    values = np.zeros((2, 3, 224, 224), np.float32)
+    values[1, 2, 100, 7] = bad
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=infer_pb.ModelInferRequest.SerializeToString,
+            response_deserializer=infer_pb.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            call(pixels_request(values, raw=raw), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "NaN or infinite" in raised.value.details()
+        # Finite values whose sum overflows float32 are still served.
+        huge = np.full((1, 3, 224, 224), 3e38, np.float32)
+        assert call(pixels_request(huge, raw=raw), timeout=30).model_name == TINY
+    no_tracebacks(caplog)
+
+
+def test_classification_ranks_nan_last() -> None:
+    from service.classification import top_k
+
+    rows = top_k(np.array([[np.nan, 1.0, 2.0, -np.inf]], np.float32), 4, ["a", "b", "c", "d"])
+    assert [score.label for score in rows[0]] == ["c", "b", "d", "a"]
