@@ -79,10 +79,19 @@ class ServerMetrics:
         self.store_errors = Counter(
             "vision_store_errors", "Model store entries skipped because they cannot be served.", ["reason"], registry=r
         )
+        self.tls_reload_errors = Counter(
+            "vision_tls_reload_errors",
+            "Rotated TLS files refused (the previous certificate keeps serving), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self._runtime_series: set[tuple[str, str]] = set()
 
         # Triton's per model and version statistics (ModelStatistics), from the same events.
         self.statistics = StatisticsCollector()
+
+    def record_tls_reload_error(self, reason: str) -> None:
+        self.tls_reload_errors.labels(reason).inc()
 
     def record_store_error(self, reason: str) -> None:
         """Count a model store entry skipped because it cannot be served (``reason``: a short label)."""

@@ -67,7 +67,11 @@ class VisionServer:
         self.jobs = JobManager(self.dataplane, self.repository, self.store, self.metrics, limits)
         self._access = policy_from(config.auth_token_file, config.auth_scope)
         tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
-        self._tls = CertificateFiles(tls_files) if tls_files is not None else None
+        self._tls = (
+            CertificateFiles(tls_files, on_rejected=self.metrics.record_tls_reload_error)
+            if tls_files is not None
+            else None
+        )
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port = 0
         self._sync_task: asyncio.Task[None] | None = None

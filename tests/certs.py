@@ -50,8 +50,16 @@ class CertificateAuthority:
     def pem(self) -> bytes:
         return self._cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str, *, server: bool) -> Issued:
-        """A leaf certificate: for a server on loopback (localhost, 127.0.0.1, ::1), or a client."""
+    def issue(
+        self,
+        common_name: str,
+        *,
+        server: bool,
+        valid_from: datetime.datetime | None = None,
+        valid_until: datetime.datetime | None = None,
+    ) -> Issued:
+        """A leaf certificate: for a server on loopback (localhost, 127.0.0.1, ::1), or a client;
+        valid from five minutes ago for a day unless told otherwise."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         builder = (
@@ -60,8 +68,8 @@ class CertificateAuthority:
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(valid_from or now - datetime.timedelta(minutes=5))
+            .not_valid_after(valid_until or now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service.finetune.files import FileRefused, TimedOut, call_with_timeout, read_bounded
+from service.files import FileRefused, TimedOut, call_with_timeout, read_bounded
 from service.finetune.store import ModelStore, StoreEntryError
 from tests.metrics_util import sample_value, scrape
 from tests.store_util import manifest_of, save_head, write_manifest

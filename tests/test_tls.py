@@ -10,6 +10,8 @@ answers health checks and nothing else.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import os
 from pathlib import Path
 
 import grpc
@@ -19,8 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import ServeConfig
 from service.errors import FailedPreconditionError
+from service.files import MAX_TLS_FILE_BYTES
 from service.transport.tls import CertificateFiles, TlsFiles
-from tests.certs import CertificateAuthority, write_atomically, write_pair
+from tests.certs import CertificateAuthority, Issued, write_atomically, write_pair
+from tests.metrics_util import sample_value, scrape
 from vision_client import AsyncClient, Client, UnavailableError
 from vision_client._proto.inference import grpc_service_pb2 as infer_pb
 from vision_client._proto.inference import grpc_service_pb2_grpc as infer_grpc
@@ -160,6 +164,72 @@ def test_rotated_certificates_are_served_without_a_restart(serve_inprocess, tls_
     # Fixed files are picked up again.
     write_pair(tls_files["cert"].parent, ca.issue("localhost", server=True), "server")
     assert _liveness(server.target, old_trust) == SERVING
+
+
+def _rotations(ca: CertificateAuthority) -> dict[str, Issued]:
+    """Rotations that cannot work, by the reason they are refused for."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "expired": ca.issue("localhost", server=True, valid_from=now - datetime.timedelta(days=2),
+                            valid_until=now - datetime.timedelta(minutes=1)),
+        "not_yet_valid": ca.issue("localhost", server=True, valid_from=now + datetime.timedelta(hours=1),
+                                  valid_until=now + datetime.timedelta(days=2)),
+        "key_mismatch": Issued(cert=ca.issue("localhost", server=True).cert,
+                               key=ca.issue("localhost", server=True).key),
+        "malformed": Issued(cert=b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+                            key=ca.issue("localhost", server=True).key),
+    }  # fmt: skip
+
+
+def test_a_rotation_that_cannot_work_is_refused_logged_once_and_counted(tls_files, ca, caplog) -> None:
+    """Expired, not yet valid, a foreign key, garbage, a FIFO, /dev/zero: the previous
+    certificate keeps serving; each refusal is counted by its reason."""
+    refused: list[str] = []
+    files = CertificateFiles(TlsFiles(tls_files["cert"], tls_files["key"]), on_rejected=refused.append)
+    assert files.fetch() is None  # nothing changed
+    directory = tls_files["cert"].parent
+    for reason, issued in _rotations(ca).items():
+        write_pair(directory, issued, "server")
+        assert files.fetch() is None, reason
+        assert files.fetch() is None, reason  # the same bad files: not read, logged or counted again
+        assert refused[-1] == reason
+    assert len(refused) == 4
+    assert caplog.text.count("cannot be used") == 4
+
+    fifo = directory / "fifo.crt"
+    os.mkfifo(fifo)
+    zero = directory / "zero.crt"
+    zero.symlink_to("/dev/zero")
+    for path in (fifo, zero):
+        os.replace(path, tls_files["cert"])
+        assert files.fetch() is None  # at once: neither waits on the FIFO nor reads /dev/zero
+        assert refused[-1] == "not_regular_file"
+    big = directory / "big.crt"
+    big.write_bytes(b"x" * (MAX_TLS_FILE_BYTES + 1))
+    os.replace(big, tls_files["cert"])
+    assert files.fetch() is None and refused[-1] == "too_large"
+
+    write_pair(directory, ca.issue("localhost", server=True), "server")
+    assert files.fetch() is not None  # a sound rotation is taken
+
+
+def test_an_expired_certificate_rotated_in_keeps_the_previous_one_serving(serve_inprocess, tls_files, ca) -> None:
+    server = _tls_server(serve_inprocess, tls_files, wait_loaded=False)
+    trust = grpc.ssl_channel_credentials(ca.pem)
+    assert _liveness(server.target, trust) == SERVING
+    expired = _rotations(ca)["expired"]
+    write_pair(tls_files["cert"].parent, expired, "server")
+    assert _liveness(server.target, trust) == SERVING  # a new handshake, with the previous certificate
+    assert sample_value(scrape(server.metrics_url), "vision_tls_reload_errors_total", reason="expired") == 1
+
+
+def test_an_expired_certificate_stops_the_server_at_start_with_a_clear_error(tmp_path, ca) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = ca.issue("localhost", server=True, valid_from=now - datetime.timedelta(days=2),
+                       valid_until=now - datetime.timedelta(days=1))  # fmt: skip
+    cert, key = write_pair(tmp_path, expired, "server")
+    with pytest.raises(FailedPreconditionError, match="expired"):
+        CertificateFiles(TlsFiles(cert, key))
 
 
 def test_health_port_answers_health_in_plaintext_and_nothing_else(serve_inprocess, tls_files) -> None:

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from service.finetune.files import FileRefused, atomic_write, read_bounded
+from service.files import FileRefused, atomic_write, read_bounded
 from service.finetune.job import Job, JobState
 from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec
 from service.finetune.store import StoreEntryError, parse_json

@@ -44,7 +44,7 @@ from safetensors.torch import save as save_safetensors
 
 from service.config import FineTuneLimits
 from service.errors import AlreadyExistsError, InternalError, InvalidInputError, ModelNotFoundError, quote
-from service.finetune.files import FileRefused, read_bounded, sync_directory, write_temporary
+from service.files import FileRefused, read_bounded, sync_directory, write_temporary
 from service.finetune.heads import StandardizedHead, build_standardized_head
 from service.finetune.names import is_model_name
 from service.finetune.spec import HeadSpec, validate_head

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 
 from service.errors import BuiltinModelError, VisionServeError, quote
-from service.finetune.files import TimedOut, call_with_timeout
+from service.files import TimedOut, call_with_timeout
 from service.finetune.heads import StandardizedHead
 from service.finetune.store import Manifest, ModelStore, StoreEntryError
 from service.metrics import ServerMetrics

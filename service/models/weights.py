@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from service.errors import WeightsUnavailableError
+from service.files import MAX_NETWORK_FILE_BYTES, FileRefused, open_regular
 from service.models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -139,14 +140,17 @@ def _with_state(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> torch.nn.
 
 def _from_directory(spec: ModelSpec, directory: Path) -> torch.nn.Module:
     path = directory / f"{spec.name}.pth"
-    if not path.is_file():
-        raise WeightsUnavailableError(f"no weights for {spec.name}: expected the state dict file {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = _with_state(spec, state)
+        # Followed if a symlink: weights directories are often mounted volumes of links.
+        with open_regular(path, MAX_NETWORK_FILE_BYTES, follow_symlinks=True) as file:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        return _with_state(spec, state)
+    except FileNotFoundError:
+        raise WeightsUnavailableError(f"no weights for {spec.name}: expected the state dict file {path}") from None
+    except FileRefused as exc:
+        raise WeightsUnavailableError(f"cannot read the weights of {spec.name}: {exc}") from exc
     except Exception as exc:
         raise WeightsUnavailableError(
             f"cannot load {path} as the state dict of torchvision's {spec.name} "
             f"({type(exc).__name__}: {exc}); save it with torch.save(model.state_dict(), path)"
         ) from exc
-    return model

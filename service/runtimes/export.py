@@ -27,10 +27,12 @@ import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from service.errors import FailedPreconditionError
+from service.files import MAX_CACHE_ENTRY_BYTES, MAX_NETWORK_FILE_BYTES, FileRefused, open_regular, read_bounded
 from service.models import ModelSpec
 from service.runtimes.base import FEATURES, LOGITS
 
@@ -149,18 +151,21 @@ class ExportCache:
     def check(self, entry: Path) -> str | None:
         """Why ``entry`` cannot be used, or None when it is sound."""
         try:
-            meta = json.loads((entry / ENTRY_FILE).read_text())
+            meta = json.loads(read_bounded(entry / ENTRY_FILE, MAX_CACHE_ENTRY_BYTES))
             if meta.get("format") != EXPORT_FORMAT or meta.get("key") != entry.name:
                 return "written by another version"
             for name in ENTRY_FILES:
                 recorded = meta["files"][name]
-                size = (entry / name).stat().st_size
-                if size != recorded["size"]:
-                    return f"{name} has {size} bytes, expected {recorded['size']}"
-                if _file_sha256(entry / name) != recorded["sha256"]:
-                    return f"{name} does not match its recorded SHA-256"
+                with open_regular(entry / name, MAX_NETWORK_FILE_BYTES) as file:
+                    size = os.fstat(file.fileno()).st_size
+                    if size != recorded["size"]:
+                        return f"{name} has {size} bytes, expected {recorded['size']}"
+                    if _sha256(file) != recorded["sha256"]:
+                        return f"{name} does not match its recorded SHA-256"
         except FileNotFoundError as exc:
             return f"{Path(exc.filename or '?').name} is missing"
+        except FileRefused as exc:
+            return str(exc)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
@@ -255,10 +260,14 @@ def _move_weights_out(exported: Path, staging: Path) -> None:
 
 
 def _file_sha256(path: Path) -> str:
+    with open_regular(path, MAX_NETWORK_FILE_BYTES) as file:
+        return _sha256(file)
+
+
+def _sha256(file: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
+    while chunk := file.read(1 << 22):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

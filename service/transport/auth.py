@@ -18,13 +18,14 @@ interceptor, outside this one, answers them.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from urllib.parse import unquote
 import grpc
 
 from service.errors import AuthenticationError, FailedPreconditionError, PermissionDeniedError
+from service.files import MAX_TOKEN_FILE_BYTES, SMALL_FILE_TIMEOUT_S, FileRefused, in_daemon_thread, read_bounded
 from service.transport.handlers import AioContext, Continuation, Req, Resp, behaviors, replace, responses
 
 log = logging.getLogger(__name__)
@@ -129,17 +131,24 @@ def _digest(token: bytes) -> bytes:
 class TokenFile:
     """The tokens of ``--auth-token-file``, read again whenever the file changes.
 
-    The file is checked (one ``stat``) on each protected call; a new inode, size or
+    The file is checked (one ``stat``) before each protected call; a new inode, size or
     modification time makes it read again, so a token can be added, rolled out to
     clients and the old one removed without a restart (Kubernetes updates a mounted
-    Secret by swapping a symlink: a new inode). A file that disappears or becomes empty
-    after start-up refuses every token (and says so in the log) until it is fixed.
+    Secret by swapping a symlink: a new inode). A file that disappears, becomes empty or
+    is no longer a regular file of sane size after start-up refuses every token (and says
+    so in the log) until it is fixed.
+
+    On the server the check runs off the event loop (:meth:`refresh`), in one daemon thread
+    at a time, waited for a few seconds at most: a hung network file system delays protected
+    calls by that much and stops nothing else; meanwhile the tokens read last stay in force.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._signature: tuple[int, ...] | None = None
-        self._digests: tuple[bytes, ...] = ()
+        # (file signature, token digests), replaced whole: the reading thread swaps it.
+        self._state: tuple[tuple[int, ...] | None, tuple[bytes, ...]] = (None, ())
+        self._reading: asyncio.Future[None] | None = None
+        self._slow = False
         self._reload(initial=True)
 
     def _stat(self) -> tuple[int, ...]:
@@ -147,19 +156,22 @@ class TokenFile:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _reload(self, *, initial: bool = False) -> None:
+        signature_before, _ = self._state
         try:
             signature = self._stat()
-            if signature == self._signature:
+            if signature == signature_before:
                 return
-            tokens = parse_tokens(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
+            # Followed if a symlink: a mounted Secret is one.
+            data = read_bounded(self.path, MAX_TOKEN_FILE_BYTES, follow_symlinks=True)
+            tokens = parse_tokens(data.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, FileRefused) as exc:
             if initial:
                 raise FailedPreconditionError(f"cannot read --auth-token-file {self.path}: {exc}") from exc
-            if self._signature is not None:
+            if signature_before is not None:
                 log.error(
                     "cannot read --auth-token-file %s (%s): refusing every token until it is back", self.path, exc
                 )
-            self._signature, self._digests = None, ()
+            self._state = (None, ())
             return
         if not tokens:
             message = f"--auth-token-file {self.path} holds no token; put one a line (e.g. `openssl rand -hex 32`)"
@@ -173,15 +185,37 @@ class TokenFile:
                 )
         if not initial:
             log.info("re-read %s: %d token(s)", self.path, len(tokens))
-        self._signature = signature
-        self._digests = tuple(_digest(token.encode("utf-8")) for token in tokens)
+        self._state = (signature, tuple(_digest(token.encode("utf-8")) for token in tokens))
+
+    async def refresh(self) -> None:
+        """Re-read the file if it changed, off the event loop, waiting at most a few seconds."""
+        if self._reading is None or self._reading.done():
+            self._reading = in_daemon_thread(self._reload, "auth-token-file")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reading), SMALL_FILE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            if not self._slow:
+                log.error(
+                    "--auth-token-file %s: no answer from the file system within %gs; "
+                    "the tokens read last stay in force until it answers",
+                    self.path,
+                    SMALL_FILE_TIMEOUT_S,
+                )
+            self._slow = True
+            return
+        self._slow = False
 
     def accepts(self, token: str) -> bool:
-        """Whether ``token`` is one of the file's, compared in constant time against every one."""
+        """Re-read the file if it changed (blocking), then :meth:`matches`."""
         self._reload()
+        return self.matches(token)
+
+    def matches(self, token: str) -> bool:
+        """Whether ``token`` is one of the tokens read last, compared in constant time against every one."""
+        _, digests = self._state
         given = _digest(token.encode("utf-8", "surrogateescape"))
         accepted = False
-        for expected in self._digests:  # no early exit: every token costs the same
+        for expected in digests:  # no early exit: every token costs the same
             accepted |= hmac.compare_digest(given, expected)
         return accepted
 
@@ -230,7 +264,7 @@ class AccessPolicy:
         token = bearer_token(authorization)
         if token is None:
             raise AuthenticationError("send exactly one 'authorization: Bearer <token>' metadata entry")
-        if not self.tokens.accepts(token):
+        if not self.tokens.matches(token):
             raise AuthenticationError("the bearer token is not valid for this server")
 
 
@@ -264,14 +298,18 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization"
         ]
 
-        def check(context: AioContext) -> None:
+        tokens = self._policy.tokens
+
+        async def check(context: AioContext) -> None:
+            if tokens is not None:
+                await tokens.refresh()  # off the event loop
             self._policy.check(scope, authorization, context.peer())
 
         return _guarded(handler, check)
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler[Req, Resp], check: Callable[[AioContext], None]
+    handler: grpc.RpcMethodHandler[Req, Resp], check: Callable[[AioContext], Awaitable[None]]
 ) -> grpc.RpcMethodHandler[Req, Resp]:
     """``handler`` with ``check(context)`` run before its behaviour."""
     given = behaviors(handler)
@@ -279,7 +317,7 @@ def _guarded(
     if behavior is not None:
 
         async def unary(request: Any, context: AioContext) -> Any:
-            check(context)
+            await check(context)
             return await behavior(request, context)
 
         if given.unary_unary:
@@ -290,7 +328,7 @@ def _guarded(
     assert stream_behavior is not None, "a method handler has one behaviour"
 
     async def stream(request: Any, context: AioContext) -> AsyncIterator[Any]:
-        check(context)
+        await check(context)
         async for response in responses(stream_behavior, request, context):
             yield response
 

@@ -2,23 +2,30 @@
 
 gRPC asks :meth:`CertificateFiles.fetch` for the current configuration before each new
 handshake; it answers None (keep what you have) unless a file changed since the last
-load. A changed set of files is checked (certificate and key parse and match, the client
-CA parses) before it is served; a bad set is logged and the previous one keeps serving,
-so a half-finished rotation never takes the server off the air. Connections already open
-keep the certificate they were set up with.
+load. A changed set of files is checked before it is served: the certificate and key parse
+and match, the certificate is valid now (not expired, not yet to come), the client CA parses.
+A bad set is logged once, counted (``vision_tls_reload_errors_total{reason}``), and the
+previous one keeps serving, so a half-finished or mistaken rotation never takes the server
+off the air. Connections already open keep the certificate they were set up with. The files
+are read through the one bounded reader (regular files of sane size; symlinks followed, as a
+mounted Secret is one).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from service.errors import FailedPreconditionError
+from service.files import MAX_TLS_FILE_BYTES, FileRefused, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,43 @@ class _Changing(Exception):
     """The files changed while they were read: a rotation is in progress; try again later."""
 
 
+class CertificateRejected(Exception):
+    """A set of TLS files that cannot work; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_certificate(cert: bytes, key: bytes, client_ca: bytes | None, *, now: datetime | None = None) -> None:
+    """Raise :class:`CertificateRejected` unless ``cert`` (a PEM chain) and ``key`` can serve TLS
+    now: both parse, the key is the certificate's, the certificate is within its validity."""
+    try:
+        chain = x509.load_pem_x509_certificates(cert)
+    except ValueError as exc:
+        raise CertificateRejected("malformed", f"the certificate file holds no PEM certificate ({exc})") from exc
+    try:
+        private_key = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:  # TypeError: an encrypted key
+        raise CertificateRejected("malformed", f"the key file holds no unencrypted PEM private key ({exc})") from exc
+    leaf = chain[0]
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private_key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise CertificateRejected("key_mismatch", "the private key does not belong to the certificate")
+    now = now or datetime.now(timezone.utc)
+    if now < leaf.not_valid_before_utc:
+        raise CertificateRejected(
+            "not_yet_valid", f"the certificate is valid only from {leaf.not_valid_before_utc.isoformat()}"
+        )
+    if now > leaf.not_valid_after_utc:
+        raise CertificateRejected("expired", f"the certificate expired at {leaf.not_valid_after_utc.isoformat()}")
+    if client_ca is not None:
+        try:
+            x509.load_pem_x509_certificates(client_ca)
+        except ValueError as exc:
+            raise CertificateRejected("malformed", f"the client CA file holds no PEM certificate ({exc})") from exc
+
+
 @dataclass(frozen=True)
 class _Loaded:
     signature: tuple[tuple[int, ...], ...]
@@ -62,14 +106,15 @@ class _Loaded:
 class CertificateFiles:
     """Reads and checks :class:`TlsFiles`; builds credentials that re-read them on change."""
 
-    def __init__(self, files: TlsFiles) -> None:
+    def __init__(self, files: TlsFiles, on_rejected: Callable[[str], None] | None = None) -> None:
         self.files = files
+        self._on_rejected = on_rejected or (lambda reason: None)
         try:
             self._current = self._load()
-        except (OSError, ssl.SSLError, ValueError, _Changing) as exc:
+        except (OSError, FileRefused, CertificateRejected, _Changing) as exc:
             raise FailedPreconditionError(
                 f"cannot use the TLS files ({', '.join(map(str, files.paths()))}): {exc}; pass a PEM certificate "
-                "chain, its PEM private key (unencrypted) and, for mutual TLS, a PEM CA bundle"
+                "chain valid now, its PEM private key (unencrypted) and, for mutual TLS, a PEM CA bundle"
             ) from exc
         self._rejected: tuple[tuple[int, ...], ...] | None = None  # a bad set of files, not tried again
         self._last_error = ""
@@ -92,18 +137,17 @@ class CertificateFiles:
             out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         return tuple(out)
 
+    def _read(self, path: Path) -> bytes:
+        return read_bounded(path, MAX_TLS_FILE_BYTES, follow_symlinks=True)
+
     def _load(self) -> _Loaded:
         before = self._signature()
-        cert = self.files.cert.read_bytes()
-        key = self.files.key.read_bytes()
-        ca = self.files.client_ca.read_bytes() if self.files.client_ca is not None else None
-        # The standard library parses the PEM and checks that the key belongs to the certificate.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.files.cert, self.files.key)
-        if ca is not None:
-            context.load_verify_locations(cadata=ca.decode("ascii"))
+        cert = self._read(self.files.cert)
+        key = self._read(self.files.key)
+        ca = self._read(self.files.client_ca) if self.files.client_ca is not None else None
         if self._signature() != before:
             raise _Changing("the files changed while they were read; try again")
+        check_certificate(cert, key, ca)
         config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
         return _Loaded(before, config)
 
@@ -127,7 +171,9 @@ class CertificateFiles:
                 self._rejected = None  # a file is missing: look again at the next handshake
             if str(exc) != self._last_error:
                 self._last_error = str(exc)
+                reason = exc.reason if isinstance(exc, (CertificateRejected, FileRefused)) else "unreadable"
                 log.error("TLS files changed but cannot be used (%s); still serving the previous certificate", exc)
+                self._on_rejected(reason)
             return None
         self._current, self._rejected, self._last_error = loaded, None, ""
         log.info("TLS certificate re-read from %s", ", ".join(map(str, self.files.paths())))
