@@ -71,6 +71,9 @@ class ServeConfig:
     max_request_images: int | None = None  # images in one request; None: the queue size
     max_stream_in_flight: int = 64  # requests of one ModelStreamInfer call being worked on at once (>= a batch)
     max_message_bytes: int = 64 * 1024 * 1024
+    # A call's first request message must arrive within this of its start (service.transport.requests);
+    # a 64 MB request needs about 17 Mbit/s.
+    first_message_timeout_s: float = 30.0
     model_store: Path | None = None  # None: fine-tuning is off
     store_poll_seconds: float = 5.0
     fine_tuning: FineTuneLimits = field(default_factory=FineTuneLimits)

@@ -6,14 +6,12 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import start_http_server
 
 from service.config import ServeConfig
 from service.dataplane import DataPlane
@@ -24,6 +22,7 @@ from service.finetune.names import LIVENESS_SERVICE, SERVER_SERVICE
 from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
 from service.metrics import ServerMetrics
+from service.metrics_http import MetricsHttpServer
 from service.model_control import ModelControl
 from service.models import WeightsSource
 from service.repository import ModelRepository, ServedModel
@@ -32,7 +31,9 @@ from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
 from service.transport.health import NOT_SERVING, SERVING, HealthServicer
 from service.transport.inference import InferenceServicer, inference_parsing_interceptor
+from service.transport.limits import server_options
 from service.transport.models import ModelsServicer
+from service.transport.requests import RequestReadingInterceptor
 from service.transport.tls import CertificateFiles, TlsFiles
 from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
@@ -94,7 +95,7 @@ class VisionServer:
         self.grpc_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_http: WSGIServer | None = None
+        self._metrics_http = MetricsHttpServer(self.metrics.registry)
         self._loading: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.load_error: BaseException | None = None
@@ -106,6 +107,8 @@ class VisionServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ErrorMappingInterceptor(),
             AuthorizationInterceptor(self._access),  # inside: its refusals get mapped
+            # Reads requests (first-message deadline, parsing) once the caller is let in.
+            RequestReadingInterceptor(self.config.first_message_timeout_s),
             inference_parsing_interceptor(self.config.request_images_limit),  # innermost
         ]
         self._grpc = grpc.aio.server(
@@ -113,7 +116,7 @@ class VisionServer:
             options=[
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                *server_options(),
             ],
         )
         inference = InferenceServicer(
@@ -151,9 +154,7 @@ class VisionServer:
         for model in self.repository.all():
             self.health.set(model.name, NOT_SERVING)
         metrics_host = self.config.metrics_host or self.config.host
-        metrics_http, _ = start_http_server(self.config.metrics_port, addr=metrics_host, registry=self.metrics.registry)
-        self._metrics_http = metrics_http
-        self.metrics_port = metrics_http.server_port
+        self.metrics_port = await self._metrics_http.start(metrics_host, self.config.metrics_port)
         log.info(
             "serving gRPC (%s) on %s:%d and metrics on http://%s:%d/metrics; loading %s on %s",
             "plaintext" if self._tls is None else "mutual TLS" if self._tls.mutual else "TLS",
@@ -170,7 +171,8 @@ class VisionServer:
         """A second, plaintext port that serves grpc.health.v1 and nothing else: kubelet's gRPC
         probes cannot speak TLS. It shares the health servicer, so it tells the same story."""
         self._health_grpc = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()], options=[("grpc.so_reuseport", 0)]
+            interceptors=[ErrorMappingInterceptor(), RequestReadingInterceptor(self.config.first_message_timeout_s)],
+            options=server_options(),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
         self.health_port = self._health_grpc.add_insecure_port(f"{_host(self.config.host)}:{port}")
@@ -246,9 +248,7 @@ class VisionServer:
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=None)
         await self.repository.stop()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        await self._metrics_http.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 

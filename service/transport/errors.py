@@ -3,21 +3,17 @@
 :class:`VisionServeError` subclasses carry the code's name in ``status`` and a
 message for people; anything else is a bug: it is logged with its traceback
 and the client gets INTERNAL with a generic message.
-
-Requests that are not protobuf messages of their method are the caller's fault too: the
-interceptor takes over parsing from gRPC (which would answer UNKNOWN and log a traceback) and
-answers INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from service.errors import InvalidInputError, VisionServeError
+from service.errors import VisionServeError
 from service.transport.handlers import (
     AioContext,
     Continuation,
@@ -27,7 +23,6 @@ from service.transport.handlers import (
     UnaryBehavior,
     behaviors,
     replace,
-    request_deserializer,
     responses,
 )
 
@@ -62,55 +57,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         behavior = behaviors(handler)
-        parse = request_deserializer(handler)
-        takes_bytes = parse is not None
         if behavior.unary_unary:
-            unary = behavior.unary_unary if parse is None else _parsing_unary(behavior.unary_unary, parse)
-            return replace(handler, unary_unary=_wrap_unary(unary), drop_request_deserializer=takes_bytes)
+            return replace(handler, unary_unary=_wrap_unary(behavior.unary_unary))
         if behavior.stream_unary:
-            unary = behavior.stream_unary if parse is None else _parsing_stream(behavior.stream_unary, parse)
-            return replace(handler, stream_unary=_wrap_unary(unary), drop_request_deserializer=takes_bytes)
+            return replace(handler, stream_unary=_wrap_unary(behavior.stream_unary))
         if behavior.unary_stream:
-            stream = behavior.unary_stream if parse is None else _parsing_unary(behavior.unary_stream, parse)
-            return replace(handler, unary_stream=_wrap_stream(stream), drop_request_deserializer=takes_bytes)
+            return replace(handler, unary_stream=_wrap_stream(behavior.unary_stream))
         if behavior.stream_stream:
-            stream = behavior.stream_stream if parse is None else _parsing_stream(behavior.stream_stream, parse)
-            return replace(handler, stream_stream=_wrap_stream(stream), drop_request_deserializer=takes_bytes)
+            return replace(handler, stream_stream=_wrap_stream(behavior.stream_stream))
         return handler
-
-
-B = TypeVar("B", UnaryBehavior, StreamBehavior)
-
-
-def _parse(parse: Callable[[bytes], Any], data: bytes) -> Any:
-    try:
-        return parse(data)
-    except Exception as exc:  # protobuf's DecodeError, or any parser's refusal
-        raise InvalidInputError(
-            "the request is not a valid protobuf message of this method; send the method's request message"
-        ) from exc
-
-
-def _parsing_unary(behavior: B, parse: Callable[[bytes], Any]) -> B:
-    """``behavior`` taking the request's bytes (one request) and parsing them itself."""
-
-    def wrapper(data: bytes, context: AioContext) -> Any:
-        return behavior(_parse(parse, data), context)
-
-    return cast(B, wrapper)
-
-
-def _parsing_stream(behavior: B, parse: Callable[[bytes], Any]) -> B:
-    """``behavior`` taking the requests' bytes (a request stream) and parsing each itself."""
-
-    async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-        async for data in requests:
-            yield _parse(parse, data)
-
-    def wrapper(requests: AsyncIterator[bytes], context: AioContext) -> Any:
-        return behavior(parsed(requests), context)
-
-    return cast(B, wrapper)
 
 
 def _wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:

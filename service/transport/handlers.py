@@ -100,3 +100,22 @@ async def responses(behavior: StreamBehavior, request: Any, context: AioContext)
         return
     async for response in result:
         yield response
+
+
+def as_client_streaming(
+    handler: grpc.RpcMethodHandler[Req, Resp],
+    *,
+    stream_unary: UnaryBehavior | None = None,
+    stream_stream: StreamBehavior | None = None,
+) -> grpc.RpcMethodHandler[Req, Resp]:
+    """``handler`` turned into a client-streaming one with the behaviour given, which is handed
+    the requests' bytes as they arrive (gRPC reads a unary request whole before any behaviour runs)."""
+    converted: grpc.RpcMethodHandler[Req, Resp] = handler._replace(  # type: ignore[attr-defined]
+        request_streaming=True,
+        request_deserializer=None,
+        unary_unary=None,
+        unary_stream=None,
+        stream_unary=stream_unary,
+        stream_stream=stream_stream,
+    )
+    return converted
