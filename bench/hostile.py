@@ -20,6 +20,7 @@ It prints a table and writes JSON to ``--output`` (default ``bench/results/hosti
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import io
 import json
@@ -32,8 +33,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import zlib
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,13 +96,15 @@ def _jpeg_photo(seed: int) -> bytes:
 class Probe:
     name: str
     description: str
-    run: Callable[[grpc.Channel], str]  # returns the outcome (status code names)
+    run: Callable[[grpc.Channel, Server], str]  # returns the outcome (status code names)
+    # Options of a server of its own (given the server's working directory), or None: the shared one.
+    server_args: Callable[[Path], list[str]] | None = None
 
 
 def _unary(request: pb.ModelInferRequest) -> Callable[[grpc.Channel], str]:
     data = request.SerializeToString()  # sent as bytes: the client's own serialization is not timed
 
-    def run(channel: grpc.Channel) -> str:
+    def run(channel: grpc.Channel, server: Server) -> str:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         try:
             call(data, timeout=CALL_TIMEOUT_S)
@@ -120,7 +125,7 @@ def _stream(count: int) -> Callable[[grpc.Channel], str]:
             request.raw_input_contents.append(pixels)
             yield request
 
-    def run(channel: grpc.Channel) -> str:
+    def run(channel: grpc.Channel, server: Server) -> str:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         answered = failed = 0
         try:
@@ -132,6 +137,176 @@ def _stream(count: int) -> Callable[[grpc.Channel], str]:
         return f"{answered - failed} OK, {failed} errors"
 
     return run
+
+
+# -- second round: pending calls, slow clients, files, codes ---------------------------------------
+
+
+def _codes(codes: list[str]) -> str:
+    counts = Counter(codes)
+    return ", ".join(f"{count} {code}" for code, count in counts.most_common())
+
+
+def _pending_calls(count: int, per_channel: int = 1000) -> Callable[[grpc.Channel, Server], str]:
+    """``count`` calls (ModelInfer, ModelStreamInfer, ModelMetadata) that send headers and never
+    a message, over as many connections as the server's streams-per-connection limit needs."""
+    methods = (
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        "/inference.GRPCInferenceService/ModelMetadata",
+    )
+
+    async def stalled(target: str) -> list[str]:
+        never = asyncio.Event()
+
+        async def no_messages() -> AsyncIterator[bytes]:
+            await never.wait()
+            yield b""
+
+        async def one(channel: grpc.aio.Channel, method: str) -> str:
+            try:
+                async for _ in channel.stream_stream(method)(no_messages(), timeout=CALL_TIMEOUT_S):
+                    pass
+            except grpc.aio.AioRpcError as error:
+                return error.code().name
+            return "OK"
+
+        channels = [grpc.aio.insecure_channel(target) for _ in range((count + per_channel - 1) // per_channel)]
+        try:
+            return await asyncio.gather(
+                *(one(channels[i // per_channel], methods[i % len(methods)]) for i in range(count))
+            )
+        finally:
+            for channel in channels:
+                await channel.close()
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        return _codes(asyncio.run(stalled(server.target)))
+
+    return run
+
+
+def _metrics_connections(count: int) -> Callable[[grpc.Channel, Server], str]:
+    """``count`` connections to the metrics port that never finish their request headers."""
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        sockets = []
+        outcomes = []
+        try:
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", server.metrics_port), timeout=CALL_TIMEOUT_S)
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: probe\r\n")
+                sockets.append(sock)
+            for sock in sockets:
+                try:
+                    data = sock.recv(64)
+                except ConnectionResetError:
+                    data = b""
+                outcomes.append("closed" if not data else data.split(b"\r\n", 1)[0].decode())
+        finally:
+            for sock in sockets:
+                sock.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=60) as reply:
+            outcomes.append(f"then scrape {reply.status}")
+        return _codes(outcomes)
+
+    return run
+
+
+def _health_watchers(count: int) -> Callable[[grpc.Channel, Server], str]:
+    """``count`` Health/Watch calls of the model on the gRPC port; each one's first status."""
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        calls = [
+            health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="alexnet"), timeout=CALL_TIMEOUT_S
+            )
+            for _ in range(count)
+        ]
+        outcomes = []
+        for call in calls:
+            try:
+                outcomes.append(health_pb2.HealthCheckResponse.ServingStatus.Name(next(call).status))
+            except grpc.RpcError as error:
+                outcomes.append(error.code().name)
+            call.cancel()
+        return _codes(outcomes)
+
+    return run
+
+
+def _raw_call(method: str, data: bytes) -> Callable[[grpc.Channel, Server], str]:
+    def run(channel: grpc.Channel, server: Server) -> str:
+        try:
+            channel.unary_unary(method)(data, timeout=CALL_TIMEOUT_S)
+            return "OK"
+        except grpc.RpcError as error:
+            return error.code().name
+
+    return run
+
+
+def _classification(value: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="alexnet")
+    request.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 3, 224, 224])
+    request.raw_input_contents.append(np.zeros((1, 3, 224, 224), "<f4").tobytes())
+    request.outputs.add(name="LOGITS").parameters["classification"].string_param = value
+    return request
+
+
+TOKEN = "probe-token-0123456789abcdef0123456789"
+
+
+def _token_server_args(workdir: Path) -> list[str]:
+    tokens = workdir / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    return ["--auth-token-file", str(tokens), "--auth-scope", "all"]
+
+
+def _token_fifo(channel: grpc.Channel, server: Server) -> str:
+    """The token file replaced by a FIFO while protected calls (every call: --auth-scope all) arrive."""
+    tokens = server.workdir / "tokens"
+    tokens.unlink()
+    os.mkfifo(tokens)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    outcomes = []
+    for _ in range(20):
+        try:
+            stub.ServerLive(pb.ServerLiveRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=60)
+            outcomes.append("OK")
+        except grpc.RpcError as error:
+            outcomes.append(error.code().name)
+    tokens.unlink()
+    tokens.write_text(f"{TOKEN}\n")
+    return _codes(outcomes)
+
+
+def _tampered_cache(kind: str) -> Callable[[grpc.Channel, Server], str]:
+    """A restart of the server whose runtime cache entry.json became a FIFO or a /dev/zero symlink:
+    the time until the restarted server is ready (the entry is exported again)."""
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        entries = list((server.workdir / "cache").glob("alexnet/*/entry.json"))
+        if not entries:
+            return "no cache entry (the server does not run ONNX Runtime)"
+        for entry in entries:
+            entry.unlink()
+            if kind == "fifo":
+                os.mkfifo(entry)
+            else:
+                entry.symlink_to("/dev/zero")
+        server.restart()
+        try:
+            server.wait_ready()
+        except (RuntimeError, TimeoutError) as error:
+            return f"not ready: {error}"[:200]
+        return "ready (exported again)"
+
+    return run
+
+
+def _cache_server_args(workdir: Path) -> list[str]:
+    return ["--runtime", "onnxruntime", "--runtime-cache", str(workdir / "cache")]
 
 
 def probes() -> list[Probe]:
@@ -158,6 +333,24 @@ def probes() -> list[Probe]:
         ),
         Probe("pixels-huge-shape", "PIXELS [1,3,100000,100000] with 12 bytes", _unary(pixels)),
         Probe("stream-1000", "1,000 PIXELS requests on one ModelStreamInfer", _stream(1000)),
+        # Second round.
+        Probe("pending-5000", "5,000 calls that never send their request", _pending_calls(5000)),
+        Probe("metrics-idle-1000", "1,000 metrics connections that never finish their headers",
+              _metrics_connections(1000)),
+        Probe("watch-1000", "1,000 Health/Watch calls on the gRPC port", _health_watchers(1000)),
+        Probe("classification-superscript", 'classification "²"', _unary(_classification("²"))),
+        Probe("classification-5000-digits", "classification of 5,000 digits", _unary(_classification("9" * 5000))),
+        Probe("not-protobuf-metadata", "bytes that are not protobuf to ModelMetadata",
+              _raw_call("/inference.GRPCInferenceService/ModelMetadata", b"\xff" * 10)),
+        Probe("name-10kb", "ModelMetadata of a 10 KB model name",
+              _raw_call("/inference.GRPCInferenceService/ModelMetadata",
+                        pb.ModelMetadataRequest(name="m" * 10_000).SerializeToString())),
+        Probe("token-fifo", "the token file replaced by a FIFO (--auth-scope all), 20 calls", _token_fifo,
+              server_args=_token_server_args),
+        Probe("cache-fifo", "restart with the runtime cache's entry.json a FIFO", _tampered_cache("fifo"),
+              server_args=_cache_server_args),
+        Probe("cache-dev-zero", "restart with the runtime cache's entry.json -> /dev/zero",
+              _tampered_cache("dev-zero"), server_args=_cache_server_args),
     ]  # fmt: skip
 
 
@@ -170,16 +363,28 @@ def _free_port() -> int:
 class Server:
     def __init__(self, code: Path, workdir: Path, extra: list[str]) -> None:
         self.port = _free_port()
+        self.metrics_port = _free_port()
+        self.workdir = workdir
         self.log_path = workdir / f"server-{self.port}.log"
-        env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{code / 'clients' / 'python'}"}
-        command = [
+        self._code = code
+        self._command = [
             sys.executable, "-m", "service", "--host", "127.0.0.1", "--grpc-port", str(self.port),
-            "--metrics-port", str(_free_port()), "--models", "alexnet", "--weights", "random",
+            "--metrics-port", str(self.metrics_port), "--models", "alexnet", "--weights", "random",
             "--model-store", str(workdir / f"store-{self.port}"), *extra,
         ]  # fmt: skip
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._start()
         self.target = f"127.0.0.1:{self.port}"
+
+    def _start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": f"{self._code}{os.pathsep}{self._code / 'clients' / 'python'}"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self._command, cwd=self._code, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def restart(self) -> None:
+        self.stop()
+        self._start()
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
@@ -263,9 +468,26 @@ class Measurement:
 
 
 def measure(label: str, code: Path, selected: list[Probe], server_args: list[str]) -> list[Measurement]:
+    """Probes on the shared server first, then each probe that needs a server of its own."""
+    shared = [probe for probe in selected if probe.server_args is None]
+    results = _measure_on_one_server(label, code, shared, server_args) if shared else []
+    for probe in selected:
+        if probe.server_args is not None:
+            results += _measure_on_one_server(label, code, [probe], server_args, probe.server_args)
+    return results
+
+
+def _measure_on_one_server(
+    label: str,
+    code: Path,
+    selected: list[Probe],
+    server_args: list[str],
+    own_args: Callable[[Path], list[str]] | None = None,
+) -> list[Measurement]:
     results: list[Measurement] = []
     with tempfile.TemporaryDirectory() as workdir:
-        server = Server(code, Path(workdir), server_args)
+        extra = own_args(Path(workdir)) if own_args is not None else []
+        server = Server(code, Path(workdir), [*server_args, *extra])
         try:
             server.wait_ready()
             options = [
@@ -284,7 +506,7 @@ def measure(label: str, code: Path, selected: list[Probe], server_args: list[str
                     poller = LivenessPoller(server.target)
                     poller.start()
                     started = time.perf_counter()
-                    outcome = probe.run(channel)
+                    outcome = probe.run(channel, server)
                     seconds = time.perf_counter() - started
                     poller.finish()
                     alive = server.alive()

@@ -20,10 +20,27 @@ __all__ = ["ROOT", "STARTUP_TIMEOUT_S", "ServerProcess", "free_port", "start_ser
 RUNTIME_CACHE_ENV = "VISION_SERVE_RUNTIME_CACHE"
 
 
+HOME_ENV = ("HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR")
+TEST_HOME_ENV = "VISION_TEST_HOME"
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """One runtime cache (exported networks) for the whole session, shared by in-process and
-    child servers, so that each model and weights is exported once per session; never the
-    user's own cache."""
+    """A home of the session's own, and one runtime cache (exported networks) for the whole
+    session, shared by in-process and child servers, so that each model and weights is exported
+    once per session.
+
+    The home: servers, their defaults (runtime cache and model store under XDG directories) and
+    the libraries they load (matplotlib, OpenVINO's and ONNX Runtime's telemetry files) write
+    under HOME. A test run writes nothing in the user's own (tests/test_home.py checks it)."""
+    if TEST_HOME_ENV not in os.environ:  # once per run: xdist workers inherit it
+        home = tempfile.mkdtemp(prefix="vision-test-home-")
+        os.environ[TEST_HOME_ENV] = home
+        os.environ["HOME"] = home
+        os.environ["XDG_CACHE_HOME"] = os.path.join(home, ".cache")
+        os.environ["XDG_DATA_HOME"] = os.path.join(home, ".local", "share")
+        os.environ["XDG_CONFIG_HOME"] = os.path.join(home, ".config")
+        os.environ["MPLCONFIGDIR"] = os.path.join(home, ".config", "matplotlib")
+        config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
     if RUNTIME_CACHE_ENV not in os.environ:
         directory = tempfile.mkdtemp(prefix="vision-runtime-cache-")
         os.environ[RUNTIME_CACHE_ENV] = directory
