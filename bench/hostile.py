@@ -147,7 +147,7 @@ def _codes(codes: list[str]) -> str:
     return ", ".join(f"{count} {code}" for code, count in counts.most_common())
 
 
-def _pending_calls(count: int, per_channel: int = 1000) -> Callable[[grpc.Channel, Server], str]:
+def _pending_calls(count: int, per_channel: int = 500) -> Callable[[grpc.Channel, Server], str]:
     """``count`` calls (ModelInfer, ModelStreamInfer, ModelMetadata) that send headers and never
     a message, over as many connections as the server's streams-per-connection limit needs."""
     methods = (
@@ -171,7 +171,11 @@ def _pending_calls(count: int, per_channel: int = 1000) -> Callable[[grpc.Channe
                 return error.code().name
             return "OK"
 
-        channels = [grpc.aio.insecure_channel(target) for _ in range((count + per_channel - 1) // per_channel)]
+        # A connection each (not grpc's shared subchannel), within the server's streams per connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            grpc.aio.insecure_channel(target, options=options) for _ in range((count + per_channel - 1) // per_channel)
+        ]
         try:
             return await asyncio.gather(
                 *(one(channels[i // per_channel], methods[i % len(methods)]) for i in range(count))
@@ -498,8 +502,8 @@ def _measure_on_one_server(
                 if not server.alive():
                     break
                 with grpc.insecure_channel(server.target, options=options) as channel:
-                    stub = pb_grpc.GRPCInferenceServiceStub(channel)
-                    stub.ServerLive(pb.ServerLiveRequest(), timeout=30)
+                    health = health_pb2_grpc.HealthStub(channel)  # open to all, whatever --auth-scope
+                    health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
                     time.sleep(1.0)
                     baseline = server.status("VmRSS")
                     server.reset_peak()

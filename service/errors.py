@@ -18,11 +18,13 @@ imports gRPC.
     ├── PermissionDeniedError    PERMISSION_DENIED  a caller this server does not let in
     ├── FailedPreconditionError  FAILED_PRECONDITION
     │   └── WeightsUnavailableError                 weights cannot be loaded
-    └── InternalError            INTERNAL           a bug or a device failure
+    ├── InternalError            INTERNAL           a bug or a device failure
+    └── StoreWriteError          RESOURCE_EXHAUSTED the model store is full (UNAVAILABLE: unwritable)
 """
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 QUOTE_CHARS = 80  # of a caller's name, version, id or value repeated in a message or a log line
@@ -109,3 +111,16 @@ class WeightsUnavailableError(FailedPreconditionError):
 
 class InternalError(VisionServeError):
     status = "INTERNAL"
+
+
+class StoreWriteError(VisionServeError):
+    """The model store could not be written: RESOURCE_EXHAUSTED when it is full (gRPC's code for
+    an exhausted file system), UNAVAILABLE otherwise."""
+
+    def __init__(self, root: object, cause: OSError) -> None:
+        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        super().__init__(
+            f"cannot write the model store {root}: {cause.strerror or cause}; "
+            + ("free space there and run the job again" if full else "check the store and run the job again")
+        )
+        self.status = "RESOURCE_EXHAUSTED" if full else "UNAVAILABLE"  # type: ignore[misc]

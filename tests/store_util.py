@@ -21,12 +21,13 @@ def save_head(
     seed: int = 0,
     labels: tuple[str, ...] = ("a", "b", "c"),
     features: int = ALEXNET_FEATURES,
+    base: str = "alexnet",
 ) -> Manifest:
-    """A random linear head on AlexNet's features (or another width), saved as ``name``."""
+    """A random linear head on AlexNet's features (or another base and width), saved as ``name``."""
     torch.manual_seed(seed)
     head = build_standardized_head(HeadSpec(), features, len(labels))
     return ModelStore(store).save(
-        name=name, base_model="alexnet", head_spec=HeadSpec(), head=head, labels=list(labels),
+        name=name, base_model=base, head_spec=HeadSpec(), head=head, labels=list(labels),
         loss="cross_entropy", job_id="test",
     )  # fmt: skip
 

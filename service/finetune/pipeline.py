@@ -9,6 +9,7 @@ the store and served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from service.dataplane import DataPlane, InferenceInput
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, StoreWriteError, UnavailableError, VisionServeError, quote
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.store import Manifest, ModelStore
 from service.finetune.trainer import EpochReport, JobCancelled, TrainResult, train_head
@@ -122,30 +123,55 @@ class JobPipeline:
         )
 
     async def publish(self, job: Job, result: TrainResult) -> Manifest:
-        """Write the head to the store (claiming the name unless ``replace``) and serve it."""
+        """Write the head to the store (claiming the name unless ``replace``) and serve it.
+
+        What is in the store and whose base model is served, is served; a job that fails leaves
+        nothing behind. So the base must be served before anything is written; a base unloaded
+        after the write makes the job fail and takes a new name's entry out again (a replaced
+        one stays: the store's sync serves it once the base is back); a model deleted or
+        unloaded while this ran stays so.
+        """
         if job.cancel_requested.is_set():
             raise JobCancelled("cancelled")
         job.metrics = result.metrics
         spec = job.spec
-        manifest = await asyncio.to_thread(
-            self._store.save,
-            name=spec.output_model,
-            base_model=spec.base_model,
-            head_spec=spec.head,
-            head=result.head,
-            labels=job.labels,
-            loss=spec.loss,
-            metrics=result.metrics,
-            job_id=job.id,
-            replace=spec.replace,
-        )
-        model = await asyncio.to_thread(
-            self._repository.install_finetuned,
-            spec.output_model,
-            spec.base_model,
-            result.head,
-            job.labels,
-            manifest.version,
-        )
+        name = spec.output_model
+        self._require_base(spec.base_model)
+        withdrawals = self._repository.withdrawals(name)
+        try:
+            manifest = await asyncio.to_thread(
+                self._store.save,
+                name=name,
+                base_model=spec.base_model,
+                head_spec=spec.head,
+                head=result.head,
+                labels=job.labels,
+                loss=spec.loss,
+                metrics=result.metrics,
+                job_id=job.id,
+                replace=spec.replace,
+            )
+        except OSError as exc:
+            raise StoreWriteError(self._store.root, exc) from exc
+        try:
+            self._require_base(spec.base_model)
+            model = await asyncio.to_thread(
+                self._repository.install_finetuned, name, spec.base_model, result.head, job.labels, manifest.version
+            )
+        except VisionServeError:
+            if not spec.replace:
+                with contextlib.suppress(VisionServeError, OSError):
+                    await asyncio.to_thread(self._store.delete, name)
+            raise
+        if self._repository.withdrawals(name) != withdrawals:  # DeleteModel or an unload came first
+            self._repository.discard(model)
+            raise UnavailableError(f"{quote(name)} was deleted or unloaded while the job published it")
         self._repository.activate(model)
         return manifest
+
+    def _require_base(self, base: str) -> None:
+        if not self._repository.get(base).ready:
+            raise UnavailableError(
+                f"the base model {quote(base)} was unloaded while the job ran, so its head cannot be served; "
+                f"load {quote(base)} (RepositoryModelLoad) and run the job again"
+            )

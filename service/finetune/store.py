@@ -233,13 +233,35 @@ class ModelStore:
         job_id: str,
         replace: bool = True,
     ) -> Manifest:
-        """Write a new version of ``name``: :meth:`stage`, then :meth:`commit`."""
-        manifest = self.stage(
-            name=name, base_model=base_model, head_spec=head_spec, head=head, labels=labels, loss=loss,
-            metrics=metrics or TrainMetrics(), job_id=job_id,
-        )  # fmt: skip
-        self.commit(manifest, replace=replace)
+        """Write a new version of ``name``: :meth:`stage`, then :meth:`commit`.
+
+        A write that fails (a full disk) leaves nothing of its own behind: not its weights, and
+        not the model's folder if it made it.
+        """
+        folder = self._folder(name)
+        created = not folder.exists()
+        manifest: Manifest | None = None
+        try:
+            manifest = self.stage(
+                name=name, base_model=base_model, head_spec=head_spec, head=head, labels=labels, loss=loss,
+                metrics=metrics or TrainMetrics(), job_id=job_id,
+            )  # fmt: skip
+            self.commit(manifest, replace=replace)
+        except BaseException:
+            if manifest is not None and self._names_weights(name) != manifest.weights_file:
+                (folder / manifest.weights_file).unlink(missing_ok=True)  # ours, and named by no manifest
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: another writer's files keep it
+            raise
         return manifest
+
+    def _names_weights(self, name: str) -> str | None:
+        """The weights file the current manifest of ``name`` names, if it can be read."""
+        try:
+            return self.read_manifest(name).weights_file
+        except (FileNotFoundError, StoreEntryError):
+            return None
 
     def stage(
         self,

@@ -105,8 +105,8 @@ class StoreSync:
                 if exc.reason == "missing_manifest":
                     continue  # deleted while we looked: the next pass sees it gone
                 self._report(name, exc, fingerprint)
-                if exc.reason == "timeout":
-                    continue  # not read: try again once the stuck read has returned
+                if exc.reason in ("timeout", "base_unloaded"):
+                    continue  # not served yet: tried again by every pass (logged once) until it is
                 version = None
             else:
                 self._reported.pop(name, None)
@@ -144,6 +144,11 @@ class StoreSync:
         if manifest.base_model not in builtin:
             raise StoreEntryError(
                 "base_not_served", f"{name}: base model {quote(manifest.base_model)} is not served by this server"
+            )
+        if not self._repository.get(manifest.base_model).ready:
+            raise StoreEntryError(
+                "base_unloaded",
+                f"{name}: base model {quote(manifest.base_model)} is not loaded; it is served once that is loaded",
             )
         expected = get_model_spec(manifest.base_model).feature_dim
         if manifest.feature_dim != expected:
