@@ -47,6 +47,33 @@ def pytest_configure(config: pytest.Config) -> None:
         config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
 
 
+# The end-to-end tier (`pytest -m e2e`; `-m "not e2e"` is the fast tier): tests that start a server
+# (in-process or a child), a browser-less Prometheus, a child pytest, pip or kubectl. Marked here,
+# by the fixtures a test uses and by module for those that start servers in their bodies, so that
+# a new test is classified without marking it by hand.
+SERVER_FIXTURES = frozenset(
+    {
+        "server", "token_server", "serve_inprocess", "default_server", "second_server", "slow_server",
+        "store_server", "tiny_server", "replicas", "prometheus", "kserve_python", "built", "workload",
+    }
+)  # fmt: skip
+E2E_MODULES = frozenset(
+    {
+        "test_admission", "test_cli", "test_client", "test_client_finetune", "test_client_install",
+        "test_dashboard", "test_deploy", "test_deploy_security", "test_finetune", "test_home", "test_kserve",
+        "test_metrics", "test_overload", "test_replicas", "test_restart_readiness",
+    }
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if isinstance(item, pytest.Function) else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in E2E_MODULES or fixtures & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+
+
 def session_runtime_cache() -> Path:
     return Path(os.environ[RUNTIME_CACHE_ENV])
 

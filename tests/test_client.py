@@ -311,6 +311,7 @@ def test_health_and_models(server, kind, categories):
     assert info.num_classes == 1000 and list(info.labels) == categories
     assert info.input_size == 224 and info.base_model is None and info.platform == "pytorch_torchvision"
     assert bare[0].labels == () and bare[0].num_classes == 1000
+    assert info.runtime == "onnxruntime"  # --runtime auto on a CPU
     assert one == info
 
 

@@ -55,6 +55,14 @@ def tiny_server(tmp_path_factory):
         yield server
 
 
+def model_infer(channel: grpc.Channel):
+    return channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=infer_pb.ModelInferRequest.SerializeToString,
+        response_deserializer=infer_pb.ModelInferResponse.FromString,
+    )
+
+
 def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
 
@@ -109,11 +117,7 @@ def test_classification_counts_that_are_not_plain_positive_integers_are_invalid_
     output = request.outputs.add(name="LOGITS")
     output.parameters["classification"].string_param = value
     with grpc.insecure_channel(tiny_server.target) as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=infer_pb.ModelInferRequest.SerializeToString,
-            response_deserializer=infer_pb.ModelInferResponse.FromString,
-        )
+        call = model_infer(channel)
         with pytest.raises(grpc.RpcError) as raised:
             call(request, timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
@@ -189,11 +193,7 @@ def test_pixels_that_are_not_finite_are_invalid_argument(tiny_server, caplog, ra
     values = np.zeros((2, 3, 224, 224), np.float32)
     values[1, 2, 100, 7] = bad
     with grpc.insecure_channel(tiny_server.target) as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=infer_pb.ModelInferRequest.SerializeToString,
-            response_deserializer=infer_pb.ModelInferResponse.FromString,
-        )
+        call = model_infer(channel)
         with pytest.raises(grpc.RpcError) as raised:
             call(pixels_request(values, raw=raw), timeout=30)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -35,7 +35,7 @@ import grpc
 
 from service.errors import AuthenticationError, FailedPreconditionError, PermissionDeniedError
 from service.files import MAX_TOKEN_FILE_BYTES, SMALL_FILE_TIMEOUT_S, FileRefused, in_daemon_thread, read_bounded
-from service.transport.handlers import AioContext, Continuation, Req, Resp, behaviors, replace, responses
+from service.transport.handlers import AioContext, HandlerInterceptor, Req, Resp, behaviors, replace, responses
 
 log = logging.getLogger(__name__)
 
@@ -277,24 +277,21 @@ def policy_from(auth_token_file: Path | None, auth_scope: str) -> AccessPolicy:
     return AccessPolicy(tokens, protect_inference=auth_scope == "all")
 
 
-class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
+class AuthorizationInterceptor(HandlerInterceptor):
     """Applies an :class:`AccessPolicy` to every call, before the handler reads any request."""
 
     def __init__(self, policy: AccessPolicy) -> None:
         self._policy = policy
 
-    async def intercept_service(
-        self,
-        continuation: Continuation[Req, Resp],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
-        handler = await continuation(handler_call_details)
-        scope = scope_of(handler_call_details.method)
-        if handler is None or not self._policy.needs_check(scope):
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Req, Resp]:
+        scope = scope_of(details.method)
+        if not self._policy.needs_check(scope):
             return handler
         authorization = [
             value if isinstance(value, str) else value.decode("latin-1")
-            for key, value in handler_call_details.invocation_metadata or ()
+            for key, value in details.invocation_metadata or ()
             if key == "authorization"
         ]
 

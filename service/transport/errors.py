@@ -16,7 +16,7 @@ import grpc
 from service.errors import VisionServeError
 from service.transport.handlers import (
     AioContext,
-    Continuation,
+    HandlerInterceptor,
     Req,
     Resp,
     StreamBehavior,
@@ -45,17 +45,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(HandlerInterceptor):
     """Turns exceptions escaping any servicer method into a status and message."""
 
-    async def intercept_service(
-        self,
-        continuation: Continuation[Req, Resp],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Req, Resp]:
         behavior = behaviors(handler)
         if behavior.unary_unary:
             return replace(handler, unary_unary=_wrap_unary(behavior.unary_unary))

@@ -119,3 +119,23 @@ def as_client_streaming(
         stream_stream=stream_stream,
     )
     return converted
+
+
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that hands each call's method handler to :meth:`wrap`, which returns it as
+    it is or with its behaviour wrapped; calls of methods nobody serves pass through."""
+
+    async def intercept_service(
+        self,
+        continuation: Continuation[Req, Resp],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return self.wrap(handler, handler_call_details)
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Req, Resp]:
+        raise NotImplementedError

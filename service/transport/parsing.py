@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from service.errors import InvalidInputError
 from service.transport.handlers import (
     AioContext,
-    Continuation,
+    HandlerInterceptor,
     Req,
     Resp,
     StreamBehavior,
@@ -42,7 +42,7 @@ INFER_REQUEST_SCHEMA: Schema = {5: {5: {}}, 6: {}}
 FIELDS_BESIDES_IMAGES = 256  # names, shapes, parameters, outputs...: generous for any real request
 
 
-class ScreenedParsingInterceptor(grpc.aio.ServerInterceptor):
+class ScreenedParsingInterceptor(HandlerInterceptor):
     """Screens, then parses, the requests of ``methods`` (full method name -> parser).
 
     ``max_fields``: the most wire fields a request may hold in all (see :func:`screen`).
@@ -53,14 +53,11 @@ class ScreenedParsingInterceptor(grpc.aio.ServerInterceptor):
         self._schema = schema
         self._max_fields = max_fields
 
-    async def intercept_service(
-        self,
-        continuation: Continuation[Req, Resp],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
-        handler = await continuation(handler_call_details)
-        parser = self._methods.get(handler_call_details.method)
-        if handler is None or parser is None:
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Req, Resp]:
+        parser = self._methods.get(details.method)
+        if parser is None:
             return handler
         parse = ScreenedParser(parser, self._schema, self._max_fields)
         behavior = behaviors(handler)

@@ -25,7 +25,7 @@ import grpc
 from service.errors import DeadlineExceededError, InvalidInputError
 from service.transport.handlers import (
     AioContext,
-    Continuation,
+    HandlerInterceptor,
     Req,
     Resp,
     StreamBehavior,
@@ -39,20 +39,15 @@ from service.transport.handlers import (
 Parse = Callable[[bytes], Any]
 
 
-class RequestReadingInterceptor(grpc.aio.ServerInterceptor):
+class RequestReadingInterceptor(HandlerInterceptor):
     """Reads every method's requests itself: a deadline for the first message, checked parsing."""
 
     def __init__(self, first_message_timeout_s: float) -> None:
         self._timeout_s = first_message_timeout_s
 
-    async def intercept_service(
-        self,
-        continuation: Continuation[Req, Resp],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Req, Resp]:
         given = behaviors(handler)
         parse = request_deserializer(handler) or _unparsed
         timeout = self._timeout_s

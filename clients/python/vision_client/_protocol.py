@@ -315,6 +315,7 @@ def model_info(message: models_pb.ModelInfo) -> ModelInfo:
         labels=tuple(message.labels),
         min_height=message.min_height,
         min_width=message.min_width,
+        runtime=message.runtime,
     )
 
 

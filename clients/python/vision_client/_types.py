@@ -28,6 +28,7 @@ class ModelInfo:
     labels: tuple[str, ...]  # class names in output order; empty if asked without labels
     min_height: int  # smallest PIXELS height the network accepts
     min_width: int
+    runtime: str = ""  # what runs the network: torch, onnxruntime or openvino (comma-separated per device)
 
     @property
     def ready(self) -> bool:
