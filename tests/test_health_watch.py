@@ -158,4 +158,4 @@ async def _watch_through_interceptors() -> None:
             assert second.status == NOT_SERVING
             call.cancel()
     finally:
-        await server.stop(None)
+        await server.stop(5)  # a grace: the cancelled Watch ends by itself rather than being cut
