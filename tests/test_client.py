@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,12 @@ from PIL import Image
 from service.config import BatchingConfig
 from tests import client_util
 from tests.client_util import collect, connect, inprocess_server, readme_examples, result, run, vision_client
-from tests.conftest import STARTUP_TIMEOUT_S, TOKEN, cosine, encode, free_port, load_reference
+from tests.conftest import STARTUP_TIMEOUT_S, TOKEN, cosine, encode, free_port, load_reference, session_runtime_cache
+from tests.dns_util import DnsServer
 from tests.inprocess import InProcessServer
 from tests.metrics_util import sample_value as metric
 from tests.metrics_util import scrape
+from tests.tiny import TINY
 from vision_client import (
     AsyncClient,
     AuthenticationError,
@@ -324,12 +326,47 @@ def test_ready_of_an_unknown_model_raises(server, kind):
         run(body())
 
 
-def test_dns_target_with_round_robin(server, kind):
+def tiny_config(directory: Path):  # -> ServeConfig
+    from service.config import RuntimeConfig, ServeConfig
+
+    return ServeConfig(
+        models=(TINY,),
+        weights="random",
+        runtime=RuntimeConfig(name="torch", cache_dir=session_runtime_cache()),
+        model_store=directory / "store",
+        drain_seconds=5.0,
+    )
+
+
+def test_dns_target_with_round_robin(server, kind, tmp_path):
     async def body():
         async with connect(kind, f"dns:///localhost:{server.grpc_port}") as client:
             return await result(client.ready(MODEL))
 
     assert run(body()) is True
+
+    # A name with two addresses, a server on each (the same port): requests reach both.
+    first = InProcessServer(tiny_config(tmp_path / "first")).start()
+    second = InProcessServer(tiny_config(tmp_path / "second"))
+    second.config = replace(second.config, host="127.0.0.2", grpc_port=first.grpc_port)
+    try:
+        second.start()
+        with DnsServer(["127.0.0.1", "127.0.0.2"]) as dns:
+
+            async def classify_many():
+                async with connect(kind, dns.target("vision.test", first.grpc_port)) as client:
+                    for _ in range(12):
+                        await result(client.classify(encode(Image.new("RGB", (32, 32)), "PNG"), model=TINY, top_k=1))
+
+            run(classify_many())
+        for started in (first, second):
+            assert started.server is not None
+            url = f"http://{started.config.host}:{started.server.metrics_port}/metrics"
+            requests = metric(scrape(url), "vision_requests_total", model=TINY)
+            assert requests >= 2, f"a server got {requests} of the 12 requests"
+    finally:
+        second.stop()
+        first.stop()
 
 
 # -- lifecycle ------------------------------------------------------------------------------

@@ -423,11 +423,29 @@ def test_prometheus_adapter_query_is_valid_promql(tmp_path: Path) -> None:
 
 
 def test_server_exports_the_scaling_metric() -> None:
+    """The HPA's metric is a gauge that follows the images a model's queue holds."""
+    import torch
+
+    from service.batching import BatchQueue, WorkItem
     from service.metrics import ServerMetrics
 
-    families = {m.name: m for m in ServerMetrics().registry.collect()}
-    gauge = families["vision_pending_images"]
-    assert gauge.type == "gauge"
+    metrics = ServerMetrics()
+    queue = BatchQueue(capacity_images=64, on_depth_change=metrics.queue_depth_recorder("alexnet"))
+
+    def pending() -> float | None:
+        families = {m.name: m for m in metrics.registry.collect()}
+        gauge = families["vision_pending_images"]
+        assert gauge.type == "gauge"
+        values = [s.value for s in gauge.samples if s.labels == {"model": "alexnet"}]
+        return values[0] if values else None
+
+    queue.put([WorkItem(pixels=torch.zeros(n, 3, 4, 4), on_result=lambda value: None) for n in (3, 5)])
+    assert pending() == 8
+    batch = queue.next_batch(max_images=4, max_delay_s=0.0)
+    assert batch is not None and sum(item.size for item in batch[0]) == 3
+    assert pending() == 5
+    queue.close_rejecting(RuntimeError("stopped"))
+    assert pending() == 0
 
 
 # ---------------------------------------------------------------------------------------------
