@@ -52,6 +52,8 @@ from service.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
+FINE_TUNING_OFF = "fine-tuning is off: the server was started with --model-store none; start it with --model-store DIR"
+
 
 class JobManager:
     def __init__(
@@ -97,7 +99,7 @@ class JobManager:
     def check_spec(self, spec: FineTuneSpec, *, outputs: int = 2) -> FineTuneSpec:
         """Refuse a job before its examples are streamed, where the config alone says it is bad."""
         if self._store is None:
-            raise FailedPreconditionError("fine-tuning is off: start the server with --model-store DIR")
+            raise FailedPreconditionError(FINE_TUNING_OFF)
         validate_spec(spec, self.limits)
         base = self._repository.get(spec.base_model)  # NOT_FOUND for unknown models
         if base.base_model is not None:
@@ -212,7 +214,7 @@ class JobManager:
         if name in self._repository.builtin_names():
             raise BuiltinModelError(name, "deleted")
         if self._store is None:
-            raise FailedPreconditionError("fine-tuning is off: start the server with --model-store DIR")
+            raise FailedPreconditionError(FINE_TUNING_OFF)
         self._store.delete(name)
         if name in self._repository:
             self._repository.remove_finetuned(name)

@@ -1,0 +1,354 @@
+"""The server's options: one table, from which the argument parser, the ``VISION_SERVE_<OPTION>``
+variables, the :class:`ServeConfig` and ``docs/configuration.md`` are all made.
+
+Each :class:`Option` names the config field it sets (a dotted path into ``ServeConfig``); its
+default is that field's default in ``service/config.py``, unless it depends on the environment
+(directories under ``$XDG_*``). Adding an option is one entry here (and the field it sets);
+``python -m service.options > docs/configuration.md`` writes the docs, and a test fails when
+they differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.config import AUTH_SCOPES, BatchingConfig, FineTuneLimits, RuntimeConfig, ServeConfig
+from service.runtimes.base import RUNTIME_CHOICES
+from service.runtimes.export import default_cache_dir
+
+ENV_PREFIX = "VISION_SERVE_"
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+STORE_OFF = ("none", "off")  # --model-store none: fine-tuning is off
+_TRUE = {"1", "true", "yes", "on"}
+# The config's sections: a field path "batching.max_batch_size" sets BatchingConfig.max_batch_size.
+SECTIONS: dict[str, type[Any]] = {"batching": BatchingConfig, "runtime": RuntimeConfig, "fine_tuning": FineTuneLimits}
+
+
+# -- value parsers (argparse types) -----------------------------------------------------------
+
+
+def model_list(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one model")
+    return names
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {number}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {number}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {number}")
+    return number
+
+
+def optional_text(value: str) -> str | None:
+    return value or None
+
+
+def store_directory(value: str) -> Path | None:
+    """A model store directory, or None (fine-tuning off) for ``none``/``off``/empty."""
+    if value.strip().lower() in (*STORE_OFF, ""):
+        return None
+    return Path(value).expanduser()
+
+
+def default_store_dir(environ: Mapping[str, str]) -> Path:
+    """``$XDG_DATA_HOME/vision-serving/models``, or ``~/.local/share/vision-serving/models``."""
+    base = environ.get("XDG_DATA_HOME") or str(Path("~/.local/share").expanduser())
+    return Path(base) / "vision-serving" / "models"
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    field: str  # dotted path into ServeConfig
+    help: str
+    type: Callable[[str], Any] | None = None  # None: the text as it is
+    choices: tuple[str, ...] | None = None
+    boolean: bool = False  # --flag / --no-flag
+    environ_default: Callable[[Mapping[str, str]], object] | None = None  # a default that depends on the environment
+    documented_default: str | None = None  # how the docs show such a default
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+    def default(self, environ: Mapping[str, str]) -> object:
+        if self.environ_default is not None:
+            return self.environ_default(environ)
+        value: Any = ServeConfig()
+        for part in self.field.split("."):
+            value = getattr(value, part)
+        return value
+
+
+def _limit(flag: str, field: str, meaning: str) -> Option:
+    return Option(flag, f"fine_tuning.{field}", meaning, positive_int)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--host", "host", "address to listen on"),
+    Option("--grpc-port", "grpc_port", "gRPC port (0: any free port)", port),
+    Option("--metrics-port", "metrics_port", "Prometheus /metrics port", port),
+    Option("--metrics-host", "metrics_host", "address of the metrics port (default: --host)", optional_text),
+    Option(
+        "--health-port",
+        "health_port",
+        "also serve grpc.health.v1 alone, in plaintext, on this port (for probes when gRPC uses TLS)",
+        port,
+    ),
+    Option("--models", "models", "comma-separated models to serve", model_list),
+    Option(
+        "--weights",
+        "weights",
+        "'pretrained' (torchvision's, cached under TORCH_HOME), 'random' (seeded, for tests), "
+        "or a directory of MODEL.pth state dicts",
+    ),
+    Option("--device", "device", "'auto', 'cpu', 'cuda' or a list such as cuda:0,cuda:1"),
+    Option("--dtype", "dtype", "compute dtype on CUDA", choices=DTYPE_CHOICES),
+    Option("--channels-last", "channels_last", "NHWC memory format", boolean=True),
+    Option(
+        "--runtime",
+        "runtime.name",
+        "what runs the networks: auto (ONNX Runtime on CPUs, PyTorch on CUDA), torch, onnxruntime, "
+        "openvino, or fastest (time each installed runtime at load, keep the fastest)",
+        choices=RUNTIME_CHOICES,
+    ),
+    Option(
+        "--runtime-cache",
+        "runtime.cache_dir",
+        "directory of networks exported for onnxruntime/openvino (shareable; rebuilt when missing or corrupt)",
+        Path,
+        environ_default=default_cache_dir,
+        documented_default="`$XDG_CACHE_HOME/vision-serving/runtimes` (`~/.cache/...`)",
+    ),
+    Option(
+        "--runtime-threads",
+        "runtime.threads",
+        "intra-op threads of the runtime per forward pass (0: one per core)",
+        non_negative_int,
+    ),
+    Option("--max-batch-size", "batching.max_batch_size", "images per forward pass", positive_int),
+    Option(
+        "--max-queue-delay-ms", "batching.max_queue_delay_ms", "longest wait for a batch to fill", non_negative_float
+    ),
+    Option(
+        "--max-queue-size",
+        "batching.max_queue_size",
+        "images queued per model before RESOURCE_EXHAUSTED",
+        positive_int,
+    ),
+    Option("--decode-threads", "decode_threads", "image decoding threads (0: one per core)", int),
+    Option("--max-image-pixels", "max_image_pixels", "largest decoded image (w*h)", positive_int),
+    Option(
+        "--max-request-images",
+        "max_request_images",
+        "images one request may carry, checked before any is decoded (default: --max-queue-size)",
+        positive_int,
+    ),
+    Option(
+        "--max-stream-in-flight",
+        "max_stream_in_flight",
+        "requests of one ModelStreamInfer stream worked on at once; the stream is not read further meanwhile",
+        positive_int,
+    ),
+    Option("--max-message-bytes", "max_message_bytes", "largest gRPC message", positive_int),
+    Option(
+        "--model-store",
+        "model_store",
+        "directory of fine-tuned models (shared by replicas); 'none' turns fine-tuning off",
+        store_directory,
+        environ_default=default_store_dir,
+        documented_default="`$XDG_DATA_HOME/vision-serving/models` (`~/.local/share/...`)",
+    ),
+    Option(
+        "--store-poll-seconds",
+        "store_poll_seconds",
+        "how often to look for models other replicas wrote to the store",
+        positive_float,
+    ),
+    _limit("--max-finished-jobs", "max_finished_jobs", "finished fine-tuning job records kept in the model store"),
+    _limit("--max-queued-jobs", "max_queued_jobs", "fine-tuning jobs queued or running before RESOURCE_EXHAUSTED"),
+    _limit(
+        "--max-job-uploads", "max_uploads", "CreateJob streams receiving examples at once before RESOURCE_EXHAUSTED"
+    ),
+    _limit("--max-job-examples", "max_examples", "examples per fine-tuning job"),
+    _limit("--max-job-bytes", "max_total_bytes", "bytes of one job's images, labels and targets together"),
+    _limit("--max-head-parameters", "max_head_parameters", "trainable parameters of a fine-tuned head"),
+    _limit("--max-labels", "max_labels", "classes of one fine-tuning job"),
+    _limit("--max-label-length", "max_label_length", "UTF-8 bytes of one class name"),
+    Option(
+        "--auth-token-file",
+        "auth_token_file",
+        "bearer tokens, one a line, re-read when the file changes; management RPCs need one "
+        "(without this file they are accepted from loopback only)",
+        Path,
+    ),
+    Option(
+        "--auth-scope",
+        "auth_scope",
+        "what the tokens protect: 'management' RPCs, or 'all' RPCs (health stays open)",
+        choices=AUTH_SCOPES,
+    ),
+    Option("--tls-cert-file", "tls_cert_file", "PEM certificate chain: the gRPC port speaks TLS", Path),
+    Option("--tls-key-file", "tls_key_file", "PEM private key of --tls-cert-file", Path),
+    Option(
+        "--tls-client-ca-file",
+        "tls_client_ca_file",
+        "PEM CA bundle: mutual TLS, clients need a certificate it signed",
+        Path,
+    ),
+    Option("--drain-seconds", "drain_seconds", "grace for in-flight work on SIGTERM", non_negative_float),
+    Option("--log-level", "log_level", "log level", choices=LOG_LEVELS),
+)
+
+
+def _shown(value: object) -> object:
+    """A default as a person (and argparse, which parses string defaults) writes it."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# -- the parser and the config ----------------------------------------------------------------
+
+
+def build_serve_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """``vision-serve``'s parser; a ``VISION_SERVE_<OPTION>`` variable in ``environ`` is an option's
+    default (a flag wins)."""
+    parser = argparse.ArgumentParser(
+        prog="vision-serve",
+        description="Serve torchvision classifiers over gRPC (Open Inference Protocol). "
+        "`vision-serve fetch-weights --help` pre-downloads pretrained weights.",
+    )
+    for option in OPTIONS:
+        default: object = _shown(option.default(environ))
+        if option.env in environ:
+            default = environ[option.env]
+            if option.boolean:
+                default = str(default).strip().lower() in _TRUE
+        kwargs: dict[str, Any] = {"default": default, "help": f"{option.help} [env {option.env}; default: %(default)s]"}
+        if option.boolean:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        if option.type is not None:
+            kwargs["type"] = option.type
+        if option.choices is not None:
+            kwargs["choices"] = option.choices
+        parser.add_argument(option.flag, **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The typed config of parsed options, checked where options depend on each other."""
+    for option in OPTIONS:
+        # argparse checks choices on the command line only, not on defaults taken from the environment.
+        value = getattr(args, option.dest)
+        if option.choices is not None and value not in option.choices:
+            raise SystemExit(f"vision-serve: error: {option.flag} {value!r}: choose one of {', '.join(option.choices)}")
+    if args.health_port and args.health_port in (args.grpc_port, args.metrics_port):
+        raise SystemExit("vision-serve: error: --health-port must differ from --grpc-port and --metrics-port")
+    if args.max_queue_size < args.max_batch_size:
+        raise SystemExit("vision-serve: error: --max-queue-size must be at least --max-batch-size")
+    if args.max_request_images is not None and args.max_request_images > args.max_queue_size:
+        raise SystemExit(
+            "vision-serve: error: --max-request-images must not exceed --max-queue-size "
+            "(a larger request could never be queued)"
+        )
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for option in OPTIONS:
+        section, _, name = option.field.rpartition(".")
+        (sections[section] if section else top)[name] = getattr(args, option.dest)
+    for section, kind in SECTIONS.items():
+        top[section] = kind(**sections[section])
+    return ServeConfig(**top)
+
+
+# -- the docs ---------------------------------------------------------------------------------
+
+
+def markdown() -> str:
+    """docs/configuration.md: every option, its variable, default and meaning."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `python -m service.options > docs/configuration.md` from service/options.py;",
+        "     tests/test_options.py fails when this file differs. -->",
+        "",
+        "`vision-serve` takes each option as a flag or as an environment variable; a flag wins over",
+        "the variable. Boolean options take `--name` / `--no-name`, or `1`, `true`, `yes`, `on` in the",
+        "variable. `vision-serve fetch-weights [--models ...]` downloads pretrained weights ahead of",
+        "time ([operations.md](operations.md)).",
+        "",
+        "| option | environment variable | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for option in OPTIONS:
+        if option.documented_default is not None:
+            default = option.documented_default
+        else:
+            value = _shown(option.default({}))
+            default = "(none)" if value is None else f"`{value}`"
+        meaning = option.help.replace("|", "\\|")
+        if option.choices is not None:
+            meaning += f" (one of {', '.join(f'`{choice}`' for choice in option.choices)})"
+        lines.append(f"| `{option.flag}` | `{option.env}` | {default} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _settable_fields() -> list[str]:
+    """Every field path of ServeConfig (for the tests: which of them are options)."""
+    paths = []
+    for field in dataclasses.fields(ServeConfig):
+        if field.name in SECTIONS:
+            paths += [f"{field.name}.{inner.name}" for inner in dataclasses.fields(SECTIONS[field.name])]
+        else:
+            paths.append(field.name)
+    return paths
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
