@@ -58,8 +58,8 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=5000)
     args = parser.parse_args()
     sys.path[:0] = [str(HERE / "clients" / "python")]
-    from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
-    from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
     images = [big_jpeg(args.side, seed) for seed in range(args.images)]
     work = Path(tempfile.mkdtemp(prefix="check-memory-"))

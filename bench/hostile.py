@@ -48,8 +48,8 @@ import numpy as np  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vision_client._proto.inference import grpc_service_pb2 as pb  # noqa: E402
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb  # noqa: E402
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 MESSAGE_BYTES = 64 << 20
 CALL_TIMEOUT_S = 600.0

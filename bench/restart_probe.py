@@ -33,8 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "clients" / "python")]
 
-from vision_client._proto.inference import grpc_service_pb2 as pb  # noqa: E402
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb  # noqa: E402
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 FINETUNED = "probe-head"
 
@@ -50,13 +50,13 @@ def seed_store(store: Path) -> None:
     import torch
 
     from service.finetune.heads import build_standardized_head
-    from service.finetune.spec import HeadSpec
     from service.finetune.store import ModelStore
+    from vision_client.protocol import HeadConfig
 
     torch.manual_seed(0)
-    head = build_standardized_head(HeadSpec(), 4096, 3)
+    head = build_standardized_head(HeadConfig(), 4096, 3)
     ModelStore(store).save(
-        name=FINETUNED, base_model="alexnet", head_spec=HeadSpec(), head=head,
+        name=FINETUNED, base_model="alexnet", head_spec=HeadConfig(), head=head,
         labels=["a", "b", "c"], loss="cross_entropy", job_id="probe",
     )  # fmt: skip
 

@@ -66,7 +66,7 @@ def served_runtime(target: str, model: str) -> str:
     """What the server runs ``model`` in, as ``vision.v1.Models`` reports it."""
     import grpc
 
-    from vision_client._proto.vision.v1 import models_pb2, models_pb2_grpc
+    from vision_client.protocol.stubs.vision.v1 import models_pb2, models_pb2_grpc
 
     with grpc.insecure_channel(target) as channel:
         return models_pb2_grpc.ModelsStub(channel).GetModel(models_pb2.GetModelRequest(name=model), timeout=10).runtime

@@ -3,7 +3,7 @@
 Run with `make protos` (needs grpcio-tools < 1.82 for protobuf 6.x gencode).
 
 The generated modules register their descriptors in a private descriptor pool
-(`vision_client._proto._pool.POOL`) instead of protobuf's default pool. Our
+(`vision_client.protocol.stubs._pool.POOL`) instead of protobuf's default pool. Our
 `inference` package has the same message names as Triton's, so with the
 default pool a process importing both `tritonclient.grpc` and our stubs would
 fail with "duplicate symbol 'inference.ModelInferRequest'". The wire format is
@@ -21,8 +21,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
-OUT_PACKAGE = "vision_client._proto"
-OUT_DIR = ROOT / "clients" / "python" / "vision_client" / "_proto"
+OUT_PACKAGE = "vision_client.protocol.stubs"
+OUT_DIR = ROOT / "clients" / "python" / "vision_client" / "protocol" / "stubs"
 
 POOL_MODULE = '''"""The descriptor pool that holds every message of our protos (see protos/generate.py)."""
 
@@ -72,7 +72,7 @@ def generate(out_dir: Path = OUT_DIR) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     packages = {str(Path(f).parent).replace("/", ".") for f in files}
-    (out_dir / "__init__.py").write_text('"""Generated protobuf and gRPC stubs. Do not edit: run `make protos`."""\n')
+    (out_dir / "__init__.py").write_text('"""Generated protobuf and gRPC stubs of protos/. Do not edit: run `make protos`."""\n')
     (out_dir / "_pool.py").write_text(POOL_MODULE)
     for directory in sorted(d for d in out_dir.rglob("*") if d.is_dir()):
         init = directory / "__init__.py"

@@ -1,3 +1,3 @@
 """vision-serving: torchvision classifiers over the Open Inference Protocol (gRPC)."""
 
-__version__ = "0.1.0"
+from vision_client import __version__ as __version__  # released together: one VERSION file

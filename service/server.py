@@ -35,8 +35,8 @@ from service.transport.limits import server_options
 from service.transport.models import ModelsServicer
 from service.transport.requests import RequestReadingInterceptor
 from service.transport.tls import CertificateFiles, TlsFiles
-from vision_client._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
-from vision_client._proto.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
+from vision_client.protocol.stubs.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
 

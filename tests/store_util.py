@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from service.finetune.heads import build_standardized_head
-from service.finetune.spec import HeadSpec
 from service.finetune.store import MANIFEST, Manifest, ModelStore
+from vision_client.protocol import HeadConfig
 
 ALEXNET_FEATURES = 4096
 
@@ -25,9 +25,9 @@ def save_head(
 ) -> Manifest:
     """A random linear head on AlexNet's features (or another base and width), saved as ``name``."""
     torch.manual_seed(seed)
-    head = build_standardized_head(HeadSpec(), features, len(labels))
+    head = build_standardized_head(HeadConfig(), features, len(labels))
     return ModelStore(store).save(
-        name=name, base_model=base, head_spec=HeadSpec(), head=head, labels=list(labels),
+        name=name, base_model=base, head_spec=HeadConfig(), head=head, labels=list(labels),
         loss="cross_entropy", job_id="test",
     )  # fmt: skip
 

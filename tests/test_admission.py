@@ -16,7 +16,7 @@ from service.batching import BatchQueue, WorkItem
 from service.config import BatchingConfig
 from service.errors import InvalidInputError, QueueClosedError, QueueFullError
 from service.preprocess import ImageDecoder
-from service.transport.codec import encode_bytes_elements, parse_infer_request
+from service.transport.codec import parse_infer_request
 from service.transport.parsing import (
     FIELDS_BESIDES_IMAGES,
     INFER_REQUEST_SCHEMA,
@@ -25,8 +25,9 @@ from service.transport.parsing import (
     screen,
 )
 from tests.conftest import encode
-from vision_client._proto.inference import grpc_service_pb2 as pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vision_client.protocol import encode_bytes_elements
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
 PNG = encode(Image.new("RGB", (32, 32), (200, 40, 90)), "PNG")
 

@@ -16,8 +16,8 @@ from service.config import BatchingConfig
 from service.dataplane import InferenceInput
 from service.repository import ModelRepository, ServedModel
 from service.transport.codec import decode_bytes_elements
-from vision_client._proto.inference import grpc_service_pb2 as pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 

@@ -26,11 +26,11 @@ from service.transport.auth import (
     policy_from,
     scope_of,
 )
-from vision_client._proto.inference import grpc_service_pb2 as infer_pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as infer_grpc
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
-from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
-from vision_client._proto.vision.v1 import models_pb2
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as infer_grpc
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+from vision_client.protocol.stubs.vision.v1 import models_pb2
 
 TOKEN_A = "a-first-token-0123456789abcdef"
 TOKEN_B = "b-second-token-0123456789abcdef"

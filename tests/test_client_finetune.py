@@ -51,9 +51,10 @@ from vision_client import (
     ModelNotFoundError,
     OptimizerConfig,
 )
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
-from vision_client._protocol import config_message
 from vision_client.cli import Progress
+from vision_client.protocol import from_message
+from vision_client.protocol import to_message as config_message
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 
 BASE = "alexnet"
 DIGITS = tuple(str(d) for d in range(10))
@@ -190,6 +191,7 @@ def test_every_setting_of_the_config_reaches_the_server(store_server):
         )
         echoed = get_job(ft_pb.GetJobRequest(job_id=done.job_id), timeout=10).config
     assert echoed == config_message(every)
+    assert done.job.config == from_message(config_message(every))  # the SDK reads it back whole (float32 values)
     manifest = json.loads((store_server.config.model_store / every.output_model / "manifest.json").read_text())
     assert manifest["head"] == {"kind": "parallel", "hidden": 64, "blocks": 3, "dropout": 0.25}
     m = done.metrics

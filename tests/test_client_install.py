@@ -19,7 +19,7 @@ import vision_client
 from vision_client import AsyncClient, Client
 from vision_client._images import encode_images
 
-assert vision_client.__version__ == "0.1.0", vision_client.__version__
+assert vision_client.__version__ == VERSION, vision_client.__version__
 for heavy in ("torch", "torchvision", "PIL"):
     assert heavy not in sys.modules, heavy + " was imported"
 # Arrays are encoded without Pillow.
@@ -28,9 +28,11 @@ assert png.startswith(bytes([0x89]) + b"PNG")
 Client("localhost:1").close()
 # A job's config, and its one conversion to the wire.
 from vision_client import FineTuneConfig, HeadConfig
-from vision_client._protocol import config_message
+from vision_client.protocol import from_message, to_message
 
-assert config_message(FineTuneConfig("a", "b", head=HeadConfig("parallel", blocks=3))).head.blocks == 3
+config = FineTuneConfig("a", "b", head=HeadConfig("parallel", blocks=3))
+assert to_message(config).head.blocks == 3
+assert from_message(to_message(config)).head == config.head
 print("ok")
 """
 
@@ -54,9 +56,11 @@ def test_installs_and_imports_without_torch(tmp_path: Path) -> None:
     assert {"vision-client", "grpcio", "protobuf", "numpy"} <= names
     assert not names & {"torch", "torchvision", "pillow"}
 
-    assert run(python, "-c", CHECK).stdout.strip() == "ok"
-    assert run(venv / "bin" / "vision-client", "--version").stdout.strip() == "vision-client 0.1.0"
+    version = (SDK / "vision_client" / "VERSION").read_text().strip()
+    assert run(python, "-c", f"VERSION = {version!r}\n" + CHECK).stdout.strip() == "ok"
+    assert run(venv / "bin" / "vision-client", "--version").stdout.strip() == f"vision-client {version}"
     # The generated stubs, their type stubs and the py.typed marker are in the wheel.
     files = run(python, "-m", "pip", "show", "--files", "--disable-pip-version-check", "vision-client").stdout
     assert "vision_client/py.typed" in files
-    assert "vision_client/_proto/inference/grpc_service_pb2.pyi" in files
+    assert "vision_client/VERSION" in files
+    assert "vision_client/protocol/stubs/inference/grpc_service_pb2.pyi" in files

@@ -27,8 +27,8 @@ from PIL import Image
 from service.config import BatchingConfig
 from tests.conftest import ROOT, encode, free_port
 from tests.finetune_data import digits
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft
-from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
 
 _spec = importlib.util.spec_from_file_location("dashboard", ROOT / "deploy" / "dashboard.py")
 assert _spec is not None and _spec.loader is not None

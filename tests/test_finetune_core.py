@@ -12,9 +12,12 @@ from service.config import FineTuneLimits as Limits
 from service.errors import InvalidInputError, ModelNotFoundError
 from service.finetune.examples import ExampleCollector
 from service.finetune.heads import ParallelBlock, build_head
-from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec, validate_spec
+from service.finetune.spec import check_limits, config_from_wire
 from service.finetune.store import ModelStore, StoreEntryError
 from service.finetune.trainer import JobCancelled, TrainMetrics, split_indices, train_head
+from vision_client import errors as client_errors
+from vision_client.protocol import FineTuneConfig, HeadConfig, OptimizerConfig
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 
 
 def blobs(n: int = 300, dim: int = 32, classes: int = 3, scale: float = 50.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +31,7 @@ def blobs(n: int = 300, dim: int = 32, classes: int = 3, scale: float = 50.0) ->
 
 @pytest.mark.parametrize("kind", ["linear", "two_layer", "parallel"])
 def test_heads_have_the_promised_shapes(kind: str) -> None:
-    head = build_head(HeadSpec(kind=kind, hidden=16, blocks=3), 10, 4)
+    head = build_head(HeadConfig(kind=kind, hidden=16, blocks=3), 10, 4)
     assert head(torch.randn(5, 10)).shape == (5, 4)
 
 
@@ -41,13 +44,17 @@ def test_parallel_block_is_a_clamped_product() -> None:
 
 @pytest.mark.parametrize(
     "head, optimizer",
-    [("linear", OptimizerSpec(kind="sgd", lr=0.05)), ("two_layer", OptimizerSpec()), ("parallel", OptimizerSpec())],
+    [
+        ("linear", OptimizerConfig(kind="sgd", lr=0.05)),
+        ("two_layer", OptimizerConfig()),
+        ("parallel", OptimizerConfig()),
+    ],
 )
-def test_trainer_learns_separable_classes_whatever_the_feature_scale(head: str, optimizer: OptimizerSpec) -> None:
+def test_trainer_learns_separable_classes_whatever_the_feature_scale(head: str, optimizer: OptimizerConfig) -> None:
     features, labels = blobs()
-    spec = FineTuneSpec("alexnet", "blobs", head=HeadSpec(kind=head, hidden=32), optimizer=optimizer, epochs=15)
+    config = FineTuneConfig("alexnet", "blobs", head=HeadConfig(kind=head, hidden=32), optimizer=optimizer, epochs=15)
     reports = []
-    result = train_head(features, labels, spec, num_outputs=3, on_epoch=reports.append)
+    result = train_head(features, labels, config, num_outputs=3, on_epoch=reports.append)
     assert result.metrics.validation_accuracy > 0.95
     assert [r.epoch for r in reports] == list(range(1, 16))
     assert reports[-1].train_loss < reports[0].train_loss
@@ -58,8 +65,8 @@ def test_mse_regression_head() -> None:
     features, _ = blobs(dim=8, scale=1.0)
     weights = torch.randn(8, 2, generator=torch.Generator().manual_seed(3))
     targets = features @ weights / 100
-    spec = FineTuneSpec("alexnet", "reg", loss="mse", epochs=60, optimizer=OptimizerSpec(lr=1e-2))
-    result = train_head(features, targets, spec, num_outputs=2)
+    config = FineTuneConfig("alexnet", "reg", loss="mse", epochs=60, optimizer=OptimizerConfig(lr=1e-2))
+    result = train_head(features, targets, config, num_outputs=2)
     assert result.metrics.validation_loss < 0.05  # on standardized targets: 5% of their variance
     assert math.isnan(result.metrics.validation_accuracy)
     predicted = result.head(features[:50]).detach()  # served outputs are in the targets' own units
@@ -68,8 +75,8 @@ def test_mse_regression_head() -> None:
 
 def test_early_stopping_keeps_the_best_epoch() -> None:
     features, labels = blobs()
-    spec = FineTuneSpec("alexnet", "x", epochs=200, early_stopping_patience=3, optimizer=OptimizerSpec(lr=0.05))
-    result = train_head(features, labels, spec, num_outputs=3)
+    config = FineTuneConfig("alexnet", "x", epochs=200, early_stopping_patience=3, optimizer=OptimizerConfig(lr=0.05))
+    result = train_head(features, labels, config, num_outputs=3)
     assert result.metrics.epochs_run < 200
     assert result.metrics.best_epoch == result.metrics.epochs_run - 3
 
@@ -77,7 +84,7 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
 def test_training_stops_when_cancelled() -> None:
     features, labels = blobs()
     with pytest.raises(JobCancelled):
-        train_head(features, labels, FineTuneSpec("alexnet", "x"), num_outputs=3, cancelled=lambda: True)
+        train_head(features, labels, FineTuneConfig("alexnet", "x"), num_outputs=3, cancelled=lambda: True)
 
 
 def test_split_is_stratified_and_seeded() -> None:
@@ -93,37 +100,52 @@ def test_split_is_stratified_and_seeded() -> None:
     "change, message",
     [
         ({"output_model": "Bad Name!"}, "not a valid model name"),
-        ({"head": HeadSpec(kind="mlp")}, "head 'mlp' is unknown"),
-        ({"optimizer": OptimizerSpec(kind="rmsprop")}, "optimizer 'rmsprop' is unknown"),
-        ({"optimizer": OptimizerSpec(lr=0)}, "learning rate"),
+        ({"head": pb.HeadSpec(kind="mlp")}, "head kind 'mlp' is unknown"),
+        ({"optimizer": pb.OptimizerSpec(kind="rmsprop")}, "optimizer kind 'rmsprop' is unknown"),
+        ({"optimizer": pb.OptimizerSpec(lr=-1)}, "optimizer lr"),
         ({"loss": "hinge"}, "loss 'hinge' is unknown"),
-        ({"epochs": 0}, "epochs"),
+        ({"epochs": -1}, "epochs"),
         ({"epochs": 10_000}, "epochs"),
         ({"validation_fraction": 1.0}, "validation_fraction"),
     ],
 )
 def test_bad_configs_are_invalid_input(change: dict, message: str) -> None:
-    spec = FineTuneSpec(**{"base_model": "alexnet", "output_model": "ok", **change})
+    """What the server makes of a CreateJob config: converted, then checked against its limits."""
+    wire = pb.FineTuneConfig(**{"base_model": "alexnet", "output_model": "ok", **change})
     with pytest.raises(InvalidInputError, match=message):
-        validate_spec(spec, Limits())
+        check_limits(config_from_wire(wire), Limits())
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: HeadConfig(kind="mlp"), "head kind 'mlp' is unknown"),  # type: ignore[arg-type]
+        (lambda: OptimizerConfig(lr=0), "optimizer lr"),
+        (lambda: FineTuneConfig("alexnet", "ok", epochs=0), "epochs"),
+        (lambda: FineTuneConfig("alexnet", "ok", loss="hinge"), "loss 'hinge' is unknown"),  # type: ignore[arg-type]
+    ],
+)
+def test_the_same_checks_refuse_a_config_made_in_python(make, message: str) -> None:
+    with pytest.raises(client_errors.InvalidInputError, match=message):
+        make()
 
 
 def test_example_collector_enforces_limits() -> None:
-    spec = FineTuneSpec("alexnet", "x")
-    collector = ExampleCollector(spec, Limits(max_examples=3, max_total_bytes=300))
+    config = FineTuneConfig("alexnet", "x")
+    collector = ExampleCollector(config, Limits(max_examples=3, max_total_bytes=300))
     collector.add(b"a" * 10, "cat", [])
     with pytest.raises(InvalidInputError, match="no label"):
         collector.add(b"b", "", [])
     with pytest.raises(InvalidInputError, match="300 bytes"):
         collector.add(b"c" * 300, "dog", [])
-    one_class = ExampleCollector(spec, Limits())
+    one_class = ExampleCollector(config, Limits())
     one_class.add(b"a", "cat", [])
     one_class.add(b"b", "cat", [])
     with pytest.raises(InvalidInputError, match="at least 2 classes"):
         one_class.finish()
     with pytest.raises(InvalidInputError, match="at least 2 examples"):
-        ExampleCollector(spec, Limits()).finish()
-    regression = ExampleCollector(FineTuneSpec("alexnet", "x", loss="mse"), Limits())
+        ExampleCollector(config, Limits()).finish()
+    regression = ExampleCollector(FineTuneConfig("alexnet", "x", loss="mse"), Limits())
     regression.add(b"a", "", [1.0, 2.0])
     with pytest.raises(InvalidInputError, match="has 1 values"):
         regression.add(b"b", "", [1.0])
@@ -131,14 +153,14 @@ def test_example_collector_enforces_limits() -> None:
 
 def _trained_head():
     features, labels = blobs(dim=6)
-    return train_head(features, labels, FineTuneSpec("alexnet", "x", epochs=2), num_outputs=3).head
+    return train_head(features, labels, FineTuneConfig("alexnet", "x", epochs=2), num_outputs=3).head
 
 
 def test_store_round_trip_replace_and_delete(tmp_path) -> None:
     store = ModelStore(tmp_path)
     head = _trained_head()
     saved = store.save(
-        name="pets", base_model="alexnet", head_spec=HeadSpec(), head=head, labels=["a", "b", "c"],
+        name="pets", base_model="alexnet", head_spec=HeadConfig(), head=head, labels=["a", "b", "c"],
         loss="cross_entropy", metrics=TrainMetrics(validation_accuracy=1.0), job_id="j1",
     )  # fmt: skip
     manifest, loaded = store.load("pets")
@@ -149,7 +171,7 @@ def test_store_round_trip_replace_and_delete(tmp_path) -> None:
     assert on_disk["base_model"] == "alexnet" and on_disk["labels"] == ["a", "b", "c"]
     assert on_disk["head"]["kind"] == "linear" and on_disk["metrics"]["validation_accuracy"] == 1.0
     again = store.save(
-        name="pets", base_model="alexnet", head_spec=HeadSpec(), head=head, labels=["a", "b", "c"],
+        name="pets", base_model="alexnet", head_spec=HeadConfig(), head=head, labels=["a", "b", "c"],
         loss="cross_entropy", job_id="j2",
     )  # fmt: skip
     assert again.version != saved.version
@@ -166,7 +188,7 @@ def test_store_round_trip_replace_and_delete(tmp_path) -> None:
 def test_store_never_serves_half_written_or_tampered_weights(tmp_path) -> None:
     store = ModelStore(tmp_path)
     saved = store.save(
-        name="pets", base_model="alexnet", head_spec=HeadSpec(), head=_trained_head(), labels=["a", "b", "c"],
+        name="pets", base_model="alexnet", head_spec=HeadConfig(), head=_trained_head(), labels=["a", "b", "c"],
         loss="cross_entropy", job_id="j",
     )  # fmt: skip
     weights = tmp_path / "pets" / saved.weights_file

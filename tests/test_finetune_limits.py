@@ -1,4 +1,4 @@
-"""Fine-tuning within bounds: every number of a spec, names, labels, head size, and the
+"""Fine-tuning within bounds: every number of a config, names, labels, head size, and the
 caps on uploads and queued jobs, each refused at CreateJob with a clear status."""
 
 from __future__ import annotations
@@ -15,63 +15,90 @@ from service.errors import InvalidInputError
 from service.finetune.examples import ExampleCollector
 from service.finetune.heads import build_head
 from service.finetune.names import MODEL_NAME_PATTERN, is_model_name, validate_model_name
-from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec, head_parameters, validate_spec
+from service.finetune.spec import check_limits, config_from_wire, head_parameters
 from tests.finetune_data import digits
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
-from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
+from vision_client.errors import InvalidInputError as ClientInvalidInputError
+from vision_client.protocol import FineTuneConfig, HeadConfig, OptimizerConfig
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
 LIMITS = FineTuneLimits()
 NOT_FINITE = [math.nan, math.inf, -math.inf]
+WIRE_TYPES = {"head": pb.HeadSpec, "optimizer": pb.OptimizerSpec}
+
+
+def python_config(change: dict) -> FineTuneConfig:
+    """The SDK's config with ``change`` (nested dicts for head and optimizer), checked as it is made."""
+    nested = {"head": HeadConfig, "optimizer": OptimizerConfig}
+    fields = {key: nested[key](**value) if key in nested else value for key, value in change.items()}
+    return FineTuneConfig(**{"base_model": "alexnet", "output_model": "ok", **fields})
+
+
+def wire_config(change: dict) -> pb.FineTuneConfig:
+    """The same change in a CreateJob message (ValueError or TypeError where the wire cannot carry it)."""
+    fields = {key: WIRE_TYPES[key](**value) if key in WIRE_TYPES else value for key, value in change.items()}
+    return pb.FineTuneConfig(**{"base_model": "alexnet", "output_model": "ok", **fields})
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        *({"optimizer": OptimizerSpec(lr=v)} for v in NOT_FINITE),
-        *({"optimizer": OptimizerSpec(weight_decay=v)} for v in NOT_FINITE),
-        *({"optimizer": OptimizerSpec(momentum=v)} for v in NOT_FINITE),
-        *({"optimizer": OptimizerSpec(betas=(v, 0.9))} for v in NOT_FINITE),
-        *({"head": HeadSpec(dropout=v)} for v in NOT_FINITE),
+        *({"optimizer": {"lr": v}} for v in NOT_FINITE),
+        *({"optimizer": {"weight_decay": v}} for v in NOT_FINITE),
+        *({"optimizer": {"momentum": v}} for v in NOT_FINITE),
+        *({"optimizer": {"beta1": v}} for v in NOT_FINITE),
+        *({"head": {"dropout": v}} for v in NOT_FINITE),
         *({"validation_fraction": v} for v in NOT_FINITE),
-        {"optimizer": OptimizerSpec(weight_decay=1e30)},
-        {"optimizer": OptimizerSpec(lr=-1.0)},
-        {"seed": 2**64 - 1},
+        {"optimizer": {"weight_decay": 1e30}},
+        {"optimizer": {"lr": -1.0}},
+        {"seed": 2**64},
         {"seed": -1},
         {"epochs": -5},
         {"batch_size": 2**31 - 1},
         {"early_stopping_patience": 2**31 - 1},
-        {"head": HeadSpec(hidden=-1)},
-        {"head": HeadSpec(blocks=0)},
+        {"head": {"hidden": -1}},
+        {"head": {"blocks": 0}},
+        {"head": {"hidden": LIMITS.max_hidden + 1}},
     ],
 )
-def test_spec_numbers_out_of_range_are_invalid(change: dict) -> None:
-    spec = FineTuneSpec(**{"base_model": "alexnet", "output_model": "ok", **change})
+def test_config_numbers_out_of_range_are_invalid(change: dict) -> None:
+    """Refused by the config itself or by the server's limits, made in Python or read from the wire."""
+    with pytest.raises((InvalidInputError, ClientInvalidInputError), match="must be"):
+        check_limits(python_config(change), LIMITS)
+    try:
+        message = wire_config(change)
+    except (ValueError, TypeError):
+        return  # a seed of 2**64 or -1 cannot be sent
+    if any(value == 0 for part in change.values() for value in (part.values() if isinstance(part, dict) else [part])):
+        return  # a zero on the wire is the default
     with pytest.raises(InvalidInputError, match="must be"):
-        validate_spec(spec, LIMITS)
+        check_limits(config_from_wire(message), LIMITS)
 
 
-def test_the_largest_seed_accepted_trains() -> None:
+@pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1])
+def test_every_seed_the_wire_carries_trains(seed: int) -> None:
+    """One bound for the seed: the wire's uint64, in the SDK, the server and the trainer alike."""
     import torch
 
-    from service.finetune.spec import MAX_SEED
     from service.finetune.trainer import train_head
 
-    spec = validate_spec(FineTuneSpec("alexnet", "ok", seed=MAX_SEED, epochs=1), LIMITS)
+    config = check_limits(config_from_wire(wire_config({"seed": seed, "epochs": 1})), LIMITS)
+    assert config.seed == seed
     features, labels = torch.randn(8, 4), torch.tensor([0, 1] * 4)
-    assert train_head(features, labels, spec, num_outputs=2).metrics.epochs_run == 1
+    assert train_head(features, labels, config, num_outputs=2).metrics.epochs_run == 1
 
 
 @pytest.mark.parametrize("kind", ["linear", "two_layer", "parallel"])
 def test_head_parameter_count_matches_the_built_head(kind: str) -> None:
-    head = HeadSpec(kind=kind, hidden=7, blocks=3)
+    head = HeadConfig(kind=kind, hidden=7, blocks=3)
     built = sum(p.numel() for p in build_head(head, 11, 5).parameters())
     assert head_parameters(head, 11, 5) == built
 
 
 def test_a_head_over_the_parameter_budget_is_refused_before_examples() -> None:
-    spec = FineTuneSpec("alexnet", "big", head=HeadSpec(kind="parallel", hidden=8192, blocks=8))
+    config = FineTuneConfig("alexnet", "big", head=HeadConfig(kind="parallel", hidden=8192, blocks=8))
     with pytest.raises(InvalidInputError, match="parameters, over the limit"):
-        validate_spec(spec, LIMITS, feature_dim=4096)
+        check_limits(config, LIMITS, feature_dim=4096)
 
 
 @pytest.mark.parametrize("name", ["", "liveness", "a\n", "Pets", "-pets", "a/b", "..", "x" * 64, "caf\u00e9"])
@@ -88,9 +115,9 @@ def test_the_pattern_takes_ordinary_names() -> None:
 
 
 def test_labels_are_bounded_in_length_count_and_bytes() -> None:
-    spec = FineTuneSpec("alexnet", "x")
+    config = FineTuneConfig("alexnet", "x")
     limits = FineTuneLimits(max_label_length=8, max_labels=2, max_total_bytes=1000)
-    collector = ExampleCollector(spec, limits)
+    collector = ExampleCollector(config, limits)
     with pytest.raises(InvalidInputError, match="9 bytes long"):
         collector.add(b"img", "x" * 9, [])
     with pytest.raises(InvalidInputError, match="control characters"):
@@ -101,7 +128,7 @@ def test_labels_are_bounded_in_length_count_and_bytes() -> None:
         collector.add(b"img", "emu", [])
     collector.add(b"img", "cat", [])  # a known class is fine
     # Labels count toward the byte limit: long labels alone exhaust it.
-    long_labels = ExampleCollector(spec, FineTuneLimits(max_total_bytes=1000))
+    long_labels = ExampleCollector(config, FineTuneLimits(max_total_bytes=1000))
     with pytest.raises(InvalidInputError, match="exceed 1000 bytes"):
         for i in range(100):
             long_labels.add(b"i", f"{i:03d}" + "l" * 100, [])
@@ -140,12 +167,13 @@ def stub(serve_inprocess):
 @pytest.mark.parametrize(
     "config, message",
     [
-        (_config(optimizer=pb.OptimizerSpec(weight_decay=math.inf)), "weight decay"),
-        (_config(optimizer=pb.OptimizerSpec(lr=math.nan)), "learning rate"),
+        (_config(optimizer=pb.OptimizerSpec(weight_decay=math.inf)), "weight_decay"),
+        (_config(optimizer=pb.OptimizerSpec(lr=math.nan)), "optimizer lr"),
+        (_config(optimizer=pb.OptimizerSpec(lr=11.0)), "learning rate must be at most 10"),
         (_config(validation_fraction=math.nan), "validation_fraction"),
-        (_config(seed=2**64 - 1), "seed"),
+        (_config(epochs=LIMITS.max_epochs + 1), "epochs must be at most"),
         (_config(output="liveness"), "reserved"),
-        (_config(output=""), "reserved"),
+        (_config(output=""), "output_model must be a model name"),
         (_config(output="pets\n"), "not a valid model name"),
         (_config(output="alexnet"), "built-in model"),
         (_config(head=pb.HeadSpec(kind="parallel", hidden=8192, blocks=8)), "over the limit"),

@@ -21,9 +21,10 @@ from torchvision.models import AlexNet_Weights
 
 from service.errors import VisionServeError
 from service.preprocess import ImageDecoder
-from service.transport.codec import InferCall, encode_bytes_elements, parse_infer_request
+from service.transport.codec import InferCall, parse_infer_request
 from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEMA, ScreenedParser, screen
-from vision_client._proto.inference import grpc_service_pb2 as pb
+from vision_client.protocol import encode_bytes_elements
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
 LONG_RUN = "FUZZ_EXAMPLES" in os.environ
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))

@@ -16,8 +16,8 @@ from PIL import Image
 from torchvision.models import AlexNet_Weights
 
 from tests.conftest import cosine, encode, load_reference
-from vision_client._proto.inference import grpc_service_pb2 as pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
 WEIGHTS = AlexNet_Weights.DEFAULT
 

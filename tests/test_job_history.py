@@ -11,16 +11,16 @@ import grpc
 
 from service.finetune.history import JobHistory
 from service.finetune.job import Job, JobState
-from service.finetune.spec import FineTuneSpec
 from service.finetune.trainer import TrainMetrics
 from tests.finetune_data import digits
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
-from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
+from vision_client.protocol import FineTuneConfig
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
 
 def _finished(job_id: str, finished_at: float) -> Job:
     return Job(
-        id=job_id, spec=FineTuneSpec("alexnet", "pets"), labels=["a", "b"], example_count=10,
+        id=job_id, config=FineTuneConfig("alexnet", "pets"), labels=["a", "b"], example_count=10,
         state=JobState.SUCCEEDED, created_at=finished_at - 1, finished_at=finished_at,
         metrics=TrainMetrics(train_loss=0.5, best_epoch=3),
     )  # fmt: skip
@@ -38,6 +38,34 @@ def test_history_keeps_the_newest_records_only(tmp_path: Path) -> None:
     (history.folder / "1700000009000-0000000000ff.json").write_text("[" * 10_000)  # a damaged record
     assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (3, 4)]  # newest 3: one skipped
     assert history.get("../../etc/passwd") is None
+
+
+def test_records_keep_the_whole_config_and_older_records_still_read(tmp_path: Path) -> None:
+    """A record holds the config through the protocol's one JSON conversion; a record of the
+    older layout ("spec", Adam's betas as one pair) reads as the same config."""
+    import dataclasses
+    import json
+
+    from vision_client.protocol import HeadConfig, OptimizerConfig, to_dict
+
+    history = JobHistory(tmp_path, max_records=3)
+    config = FineTuneConfig(
+        "alexnet", "pets", head=HeadConfig("parallel", hidden=8, blocks=3, dropout=0.25),
+        optimizer=OptimizerConfig("sgd", lr=0.5, momentum=0.5, beta1=0.8, beta2=0.95), seed=2**64 - 1, refit=False,
+    )  # fmt: skip
+    job = _finished(f"{7:012x}", 1_700_000_000.0)
+    history.save(dataclasses.replace(job, config=config))
+    (path,) = history.folder.iterdir()
+    record = json.loads(path.read_text())
+    assert record["config"] == to_dict(config)
+    assert history.get(f"{7:012x}").config == config
+
+    older = dict(record, id=f"{8:012x}")
+    spec = older.pop("config")
+    spec["optimizer"]["betas"] = [spec["optimizer"].pop("beta1"), spec["optimizer"].pop("beta2")]
+    older["spec"] = spec
+    (history.folder / f"1700000001000-{8:012x}.json").write_text(json.dumps(older))
+    assert history.get(f"{8:012x}").config == config
 
 
 def test_a_finished_job_is_known_to_another_server_on_the_store(tmp_path: Path, serve_inprocess) -> None:

@@ -29,7 +29,8 @@ def parse(argv: list[str], environ: dict[str, str] | None = None) -> ServeConfig
 
 def test_docs_configuration_table_is_the_generated_one() -> None:
     written = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    assert written == markdown(), "docs/configuration.md is stale: run `python -m service.options > docs/configuration.md`"
+    stale = "docs/configuration.md is stale: run `python -m service.options > docs/configuration.md`"
+    assert written == markdown(), stale
 
 
 def test_each_flag_variable_and_field_is_named_once() -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import start_server
 from tests.metrics_util import sample_value, scrape
-from vision_client._proto.inference import grpc_service_pb2 as pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def pixels_request(n: int, side: int = 64) -> pb.ModelInferRequest:

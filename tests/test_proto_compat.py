@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from google.protobuf import descriptor_pb2
 
-from vision_client._proto.inference import grpc_service_pb2 as ours
-from vision_client._proto.inference import model_config_pb2 as ours_config
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as ours
+from vision_client.protocol.stubs.inference import model_config_pb2 as ours_config
 
 triton = pytest.importorskip("tritonclient.grpc.service_pb2")
 triton_config = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -168,8 +168,8 @@ def test_stubs_are_generated_from_protos(tmp_path) -> None:
     spec = importlib.util.spec_from_file_location("generate", root / "protos" / "generate.py")
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
-    generate.generate(tmp_path / "_proto")
-    committed = root / "clients" / "python" / "vision_client" / "_proto"
-    for fresh in (tmp_path / "_proto").rglob("*.py*"):
-        relative = fresh.relative_to(tmp_path / "_proto")
+    generate.generate(tmp_path / "stubs")
+    committed = root / "clients" / "python" / "vision_client" / "protocol" / "stubs"
+    for fresh in (tmp_path / "stubs").rglob("*.py*"):
+        relative = fresh.relative_to(tmp_path / "stubs")
         assert filecmp.cmp(fresh, committed / relative, shallow=False), f"{relative} is stale: run `make protos`"

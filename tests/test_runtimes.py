@@ -35,7 +35,7 @@ from service.runtimes.select import BackendLoader, RuntimeOptions, candidates
 from tests.conftest import cosine, session_runtime_cache
 from tests.inprocess import InProcessServer
 from vision_client import Client
-from vision_client._proto.vision.v1 import models_pb2, models_pb2_grpc
+from vision_client.protocol.stubs.vision.v1 import models_pb2, models_pb2_grpc
 
 MODELS = ("alexnet", "vgg16", "resnet101")
 CPU = torch.device("cpu")

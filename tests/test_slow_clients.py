@@ -16,7 +16,7 @@ from service.config import RuntimeConfig
 from service.metrics_http import MAX_CONNECTIONS
 from tests.conftest import session_runtime_cache
 from tests.tiny import TINY
-from vision_client._proto.inference import grpc_service_pb2 as infer_pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
 
 FIRST_MESSAGE_TIMEOUT_S = 1.0
 STALLED_CALLS = 300

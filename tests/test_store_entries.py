@@ -17,8 +17,8 @@ from service.files import FileRefused, TimedOut, call_with_timeout, read_bounded
 from service.finetune.store import ModelStore, StoreEntryError
 from tests.metrics_util import sample_value, scrape
 from tests.store_util import manifest_of, save_head, write_manifest
-from vision_client._proto.inference import grpc_service_pb2 as pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def _copy(store: Path, source: str, name: str, **changes: object) -> dict:
@@ -224,8 +224,8 @@ def test_a_model_withdrawn_while_the_store_reads_it_stays_withdrawn(
     """DeleteModel or RepositoryModelUnload lands between a store read of the entry and its
     activation: the read's result is dropped, not served again under the name."""
     from service.finetune.store import StoreEntryError
-    from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
-    from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
 
     store = tmp_path / "store"
     save_head(store, "doomed", seed=1)

@@ -12,16 +12,16 @@ import torch
 
 from service.errors import AlreadyExistsError
 from service.finetune.heads import build_standardized_head
-from service.finetune.spec import HeadSpec
 from service.finetune.store import ModelStore
 from service.finetune.trainer import TrainMetrics
+from vision_client.protocol import HeadConfig
 
 
 def _stage(store: ModelStore, name: str, seed: int):
     torch.manual_seed(seed)
-    head = build_standardized_head(HeadSpec(), 8, 2)
+    head = build_standardized_head(HeadConfig(), 8, 2)
     return store.stage(
-        name=name, base_model="alexnet", head_spec=HeadSpec(), head=head, labels=["a", "b"],
+        name=name, base_model="alexnet", head_spec=HeadConfig(), head=head, labels=["a", "b"],
         loss="cross_entropy", metrics=TrainMetrics(), job_id=f"job-{seed}",
     )  # fmt: skip
 

@@ -26,8 +26,8 @@ from service.transport.tls import CertificateFiles, TlsFiles
 from tests.certs import CertificateAuthority, Issued, write_atomically, write_pair
 from tests.metrics_util import sample_value, scrape
 from vision_client import AsyncClient, Client, UnavailableError
-from vision_client._proto.inference import grpc_service_pb2 as infer_pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as infer_grpc
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as infer_grpc
 
 pytest.importorskip("cryptography", reason="cryptography comes with the [test] extra")
 

@@ -264,12 +264,12 @@ def test_load_and_unload_need_the_token(serve_inprocess, tmp_path: Path) -> None
 def store_with_head(tmp_path: Path) -> Path:
     """A model store holding an (untrained) three-class head on AlexNet, called ``pets``."""
     from service.finetune.heads import build_standardized_head
-    from service.finetune.spec import HeadSpec
     from service.finetune.store import ModelStore
     from service.models import get_model_spec
+    from vision_client.protocol import HeadConfig
 
     store = ModelStore(tmp_path / "seeded-store")
-    spec = HeadSpec()
+    spec = HeadConfig()
     head = build_standardized_head(spec, get_model_spec("alexnet").feature_dim, 3)
     store.save(
         name="pets", base_model="alexnet", head_spec=spec, head=head, labels=["cat", "dog", "fish"],
@@ -309,13 +309,13 @@ def test_fine_tuned_models_unload_load_and_follow_their_base(serve_inprocess, st
         # An explicit load reads the store with the checks of a poll: a head that does not
         # fit its base model is refused, logged and counted, and the server goes on.
         from service.finetune.heads import build_standardized_head
-        from service.finetune.spec import HeadSpec
         from service.finetune.store import ModelStore
+        from vision_client.protocol import HeadConfig
 
         client.unload_model("pets")
-        misfit = build_standardized_head(HeadSpec(), 2048, 3)  # ResNet101's features, not AlexNet's 9216
+        misfit = build_standardized_head(HeadConfig(), 2048, 3)  # ResNet101's features, not AlexNet's 9216
         ModelStore(store_with_head).save(
-            name="pets", base_model="alexnet", head_spec=HeadSpec(), head=misfit, labels=["cat", "dog", "fish"],
+            name="pets", base_model="alexnet", head_spec=HeadConfig(), head=misfit, labels=["cat", "dog", "fish"],
             loss="cross_entropy", job_id="misfit",
         )  # fmt: skip
         with pytest.raises(InferenceServerException) as raised:

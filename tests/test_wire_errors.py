@@ -22,10 +22,10 @@ from service.config import RuntimeConfig
 from service.errors import QUOTE_CHARS, quote
 from tests.conftest import session_runtime_cache
 from tests.tiny import TINY
-from vision_client._proto.inference import grpc_service_pb2 as infer_pb
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
-from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
-from vision_client._proto.vision.v1 import models_pb2
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+from vision_client.protocol.stubs.vision.v1 import models_pb2
 
 SERVICES = (
     (infer_pb.DESCRIPTOR, "GRPCInferenceService"),

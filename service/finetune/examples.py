@@ -18,8 +18,8 @@ import numpy as np
 
 from service.config import FineTuneLimits
 from service.errors import InvalidInputError, quote
-from service.finetune.spec import FineTuneSpec
 from service.preprocess import ImageDecoder
+from vision_client.protocol import FineTuneConfig
 
 CHECK_SIZE = 64  # side a JPEG is decoded to (at least) when it is only checked
 _TARGET_BYTES = 4  # a float32 target value
@@ -39,8 +39,8 @@ class TrainingExamples:
 class ExampleCollector:
     """Accumulates streamed examples, enforcing the limits as they arrive."""
 
-    def __init__(self, spec: FineTuneSpec, limits: FineTuneLimits) -> None:
-        self._spec = spec
+    def __init__(self, config: FineTuneConfig, limits: FineTuneLimits) -> None:
+        self._config = config
         self._limits = limits
         self._images: list[bytes] = []
         self._labels: list[str] = []
@@ -62,7 +62,7 @@ class ExampleCollector:
                 f"the examples (images, labels and targets) exceed {limits.max_total_bytes} bytes in all; "
                 "send fewer or smaller images"
             )
-        if self._spec.loss == "cross_entropy":
+        if self._config.loss == "cross_entropy":
             if not label:
                 raise InvalidInputError(f"example {index} has no label; cross_entropy needs a class name per example")
             if label_bytes > limits.max_label_length:
@@ -100,7 +100,7 @@ class ExampleCollector:
         """The examples and the output names (sorted class names, or target_i)."""
         if len(self._images) < 2:
             raise InvalidInputError(f"a job needs at least 2 examples, got {len(self._images)}")
-        if self._spec.loss == "cross_entropy":
+        if self._config.loss == "cross_entropy":
             classes = sorted(self._classes)
             if len(classes) < 2:
                 raise InvalidInputError(

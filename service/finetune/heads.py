@@ -1,11 +1,11 @@
-"""Head modules a job can train. Built from a :class:`HeadSpec`; never from client code."""
+"""Head modules a job can train. Built from a :class:`HeadConfig`; never from client code."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from service.finetune.spec import HeadSpec
+from vision_client.protocol import HeadConfig
 
 
 class ParallelBlock(nn.Module):
@@ -20,20 +20,20 @@ class ParallelBlock(nn.Module):
         return torch.clamp(self.left(x) * self.right(x), min=0)
 
 
-def build_head(spec: HeadSpec, in_features: int, out_features: int) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Dropout(spec.dropout)] if spec.dropout > 0 else []
-    if spec.kind == "linear":
+def build_head(head: HeadConfig, in_features: int, out_features: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Dropout(head.dropout)] if head.dropout > 0 else []
+    if head.kind == "linear":
         layers.append(nn.Linear(in_features, out_features))
-    elif spec.kind == "two_layer":
-        layers += [nn.Linear(in_features, spec.hidden), nn.ReLU(), nn.Linear(spec.hidden, out_features)]
-    elif spec.kind == "parallel":
+    elif head.kind == "two_layer":
+        layers += [nn.Linear(in_features, head.hidden), nn.ReLU(), nn.Linear(head.hidden, out_features)]
+    elif head.kind == "parallel":
         width = in_features
-        for _ in range(spec.blocks):
-            layers.append(ParallelBlock(width, spec.hidden))
-            width = spec.hidden
+        for _ in range(head.blocks):
+            layers.append(ParallelBlock(width, head.hidden))
+            width = head.hidden
         layers.append(nn.Linear(width, out_features))
     else:
-        raise ValueError(f"unknown head kind {spec.kind!r}")
+        raise ValueError(f"unknown head kind {head.kind!r}")
     return nn.Sequential(*layers)
 
 
@@ -80,10 +80,10 @@ def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
 
 
 def build_standardized_head(
-    spec: HeadSpec, in_features: int, out_features: int, *, regression: bool = False
+    head: HeadConfig, in_features: int, out_features: int, *, regression: bool = False
 ) -> StandardizedHead:
     """An untrained head with identity statistics, ready for ``load_state_dict``."""
     targets = (torch.zeros(out_features), torch.ones(out_features)) if regression else (None, None)
     return StandardizedHead(
-        build_head(spec, in_features, out_features), torch.zeros(in_features), torch.ones(in_features), *targets
+        build_head(head, in_features, out_features), torch.zeros(in_features), torch.ones(in_features), *targets
     )

@@ -10,14 +10,14 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 from service.files import FileRefused, atomic_write, read_bounded
 from service.finetune.job import Job, JobState
-from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec
 from service.finetune.store import StoreEntryError, parse_json
 from service.finetune.trainer import TrainMetrics
+from vision_client.errors import InvalidInputError as ConfigError
+from vision_client.protocol import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class JobHistory:
             "format_version": RECORD_FORMAT_VERSION,
             "id": job.id,
             "state": job.state.value,
-            "spec": asdict(job.spec),
+            "config": to_dict(job.config),
             "labels": job.labels,
             "examples": job.example_count,
             "error": job.error,
@@ -85,7 +85,7 @@ class JobHistory:
             return job_from_record(data)
         except FileNotFoundError:
             return None  # pruned by another replica meanwhile
-        except (FileRefused, StoreEntryError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        except (FileRefused, StoreEntryError, ConfigError, KeyError, TypeError, ValueError, OverflowError) as exc:
             log.warning("job record %s cannot be read; ignoring it: %s", path, exc)
             return None
 
@@ -93,12 +93,9 @@ class JobHistory:
 def job_from_record(data: object) -> Job:
     if not isinstance(data, dict) or data.get("format_version") != RECORD_FORMAT_VERSION:
         raise ValueError("not a job record of a known format_version")
-    spec = dict(data["spec"])
-    optimizer = dict(spec.pop("optimizer"))
-    optimizer["betas"] = tuple(optimizer["betas"])
     job = Job(
         id=str(data["id"]),
-        spec=FineTuneSpec(head=HeadSpec(**spec.pop("head")), optimizer=OptimizerSpec(**optimizer), **spec),
+        config=from_dict(data["config"] if "config" in data else _older_config(data["spec"])),
         labels=[str(label) for label in data["labels"]],
         example_count=int(data["examples"]),
         state=JobState(data["state"]),
@@ -111,3 +108,12 @@ def job_from_record(data: object) -> Job:
     if not job.state.terminal or not JOB_ID.fullmatch(job.id):
         raise ValueError("a job record must be of a finished job with a valid id")
     return job
+
+
+def _older_config(spec: object) -> object:
+    """A record of an older server: its config was "spec", with Adam's betas as one pair."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("optimizer"), dict):
+        raise ValueError("a job record's spec must be a JSON object with an optimizer")
+    optimizer = dict(spec["optimizer"])
+    optimizer["beta1"], optimizer["beta2"] = optimizer.pop("betas")
+    return {**spec, "optimizer": optimizer}

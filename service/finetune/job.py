@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 from service.finetune.examples import TrainingExamples
-from service.finetune.spec import FineTuneSpec
 from service.finetune.trainer import TrainMetrics
+from vision_client.protocol import FineTuneConfig
 
 
 class JobState(enum.Enum):
@@ -47,7 +47,7 @@ class Job:
     or when the job ends; ``example_count`` stays."""
 
     id: str
-    spec: FineTuneSpec
+    config: FineTuneConfig
     labels: list[str]  # output names: class names, or target_0..T-1 for regression
     example_count: int
     examples: TrainingExamples | None = None
@@ -70,7 +70,7 @@ class Job:
             self.state,
             self.state.value,
             epoch=self.metrics.epochs_run,
-            epochs=self.spec.epochs,
+            epochs=self.config.epochs,
             train_loss=self.metrics.train_loss,
             validation_loss=self.metrics.validation_loss,
             validation_accuracy=self.metrics.validation_accuracy,

@@ -7,7 +7,7 @@ Caps (``FineTuneLimits``), each answered at once:
 - ``max_queued_jobs`` jobs queued or running, since each holds its images until their
   features are extracted (RESOURCE_EXHAUSTED);
 - per job: examples, bytes (images, labels and targets), classes, label length, head
-  parameters, every number of the spec (INVALID_ARGUMENT).
+  parameters, every number of the config (INVALID_ARGUMENT).
 
 A finished job keeps no images. Its record goes to the store (:mod:`.history`), so that
 GetJob and ListJobs answer after a restart and on every replica sharing the store; the
@@ -43,12 +43,13 @@ from service.finetune.examples import ExampleCollector, check_images
 from service.finetune.history import JobHistory
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.pipeline import JobPipeline
-from service.finetune.spec import FineTuneSpec, validate_spec
+from service.finetune.spec import check_limits
 from service.finetune.store import ModelStore
 from service.finetune.trainer import JobCancelled
 from service.metrics import ServerMetrics
 from service.models import get_model_spec
 from service.repository import ModelRepository
+from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,51 +97,53 @@ class JobManager:
         finally:
             self._uploads -= 1
 
-    def check_spec(self, spec: FineTuneSpec, *, outputs: int = 2) -> FineTuneSpec:
+    def check_config(self, config: FineTuneConfig, *, outputs: int = 2) -> FineTuneConfig:
         """Refuse a job before its examples are streamed, where the config alone says it is bad."""
         if self._store is None:
             raise FailedPreconditionError(FINE_TUNING_OFF)
-        validate_spec(spec, self.limits)
-        base = self._repository.get(spec.base_model)  # NOT_FOUND for unknown models
+        check_limits(config, self.limits)
+        base = self._repository.get(config.base_model)  # NOT_FOUND for unknown models
         if base.base_model is not None:
             raise InvalidInputError(
-                f"base_model {quote(spec.base_model)} is itself fine-tuned; build on one of "
+                f"base_model {quote(config.base_model)} is itself fine-tuned; build on one of "
                 f"{', '.join(self._repository.builtin_names())}"
             )
-        validate_spec(spec, self.limits, feature_dim=get_model_spec(spec.base_model).feature_dim, outputs=outputs)
-        if spec.output_model in self._repository.builtin_names():
-            raise BuiltinModelError(spec.output_model, "the output of a fine-tuning job")
-        clash = spec.output_model in self._repository or any(
-            j.spec.output_model == spec.output_model for j in self._live.values()
+        check_limits(config, self.limits, feature_dim=get_model_spec(config.base_model).feature_dim, outputs=outputs)
+        if config.output_model in self._repository.builtin_names():
+            raise BuiltinModelError(config.output_model, "the output of a fine-tuning job")
+        clash = config.output_model in self._repository or any(
+            j.config.output_model == config.output_model for j in self._live.values()
         )
-        if clash and not spec.replace:
+        if clash and not config.replace:
             raise AlreadyExistsError(
-                f"a model or running job named {quote(spec.output_model)} exists; pick another name or set replace"
+                f"a model or running job named {quote(config.output_model)} exists; pick another name or set replace"
             )
         self._check_queue()
-        return spec
+        return config
 
-    def collector(self, spec: FineTuneSpec) -> ExampleCollector:
-        return ExampleCollector(spec, self.limits)
+    def collector(self, config: FineTuneConfig) -> ExampleCollector:
+        return ExampleCollector(config, self.limits)
 
-    async def submit(self, spec: FineTuneSpec, collector: ExampleCollector) -> Job:
+    async def submit(self, config: FineTuneConfig, collector: ExampleCollector) -> Job:
         """Queue a job; fails at once with INVALID_ARGUMENT if an example is not a decodable image."""
         examples, labels = collector.finish()
-        self.check_spec(spec, outputs=len(labels))  # again: the name may have been taken meanwhile
+        self.check_config(config, outputs=len(labels))  # again: the name may have been taken meanwhile
         if self._dataplane.draining:
             raise UnavailableError("the server is shutting down and takes no new jobs")
         assert self._store is not None
-        if not spec.replace and await asyncio.to_thread(self._store.exists, spec.output_model):
+        if not config.replace and await asyncio.to_thread(self._store.exists, config.output_model):
             raise AlreadyExistsError(
-                f"the model store already holds a model named {quote(spec.output_model)}; "
+                f"the model store already holds a model named {quote(config.output_model)}; "
                 "pick another name or set replace"
             )
-        decoder = self._repository.get(spec.base_model).decoder
+        decoder = self._repository.get(config.base_model).decoder
         await check_images(decoder, examples.images, self._dataplane.decode_pool)
         self._check_queue()  # again: other jobs may have been queued while the images were checked
-        job = Job(id=uuid.uuid4().hex[:12], spec=spec, labels=labels, example_count=len(examples), examples=examples)
+        job = Job(
+            id=uuid.uuid4().hex[:12], config=config, labels=labels, example_count=len(examples), examples=examples
+        )
         self._live[job.id] = job
-        await self._emit(job, JobEvent(job.id, JobState.QUEUED, "queued", epochs=spec.epochs))
+        await self._emit(job, JobEvent(job.id, JobState.QUEUED, "queued", epochs=config.epochs))
         self._update_state_gauge()
         task = asyncio.create_task(self._run(job), name=f"finetune-{job.id}")
         self._tasks.add(task)
@@ -231,7 +234,7 @@ class JobManager:
             self._update_state_gauge()
             assert self._pipeline is not None
             await self._pipeline.run(job, device)
-            await self._finish(job, JobState.SUCCEEDED, f"serving {job.spec.output_model}")
+            await self._finish(job, JobState.SUCCEEDED, f"serving {job.config.output_model}")
         except JobCancelled:
             await self._finish(job, JobState.CANCELLED, "cancelled")
         except VisionServeError as exc:
@@ -264,7 +267,7 @@ class JobManager:
                 state,
                 state.value,
                 epoch=last.epoch if last else 0,
-                epochs=job.spec.epochs,
+                epochs=job.config.epochs,
                 train_loss=job.metrics.train_loss,
                 validation_loss=job.metrics.validation_loss,
                 validation_accuracy=job.metrics.validation_accuracy,

@@ -56,7 +56,7 @@ class JobPipeline:
         """Features [N, D] and training targets; the job's images are released afterwards."""
         examples = job.examples
         assert examples is not None, "a job's examples are extracted once"
-        model = self._repository.features_model(job.spec.base_model)
+        model = self._repository.features_model(job.config.base_model)
         images = examples.images
         chunks: list[np.ndarray] = []
         started = time.monotonic()
@@ -76,7 +76,7 @@ class JobPipeline:
                     job.id,
                     JobState.RUNNING,
                     "features",
-                    epochs=job.spec.epochs,
+                    epochs=job.config.epochs,
                     progress=FEATURE_SHARE * done / len(images),
                     eta_seconds=elapsed / done * (len(images) - done),
                     message=f"features of {done}/{len(images)} examples",
@@ -115,7 +115,7 @@ class JobPipeline:
             train_head,
             features,
             targets,
-            job.spec,
+            job.config,
             num_outputs=len(job.labels),
             device=device,
             on_epoch=on_epoch,
@@ -134,32 +134,32 @@ class JobPipeline:
         if job.cancel_requested.is_set():
             raise JobCancelled("cancelled")
         job.metrics = result.metrics
-        spec = job.spec
-        name = spec.output_model
-        self._require_base(spec.base_model)
+        config = job.config
+        name = config.output_model
+        self._require_base(config.base_model)
         withdrawals = self._repository.withdrawals(name)
         try:
             manifest = await asyncio.to_thread(
                 self._store.save,
                 name=name,
-                base_model=spec.base_model,
-                head_spec=spec.head,
+                base_model=config.base_model,
+                head_spec=config.head,
                 head=result.head,
                 labels=job.labels,
-                loss=spec.loss,
+                loss=config.loss,
                 metrics=result.metrics,
                 job_id=job.id,
-                replace=spec.replace,
+                replace=config.replace,
             )
         except OSError as exc:
             raise StoreWriteError(self._store.root, exc) from exc
         try:
-            self._require_base(spec.base_model)
+            self._require_base(config.base_model)
             model = await asyncio.to_thread(
-                self._repository.install_finetuned, name, spec.base_model, result.head, job.labels, manifest.version
+                self._repository.install_finetuned, name, config.base_model, result.head, job.labels, manifest.version
             )
         except VisionServeError:
-            if not spec.replace:
+            if not config.replace:
                 with contextlib.suppress(VisionServeError, OSError):
                     await asyncio.to_thread(self._store.delete, name)
             raise

@@ -1,82 +1,47 @@
-"""A fine-tuning job's configuration, validated once when the job is created.
+"""A fine-tuning job's config against this server's own limits, checked once, before any example.
 
-Every number of a spec is checked before any example is streamed: floats must be
-finite and in range (an infinite weight decay would train a head that serves NaN),
-integers in range (the seed seeds torch generators, which take 64 bits), and the
-head no larger than ``FineTuneLimits.max_head_parameters``.
+The config itself is the protocol's :class:`~vision_client.protocol.FineTuneConfig`: it checks
+kinds, types and ranges when it is made (from Python or from the wire, by the same code). What a
+config cannot know is checked here: how large this server lets a head, an epoch count or a batch
+be, the model name pattern, and that the head fits the base model's features within
+``FineTuneLimits.max_head_parameters``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 from service.config import FineTuneLimits
 from service.errors import InvalidInputError, quote
 from service.finetune.names import validate_model_name
-from vision_client._config import HEAD_KINDS, LOSSES
-from vision_client._config import OPTIMIZER_KINDS as OPTIMIZERS
+from vision_client import errors as client_errors
+from vision_client.protocol import FineTuneConfig, HeadConfig, from_message
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 
-MAX_SEED = 2**63 - 2  # the trainer seeds with seed and seed + 1; torch takes up to 2**64 - 1
 MAX_LEARNING_RATE = 10.0
 MAX_WEIGHT_DECAY = 1.0
 
 
-@dataclass(frozen=True)
-class HeadSpec:
-    kind: str = "linear"
-    hidden: int = 256
-    blocks: int = 2
-    dropout: float = 0.0
-
-    def to_dict(self) -> dict[str, object]:
-        return {"kind": self.kind, "hidden": self.hidden, "blocks": self.blocks, "dropout": self.dropout}
+def config_from_wire(message: pb.FineTuneConfig) -> FineTuneConfig:
+    """The config a request carries, or :class:`InvalidInputError` saying which value is wrong."""
+    try:
+        return from_message(message)
+    except client_errors.InvalidInputError as error:
+        raise InvalidInputError(error.message) from None
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    kind: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-
-
-@dataclass(frozen=True)
-class FineTuneSpec:
-    base_model: str
-    output_model: str
-    head: HeadSpec = field(default_factory=HeadSpec)
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
-    loss: str = "cross_entropy"
-    epochs: int = 10
-    batch_size: int = 32
-    validation_fraction: float = 0.2
-    seed: int = 0
-    early_stopping_patience: int = 0
-    refit: bool = True  # after choosing the epoch count, train again on every example
-    replace: bool = False
-
-
-def head_parameters(head: HeadSpec, in_features: int, out_features: int) -> int:
+def head_parameters(head: HeadConfig, in_features: int, out_features: int) -> int:
     """Trainable parameters of ``head`` (weights and biases), without building it."""
-    if head.kind == "linear":
-        return in_features * out_features + out_features
     if head.kind == "two_layer":
         return (in_features + 1) * head.hidden + (head.hidden + 1) * out_features
     if head.kind == "parallel":
         blocks = 2 * (in_features + 1) * head.hidden + (head.blocks - 1) * 2 * (head.hidden + 1) * head.hidden
         return blocks + (head.hidden + 1) * out_features
-    raise InvalidInputError(f"head {quote(head.kind)} is unknown; choose one of {', '.join(HEAD_KINDS)}")
+    return in_features * out_features + out_features  # linear (HeadConfig admits no other kind)
 
 
-def validate_head(head: HeadSpec, in_features: int, out_features: int, limits: FineTuneLimits) -> HeadSpec:
-    """Check a head's kind and sizes, and that it stays within the parameter budget."""
-    if head.kind not in HEAD_KINDS:
-        raise InvalidInputError(f"head {quote(head.kind)} is unknown; choose one of {', '.join(HEAD_KINDS)}")
-    _check_int("head hidden size", head.hidden, 1, limits.max_hidden)
-    _check_int("head blocks", head.blocks, 1, limits.max_blocks)
-    _check_float("head dropout", head.dropout, 0.0, 1.0, high_open=True)
+def check_head(head: HeadConfig, in_features: int, out_features: int, limits: FineTuneLimits) -> HeadConfig:
+    """A head's sizes within this server's limits, and its parameters within the budget."""
+    _at_most("head hidden size", head.hidden, limits.max_hidden)
+    _at_most("head blocks", head.blocks, limits.max_blocks)
     parameters = head_parameters(head, in_features, out_features)
     if parameters > limits.max_head_parameters:
         raise InvalidInputError(
@@ -87,54 +52,34 @@ def validate_head(head: HeadSpec, in_features: int, out_features: int, limits: F
     return head
 
 
-def validate_spec(
-    spec: FineTuneSpec, limits: FineTuneLimits, *, feature_dim: int | None = None, outputs: int = 2
-) -> FineTuneSpec:
-    """Check everything that can be checked before any example arrives.
+def check_limits(
+    config: FineTuneConfig, limits: FineTuneLimits, *, feature_dim: int | None = None, outputs: int = 2
+) -> FineTuneConfig:
+    """Check everything of this server's that can be checked before any example arrives.
 
-    ``feature_dim`` (the base model's) enables the head-size check; ``outputs`` is
-    the number of classes or targets, once known (2, the least, before).
+    ``feature_dim`` (the base model's) enables the head-size check; ``outputs`` is the number of
+    classes or targets, once known (2, the least, before).
     """
-    if not spec.base_model:
-        raise InvalidInputError("base_model is empty: name the served model to build on, e.g. 'resnet101'")
-    validate_model_name(spec.output_model)
-    if spec.head.kind not in HEAD_KINDS:
-        raise InvalidInputError(f"head {quote(spec.head.kind)} is unknown; choose one of {', '.join(HEAD_KINDS)}")
+    validate_model_name(config.output_model)
     if feature_dim is not None:
-        validate_head(spec.head, feature_dim, outputs, limits)
+        check_head(config.head, feature_dim, outputs, limits)
     else:
-        _check_int("head hidden size", spec.head.hidden, 1, limits.max_hidden)
-        _check_int("head blocks", spec.head.blocks, 1, limits.max_blocks)
-        _check_float("head dropout", spec.head.dropout, 0.0, 1.0, high_open=True)
-    opt = spec.optimizer
-    if opt.kind not in OPTIMIZERS:
-        raise InvalidInputError(f"optimizer {quote(opt.kind)} is unknown; choose one of {', '.join(OPTIMIZERS)}")
-    _check_float("learning rate", opt.lr, 0.0, MAX_LEARNING_RATE, low_open=True)
-    _check_float("momentum", opt.momentum, 0.0, 1.0, high_open=True)
-    _check_float("weight decay", opt.weight_decay, 0.0, MAX_WEIGHT_DECAY)
-    for name, beta in zip(("beta1", "beta2"), opt.betas, strict=True):
-        _check_float(f"Adam {name}", beta, 0.0, 1.0, high_open=True)
-    if spec.loss not in LOSSES:
-        raise InvalidInputError(f"loss {quote(spec.loss)} is unknown; choose one of {', '.join(LOSSES)}")
-    _check_int("epochs", spec.epochs, 1, limits.max_epochs)
-    _check_int("batch_size", spec.batch_size, 1, limits.max_batch_size)
-    _check_float("validation_fraction", spec.validation_fraction, 0.0, 1.0, high_open=True)
-    _check_int("seed", spec.seed, 0, MAX_SEED)
-    _check_int("early_stopping_patience", spec.early_stopping_patience, 0, limits.max_epochs)
-    return spec
+        _at_most("head hidden size", config.head.hidden, limits.max_hidden)
+        _at_most("head blocks", config.head.blocks, limits.max_blocks)
+    if config.optimizer.lr > MAX_LEARNING_RATE:
+        raise InvalidInputError(
+            f"learning rate must be at most {MAX_LEARNING_RATE:g}, got {quote(config.optimizer.lr)}"
+        )
+    if config.optimizer.weight_decay > MAX_WEIGHT_DECAY:
+        raise InvalidInputError(
+            f"weight decay must be at most {MAX_WEIGHT_DECAY:g}, got {quote(config.optimizer.weight_decay)}"
+        )
+    _at_most("epochs", config.epochs, limits.max_epochs)
+    _at_most("batch_size", config.batch_size, limits.max_batch_size)
+    _at_most("early_stopping_patience", config.early_stopping_patience, limits.max_epochs)
+    return config
 
 
-def _check_int(name: str, value: int, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInputError(f"{name} must be an integer from {low} to {high}, got {quote(value)}")
-
-
-def _check_float(
-    name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    number = float(value)
-    above = number > low if low_open else number >= low
-    below = number < high if high_open else number <= high
-    if not (math.isfinite(number) and above and below):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise InvalidInputError(f"{name} must be a finite number in {interval}, got {quote(value)}")
+def _at_most(name: str, value: int, high: int) -> None:
+    if value > high:
+        raise InvalidInputError(f"{name} must be at most {high} on this server, got {value}")

@@ -34,7 +34,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,10 @@ from service.errors import AlreadyExistsError, InternalError, InvalidInputError,
 from service.files import FileRefused, read_bounded, sync_directory, write_temporary
 from service.finetune.heads import StandardizedHead, build_standardized_head
 from service.finetune.names import is_model_name
-from service.finetune.spec import HeadSpec, validate_head
+from service.finetune.spec import check_head
 from service.finetune.trainer import TrainMetrics
-from vision_client._config import HEAD_KINDS, LOSSES
+from vision_client.errors import InvalidInputError as ConfigError
+from vision_client.protocol import HEAD_KINDS, LOSSES, HeadConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Manifest:
     name: str
     version: str
     base_model: str
-    head: HeadSpec
+    head: HeadConfig
     feature_dim: int
     labels: list[str]  # class names, or target names for regression
     loss: str
@@ -93,7 +94,7 @@ class Manifest:
             "name": self.name,
             "version": self.version,
             "base_model": self.base_model,
-            "head": self.head.to_dict(),
+            "head": asdict(self.head),
             "feature_dim": self.feature_dim,
             "labels": self.labels,
             "loss": self.loss,
@@ -123,12 +124,15 @@ class Manifest:
             raise StoreEntryError(
                 "unknown_head", f"{folder}: head kind {quote(kind)} is unknown to this server ({', '.join(HEAD_KINDS)})"
             )
-        head = HeadSpec(
-            kind=kind,
-            hidden=head_fields.get("hidden", int),
-            blocks=head_fields.get("blocks", int),
-            dropout=head_fields.get("dropout", float, 0.0),
-        )
+        try:
+            head = HeadConfig(
+                kind=kind,  # one of HEAD_KINDS
+                hidden=head_fields.get("hidden", int),
+                blocks=head_fields.get("blocks", int),
+                dropout=head_fields.get("dropout", float, 0.0),
+            )
+        except ConfigError as exc:
+            raise StoreEntryError("bad_dimensions", f"{folder}: {exc.message}") from None
         feature_dim = fields.get("feature_dim", int)
         labels = fields.get("labels", list)
         if not all(isinstance(label, str) for label in labels):
@@ -140,7 +144,7 @@ class Manifest:
                 f"(1..{MAX_FEATURE_DIM} and 1..{limits.max_labels})",
             )
         try:
-            validate_head(head, feature_dim, len(labels), limits)
+            check_head(head, feature_dim, len(labels), limits)
         except InvalidInputError as exc:
             raise StoreEntryError("bad_dimensions", f"{folder}: {exc.message}") from exc
         loss = fields.get("loss", str)
@@ -225,7 +229,7 @@ class ModelStore:
         *,
         name: str,
         base_model: str,
-        head_spec: HeadSpec,
+        head_spec: HeadConfig,
         head: StandardizedHead,
         labels: list[str],
         loss: str,
@@ -268,7 +272,7 @@ class ModelStore:
         *,
         name: str,
         base_model: str,
-        head_spec: HeadSpec,
+        head_spec: HeadConfig,
         head: StandardizedHead,
         labels: list[str],
         loss: str,

@@ -17,7 +17,7 @@ from torch import nn
 
 from service.errors import UnavailableError
 from service.finetune.heads import StandardizedHead, build_head
-from service.finetune.spec import FineTuneSpec
+from vision_client.protocol import FineTuneConfig
 
 CPU = torch.device("cpu")
 
@@ -101,29 +101,29 @@ def split_indices(
 def train_head(
     features: torch.Tensor,
     targets: torch.Tensor,
-    spec: FineTuneSpec,
+    config: FineTuneConfig,
     *,
     num_outputs: int,
     device: torch.device = CPU,
     on_epoch: Callable[[EpochReport], None] = lambda report: None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
-    """Train ``spec.head`` on ``features`` [N, D] -> ``targets`` (class ids [N] or values [N, T]).
+    """Train ``config.head`` on ``features`` [N, D] -> ``targets`` (class ids [N] or values [N, T]).
 
     With a validation split, the epochs run on the training part and the best
     epoch is chosen on the validation part (accuracy, then loss, for classes;
-    loss for regression). With ``spec.refit`` the head is then trained again,
+    loss for regression). With ``config.refit`` the head is then trained again,
     from the same seed, on every example for that many epochs, so that no
     labelled example is left unused; the reported validation figures are
     those of the selection run.
     """
     started = time.monotonic()
-    classification = spec.loss == "cross_entropy"
-    train_idx, val_idx = split_indices(targets, spec.validation_fraction, spec.seed, stratify=classification)
-    fit = _Fit(spec, num_outputs, classification, device, cancelled)
+    classification = config.loss == "cross_entropy"
+    train_idx, val_idx = split_indices(targets, config.validation_fraction, config.seed, stratify=classification)
+    fit = _Fit(config, num_outputs, classification, device, cancelled)
     selection = fit.run(features[train_idx], targets[train_idx], features[val_idx], targets[val_idx], on_epoch)
     model = selection.model
-    if spec.refit and len(val_idx) and selection.best_epoch:
+    if config.refit and len(val_idx) and selection.best_epoch:
         model = fit.run(features, targets, features[:0], targets[:0], None, epochs=selection.best_epoch).model
     return TrainResult(
         head=model.eval().cpu(),
@@ -133,7 +133,7 @@ def train_head(
             validation_accuracy=selection.validation_accuracy,
             best_epoch=selection.best_epoch,
             epochs_run=selection.epochs_run,
-            train_examples=len(train_idx) if not (spec.refit and len(val_idx)) else len(targets),
+            train_examples=len(train_idx) if not (config.refit and len(val_idx)) else len(targets),
             validation_examples=len(val_idx),
             train_seconds=time.monotonic() - started,
         ),
@@ -155,13 +155,13 @@ class _Fit:
 
     def __init__(
         self,
-        spec: FineTuneSpec,
+        config: FineTuneConfig,
         num_outputs: int,
         classification: bool,
         device: torch.device,
         cancelled: Callable[[], bool],
     ) -> None:
-        self.spec = spec
+        self.config = config
         self.num_outputs = num_outputs
         self.classification = classification
         self.device = device
@@ -178,8 +178,8 @@ class _Fit:
         *,
         epochs: int | None = None,
     ) -> _Outcome:
-        spec, device = self.spec, self.device
-        epochs = epochs or spec.epochs
+        config, device = self.config, self.device
+        epochs = epochs or config.epochs
         x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
         mean, std = _statistics(x_train)
         target_stats: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
@@ -188,11 +188,11 @@ class _Fit:
             target_stats = (target_mean, target_std)
             y_train, y_val = (y_train - target_mean) / target_std, (y_val - target_mean) / target_std
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            head = build_head(spec.head, x_train.shape[1], self.num_outputs)
+            torch.manual_seed(config.seed)
+            head = build_head(config.head, x_train.shape[1], self.num_outputs)
             model = StandardizedHead(head, mean, std, *target_stats).to(device)
-        optimizer = _optimizer(spec, model)
-        generator = torch.Generator().manual_seed(spec.seed + 1)
+        optimizer = _optimizer(config, model)
+        generator = torch.Generator().manual_seed((config.seed + 1) % 2**64)  # any uint64 seed
 
         best: tuple[float, float] = (math.inf, math.inf)  # lower is better
         best_epoch, best_state, stale = 0, None, 0
@@ -214,10 +214,10 @@ class _Fit:
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
-            stopping = bool(spec.early_stopping_patience) and stale >= spec.early_stopping_patience
+            stopping = bool(config.early_stopping_patience) and stale >= config.early_stopping_patience
             if on_epoch is not None:
                 remaining = 0 if stopping else epochs - epoch
-                eta = remaining * (time.monotonic() - epoch_started) * (1 + spec.refit * spec.validation_fraction)
+                eta = remaining * (time.monotonic() - epoch_started) * (1 + config.refit * config.validation_fraction)
                 on_epoch(EpochReport(epoch, epochs, train_loss, val_loss, val_acc, eta, seen))
             if stopping:
                 break
@@ -237,10 +237,10 @@ class _Fit:
         model.train()
         order = torch.randperm(len(x), generator=generator).to(x.device)
         total, seen = 0.0, 0
-        for start in range(0, len(order), self.spec.batch_size):
+        for start in range(0, len(order), self.config.batch_size):
             if self.cancelled():
                 raise JobCancelled("the job was cancelled")
-            batch = order[start : start + self.spec.batch_size]
+            batch = order[start : start + self.config.batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(model.standardized(x[batch]), y[batch])
             loss.backward()
@@ -251,11 +251,11 @@ class _Fit:
         return total / max(seen, 1), seen
 
 
-def _optimizer(spec: FineTuneSpec, model: nn.Module) -> torch.optim.Optimizer:
-    opt = spec.optimizer
+def _optimizer(config: FineTuneConfig, model: nn.Module) -> torch.optim.Optimizer:
+    opt = config.optimizer
     if opt.kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
 
 
 def _statistics(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

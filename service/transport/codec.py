@@ -10,8 +10,6 @@ empty one, and nothing is decoded here.
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from math import prod
 
@@ -20,13 +18,10 @@ import numpy as np
 from service.classification import top_k
 from service.dataplane import InferenceInput, InferenceResult, too_many_images
 from service.errors import InvalidInputError, quote
-from vision_client._proto.inference import grpc_service_pb2 as pb
+from vision_client import protocol
+from vision_client.protocol import CLASSIFICATION, IMAGE, LOGITS, PIXELS, encode_bytes_elements
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
-IMAGE = "IMAGE"
-PIXELS = "PIXELS"
-LOGITS = "LOGITS"
-CLASSIFICATION = "classification"
-_LENGTH = struct.Struct("<I")
 _PACKED_FP32_TAG = (6 << 3) | 2  # InferTensorContents.fp32_contents, length-delimited (packed)
 
 
@@ -73,45 +68,14 @@ def build_infer_response(call: InferCall, result: InferenceResult) -> pb.ModelIn
     return response
 
 
-def encode_bytes_elements(elements: Iterable[bytes]) -> bytes:
-    """Serialize BYTES elements the raw way: each one prefixed by its 4-byte little-endian length."""
-    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
-
-
 def decode_bytes_elements(
     raw: bytes, field: str, *, max_elements: int | None = None, allow_empty: bool = True
 ) -> list[bytes]:
-    """Split raw BYTES tensor contents into elements, checking every length prefix.
-
-    One pass, linear in ``len(raw)``; it stops at element ``max_elements + 1`` and, unless
-    ``allow_empty``, at the first empty element, so a hostile tensor costs little.
-    """
-    elements: list[bytes] = []
-    offset = 0
-    view = memoryview(raw)
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInputError(
-                f"{field}: element {len(elements)} has a truncated length prefix ({len(raw) - offset} of 4 bytes); "
-                "each BYTES element must be a 4-byte little-endian length followed by that many bytes"
-            )
-        if max_elements is not None and len(elements) >= max_elements:
-            raise InvalidInputError(
-                f"{field} holds more than {max_elements} elements, the number its shape declares; "
-                "make the shape and the elements agree"
-            )
-        (length,) = _LENGTH.unpack_from(raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInputError(
-                f"{field}: element {len(elements)}'s length prefix says {length} bytes but only "
-                f"{len(raw) - offset} remain; fix the length prefixes of the raw BYTES tensor"
-            )
-        if length == 0 and not allow_empty:
-            raise InvalidInputError(f"{field}: element {len(elements)} is empty; every element must hold data")
-        elements.append(bytes(view[offset : offset + length]))
-        offset += length
-    return elements
+    """The protocol's BYTES framing, its errors naming ``field`` (one pass; see ``protocol.tensors``)."""
+    try:
+        return protocol.decode_bytes_elements(raw, max_elements=max_elements, allow_empty=allow_empty)
+    except protocol.FramingError as error:
+        raise InvalidInputError(f"{field}: {error}") from None
 
 
 def _parse_inputs(request: pb.ModelInferRequest, max_images: int) -> InferenceInput:

@@ -10,9 +10,10 @@ import grpc
 from service.errors import InvalidInputError
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.manager import JobManager
-from service.finetune.spec import FineTuneSpec, HeadSpec, OptimizerSpec
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as pb
-from vision_client._proto.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
+from service.finetune.spec import config_from_wire
+from vision_client.protocol import FineTuneConfig, to_message
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
 _STATES = {
     JobState.QUEUED: pb.QUEUED,
@@ -33,24 +34,24 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
         context: grpc.aio.ServicerContext[pb.CreateJobRequest, pb.Job],
     ) -> pb.Job:
         with self._jobs.upload():
-            spec: FineTuneSpec | None = None
+            config: FineTuneConfig | None = None
             collector = None
             async for message in request_iterator:
                 payload = message.WhichOneof("payload")
-                if spec is None:
+                if config is None:
                     if payload != "config":
                         raise InvalidInputError("the first CreateJobRequest must carry the config, then examples")
-                    spec = self._jobs.check_spec(spec_from_proto(message.config))
-                    collector = self._jobs.collector(spec)
+                    config = self._jobs.check_config(config_from_wire(message.config))
+                    collector = self._jobs.collector(config)
                 elif payload == "config":
                     raise InvalidInputError("send the config once, in the first CreateJobRequest")
                 elif payload == "examples":
                     assert collector is not None
                     for example in message.examples.examples:
                         collector.add(example.image, example.label, list(example.target))
-            if spec is None or collector is None:
+            if config is None or collector is None:
                 raise InvalidInputError("no config was sent: the first CreateJobRequest must carry it")
-            return job_to_proto(await self._jobs.submit(spec, collector))
+            return job_to_proto(await self._jobs.submit(config, collector))
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext[pb.WatchJobRequest, pb.JobEvent]
@@ -82,69 +83,12 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
         return pb.DeleteModelResponse(deleted=True)
 
 
-def spec_from_proto(config: pb.FineTuneConfig) -> FineTuneSpec:
-    """Proto3 zeros mean "use the default"."""
-    defaults, head_defaults, opt_defaults = FineTuneSpec("", ""), HeadSpec(), OptimizerSpec()
-    head, opt = config.head, config.optimizer
-    return FineTuneSpec(
-        base_model=config.base_model,
-        output_model=config.output_model,
-        head=HeadSpec(
-            kind=head.kind or head_defaults.kind,
-            hidden=head.hidden or head_defaults.hidden,
-            blocks=head.blocks or head_defaults.blocks,
-            dropout=head.dropout,
-        ),
-        optimizer=OptimizerSpec(
-            kind=opt.kind or opt_defaults.kind,
-            lr=opt.lr or opt_defaults.lr,
-            momentum=opt.momentum if opt.HasField("momentum") else opt_defaults.momentum,
-            weight_decay=opt.weight_decay,
-            betas=(opt.beta1 or opt_defaults.betas[0], opt.beta2 or opt_defaults.betas[1]),
-        ),
-        loss=config.loss or defaults.loss,
-        epochs=config.epochs or defaults.epochs,
-        batch_size=config.batch_size or defaults.batch_size,
-        validation_fraction=config.validation_fraction,
-        seed=config.seed,
-        early_stopping_patience=config.early_stopping_patience,
-        refit=config.refit if config.HasField("refit") else defaults.refit,
-        replace=config.replace,
-    )
-
-
-def spec_to_proto(spec: FineTuneSpec) -> pb.FineTuneConfig:
-    return pb.FineTuneConfig(
-        base_model=spec.base_model,
-        output_model=spec.output_model,
-        head=pb.HeadSpec(
-            kind=spec.head.kind, hidden=spec.head.hidden, blocks=spec.head.blocks, dropout=spec.head.dropout
-        ),
-        optimizer=pb.OptimizerSpec(
-            kind=spec.optimizer.kind,
-            lr=spec.optimizer.lr,
-            momentum=spec.optimizer.momentum,
-            weight_decay=spec.optimizer.weight_decay,
-            beta1=spec.optimizer.betas[0],
-            beta2=spec.optimizer.betas[1],
-        ),
-        loss=spec.loss,
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        validation_fraction=spec.validation_fraction,
-        seed=spec.seed,
-        early_stopping_patience=spec.early_stopping_patience,
-        refit=spec.refit,
-        replace=spec.replace,
-    )
-
-
 def job_to_proto(job: Job) -> pb.Job:
     m = job.metrics
     return pb.Job(
         id=job.id,
         state=_STATES[job.state],
-        config=spec_to_proto(job.spec),
+        config=to_message(job.config),
         error=job.error,
         examples=job.example_count,
         labels=job.labels,

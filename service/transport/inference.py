@@ -25,13 +25,14 @@ from service.transport.model_config import (
     tensor_metadata,
 )
 from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEMA, ScreenedParsingInterceptor
-from vision_client._proto.inference import grpc_service_pb2 as pb
-from vision_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from vision_client.protocol import CLASSIFICATION
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "vision-serving"
-EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repository")
+EXTENSIONS = (CLASSIFICATION, "model_configuration", "statistics", "model_repository")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -15,9 +15,9 @@ import torch
 from service.config import BatchingConfig
 from service.repository import ServedModel
 from service.statistics import Duration, ModelStatistics
-from service.transport.codec import IMAGE, LOGITS, PIXELS
-from vision_client._proto.inference import grpc_service_pb2 as pb
-from vision_client._proto.inference import model_config_pb2 as config_pb
+from vision_client.protocol import IMAGE, LOGITS, PIXELS
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import model_config_pb2 as config_pb
 
 
 @dataclass(frozen=True)

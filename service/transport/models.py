@@ -7,8 +7,8 @@ import grpc
 from service.dataplane import DataPlane
 from service.repository import ServedModel
 from service.transport.inference import require_model_name
-from vision_client._proto.vision.v1 import models_pb2 as pb
-from vision_client._proto.vision.v1 import models_pb2_grpc as pb_grpc
+from vision_client.protocol.stubs.vision.v1 import models_pb2 as pb
+from vision_client.protocol.stubs.vision.v1 import models_pb2_grpc as pb_grpc
 
 
 class ModelsServicer(pb_grpc.ModelsServicer):

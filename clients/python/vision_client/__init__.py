@@ -14,7 +14,6 @@
 """
 
 from vision_client._client import USE_CLIENT_DEFAULT, AsyncClient, Client
-from vision_client._config import FineTuneConfig, HeadConfig, OptimizerConfig
 from vision_client._images import ImageInput
 from vision_client._retry import Retry
 from vision_client._types import FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
@@ -31,6 +30,7 @@ from vision_client.errors import (
     UnavailableError,
     VisionClientError,
 )
+from vision_client.protocol.fine_tuning import FineTuneConfig, HeadConfig, OptimizerConfig
 
 __all__ = [
     "USE_CLIENT_DEFAULT",

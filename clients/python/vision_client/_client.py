@@ -30,15 +30,15 @@ import numpy as np
 
 from vision_client import _protocol as proto
 from vision_client._channel import PemSource, channel_credentials, check_token_transport
-from vision_client._config import FineTuneConfig
 from vision_client._images import ImageInput, encode_images
-from vision_client._proto.inference import grpc_service_pb2 as infer_pb
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
-from vision_client._proto.vision.v1 import models_pb2 as models_pb
 from vision_client._retry import Attempts, Retry
 from vision_client._types import FineTuneResult, JobEvent, JobInfo, ModelInfo, Prediction
 from vision_client._version import __version__
 from vision_client.errors import ClientClosedError, UnavailableError
+from vision_client.protocol.fine_tuning import FineTuneConfig, to_message
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+from vision_client.protocol.stubs.vision.v1 import models_pb2 as models_pb
 
 T = TypeVar("T")
 
@@ -290,9 +290,7 @@ class BaseClient:
                 f"config must be a vision_client.FineTuneConfig, got {type(config).__name__}; "
                 "e.g. FineTuneConfig(base_model='resnet101', output_model='pets')"
             )
-        requests = proto.create_job_requests(
-            proto.config_message(config), examples, max_message_bytes=self.max_message_bytes
-        )
+        requests = proto.create_job_requests(to_message(config), examples, max_message_bytes=self.max_message_bytes)
         (job,) = yield [proto.Call(proto.CREATE_JOB, proto.RequestStream(requests), deadline)]
         # The new model's labels may differ from those cached under its name (replace=True).
         self._labels.pop(config.output_model, None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,17 +16,15 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import Message
 
-from vision_client._config import FineTuneConfig
 from vision_client._images import encode_image
-from vision_client._proto.inference import grpc_service_pb2 as infer_pb
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as ft_pb
-from vision_client._proto.vision.v1 import models_pb2 as models_pb
 from vision_client._types import FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
 from vision_client.errors import InvalidInputError, VisionClientError
+from vision_client.protocol.fine_tuning import FineTuneConfig, from_message
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+from vision_client.protocol.stubs.vision.v1 import models_pb2 as models_pb
+from vision_client.protocol.tensors import IMAGE, LENGTH_PREFIX_BYTES, LOGITS, encode_bytes_elements
 
-IMAGE = "IMAGE"
-LOGITS = "LOGITS"
-_LENGTH = struct.Struct("<I")
 # Room left in a message for everything but the image bytes (names, shape, field tags).
 _REQUEST_OVERHEAD = 1024
 _RESPONSE_OVERHEAD = 1024
@@ -96,7 +93,7 @@ def infer_request(model: str, images: Sequence[bytes]) -> infer_pb.ModelInferReq
     request = infer_pb.ModelInferRequest(model_name=model)
     request.inputs.add(name=IMAGE, datatype="BYTES", shape=[len(images)])
     request.outputs.add(name=LOGITS)
-    request.raw_input_contents.append(b"".join(_LENGTH.pack(len(image)) + image for image in images))
+    request.raw_input_contents.append(encode_bytes_elements(images))
     return request
 
 
@@ -110,7 +107,7 @@ def split_images(
     chunks: list[list[bytes]] = []
     size = 0
     for position, image in enumerate(images):
-        cost = _LENGTH.size + len(image)
+        cost = LENGTH_PREFIX_BYTES + len(image)
         if cost > max_request:
             raise InvalidInputError(
                 f"image {position} is {len(image)} bytes, more than fits in one message "
@@ -131,35 +128,6 @@ def split_images(
 # upload streams (and holds little in memory) rather than sending a few huge messages.
 EXAMPLES_MESSAGE_BYTES = 4 * 1024 * 1024
 _EXAMPLE_FRAMING = 16  # an Example's field tag and length prefix inside its ExampleBatch
-
-
-def config_message(config: FineTuneConfig) -> ft_pb.FineTuneConfig:
-    """The job's config as the wire carries it: the one conversion, field for field.
-
-    ``FineTuneConfig`` checked every value when it was made; the server checks them again.
-    """
-    head, optimizer = config.head, config.optimizer
-    return ft_pb.FineTuneConfig(
-        base_model=config.base_model,
-        output_model=config.output_model,
-        head=ft_pb.HeadSpec(kind=head.kind, hidden=head.hidden, blocks=head.blocks, dropout=head.dropout),
-        optimizer=ft_pb.OptimizerSpec(
-            kind=optimizer.kind,
-            lr=optimizer.lr,
-            momentum=optimizer.momentum,
-            weight_decay=optimizer.weight_decay,
-            beta1=optimizer.beta1,
-            beta2=optimizer.beta2,
-        ),
-        loss=config.loss,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        validation_fraction=config.validation_fraction,
-        seed=config.seed,
-        early_stopping_patience=config.early_stopping_patience,
-        refit=config.refit,
-        replace=config.replace,
-    )
 
 
 def create_job_requests(
@@ -362,7 +330,15 @@ def job_info(message: ft_pb.Job) -> JobInfo:
         created_at=message.created_at,
         started_at=message.started_at or None,
         finished_at=message.finished_at or None,
+        config=_config(config),
     )
+
+
+def _config(message: ft_pb.FineTuneConfig) -> FineTuneConfig | None:
+    try:
+        return from_message(message)
+    except InvalidInputError:
+        return None
 
 
 def fine_tune_result(job: JobInfo, events: Sequence[JobEvent]) -> FineTuneResult:

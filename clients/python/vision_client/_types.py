@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vision_client.protocol.fine_tuning import FineTuneConfig
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -104,6 +106,9 @@ class JobInfo:
     created_at: float  # Unix seconds
     started_at: float | None
     finished_at: float | None
+    # The job's whole config, read by the protocol's one conversion (None if it does not read:
+    # a kind this client does not know). The fields above are its most used parts.
+    config: FineTuneConfig | None = None
 
     @property
     def done(self) -> bool:

@@ -31,10 +31,17 @@ from typing import IO, Any
 
 from vision_client import _plot
 from vision_client._client import DEFAULT_MODEL, DEFAULT_TIMEOUT, Client
-from vision_client._config import HEAD_KINDS, LOSSES, OPTIMIZER_KINDS, FineTuneConfig, HeadConfig, OptimizerConfig
 from vision_client._types import FineTuneResult, JobEvent, JobInfo, ModelInfo, Prediction
 from vision_client._version import __version__
 from vision_client.errors import UnavailableError, VisionClientError
+from vision_client.protocol.fine_tuning import (
+    HEAD_KINDS,
+    LOSSES,
+    OPTIMIZER_KINDS,
+    FineTuneConfig,
+    HeadConfig,
+    OptimizerConfig,
+)
 
 PROG = "vision-client"
 DEFAULT_TARGET = "localhost:8001"

@@ -1,17 +1,19 @@
-"""``FineTuneConfig``: every setting of a fine-tuning job, in one frozen dataclass.
+"""``FineTuneConfig``: every setting of a fine-tuning job, in one frozen dataclass, and its
+one conversion to and from the wire (``to_message``/``from_message``) and to and from JSON
+(``to_dict``/``from_dict``, for job records and model manifests).
 
 It mirrors the wire's ``vision.v1.FineTuneConfig``: the head and the optimizer are
 nested dataclasses, as they are nested messages; the training settings sit on the
 config itself. Each value is checked when the dataclass is made (also by
-``dataclasses.replace``), so a config that exists can be sent. The checks are those
-that need no server: kinds, types and ranges, and values that proto3 cannot carry
-(a zero on the wire means "the server's default", so a zero learning rate would
-silently become 0.001). Limits of the server's own (how many epochs it allows, the
-model name pattern) are the server's to check. ``_protocol.config_message`` is the
-one conversion to the message.
+``dataclasses.replace`` and by ``from_message``), so a config that exists can be sent,
+and a message the server receives is checked by the same code that checks the
+client's config. The checks are those that need no server: kinds, types and ranges
+(the seed is the wire's uint64), and values that proto3 cannot carry (a zero on the
+wire means "the server's default", so a zero learning rate would silently become
+0.001). Limits of a server's own (how many epochs it allows, the model name pattern,
+the head's size) are the server's to check.
 
-The kinds (``HEAD_KINDS``, ``OPTIMIZER_KINDS``, ``LOSSES``) are defined here once;
-the server imports them.
+The kinds (``HEAD_KINDS``, ``OPTIMIZER_KINDS``, ``LOSSES``) are defined here once.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import math
 import numbers
 import struct
-from dataclasses import dataclass, field
-from typing import Literal, get_args
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
 
 from vision_client.errors import InvalidInputError
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 
 HeadKind = Literal["linear", "two_layer", "parallel"]
 OptimizerKind = Literal["adam", "sgd"]
@@ -33,7 +36,8 @@ OPTIMIZER_KINDS: tuple[str, ...] = get_args(OptimizerKind)
 LOSSES: tuple[str, ...] = get_args(Loss)
 
 _INT32_MAX = 2**31 - 1
-_UINT64_MAX = 2**64 - 1
+UINT64_MAX = 2**64 - 1  # the wire's seed
+_SHOWN_CHARS = 80  # of a bad value in an error message
 _FLOAT32 = struct.Struct("<f")
 
 
@@ -118,7 +122,7 @@ class FineTuneConfig:
         for name in ("base_model", "output_model"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise InvalidInputError(f"{name} must be a model name (a non-empty str), got {value!r}")
+                raise InvalidInputError(f"{name} must be a model name (a non-empty str), got {_shown(value)}")
         for name, kind in (("head", HeadConfig), ("optimizer", OptimizerConfig)):
             value = getattr(self, name)
             if not isinstance(value, kind):
@@ -128,7 +132,7 @@ class FineTuneConfig:
         _set(self, "epochs", _check_count("epochs", self.epochs))
         _set(self, "batch_size", _check_count("batch_size", self.batch_size))
         _set(self, "validation_fraction", _check_fraction("validation_fraction", self.validation_fraction))
-        _set(self, "seed", _check_integer("seed", self.seed, 0, _UINT64_MAX))
+        _set(self, "seed", _check_integer("seed", self.seed, 0, UINT64_MAX))
         patience = _check_integer("early_stopping_patience", self.early_stopping_patience, 0, _INT32_MAX)
         _set(self, "early_stopping_patience", patience)
         for name in ("refit", "replace"):
@@ -141,9 +145,15 @@ def _set(config: object, name: str, value: object) -> None:
     object.__setattr__(config, name, value)
 
 
+def _shown(value: object) -> str:
+    """``repr(value)``, cut short: a value may come from the wire and be of any length."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise InvalidInputError(f"{name} {value!r} is unknown; choose one of {', '.join(choices)}")
+        raise InvalidInputError(f"{name} {_shown(value)} is unknown; choose one of {', '.join(choices)}")
 
 
 def _check_integer(name: str, value: int, low: int, high: int, what: str = "") -> int:
@@ -172,3 +182,94 @@ def _check_fraction(name: str, value: float) -> float:
     if not 0 <= _sent(name, value) < 1:
         raise InvalidInputError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)
+
+
+# -- the one conversion to and from the wire ----------------------------------------------------
+
+
+def to_message(config: FineTuneConfig) -> pb.FineTuneConfig:
+    """The config as the wire carries it, field for field."""
+    head, optimizer = config.head, config.optimizer
+    return pb.FineTuneConfig(
+        base_model=config.base_model,
+        output_model=config.output_model,
+        head=pb.HeadSpec(kind=head.kind, hidden=head.hidden, blocks=head.blocks, dropout=head.dropout),
+        optimizer=pb.OptimizerSpec(
+            kind=optimizer.kind,
+            lr=optimizer.lr,
+            momentum=optimizer.momentum,
+            weight_decay=optimizer.weight_decay,
+            beta1=optimizer.beta1,
+            beta2=optimizer.beta2,
+        ),
+        loss=config.loss,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+        early_stopping_patience=config.early_stopping_patience,
+        refit=config.refit,
+        replace=config.replace,
+    )
+
+
+def from_message(message: pb.FineTuneConfig) -> FineTuneConfig:
+    """The config a message carries, checked as a config made in Python is.
+
+    Proto3 cannot tell a zero from an absent field: a zero kind, size, learning rate, beta,
+    loss, epoch count or batch size is the default. ``momentum`` and ``refit`` have presence
+    (zero and false are values of theirs). :class:`InvalidInputError` for a value out of range.
+    """
+    head_default, optimizer_default, default = HeadConfig(), OptimizerConfig(), _DEFAULT
+    head, optimizer = message.head, message.optimizer
+    return FineTuneConfig(
+        base_model=message.base_model,
+        output_model=message.output_model,
+        head=HeadConfig(
+            kind=head.kind or head_default.kind,  # type: ignore[arg-type]  # checked by HeadConfig
+            hidden=head.hidden or head_default.hidden,
+            blocks=head.blocks or head_default.blocks,
+            dropout=head.dropout,
+        ),
+        optimizer=OptimizerConfig(
+            kind=optimizer.kind or optimizer_default.kind,  # type: ignore[arg-type]
+            lr=optimizer.lr or optimizer_default.lr,
+            momentum=optimizer.momentum if optimizer.HasField("momentum") else optimizer_default.momentum,
+            weight_decay=optimizer.weight_decay,
+            beta1=optimizer.beta1 or optimizer_default.beta1,
+            beta2=optimizer.beta2 or optimizer_default.beta2,
+        ),
+        loss=message.loss or default.loss,  # type: ignore[arg-type]
+        epochs=message.epochs or default.epochs,
+        batch_size=message.batch_size or default.batch_size,
+        validation_fraction=message.validation_fraction,
+        seed=message.seed,
+        early_stopping_patience=message.early_stopping_patience,
+        refit=message.refit if message.HasField("refit") else default.refit,
+        replace=message.replace,
+    )
+
+
+# -- the one conversion to and from JSON --------------------------------------------------------
+
+
+def to_dict(config: FineTuneConfig) -> dict[str, Any]:
+    """The config as JSON-ready values: the dataclass's fields, nested as the config is."""
+    return asdict(config)
+
+
+def from_dict(data: object) -> FineTuneConfig:
+    """The config of :func:`to_dict`'s output; :class:`InvalidInputError` for anything else."""
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"a config is a JSON object, got {type(data).__name__}")
+        fields = dict(data)
+        head, optimizer = fields.pop("head"), fields.pop("optimizer")
+        if not isinstance(head, dict) or not isinstance(optimizer, dict):
+            raise TypeError("head and optimizer are JSON objects")
+        return FineTuneConfig(head=HeadConfig(**head), optimizer=OptimizerConfig(**optimizer), **fields)
+    except (KeyError, TypeError) as error:
+        raise InvalidInputError(f"not a fine-tuning config: {_shown(str(error))}") from None
+
+
+_DEFAULT = FineTuneConfig("_", "_")

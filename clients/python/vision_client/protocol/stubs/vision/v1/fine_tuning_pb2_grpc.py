@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from vision_client._proto.vision.v1 import fine_tuning_pb2 as vision_dot_v1_dot_fine__tuning__pb2
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as vision_dot_v1_dot_fine__tuning__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

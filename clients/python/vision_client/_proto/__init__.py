@@ -1,1 +1,0 @@
-"""Generated protobuf and gRPC stubs. Do not edit: run `make protos`."""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of protos/. Do not edit: run `make protos`."""
