@@ -69,7 +69,7 @@ protos: install-test
 	$(PY) protos/generate.py
 
 bench: install-test
-	$(PY) bench/throughput.py $(BENCH_ARGS)
+	$(PY) -m bench.throughput $(BENCH_ARGS)
 
 # Builds the image, runs it with a token and TLS, checks health, an inference and a refused
 # management call, stops it with SIGTERM (minutes, gigabytes; not part of `make test`).

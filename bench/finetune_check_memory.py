@@ -5,8 +5,8 @@ corrupt image, so that the job is refused once every image has been checked and 
 measurement covers the check alone (no feature extraction). Peak RSS is the kernel's
 VmHWM, reset through /proc/PID/clear_refs before the job.
 
-    python bench/finetune_check_memory.py                   # this tree's server
-    python bench/finetune_check_memory.py --root OTHER_TREE # another checkout, for before/after
+    python -m bench.finetune_check_memory                   # this tree's server
+    python -m bench.finetune_check_memory --root OTHER_TREE # another checkout, for before/after
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 from PIL import Image
+
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -57,10 +60,6 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--side", type=int, default=5000)
     args = parser.parse_args()
-    sys.path[:0] = [str(HERE / "clients" / "python")]
-    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
-    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
-
     images = [big_jpeg(args.side, seed) for seed in range(args.images)]
     work = Path(tempfile.mkdtemp(prefix="check-memory-"))
     port = free_port()

@@ -12,7 +12,7 @@ weights, default limits), it measures:
 Each ``--code DIR`` is a checkout of the server whose code runs (``service`` and
 ``vision_client`` imported from there), so one command compares two versions:
 
-    .venv/bin/python bench/hostile.py --code before=/path/to/old/checkout --code after=.
+    .venv/bin/python -m bench.hostile --code before=/path/to/old/checkout --code after=.
 
 It prints a table and writes JSON to ``--output`` (default ``bench/results/hostile-<time>.json``).
 """
@@ -40,16 +40,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "clients" / "python")]
-
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb  # noqa: E402
-from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 MESSAGE_BYTES = 64 << 20
 CALL_TIMEOUT_S = 600.0

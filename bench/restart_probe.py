@@ -10,7 +10,7 @@ exited) and "around start-up" (from the restart until the clients stop).
 A correct server answers only OK or UNAVAILABLE: never CANCELLED (a request it will not
 run) and never NOT_FOUND for the fine-tuned model (a model the store holds).
 
-    python bench/restart_probe.py --cycles 10 --clients 4
+    python -m bench.restart_probe --cycles 10 --clients 4
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "clients" / "python")]
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
-from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb  # noqa: E402
-from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 FINETUNED = "probe-head"
 

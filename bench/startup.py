@@ -9,8 +9,8 @@ export (everything but ``torch``) start twice: from an empty ``--runtime-cache``
 start on a new machine or after an upgrade: exports included) and from the cache that start
 filled (every later start).
 
-    .venv/bin/python bench/startup.py                                   # all three models
-    .venv/bin/python bench/startup.py --models alexnet --runtimes auto  # quick
+    .venv/bin/python -m bench.startup                                   # all three models
+    .venv/bin/python -m bench.startup --models alexnet --runtimes auto  # quick
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.inputs import infer_input, photographs
+from bench.machine import machine_info, process_memory_mib
+from service.testing import start_server
 
-from bench.inputs import infer_input, photographs  # noqa: E402
-from bench.machine import machine_info, process_memory_mib  # noqa: E402
-from tests.harness import start_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def measure(models: list[str], runtime: str, cache: Path, weights: str, log_dir: Path, batch: int) -> dict[str, object]:

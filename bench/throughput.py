@@ -17,8 +17,8 @@ Servers start once per model (all of that model's servers, one after the other) 
 stopped before the next model loads. Inputs are the two photographs scikit-learn ships,
 JPEG-encoded at quality 90, plus crops of them.
 
-    .venv/bin/python bench/throughput.py                             # full run
-    .venv/bin/python bench/throughput.py --quick --models alexnet    # smoke test
+    .venv/bin/python -m bench.throughput                             # full run
+    .venv/bin/python -m bench.throughput --quick --models alexnet    # smoke test
     make bench BENCH_ARGS="--models alexnet --runtimes auto --server-args='--decode-threads 1'"
 
 Figures, machine information and the command line go to ``--output`` as JSON.
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # `service`, `bench` and `tests` when run as a script
 
 DISTURBED_CORES = 0.25  # CPU cores used by other processes above which a point is flagged
 

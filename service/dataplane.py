@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import warnings
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
@@ -66,6 +66,16 @@ class InferenceResult:
     labels: Sequence[str]  # that model's class names, C of them
 
 
+class RequestRecord:
+    """What :meth:`DataPlane.track` counts a request under: the result, once there is one."""
+
+    result: InferenceResult | None = None
+
+    def ran(self, result: InferenceResult) -> InferenceResult:
+        self.result = result
+        return result
+
+
 class DataPlane:
     def __init__(
         self,
@@ -73,11 +83,16 @@ class DataPlane:
         repository: ModelRepository,
         metrics: ServerMetrics,
         decode_pool: Executor,
+        *,
+        models_known: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``models_known``: whether every model that can be served is known (false while a model
+        store that may hold more has not been read): the server is not ready before."""
         self._config = config
         self.repository = repository
         self._metrics = metrics
         self._decode_pool = decode_pool
+        self._models_known = models_known
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -109,7 +124,7 @@ class DataPlane:
         # Models unloaded on request (RepositoryModelUnload) do not make the server unready.
         return (
             not self._draining
-            and self.repository.store_read
+            and self._models_known()
             and bool(models)
             and all(m.ready for m in models if not m.unloaded)
         )
@@ -120,8 +135,12 @@ class DataPlane:
     # -- inference -------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def track(self, model_name: str) -> AsyncIterator[None]:
-        """Count one request (status, latency) and hold off draining while it runs."""
+    async def track(self, model_name: str) -> AsyncIterator[RequestRecord]:
+        """Count one request (status, latency) and hold off draining while it runs.
+
+        The caller hands the result to the record (:meth:`RequestRecord.ran`): the request is
+        counted under the model and version that ran it, not under a second lookup's answer (the
+        model may have been replaced meanwhile)."""
         if self._draining:
             raise UnavailableError("the server is shutting down; retry on another replica")
         started = time.monotonic()
@@ -131,8 +150,9 @@ class DataPlane:
         task = asyncio.current_task()
         if task is not None:
             self._requests.add(task)
+        record = RequestRecord()
         try:
-            yield
+            yield record
         except VisionServeError as exc:
             status = exc.status
             raise
@@ -154,9 +174,12 @@ class DataPlane:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-            # Unknown names share one label so that clients cannot grow the series without bound.
-            label = model_name if model_name in self.repository else ""
-            version = self.repository.version_of(label) or "1"
+            if record.result is not None:
+                label, version = record.result.model_name, record.result.model_version
+            else:
+                # Unknown names share one label so that clients cannot grow the series without bound.
+                label = model_name if model_name in self.repository else ""
+                version = self.repository.version_of(label) or "1"
             self._metrics.record_request(label, status, time.monotonic() - started, version)
 
     async def infer(

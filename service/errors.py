@@ -13,7 +13,8 @@ imports gRPC.
     ├── QueueFullError           RESOURCE_EXHAUSTED the model's queue is full
     ├── DeadlineExceededError    DEADLINE_EXCEEDED  expired before compute
     ├── UnavailableError         UNAVAILABLE        not ready yet, or draining
-    │   └── QueueClosedError                        the model was replaced or stopped
+    │   ├── QueueClosedError                        the model was replaced or stopped
+    │   └── StoreEntryError                         a model store entry that cannot be served
     ├── AuthenticationError      UNAUTHENTICATED    missing or wrong token
     ├── PermissionDeniedError    PERMISSION_DENIED  a caller this server does not let in
     ├── FailedPreconditionError  FAILED_PRECONDITION
@@ -88,6 +89,15 @@ class UnavailableError(VisionServeError):
 
 class QueueClosedError(UnavailableError):
     """The model's queue takes no more work: it was replaced, deleted or is stopping."""
+
+
+class StoreEntryError(UnavailableError):
+    """A model store entry that cannot be served now: ``reason`` (a ``StoreReason`` of
+    ``service.finetune.store``) labels ``vision_store_errors_total``; the message is for the log."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class AuthenticationError(VisionServeError):

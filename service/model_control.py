@@ -1,16 +1,16 @@
 """Explicit model control: unloading and loading models while the server runs.
 
-Triton's model repository extension (``RepositoryModelLoad``/``Unload``) over
-our two kinds of served model:
+Triton's model repository extension (``RepositoryModelLoad``/``Unload``) over our two kinds of
+served model:
 
-- a built-in model (one of ``--models``) is built again from its weights source,
-  warmed up, and served;
-- a fine-tuned model is read again from the model store (its newest version) and
-  put on its base model's backbone, which must be loaded.
+- a built-in model (one of ``--models``) is built again from its weights source, warmed up,
+  and served (:class:`BuiltinModels`);
+- a fine-tuned model is read again from the model store (its newest version) and put on its
+  base model's backbone, which must be loaded (:class:`FineTunedModels`).
 
-Fine-tuned models share their base model's backbone, so unloading a built-in
-model unloads the fine-tuned models on it too (to free the memory), and loading
-it again brings those back. One operation runs at a time.
+Fine-tuned models share their base model's backbone, so unloading a built-in model unloads the
+fine-tuned models on it too (to free the memory), and loading it again brings those back. One
+operation runs at a time.
 """
 
 from __future__ import annotations
@@ -18,35 +18,36 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service.errors import ModelNotFoundError, UnavailableError, VisionServeError, quote
-from service.finetune.store import StoreEntryError
-from service.finetune.sync import StoreSync
-from service.models import WeightsSource, list_models
+from service.errors import ModelNotFoundError, VisionServeError, quote
+from service.finetune.catalog import FineTunedModels
+from service.loader import UNLOADED_REASON, BuiltinModels
+from service.models import list_models
 from service.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
 
 class ModelControl:
-    def __init__(self, repository: ModelRepository, store_sync: StoreSync | None, weights: WeightsSource) -> None:
+    def __init__(self, repository: ModelRepository, builtin: BuiltinModels, finetuned: FineTunedModels) -> None:
         self._repository = repository
-        self._store_sync = store_sync
-        self._weights = weights
+        self._builtin = builtin
+        self._finetuned = finetuned
         self._lock = asyncio.Lock()
         self._unloaded_with_base: dict[str, set[str]] = {}  # base -> fine-tuned models unloaded with it
 
     async def unload(self, name: str) -> None:
         async with self._lock:
             model = self._repository.get(name)
-            if model.base_model is None:
-                dependents = [m.name for m in self._repository.all() if m.base_model == name and not m.unloaded]
-                for dependent in dependents:
-                    await self._repository.unload(
-                        dependent,
-                        reason=f"its base model {quote(name)} was unloaded; loading {quote(name)} serves it again",
-                    )
-                self._unloaded_with_base.setdefault(name, set()).update(dependents)
-            await self._repository.unload(name)
+            if model.base_model is not None:
+                await self._finetuned.unload(name, UNLOADED_REASON)
+                return
+            dependents = [m.name for m in self._repository.all() if m.base_model == name and not m.unloaded]
+            for dependent in dependents:
+                await self._finetuned.unload(
+                    dependent, f"its base model {quote(name)} was unloaded; loading {quote(name)} serves it again"
+                )
+            self._unloaded_with_base.setdefault(name, set()).update(dependents)
+            await self._builtin.unload(name)
 
     async def load(self, name: str) -> None:
         if name not in self._repository and name in list_models():
@@ -57,30 +58,13 @@ class ModelControl:
         async with self._lock:
             model = self._repository.get(name)
             if model.base_model is not None:
-                await self._load_finetuned(name, model.base_model)
+                await self._finetuned.load(name)
                 return
-            await self._repository.load(name, self._weights)
+            await self._builtin.load(name)
             for dependent in sorted(self._unloaded_with_base.pop(name, set())):
                 if dependent not in self._repository or not self._repository.get(dependent).unloaded:
                     continue
                 try:
-                    await self._load_finetuned(dependent, name)
+                    await self._finetuned.load(dependent)
                 except VisionServeError as exc:
                     log.warning("cannot serve %s again after loading %s: %s", dependent, name, exc.message)
-
-    async def _load_finetuned(self, name: str, base: str) -> None:
-        if not self._repository.get(name).unloaded:
-            return
-        if not self._repository.get(base).ready:
-            raise UnavailableError(
-                f"cannot load {quote(name)}: its base model {quote(base)} is not loaded; load {quote(base)} first"
-            )
-        if self._store_sync is None:
-            raise ModelNotFoundError(f"{quote(name)} has no model store to load from")
-        try:
-            version = await self._store_sync.serve(name)
-        except StoreEntryError as exc:
-            if exc.reason == "missing_manifest":
-                raise ModelNotFoundError(f"{quote(name)} is no longer in the model store") from exc
-            raise UnavailableError(f"cannot load {quote(name)} from the model store: {exc}") from exc
-        log.info("model %s loaded (version %s, base %s)", name, version, base)

@@ -1,31 +1,25 @@
-"""The models a server holds, by name, and their state; listeners hear every state change.
+"""The models a server serves, by name, and their state; listeners hear every state change.
 
-Three kinds of served model share one shape (:class:`ServedModel`):
+A registry, and nothing more: what is served under each name, its state, who is told when
+that changes, and which models were stopped but may still be finishing work. Building models
+is the loaders' job (:mod:`service.loader` for built-in models and their feature extractors,
+:mod:`service.finetune.catalog` for fine-tuned ones); they write through this registry.
 
-- built-in models (``alexnet``...), declared at start-up and loaded in the background;
-- internal feature extractors (``alexnet:features``), made on demand for
-  fine-tuning jobs from the built-in model's instances, weights shared;
-- fine-tuned models: a base model's features followed by a trained head.
-
-Internal models are not listed and cannot be reached over the wire. Building and
-starting models is :class:`service.factory.ModelFactory`'s job; this module only
-keeps them.
+Three kinds of served model share one shape (:class:`ServedModel`): built-in models
+(``alexnet``...), internal feature extractors (``alexnet:features``, not listed, not reachable
+over the wire) and fine-tuned models (a base model's features followed by a trained head).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 
 import torch
 
-from service.errors import BuiltinModelError, InvalidInputError, ModelNotFoundError, UnavailableError, quote
-from service.factory import ModelFactory
-from service.finetune.names import is_model_name
+from service.errors import ModelNotFoundError, UnavailableError, VisionServeError, quote
 from service.metrics import ServerMetrics
-from service.models import WeightsSource
 from service.served import (
     BUILTIN_PLATFORM,
     FEATURES_SUFFIX,
@@ -42,35 +36,38 @@ __all__ = [
     "ModelState",
     "ServedModel",
     "StateListener",
+    "UnknownModelHandler",
 ]
 
 log = logging.getLogger(__name__)
 
 StateListener = Callable[[ServedModel], None]
+# What to raise for a name nothing is served under, instead of NOT_FOUND (None: NOT_FOUND).
+UnknownModelHandler = Callable[[str], VisionServeError | None]
 
 
 class ModelRepository:
-    """Holds and stops the served models; announces their state changes."""
+    """Name -> served model, its state and listeners; the one owner of that mapping."""
 
-    def __init__(self, factory: ModelFactory, metrics: ServerMetrics, *, store_pending: bool = False) -> None:
-        """``store_pending``: a model store will be read, so until :meth:`mark_store_read` an
-        unknown (valid) name may be a fine-tuned model not read yet: UNAVAILABLE, not NOT_FOUND."""
-        self._factory = factory
+    def __init__(self, metrics: ServerMetrics, devices: list[torch.device]) -> None:
+        self.devices = devices  # where this server's models run
         self._metrics = metrics
         self._models: dict[str, ServedModel] = {}
         self._internal: dict[str, ServedModel] = {}
         self._retired: list[ServedModel] = []
         self._withdrawals: dict[str, int] = {}  # name -> how often a model of that name was removed or unloaded
         self._listeners: list[StateListener] = []
-        self._lock = threading.Lock()  # guards building internal models from several jobs
-        self._store_pending = store_pending
+        self._unknown: UnknownModelHandler = lambda name: None
 
-    @property
-    def devices(self) -> list[torch.device]:
-        return self._factory.devices
+    # -- reading -----------------------------------------------------------
 
     def add_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
+
+    def on_unknown_model(self, handler: UnknownModelHandler) -> None:
+        """``handler(name)`` decides what a lookup of an unknown name raises (for example
+        UNAVAILABLE while a model store that may hold it has not been read)."""
+        self._unknown = handler
 
     def names(self) -> list[str]:
         return list(self._models)
@@ -84,79 +81,76 @@ class ModelRepository:
     def builtin_names(self) -> list[str]:
         return [m.name for m in self._models.values() if m.base_model is None]
 
-    @property
-    def store_read(self) -> bool:
-        """Whether every model of the store that can be served is (no store: always)."""
-        return not self._store_pending
-
-    def mark_store_read(self) -> None:
-        """The model store has been read once: from now on an unknown name is NOT_FOUND."""
-        self._store_pending = False
-
     def get(self, name: str) -> ServedModel:
         try:
             return self._models[name]
         except KeyError:
-            if self._store_pending and is_model_name(name):
-                raise UnavailableError(
-                    f"model {quote(name)} is not loaded yet: the server is still reading its model store; retry shortly"
-                ) from None
+            error = self._unknown(name)
+            if error is not None:
+                raise error from None
             served = ", ".join(self._models) or "none"
             raise ModelNotFoundError(f"model {quote(name)} is not served here; served models: {served}") from None
 
     def get_ready(self, name: str) -> ServedModel:
         return _require_ready(self.get(name))
 
-    # -- built-in models -------------------------------------------------
+    def version_of(self, name: str) -> str | None:
+        model = self._models.get(name)
+        return None if model is None else model.version
 
-    def declare_builtin(self, names: list[str]) -> None:
-        """Register the built-in models as LOADING, so they are known before they load."""
-        for name in names:
-            self._models[name] = self._factory.declare_builtin(name)
+    def served_version(self, name: str) -> str | None:
+        """The version served under ``name``; None when none is (an unloaded model serves nothing)."""
+        model = self._models.get(name)
+        return None if model is None or model.unloaded else model.version
 
-    async def load_builtin(self, weights: WeightsSource) -> None:
-        """Build and warm up every declared built-in model, one after the other.
+    def internal(self, name: str) -> ServedModel | None:
+        return self._internal.get(name)
 
-        Raises the first failure after marking that model UNAVAILABLE.
-        """
-        for model in [m for m in self._models.values() if m.base_model is None]:
-            if model.state is ModelState.LOADING:
-                await self._start(model, weights)
+    # -- writing (by the loaders) -------------------------------------------
 
-    async def _start(self, model: ServedModel, weights: WeightsSource) -> None:
-        try:
-            await self._factory.start_builtin(model, weights)
-        except Exception as exc:
-            self._set_state(model, ModelState.UNAVAILABLE, str(exc))
-            raise
+    def declare(self, model: ServedModel) -> None:
+        """List ``model`` under its name in its current state (a model about to load)."""
+        self._models[model.name] = model
+        self.set_state(model, model.state, model.reason)
+
+    def activate(self, model: ServedModel) -> None:
+        """Serve ``model`` under its name, READY; the model it replaces stops taking work."""
+        previous = self._models.get(model.name)
+        self._models[model.name] = model
         model.unloaded = False
-        self._set_state(model, ModelState.READY)
-        log.info("model %s ready on %s (weights: %s)", model.name, _describe(model), weights.describe())
+        self.set_state(model, ModelState.READY)
+        if previous is not None and previous is not model:
+            self.retire(previous)
 
-    # -- explicit unloading and loading ------------------------------------
+    def add_internal(self, model: ServedModel) -> None:
+        model.state = ModelState.READY
+        self._internal[model.name] = model
 
-    async def unload(self, name: str, reason: str = "") -> None:
-        """Stop serving ``name`` and free its memory (idempotent).
+    def remove(self, name: str, reason: str) -> ServedModel:
+        """Stop listing ``name``; what it queued is still answered."""
+        model = self._models.pop(name)
+        self.withdraw(name)
+        self.set_state(model, ModelState.UNAVAILABLE, reason)
+        self.retire(model)
+        return model
 
-        Requests still queued are answered UNAVAILABLE; a batch already running
-        finishes. The workers stop and the instances are dropped; for a built-in
-        model, its feature extractor too. Fine-tuned models on a built-in one
-        share its backbone: unload them first, or its memory stays held.
-        The model stays listed, UNAVAILABLE, with ``reason``.
+    async def stop_serving(self, name: str, reason: str) -> None:
+        """Keep ``name`` listed, UNAVAILABLE with ``reason``, and free its memory (idempotent).
+
+        Requests still queued are answered UNAVAILABLE; a batch already running finishes. The
+        workers stop and the instances are dropped; for a built-in model, its feature extractor too.
         """
         model = self.get(name)
+        if model.state is ModelState.LOADING and not model.unloaded:
+            raise UnavailableError(f"model {quote(name)} is still loading; unload it once it is ready")
+        self.withdraw(name)  # also when unloaded already: a load of it under way must not serve it
         if model.unloaded:
             return
-        if model.state is ModelState.LOADING:
-            raise UnavailableError(f"model {quote(name)} is still loading; unload it once it is ready")
-        reason = reason or "unloaded by RepositoryModelUnload; RepositoryModelLoad serves it again"
         model.unloaded = True
-        self._withdraw(name)
-        self._set_state(model, ModelState.UNAVAILABLE, reason)
+        self.set_state(model, ModelState.UNAVAILABLE, reason)
         stopping = [model]
         if model.base_model is None:
-            with self._lock:
-                features = self._internal.pop(name + FEATURES_SUFFIX, None)
+            features = self._internal.pop(name + FEATURES_SUFFIX, None)
             if features is not None:
                 stopping.append(features)
         refusal = UnavailableError(f"model {quote(name)} was unloaded before this request ran: {reason}")
@@ -169,84 +163,28 @@ class ModelRepository:
         self._retired = [m for m in self._retired if any(w.alive for w in m.workers)]
         log.info("model %s unloaded", name)
 
-    async def load(self, name: str, weights: WeightsSource) -> None:
-        """Build built-in model ``name`` again after :meth:`unload`, warm it up and serve it.
+    def retire(self, model: ServedModel) -> None:
+        """Stop taking work for ``model`` (never served, or replaced); what it queued is still answered."""
+        model.queue.close()
+        self._retired = [m for m in self._retired if any(w.alive for w in m.workers)] + [model]
 
-        A no-op for a model that is loaded or loading. Raises what failed,
-        leaving the model UNAVAILABLE with the reason.
-        """
-        current = self.get(name)
-        if current.base_model is not None:
-            raise InvalidInputError(f"{quote(name)} is a fine-tuned model; it loads from the model store")
-        if not current.unloaded:
-            return
-        model = self._factory.declare_builtin(name)
-        model.unloaded = True  # until it is ready
-        self._models[name] = model
-        self._set_state(model, ModelState.LOADING)
-        await self._start(model, weights)
-
-    # -- derived models ----------------------------------------------------
-
-    def features_model(self, base: str) -> ServedModel:
-        """The internal feature extractor of built-in model ``base`` (made on first use)."""
-        base_model = self.get_ready(base)
-        if base_model.base_model is not None:
-            raise ModelNotFoundError(f"{quote(base)} is a fine-tuned model; fine-tune from a built-in model instead")
-        name = base + FEATURES_SUFFIX
-        with self._lock:
-            model = self._internal.get(name)
-            if model is None:
-                model = self._factory.start_features(base_model)
-                model.state = ModelState.READY
-                self._internal[name] = model
-        return model
-
-    def install_finetuned(
-        self, name: str, base: str, head: torch.nn.Module, labels: list[str], version: str
-    ) -> ServedModel:
-        """Serve ``head`` on ``base``'s features as ``name``, replacing an older version.
-
-        Blocking (warm-up forward passes): call it from a worker thread.
-        """
-        existing = self._models.get(name)
-        if existing is not None and existing.base_model is None:
-            raise BuiltinModelError(name, "replaced by a fine-tuned model")
-        return self._factory.start_finetuned(name, self.get_ready(base), head, labels, version)
-
-    def activate(self, model: ServedModel) -> None:
-        """Make an installed model the one served under its name (in the event loop)."""
-        previous = self._models.get(model.name)
-        self._models[model.name] = model
-        self._set_state(model, ModelState.READY)
-        if previous is not None:
-            self._retire(previous)
-
-    def version_of(self, name: str) -> str | None:
-        model = self._models.get(name)
-        return None if model is None else model.version
-
-    def discard(self, model: ServedModel) -> None:
-        """Stop an installed model that will not be activated."""
-        self._retire(model)
-
-    def remove_finetuned(self, name: str, reason: str = "deleted") -> None:
-        model = self.get(name)
-        if model.base_model is None:
-            raise BuiltinModelError(name, "deleted")
-        del self._models[name]
-        self._withdraw(name)
-        self._set_state(model, ModelState.UNAVAILABLE, reason)
-        self._retire(model)
+    def withdraw(self, name: str) -> None:
+        """Count one removal or unload of ``name`` (also of a name not served yet: see :meth:`withdrawals`)."""
+        self._withdrawals[name] = self._withdrawals.get(name, 0) + 1
 
     def withdrawals(self, name: str) -> int:
-        """How often a model called ``name`` was removed or unloaded: a reader of the store
-        compares it before and after a read, so that a model deleted or unloaded meanwhile
-        stays so rather than being served again by the read's result."""
+        """How often a model called ``name`` was removed, deleted or unloaded: a loader compares it
+        before and after its slow part, so that a model withdrawn meanwhile stays withdrawn rather
+        than being served by the load's result."""
         return self._withdrawals.get(name, 0)
 
-    def _withdraw(self, name: str) -> None:
-        self._withdrawals[name] = self._withdrawals.get(name, 0) + 1
+    def set_state(self, model: ServedModel, state: ModelState, reason: str = "") -> None:
+        model.state = state
+        model.reason = reason
+        ready = state is ModelState.READY
+        self._metrics.set_model_state(model.name, ready=ready, runtimes=model.runtimes if ready else {})
+        for listener in self._listeners:
+            listener(model)
 
     async def stop(self) -> None:
         """Close every queue and wait for the workers to finish what was queued."""
@@ -256,25 +194,6 @@ class ModelRepository:
         for model in models:
             for worker in model.workers:
                 await asyncio.to_thread(worker.join)
-
-    # -- internals ---------------------------------------------------------
-
-    def _retire(self, model: ServedModel) -> None:
-        """Stop taking work for ``model``; what it queued is still answered."""
-        model.queue.close()
-        self._retired = [m for m in self._retired if any(w.alive for w in m.workers)] + [model]
-
-    def _set_state(self, model: ServedModel, state: ModelState, reason: str = "") -> None:
-        model.state = state
-        model.reason = reason
-        ready = state is ModelState.READY
-        self._metrics.set_model_state(model.name, ready=ready, runtimes=model.runtimes if ready else {})
-        for listener in self._listeners:
-            listener(model)
-
-
-def _describe(model: ServedModel) -> str:
-    return ", ".join(f"{device} ({runtime})" for device, runtime in model.runtimes.items())
 
 
 def _require_ready(model: ServedModel) -> ServedModel:

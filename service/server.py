@@ -17,10 +17,12 @@ from service.config import ServeConfig
 from service.dataplane import DataPlane
 from service.devices import resolve_devices
 from service.factory import ModelFactory
+from service.finetune.catalog import FineTunedModels
 from service.finetune.manager import JobManager
 from service.finetune.names import LIVENESS_SERVICE, SERVER_SERVICE
 from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
+from service.loader import BuiltinModels
 from service.metrics import ServerMetrics
 from service.metrics_http import MetricsHttpServer
 from service.model_control import ModelControl
@@ -52,20 +54,23 @@ class VisionServer:
         self.weights = WeightsSource.parse(config.weights)
         self.devices = resolve_devices(config.device)
         self.metrics.watch_cuda_memory(self.devices)
-        self.repository = ModelRepository(
-            ModelFactory(config, self.devices, self.metrics),
-            self.metrics,
-            store_pending=config.model_store is not None,
-        )
+        self.factory = factory = ModelFactory(config, self.devices, self.metrics)
+        self.repository = ModelRepository(self.metrics, self.devices)
+        self.builtin = BuiltinModels(factory, self.repository, self.weights)
+        limits = config.fine_tuning
+        self.store = ModelStore(config.model_store, limits) if config.model_store is not None else None
+        self.finetuned = FineTunedModels(self.store, self.repository, factory, self.metrics)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=config.decode_thread_count,
             thread_name_prefix="decode",
             initializer=_single_threaded_torch,
         )
-        self.dataplane = DataPlane(config, self.repository, self.metrics, self._decode_pool)
-        limits = config.fine_tuning
-        self.store = ModelStore(config.model_store, limits) if config.model_store is not None else None
-        self.jobs = JobManager(self.dataplane, self.repository, self.store, self.metrics, limits)
+        # Ready only after the first full pass over the store: a restarted replica then serves
+        # every fine-tuned model it can before it takes traffic (see StoreSync).
+        self.dataplane = DataPlane(
+            config, self.repository, self.metrics, self._decode_pool, models_known=lambda: self.finetuned.store_read
+        )
+        self.jobs = JobManager(self.dataplane, self.repository, self.builtin, self.finetuned, self.metrics, limits)
         self._access = policy_from(config.auth_token_file, config.auth_scope)
         tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
         self._tls = (
@@ -77,14 +82,10 @@ class VisionServer:
         self.health_port = 0
         self._sync_task: asyncio.Task[None] | None = None
         self._store_read = asyncio.Event()
-        # Ready only after the first full pass over the store: a restarted replica then
-        # serves every fine-tuned model it can before it takes traffic. A bad or hung
-        # entry does not hold that pass up (see StoreSync).
         self.store_sync = (
             StoreSync(
-                self.store,
+                self.finetuned,
                 self.repository,
-                self.metrics,
                 interval_s=config.store_poll_seconds,
                 on_first_pass=self._on_store_read,
             )
@@ -102,7 +103,7 @@ class VisionServer:
 
     async def start(self) -> None:
         """Bind the ports and begin loading the models in the background."""
-        self.repository.declare_builtin(list(self.config.models))
+        self.builtin.declare(list(self.config.models))
         self.repository.add_listener(self._on_model_state)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ErrorMappingInterceptor(),
@@ -123,7 +124,7 @@ class VisionServer:
             self.dataplane,
             batching=self.config.batching,
             statistics=self.metrics.statistics,
-            control=ModelControl(self.repository, self.store_sync, self.weights),
+            control=ModelControl(self.repository, self.builtin, self.finetuned),
         )
         # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)  # type: ignore[no-untyped-call]
@@ -190,7 +191,7 @@ class VisionServer:
 
     async def _load(self) -> None:
         try:
-            await self.repository.load_builtin(self.weights)
+            await self.builtin.load_all()
         except Exception as exc:
             log.error("cannot start: %s", exc)
             self.load_error = exc
@@ -201,7 +202,7 @@ class VisionServer:
             self._update_server_health()
 
     def _on_store_read(self) -> None:
-        self.repository.mark_store_read()
+        self.finetuned.mark_store_read()
         self._store_read.set()
         self._update_server_health()
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers (tests.harness, tests.inprocess), real images, one runtime cache per session."""
+"""Shared fixtures: real servers (service.testing, tests.inprocess), real images, one runtime cache per session."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.harness import ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port, start_server
+from service.testing import ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port, start_server
 
 __all__ = ["ROOT", "STARTUP_TIMEOUT_S", "ServerProcess", "free_port", "start_server"]
 

@@ -15,6 +15,7 @@ import torch
 from service.config import BatchingConfig
 from service.dataplane import InferenceInput
 from service.repository import ModelRepository, ServedModel
+from service.server import VisionServer
 from service.transport.codec import decode_bytes_elements
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
@@ -36,10 +37,11 @@ def labels_of(response: pb.ModelInferResponse) -> list[str]:
     return [entry.decode().split(":", 2)[2] for entry in entries]
 
 
-def install(repository: ModelRepository, labels: list[str], version: str) -> ServedModel:
+def install(server: VisionServer, labels: list[str], version: str) -> ServedModel:
+    """A head built and warmed up on AlexNet's backbone, not served yet."""
     torch.manual_seed(len(labels))
     head = torch.nn.Linear(4096, len(labels))
-    return repository.install_finetuned("pets", "alexnet", head, labels, version)
+    return server.factory.start_finetuned("pets", server.repository.get_ready("alexnet"), head, labels, version)
 
 
 async def activate(repository: ModelRepository, model: ServedModel) -> None:
@@ -56,9 +58,9 @@ def test_a_model_replaced_while_a_request_waits_answers_with_its_own_labels(serv
         model_store=None, batching=BatchingConfig(max_batch_size=16, max_queue_delay_ms=5000, max_queue_size=64)
     )
     repository = server.server.repository
-    first = server.call(in_thread(install, repository, ["cat", "dog"], "v1"), timeout=300)
+    first = server.call(in_thread(install, server.server, ["cat", "dog"], "v1"), timeout=300)
     server.call(activate(repository, first))
-    second = server.call(in_thread(install, repository, ["ant", "bee", "cow"], "v2"), timeout=300)
+    second = server.call(in_thread(install, server.server, ["ant", "bee", "cow"], "v2"), timeout=300)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         waiting = stub.ModelInfer.future(request("pets", k=2), timeout=120)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from service.config import FineTuneLimits as Limits
-from service.errors import InvalidInputError, ModelNotFoundError
+from service.errors import InvalidInputError, ModelNotFoundError, StoreEntryError
 from service.finetune.examples import ExampleCollector
 from service.finetune.heads import ParallelBlock, build_head
 from service.finetune.spec import check_limits, config_from_wire
-from service.finetune.store import ModelStore, StoreEntryError
+from service.finetune.store import ModelStore
 from service.finetune.trainer import JobCancelled, TrainMetrics, split_indices, train_head
 from vision_client import errors as client_errors
 from vision_client.protocol import FineTuneConfig, HeadConfig, OptimizerConfig

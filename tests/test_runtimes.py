@@ -121,7 +121,7 @@ def test_features_run_through_the_runtime(default_server: InProcessServer, all_w
         expected = get_model_spec("resnet101").features(net)(pixels).numpy()
 
     async def features() -> np.ndarray:
-        model = server.repository.features_model("resnet101")
+        model = server.builtin.features_model("resnet101")
         assert [i.runtime for i in model.instances] == [ONNXRUNTIME]
         return await server.dataplane.infer_model(model, InferenceInput(pixels=pixels.numpy()))
 
@@ -292,27 +292,26 @@ def test_torch_runtime_serves_and_reports_itself(serve_inprocess, weights_dir: P
     assert 'vision_model_runtime_info{device="cpu",model="alexnet",runtime="torch"} 1.0' in text
 
 
-# -- the repository's entry points for unloading and loading one model ----------------------------
+# -- the loader's entry points for unloading and loading one built-in model -----------------------
 
 
 def test_unload_then_load_serves_the_model_again_and_drops_its_runtime_series(serve_inprocess) -> None:
     server = serve_inprocess()
     assert server.server is not None
-    repository = server.server.repository
-    weights = server.server.weights
+    repository, builtin = server.server.repository, server.server.builtin
     pixels = np.zeros((1, 3, 224, 224), dtype=np.float32)
     tensor = triton.InferInput("PIXELS", [1, 3, 224, 224], "FP32")
     tensor.set_data_from_numpy(pixels)
     with triton.InferenceServerClient(server.target) as client:
         before = client.infer("alexnet", [tensor]).as_numpy("LOGITS")
-        server.call(repository.unload("alexnet"))
+        server.call(builtin.unload("alexnet"))
         unloaded = repository.get("alexnet")
         assert unloaded.workers == [] and unloaded.state.value == "UNAVAILABLE"
         with pytest.raises(Exception, match="unavailable: unloaded"):
             client.infer("alexnet", [tensor])
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         assert 'vision_model_ready{model="alexnet"} 0.0' in text and "vision_model_runtime_info{" not in text
-        server.call(repository.load("alexnet", weights), timeout=240)
+        server.call(builtin.load("alexnet"), timeout=240)
         np.testing.assert_allclose(client.infer("alexnet", [tensor]).as_numpy("LOGITS"), before, rtol=0, atol=1e-5)
 
 

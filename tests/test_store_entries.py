@@ -13,8 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
+from service.errors import StoreEntryError
 from service.files import FileRefused, TimedOut, call_with_timeout, read_bounded
-from service.finetune.store import ModelStore, StoreEntryError
+from service.finetune.store import ModelStore
 from tests.metrics_util import sample_value, scrape
 from tests.store_util import manifest_of, save_head, write_manifest
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
@@ -223,7 +224,7 @@ def test_a_model_withdrawn_while_the_store_reads_it_stays_withdrawn(
 ) -> None:
     """DeleteModel or RepositoryModelUnload lands between a store read of the entry and its
     activation: the read's result is dropped, not served again under the name."""
-    from service.finetune.store import StoreEntryError
+    from service.errors import StoreEntryError
     from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
     from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
 
@@ -246,7 +247,7 @@ def test_a_model_withdrawn_while_the_store_reads_it_stays_withdrawn(
         return result
 
     monkeypatch.setattr(vision.store, "load", slow_load)
-    reading = server.submit(sync.sync_once() if path == "poll" else sync.serve("doomed"))
+    reading = server.submit(sync.sync_once() if path == "poll" else vision.finetuned.serve_stored("doomed"))
     assert read_done.wait(30)
     with grpc.insecure_channel(server.target) as channel:
         if action == "delete":
@@ -270,4 +271,5 @@ def test_a_model_withdrawn_while_the_store_reads_it_stays_withdrawn(
     else:
         assert vision.repository.get("doomed").unloaded and (store / "doomed" / "manifest.json").exists()
         assert states == {"alexnet": "READY", "doomed": "UNAVAILABLE"}
-    assert sample_value(scrape(server.metrics_url), "vision_store_errors_total", reason="missing_manifest") in (None, 0)
+    for outcome in ("withdrawn", "missing"):  # outcomes, not errors
+        assert sample_value(scrape(server.metrics_url), "vision_store_errors_total", reason=outcome) in (None, 0)

@@ -12,9 +12,10 @@ import os
 import re
 from pathlib import Path
 
+from service.errors import StoreEntryError
 from service.files import FileRefused, atomic_write, read_bounded
 from service.finetune.job import Job, JobState
-from service.finetune.store import StoreEntryError, parse_json
+from service.finetune.store import parse_json
 from service.finetune.trainer import TrainMetrics
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import from_dict, to_dict

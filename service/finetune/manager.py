@@ -31,7 +31,6 @@ from service.dataplane import DataPlane
 from service.errors import (
     AlreadyExistsError,
     BuiltinModelError,
-    FailedPreconditionError,
     InvalidInputError,
     ModelNotFoundError,
     QueueFullError,
@@ -39,13 +38,14 @@ from service.errors import (
     VisionServeError,
     quote,
 )
+from service.finetune.catalog import FineTunedModels
 from service.finetune.examples import ExampleCollector, check_images
 from service.finetune.history import JobHistory
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.pipeline import JobPipeline
 from service.finetune.spec import check_limits
-from service.finetune.store import ModelStore
 from service.finetune.trainer import JobCancelled
+from service.loader import BuiltinModels
 from service.metrics import ServerMetrics
 from service.models import get_model_spec
 from service.repository import ModelRepository
@@ -53,27 +53,27 @@ from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)
 
-FINE_TUNING_OFF = "fine-tuning is off: the server was started with --model-store none; start it with --model-store DIR"
-
 
 class JobManager:
     def __init__(
         self,
         dataplane: DataPlane,
         repository: ModelRepository,
-        store: ModelStore | None,
+        builtin: BuiltinModels,
+        catalog: FineTunedModels,
         metrics: ServerMetrics,
         limits: FineTuneLimits | None = None,
     ) -> None:
         self._dataplane = dataplane
         self._repository = repository
-        self._store = store
+        self._catalog = catalog
+        self._store = store = catalog.store
         self._metrics = metrics
         self.limits = limits or FineTuneLimits()
         self._live: dict[str, Job] = {}  # queued or running
         self._finished: OrderedDict[str, Job] = OrderedDict()  # the most recent, with their events
         self._history = JobHistory(store.root, self.limits.max_finished_jobs) if store is not None else None
-        self._pipeline = JobPipeline(dataplane, repository, store, metrics, self._emit) if store is not None else None
+        self._pipeline = JobPipeline(dataplane, builtin, catalog, metrics, self._emit) if store is not None else None
         self._uploads = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._devices: asyncio.Queue[torch.device] = asyncio.Queue()
@@ -99,8 +99,7 @@ class JobManager:
 
     def check_config(self, config: FineTuneConfig, *, outputs: int = 2) -> FineTuneConfig:
         """Refuse a job before its examples are streamed, where the config alone says it is bad."""
-        if self._store is None:
-            raise FailedPreconditionError(FINE_TUNING_OFF)
+        self._catalog.require_store()
         check_limits(config, self.limits)
         base = self._repository.get(config.base_model)  # NOT_FOUND for unknown models
         if base.base_model is not None:
@@ -214,13 +213,7 @@ class JobManager:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def delete_model(self, name: str) -> None:
-        if name in self._repository.builtin_names():
-            raise BuiltinModelError(name, "deleted")
-        if self._store is None:
-            raise FailedPreconditionError(FINE_TUNING_OFF)
-        self._store.delete(name)
-        if name in self._repository:
-            self._repository.remove_finetuned(name)
+        self._catalog.delete(name)
 
     # -- running -----------------------------------------------------------
 

@@ -9,7 +9,6 @@ the store and served.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -18,12 +17,13 @@ import numpy as np
 import torch
 
 from service.dataplane import DataPlane, InferenceInput
-from service.errors import InvalidInputError, StoreWriteError, UnavailableError, VisionServeError, quote
+from service.errors import InvalidInputError
+from service.finetune.catalog import FineTunedModels
 from service.finetune.job import Job, JobEvent, JobState
-from service.finetune.store import Manifest, ModelStore
+from service.finetune.store import Manifest
 from service.finetune.trainer import EpochReport, JobCancelled, TrainResult, train_head
+from service.loader import BuiltinModels
 from service.metrics import ServerMetrics
-from service.repository import ModelRepository
 
 FEATURE_CHUNK = 32  # images per feature-extraction request
 FEATURE_SHARE = 0.3  # share of a job's progress given to feature extraction
@@ -35,14 +35,14 @@ class JobPipeline:
     def __init__(
         self,
         dataplane: DataPlane,
-        repository: ModelRepository,
-        store: ModelStore,
+        builtin: BuiltinModels,
+        catalog: FineTunedModels,
         metrics: ServerMetrics,
         emit: Emit,
     ) -> None:
         self._dataplane = dataplane
-        self._repository = repository
-        self._store = store
+        self._builtin = builtin
+        self._catalog = catalog
         self._metrics = metrics
         self._emit = emit
 
@@ -56,7 +56,7 @@ class JobPipeline:
         """Features [N, D] and training targets; the job's images are released afterwards."""
         examples = job.examples
         assert examples is not None, "a job's examples are extracted once"
-        model = self._repository.features_model(job.config.base_model)
+        model = self._builtin.features_model(job.config.base_model)
         images = examples.images
         chunks: list[np.ndarray] = []
         started = time.monotonic()
@@ -123,55 +123,8 @@ class JobPipeline:
         )
 
     async def publish(self, job: Job, result: TrainResult) -> Manifest:
-        """Write the head to the store (claiming the name unless ``replace``) and serve it.
-
-        What is in the store and whose base model is served, is served; a job that fails leaves
-        nothing behind. So the base must be served before anything is written; a base unloaded
-        after the write makes the job fail and takes a new name's entry out again (a replaced
-        one stays: the store's sync serves it once the base is back); a model deleted or
-        unloaded while this ran stays so.
-        """
+        """Hand the trained head to the catalog, which writes it to the store and serves it."""
         if job.cancel_requested.is_set():
             raise JobCancelled("cancelled")
         job.metrics = result.metrics
-        config = job.config
-        name = config.output_model
-        self._require_base(config.base_model)
-        withdrawals = self._repository.withdrawals(name)
-        try:
-            manifest = await asyncio.to_thread(
-                self._store.save,
-                name=name,
-                base_model=config.base_model,
-                head_spec=config.head,
-                head=result.head,
-                labels=job.labels,
-                loss=config.loss,
-                metrics=result.metrics,
-                job_id=job.id,
-                replace=config.replace,
-            )
-        except OSError as exc:
-            raise StoreWriteError(self._store.root, exc) from exc
-        try:
-            self._require_base(config.base_model)
-            model = await asyncio.to_thread(
-                self._repository.install_finetuned, name, config.base_model, result.head, job.labels, manifest.version
-            )
-        except VisionServeError:
-            if not config.replace:
-                with contextlib.suppress(VisionServeError, OSError):
-                    await asyncio.to_thread(self._store.delete, name)
-            raise
-        if self._repository.withdrawals(name) != withdrawals:  # DeleteModel or an unload came first
-            self._repository.discard(model)
-            raise UnavailableError(f"{quote(name)} was deleted or unloaded while the job published it")
-        self._repository.activate(model)
-        return manifest
-
-    def _require_base(self, base: str) -> None:
-        if not self._repository.get(base).ready:
-            raise UnavailableError(
-                f"the base model {quote(base)} was unloaded while the job ran, so its head cannot be served; "
-                f"load {quote(base)} (RepositoryModelLoad) and run the job again"
-            )
+        return await self._catalog.publish(job.config, result.head, job.labels, result.metrics, job.id)

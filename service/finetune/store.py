@@ -26,6 +26,7 @@ regular and not larger than a cap, the manifest is checked field by field (with 
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import logging
@@ -43,7 +44,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from service.config import FineTuneLimits
-from service.errors import AlreadyExistsError, InternalError, InvalidInputError, ModelNotFoundError, quote
+from service.errors import (
+    AlreadyExistsError,
+    InternalError,
+    InvalidInputError,
+    ModelNotFoundError,
+    StoreEntryError,
+    quote,
+)
 from service.files import FileRefused, read_bounded, sync_directory, write_temporary
 from service.finetune.heads import StandardizedHead, build_standardized_head
 from service.finetune.names import is_model_name
@@ -65,12 +73,45 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _WEIGHTS_SLACK = 1 << 20  # safetensors header and the standardization buffers
 
 
-class StoreEntryError(Exception):
-    """A store entry that cannot be served: ``reason`` labels the metric, ``str()`` is for the log."""
+class StoreReason(str, enum.Enum):
+    """Why a store entry is not served: the one list of ``vision_store_errors_total``'s reasons.
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+    ``MISSING`` and ``WITHDRAWN`` are outcomes, not errors: they are never counted or logged.
+    """
+
+    # the entry itself
+    BAD_NAME = "bad_name"  # the folder's name is not a model name
+    BAD_JSON = "bad_json"
+    BAD_MANIFEST = "bad_manifest"
+    FORMAT_VERSION = "format_version"
+    UNKNOWN_HEAD = "unknown_head"
+    BAD_DIMENSIONS = "bad_dimensions"
+    OUTSIDE_FOLDER = "outside_folder"
+    MISSING_WEIGHTS = "missing_weights"
+    DIGEST_MISMATCH = "digest_mismatch"
+    BAD_WEIGHTS = "bad_weights"
+    NOT_REGULAR_FILE = "not_regular_file"
+    TOO_LARGE = "too_large"
+    UNREADABLE = "unreadable"
+    UNREADABLE_STORE = "unreadable_store"  # the listing itself failed
+    TIMEOUT = "timeout"  # retried by every poll
+    # the entry against this server
+    BUILTIN_NAME = "builtin_name"
+    BASE_NOT_SERVED = "base_not_served"
+    BASE_UNLOADED = "base_unloaded"  # retried by every poll
+    INSTALL_FAILED = "install_failed"
+    # outcomes
+    MISSING = "missing"  # no manifest (deleted meanwhile, or never written)
+    WITHDRAWN = "withdrawn"  # deleted or unloaded while it was read: stays so
+
+    @property
+    def retried(self) -> bool:
+        """Tried again by every poll until it is served (logged and counted once)."""
+        return self in (StoreReason.TIMEOUT, StoreReason.BASE_UNLOADED)
+
+    @property
+    def counted(self) -> bool:
+        return self not in (StoreReason.MISSING, StoreReason.WITHDRAWN)
 
 
 @dataclass(frozen=True)
@@ -111,18 +152,21 @@ class Manifest:
         version = fields.get("format_version", int)
         if version != FORMAT_VERSION:
             raise StoreEntryError(
-                "format_version",
+                StoreReason.FORMAT_VERSION,
                 f"{folder}: manifest format_version {version} is not {FORMAT_VERSION}, the one this server reads "
                 "(written by a newer or older server?)",
             )
         name = fields.get("name", str)
         if name != folder:
-            raise StoreEntryError("bad_manifest", f"{folder}: the manifest names another model, {quote(name)}")
+            raise StoreEntryError(
+                StoreReason.BAD_MANIFEST, f"{folder}: the manifest names another model, {quote(name)}"
+            )
         head_fields = _Fields(fields.get("head", dict), f"{folder}: head")
         kind = head_fields.get("kind", str)
         if kind not in HEAD_KINDS:
             raise StoreEntryError(
-                "unknown_head", f"{folder}: head kind {quote(kind)} is unknown to this server ({', '.join(HEAD_KINDS)})"
+                StoreReason.UNKNOWN_HEAD,
+                f"{folder}: head kind {quote(kind)} is unknown to this server ({', '.join(HEAD_KINDS)})",
             )
         try:
             head = HeadConfig(
@@ -132,39 +176,39 @@ class Manifest:
                 dropout=head_fields.get("dropout", float, 0.0),
             )
         except ConfigError as exc:
-            raise StoreEntryError("bad_dimensions", f"{folder}: {exc.message}") from None
+            raise StoreEntryError(StoreReason.BAD_DIMENSIONS, f"{folder}: {exc.message}") from None
         feature_dim = fields.get("feature_dim", int)
         labels = fields.get("labels", list)
         if not all(isinstance(label, str) for label in labels):
-            raise StoreEntryError("bad_manifest", f"{folder}: labels must be strings")
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{folder}: labels must be strings")
         if not 1 <= len(labels) <= limits.max_labels or not 1 <= feature_dim <= MAX_FEATURE_DIM:
             raise StoreEntryError(
-                "bad_dimensions",
+                StoreReason.BAD_DIMENSIONS,
                 f"{folder}: {feature_dim} features and {len(labels)} labels are out of range "
                 f"(1..{MAX_FEATURE_DIM} and 1..{limits.max_labels})",
             )
         try:
             check_head(head, feature_dim, len(labels), limits)
         except InvalidInputError as exc:
-            raise StoreEntryError("bad_dimensions", f"{folder}: {exc.message}") from exc
+            raise StoreEntryError(StoreReason.BAD_DIMENSIONS, f"{folder}: {exc.message}") from exc
         loss = fields.get("loss", str)
         if loss not in LOSSES:
-            raise StoreEntryError("bad_manifest", f"{folder}: loss {quote(loss)} is unknown")
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{folder}: loss {quote(loss)} is unknown")
         weights = _Fields(fields.get("weights", dict), f"{folder}: weights")
         weights_file, sha256 = weights.get("file", str), weights.get("sha256", str)
         if not _WEIGHTS_FILE.fullmatch(weights_file):
             raise StoreEntryError(
-                "outside_folder",
+                StoreReason.OUTSIDE_FOLDER,
                 f"{folder}: weights.file {quote(weights_file)} is not a head-<version>.safetensors file of the "
                 "model's own folder",
             )
         version = fields.get("version", str)
         if not _VERSION.fullmatch(version) or not _SHA256.fullmatch(sha256):
-            raise StoreEntryError("bad_manifest", f"{folder}: malformed version {quote(version)} or sha256")
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{folder}: malformed version {quote(version)} or sha256")
         try:
             metrics = TrainMetrics.from_json(data.get("metrics", {}) if isinstance(data, dict) else {})
         except (ValueError, OverflowError) as exc:
-            raise StoreEntryError("bad_manifest", f"{folder}: {exc}") from exc
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{folder}: {exc}") from exc
         return cls(
             name=name,
             version=version,
@@ -186,20 +230,20 @@ class _Fields:
 
     def __init__(self, data: object, where: str) -> None:
         if not isinstance(data, dict):
-            raise StoreEntryError("bad_manifest", f"{where}: expected a JSON object")
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{where}: expected a JSON object")
         self._data = data
         self._where = where
 
     def get(self, key: str, kind: type, default: Any = None) -> Any:
         value: Any = self._data.get(key, default)
         if value is None:
-            raise StoreEntryError("bad_manifest", f"{self._where}: {key} is missing")
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{self._where}: {key} is missing")
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise StoreEntryError("bad_manifest", f"{self._where}: {key} must be a {kind.__name__}")
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{self._where}: {key} must be a {kind.__name__}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise StoreEntryError("bad_manifest", f"{self._where}: {key} must be finite")
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{self._where}: {key} must be finite")
         return value
 
 
@@ -212,7 +256,9 @@ def parse_json(data: bytes, where: str) -> object:
     try:
         return json.loads(data.decode("utf-8"), parse_constant=refuse)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise StoreEntryError("bad_json", f"{where}: not valid JSON: {type(exc).__name__}: {exc}"[:500]) from None
+        raise StoreEntryError(
+            StoreReason.BAD_JSON, f"{where}: not valid JSON: {type(exc).__name__}: {exc}"[:500]
+        ) from None
 
 
 class ModelStore:
@@ -400,7 +446,8 @@ class ModelStore:
                     continue
                 if not is_model_name(entry.name):
                     errors[entry.name] = StoreEntryError(
-                        "bad_name", f"store entry {quote(entry.name)} is not a valid model name; it is ignored"
+                        StoreReason.BAD_NAME,
+                        f"store entry {quote(entry.name)} is not a valid model name; it is ignored",
                     )
                     continue
                 try:
@@ -408,7 +455,7 @@ class ModelStore:
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 except OSError as exc:
-                    errors[entry.name] = StoreEntryError("unreadable", f"{entry.name}: {exc}")
+                    errors[entry.name] = StoreEntryError(StoreReason.UNREADABLE, f"{entry.name}: {exc}")
                     continue
                 found[entry.name] = (info.st_ino, info.st_mtime_ns, info.st_size)
         return found, errors
@@ -427,9 +474,9 @@ class ModelStore:
         try:
             blob = self._read(self._folder(name) / manifest.weights_file, self.max_weights_bytes)
         except FileNotFoundError:
-            raise StoreEntryError("missing_weights", f"{name}: {manifest.weights_file} is missing") from None
+            raise StoreEntryError(StoreReason.MISSING_WEIGHTS, f"{name}: {manifest.weights_file} is missing") from None
         if hashlib.sha256(blob).hexdigest() != manifest.sha256:
-            raise StoreEntryError("digest_mismatch", f"{name}: weights do not match the manifest's sha256")
+            raise StoreEntryError(StoreReason.DIGEST_MISMATCH, f"{name}: weights do not match the manifest's sha256")
         head = build_standardized_head(
             manifest.head, manifest.feature_dim, len(manifest.labels), regression=manifest.loss == "mse"
         )
@@ -438,17 +485,17 @@ class ModelStore:
             head.load_state_dict(tensors)
         except Exception as exc:  # safetensors raises its own error types on a malformed header
             raise StoreEntryError(
-                "bad_weights", f"{name}: weights do not fit the manifest's head: {exc}"[:500]
+                StoreReason.BAD_WEIGHTS, f"{name}: weights do not fit the manifest's head: {exc}"[:500]
             ) from exc
         if not all(bool(torch.isfinite(t).all()) for t in head.state_dict().values()):
-            raise StoreEntryError("bad_weights", f"{name}: weights hold NaN or infinite values")
+            raise StoreEntryError(StoreReason.BAD_WEIGHTS, f"{name}: weights hold NaN or infinite values")
         return manifest, head.eval()
 
     def _read(self, path: Path, max_bytes: int) -> bytes:
         try:
             return read_bounded(path, max_bytes)
         except FileRefused as exc:
-            raise StoreEntryError(exc.reason, str(exc)) from exc
+            raise StoreEntryError(StoreReason(exc.reason), str(exc)) from exc
 
     def _folder(self, name: str) -> Path:
         if not is_model_name(name):

@@ -201,12 +201,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
-        async with self._dataplane.track(request.model_name):
+        async with self._dataplane.track(request.model_name) as record:
             call = parse_infer_request(request, max_images=self._dataplane.max_request_images)
             result = await self._dataplane.infer(
                 call.model_name, call.inputs, version=call.model_version, timeout=timeout
             )
-            return build_infer_response(call, result)
+            return build_infer_response(call, record.ran(result))
 
     def _model(self, name: str, version: str) -> ServedModel:
         return self._dataplane.model(require_model_name(name), version)

@@ -1,7 +1,7 @@
-"""A real ``vision-serve`` child process on loopback ports: the tests' and the benchmark's harness.
+"""A real ``vision-serve`` child process on loopback ports, for the tests and ``bench/`` alike.
 
-Use it where a process boundary is the point (signals, restarts, replicas, the CLI, RSS);
-elsewhere :mod:`tests.inprocess` is faster. No pytest here, so that ``bench/`` can use it.
+The server never imports it. Tests use it where a process boundary is the point (signals,
+restarts, replicas, the CLI, RSS); elsewhere ``tests/inprocess.py`` is faster. No pytest here.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _ephemeral_range_start() -> int:
 class ServerProcess:
     """A ``vision-serve`` child process and how to reach it."""
 
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     grpc_port: int
     metrics_port: int
     log_path: Path
@@ -87,7 +87,7 @@ class ServerProcess:
 
     def wait_serving(self, service: str = "", timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Block until the health service reports ``service`` SERVING."""
-        import grpc  # here, so that importing the harness (conftest) needs no gRPC: GPU-only hosts
+        import grpc  # here, so that importing this module (conftest) needs no gRPC: GPU-only hosts
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout

@@ -1,0 +1,84 @@
+"""Who may import what: the server uses the SDK's public protocol only, ``bench/`` stands on the
+installed packages (no ``tests``, nothing private, no ``sys.path`` edits), and the layers of
+``service/`` import downwards only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def imported_modules(path: Path) -> list[str]:
+    """Every module ``path`` imports (``from a import b`` counts as ``a`` and ``a.b``)."""
+    modules = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.append(node.module)
+            modules += [f"{node.module}.{alias.name}" for alias in node.names]
+    return modules
+
+
+def sources(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def is_private(module: str) -> bool:
+    return any(part.startswith("_") and not part.startswith("__") for part in module.split("."))
+
+
+def test_the_server_imports_only_public_names_of_the_sdk() -> None:
+    private = {
+        str(path.relative_to(ROOT)): found
+        for path in sources("service")
+        if (found := [m for m in imported_modules(path) if m.startswith("vision_client") and is_private(m)])
+    }
+    assert not private, f"private SDK modules imported: {private}"
+
+
+def test_bench_stands_on_the_installed_packages() -> None:
+    ours = ("service", "vision_client", "bench")
+    problems = []
+    for path in sources("bench"):
+        modules = imported_modules(path)
+        if [m for m in modules if m == "tests" or m.startswith("tests.")]:
+            problems.append(f"{path.name} imports tests/")
+        if [m for m in modules if m.split(".")[0] in ours and is_private(m)]:
+            problems.append(f"{path.name} imports private names")
+        if "sys.path" in path.read_text(encoding="utf-8"):
+            problems.append(f"{path.name} edits sys.path")
+    assert not problems
+
+
+# service/'s layers, top to bottom: a module imports from its own layer and the ones below only.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("entry points", ("service.cli", "service.__main__", "service.options", "service.server", "service.testing")),
+    ("transport", ("service.transport",)),
+    ("model control and fine-tuning", ("service.model_control", "service.finetune")),
+    ("core", ("service",)),  # data plane, registry, loaders, batching, runtimes, models, metrics, files...
+]
+
+
+def layer_of(module: str) -> int:
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
+            return index
+    raise AssertionError(f"{module} is in no layer")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_service_imports_run_downwards_only() -> None:
+    problems = []
+    for path in sources("service"):
+        own = layer_of(module_name(path))
+        upwards = sorted({m for m in imported_modules(path) if m.split(".")[0] == "service" and layer_of(m) < own})
+        if upwards:
+            problems.append(f"{module_name(path)} ({LAYERS[own][0]}) imports from above: {upwards}")
+    assert not problems
