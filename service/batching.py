@@ -19,7 +19,8 @@ queue cannot take is refused at once and concurrent requests cannot all
 decode and then find the queue full. The reservation is then spent by
 :meth:`Reservation.put`, or given back when the request fails.
 
-Time is ``time.monotonic()`` throughout.
+Time is ``time.monotonic()`` throughout, read through a :class:`Clock` that tests replace
+with one they move by hand (so that a batching window is tested without waiting for it).
 """
 
 from __future__ import annotations
@@ -29,10 +30,31 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from service.errors import QueueClosedError, QueueFullError
+
+
+class Clock(Protocol):
+    """Where a queue reads the time, and how it waits on its condition for some of it to pass."""
+
+    def now(self) -> float: ...
+
+    def wait(self, condition: threading.Condition, seconds: float) -> None:
+        """Wait on ``condition`` (held) until notified or ``seconds`` have passed."""
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait(self, condition: threading.Condition, seconds: float) -> None:
+        condition.wait(seconds)
+
+
+MONOTONIC = MonotonicClock()
 
 
 @dataclass(eq=False)
@@ -85,7 +107,10 @@ def collate(pending: deque[WorkItem], max_images: int, now: float) -> tuple[list
 class BatchQueue:
     """A bounded, thread-safe queue of work items for one model."""
 
-    def __init__(self, *, capacity_images: int, on_depth_change: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, *, capacity_images: int, on_depth_change: Callable[[int], None] | None = None, clock: Clock = MONOTONIC
+    ) -> None:
+        self._clock = clock
         self._pending: deque[WorkItem] = deque()
         self._images = 0
         self._reserved = 0
@@ -148,7 +173,7 @@ class BatchQueue:
 
     def next_batch(self, max_images: int, max_delay_s: float) -> tuple[list[WorkItem], list[WorkItem]] | None:
         """Block until a batch closes; ``None`` once the queue is closed and empty."""
-        free_since = time.monotonic()
+        free_since = self._clock.now()
         with self._cond:
             while True:
                 while not self._pending and not self._closed:
@@ -157,13 +182,13 @@ class BatchQueue:
                     return None
                 close_at = max(self._pending[0].enqueued_at, free_since) + max_delay_s
                 while self._images < max_images and not self._closed:
-                    remaining = close_at - time.monotonic()
+                    remaining = close_at - self._clock.now()
                     if remaining <= 0:
                         break
-                    self._cond.wait(remaining)
+                    self._clock.wait(self._cond, remaining)
                     if not self._pending:
                         break
-                batch, expired = collate(self._pending, max_images, time.monotonic())
+                batch, expired = collate(self._pending, max_images, self._clock.now())
                 taken = sum(item.size for item in batch) + sum(item.size for item in expired)
                 self._images -= taken
                 if taken:

@@ -40,39 +40,26 @@ def model_list(value: str) -> tuple[str, ...]:
     return names
 
 
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+def _checked(
+    name: str, convert: Callable[[str], Any], accept: Callable[[Any], bool], problem: str
+) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, refuse it with ``problem`` unless ``accept``."""
+
+    def parse(value: str) -> Any:
+        number = convert(value)
+        if not accept(number):
+            raise argparse.ArgumentTypeError(problem.format(number))
+        return number
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
 
 
-def port(value: str) -> int:
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port: {number}")
-    return number
-
-
-def non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {number}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {number}")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {number}")
-    return number
+positive_int = _checked("positive_int", int, lambda n: n >= 1, "must be at least 1, got {}")
+non_negative_int = _checked("non_negative_int", int, lambda n: n >= 0, "must not be negative, got {}")
+port = _checked("port", int, lambda n: 0 <= n <= 65535, "not a port: {}")
+positive_float = _checked("positive_float", float, lambda n: n > 0, "must be positive, got {}")
+non_negative_float = _checked("non_negative_float", float, lambda n: n >= 0, "must not be negative, got {}")
 
 
 def optional_text(value: str) -> str | None:

@@ -63,29 +63,15 @@ def run(coroutine: Any) -> Any:
 
 @contextlib.contextmanager
 def inprocess_server(directory: Path, weights_dir: Path, *, grpc_port: int = 0, **overrides: Any) -> Iterator[Any]:
-    """An AlexNet ``InProcessServer`` with the test weights and a model store in ``directory``,
-    loaded, then stopped; keyword arguments override ``ServeConfig`` fields.
+    """The tests' usual in-process server (:func:`tests.inprocess.alexnet_config`) with a model
+    store in ``directory``, loaded, then stopped; for module-scoped fixtures.
 
     ``grpc_port``: listen there rather than on a free port (one a client already targets).
     """
-    from dataclasses import replace
+    from tests.inprocess import alexnet_config, running
 
-    from service.config import ServeConfig
-    from tests.inprocess import InProcessServer
-
-    settings: dict[str, Any] = {
-        "models": ("alexnet",),
-        "weights": str(weights_dir),
-        "model_store": directory / "store",
-        "drain_seconds": 5.0,
-        **overrides,
-    }
-    server = InProcessServer(ServeConfig(**settings))
-    server.config = replace(server.config, grpc_port=grpc_port)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with running(alexnet_config(directory / "store", weights_dir, **overrides), grpc_port=grpc_port) as server:
+        yield server
 
 
 @contextlib.contextmanager

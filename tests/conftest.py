@@ -200,21 +200,13 @@ def store_server_args(weights_dir: Path, store: Path, *extra: str) -> tuple[str,
 def serve_inprocess(tmp_path: Path, weights_dir: Path):  # -> Callable[..., InProcessServer]
     """Factory of in-process servers (AlexNet, the test's weights, a store of the test's own),
     each stopped after the test. Keyword arguments override ``ServeConfig`` fields."""
-    from service.config import RuntimeConfig, ServeConfig
-    from tests.inprocess import InProcessServer
+    from tests.inprocess import InProcessServer, alexnet_config
 
     started: list[InProcessServer] = []
 
     def start(*, wait_loaded: bool = True, **overrides: object) -> InProcessServer:
-        settings: dict[str, object] = {
-            "models": ("alexnet",),
-            "weights": str(weights_dir),
-            "model_store": tmp_path / f"store-{len(started)}",
-            "drain_seconds": 5.0,
-            "runtime": RuntimeConfig(cache_dir=session_runtime_cache()),
-        }
-        settings.update(overrides)
-        server = InProcessServer(ServeConfig(**settings))  # type: ignore[arg-type]
+        config = alexnet_config(tmp_path / f"store-{len(started)}", weights_dir, **overrides)
+        server = InProcessServer(config)
         started.append(server)
         return server.start(wait_loaded=wait_loaded)
 

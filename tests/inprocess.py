@@ -8,16 +8,20 @@ metrics; clients reach it over loopback exactly as they would reach a child proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
-from service.config import ServeConfig
+from service.config import RuntimeConfig, ServeConfig
 from service.server import VisionServer, create_server
+from tests.conftest import session_runtime_cache
 
 T = TypeVar("T")
+
 
 LOAD_TIMEOUT_S = 240.0
 
@@ -79,3 +83,28 @@ class InProcessServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def alexnet_config(store: Path | None, weights_dir: Path, **overrides: Any) -> ServeConfig:
+    """The tests' usual server: AlexNet with the session's state dicts, the session's runtime
+    cache, a model store of the test's own; keyword arguments override ``ServeConfig`` fields."""
+    settings: dict[str, Any] = {
+        "models": ("alexnet",),
+        "weights": str(weights_dir),
+        "model_store": store,
+        "drain_seconds": 5.0,
+        "runtime": RuntimeConfig(cache_dir=session_runtime_cache()),
+    }
+    settings.update(overrides)
+    return ServeConfig(**settings)
+
+
+@contextlib.contextmanager
+def running(config: ServeConfig, *, grpc_port: int = 0, wait_loaded: bool = True) -> Iterator[InProcessServer]:
+    """An :class:`InProcessServer` of ``config``, started (on ``grpc_port``: 0 for any), then stopped."""
+    server = InProcessServer(config)
+    server.config = replace(server.config, grpc_port=grpc_port)
+    try:
+        yield server.start(wait_loaded=wait_loaded)
+    finally:
+        server.stop()

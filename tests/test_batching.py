@@ -78,42 +78,84 @@ def test_batch_closes_when_full_without_waiting_for_the_delay() -> None:
     assert time.monotonic() - started < 60  # a full batch never waits for the hour-long delay
 
 
+class FakeClock:
+    """Time that moves only when the test moves it. A worker waiting for its window wakes on
+    every move (and on every put), and says each time it waits again (``waits``)."""
+
+    def __init__(self) -> None:
+        self.time = 1000.0
+        self.waits = threading.Semaphore(0)
+        self._condition: threading.Condition | None = None
+
+    def now(self) -> float:
+        return self.time
+
+    def wait(self, condition: threading.Condition, seconds: float) -> None:
+        self._condition = condition
+        self.waits.release()
+        condition.wait()  # until advance(), a put or a close notifies
+
+    def advance(self, seconds: float) -> None:
+        assert self._condition is not None, "nothing waits"
+        with self._condition:
+            self.time += seconds
+            self._condition.notify_all()
+
+
+class Worker:
+    """``next_batch`` in a thread of its own, as a model's worker calls it."""
+
+    def __init__(self, queue: BatchQueue, max_images: int, max_delay_s: float) -> None:
+        self.result: tuple[list[WorkItem], list[WorkItem]] | None = None
+        self._thread = threading.Thread(target=self._run, args=(queue, max_images, max_delay_s))
+        self._thread.start()
+
+    def _run(self, queue: BatchQueue, max_images: int, max_delay_s: float) -> None:
+        self.result = queue.next_batch(max_images=max_images, max_delay_s=max_delay_s)
+
+    def waiting(self, clock: FakeClock) -> bool:
+        """Whether the worker (still) waits for its window, once it has looked at the time."""
+        return clock.waits.acquire(timeout=10) and self._thread.is_alive()
+
+    def batch_images(self) -> int:
+        self._thread.join(10)
+        assert self.result is not None
+        return sum(item.size for item in self.result[0])
+
+
 def test_batch_closes_at_the_delay_with_what_arrived() -> None:
-    queue = BatchQueue(capacity_images=64)
-    queue.put([item(1, at=time.monotonic())])
-    batch, _ = queue.next_batch(max_images=8, max_delay_s=0.05)
-    assert len(batch) == 1
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.put([item(1, at=clock.now())])
+    worker = Worker(queue, max_images=8, max_delay_s=0.05)
+    assert worker.waiting(clock)
+    clock.advance(0.049)
+    assert worker.waiting(clock)  # 1 ms of the window left
+    clock.advance(0.002)
+    assert worker.batch_images() == 1
 
 
 def test_items_arriving_during_the_window_join_the_batch() -> None:
-    queue = BatchQueue(capacity_images=64)
-    queue.put([item(1, at=time.monotonic())])
-
-    def later() -> None:
-        time.sleep(0.05)
-        queue.put([item(1) for _ in range(7)])
-
-    thread = threading.Thread(target=later)
-    thread.start()
-    batch, _ = queue.next_batch(max_images=8, max_delay_s=30)
-    thread.join()
-    assert sum(i.size for i in batch) == 8
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.put([item(1, at=clock.now())])
+    worker = Worker(queue, max_images=8, max_delay_s=30)
+    assert worker.waiting(clock)
+    queue.put([item(1, at=clock.now()) for _ in range(7)])
+    assert worker.batch_images() == 8 and clock.now() == 1000.0  # full: closed without the window passing
 
 
 def test_the_delay_counts_from_when_the_worker_is_free() -> None:
     """Items that waited while the worker was busy still get a window for late arrivals."""
-    queue = BatchQueue(capacity_images=64)
-    queue.put([item(1, at=time.monotonic() - 60) for _ in range(4)])  # waited a minute already
-
-    def later() -> None:
-        time.sleep(0.05)
-        queue.put([item(1) for _ in range(4)])
-
-    thread = threading.Thread(target=later)
-    thread.start()
-    batch, _ = queue.next_batch(max_images=8, max_delay_s=30)
-    thread.join()
-    assert sum(i.size for i in batch) == 8
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.put([item(1, at=clock.now() - 60) for _ in range(4)])  # waited a minute already
+    worker = Worker(queue, max_images=8, max_delay_s=30)
+    assert worker.waiting(clock)
+    clock.advance(29.9)
+    assert worker.waiting(clock)  # the window runs from when the worker became free
+    queue.put([item(1, at=clock.now()) for _ in range(4)])
+    assert worker.batch_images() == 8
 
 
 def test_close_lets_workers_finish_then_stop() -> None:

@@ -9,14 +9,13 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from service.config import RuntimeConfig, ServeConfig
+from service.config import ServeConfig
 from service.errors import (
     AlreadyExistsError,
     BuiltinModelError,
@@ -28,15 +27,10 @@ from service.factory import ModelFactory
 from service.finetune.catalog import FineTunedModels
 from service.finetune.heads import build_standardized_head
 from service.finetune.store import ModelStore
-from service.finetune.sync import StoreSync
 from service.finetune.trainer import TrainMetrics
-from service.loader import BuiltinModels
 from service.metrics import ServerMetrics
-from service.model_control import ModelControl
-from service.models import WeightsSource
 from service.repository import ModelRepository
-from tests.conftest import session_runtime_cache
-from tests.metrics_util import sample_value
+from tests.core_util import Core, run_with_core
 from tests.store_util import save_head
 from tests.tiny import TINY, TINY_FEATURE_DIM
 from vision_client.protocol import FineTuneConfig, HeadConfig
@@ -44,56 +38,8 @@ from vision_client.protocol import FineTuneConfig, HeadConfig
 NAME = "pets"
 
 
-@dataclass
-class Core:
-    repository: ModelRepository
-    builtin: BuiltinModels
-    catalog: FineTunedModels
-    control: ModelControl
-    sync: StoreSync
-    store: ModelStore
-    metrics: ServerMetrics
-
-    def served(self, name: str = NAME) -> str | None:
-        """The version served under ``name`` (None: not listed, or unloaded)."""
-        return self.repository.served_version(name)
-
-    def errors(self, reason: str) -> float:
-        return sample_value_of(self.metrics, "vision_store_errors_total", reason=reason)
-
-
-def sample_value_of(metrics: ServerMetrics, name: str, **labels: str) -> float:
-    from prometheus_client import generate_latest
-
-    return sample_value(generate_latest(metrics.registry).decode(), name, **labels) or 0.0
-
-
 def run(scenario: Callable[[Core], Awaitable[Any]], store_root: Path) -> Any:
-    """Build the core on the tiny model, load it, run ``scenario``, stop the workers."""
-
-    async def main() -> Any:
-        config = ServeConfig(
-            models=(TINY,),
-            weights="random",
-            runtime=RuntimeConfig(name="torch", cache_dir=session_runtime_cache()),
-            model_store=store_root,
-        )
-        metrics, devices = ServerMetrics(), [torch.device("cpu")]
-        factory = ModelFactory(config, devices, metrics)
-        repository = ModelRepository(metrics, devices)
-        builtin = BuiltinModels(factory, repository, WeightsSource.parse("random"))
-        store = ModelStore(store_root)
-        catalog = FineTunedModels(store, repository, factory, metrics, read_timeout_s=30)
-        sync = StoreSync(catalog, repository, interval_s=3600)
-        core = Core(repository, builtin, catalog, ModelControl(repository, builtin, catalog), sync, store, metrics)
-        builtin.declare([TINY])
-        await builtin.load_all()
-        try:
-            return await scenario(core)
-        finally:
-            await repository.stop()
-
-    return asyncio.run(main())
+    return run_with_core(store_root, scenario)
 
 
 def head(seed: int = 0) -> Any:
@@ -208,20 +154,21 @@ def test_a_request_during_a_polls_read_wins(tmp_path: Path, action: str) -> None
     save_head(store, NAME, features=TINY_FEATURE_DIM, base=TINY)
 
     async def scenario(core: Core) -> None:
-        await core.sync.sync_once()
+        await core.sync_once()
         first = core.served()
         assert first is not None
         save_head(store, NAME, seed=1, features=TINY_FEATURE_DIM, base=TINY)  # a new version to read
         request = (lambda: core.catalog.delete(NAME)) if action == "delete" else (lambda: core.control.unload(NAME))
         with held(core.store, "load") as hold:
-            await during(core.sync.sync_once(), hold, request)
+            await during(core.sync_once(), hold, request)
         if action == "delete":
             assert NAME not in core.repository and not core.store.exists(NAME)
         else:
             assert core.repository.get(NAME).unloaded and core.served() is None
-        await core.sync.sync_once()  # the next poll does not undo it
+        await core.sync_once()  # the next poll does not undo it
         assert (NAME in core.repository) == (action == "unload") and core.served() is None
-        assert core.errors("withdrawn") == 0 and core.errors("missing") == 0  # outcomes, not errors
+        for outcome in ("withdrawn", "missing"):  # outcomes, not errors
+            assert core.metric("vision_store_errors_total", reason=outcome) == 0
 
     run(scenario, store)
 
@@ -232,7 +179,7 @@ def test_a_request_during_an_explicit_load_wins(tmp_path: Path, action: str) -> 
     save_head(store, NAME, features=TINY_FEATURE_DIM, base=TINY)
 
     async def scenario(core: Core) -> None:
-        await core.sync.sync_once()
+        await core.sync_once()
         await core.control.unload(NAME)
         request = (
             (lambda: core.catalog.delete(NAME)) if action == "delete" else (lambda: core.catalog.unload(NAME, "again"))
@@ -255,10 +202,10 @@ def test_an_entry_waits_for_its_base_and_is_counted_once(tmp_path: Path) -> None
         await core.control.unload(TINY)
         save_head(store, NAME, features=TINY_FEATURE_DIM, base=TINY)
         for _ in range(3):
-            await core.sync.sync_once()
-        assert NAME not in core.repository and core.errors("base_unloaded") == 1
+            await core.sync_once()
+        assert NAME not in core.repository and core.metric("vision_store_errors_total", reason="base_unloaded") == 1
         await core.control.load(TINY)
-        await core.sync.sync_once()
+        await core.sync_once()
         assert core.served() == core.store.read_manifest(NAME).version
 
     run(scenario, store)

@@ -87,6 +87,7 @@ def test_model_store_none_turns_fine_tuning_off(spelling: str) -> None:
     assert parse(["--model-store", "./none-of-these"]).model_store == Path("none-of-these")
 
 
+@pytest.mark.e2e  # a server on the tiny model
 def test_fine_tuning_off_says_how_to_turn_it_on() -> None:
     """The message a server without a store gives is reachable from the command line."""
     import vision_client
