@@ -72,7 +72,7 @@ def generate(out_dir: Path = OUT_DIR) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     packages = {str(Path(f).parent).replace("/", ".") for f in files}
-    (out_dir / "__init__.py").write_text('"""Generated protobuf and gRPC stubs of protos/. Do not edit: run `make protos`."""\n')
+    (out_dir / "__init__.py").write_text('"""Generated stubs of protos/. Do not edit: run `make protos`."""\n')
     (out_dir / "_pool.py").write_text(POOL_MODULE)
     for directory in sorted(d for d in out_dir.rglob("*") if d.is_dir()):
         init = directory / "__init__.py"

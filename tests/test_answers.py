@@ -23,10 +23,10 @@ from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_g
 T = TypeVar("T")
 
 
-def request(model: str, *, version: str = "", k: int | None = None) -> pb.ModelInferRequest:
+def request(model: str, *, version: str = "", k: int | None = None, images: int = 1) -> pb.ModelInferRequest:
     message = pb.ModelInferRequest(model_name=model, model_version=version)
-    message.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 3, 64, 64])
-    message.raw_input_contents.append(np.ones((1, 3, 64, 64), dtype="<f4").tobytes())
+    message.inputs.add(name="PIXELS", datatype="FP32", shape=[images, 3, 64, 64])
+    message.raw_input_contents.append(np.ones((images, 3, 64, 64), dtype="<f4").tobytes())
     if k is not None:
         message.outputs.add(name="LOGITS").parameters["classification"].int64_param = k
     return message
@@ -74,13 +74,14 @@ def test_a_model_replaced_while_a_request_waits_answers_with_its_own_labels(serv
         assert list(answered.outputs[0].shape) == [1, 2]
         assert sorted(labels_of(answered)) == ["cat", "dog"]
 
-        later = stub.ModelInfer(request("pets", k=3), timeout=120)
-        assert later.model_version == "v2" and sorted(labels_of(later)) == ["ant", "bee", "cow"]
+        # Full batches from here on: nothing waits for the 5 s window.
+        later = stub.ModelInfer(request("pets", k=3, images=16), timeout=120)
+        assert later.model_version == "v2" and sorted(labels_of(later)[:3]) == ["ant", "bee", "cow"]
         metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="pets"), timeout=30)
         assert list(metadata.versions) == ["v2"]
         index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
         assert {(m.name, m.version) for m in index.models} == {("alexnet", "1"), ("pets", "v2")}
-        assert stub.ModelInfer(request("pets", version="v2"), timeout=120).model_version == "v2"
+        assert stub.ModelInfer(request("pets", version="v2", images=16), timeout=120).model_version == "v2"
         with pytest.raises(grpc.RpcError) as raised:
             stub.ModelInfer(request("pets", version="v1"), timeout=120)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND

@@ -110,7 +110,7 @@ class FineTunedModels:
         """
         store = self.require_store()
         name = config.output_model
-        self._require_base(config.base_model)
+        self.require_base(config.base_model)
         withdrawals = self._repository.withdrawals(name)
         try:
             manifest = await asyncio.to_thread(
@@ -128,7 +128,7 @@ class FineTunedModels:
         except OSError as exc:
             raise StoreWriteError(store.root, exc) from exc
         try:
-            self._require_base(config.base_model)
+            self.require_base(config.base_model)
             model = await self._install(name, config.base_model, head, labels, manifest.version)
         except VisionServeError:
             if not config.replace:
@@ -141,8 +141,13 @@ class FineTunedModels:
         self._repository.activate(model)
         return manifest
 
-    def _require_base(self, base: str) -> None:
-        if not self._repository.get(base).ready:
+    def base_served(self, base: str) -> bool:
+        """Whether built-in model ``base`` is served (safe to ask from a training thread)."""
+        model = self._repository.get(base)
+        return model.ready
+
+    def require_base(self, base: str) -> None:
+        if not self.base_served(base):
             raise UnavailableError(
                 f"the base model {quote(base)} was unloaded while the job ran, so its head cannot be served; "
                 f"load {quote(base)} (RepositoryModelLoad) and run the job again"

@@ -111,16 +111,27 @@ class JobPipeline:
             )
             asyncio.run_coroutine_threadsafe(self._emit(job, event), loop)
 
-        return await asyncio.to_thread(
-            train_head,
-            features,
-            targets,
-            job.config,
-            num_outputs=len(job.labels),
-            device=device,
-            on_epoch=on_epoch,
-            cancelled=job.cancel_requested.is_set,
-        )
+        base = job.config.base_model
+
+        def stop() -> bool:
+            # A base model unloaded meanwhile ends the job at the next batch: its head could not be served.
+            return job.cancel_requested.is_set() or not self._catalog.base_served(base)
+
+        try:
+            return await asyncio.to_thread(
+                train_head,
+                features,
+                targets,
+                job.config,
+                num_outputs=len(job.labels),
+                device=device,
+                on_epoch=on_epoch,
+                cancelled=stop,
+            )
+        except JobCancelled:
+            if not job.cancel_requested.is_set():
+                self._catalog.require_base(base)  # raises: the base was unloaded
+            raise
 
     async def publish(self, job: Job, result: TrainResult) -> Manifest:
         """Hand the trained head to the catalog, which writes it to the store and serves it."""

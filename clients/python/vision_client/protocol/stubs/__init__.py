@@ -1,1 +1,1 @@
-"""Generated protobuf and gRPC stubs of protos/. Do not edit: run `make protos`."""
+"""Generated stubs of protos/. Do not edit: run `make protos`."""
