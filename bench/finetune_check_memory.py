@@ -65,7 +65,8 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{args.root}:{args.root / 'clients' / 'python'}"}
     command = [
-        sys.executable, "-m", "service", "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+        sys.executable, "-m", "service", "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", "none",
+        "--metrics-port", "0",
         "--models", "alexnet", "--weights", "random", "--model-store", str(work / "store"),
     ]  # fmt: skip
     with open(work / "server.log", "wb") as log:

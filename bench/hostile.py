@@ -372,7 +372,8 @@ class Server:
         self._code = code
         self._command = [
             sys.executable, "-m", "service", "--host", "127.0.0.1", "--grpc-port", str(self.port),
-            "--metrics-port", str(self.metrics_port), "--models", "alexnet", "--weights", "random",
+            "--http-port", "none", "--metrics-port", str(self.metrics_port),
+            "--models", "alexnet", "--weights", "random",
             "--model-store", str(workdir / f"store-{self.port}"), *extra,
         ]  # fmt: skip
         self._start()

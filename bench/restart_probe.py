@@ -112,7 +112,7 @@ class Clients:
 
 def start(port: int, store: Path, log: Path) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "service", "--host", "127.0.0.1", "--grpc-port", str(port),
+        sys.executable, "-m", "service", "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", "none",
         "--metrics-port", "0", "--models", "alexnet", "--weights", "random",
         "--model-store", str(store), "--store-poll-seconds", "1", "--drain-seconds", "5",
     ]  # fmt: skip

@@ -58,6 +58,7 @@ class RuntimeConfig:
 class ServeConfig:
     host: str = "0.0.0.0"
     grpc_port: int = 8001
+    http_port: int | None = 8000  # the REST binding (KServe v2 and Triton's extensions); None: off
     metrics_port: int = 8002
     models: tuple[str, ...] = DEFAULT_MODELS
     weights: str = "pretrained"  # "pretrained", "random" or a directory of <model>.pth

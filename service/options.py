@@ -25,6 +25,7 @@ ENV_PREFIX = "VISION_SERVE_"
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 STORE_OFF = ("none", "off")  # --model-store none: fine-tuning is off
+PORT_OFF = ("none", "off")  # --http-port none: no HTTP port
 _TRUE = {"1", "true", "yes", "on"}
 # The config's sections: a field path "batching.max_batch_size" sets BatchingConfig.max_batch_size.
 SECTIONS: dict[str, type[Any]] = {"batching": BatchingConfig, "runtime": RuntimeConfig, "fine_tuning": FineTuneLimits}
@@ -60,6 +61,14 @@ non_negative_int = _checked("non_negative_int", int, lambda n: n >= 0, "must not
 port = _checked("port", int, lambda n: 0 <= n <= 65535, "not a port: {}")
 positive_float = _checked("positive_float", float, lambda n: n > 0, "must be positive, got {}")
 non_negative_float = _checked("non_negative_float", float, lambda n: n >= 0, "must not be negative, got {}")
+
+
+def port_or_off(value: str) -> int | None:
+    """A port, or None (the port is not opened) for ``none``/``off``."""
+    if value.strip().lower() in PORT_OFF:
+        return None
+    number: int = port(value)
+    return number
 
 
 def optional_text(value: str) -> str | None:
@@ -117,6 +126,13 @@ def _limit(flag: str, field: str, meaning: str) -> Option:
 OPTIONS: tuple[Option, ...] = (
     Option("--host", "host", "address to listen on"),
     Option("--grpc-port", "grpc_port", "gRPC port (0: any free port)", port),
+    Option(
+        "--http-port",
+        "http_port",
+        "HTTP/REST port: KServe v2 REST with Triton's extensions (0: any free port; 'none': no HTTP port; "
+        "not opened while the gRPC port uses TLS)",
+        port_or_off,
+    ),
     Option("--metrics-port", "metrics_port", "Prometheus /metrics port", port),
     Option("--metrics-host", "metrics_host", "address of the metrics port (default: --host)", optional_text),
     Option(
@@ -275,8 +291,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         value = getattr(args, option.dest)
         if option.choices is not None and value not in option.choices:
             raise SystemExit(f"vision-serve: error: {option.flag} {value!r}: choose one of {', '.join(option.choices)}")
-    if args.health_port and args.health_port in (args.grpc_port, args.metrics_port):
-        raise SystemExit("vision-serve: error: --health-port must differ from --grpc-port and --metrics-port")
+    if args.health_port and args.health_port in (args.grpc_port, args.metrics_port, args.http_port):
+        raise SystemExit(
+            "vision-serve: error: --health-port must differ from --grpc-port, --http-port and --metrics-port"
+        )
+    if args.http_port and args.http_port in (args.grpc_port, args.metrics_port):
+        raise SystemExit("vision-serve: error: --http-port must differ from --grpc-port and --metrics-port")
     if args.max_queue_size < args.max_batch_size:
         raise SystemExit("vision-serve: error: --max-queue-size must be at least --max-batch-size")
     if args.max_request_images is not None and args.max_request_images > args.max_queue_size:

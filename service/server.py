@@ -36,6 +36,8 @@ from service.transport.inference import InferenceServicer, inference_parsing_int
 from service.transport.limits import server_options
 from service.transport.models import ModelsServicer
 from service.transport.requests import RequestReadingInterceptor
+from service.transport.rest.routes import routes
+from service.transport.rest.server import RestServer
 from service.transport.tls import CertificateFiles, TlsFiles
 from vision_client.protocol.stubs.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
@@ -80,6 +82,8 @@ class VisionServer:
         )
         self._health_grpc: grpc.aio.Server | None = None
         self.health_port = 0
+        self._rest: RestServer | None = None
+        self.http_port = 0
         self._sync_task: asyncio.Task[None] | None = None
         self._store_read = asyncio.Event()
         self.store_sync = (
@@ -120,7 +124,7 @@ class VisionServer:
                 *server_options(),
             ],
         )
-        inference = InferenceServicer(
+        inference = self._inference = InferenceServicer(
             self.dataplane,
             batching=self.config.batching,
             statistics=self.metrics.statistics,
@@ -150,6 +154,7 @@ class VisionServer:
         await self._grpc.start()
         if self.config.health_port is not None:
             await self._start_health_port(self.config.health_port)
+        await self._start_http_port()
         self.health.set(LIVENESS_SERVICE, SERVING)
         self.health.set(SERVER_SERVICE, NOT_SERVING)
         for model in self.repository.all():
@@ -167,6 +172,26 @@ class VisionServer:
             ", ".join(str(d) for d in self.devices),
         )
         self._loading = asyncio.create_task(self._load())
+
+    async def _start_http_port(self) -> None:
+        """The REST binding, over the same servicer, data plane and access policy as gRPC."""
+        if self.config.http_port is None:
+            return
+        if self._tls is not None:
+            log.warning(
+                "not opening the HTTP port %d: it does not speak TLS yet and the gRPC port does "
+                "(start with --http-port none to silence this)",
+                self.config.http_port,
+            )
+            return
+        self._rest = RestServer(
+            routes(self._inference),
+            self._access,
+            max_body_bytes=self.config.max_message_bytes,
+            body_timeout_s=self.config.first_message_timeout_s,
+        )
+        self.http_port = await self._rest.start(_host(self.config.host), self.config.http_port)
+        log.info("serving HTTP/REST on %s:%d", self.config.host, self.http_port)
 
     async def _start_health_port(self, port: int) -> None:
         """A second, plaintext port that serves grpc.health.v1 and nothing else: kubelet's gRPC
@@ -246,6 +271,8 @@ class VisionServer:
             # their UNAVAILABLE from them within the grace; only what is left after it is
             # cancelled. stop() returns as soon as no call is left.
             await self._grpc.stop(grace=STOP_GRACE_S)
+        if self._rest is not None:
+            await self._rest.stop(STOP_GRACE_S)
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=None)
         await self.repository.stop()

@@ -70,6 +70,7 @@ class ServerProcess:
     metrics_port: int
     log_path: Path
     args: list[str] = field(default_factory=list)
+    http_port: int | None = None  # when start_server chose it
 
     @property
     def target(self) -> str:
@@ -124,6 +125,10 @@ def start_server(
     ``grpc_port``: listen there rather than on a fresh port (one a client already targets).
     """
     grpc_port, metrics_port = grpc_port or free_port(), free_port()
+    http_port = None
+    if "--http-port" not in args:  # never the default 8000, which another server may hold
+        http_port = free_port()
+        args = (*args, "--http-port", str(http_port))
     log_path = tmp_dir / f"server-{grpc_port}.log"
     if "--model-store" not in args:  # never the user's default store
         args = (*args, "--model-store", str(tmp_dir / f"store-{grpc_port}"))
@@ -143,4 +148,4 @@ def start_server(
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
-    return ServerProcess(process, grpc_port, metrics_port, log_path, list(args))
+    return ServerProcess(process, grpc_port, metrics_port, log_path, list(args), http_port)

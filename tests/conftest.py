@@ -61,7 +61,7 @@ E2E_MODULES = frozenset(
     {
         "test_admission", "test_cli", "test_client", "test_client_finetune", "test_client_install",
         "test_dashboard", "test_deploy", "test_deploy_security", "test_finetune", "test_home", "test_kserve",
-        "test_metrics", "test_overload", "test_replicas", "test_restart_readiness",
+        "test_metrics", "test_overload", "test_replicas", "test_rest", "test_restart_readiness",
     }
 )  # fmt: skip
 

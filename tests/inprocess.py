@@ -30,7 +30,8 @@ class InProcessServer:
     """Start with :meth:`start`, stop with :meth:`stop` (or use it as a context manager)."""
 
     def __init__(self, config: ServeConfig) -> None:
-        self.config = replace(config, host="127.0.0.1", grpc_port=0, metrics_port=0)
+        http_port = None if config.http_port is None else 0
+        self.config = replace(config, host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=http_port)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-server-loop", daemon=True)
         self.server: VisionServer | None = None
@@ -58,6 +59,11 @@ class InProcessServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.server is not None and self.server.http_port, "no HTTP port"
+        return f"http://127.0.0.1:{self.server.http_port}"
 
     @property
     def metrics_url(self) -> str:

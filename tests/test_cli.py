@@ -153,6 +153,8 @@ def test_server_without_pretrained_weights_exits_with_the_reason(tmp_path) -> No
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--host",
             "127.0.0.1",
         ],

@@ -1,8 +1,10 @@
-"""The one place where exceptions become gRPC status codes.
+"""The one place where exceptions become gRPC status codes and HTTP statuses.
 
-:class:`VisionServeError` subclasses carry the code's name in ``status`` and a
+:class:`VisionServeError` subclasses carry the gRPC code's name in ``status`` and a
 message for people; anything else is a bug: it is logged with its traceback
-and the client gets INTERNAL with a generic message.
+and the client gets INTERNAL (HTTP 500) with a generic message. The HTTP port answers
+each gRPC code with the HTTP status of :data:`HTTP_STATUS` (Google's mapping of
+``google.rpc.Code``, which KServe and Triton follow for their REST errors).
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ turns the real error into RESOURCE_EXHAUSTED. Messages quote callers' input cut 
 (``service.errors.quote``); this is the second line of defence."""
 
 
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, VisionServeError):
         message = exc.message
@@ -43,6 +62,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode[exc.status], message
     log.error("unexpected error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
+
+
+def http_status_for(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and message of ``exc``: :func:`status_for`'s, through :data:`HTTP_STATUS`."""
+    code, message = status_for(exc)
+    return HTTP_STATUS.get(code, 500), message
 
 
 class ErrorMappingInterceptor(HandlerInterceptor):

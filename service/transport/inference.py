@@ -145,7 +145,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelInferRequest,
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        return await self.infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self,
@@ -166,7 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                result = await self._infer(request, context.time_remaining())
+                result = await self.infer(request, context.time_remaining())
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
             except Exception as exc:
                 _, message = status_for(exc)
@@ -200,7 +200,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def _infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
+        """One inference, whichever port it came in by: counted, run, answered."""
         async with self._dataplane.track(request.model_name) as record:
             call = parse_infer_request(request, max_images=self._dataplane.max_request_images)
             result = await self._dataplane.infer(

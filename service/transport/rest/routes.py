@@ -1,0 +1,168 @@
+"""The REST binding of the Open Inference Protocol (KServe v2) and Triton's extensions.
+
+Each route names the gRPC method it is the REST form of: the handler builds that method's
+request message, calls the very servicer method gRPC calls, and answers protobuf's JSON of its
+response. So both ports share one implementation, one set of checks and one authorization scope
+per operation (``transport/auth.py``'s table, looked up by the method's name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from service.errors import InvalidInputError, quote
+from service.transport.inference import InferenceServicer
+from service.transport.rest.codec import (
+    HEADER_LENGTH,
+    build_infer_body,
+    message_to_json,
+    parse_infer_body,
+    parse_json,
+)
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+
+_INFERENCE = "/inference.GRPCInferenceService/"
+_REPOSITORY = "/v2/repository/models/{model}"
+NO_CONTEXT: Any = None  # the servicer's methods take a gRPC context they do not use here
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
+
+Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str  # HTTP
+    paths: tuple[str, ...]
+    rpc: str  # the gRPC method it stands for: its scope, and the name in errors
+    handler: Handler
+    has_body: bool = False
+
+
+def routes(servicer: InferenceServicer) -> list[Route]:
+    """Every REST route, each with the gRPC method it stands for."""
+
+    def model_paths(suffix: str = "") -> tuple[str, ...]:
+        return (f"/v2/models/{{model}}{suffix}", f"/v2/models/{{model}}/versions/{{version}}{suffix}")
+
+    async def live(request: web.Request, body: bytes) -> web.StreamResponse:
+        reply = await servicer.ServerLive(pb.ServerLiveRequest(), NO_CONTEXT)
+        return _status_only(reply.live)
+
+    async def ready(request: web.Request, body: bytes) -> web.StreamResponse:
+        reply = await servicer.ServerReady(pb.ServerReadyRequest(), NO_CONTEXT)
+        return _status_only(reply.ready)
+
+    async def server_metadata(request: web.Request, body: bytes) -> web.StreamResponse:
+        return _json(await servicer.ServerMetadata(pb.ServerMetadataRequest(), NO_CONTEXT))
+
+    async def model_metadata(request: web.Request, body: bytes) -> web.StreamResponse:
+        name, version = _model(request)
+        return _json(await servicer.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), NO_CONTEXT))
+
+    async def model_ready(request: web.Request, body: bytes) -> web.StreamResponse:
+        name, version = _model(request)
+        reply = await servicer.ModelReady(pb.ModelReadyRequest(name=name, version=version), NO_CONTEXT)
+        return _status_only(reply.ready)
+
+    async def model_config(request: web.Request, body: bytes) -> web.StreamResponse:
+        name, version = _model(request)
+        reply = await servicer.ModelConfig(pb.ModelConfigRequest(name=name, version=version), NO_CONTEXT)
+        return _json(reply.config)  # Triton's REST API answers the config itself
+
+    async def statistics(request: web.Request, body: bytes) -> web.StreamResponse:
+        name, version = _model(request) if "model" in request.match_info else ("", "")
+        message = pb.ModelStatisticsRequest(name=name, version=version)
+        return _json(await servicer.ModelStatistics(message, NO_CONTEXT))
+
+    async def repository_index(request: web.Request, body: bytes) -> web.StreamResponse:
+        options = _object(body, "the repository index request")
+        reply = await servicer.RepositoryIndex(
+            pb.RepositoryIndexRequest(ready=options.get("ready") is True), NO_CONTEXT
+        )
+        return web.json_response([message_to_json(model) for model in reply.models])
+
+    async def load(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = pb.RepositoryModelLoadRequest(model_name=request.match_info["model"])
+        _control_parameters(message, _object(body, "the load request"))
+        await servicer.RepositoryModelLoad(message, NO_CONTEXT)
+        return web.json_response({})
+
+    async def unload(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
+        _control_parameters(message, _object(body, "the unload request"))
+        await servicer.RepositoryModelUnload(message, NO_CONTEXT)
+        return web.json_response({})
+
+    async def infer(request: web.Request, body: bytes) -> web.StreamResponse:
+        name, version = _model(request)
+        header_length = request.headers.get(HEADER_LENGTH)
+        if len(body) > OFF_LOOP_BYTES:
+            call = await asyncio.to_thread(parse_infer_body, body, header_length, name, version)
+        else:
+            call = parse_infer_body(body, header_length, name, version)
+        reply = await servicer.infer(call.message, call.timeout_s)
+        payload, json_length = build_infer_body(reply, call)
+        if json_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload, content_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)}
+        )
+
+    return [
+        Route("GET", ("/v2/health/live",), _INFERENCE + "ServerLive", live),
+        Route("GET", ("/v2/health/ready",), _INFERENCE + "ServerReady", ready),
+        Route("GET", ("/v2",), _INFERENCE + "ServerMetadata", server_metadata),
+        Route("GET", model_paths(), _INFERENCE + "ModelMetadata", model_metadata),
+        Route("GET", model_paths("/ready"), _INFERENCE + "ModelReady", model_ready),
+        Route("GET", model_paths("/config"), _INFERENCE + "ModelConfig", model_config),
+        Route("GET", ("/v2/models/stats", *model_paths("/stats")), _INFERENCE + "ModelStatistics", statistics),
+        Route("POST", model_paths("/infer"), _INFERENCE + "ModelInfer", infer, has_body=True),
+        Route("POST", ("/v2/repository/index",), _INFERENCE + "RepositoryIndex", repository_index, has_body=True),
+        Route("POST", (_REPOSITORY + "/load",), _INFERENCE + "RepositoryModelLoad", load, has_body=True),
+        Route("POST", (_REPOSITORY + "/unload",), _INFERENCE + "RepositoryModelUnload", unload, has_body=True),
+    ]
+
+
+def _model(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+def _json(message: Any) -> web.Response:
+    return web.json_response(message_to_json(message))
+
+
+def _status_only(ok: bool) -> web.Response:
+    """Health: the status says it (200, or 503 so that load balancers take the replica out)."""
+    return web.Response(status=200 if ok else 503)
+
+
+def _object(body: bytes, what: str) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    data = parse_json(body, what)
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{what} must be a JSON object")
+    return data
+
+
+def _control_parameters(
+    message: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest, options: dict[str, Any]
+) -> None:
+    """Load and unload parameters as the gRPC request carries them (the servicer decides what it takes)."""
+    parameters = options.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInputError("parameters must be a JSON object")
+    for key, value in parameters.items():
+        if isinstance(value, bool):
+            message.parameters[key].bool_param = value
+        elif isinstance(value, int):
+            message.parameters[key].int64_param = value
+        elif isinstance(value, str):
+            message.parameters[key].string_param = value
+        else:
+            raise InvalidInputError(f"parameter {quote(key)} must be a boolean, an integer or a string")

@@ -1,0 +1,179 @@
+"""The HTTP port: aiohttp on the server's own event loop, with the bounds the gRPC port has.
+
+- **Connections**: at most :data:`MAX_CONNECTIONS` at once; beyond that a new one is closed as
+  soon as it is accepted.
+- **Headers**: a connection must send a whole request's headers within ``header_timeout_s`` of
+  opening (and of its previous response): aiohttp's keep-alive timer, which also closes idle
+  connections. A request line or header over 8 KB, or more than 128 headers, is answered 400 by
+  aiohttp before any handler runs.
+- **Bodies**: refused with 413 from ``Content-Length`` before a byte is read when over
+  ``max_body_bytes`` (the gRPC port's message limit); a chunked body is counted as it arrives and
+  refused as soon as it passes the limit; the whole body must arrive within ``body_timeout_s``
+  (408 otherwise).
+- **Authorization**: each route's gRPC method decides its scope, and the same policy (token file,
+  scopes, the loopback rule for management without a token) is applied before the body is read.
+- **Errors**: ``{"error": message}`` with the status of ``transport/errors.py``'s one mapping; no
+  traceback for a caller's mistake, a generic message (and one logged traceback) for a bug.
+  Requests aiohttp refuses itself (malformed, headers too long) get its 400 and one debug line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from service.transport.auth import AccessPolicy, scope_of
+from service.transport.errors import http_status_for
+from service.transport.rest.routes import Route
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 1024
+HEADER_TIMEOUT_S = 15.0
+
+
+class _BodyProblem(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _ConnectionLog:
+    """What aiohttp says about a connection (a malformed request line, a header too long, a
+    client gone): the client's doing, so one debug line with the reason, never a traceback."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger(__name__ + ".connections")
+
+    def _line(self, message: str, *args: object, exc_info: object = None, **kwargs: object) -> None:
+        if self._log.isEnabledFor(logging.DEBUG):
+            reason = f": {type(exc_info).__name__}" if isinstance(exc_info, BaseException) else ""
+            self._log.debug(message + reason, *args)
+
+    debug = info = warning = error = exception = _line
+
+    def isEnabledFor(self, level: int) -> bool:  # logging.Logger's name
+        return self._log.isEnabledFor(level)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class RestServer:
+    def __init__(
+        self,
+        routes: list[Route],
+        policy: AccessPolicy,
+        *,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self._policy = policy
+        self._max_body_bytes = max_body_bytes
+        self._body_timeout_s = body_timeout_s
+        self._max_connections = max_connections
+        app = web.Application(client_max_size=max_body_bytes)
+        for route in routes:
+            for path in route.paths:
+                app.router.add_route(route.method, path, self._endpoint(route))
+        self._runner = web.AppRunner(
+            app, access_log=None, keepalive_timeout=header_timeout_s, handle_signals=False, logger=_ConnectionLog()
+        )
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        await self._runner.setup()
+        handlers = self._runner.server
+        assert handlers is not None
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(handlers.connections) >= self._max_connections:
+                return _Refused()
+            return handlers()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(protocol, host or None, port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._runner.server.connections) if self._runner.server is not None else 0
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._runner.server is not None:
+            with contextlib.suppress(Exception):
+                await self._runner.server.shutdown(grace_s)
+        await self._runner.cleanup()
+
+    def _endpoint(self, route: Route) -> Any:
+        scope = scope_of(route.rpc)
+
+        async def endpoint(request: web.Request) -> web.StreamResponse:
+            try:
+                if self._policy.needs_check(scope):
+                    if self._policy.tokens is not None:
+                        await self._policy.tokens.refresh()  # off the event loop
+                    self._policy.check(scope, request.headers.getall("Authorization", []), _peer(request))
+                body = await self._read_body(request) if route.has_body else b""
+                return await route.handler(request, body)
+            except _BodyProblem as problem:
+                return web.json_response({"error": problem.message}, status=problem.status)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return web.Response(status=400)  # the client went away: nothing to tell it, nothing to log
+            except Exception as exc:  # a VisionServeError, or a bug (logged with its traceback)
+                status, message = http_status_for(exc)
+                return web.json_response({"error": message}, status=status)
+
+        return endpoint
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self._max_body_bytes:
+            raise _BodyProblem(
+                413,
+                f"the body is {length} bytes, over this server's limit of {self._max_body_bytes} (--max-message-bytes)",
+            )
+        try:
+            return await asyncio.wait_for(self._receive(request, length), self._body_timeout_s)
+        except TimeoutError:
+            raise _BodyProblem(408, f"the body did not arrive within {self._body_timeout_s:g} s") from None
+
+    async def _receive(self, request: web.Request, length: int | None) -> bytes:
+        if length == 0 or (length is None and not request.body_exists):
+            return b""
+        if length is not None:
+            return await request.content.readexactly(length)
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := await request.content.readany():
+            total += len(chunk)
+            if total > self._max_body_bytes:
+                raise _BodyProblem(413, f"the body passed this server's limit of {self._max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _peer(request: web.Request) -> str:
+    """The caller as a gRPC peer string, for the one loopback rule (``auth.is_loopback_peer``)."""
+    host = request.remote or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    return f"ipv6:[{host}]:0" if address.version == 6 else f"ipv4:{host}:0"
