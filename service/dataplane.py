@@ -135,7 +135,7 @@ class DataPlane:
     # -- inference -------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def track(self, model_name: str) -> AsyncIterator[RequestRecord]:
+    async def track(self, model_name: str, protocol: str = "grpc") -> AsyncIterator[RequestRecord]:
         """Count one request (status, latency) and hold off draining while it runs.
 
         The caller hands the result to the record (:meth:`RequestRecord.ran`): the request is
@@ -180,7 +180,7 @@ class DataPlane:
                 # Unknown names share one label so that clients cannot grow the series without bound.
                 label = model_name if model_name in self.repository else ""
                 version = self.repository.version_of(label) or "1"
-            self._metrics.record_request(label, status, time.monotonic() - started, version)
+            self._metrics.record_request(label, status, time.monotonic() - started, version, protocol)
 
     async def infer(
         self, model_name: str, inputs: InferenceInput, *, version: str = "", timeout: float | None = None

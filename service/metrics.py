@@ -29,7 +29,10 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "vision_requests", "Inference requests answered, by gRPC status.", ["model", "status"], registry=r
+            "vision_requests",
+            "Inference requests answered, by gRPC status and by the protocol they came in by (grpc, http).",
+            ["model", "status", "protocol"],
+            registry=r,
         )
         self.images = Counter(
             "vision_inference_images", "Images run through a forward pass.", ["model", "device"], registry=r
@@ -55,7 +58,7 @@ class ServerMetrics:
         self.request_seconds = Histogram(
             "vision_request_seconds",
             "Time from a request's arrival to its answer, decoding included.",
-            ["model"],
+            ["model", "protocol"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -131,11 +134,13 @@ class ServerMetrics:
             self.model_runtime.labels(model, device).info({"runtime": runtime})
             self._runtime_series.add((model, device))
 
-    def record_request(self, model: str, status: str, seconds: float, version: str = "1") -> None:
+    def record_request(
+        self, model: str, status: str, seconds: float, version: str = "1", protocol: str = "grpc"
+    ) -> None:
         if model:
             self.statistics.record_request(model, version, status == "OK", seconds)
-        self.requests.labels(model, status).inc()
-        self.request_seconds.labels(model).observe(seconds)
+        self.requests.labels(model, status, protocol).inc()
+        self.request_seconds.labels(model, protocol).observe(seconds)
 
     def set_job_loss(self, job_id: str, loss: float) -> None:
         self.finetune_loss.labels(job_id).set(loss)

@@ -110,6 +110,25 @@ def test_logits_over_rest_equal_grpcs_for_images_and_pixels(rest_server) -> None
             )
 
 
+def test_requests_are_counted_by_the_port_they_came_in_by(rest_server) -> None:
+    from tests.metrics_util import sample_value, scrape
+
+    def counts() -> tuple[float, float]:
+        text = scrape(rest_server.metrics_url)
+        return tuple(  # type: ignore[return-value]
+            sample_value(text, "vision_requests_total", model=MODEL, status="OK", protocol=p) for p in ("grpc", "http")
+        )
+
+    before = counts()
+    rest_input, grpc_input = image_input(_photo())
+    http_client(rest_server).infer(MODEL, [rest_input])
+    http_client(rest_server).infer(MODEL, [rest_input])
+    with triton_grpc.InferenceServerClient(rest_server.target) as grpc_client:
+        grpc_client.infer(MODEL, [grpc_input])
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 2)
+
+
 def test_classification_strings_equal_grpcs(rest_server) -> None:
     client = http_client(rest_server)
     rest_input, grpc_input = image_input(_photo())

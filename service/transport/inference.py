@@ -200,9 +200,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
-        """One inference, whichever port it came in by: counted, run, answered."""
-        async with self._dataplane.track(request.model_name) as record:
+    async def infer(
+        self, request: pb.ModelInferRequest, timeout: float | None, *, protocol: str = "grpc"
+    ) -> pb.ModelInferResponse:
+        """One inference, whichever port it came in by (``protocol``: grpc or http): counted, run, answered."""
+        async with self._dataplane.track(request.model_name, protocol) as record:
             call = parse_infer_request(request, max_images=self._dataplane.max_request_images)
             result = await self._dataplane.infer(
                 call.model_name, call.inputs, version=call.model_version, timeout=timeout

@@ -105,7 +105,7 @@ def routes(servicer: InferenceServicer) -> list[Route]:
             call = await asyncio.to_thread(parse_infer_body, body, header_length, name, version)
         else:
             call = parse_infer_body(body, header_length, name, version)
-        reply = await servicer.infer(call.message, call.timeout_s)
+        reply = await servicer.infer(call.message, call.timeout_s, protocol="http")
         payload, json_length = build_infer_body(reply, call)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
