@@ -38,6 +38,7 @@ from service.transport.models import ModelsServicer
 from service.transport.requests import RequestReadingInterceptor
 from service.transport.rest.routes import routes
 from service.transport.rest.server import RestServer
+from service.transport.rest.vision_routes import vision_routes
 from service.transport.tls import CertificateFiles, TlsFiles
 from vision_client.protocol.stubs.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
@@ -132,8 +133,10 @@ class VisionServer:
         )
         # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)  # type: ignore[no-untyped-call]
-        models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._grpc)  # type: ignore[no-untyped-call]
-        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(self.jobs), self._grpc)  # type: ignore[no-untyped-call]
+        self._models = ModelsServicer(self.dataplane)
+        self._fine_tuning = FineTuningServicer(self.jobs)
+        models_pb2_grpc.add_ModelsServicer_to_server(self._models, self._grpc)  # type: ignore[no-untyped-call]
+        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(self._fine_tuning, self._grpc)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             [
@@ -184,8 +187,14 @@ class VisionServer:
                 self.config.http_port,
             )
             return
+        rest_routes = routes(self._inference) + vision_routes(
+            self._models,
+            self._fine_tuning,
+            max_part_bytes=self.config.max_message_bytes,
+            read_timeout_s=self.config.first_message_timeout_s,
+        )
         self._rest = RestServer(
-            routes(self._inference),
+            rest_routes,
             self._access,
             max_body_bytes=self.config.max_message_bytes,
             body_timeout_s=self.config.first_message_timeout_s,

@@ -235,7 +235,7 @@ def test_the_curl_examples_of_the_docs_run(rest_server, tmp_path) -> None:
     from tests.conftest import ROOT
 
     section = (ROOT / "docs" / "protocol.md").read_text().split("## HTTP/REST", 1)[1].split("\n## ", 1)[0]
-    (script,) = re.findall(r"^```sh\n(.*?)^```", section, re.M | re.S)
+    script = re.findall(r"^```sh\n(.*?)^```", section, re.M | re.S)[0]  # the inference examples
     (tmp_path / "cat.jpg").write_bytes(_photo())
     script = script.replace("localhost:8000", f"127.0.0.1:{rest_server.server.http_port}")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True)
@@ -392,3 +392,96 @@ def _body(tensor: dict) -> bytes:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- fine-tuning and model listing over HTTP ----------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_rest_server(serve_inprocess, tmp_path):
+    from service.config import RuntimeConfig
+    from tests.conftest import session_runtime_cache
+    from tests.tiny import TINY
+
+    return serve_inprocess(
+        models=(TINY,),
+        weights="random",
+        runtime=RuntimeConfig(name="torch", cache_dir=session_runtime_cache()),
+        model_store=tmp_path / "store",
+    )
+
+
+def _shade(value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), (value, value, value)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_job_created_with_curl_is_watched_as_events_and_its_model_classifies(tiny_rest_server, tmp_path) -> None:
+    import subprocess
+
+    from tests.tiny import TINY
+
+    base = f"http://127.0.0.1:{tiny_rest_server.server.http_port}"
+    (tmp_path / "config.json").write_text(json.dumps({"baseModel": TINY, "outputModel": "shades", "epochs": 3}))
+    form = ["-F", "config=@config.json"]
+    for i in range(12):
+        label = "dark" if i % 2 else "light"
+        (tmp_path / f"{i}.png").write_bytes(_shade(30 + i if label == "dark" else 220 - i))
+        form += ["-F", f"{label}=@{i}.png"]
+
+    def curl(*args: str) -> str:
+        done = subprocess.run(["curl", "-sS", "--fail-with-body", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    job = json.loads(curl(*form, f"{base}/v1/jobs"))
+    assert job["state"] == "QUEUED" and job["config"]["outputModel"] == "shades" and job["examples"] == 12
+    stream = curl("-N", f"{base}/v1/jobs/{job['id']}/events")
+    events = [json.loads(line[len("data: ") :]) for line in stream.splitlines() if line.startswith("data: ")]
+    kinds = [line[len("event: ") :] for line in stream.splitlines() if line.startswith("event: ")]
+    assert kinds[0] == "queued" and kinds[-1] == "succeeded" and kinds.count("epoch") >= 3
+    assert events[-1]["state"] == "SUCCEEDED"
+    assert json.loads(curl(f"{base}/v1/jobs/{job['id']}"))["state"] == "SUCCEEDED"
+
+    body = {
+        "inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "parameters": BASE64,
+                    "data": [base64.b64encode(_shade(20)).decode()]}],
+        "outputs": [{"name": "LOGITS", "parameters": {"classification": 2}}],
+    }  # fmt: skip
+    answer = json.loads(
+        curl("-H", "Content-Type: application/json", "-d", json.dumps(body), f"{base}/v2/models/shades/infer")
+    )
+    assert {entry.split(":", 2)[2] for entry in answer["outputs"][0]["data"]} == {"dark", "light"}
+
+    model = json.loads(curl(f"{base}/v1/models/shades"))
+    assert model["baseModel"] == TINY and model["labels"] == ["dark", "light"]
+    assert "shades" in {m["name"] for m in json.loads(curl(f"{base}/v1/models"))["models"]}
+    assert json.loads(curl("-X", "DELETE", f"{base}/v1/models/shades"))["deleted"] is True
+    status, _ = raw(tiny_rest_server, "GET", "/v1/models/shades")
+    assert status == 404
+
+
+def test_job_requests_that_are_wrong_are_refused_clearly(tiny_rest_server) -> None:
+    cases = {
+        "not multipart": ("POST", "/v1/jobs", b"{}", {"Content-Type": "application/json"}, 400, "multipart/form-data"),
+        "no config": (
+            "POST", "/v1/jobs", b"--b\r\nContent-Disposition: form-data; name=\"cat\"\r\n\r\nxx\r\n--b--\r\n",
+            {"Content-Type": "multipart/form-data; boundary=b"}, 400, "'config'",
+        ),
+        "bad config": (
+            "POST", "/v1/jobs",
+            b"--b\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n{\"epochs\": \"x\"}\r\n--b--\r\n",
+            {"Content-Type": "multipart/form-data; boundary=b"}, 400, "FineTuneConfig",
+        ),
+        "unknown job": ("GET", "/v1/jobs/0123456789ab/events", b"", {}, 404, "job"),
+        "unknown model": ("DELETE", "/v1/models/nothing", b"", {}, 404, "nothing"),
+    }  # fmt: skip
+    for name, (method, path, body, headers, status, message) in cases.items():
+        got, answer = raw(tiny_rest_server, method, path, body, headers)
+        assert got == status, (name, got, answer[:300])
+        assert message in json.loads(answer)["error"], (name, answer[:300])

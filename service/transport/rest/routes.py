@@ -40,7 +40,8 @@ class Route:
     paths: tuple[str, ...]
     rpc: str  # the gRPC method it stands for: its scope, and the name in errors
     handler: Handler
-    has_body: bool = False
+    has_body: bool = False  # read whole (bounded) before the handler runs
+    streams_body: bool = False  # the handler reads the body itself, as it arrives
 
 
 def routes(servicer: InferenceServicer) -> list[Route]:

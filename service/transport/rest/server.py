@@ -130,7 +130,7 @@ class RestServer:
                     if self._policy.tokens is not None:
                         await self._policy.tokens.refresh()  # off the event loop
                     self._policy.check(scope, request.headers.getall("Authorization", []), _peer(request))
-                body = await self._read_body(request) if route.has_body else b""
+                body = await self._read_body(request) if route.has_body else b""  # streams_body: read by the handler
                 return await route.handler(request, body)
             except _BodyProblem as problem:
                 return web.json_response({"error": problem.message}, status=problem.status)

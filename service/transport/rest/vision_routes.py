@@ -1,0 +1,166 @@
+"""``vision.v1.Models`` and ``vision.v1.FineTuning`` over HTTP, in protobuf's canonical JSON.
+
+| method and path | RPC |
+|---|---|
+| ``GET /v1/models`` (``?without_labels=true``) | ``Models/ListModels`` |
+| ``GET /v1/models/{name}`` | ``Models/GetModel`` |
+| ``DELETE /v1/models/{name}`` | ``FineTuning/DeleteModel`` |
+| ``POST /v1/jobs`` (``multipart/form-data``) | ``FineTuning/CreateJob`` |
+| ``GET /v1/jobs`` | ``FineTuning/ListJobs`` |
+| ``GET /v1/jobs/{id}`` | ``FineTuning/GetJob`` |
+| ``POST /v1/jobs/{id}/cancel`` | ``FineTuning/CancelJob`` |
+| ``GET /v1/jobs/{id}/events`` (Server-Sent Events) | ``FineTuning/WatchJob`` |
+
+A job is created from a multipart body: first a part named ``config`` holding the job's
+``FineTuneConfig`` as JSON, then one part per example image, named by its label (a class name):
+``curl -F config=@config.json -F cat=@cat1.jpg -F dog=@dog1.jpg``. The parts are read as they
+arrive and handed to ``CreateJob`` in batches, so a job's size is bounded by its limits
+(``--max-job-bytes``, ``--max-job-examples``), not by the message size; each read must arrive
+within the body timeout. Regression targets (``loss: mse``) need gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from google.protobuf import json_format
+
+from service.errors import InvalidInputError, quote
+from service.transport.fine_tuning import FineTuningServicer
+from service.transport.models import ModelsServicer
+from service.transport.rest.routes import NO_CONTEXT, Route
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+from vision_client.protocol.stubs.vision.v1 import models_pb2
+
+_MODELS = "/vision.v1.Models/"
+_FINE_TUNING = "/vision.v1.FineTuning/"
+EXAMPLES_PER_MESSAGE = 16
+CONFIG_PART = "config"
+MAX_CONFIG_BYTES = 64 * 1024
+
+
+def vision_routes(
+    models: ModelsServicer, fine_tuning: FineTuningServicer, *, max_part_bytes: int, read_timeout_s: float
+) -> list[Route]:
+    async def list_models(request: web.Request, body: bytes) -> web.StreamResponse:
+        without = request.query.get("without_labels", "").lower() in ("1", "true")
+        reply = await models.ListModels(models_pb2.ListModelsRequest(without_labels=without), NO_CONTEXT)
+        return _canonical(reply)
+
+    async def get_model(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = models_pb2.GetModelRequest(name=request.match_info["name"])
+        return _canonical(await models.GetModel(message, NO_CONTEXT))
+
+    async def delete_model(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = ft_pb.DeleteModelRequest(name=request.match_info["name"])
+        return _canonical(await fine_tuning.DeleteModel(message, NO_CONTEXT))
+
+    async def create_job(request: web.Request, body: bytes) -> web.StreamResponse:
+        if not request.content_type.startswith("multipart/"):
+            raise InvalidInputError(
+                "send the job as multipart/form-data: a 'config' part (the FineTuneConfig as JSON), "
+                "then one part per image named by its label"
+            )
+        reader = await request.multipart()
+        messages = _job_messages(reader, max_part_bytes, read_timeout_s)
+        return _canonical(await fine_tuning.CreateJob(messages, NO_CONTEXT))
+
+    async def list_jobs(request: web.Request, body: bytes) -> web.StreamResponse:
+        return _canonical(await fine_tuning.ListJobs(ft_pb.ListJobsRequest(), NO_CONTEXT))
+
+    async def get_job(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = ft_pb.GetJobRequest(job_id=request.match_info["job"])
+        return _canonical(await fine_tuning.GetJob(message, NO_CONTEXT))
+
+    async def cancel_job(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = ft_pb.CancelJobRequest(job_id=request.match_info["job"])
+        return _canonical(await fine_tuning.CancelJob(message, NO_CONTEXT))
+
+    async def watch_job(request: web.Request, body: bytes) -> web.StreamResponse:
+        events = fine_tuning.WatchJob(ft_pb.WatchJobRequest(job_id=request.match_info["job"]), NO_CONTEXT)
+        first = await anext(events, None)  # an unknown job is an error status, not an empty stream
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        event = first
+        with contextlib.suppress(ConnectionError):  # the client stopped watching
+            while event is not None:
+                data = json_format.MessageToJson(event, indent=None)
+                await response.write(f"event: {event.kind}\ndata: {data}\n\n".encode())
+                event = await anext(events, None)
+            await response.write_eof()
+        return response
+
+    return [
+        Route("GET", ("/v1/models",), _MODELS + "ListModels", list_models),
+        Route("GET", ("/v1/models/{name}",), _MODELS + "GetModel", get_model),
+        Route("DELETE", ("/v1/models/{name}",), _FINE_TUNING + "DeleteModel", delete_model),
+        Route("POST", ("/v1/jobs",), _FINE_TUNING + "CreateJob", create_job, streams_body=True),
+        Route("GET", ("/v1/jobs",), _FINE_TUNING + "ListJobs", list_jobs),
+        Route("GET", ("/v1/jobs/{job}",), _FINE_TUNING + "GetJob", get_job),
+        Route("POST", ("/v1/jobs/{job}/cancel",), _FINE_TUNING + "CancelJob", cancel_job, has_body=True),
+        Route("GET", ("/v1/jobs/{job}/events",), _FINE_TUNING + "WatchJob", watch_job),
+    ]
+
+
+def _canonical(message: Any) -> web.Response:
+    """Protobuf's canonical JSON (lowerCamelCase names, 64-bit integers as strings)."""
+    return web.Response(text=json_format.MessageToJson(message, indent=None), content_type="application/json")
+
+
+async def _job_messages(
+    reader: MultipartReader, max_part_bytes: int, timeout_s: float
+) -> AsyncIterator[ft_pb.CreateJobRequest]:
+    """The CreateJob messages of a multipart body, made as its parts arrive."""
+    part = await _next_part(reader, timeout_s)
+    if part is None or part.name != CONFIG_PART:
+        raise InvalidInputError(f"the first part must be '{CONFIG_PART}': the job's FineTuneConfig as JSON")
+    text = await _read_part(part, MAX_CONFIG_BYTES, timeout_s)
+    try:
+        config = json_format.Parse(text, ft_pb.FineTuneConfig())
+    except (json_format.ParseError, UnicodeDecodeError, RecursionError) as error:
+        raise InvalidInputError(f"the config part is not a FineTuneConfig in JSON: {str(error)[:300]}") from None
+    yield ft_pb.CreateJobRequest(config=config)
+    batch: list[ft_pb.Example] = []
+    while (part := await _next_part(reader, timeout_s)) is not None:
+        label = part.name or ""
+        if label == CONFIG_PART:
+            raise InvalidInputError("send the config part once, first")
+        image = await _read_part(part, max_part_bytes, timeout_s)
+        batch.append(ft_pb.Example(image=image, label=label))
+        if len(batch) >= EXAMPLES_PER_MESSAGE:
+            yield ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=batch))
+            batch = []
+    if batch:
+        yield ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=batch))
+
+
+async def _next_part(reader: MultipartReader, timeout_s: float) -> BodyPartReader | None:
+    try:
+        part = await asyncio.wait_for(reader.next(), timeout_s)
+    except TimeoutError:
+        raise InvalidInputError(f"the next part did not arrive within {timeout_s:g} s") from None
+    except ValueError as error:  # aiohttp's word for a malformed multipart body
+        raise InvalidInputError(f"the multipart body is malformed: {str(error)[:200]}") from None
+    if part is not None and not isinstance(part, BodyPartReader):
+        raise InvalidInputError("nested multipart bodies are not taken; send one part per image")
+    return part
+
+
+async def _read_part(part: BodyPartReader, max_bytes: int, timeout_s: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = await asyncio.wait_for(part.read_chunk(64 * 1024), timeout_s)
+        except TimeoutError:
+            raise InvalidInputError(f"part {quote(part.name)} stalled for {timeout_s:g} s") from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise InvalidInputError(f"part {quote(part.name)} is over {max_bytes} bytes (--max-message-bytes)")
+        chunks.append(chunk)
