@@ -29,6 +29,7 @@ DEPLOY = ROOT / "deploy"
 OVERLAYS = ("cpu", "gpu")
 APP = "vision-serving"
 GRPC_PORT = 8001
+HTTP_PORT = 8000
 METRICS_PORT = 8002
 HEALTH_PORT = 8003  # plaintext, health checks only: the kubelet's gRPC probes cannot speak TLS
 AUTH_SECRET, AUTH_KEY, AUTH_DIR = "vision-serving-auth", "token", "/etc/vision/auth"
@@ -243,7 +244,7 @@ def test_model_store_is_a_shared_volume(workload: Workload) -> None:
 
 def test_ports_resources_annotations_and_spread(workload: Workload) -> None:
     ports = {p["name"]: p["containerPort"] for p in workload.container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "health": HEALTH_PORT}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT, "health": HEALTH_PORT}
     resources = workload.container["resources"]
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(resources[kind]), f"{kind}: {resources.get(kind)}"
@@ -337,6 +338,7 @@ def test_services_headless_for_grpc_clients_and_cluster_ip(workload: Workload) -
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == GRPC_PORT and ports["grpc"]["appProtocol"] == "grpc"
     assert ports["metrics"]["port"] == METRICS_PORT
+    assert ports["http"]["port"] == HTTP_PORT and ports["http"]["targetPort"] == "http"
     container_ports = {p["name"] for p in workload.container["ports"]}
     for svc in (service, headless):
         for port in svc["spec"]["ports"]:

@@ -1,4 +1,4 @@
-"""KServe's ``InferenceGRPCClient`` (kserve 0.21) against a real server.
+"""KServe's ``InferenceGRPCClient`` and ``InferenceRESTClient`` (kserve 0.21) against a real server.
 
 kserve pulls in far more than this project needs (pandas, fastapi, the Kubernetes client...),
 so it lives in a virtual environment of its own, ``.venv-kserve``, which ``make test`` builds
@@ -68,3 +68,35 @@ def test_kserve_grpc_client_works_unchanged(kserve_python: Path, serve_inprocess
         np.testing.assert_allclose(logits[name], expected_image, rtol=1e-4, atol=1e-4)
     for name in ("pixels_raw", "pixels_typed"):
         np.testing.assert_allclose(logits[name], expected_pixels, rtol=1e-4, atol=1e-4)
+
+
+def test_kserve_rest_client_works_unchanged(kserve_python: Path, serve_inprocess, photos, tmp_path: Path) -> None:
+    server = serve_inprocess()
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(photos["china-crop"])
+    pixels = np.random.default_rng(4).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    np.save(tmp_path / "pixels.npy", pixels)
+    out = tmp_path / "logits.npz"
+
+    result = subprocess.run(
+        [str(kserve_python), str(ROOT / "tests" / "kserve" / "rest_client.py"), server.http_url, "alexnet",
+         str(image), str(tmp_path / "pixels.npy"), str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["server_live"] and report["server_ready"] and report["model_ready"]
+    for name, rows in (("image_binary", 1), ("pixels_binary", 2), ("pixels_json", 2)):
+        assert report[f"{name}_output"] == ["LOGITS", "FP32", [rows, 1000], name]
+
+    logits = np.load(out)
+    with triton.InferenceServerClient(server.target) as client:
+        tensor = triton.InferInput("IMAGE", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image.read_bytes()], dtype=np.object_))
+        np.testing.assert_array_equal(logits["image_binary"], client.infer("alexnet", [tensor]).as_numpy("LOGITS"))
+        tensor = triton.InferInput("PIXELS", list(pixels.shape), "FP32")
+        tensor.set_data_from_numpy(pixels)
+        expected = client.infer("alexnet", [tensor]).as_numpy("LOGITS")
+    for name in ("pixels_binary", "pixels_json"):
+        np.testing.assert_allclose(logits[name], expected, rtol=1e-5, atol=1e-5)

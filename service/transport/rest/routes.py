@@ -52,11 +52,11 @@ def routes(servicer: InferenceServicer) -> list[Route]:
 
     async def live(request: web.Request, body: bytes) -> web.StreamResponse:
         reply = await servicer.ServerLive(pb.ServerLiveRequest(), NO_CONTEXT)
-        return _status_only(reply.live)
+        return _health({"live": reply.live})
 
     async def ready(request: web.Request, body: bytes) -> web.StreamResponse:
         reply = await servicer.ServerReady(pb.ServerReadyRequest(), NO_CONTEXT)
-        return _status_only(reply.ready)
+        return _health({"ready": reply.ready})
 
     async def server_metadata(request: web.Request, body: bytes) -> web.StreamResponse:
         return _json(await servicer.ServerMetadata(pb.ServerMetadataRequest(), NO_CONTEXT))
@@ -68,7 +68,7 @@ def routes(servicer: InferenceServicer) -> list[Route]:
     async def model_ready(request: web.Request, body: bytes) -> web.StreamResponse:
         name, version = _model(request)
         reply = await servicer.ModelReady(pb.ModelReadyRequest(name=name, version=version), NO_CONTEXT)
-        return _status_only(reply.ready)
+        return _health({"name": name, "ready": reply.ready})
 
     async def model_config(request: web.Request, body: bytes) -> web.StreamResponse:
         name, version = _model(request)
@@ -137,9 +137,11 @@ def _json(message: Any) -> web.Response:
     return web.json_response(message_to_json(message))
 
 
-def _status_only(ok: bool) -> web.Response:
-    """Health: the status says it (200, or 503 so that load balancers take the replica out)."""
-    return web.Response(status=200 if ok else 503)
+def _health(answer: dict[str, Any]) -> web.Response:
+    """KServe's JSON answer, and a status that says it too (Triton's clients read only the status):
+    200, or 503 so that probes and load balancers take the replica out."""
+    ok = bool(answer.get("live", answer.get("ready")))
+    return web.json_response(answer, status=200 if ok else 503)
 
 
 def _object(body: bytes, what: str) -> dict[str, Any]:
