@@ -312,6 +312,75 @@ def _cache_server_args(workdir: Path) -> list[str]:
     return ["--runtime", "onnxruntime", "--runtime-cache", str(workdir / "cache")]
 
 
+# -- the HTTP port ---------------------------------------------------------------------------------
+
+
+def _http_args(workdir: Path) -> list[str]:
+    return ["--http-port", str(_free_port())]
+
+
+def _http_answer(sock: socket.socket) -> str:
+    """The status line's code of what the server answered, or how the connection ended."""
+    try:
+        data = sock.recv(256)
+    except (ConnectionResetError, TimeoutError):
+        return "reset"
+    if not data:
+        return "closed"
+    line = data.split(b"\r\n", 1)[0].split()
+    return line[1].decode() if len(line) > 1 else "garbled"
+
+
+def _http_connections(count: int, opening: bytes) -> Callable[[grpc.Channel, Server], str]:
+    """``count`` connections to the HTTP port that each send ``opening`` and then nothing."""
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        sockets, outcomes = [], []
+        try:
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=CALL_TIMEOUT_S)
+                if opening:
+                    sock.sendall(opening)
+                sockets.append(sock)
+            outcomes = [_http_answer(sock) for sock in sockets]
+        finally:
+            for sock in sockets:
+                sock.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/live", timeout=60) as reply:
+            outcomes.append(f"then live {reply.status}")
+        return _codes(outcomes)
+
+    return run
+
+
+def _http_request(head: bytes, body: Iterator[bytes] | bytes = b"") -> Callable[[grpc.Channel, Server], str]:
+    """One request: ``head`` (request line and headers), then ``body`` (bytes, or chunks sent in turn)."""
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=CALL_TIMEOUT_S) as sock:
+            sock.sendall(head)
+            try:
+                for chunk in [body] if isinstance(body, bytes) else body:
+                    sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered and closed before the whole body was sent
+            return _http_answer(sock)
+
+    return run
+
+
+def _chunks(total: int, size: int = 1 << 20) -> Iterator[bytes]:
+    for _ in range(total // size):
+        yield f"{size:x}\r\n".encode() + b"x" * size + b"\r\n"
+
+
+def _post(length: int | None, content_type: str = "application/json", extra: str = "") -> bytes:
+    sized = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    return (
+        f"POST /v2/models/alexnet/infer HTTP/1.1\r\nHost: probe\r\nContent-Type: {content_type}\r\n{sized}{extra}\r\n"
+    ).encode()
+
+
 def probes() -> list[Probe]:
     tiny_png = _png(Image.new("RGB", (1, 1), (10, 20, 30)))
     photos = [_jpeg_photo(i) for i in range(63)]
@@ -352,8 +421,29 @@ def probes() -> list[Probe]:
               server_args=_token_server_args),
         Probe("cache-fifo", "restart with the runtime cache's entry.json a FIFO", _tampered_cache("fifo"),
               server_args=_cache_server_args),
+        *_http_probes(),
         Probe("cache-dev-zero", "restart with the runtime cache's entry.json -> /dev/zero",
               _tampered_cache("dev-zero"), server_args=_cache_server_args),
+    ]  # fmt: skip
+
+
+def _http_probes() -> list[Probe]:
+    deep = b"[" * 1_000_000
+    garbage = b'{"inputs": "\xff\xfe"}'
+    return [
+        Probe("http-slow-headers-1000", "1,000 HTTP connections that never finish their headers",
+              _http_connections(1000, b"GET /v2/health/live HTTP/1.1\r\nHost: probe\r\n"), _http_args),
+        Probe("http-idle-2000", "2,000 idle HTTP connections (over the cap of 1,024)",
+              _http_connections(2000, b""), _http_args),
+        Probe("http-declared-1GB", "an infer body declared 1 GB, none sent", _http_request(_post(1 << 30)), _http_args),
+        Probe("http-slow-body", "an infer body declared 1,000 bytes, 10 sent",
+              _http_request(_post(1000), b"0123456789"), _http_args),
+        Probe("http-chunked-100MB", "a chunked infer body of 100 MB",
+              _http_request(_post(None), _chunks(100 << 20)), _http_args),
+        Probe("http-json-deep", "JSON nested 1,000,000 deep", _http_request(_post(len(deep)), deep), _http_args),
+        Probe("http-not-utf8", "JSON that is not UTF-8", _http_request(_post(len(garbage)), garbage), _http_args),
+        Probe("http-header-20KB", "a 20 KB header",
+              _http_request(_post(0, extra="X-Probe: " + "a" * 20_000 + "\r\n")), _http_args),
     ]  # fmt: skip
 
 
@@ -385,6 +475,12 @@ class Server:
             self.process = subprocess.Popen(
                 self._command, cwd=self._code, env=env, stdout=log, stderr=subprocess.STDOUT
             )
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP port a probe asked for (``--http-port N`` in its own options; the last one wins)."""
+        where = max(i for i, option in enumerate(self._command) if option == "--http-port")
+        return int(self._command[where + 1])
 
     def restart(self) -> None:
         self.stop()
