@@ -129,8 +129,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--http-port",
         "http_port",
-        "HTTP/REST port: KServe v2 REST with Triton's extensions (0: any free port; 'none': no HTTP port; "
-        "not opened while the gRPC port uses TLS)",
+        "HTTP/REST port: KServe v2 REST with Triton's extensions (0: any free port; 'none': no HTTP port); "
+        "HTTPS with the gRPC port's --tls-* files when they are set",
         port_or_off,
     ),
     Option("--metrics-port", "metrics_port", "Prometheus /metrics port", port),

@@ -180,13 +180,6 @@ class VisionServer:
         """The REST binding, over the same servicer, data plane and access policy as gRPC."""
         if self.config.http_port is None:
             return
-        if self._tls is not None:
-            log.warning(
-                "not opening the HTTP port %d: it does not speak TLS yet and the gRPC port does "
-                "(start with --http-port none to silence this)",
-                self.config.http_port,
-            )
-            return
         rest_routes = routes(self._inference) + vision_routes(
             self._models,
             self._fine_tuning,
@@ -198,9 +191,12 @@ class VisionServer:
             self._access,
             max_body_bytes=self.config.max_message_bytes,
             body_timeout_s=self.config.first_message_timeout_s,
+            tls=self._tls,
         )
         self.http_port = await self._rest.start(_host(self.config.host), self.config.http_port)
-        log.info("serving HTTP/REST on %s:%d", self.config.host, self.http_port)
+        log.info(
+            "serving %s on %s:%d", "HTTP/REST" if self._tls is None else "HTTPS/REST", self.config.host, self.http_port
+        )
 
     async def _start_health_port(self, port: int) -> None:
         """A second, plaintext port that serves grpc.health.v1 and nothing else: kubelet's gRPC

@@ -294,3 +294,68 @@ def test_tls_options_from_the_command_line_and_environment(tls_files) -> None:
         config_from_args(build_serve_parser({}).parse_args(["--health-port", "8001"]))
     defaults = config_from_args(build_serve_parser({}).parse_args([]))
     assert defaults.tls_cert_file is None and defaults.health_port is None and defaults.metrics_host is None
+
+
+# -- the HTTP port: HTTPS from the same files ------------------------------------------------------
+
+
+def _https_status(port: int, ca: CertificateAuthority, client: Issued | None = None, tmp: Path | None = None):
+    """GET /v2/health/live over a new HTTPS connection: (status, the server certificate's serial)."""
+    import http.client
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.create_default_context(cadata=ca.pem.decode())
+    if client is not None:
+        assert tmp is not None
+        cert, key = write_pair(tmp / "client", client, "client")
+        context.load_cert_chain(cert, key)
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    try:
+        connection.request("GET", "/v2/health/live")
+        status = connection.getresponse().status
+        der = connection.sock.getpeercert(binary_form=True)
+        return status, x509.load_der_x509_certificate(der).serial_number
+    finally:
+        connection.close()
+
+
+def test_the_http_port_speaks_tls_from_the_same_files_and_follows_their_rotation(
+    serve_inprocess, tls_files, ca, tmp_path
+) -> None:
+    import http.client
+    import ssl
+
+    from cryptography import x509
+
+    server = _tls_server(serve_inprocess, tls_files)
+    port = server.server.http_port
+    status, first = _https_status(port, ca)
+    assert status == 200 and first == x509.load_pem_x509_certificate(tls_files["cert"].read_bytes()).serial_number
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):  # plaintext is not served
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        plain.request("GET", "/v2/health/live")
+        plain.getresponse()
+    renewed = ca.issue("localhost", server=True)
+    write_pair(tls_files["cert"].parent, renewed, "server")
+    status, second = _https_status(port, ca)  # a new connection takes the new certificate
+    assert status == 200 and second == x509.load_pem_x509_certificate(renewed.cert).serial_number != first
+    # An expired one rotated in is refused: the renewed certificate keeps serving.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = ca.issue("localhost", server=True, valid_from=now - datetime.timedelta(days=2),
+                       valid_until=now - datetime.timedelta(days=1))  # fmt: skip
+    write_pair(tls_files["cert"].parent, expired, "server")
+    assert _https_status(port, ca) == (200, second)
+
+
+def test_mutual_tls_on_the_http_port(serve_inprocess, tls_files, ca, other_ca, tmp_path) -> None:
+    import ssl
+
+    server = _tls_server(serve_inprocess, tls_files, mutual=True)
+    port = server.server.http_port
+    assert _https_status(port, ca, ca.issue("client", server=False), tmp_path)[0] == 200
+    for client in (None, other_ca.issue("stranger", server=False)):
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            _https_status(port, ca, client, tmp_path)
+    assert _https_status(port, ca, ca.issue("client", server=False), tmp_path)[0] == 200  # still serving

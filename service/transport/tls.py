@@ -2,19 +2,22 @@
 
 gRPC asks :meth:`CertificateFiles.fetch` for the current configuration before each new
 handshake; it answers None (keep what you have) unless a file changed since the last
-load. A changed set of files is checked before it is served: the certificate and key parse
-and match, the certificate is valid now (not expired, not yet to come), the client CA parses.
-A bad set is logged once, counted (``vision_tls_reload_errors_total{reason}``), and the
-previous one keeps serving, so a half-finished or mistaken rotation never takes the server
-off the air. Connections already open keep the certificate they were set up with. The files
-are read through the one bounded reader (regular files of sane size; symlinks followed, as a
-mounted Secret is one).
+load. The HTTP port takes :meth:`CertificateFiles.ssl_context` for each new connection, the
+same files' ``ssl.SSLContext``, rebuilt when they changed. A changed set of files is checked
+before it is served: the certificate and key parse and match, the certificate is valid now (not
+expired, not yet to come), the client CA parses. A bad set is logged once, counted
+(``vision_tls_reload_errors_total{reason}``), and the previous one keeps serving, so a
+half-finished or mistaken rotation never takes the server off the air. Connections already open
+keep the certificate they were set up with. The files are read through the one bounded reader
+(regular files of sane size; symlinks followed, as a mounted Secret is one).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -101,6 +104,10 @@ def check_certificate(cert: bytes, key: bytes, client_ca: bytes | None, *, now: 
 class _Loaded:
     signature: tuple[tuple[int, ...], ...]
     config: grpc.ServerCertificateConfiguration
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+    generation: int  # counts the sets of files loaded: each port follows it
 
 
 class CertificateFiles:
@@ -110,7 +117,7 @@ class CertificateFiles:
         self.files = files
         self._on_rejected = on_rejected or (lambda reason: None)
         try:
-            self._current = self._load()
+            self._current = self._load(0)
         except (OSError, FileRefused, CertificateRejected, _Changing) as exc:
             raise FailedPreconditionError(
                 f"cannot use the TLS files ({', '.join(map(str, files.paths()))}): {exc}; pass a PEM certificate "
@@ -118,6 +125,8 @@ class CertificateFiles:
             ) from exc
         self._rejected: tuple[tuple[int, ...], ...] | None = None  # a bad set of files, not tried again
         self._last_error = ""
+        self._grpc_generation = 0  # what gRPC serves (it got the first set with credentials())
+        self._ssl: tuple[int, ssl.SSLContext] | None = None  # the HTTP port's context and its generation
 
     @property
     def mutual(self) -> bool:
@@ -140,7 +149,7 @@ class CertificateFiles:
     def _read(self, path: Path) -> bytes:
         return read_bounded(path, MAX_TLS_FILE_BYTES, follow_symlinks=True)
 
-    def _load(self) -> _Loaded:
+    def _load(self, generation: int) -> _Loaded:
         before = self._signature()
         cert = self._read(self.files.cert)
         key = self._read(self.files.key)
@@ -149,7 +158,7 @@ class CertificateFiles:
             raise _Changing("the files changed while they were read; try again")
         check_certificate(cert, key, ca)
         config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
-        return _Loaded(before, config)
+        return _Loaded(before, config, cert, key, ca, generation)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's certificate-configuration fetcher: a new configuration, or None for no change.
@@ -157,13 +166,30 @@ class CertificateFiles:
         Runs before every handshake, so it costs one ``stat`` per file when nothing changed.
         It never raises: gRPC would fail the handshake.
         """
+        current = self.refresh()
+        if current.generation == self._grpc_generation:
+            return None
+        self._grpc_generation = current.generation
+        return current.config
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The HTTP port's server context for a new connection: the current files' (one ``stat``
+        per file when nothing changed; a changed set is checked as gRPC's is)."""
+        current = self.refresh()
+        if self._ssl is None or self._ssl[0] != current.generation:
+            self._ssl = (current.generation, _server_context(current))
+        return self._ssl[1]
+
+    def refresh(self) -> _Loaded:
+        """The set of files to serve now: the one last loaded, or the files again if they changed
+        and can be used. Never raises: a bad set is logged and counted, the previous one stays."""
         try:
             signature = self._signature()
             if signature in (self._current.signature, self._rejected):
-                return None
-            loaded = self._load()
+                return self._current
+            loaded = self._load(self._current.generation + 1)
         except _Changing:
-            return None
+            return self._current
         except Exception as exc:  # whatever it is, keep serving the old certificate
             try:
                 self._rejected = self._signature()
@@ -174,7 +200,25 @@ class CertificateFiles:
                 reason = exc.reason if isinstance(exc, (CertificateRejected, FileRefused)) else "unreadable"
                 log.error("TLS files changed but cannot be used (%s); still serving the previous certificate", exc)
                 self._on_rejected(reason)
-            return None
+            return self._current
         self._current, self._rejected, self._last_error = loaded, None, ""
         log.info("TLS certificate re-read from %s", ", ".join(map(str, self.files.paths())))
-        return loaded.config
+        return loaded
+
+
+def _server_context(loaded: _Loaded) -> ssl.SSLContext:
+    """A TLS 1.2+ server context of checked PEM bytes. ``ssl`` loads a certificate chain from files
+    only: the bytes go through a private temporary directory that is gone once they are loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    with tempfile.TemporaryDirectory(prefix="vision-tls-") as directory:  # mode 0700
+        cert, key = Path(directory) / "cert.pem", Path(directory) / "key.pem"
+        for path, data in ((cert, loaded.cert), (key, loaded.key)):
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
+        context.load_cert_chain(cert, key)
+    if loaded.client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=loaded.client_ca.decode("ascii", "replace"))
+    return context

@@ -10,6 +10,9 @@
   ``max_body_bytes`` (the gRPC port's message limit); a chunked body is counted as it arrives and
   refused as soon as it passes the limit; the whole body must arrive within ``body_timeout_s``
   (408 otherwise).
+- **TLS**: with the gRPC port's certificate files, the port speaks HTTPS only; each new connection
+  takes the files of the moment (rotation as for gRPC, mutual TLS with the client CA) and has 10 s
+  for its handshake, counted against the connection cap meanwhile.
 - **Authorization**: each route's gRPC method decides its scope, and the same policy (token file,
   scopes, the loopback rule for management without a token) is applied before the body is read.
 - **Errors**: ``{"error": message}`` with the status of ``transport/errors.py``'s one mapping; no
@@ -23,6 +26,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -30,11 +35,13 @@ from aiohttp import web
 from service.transport.auth import AccessPolicy, scope_of
 from service.transport.errors import http_status_for
 from service.transport.rest.routes import Route
+from service.transport.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 1024
 HEADER_TIMEOUT_S = 15.0
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class _BodyProblem(Exception):
@@ -69,6 +76,52 @@ class _Refused(asyncio.Protocol):
         transport.close()
 
 
+class _TlsHandoff(asyncio.Protocol):
+    """Runs a connection's TLS handshake with the context of the moment (certificates rotate),
+    then hands the connection to aiohttp's protocol. The handshake has ``HANDSHAKE_TIMEOUT_S``."""
+
+    def __init__(self, context: ssl.SSLContext, inner: Callable[[], asyncio.Protocol], handshakes: set[object]) -> None:
+        self._context = context
+        self._inner = inner
+        self._handshakes = handshakes
+        self._task: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []  # request bytes that came with the end of the handshake
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._handshakes.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._upgrade(transport))
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secure = await loop.start_tls(
+                transport, self, self._context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.debug("TLS handshake failed: %s", type(exc).__name__)
+            transport.close()
+            return
+        finally:
+            self._handshakes.discard(self)
+        if secure is None:
+            return
+        protocol = self._inner()
+        secure.set_protocol(protocol)
+        protocol.connection_made(secure)
+        for data in self._early:
+            protocol.data_received(data)
+        self._early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._handshakes.discard(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
 class RestServer:
     def __init__(
         self,
@@ -79,8 +132,12 @@ class RestServer:
         body_timeout_s: float,
         header_timeout_s: float = HEADER_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        tls: CertificateFiles | None = None,
     ) -> None:
+        """``tls``: serve HTTPS with these files (rotated as for gRPC), else plain HTTP."""
         self._policy = policy
+        self._tls = tls
+        self._handshakes: set[object] = set()
         self._max_body_bytes = max_body_bytes
         self._body_timeout_s = body_timeout_s
         self._max_connections = max_connections
@@ -100,8 +157,10 @@ class RestServer:
         assert handlers is not None
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(handlers.connections) >= self._max_connections:
+            if len(handlers.connections) + len(self._handshakes) >= self._max_connections:
                 return _Refused()
+            if self._tls is not None:
+                return _TlsHandoff(self._tls.ssl_context(), handlers, self._handshakes)
             return handlers()
 
         loop = asyncio.get_running_loop()
