@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured window per point")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
     parser.add_argument("--modes", default="image,pixels")
+    parser.add_argument("--protocols", default="grpc,http-binary,http-json")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "rest.json")
     args = parser.parse_args(argv)
     import tritonclient.grpc as triton
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             payloads: dict[str, list[Any]] = {"grpc": grpc_payloads, **http_bodies(mode, jpegs, pixels)}
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 for protocol, items in payloads.items():
+                    if protocol not in args.protocols.split(","):
+                        continue
                     point = {"mode": mode, **run_point(protocol, server, items, concurrency, args.seconds)}
                     results.append(point)
                     print(
