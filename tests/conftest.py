@@ -103,7 +103,8 @@ def load_reference(weights_dir: Path, name: str):  # -> torch.nn.Module
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[ServerProcess]:
-    """One AlexNet server for the whole session, batching as the issue asks."""
+    """One AlexNet child server for the whole session: batches of up to 16, a 50 ms window (so that
+    concurrent requests batch)."""
     proc = start_server(
         tmp_path_factory.mktemp("server"),
         "--models",
