@@ -67,7 +67,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
+def sdk_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
     """An AlexNet server whose batches wait up to 50 ms for up to 16 images."""
     batching = BatchingConfig(max_batch_size=16, max_queue_delay_ms=50)
     with inprocess_server(tmp_path_factory.mktemp("server"), weights_dir, batching=batching) as started:
@@ -142,9 +142,9 @@ def noise_png(seed: int, side: int = 180) -> bytes:
 # -- inference ----------------------------------------------------------------------------
 
 
-def test_classify_each_kind_of_image_matches_torchvision(server, kind, inputs, expected, categories):
+def test_classify_each_kind_of_image_matches_torchvision(sdk_server, kind, inputs, expected, categories):
     async def body():
-        async with connect(kind, server.target) as client:
+        async with connect(kind, sdk_server.target) as client:
             many = await result(client.classify(inputs.images, model=MODEL, top_k=5))
             one = await result(client.classify(inputs.images[0], model=MODEL, top_k=3))
             return many, one
@@ -164,9 +164,9 @@ def test_classify_each_kind_of_image_matches_torchvision(server, kind, inputs, e
     assert one[0][0].index == many[0][0].index
 
 
-def test_logits_equal_torchvision(server, kind, inputs, expected):
+def test_logits_equal_torchvision(sdk_server, kind, inputs, expected):
     async def body():
-        async with connect(kind, server.target) as client:
+        async with connect(kind, sdk_server.target) as client:
             return await result(client.logits(inputs.images, model=MODEL))
 
     logits = run(body())
@@ -175,9 +175,9 @@ def test_logits_equal_torchvision(server, kind, inputs, expected):
         assert cosine(row, reference_row) > 0.999
 
 
-def test_scores_are_softmax_probabilities(server, kind, photos):
+def test_scores_are_softmax_probabilities(sdk_server, kind, photos):
     async def body():
-        async with connect(kind, server.target) as client:
+        async with connect(kind, sdk_server.target) as client:
             every = await result(client.classify(photos["flower"], model=MODEL, top_k=1000))
             top = await result(client.classify(photos["flower"], model=MODEL, top_k=5))
             logits = await result(client.logits(photos["flower"], model=MODEL))
@@ -194,9 +194,9 @@ def test_scores_are_softmax_probabilities(server, kind, photos):
     assert [p.index for p in top] == [p.index for p in every[:5]]
 
 
-def test_unknown_model_raises_model_not_found(server, kind, photos):
+def test_unknown_model_raises_model_not_found(sdk_server, kind, photos):
     async def body():
-        async with connect(kind, server.target) as client:
+        async with connect(kind, sdk_server.target) as client:
             await result(client.classify(photos["flower"], model="no-such-model"))
 
     with pytest.raises(ModelNotFoundError) as caught:
@@ -206,9 +206,9 @@ def test_unknown_model_raises_model_not_found(server, kind, photos):
     assert isinstance(caught.value.__cause__, grpc.RpcError)
 
 
-def test_garbage_bytes_raise_invalid_input(server, kind):
+def test_garbage_bytes_raise_invalid_input(sdk_server, kind):
     async def body():
-        async with connect(kind, server.target) as client:
+        async with connect(kind, sdk_server.target) as client:
             await result(client.classify(b"this is not an image", model=MODEL))
 
     with pytest.raises(VisionClientError) as caught:
@@ -233,17 +233,17 @@ def test_bad_arguments_fail_before_sending(kind):
         run(body(b"\x89PNG", top_k=0))
 
 
-def test_concurrent_async_calls_are_batched_by_the_server(server, photos):
+def test_concurrent_async_calls_are_batched_by_the_server(sdk_server, photos):
     images = [photos[name] for name in ("china", "flower", "china-crop", "flower-crop")] * 6
 
     async def body():
-        async with AsyncClient(server.target) as client:
+        async with AsyncClient(sdk_server.target) as client:
             await client.model(MODEL)  # labels cached, so that the calls below are all ModelInfer
             return await asyncio.gather(*(client.classify(image, model=MODEL, top_k=1) for image in images))
 
-    before = scrape(server.metrics_url)
+    before = scrape(sdk_server.metrics_url)
     results = run(body())
-    after = scrape(server.metrics_url)
+    after = scrape(sdk_server.metrics_url)
     assert len(results) == 24 and all(len(r) == 1 and len(r[0]) == 1 for r in results)
     images_run = metric(after, "vision_inference_images_total", model=MODEL) - metric(
         before, "vision_inference_images_total", model=MODEL
@@ -253,19 +253,19 @@ def test_concurrent_async_calls_are_batched_by_the_server(server, photos):
     assert 1 <= batches < images_run
 
 
-def test_large_calls_are_split_into_requests_that_fit(server, kind):
+def test_large_calls_are_split_into_requests_that_fit(sdk_server, kind):
     images = [noise_png(seed) for seed in range(5)]
     assert all(90_000 < len(image) < 110_000 for image in images)
     limit = 200_000  # two images per request at most, so at least three requests
 
     async def body():
-        async with connect(kind, server.target) as whole:
+        async with connect(kind, sdk_server.target) as whole:
             unsplit = await result(whole.logits(images, model=MODEL))
-        before = scrape(server.metrics_url)
-        async with connect(kind, server.target, max_message_bytes=limit) as small:
+        before = scrape(sdk_server.metrics_url)
+        async with connect(kind, sdk_server.target, max_message_bytes=limit) as small:
             split = await result(small.logits(images, model=MODEL))
             top = await result(small.classify(images, model=MODEL, top_k=1))
-        return unsplit, split, top, before, scrape(server.metrics_url)
+        return unsplit, split, top, before, scrape(sdk_server.metrics_url)
 
     unsplit, split, top, before, after = run(body())
     requests = metric(after, "vision_requests_total", model=MODEL, status="OK") - metric(
@@ -281,9 +281,9 @@ def test_large_calls_are_split_into_requests_that_fit(server, kind):
     assert [r[0].index for r in top] == [int(row.argmax()) for row in split]
 
 
-def test_an_image_larger_than_a_message_is_refused_on_the_client(server, kind):
+def test_an_image_larger_than_a_message_is_refused_on_the_client(sdk_server, kind):
     async def body():
-        async with connect(kind, server.target, max_message_bytes=50_000) as client:
+        async with connect(kind, sdk_server.target, max_message_bytes=50_000) as client:
             await result(client.logits(noise_png(0), model=MODEL))
 
     with pytest.raises(InvalidInputError, match="max_message_bytes"):
@@ -293,9 +293,9 @@ def test_an_image_larger_than_a_message_is_refused_on_the_client(server, kind):
 # -- health and models ----------------------------------------------------------------------
 
 
-def test_health_and_models(server, kind, categories):
+def test_health_and_models(sdk_server, kind, categories):
     async def body():
-        async with connect(kind, server.target) as client:
+        async with connect(kind, sdk_server.target) as client:
             return (
                 await result(client.live()),
                 await result(client.ready()),
@@ -317,9 +317,9 @@ def test_health_and_models(server, kind, categories):
     assert one == info
 
 
-def test_ready_of_an_unknown_model_raises(server, kind):
+def test_ready_of_an_unknown_model_raises(sdk_server, kind):
     async def body():
-        async with connect(kind, server.target) as client:
+        async with connect(kind, sdk_server.target) as client:
             await result(client.ready("no-such-model"))
 
     with pytest.raises(ModelNotFoundError):
@@ -338,9 +338,9 @@ def tiny_config(directory: Path):  # -> ServeConfig
     )
 
 
-def test_dns_target_with_round_robin(server, kind, tmp_path):
+def test_dns_target_with_round_robin(sdk_server, kind, tmp_path):
     async def body():
-        async with connect(kind, f"dns:///localhost:{server.grpc_port}") as client:
+        async with connect(kind, f"dns:///localhost:{sdk_server.grpc_port}") as client:
             return await result(client.ready(MODEL))
 
     assert run(body()) is True
@@ -372,9 +372,9 @@ def test_dns_target_with_round_robin(server, kind, tmp_path):
 # -- lifecycle ------------------------------------------------------------------------------
 
 
-def test_use_after_close_raises(server, kind, photos):
+def test_use_after_close_raises(sdk_server, kind, photos):
     async def body():
-        async with connect(kind, server.target) as client:
+        async with connect(kind, sdk_server.target) as client:
             assert await result(client.live())
         assert client.is_closed
         with pytest.raises(ClientClosedError, match="closed"):
@@ -588,9 +588,9 @@ def second_server(tmp_path_factory, weights_dir) -> Iterator[InProcessServer]:
         yield started
 
 
-def test_round_robin_spreads_calls_over_every_address(server, second_server, kind, photos):
-    servers = (server, second_server)
-    target = f"ipv4:127.0.0.1:{server.grpc_port},127.0.0.1:{second_server.grpc_port}"
+def test_round_robin_spreads_calls_over_every_address(sdk_server, second_server, kind, photos):
+    servers = (sdk_server, second_server)
+    target = f"ipv4:127.0.0.1:{sdk_server.grpc_port},127.0.0.1:{second_server.grpc_port}"
 
     def answered() -> list[float]:
         return [metric(scrape(s.metrics_url), "vision_requests_total", model=MODEL, status="OK") for s in servers]
@@ -625,9 +625,9 @@ def photo_files(photos, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def test_cli_classify_prints_top_labels(server, photo_files, reference, categories):
+def test_cli_classify_prints_top_labels(sdk_server, photo_files, reference, categories):
     files = [photo_files["china"], photo_files["flower"]]
-    done = vision_client("--target", server.target, "classify", *map(str, files), "--model", MODEL, "--top-k", "3")
+    done = vision_client("--target", sdk_server.target, "classify", *map(str, files), "--model", MODEL, "--top-k", "3")
     assert done.returncode == 0, done.stderr
     lines = [LINE.match(line) for line in done.stdout.splitlines()]
     assert len(lines) == 6 and all(lines), done.stdout
@@ -639,10 +639,10 @@ def test_cli_classify_prints_top_labels(server, photo_files, reference, categori
         assert rows[0]["label"] == categories[int(logits.argmax())]
 
 
-def test_cli_classify_json(server, photo_files):
+def test_cli_classify_json(sdk_server, photo_files):
     # Options after the command work too; the target comes from the environment.
     command = ["classify", str(photo_files["flower"]), "-m", MODEL, "-k", "2", "--json"]
-    done = vision_client(*command, env={"VISION_CLIENT_TARGET": server.target})
+    done = vision_client(*command, env={"VISION_CLIENT_TARGET": sdk_server.target})
     assert done.returncode == 0, done.stderr
     (entry,) = json.loads(done.stdout)
     assert entry["image"] == str(photo_files["flower"])
@@ -651,24 +651,24 @@ def test_cli_classify_json(server, photo_files):
     assert set(entry["predictions"][0]) == {"rank", "label", "index", "score"}
 
 
-def test_cli_models_and_health(server):
-    table = vision_client("--target", server.target, "models")
+def test_cli_models_and_health(sdk_server):
+    table = vision_client("--target", sdk_server.target, "models")
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
     assert header.split()[:4] == ["NAME", "STATE", "CLASSES", "INPUT"]
     assert row.split()[:4] == [MODEL, "READY", "1000", "224x224"]
 
-    listed = vision_client("models", "--json", "--target", server.target)
+    listed = vision_client("models", "--json", "--target", sdk_server.target)
     assert listed.returncode == 0, listed.stderr
     (model,) = json.loads(listed.stdout)
     assert model["name"] == MODEL and model["ready"] is True and model["num_classes"] == 1000
 
-    health = vision_client("--target", server.target, "health")
+    health = vision_client("--target", sdk_server.target, "health")
     assert health.returncode == 0, health.stderr
     assert re.search(r"^server\s+live\s+ready", health.stdout, re.M)
     assert re.search(rf"^{MODEL}\s+ready\s+READY", health.stdout, re.M)
 
-    health_json = vision_client("--target", server.target, "health", "--json")
+    health_json = vision_client("--target", sdk_server.target, "health", "--json")
     assert health_json.returncode == 0
     assert json.loads(health_json.stdout)["models"][MODEL]["ready"] is True
 
@@ -682,11 +682,11 @@ def test_cli_models_and_health(server):
     ],
     ids=["unknown-model", "missing-file", "not-an-image"],
 )
-def test_cli_errors_are_one_clean_line(server, photo_files, tmp_path, args, message):
+def test_cli_errors_are_one_clean_line(sdk_server, photo_files, tmp_path, args, message):
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"not an image at all")
     paths = {"photo": photo_files["flower"], "missing": tmp_path / "missing.jpg", "garbage": garbage}
-    done = vision_client("--target", server.target, *(a.format(**paths) for a in args))
+    done = vision_client("--target", sdk_server.target, *(a.format(**paths) for a in args))
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.startswith("vision-client: error: ") and message in done.stderr
@@ -707,14 +707,14 @@ def test_readme_has_examples():
 
 
 @pytest.mark.parametrize("index", range(len(readme_examples(fine_tuning=False))))
-def test_readme_example_runs(server, photos, tmp_path, index):
+def test_readme_example_runs(sdk_server, photos, tmp_path, index):
     """Each python block of the README (but fine-tuning's), run as written against the test server.
 
     The only substitutions: the test server's address for ``localhost:8001``, and
     ``alexnet`` (the model it serves) for ``resnet101``.
     """
     code = readme_examples(fine_tuning=False)[index]
-    code = code.replace("localhost:8001", server.target).replace("resnet101", MODEL)
+    code = code.replace("localhost:8001", sdk_server.target).replace("resnet101", MODEL)
     (tmp_path / "cat.jpg").write_bytes(photos["china"])
     (tmp_path / "dog.jpg").write_bytes(photos["flower"])
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
