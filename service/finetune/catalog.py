@@ -143,8 +143,7 @@ class FineTunedModels:
 
     def base_served(self, base: str) -> bool:
         """Whether built-in model ``base`` is served (safe to ask from a training thread)."""
-        model = self._repository.get(base)
-        return model.ready
+        return self._repository.get(base).ready
 
     def require_base(self, base: str) -> None:
         if not self.base_served(base):
@@ -179,7 +178,7 @@ class FineTunedModels:
                 StoreReason.BASE_NOT_SERVED,
                 f"{name}: base model {quote(manifest.base_model)} is not served by this server",
             )
-        if not self._repository.get(manifest.base_model).ready:
+        if not self.base_served(manifest.base_model):
             raise StoreEntryError(
                 StoreReason.BASE_UNLOADED,
                 f"{name}: base model {quote(manifest.base_model)} is not loaded; it is served once that is loaded",
@@ -216,7 +215,7 @@ class FineTunedModels:
         if not model.unloaded:
             return
         base = model.base_model
-        if base is not None and not self._repository.get(base).ready:
+        if base is not None and not self.base_served(base):
             raise UnavailableError(
                 f"cannot load {quote(name)}: its base model {quote(base)} is not loaded; load {quote(base)} first"
             )

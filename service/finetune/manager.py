@@ -43,7 +43,7 @@ from service.finetune.examples import ExampleCollector, check_images
 from service.finetune.history import JobHistory
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.pipeline import JobPipeline
-from service.finetune.spec import check_limits
+from service.finetune.spec import check_head, check_limits
 from service.finetune.trainer import JobCancelled
 from service.loader import BuiltinModels
 from service.metrics import ServerMetrics
@@ -107,7 +107,7 @@ class JobManager:
                 f"base_model {quote(config.base_model)} is itself fine-tuned; build on one of "
                 f"{', '.join(self._repository.builtin_names())}"
             )
-        check_limits(config, self.limits, feature_dim=get_model_spec(config.base_model).feature_dim, outputs=outputs)
+        check_head(config.head, get_model_spec(config.base_model).feature_dim, outputs, self.limits)
         if config.output_model in self._repository.builtin_names():
             raise BuiltinModelError(config.output_model, "the output of a fine-tuning job")
         clash = config.output_model in self._repository or any(

@@ -40,8 +40,7 @@ def head_parameters(head: HeadConfig, in_features: int, out_features: int) -> in
 
 def check_head(head: HeadConfig, in_features: int, out_features: int, limits: FineTuneLimits) -> HeadConfig:
     """A head's sizes within this server's limits, and its parameters within the budget."""
-    _at_most("head hidden size", head.hidden, limits.max_hidden)
-    _at_most("head blocks", head.blocks, limits.max_blocks)
+    _check_sizes(head, limits)
     parameters = head_parameters(head, in_features, out_features)
     if parameters > limits.max_head_parameters:
         raise InvalidInputError(
@@ -64,8 +63,7 @@ def check_limits(
     if feature_dim is not None:
         check_head(config.head, feature_dim, outputs, limits)
     else:
-        _at_most("head hidden size", config.head.hidden, limits.max_hidden)
-        _at_most("head blocks", config.head.blocks, limits.max_blocks)
+        _check_sizes(config.head, limits)
     if config.optimizer.lr > MAX_LEARNING_RATE:
         raise InvalidInputError(
             f"learning rate must be at most {MAX_LEARNING_RATE:g}, got {quote(config.optimizer.lr)}"
@@ -78,6 +76,11 @@ def check_limits(
     _at_most("batch_size", config.batch_size, limits.max_batch_size)
     _at_most("early_stopping_patience", config.early_stopping_patience, limits.max_epochs)
     return config
+
+
+def _check_sizes(head: HeadConfig, limits: FineTuneLimits) -> None:
+    _at_most("head hidden size", head.hidden, limits.max_hidden)
+    _at_most("head blocks", head.blocks, limits.max_blocks)
 
 
 def _at_most(name: str, value: int, high: int) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -127,6 +128,8 @@ class CertificateFiles:
         self._last_error = ""
         self._grpc_generation = 0  # what gRPC serves (it got the first set with credentials())
         self._ssl: tuple[int, ssl.SSLContext] | None = None  # the HTTP port's context and its generation
+        # gRPC's fetcher runs in gRPC's threads, the HTTP port's on the event loop: one refresh at a time.
+        self._refreshing = threading.Lock()
 
     @property
     def mutual(self) -> bool:
@@ -183,6 +186,10 @@ class CertificateFiles:
     def refresh(self) -> _Loaded:
         """The set of files to serve now: the one last loaded, or the files again if they changed
         and can be used. Never raises: a bad set is logged and counted, the previous one stays."""
+        with self._refreshing:
+            return self._refresh()
+
+    def _refresh(self) -> _Loaded:
         try:
             signature = self._signature()
             if signature in (self._current.signature, self._rejected):

@@ -73,22 +73,18 @@ def _numbers(data: Any, message: Message) -> Any:
                     data[field.name] = {k: _numbers(data[field.name][k], value[k]) for k in data[field.name]}
                 elif entry_value.type in _INTEGER_TYPES:
                     data[field.name] = {k: int(v) for k, v in data[field.name].items()}
-            elif _is_repeated(field):
+            elif field.is_repeated:
                 data[field.name] = [_numbers(d, m) for d, m in zip(data[field.name], value, strict=True)]
             else:
                 data[field.name] = _numbers(data[field.name], value)
         elif field.type in _INTEGER_TYPES:
-            data[field.name] = [int(v) for v in data[field.name]] if _is_repeated(field) else int(data[field.name])
+            data[field.name] = [int(v) for v in data[field.name]] if field.is_repeated else int(data[field.name])
     return data
-
-
-def _is_repeated(field: FieldDescriptor) -> bool:
-    return bool(field.is_repeated)
 
 
 def parse_json(body: bytes, what: str) -> Any:
     """JSON of a request body; 400 for anything else (deep nesting included: the C parser stops
-    at the interpreter's recursion limit with RecursionError). Off the event loop for large bodies."""
+    at the interpreter's recursion limit with RecursionError). Blocking: see ``parse_off_loop``."""
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -30,6 +30,7 @@ _INFERENCE = "/inference.GRPCInferenceService/"
 _REPOSITORY = "/v2/repository/models/{model}"
 NO_CONTEXT: Any = None  # the servicer's methods take a gRPC context they do not use here
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
+T = TypeVar("T")
 
 Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
@@ -81,7 +82,7 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         return _json(await servicer.ModelStatistics(message, NO_CONTEXT))
 
     async def repository_index(request: web.Request, body: bytes) -> web.StreamResponse:
-        options = _object(body, "the repository index request")
+        options = await _object(body, "the repository index request")
         reply = await servicer.RepositoryIndex(
             pb.RepositoryIndexRequest(ready=options.get("ready") is True), NO_CONTEXT
         )
@@ -89,23 +90,20 @@ def routes(servicer: InferenceServicer) -> list[Route]:
 
     async def load(request: web.Request, body: bytes) -> web.StreamResponse:
         message = pb.RepositoryModelLoadRequest(model_name=request.match_info["model"])
-        _control_parameters(message, _object(body, "the load request"))
+        _control_parameters(message, await _object(body, "the load request"))
         await servicer.RepositoryModelLoad(message, NO_CONTEXT)
         return web.json_response({})
 
     async def unload(request: web.Request, body: bytes) -> web.StreamResponse:
         message = pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
-        _control_parameters(message, _object(body, "the unload request"))
+        _control_parameters(message, await _object(body, "the unload request"))
         await servicer.RepositoryModelUnload(message, NO_CONTEXT)
         return web.json_response({})
 
     async def infer(request: web.Request, body: bytes) -> web.StreamResponse:
         name, version = _model(request)
         header_length = request.headers.get(HEADER_LENGTH)
-        if len(body) > OFF_LOOP_BYTES:
-            call = await asyncio.to_thread(parse_infer_body, body, header_length, name, version)
-        else:
-            call = parse_infer_body(body, header_length, name, version)
+        call = await parse_off_loop(body, parse_infer_body, body, header_length, name, version)
         reply = await servicer.infer(call.message, call.timeout_s, protocol="http")
         payload, json_length = build_infer_body(reply, call)
         if json_length is None:
@@ -144,10 +142,18 @@ def _health(answer: dict[str, Any]) -> web.Response:
     return web.json_response(answer, status=200 if ok else 503)
 
 
-def _object(body: bytes, what: str) -> dict[str, Any]:
+async def parse_off_loop(body: bytes, parse: Callable[..., T], *args: Any) -> T:
+    """``parse(*args)`` of a request ``body``: in a worker thread when the body is larger than
+    :data:`OFF_LOOP_BYTES`, so that parsing a large body never holds the event loop."""
+    if len(body) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse, *args)
+    return parse(*args)
+
+
+async def _object(body: bytes, what: str) -> dict[str, Any]:
     if not body.strip():
         return {}
-    data = parse_json(body, what)
+    data = await parse_off_loop(body, parse_json, body, what)
     if not isinstance(data, dict):
         raise InvalidInputError(f"{what} must be a JSON object")
     return data

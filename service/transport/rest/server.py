@@ -168,10 +168,6 @@ class RestServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._runner.server.connections) if self._runner.server is not None else 0
-
     async def stop(self, grace_s: float = 5.0) -> None:
         if self._server is not None:
             self._server.close()
