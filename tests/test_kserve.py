@@ -32,22 +32,32 @@ def kserve_python() -> Path:
     return KSERVE_PYTHON
 
 
-def test_kserve_grpc_client_works_unchanged(kserve_python: Path, serve_inprocess, photos, tmp_path: Path) -> None:
-    server = serve_inprocess()
+def _inputs(photos, tmp_path: Path, *, seed: int) -> tuple[Path, np.ndarray]:
+    """A photo and two random PIXELS images, written where the client script reads them."""
     image = tmp_path / "photo.jpg"
     image.write_bytes(photos["china-crop"])
-    pixels = np.random.default_rng(3).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    pixels = np.random.default_rng(seed).standard_normal((2, 3, 224, 224)).astype(np.float32)
     np.save(tmp_path / "pixels.npy", pixels)
-    out = tmp_path / "logits.npz"
+    return image, pixels
 
+
+def _run_client(kserve_python: Path, script: str, url: str, tmp_path: Path) -> tuple[dict, np.lib.npyio.NpzFile]:
+    """Run a client script of tests/kserve/ with kserve's python; its JSON report and its logits."""
+    out = tmp_path / "logits.npz"
     result = subprocess.run(
-        [str(kserve_python), str(ROOT / "tests" / "kserve" / "client.py"), server.target, "alexnet",
-         str(image), str(tmp_path / "pixels.npy"), str(out)],
+        [str(kserve_python), str(ROOT / "tests" / "kserve" / script), url, "alexnet",
+         str(tmp_path / "photo.jpg"), str(tmp_path / "pixels.npy"), str(out)],
         capture_output=True, text=True, timeout=300,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # kserve's environment alone
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+def test_kserve_grpc_client_works_unchanged(kserve_python: Path, serve_inprocess, photos, tmp_path: Path) -> None:
+    server = serve_inprocess()
+    image, pixels = _inputs(photos, tmp_path, seed=3)
+    report, logits = _run_client(kserve_python, "client.py", server.target, tmp_path)
 
     assert report["server_live"] and report["server_ready"] and report["model_ready"]
     assert report["image_raw_sent_raw"] and report["pixels_raw_sent_raw"]
@@ -56,7 +66,6 @@ def test_kserve_grpc_client_works_unchanged(kserve_python: Path, serve_inprocess
         assert report[f"{name}_output"] == ["LOGITS", "FP32", [rows, 1000], name]
 
     # The same answers as tritonclient gets for the same inputs.
-    logits = np.load(out)
     with triton.InferenceServerClient(server.target) as client:
         tensor = triton.InferInput("IMAGE", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([image.read_bytes()], dtype=np.object_))
@@ -72,25 +81,12 @@ def test_kserve_grpc_client_works_unchanged(kserve_python: Path, serve_inprocess
 
 def test_kserve_rest_client_works_unchanged(kserve_python: Path, serve_inprocess, photos, tmp_path: Path) -> None:
     server = serve_inprocess()
-    image = tmp_path / "photo.jpg"
-    image.write_bytes(photos["china-crop"])
-    pixels = np.random.default_rng(4).standard_normal((2, 3, 224, 224)).astype(np.float32)
-    np.save(tmp_path / "pixels.npy", pixels)
-    out = tmp_path / "logits.npz"
-
-    result = subprocess.run(
-        [str(kserve_python), str(ROOT / "tests" / "kserve" / "rest_client.py"), server.http_url, "alexnet",
-         str(image), str(tmp_path / "pixels.npy"), str(out)],
-        capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    image, pixels = _inputs(photos, tmp_path, seed=4)
+    report, logits = _run_client(kserve_python, "rest_client.py", server.http_url, tmp_path)
     assert report["server_live"] and report["server_ready"] and report["model_ready"]
     for name, rows in (("image_binary", 1), ("pixels_binary", 2), ("pixels_json", 2)):
         assert report[f"{name}_output"] == ["LOGITS", "FP32", [rows, 1000], name]
 
-    logits = np.load(out)
     with triton.InferenceServerClient(server.target) as client:
         tensor = triton.InferInput("IMAGE", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([image.read_bytes()], dtype=np.object_))
