@@ -35,7 +35,7 @@ def test_history_keeps_the_newest_records_only(tmp_path: Path) -> None:
     again = history.get(f"{4:012x}")
     assert again is not None and again.metrics == TrainMetrics(train_loss=0.5, best_epoch=3)
     assert again.state is JobState.SUCCEEDED and again.example_count == 10 and again.examples is None
-    (history.folder / "1700000009000-0000000000ff.json").write_text("[" * 10_000)  # a damaged record
+    (tmp_path / ".jobs" / "1700000009000-0000000000ff.json").write_text("[" * 10_000)  # a damaged record
     assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (3, 4)]  # newest 3: one skipped
     assert history.get("../../etc/passwd") is None
 
@@ -55,7 +55,7 @@ def test_records_keep_the_whole_config_and_older_records_still_read(tmp_path: Pa
     )  # fmt: skip
     job = _finished(f"{7:012x}", 1_700_000_000.0)
     history.save(dataclasses.replace(job, config=config))
-    (path,) = history.folder.iterdir()
+    (path,) = (tmp_path / ".jobs").iterdir()
     record = json.loads(path.read_text())
     assert record["config"] == to_dict(config)
     assert history.get(f"{7:012x}").config == config
@@ -64,7 +64,7 @@ def test_records_keep_the_whole_config_and_older_records_still_read(tmp_path: Pa
     spec = older.pop("config")
     spec["optimizer"]["betas"] = [spec["optimizer"].pop("beta1"), spec["optimizer"].pop("beta2")]
     older["spec"] = spec
-    (history.folder / f"1700000001000-{8:012x}.json").write_text(json.dumps(older))
+    (tmp_path / ".jobs" / f"1700000001000-{8:012x}.json").write_text(json.dumps(older))
     assert history.get(f"{8:012x}").config == config
 
 
