@@ -9,13 +9,14 @@ import torch
 
 from service.finetune.heads import build_standardized_head
 from service.finetune.store import MANIFEST, Manifest, ModelStore
+from service.storage import StoreLocation
 from vision_client.protocol import HeadConfig
 
 ALEXNET_FEATURES = 4096
 
 
 def save_head(
-    store: Path,
+    store: StoreLocation,
     name: str,
     *,
     seed: int = 0,
