@@ -62,7 +62,7 @@ class S3Objects:
         return str(self._location)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        root = self._full("")
+        root = f"{self._location.prefix}/" if self._location.prefix else ""
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self._location.bucket, Prefix=root + prefix
         )
@@ -134,8 +134,7 @@ class S3Objects:
         return ObjectInfo(key, len(data), answer.get("ETag", ""), 0.0)
 
     def _full(self, key: str) -> str:
-        if key:
-            check_key(key)
+        check_key(key)
         return f"{self._location.prefix}/{key}" if self._location.prefix else key
 
     def _name(self, key: str) -> str:
