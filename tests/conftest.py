@@ -92,9 +92,9 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory):  # -> tests.s3_util.MotoServer
+def moto_server(tmp_path_factory: pytest.TempPathFactory):  # -> service.testing.MotoServer
     """An S3-compatible server (moto) for this test worker, started when a test first needs it."""
-    from tests.s3_util import MotoServer
+    from service.testing import MotoServer
 
     server = MotoServer(tmp_path_factory.mktemp("moto")).start()
     yield server

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from service.finetune.history import JobHistory
 from service.finetune.job import Job, JobState
@@ -26,8 +27,9 @@ def _finished(job_id: str, finished_at: float) -> Job:
     )  # fmt: skip
 
 
-def test_history_keeps_the_newest_records_only(tmp_path: Path) -> None:
-    history = JobHistory(tmp_path, max_records=3)
+@pytest.mark.parametrize("kind", ["directory", "s3"])
+def test_history_keeps_the_newest_records_only(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    history = JobHistory(tmp_path if kind == "directory" else request.getfixturevalue("s3_store"), max_records=3)
     for i in range(5):
         history.save(_finished(f"{i:012x}", 1_700_000_000.0 + i))
     assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (2, 3, 4)]
@@ -35,7 +37,7 @@ def test_history_keeps_the_newest_records_only(tmp_path: Path) -> None:
     again = history.get(f"{4:012x}")
     assert again is not None and again.metrics == TrainMetrics(train_loss=0.5, best_epoch=3)
     assert again.state is JobState.SUCCEEDED and again.example_count == 10 and again.examples is None
-    (tmp_path / ".jobs" / "1700000009000-0000000000ff.json").write_text("[" * 10_000)  # a damaged record
+    history.objects.write(".jobs/1700000009000-0000000000ff.json", b"[" * 10_000)  # a damaged record
     assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (3, 4)]  # newest 3: one skipped
     assert history.get("../../etc/passwd") is None
 
