@@ -168,15 +168,16 @@ class MotoServer:
     ``If-Match`` with a stale ETag ``412 Precondition Failed``, as S3 does (5.2.0 answered 500).
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, tls: tuple[Path, Path] | None = None) -> None:
         self.folder = folder
         self.port = free_port()
-        self.log = folder / "moto.log"
+        self.log = folder / f"moto-{self.port}.log"
+        self.tls = tls  # (certificate, key) in PEM: the server speaks HTTPS
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def environment(self) -> dict[str, str]:
         """The standard AWS variables for a client of this server: no file of HOME is read."""
@@ -194,7 +195,8 @@ class MotoServer:
         env = {**os.environ, "HOME": str(self.folder), **self.environment()}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port),
+                 *(["-c", str(self.tls[0]), "-k", str(self.tls[1])] if self.tls else [])],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         deadline = time.monotonic() + 60

@@ -200,3 +200,27 @@ def test_a_server_on_an_unreachable_store_logs_it_without_secrets_and_no_traceba
     text = logged()
     assert SECRET not in text
     assert [r.getMessage() for r in caplog.records if r.exc_info and r.name.startswith("service")] == []
+
+
+def test_an_https_endpoint_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server whose certificate no trusted CA signed is refused; trusting its CA
+    (``AWS_CA_BUNDLE``, the standard variable) lets the same store work."""
+    from service.testing import MotoServer
+    from tests.certs import CertificateAuthority, write_pair
+
+    authority = CertificateAuthority("test S3 CA")
+    cert, key = write_pair(tmp_path / "tls", authority.issue("127.0.0.1", server=True), "server")
+    server = MotoServer(tmp_path, tls=(cert, key)).start()
+    try:
+        for variable, value in server.environment().items():
+            monkeypatch.setenv(variable, value)
+        location = S3Location("models", "vision")
+        with pytest.raises(StoreUnreachable, match=r"(?i)certificate|ssl"):
+            list(open_objects(location).list())
+        (tmp_path / "ca.pem").write_bytes(authority.pem)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+        objects = open_objects(location)
+        with pytest.raises(StoreUnreachable, match="NoSuchBucket"):
+            objects.write("a/b", b"x")  # verified and answered: the bucket is not there yet
+    finally:
+        server.stop()
