@@ -108,6 +108,16 @@ def examples() -> list[tuple[bytes, str]]:
     return out
 
 
+def serving(health: health_pb2_grpc.HealthStub, name: str) -> bool:
+    try:
+        reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:  # not known yet
+            return False
+        raise
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def visibility(moto: MotoServer, folder: Path, poll_seconds: float, jobs: int) -> dict[str, Any]:
     location = S3Location(moto.new_bucket(), "serving")
     env = moto.environment()
@@ -126,10 +136,7 @@ def visibility(moto: MotoServer, folder: Path, poll_seconds: float, jobs: int) -
                 result = sdk.fine_tune(config, examples(), timeout=300)
                 ended = time.monotonic()
                 assert result.state == "succeeded", result.error
-                while True:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        break
+                while not serving(health, name):
                     time.sleep(0.01)
                 delays.append(time.monotonic() - ended)
     finally:
