@@ -324,18 +324,26 @@ class ModelStore:
             )  # fmt: skip
             self.commit(manifest, replace=replace)
         except BaseException:
-            if manifest is not None and self._names_weights(name) != manifest.weights_file:
-                with contextlib.suppress(OSError):
-                    self.objects.delete(_key(name, manifest.weights_file))  # ours, and named by no manifest
+            if manifest is not None:
+                self._discard(manifest)
             raise
         return manifest
 
-    def _names_weights(self, name: str) -> str | None:
-        """The weights file the current manifest of ``name`` names, if it can be read."""
+    def _discard(self, staged: Manifest) -> None:
+        """Delete a staged version's weights unless the current manifest names them.
+
+        When that cannot be known (the store stopped answering: the manifest's write may have
+        landed without its answer reaching us), they stay, for :meth:`collect_orphans`.
+        """
         try:
-            return self.read_manifest(name).weights_file
-        except (OSError, FileRefused, StoreEntryError):
-            return None
+            current: str | None = self.read_manifest(staged.name).weights_file
+        except (FileNotFoundError, FileRefused, StoreEntryError):
+            current = None
+        except OSError:
+            return
+        if current != staged.weights_file:
+            with contextlib.suppress(OSError):
+                self.objects.delete(_key(staged.name, staged.weights_file))  # ours, and named by no manifest
 
     def stage(
         self,
