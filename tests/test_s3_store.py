@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from service.finetune.store import MANIFEST, ModelStore
 from service.storage import S3Location
 from tests.conftest import session_runtime_cache
 from tests.metrics_util import sample_value, scrape
-from tests.store_util import save_head
+from tests.store_util import publish_forever, save_head
 from tests.test_orphans import examples, no_tracebacks, poll, ready
 from tests.tiny import TINY, TINY_FEATURE_DIM
 from vision_client import Client, FineTuneConfig, VisionClientError
@@ -216,37 +215,21 @@ def test_a_stopped_store_never_stops_inference_and_its_models_are_seen_again(
     no_tracebacks(caplog)
 
 
-def _publish_forever(location: S3Location, ready: object) -> None:
-    """A writer that does nothing but publish: a new name once, then replacements of one name."""
-    from service.finetune.heads import build_standardized_head
-    from vision_client.protocol import HeadConfig
-
-    store = ModelStore(location)
-    spec = HeadConfig("two_layer", hidden=1024)
-    head = build_standardized_head(spec, TINY_FEATURE_DIM, 3)
-    ready.set()  # type: ignore[attr-defined]
-    for i in range(1_000_000):
-        name, replace = (f"fresh-{os.getpid()}", False) if i == 0 else ("contested", True)
-        store.save(
-            name=name, base_model=TINY, head_spec=spec, head=head, labels=["a", "b", "c"],
-            loss="cross_entropy", job_id=f"{i:012x}", replace=replace,
-        )  # fmt: skip
-
-
 def test_writers_killed_during_publish_never_leave_a_half_model_listed_or_served(tiny_replica, s3_store) -> None:
     import multiprocessing
     import random
 
     context = multiprocessing.get_context("forkserver")  # torch imported once, by the fork server
-    context.set_forkserver_preload(["torch", "service.finetune.store", "service.finetune.heads"])
+    context.set_forkserver_preload(["tests.store_util"])
     reader = ModelStore(s3_store)
     replica = tiny_replica()
     rng = random.Random(7)
     staged_without_manifest = 0
     checked: dict[str, str] = {}  # name: manifest ETag whose model loaded whole
+    seen: set[str] = set()  # weights keys of earlier writers
     for _ in range(10):
         started = context.Event()
-        writer = context.Process(target=_publish_forever, args=(s3_store, started))
+        writer = context.Process(target=publish_forever, args=(s3_store, TINY, TINY_FEATURE_DIM, started))
         writer.start()
         assert started.wait(120)
         time.sleep(rng.uniform(0.05, 0.6))
@@ -254,9 +237,15 @@ def test_writers_killed_during_publish_never_leave_a_half_model_listed_or_served
         writer.join(30)
         listing, errors = reader.listing()
         assert errors == {}
-        newest = max(w.key for w in listing["contested"].weights) if "contested" in listing else None
-        named = f"contested/{reader.read_manifest('contested').weights_file}" if newest else None
-        staged_without_manifest += newest != named  # killed between its weights and its manifest
+        # The killed writer's last version: its newest new weights; killed between its weights and its
+        # manifest if no manifest names them.
+        named = {f"{n}/{reader.read_manifest(n).weights_file}" for n, s in listing.items() if s.manifest}
+        keys = {w.key for s in listing.values() for w in s.weights}
+        new = keys - seen
+        if new:
+            last = max(new, key=lambda key: key.rsplit("head-", 1)[-1])  # versions start with the time in ms
+            staged_without_manifest += last not in named
+        seen |= keys
         listed = {name: s.manifest.etag for name, s in listing.items() if s.manifest is not None}
         for name, etag in listed.items():
             if checked.get(name) != etag:
