@@ -45,10 +45,17 @@ def write_manifest(store: Path, name: str, data: dict | str) -> None:
     (folder / MANIFEST).write_text(data if isinstance(data, str) else json.dumps(data))
 
 
-def publish_forever(location: StoreLocation, base: str, features: int, ready: Any) -> None:
+def aws_environment() -> dict[str, str]:
+    """The AWS variables of this process now: a fork server's children have the fork server's
+    environment, which may predate a test's."""
+    return {key: value for key, value in os.environ.items() if key.startswith("AWS_")}
+
+
+def publish_forever(location: StoreLocation, base: str, features: int, ready: Any, env: dict[str, str]) -> None:
     """A writer that does nothing but publish (a child process, to be killed): a new name once,
     then replacements of one name. Here, so that a fork server that imported this module starts
     it at once."""
+    os.environ.update(env)
     spec = HeadConfig("two_layer", hidden=1024)
     store = ModelStore(location)
     head = build_standardized_head(spec, features, 3)
@@ -59,3 +66,25 @@ def publish_forever(location: StoreLocation, base: str, features: int, ready: An
             name=name, base_model=base, head_spec=spec, head=head, labels=["a", "b", "c"],
             loss="cross_entropy", job_id=f"{i:012x}", replace=replace,
         )  # fmt: skip
+
+
+def race_to_create(location: StoreLocation, seed: int, start: Any, results: Any, env: dict[str, str]) -> None:
+    """One of several processes committing a create-only version of one name at once (a child
+    process started from a fork server that imported this module): puts ("won"|"lost", version)."""
+    from service.errors import AlreadyExistsError
+    from service.finetune.trainer import TrainMetrics
+
+    os.environ.update(env)
+    store = ModelStore(location)
+    torch.manual_seed(seed)
+    head = build_standardized_head(HeadConfig(), 8, 2)
+    staged = store.stage(
+        name="contested", base_model="alexnet", head_spec=HeadConfig(), head=head, labels=["a", "b"],
+        loss="cross_entropy", metrics=TrainMetrics(), job_id=f"job-{seed}",
+    )  # fmt: skip
+    start.wait()
+    try:
+        store.commit(staged, replace=False)
+        results.put(("won", staged.version))
+    except AlreadyExistsError:
+        results.put(("lost", staged.version))

@@ -22,7 +22,7 @@ from service.finetune.store import MANIFEST, ModelStore
 from service.storage import S3Location
 from tests.conftest import session_runtime_cache
 from tests.metrics_util import sample_value, scrape
-from tests.store_util import publish_forever, save_head
+from tests.store_util import aws_environment, publish_forever, save_head
 from tests.test_orphans import examples, no_tracebacks, poll, ready
 from tests.tiny import TINY, TINY_FEATURE_DIM
 from vision_client import Client, FineTuneConfig, VisionClientError
@@ -229,7 +229,8 @@ def test_writers_killed_during_publish_never_leave_a_half_model_listed_or_served
     seen: set[str] = set()  # weights keys of earlier writers
     for _ in range(10):
         started = context.Event()
-        writer = context.Process(target=publish_forever, args=(s3_store, TINY, TINY_FEATURE_DIM, started))
+        arguments = (s3_store, TINY, TINY_FEATURE_DIM, started, aws_environment())
+        writer = context.Process(target=publish_forever, args=arguments)
         writer.start()
         assert started.wait(120)
         time.sleep(rng.uniform(0.05, 0.6))

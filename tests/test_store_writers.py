@@ -17,6 +17,7 @@ from service.finetune.heads import build_standardized_head
 from service.finetune.store import ModelStore
 from service.finetune.trainer import TrainMetrics
 from service.storage import StoreLocation
+from tests.store_util import aws_environment, race_to_create
 from vision_client.protocol import HeadConfig
 
 
@@ -73,21 +74,14 @@ def test_create_only_commit_refuses_a_name_another_writer_took(location: StoreLo
     assert not _exists(first, "pets", b.weights_file)  # the loser's weights, named by nobody
 
 
-def _race(location: StoreLocation, seed: int, start, results) -> None:
-    store = ModelStore(location)
-    staged = _stage(store, "contested", seed)
-    start.wait()
-    try:
-        store.commit(staged, replace=False)
-        results.put(("won", staged.version))
-    except AlreadyExistsError:
-        results.put(("lost", staged.version))
-
-
 def test_create_only_holds_across_processes(location: StoreLocation) -> None:
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")  # torch imported once, by the fork server
+    context.set_forkserver_preload(["tests.store_util"])
     start, results = context.Event(), context.Queue()
-    processes = [context.Process(target=_race, args=(location, seed, start, results)) for seed in range(4)]
+    env = aws_environment()
+    processes = [
+        context.Process(target=race_to_create, args=(location, seed, start, results, env)) for seed in range(4)
+    ]
     for process in processes:
         process.start()
     start.set()
