@@ -72,6 +72,10 @@ class ServeConfig:
     max_request_images: int | None = None  # images in one request; None: the queue size
     max_stream_in_flight: int = 64  # requests of one ModelStreamInfer call being worked on at once (>= a batch)
     max_message_bytes: int = 64 * 1024 * 1024
+    # Triton's system shared memory: regions registered at once (0: the extension is off), and their
+    # bytes together. Inputs read from a region are bounded by max_message_bytes, as in a message.
+    max_shared_memory_regions: int = 128
+    max_shared_memory_bytes: int = 1024 * 1024 * 1024
     # A call's first request message must arrive within this of its start (service.transport.requests);
     # a 64 MB request needs about 17 Mbit/s.
     first_message_timeout_s: float = 30.0

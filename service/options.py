@@ -198,6 +198,19 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--max-message-bytes", "max_message_bytes", "largest gRPC message", positive_int),
     Option(
+        "--max-shared-memory-regions",
+        "max_shared_memory_regions",
+        "system shared memory regions registered at once (Triton's extension; 0: off); "
+        "registering is a management call from this host only",
+        non_negative_int,
+    ),
+    Option(
+        "--max-shared-memory-bytes",
+        "max_shared_memory_bytes",
+        "bytes of all system shared memory regions together (an input read from one is bounded by --max-message-bytes)",
+        positive_int,
+    ),
+    Option(
         "--model-store",
         "model_store",
         "directory of fine-tuned models (shared by replicas); 'none' turns fine-tuning off",
