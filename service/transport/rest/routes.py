@@ -119,7 +119,9 @@ def routes(servicer: InferenceServicer) -> list[Route]:
     async def shm_status(request: web.Request, body: bytes) -> web.StreamResponse:
         message = pb.SystemSharedMemoryStatusRequest(name=request.match_info.get("region", ""))
         reply = await servicer.SystemSharedMemoryStatus(message, NO_CONTEXT)
-        return web.json_response([message_to_json(region) for region in reply.regions.values()])
+        # Triton's list, every field written (protobuf's JSON would leave out an offset of 0).
+        fields = ("name", "key", "offset", "byte_size")
+        return web.json_response([{f: getattr(region, f) for f in fields} for region in reply.regions.values()])
 
     async def shm_register(request: web.Request, body: bytes) -> web.StreamResponse:
         options = await _object(body, "the register request")
