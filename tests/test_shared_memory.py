@@ -456,3 +456,20 @@ def test_encoded_images_keep_their_framing() -> None:
     """The helper the IMAGE test uses frames as the message does (a sanity check of the test itself)."""
     framed = serialize_byte_tensor(np.array([b"ab", b"c"], dtype=np.object_)).item()
     assert framed == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
+
+
+def test_the_example_of_the_docs_runs(shm_server, client, capsys) -> None:
+    import re
+
+    from tests.conftest import ROOT
+
+    section = (ROOT / "docs" / "protocol.md").read_text().split("## System shared memory", 1)[1].split("\n## ", 1)[0]
+    script = re.findall(r"^```python\n(.*?)^```", section, re.M | re.S)[0]
+    script = (
+        script.replace("localhost:8001", shm_server.target)
+        .replace('"resnet101"', f'"{MODEL}"')
+        .replace('"/frames"', f'"{key("frames")}"')
+    )
+    exec(compile(script, "protocol.md", "exec"), {})
+    (printed,) = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\[\s*\d+\s+\d+\s+\d+\s+\d+\]", printed)
