@@ -178,6 +178,29 @@ def test_both_in_one_region_at_offsets(client, regions) -> None:
     np.testing.assert_array_equal(shm.get_contents_as_numpy(handle, np.float32, values.shape, start + input_at), values)
 
 
+def test_streamed_requests_use_regions_too(shm_server, client, regions) -> None:
+    import queue
+
+    values = pixels(2, seed=5)
+    handle = create(regions, "stream", values.nbytes + 2 * LOGITS_BYTES)
+    shm.set_shared_memory_region(handle, [values])
+    client.register_system_shared_memory("stream", key("stream"), values.nbytes + 2 * LOGITS_BYTES)
+    answers: queue.Queue = queue.Queue()
+    with triton.InferenceServerClient(shm_server.target) as streaming:
+        streaming.start_stream(callback=lambda result, error: answers.put((result, error)))
+        streaming.async_stream_infer(
+            MODEL,
+            [shm_input("stream", values)],
+            outputs=[shm_output("stream", 2 * LOGITS_BYTES, values.nbytes)],
+            request_id="7",
+        )
+        result, error = answers.get(timeout=60)
+        streaming.stop_stream()
+    assert error is None and result.get_response().id == "7"
+    written = shm.get_contents_as_numpy(handle, np.float32, [2, 1000], offset=values.nbytes)
+    np.testing.assert_allclose(written, in_message(client, values), rtol=1e-5, atol=1e-5)
+
+
 def test_image_bytes_from_a_region_and_classes_into_one(client, regions, photos) -> None:
     images = np.array([photos["china"], photos["flower-crop"]], dtype=np.object_)
     serialized = serialize_byte_tensor(images)  # the message's framing: a 4-byte length, then the bytes
