@@ -20,10 +20,18 @@ class BatchingConfig:
     # images/s at one client against 5 ms, no loss at 8 and 32, where batches fill while one runs.
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 512  # images waiting per model before RESOURCE_EXHAUSTED
+    # After a batch, how long a worker may wait for the clients it answered to send again and for
+    # admitted requests still decoding (also at most a quarter of the last forward pass; 0: never):
+    # without it, closed-loop clients split into two half-size batches (service.batching).
+    max_rejoin_ms: float = 50.0
 
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+    @property
+    def max_rejoin_s(self) -> float:
+        return self.max_rejoin_ms / 1000.0
 
 
 @dataclass(frozen=True)

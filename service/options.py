@@ -177,6 +177,13 @@ OPTIONS: tuple[Option, ...] = (
         "--max-queue-delay-ms", "batching.max_queue_delay_ms", "longest wait for a batch to fill", non_negative_float
     ),
     Option(
+        "--max-rejoin-ms",
+        "batching.max_rejoin_ms",
+        "after a batch, longest wait for the clients it answered to send again and for admitted requests "
+        "still decoding (also at most a quarter of the last forward pass; 0: off)",
+        non_negative_float,
+    ),
+    Option(
         "--max-queue-size",
         "batching.max_queue_size",
         "images queued per model before RESOURCE_EXHAUSTED",
