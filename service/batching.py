@@ -76,6 +76,8 @@ class WorkItem:
     deadline: float | None = None  # monotonic seconds; None: no deadline
     is_cancelled: Callable[[], bool] = lambda: False
     enqueued_at: float = field(default_factory=time.monotonic)
+    # The last part of its request: answering it lets a closed-loop client send again (see answered()).
+    completes_request: bool = True
 
     @property
     def size(self) -> int:
@@ -172,7 +174,8 @@ class BatchQueue:
         self._cond.notify_all()
 
     def answered(self, items: int, compute_seconds: float) -> None:
-        """A worker has answered ``items`` work items after a forward pass of ``compute_seconds``.
+        """A worker is answering ``items`` requests (work items that complete their request) after a
+        forward pass of ``compute_seconds``; it calls this before it hands out the answers.
 
         Closed-loop clients send again as soon as they are answered: the worker's next batch may
         wait for that many arrivals (see :meth:`next_batch`)."""

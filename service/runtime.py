@@ -181,8 +181,9 @@ class InferenceWorker:
                 phases=phases,
             )
         )
+        # Before the answers: a client answered may send again before the next line runs.
+        self._queue.answered(sum(item.completes_request for item in batch), finished - started)
         offset = 0
         for item in batch:
             item.on_result(outputs[offset : offset + item.size])
             offset += item.size
-        self._queue.answered(len(batch), finished - started)
