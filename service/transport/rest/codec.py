@@ -7,6 +7,11 @@ in input order). It becomes the very ``ModelInferRequest`` a gRPC client would s
 tensor in ``raw_input_contents``, so that one parser (``transport/codec.py``) checks both. The
 response goes the other way: JSON ``data`` lists, or binary data for outputs that ask for it.
 
+Triton's system shared memory parameters (``shared_memory_region``, ``shared_memory_byte_size``,
+``shared_memory_offset``) of an input or an output are carried over into the message's tensor
+parameters: such an input has no data here (the servicer reads it from its region), and such an
+output is answered with its parameters and no data.
+
 Every other message (metadata, config, statistics, the repository index) is protobuf's JSON of
 the gRPC answer, field names as in the proto and 64-bit integers as JSON numbers, as Triton's
 REST API writes them.
