@@ -5,11 +5,17 @@ bookkeeping (when to stop, which input is next, what was answered when, what fai
 :class:`ClosedLoopClient`, written once; ``--client threads`` drives it from one thread
 and one ``tritonclient.grpc`` client per C, ``--client aio`` from C tasks on one
 ``tritonclient.grpc.aio`` event loop.
+
+Mode ``pixels-shm`` sends PIXELS through Triton's system shared memory: each client has one
+region (``tritonclient.utils.shared_memory``) holding every payload at its own offset, written
+once before the clock starts (as a producer writing frames in place would), and room for LOGITS,
+which the server writes there and the client reads back after each answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import urllib.request
@@ -24,6 +30,61 @@ from bench.machine import process_cpu_seconds, system_busy_seconds
 from bench.records import ServiceResult
 
 WARMUP_CAP_S = 600.0  # a point whose clients cannot all finish two requests by then is an error
+SHM_MODE = "pixels-shm"
+OUTPUT_ROOM = 64 * 1024  # bytes of each client's region for LOGITS (one image's are 4 KB for 1000 classes)
+
+
+@dataclass
+class Call:
+    """One request of a client: its inputs, and where its LOGITS come back."""
+
+    inputs: list[Any]
+    outputs: list[Any] | None = None
+    region: Any = None  # a tritonclient shared memory handle holding LOGITS at ``offset``, or None
+    offset: int = 0
+
+    def logits(self, result: Any) -> Any:
+        if self.region is None:
+            return result.as_numpy("LOGITS")
+        import tritonclient.utils.shared_memory as shm
+
+        output = result.get_output("LOGITS")
+        return shm.get_contents_as_numpy(self.region, np.float32, list(output.shape), self.offset)
+
+
+class ClientRegion:
+    """One client's system shared memory region: every payload at its own offset, then LOGITS."""
+
+    def __init__(self, module: Any, url: str, index: int, payloads: list[np.ndarray]) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as shm
+
+        self.name = f"bench-{os.getpid()}-{index}"
+        self._url = url
+        offsets = np.cumsum([0] + [p.nbytes for p in payloads]).tolist()
+        output_at = offsets[-1]
+        self.handle = shm.create_shared_memory_region(self.name, "/" + self.name, output_at + OUTPUT_ROOM)
+        for payload, offset in zip(payloads, offsets, strict=False):
+            shm.set_shared_memory_region(self.handle, [payload], offset=offset)
+        with grpcclient.InferenceServerClient(url) as client:
+            client.register_system_shared_memory(self.name, "/" + self.name, output_at + OUTPUT_ROOM)
+        self.calls = []
+        for payload, offset in zip(payloads, offsets, strict=False):
+            tensor = module.InferInput("PIXELS", list(payload.shape), "FP32")
+            tensor.set_shared_memory(self.name, payload.nbytes, offset)
+            output = module.InferRequestedOutput("LOGITS")
+            output.set_shared_memory(self.name, OUTPUT_ROOM, output_at)
+            self.calls.append(Call([tensor], [output], self.handle, output_at))
+
+    def close(self) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as shm
+
+        try:
+            with grpcclient.InferenceServerClient(self._url) as client:
+                client.unregister_system_shared_memory(self.name)
+        finally:
+            shm.destroy_shared_memory_region(self.handle)
 
 
 class Clock:
@@ -68,9 +129,9 @@ def _drive_sync(client: ClosedLoopClient, url: str, model: str, ready: threading
 
     with grpcclient.InferenceServerClient(url) as triton:
         ready.wait()
-        while (payload := client.next_input()) is not None:
+        while (call := client.next_input()) is not None:
             try:
-                triton.infer(model, [payload]).as_numpy("LOGITS")
+                call.logits(triton.infer(model, call.inputs, outputs=call.outputs))
             except Exception as exc:
                 client.failed(exc)
                 time.sleep(0.01)
@@ -84,9 +145,9 @@ async def _drive_async(clients: list[ClosedLoopClient], url: str, model: str, go
     async def one(client: ClosedLoopClient) -> None:
         triton = aioclient.InferenceServerClient(url)
         try:
-            while (payload := client.next_input()) is not None:
+            while (call := client.next_input()) is not None:
                 try:
-                    (await triton.infer(model, [payload])).as_numpy("LOGITS")
+                    call.logits(await triton.infer(model, call.inputs, outputs=call.outputs))
                 except Exception as exc:
                     client.failed(exc)
                     await asyncio.sleep(0.01)
@@ -99,15 +160,30 @@ async def _drive_async(clients: list[ClosedLoopClient], url: str, model: str, go
     await asyncio.gather(*(one(c) for c in clients))
 
 
-def start_clients(kind: str, url: str, model: str, mode: str, payloads: list[np.ndarray], concurrency: int
-                  ) -> tuple[Clock, list[ClosedLoopClient], list[threading.Thread]]:  # fmt: skip
-    """Start C clients (``kind``: threads or aio); they run until ``clock.stop_at``."""
+def start_clients(
+    kind: str,
+    url: str,
+    model: str,
+    mode: str,
+    payloads: list[np.ndarray],
+    concurrency: int,
+    regions: list[ClientRegion],
+) -> tuple[Clock, list[ClosedLoopClient], list[threading.Thread]]:
+    """Start C clients (``kind``: threads or aio); they run until ``clock.stop_at``. In shared
+    memory mode each client's region is appended to ``regions`` (the caller closes them)."""
     if kind == "threads":
         import tritonclient.grpc as module
     else:
         import tritonclient.grpc.aio as module  # type: ignore[no-redef]
     clock = Clock(concurrency)
-    clients = [ClosedLoopClient(i, clock, [infer_input(module, mode, p) for p in payloads]) for i in range(concurrency)]
+    clients = []
+    for index in range(concurrency):
+        if mode == SHM_MODE:
+            regions.append(ClientRegion(module, url, index, payloads))
+            calls = regions[-1].calls
+        else:
+            calls = [Call([infer_input(module, mode, p)]) for p in payloads]
+        clients.append(ClosedLoopClient(index, clock, calls))
     if kind == "threads":
         barrier = threading.Barrier(concurrency + 1)
         threads = [threading.Thread(target=_drive_sync, args=(c, url, model, barrier), daemon=True) for c in clients]
@@ -167,7 +243,17 @@ class Target:
 def measure_service(target: Target, model: str, mode: str, concurrency: int, payloads: list[np.ndarray],
                     *, window_s: float, warmup_s: float, client: str) -> ServiceResult:  # fmt: skip
     """C closed-loop clients; images/s and latency over a window after warm-up."""
-    clock, clients, threads = start_clients(client, target.url, model, mode, payloads, concurrency)
+    regions: list[ClientRegion] = []
+    try:
+        return _measure(target, model, mode, concurrency, payloads, window_s, warmup_s, client, regions)
+    finally:
+        for region in regions:
+            region.close()
+
+
+def _measure(target: Target, model: str, mode: str, concurrency: int, payloads: list[np.ndarray], window_s: float,
+             warmup_s: float, client: str, regions: list[ClientRegion]) -> ServiceResult:  # fmt: skip
+    clock, clients, threads = start_clients(client, target.url, model, mode, payloads, concurrency, regions)
     try:
         # Warm-up: warmup_s, and until every client has had two answers (the first batches
         # of each size are slow while oneDNN primes them; slow models need seconds per batch).
@@ -219,6 +305,7 @@ def measure_service(target: Target, model: str, mode: str, concurrency: int, pay
         errors=len(errors),
         error_examples=sorted(set(errors))[:3],
         server_cpu_cores_used=(server1 - server0) / window_s,
+        server_cpu_seconds_per_image=(server1 - server0) / len(ended) if ended else None,
         client_cpu_cores_used=(client1 - client0) / window_s,
         other_processes_cpu_cores=max(0.0, (busy1 - busy0 - (server1 - server0) - (client1 - client0)) / window_s),
         server_batches=batches,

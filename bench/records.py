@@ -47,6 +47,7 @@ class ServiceResult:
     errors: int
     error_examples: list[str]
     server_cpu_cores_used: float
+    server_cpu_seconds_per_image: float | None  # server CPU time over images served in the window
     client_cpu_cores_used: float
     other_processes_cpu_cores: float
     server_batches: float  # from the server's own /metrics over the same window

@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated client counts [default: 1,8,32; quick: 1,8]",
     )
     p.add_argument(
-        "--modes", type=_csv, default=["image", "pixels"], help="comma-separated: image, pixels [default: both]"
+        "--modes",
+        type=_csv,
+        default=["image", "pixels", "pixels-shm"],
+        help="comma-separated: image, pixels (in the message), pixels-shm (PIXELS in and LOGITS out through "
+        "Triton's system shared memory) [default: all three]",
     )
     p.add_argument(
         "--runtimes",
@@ -180,9 +184,9 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup_seconds = 1.0 if quick else 2.0
     if args.min_batches is None:
         args.min_batches = 2 if quick else 5
-    bad = [m for m in args.modes if m not in ("image", "pixels")]
+    bad = [m for m in args.modes if m not in ("image", "pixels", "pixels-shm")]
     if bad:
-        raise SystemExit(f"throughput.py: error: unknown mode {bad[0]!r}; modes are image and pixels")
+        raise SystemExit(f"throughput.py: error: unknown mode {bad[0]!r}; modes are image, pixels and pixels-shm")
     for item in args.server_env:
         if "=" not in item:
             raise SystemExit(f"throughput.py: error: --server-env {item!r} is not KEY=VALUE")
@@ -195,7 +199,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 COLUMNS = (
     ("model", "{:<10}"),
-    ("mode", "{:<6}"),
+    ("mode", "{:<10}"),
     ("conc", "{:>4}"),
     ("server", "{:<12}"),
     ("eager img/s", "{:>11}"),
@@ -207,6 +211,7 @@ COLUMNS = (
     ("p99 ms", "{:>8}"),
     ("svc batch", "{:>9}"),
     ("srv cores", "{:>9}"),
+    ("cpu ms/img", "{:>10}"),
     ("others", "{:>9}"),
 )
 
@@ -236,6 +241,7 @@ def rows(point: Any) -> list[str]:
             f"{svc.latency_ms_p99:.1f}",
             "-" if svc.server_batch_size_mean is None else f"{svc.server_batch_size_mean:.1f}",
             f"{svc.server_cpu_cores_used:.2f}",
+            f"{1000 * svc.server_cpu_cores_used / svc.images_per_s:.1f}" if svc.images_per_s else "-",
             f"{others:.1f}/{svc.other_processes_cpu_cores:.1f}",
         )
         line = "  ".join(fmt.format(v) for (_, fmt), v in zip(COLUMNS, values, strict=True))
@@ -360,7 +366,8 @@ def _run(args: argparse.Namespace, raw_thread: Any, torch: Any) -> int:
         "\neager/same img/s: raw in-process throughput in eager PyTorch / in the runtime the server ran "
         "(decode+preprocess+forward for image, forward for pixels) at batch min(C, max batch);\n/eager, /same: "
         "service over those; svc batch: mean images per server forward pass; srv cores: CPU cores busy in the "
-        "server; others: cores busy with other processes during raw/service "
+        "server; cpu ms/img: server CPU time per image served; others: cores busy with other processes during "
+        "raw/service "
         f"(above {DISTURBED_CORES} the point is flagged)."
     )
     disturbed = [f"{p.model}/{p.mode}/C={p.concurrency}" for p in results if p.disturbed(DISTURBED_CORES)]

@@ -9,7 +9,15 @@ item's arrival, or, if the worker was busy then, the moment it became free.
 So an item never waits more than the delay for a free worker, and clients
 answered by the previous batch have that long to join the next one (with
 closed-loop clients, counting from the oldest arrival alone would split them
-into two half-size batches that alternate forever). :func:`collate` is the pure rule that picks the batch:
+into two half-size batches that alternate forever).
+
+With no delay (the default) the same split would happen at once: a free worker takes whatever is
+queued, while the clients it has just answered are still on their way back. So a worker that
+answered requests waits, after its window, for as many arrivals as it answered and for requests
+already admitted that are still decoding (see :meth:`BatchQueue.answered`), at most
+``max_rejoin_s`` and at most :data:`REJOIN_SHARE` of its last forward pass. Requests it did not
+answer and nobody is decoding are never waited for: one closed-loop client gets no wait at all,
+and open-loop traffic loses at most that share. :func:`collate` is the pure rule that picks the batch:
 items whose deadline passed, or whose caller went away, are taken out and
 answered, never computed. Only items of the same image shape share a batch.
 
@@ -35,6 +43,8 @@ from typing import Protocol
 import torch
 
 from service.errors import QueueClosedError, QueueFullError
+
+REJOIN_SHARE = 0.25  # of the last forward pass's time: the most a worker waits for answered clients to return
 
 
 class Clock(Protocol):
@@ -66,6 +76,8 @@ class WorkItem:
     deadline: float | None = None  # monotonic seconds; None: no deadline
     is_cancelled: Callable[[], bool] = lambda: False
     enqueued_at: float = field(default_factory=time.monotonic)
+    # The last part of its request: answering it lets a closed-loop client send again (see answered()).
+    completes_request: bool = True
 
     @property
     def size(self) -> int:
@@ -116,6 +128,8 @@ class BatchQueue:
         self._reserved = 0
         self._capacity = capacity_images
         self._closed = False
+        self._returning = 0  # items answered by the last batch whose clients have not sent again yet
+        self._last_compute_s = 0.0
         self._cond = threading.Condition()
         self._on_depth_change = on_depth_change or (lambda delta: None)
 
@@ -156,7 +170,23 @@ class BatchQueue:
     def _enqueue(self, items: list[WorkItem], size: int) -> None:
         self._pending.extend(items)
         self._images += size
+        self._returning = max(0, self._returning - len(items))
         self._cond.notify_all()
+
+    def answered(self, items: int, compute_seconds: float) -> None:
+        """A worker is answering ``items`` requests (work items that complete their request) after a
+        forward pass of ``compute_seconds``; it calls this before it hands out the answers.
+
+        Closed-loop clients send again as soon as they are answered: the worker's next batch may
+        wait for that many arrivals (see :meth:`next_batch`)."""
+        with self._cond:
+            self._returning = items
+            self._last_compute_s = compute_seconds
+
+    @property
+    def returning(self) -> int:
+        """Items answered by the last batch whose senders have not sent again (arrivals count them off)."""
+        return self._returning
 
     def _put_reserved(self, items: list[WorkItem], reserved: int) -> None:
         size = sum(item.size for item in items)
@@ -171,10 +201,18 @@ class BatchQueue:
         with self._cond:
             self._reserved -= reserved
 
-    def next_batch(self, max_images: int, max_delay_s: float) -> tuple[list[WorkItem], list[WorkItem]] | None:
-        """Block until a batch closes; ``None`` once the queue is closed and empty."""
+    def next_batch(
+        self, max_images: int, max_delay_s: float, max_rejoin_s: float = 0.0
+    ) -> tuple[list[WorkItem], list[WorkItem]] | None:
+        """Block until a batch closes; ``None`` once the queue is closed and empty.
+
+        The batch closes when full, or ``max_delay_s`` after it could have started; while clients
+        the worker answered are expected back or admitted requests are decoding, it may stay open
+        until ``min(max_rejoin_s, REJOIN_SHARE * last forward pass)`` after the worker became free.
+        """
         free_since = self._clock.now()
         with self._cond:
+            rejoin_at = free_since + min(max_rejoin_s, REJOIN_SHARE * self._last_compute_s)
             while True:
                 while not self._pending and not self._closed:
                     self._cond.wait()
@@ -182,7 +220,8 @@ class BatchQueue:
                     return None
                 close_at = max(self._pending[0].enqueued_at, free_since) + max_delay_s
                 while self._images < max_images and not self._closed:
-                    remaining = close_at - self._clock.now()
+                    expecting = self._returning > 0 or self._reserved > 0
+                    remaining = (max(close_at, rejoin_at) if expecting else close_at) - self._clock.now()
                     if remaining <= 0:
                         break
                     self._clock.wait(self._cond, remaining)

@@ -22,10 +22,18 @@ class BatchingConfig:
     # images/s at one client against 5 ms, no loss at 8 and 32, where batches fill while one runs.
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 512  # images waiting per model before RESOURCE_EXHAUSTED
+    # After a batch, how long a worker may wait for the clients it answered to send again and for
+    # admitted requests still decoding (also at most a quarter of the last forward pass; 0: never):
+    # without it, closed-loop clients split into two half-size batches (service.batching).
+    max_rejoin_ms: float = 50.0
 
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+    @property
+    def max_rejoin_s(self) -> float:
+        return self.max_rejoin_ms / 1000.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,10 @@ class ServeConfig:
     max_request_images: int | None = None  # images in one request; None: the queue size
     max_stream_in_flight: int = 64  # requests of one ModelStreamInfer call being worked on at once (>= a batch)
     max_message_bytes: int = 64 * 1024 * 1024
+    # Triton's system shared memory: regions registered at once (0: the extension is off), and their
+    # bytes together. Inputs read from a region are bounded by max_message_bytes, as in a message.
+    max_shared_memory_regions: int = 128
+    max_shared_memory_bytes: int = 1024 * 1024 * 1024
     # A call's first request message must arrive within this of its start (service.transport.requests);
     # a 64 MB request needs about 17 Mbit/s.
     first_message_timeout_s: float = 30.0

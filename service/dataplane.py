@@ -299,7 +299,8 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[np.ndarray]] = []
         items: list[WorkItem] = []
-        for chunk in torch.split(pixels, self._config.batching.max_batch_size):
+        chunks = torch.split(pixels, self._config.batching.max_batch_size)
+        for index, chunk in enumerate(chunks):
             future: asyncio.Future[np.ndarray] = loop.create_future()
             futures.append(future)
             items.append(
@@ -308,6 +309,7 @@ class DataPlane:
                     on_result=partial(_resolve_from_thread, loop, future),
                     deadline=deadline,
                     is_cancelled=future.cancelled,
+                    completes_request=index == len(chunks) - 1,
                 )
             )
         reservation.put(items)

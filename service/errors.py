@@ -9,9 +9,11 @@ imports gRPC.
     ├── InvalidInputError        INVALID_ARGUMENT   a request the client must fix
     │   └── BuiltinModelError                       a built-in model's name where a fine-tuned one is meant
     ├── ModelNotFoundError       NOT_FOUND          no model (or job) by that name
+    ├── RegionNotFoundError      NOT_FOUND          no shared memory region by that name
     ├── AlreadyExistsError       ALREADY_EXISTS     a name that is taken
     ├── ConflictError            ABORTED            a concurrent writer won (retry)
     ├── QueueFullError           RESOURCE_EXHAUSTED the model's queue is full
+    ├── SharedMemoryFullError    RESOURCE_EXHAUSTED the shared memory regions' caps are reached
     ├── DeadlineExceededError    DEADLINE_EXCEEDED  expired before compute
     ├── UnavailableError         UNAVAILABLE        not ready yet, or draining
     │   ├── QueueClosedError                        the model was replaced or stopped
@@ -72,6 +74,12 @@ class ModelNotFoundError(VisionServeError):
     status = "NOT_FOUND"
 
 
+class RegionNotFoundError(VisionServeError):
+    """No system shared memory region is registered under the name a call gives."""
+
+    status = "NOT_FOUND"
+
+
 class AlreadyExistsError(VisionServeError):
     status = "ALREADY_EXISTS"
 
@@ -83,6 +91,12 @@ class ConflictError(VisionServeError):
 
 
 class QueueFullError(VisionServeError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class SharedMemoryFullError(VisionServeError):
+    """A registration over the caps on the number or total size of shared memory regions."""
+
     status = "RESOURCE_EXHAUSTED"
 
 

@@ -153,6 +153,7 @@ class ModelFactory:
                 instance,
                 max_batch_size=batching.max_batch_size,
                 max_delay_s=batching.max_queue_delay_s,
+                max_rejoin_s=batching.max_rejoin_s,
                 on_batch=partial(self._metrics.record_batch, model.name, version=model.version),
                 warm_up_shape=(3, model.input_size, model.input_size) if warm_up else None,
             )

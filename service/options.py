@@ -181,6 +181,13 @@ OPTIONS: tuple[Option, ...] = (
         "--max-queue-delay-ms", "batching.max_queue_delay_ms", "longest wait for a batch to fill", non_negative_float
     ),
     Option(
+        "--max-rejoin-ms",
+        "batching.max_rejoin_ms",
+        "after a batch, longest wait for the clients it answered to send again and for admitted requests "
+        "still decoding (also at most a quarter of the last forward pass; 0: off)",
+        non_negative_float,
+    ),
+    Option(
         "--max-queue-size",
         "batching.max_queue_size",
         "images queued per model before RESOURCE_EXHAUSTED",
@@ -201,6 +208,19 @@ OPTIONS: tuple[Option, ...] = (
         positive_int,
     ),
     Option("--max-message-bytes", "max_message_bytes", "largest gRPC message", positive_int),
+    Option(
+        "--max-shared-memory-regions",
+        "max_shared_memory_regions",
+        "system shared memory regions registered at once (Triton's extension; 0: off); "
+        "registering is a management call from this host only",
+        non_negative_int,
+    ),
+    Option(
+        "--max-shared-memory-bytes",
+        "max_shared_memory_bytes",
+        "bytes of all system shared memory regions together (an input read from one is bounded by --max-message-bytes)",
+        positive_int,
+    ),
     Option(
         "--model-store",
         "model_store",

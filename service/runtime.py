@@ -109,6 +109,7 @@ class InferenceWorker:
         *,
         max_batch_size: int,
         max_delay_s: float,
+        max_rejoin_s: float = 0.0,
         on_batch: Callable[[BatchStats], None] = lambda stats: None,
         warm_up_shape: tuple[int, int, int] | None = None,
     ) -> None:
@@ -119,6 +120,7 @@ class InferenceWorker:
         self._queue = queue
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
+        self._max_rejoin_s = max_rejoin_s
         self._on_batch = on_batch
         self._thread = threading.Thread(target=self._run, name=f"infer-{name}-{instance.label}", daemon=True)
 
@@ -148,7 +150,9 @@ class InferenceWorker:
             return
         finally:
             self._started.set()
-        while (taken := self._queue.next_batch(self._max_batch_size, self._max_delay_s)) is not None:
+        while (
+            taken := self._queue.next_batch(self._max_batch_size, self._max_delay_s, self._max_rejoin_s)
+        ) is not None:
             batch, expired = taken
             for item in expired:
                 if not item.is_cancelled():
@@ -177,6 +181,8 @@ class InferenceWorker:
                 phases=phases,
             )
         )
+        # Before the answers: a client answered may send again before the next line runs.
+        self._queue.answered(sum(item.completes_request for item in batch), finished - started)
         offset = 0
         for item in batch:
             item.on_result(outputs[offset : offset + item.size])

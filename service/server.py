@@ -28,6 +28,7 @@ from service.metrics_http import MetricsHttpServer
 from service.model_control import ModelControl
 from service.models import WeightsSource
 from service.repository import ModelRepository, ServedModel
+from service.shared_memory import SharedMemoryRegions
 from service.transport.auth import AuthorizationInterceptor, policy_from
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
@@ -72,6 +73,9 @@ class VisionServer:
         # every fine-tuned model it can before it takes traffic (see StoreSync).
         self.dataplane = DataPlane(
             config, self.repository, self.metrics, self._decode_pool, models_known=lambda: self.finetuned.store_read
+        )
+        self.shared_memory = SharedMemoryRegions(
+            max_regions=config.max_shared_memory_regions, max_bytes=config.max_shared_memory_bytes
         )
         self.jobs = JobManager(self.dataplane, self.repository, self.builtin, self.finetuned, self.metrics, limits)
         self._access = policy_from(config.auth_token_file, config.auth_scope)
@@ -130,6 +134,7 @@ class VisionServer:
             batching=self.config.batching,
             statistics=self.metrics.statistics,
             control=ModelControl(self.repository, self.builtin, self.finetuned),
+            regions=self.shared_memory,
         )
         # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)  # type: ignore[no-untyped-call]
@@ -281,6 +286,7 @@ class VisionServer:
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=None)
         await self.repository.stop()
+        self.shared_memory.unregister("")  # closes the regions' files (requests holding one close it at their end)
         await self._metrics_http.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

@@ -71,9 +71,27 @@ def test_management_is_fine_tuning_and_model_load_unload() -> None:
     assert scope_of("/inference.GRPCInferenceService/ModelStreamInfer") is Scope.INFERENCE
 
 
+def test_system_shared_memory_is_host_management(tmp_path: Path) -> None:
+    host = {method for method, scope in RPC_SCOPES.items() if scope is Scope.HOST_MANAGEMENT}
+    assert host == {
+        f"/inference.GRPCInferenceService/SystemSharedMemory{call}" for call in ("Status", "Register", "Unregister")
+    }
+    open_policy = AccessPolicy(None)
+    open_policy.check(Scope.HOST_MANAGEMENT, [], "ipv4:127.0.0.1:5")
+    with pytest.raises(PermissionDeniedError, match="this host only"):
+        open_policy.check(Scope.HOST_MANAGEMENT, [], "ipv4:10.0.0.5:1")
+    (tmp_path / "tokens").write_text(f"{TOKEN_A}\n")
+    policy = AccessPolicy(TokenFile(tmp_path / "tokens"))
+    policy.check(Scope.HOST_MANAGEMENT, [f"Bearer {TOKEN_A}"], "ipv6:[::1]:5")
+    with pytest.raises(AuthenticationError):
+        policy.check(Scope.HOST_MANAGEMENT, [], "ipv4:127.0.0.1:5")
+    with pytest.raises(PermissionDeniedError, match="this host only"):  # a token does not make a peer local
+        policy.check(Scope.HOST_MANAGEMENT, [f"Bearer {TOKEN_A}"], "ipv4:10.0.0.5:1")
+
+
 @pytest.mark.parametrize(
     "method",
-    ["/inference.GRPCInferenceService/SystemSharedMemoryRegister", "/vision.v2.Anything/New", "", "garbage"],
+    ["/inference.GRPCInferenceService/CudaSharedMemoryRegister", "/vision.v2.Anything/New", "", "garbage"],
 )
 def test_unknown_methods_get_the_stricter_scope(method: str) -> None:
     assert scope_of(method) is Scope.MANAGEMENT

@@ -174,3 +174,90 @@ def test_depth_changes_are_reported() -> None:
     queue.put([item(2), item(1)])
     queue.next_batch(max_images=8, max_delay_s=0)
     assert depth == [3, -3]
+
+
+# -- rejoining: the clients a worker answered come back --------------------------------------------
+
+
+class RejoinWorker(Worker):
+    """``next_batch`` with a rejoin allowance, as a model's worker calls it after a batch."""
+
+    def __init__(self, queue: BatchQueue, max_images: int, max_rejoin_s: float) -> None:
+        self.result = None
+        self._thread = threading.Thread(
+            target=lambda: setattr(self, "result", queue.next_batch(max_images, 0.0, max_rejoin_s))
+        )
+        self._thread.start()
+
+
+def test_with_no_delay_a_worker_waits_for_the_clients_it_answered() -> None:
+    """Eight closed-loop clients: four were answered by the last batch, four queued meanwhile.
+    Without waiting for the four, batches of four would alternate forever."""
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.put([item(1, at=clock.now()) for _ in range(4)])  # arrived while the last batch ran
+    queue.answered(4, compute_seconds=1.0)
+    worker = RejoinWorker(queue, max_images=32, max_rejoin_s=0.05)
+    assert worker.waiting(clock)
+    queue.put([item(1, at=clock.now()) for _ in range(3)])
+    assert worker.waiting(clock)  # one still expected
+    queue.put([item(1, at=clock.now())])
+    assert worker.batch_images() == 8 and clock.now() == 1000.0  # every answered client is back: no more waiting
+    assert queue.returning == 0
+
+
+def test_the_wait_for_answered_clients_is_bounded() -> None:
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.put([item(1, at=clock.now()) for _ in range(4)])  # arrived while the last batch ran
+    queue.answered(4, compute_seconds=1.0)
+    worker = RejoinWorker(queue, max_images=32, max_rejoin_s=0.05)
+    assert worker.waiting(clock)
+    clock.advance(0.049)
+    assert worker.waiting(clock)
+    clock.advance(0.002)  # past max_rejoin_s: the clients that did not come back are not waited for
+    assert worker.batch_images() == 4
+
+
+def test_the_wait_is_at_most_a_share_of_the_forward_pass() -> None:
+    """A fast forward pass (a GPU) gets a short wait: idling longer than a share of it costs more than it brings."""
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.put([item(1, at=clock.now())])
+    queue.answered(4, compute_seconds=0.004)  # REJOIN_SHARE of it: 1 ms
+    worker = RejoinWorker(queue, max_images=32, max_rejoin_s=0.05)
+    assert worker.waiting(clock)
+    clock.advance(0.0011)
+    assert worker.batch_images() == 1
+
+
+def test_one_client_is_never_kept_waiting() -> None:
+    """C=1: the one client answered comes back, and nothing else is expected."""
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.answered(1, compute_seconds=1.0)
+    worker = RejoinWorker(queue, max_images=32, max_rejoin_s=0.05)  # finds the queue empty, or the item
+    queue.put([item(1, at=clock.now())])
+    assert worker.batch_images() == 1 and clock.now() == 1000.0
+    assert not clock.waits.acquire(timeout=0)  # it never waited for a window
+
+
+def test_admitted_requests_still_decoding_are_waited_for() -> None:
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.answered(0, compute_seconds=1.0)
+    queue.put([item(1, at=clock.now())])
+    decoding = queue.reserve(2)
+    worker = RejoinWorker(queue, max_images=32, max_rejoin_s=0.05)
+    assert worker.waiting(clock)
+    decoding.put([item(2, at=clock.now())])
+    assert worker.batch_images() == 3 and clock.now() == 1000.0
+
+
+def test_rejoining_is_off_at_zero() -> None:
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.put([item(1, at=clock.now()) for _ in range(4)])  # arrived while the last batch ran
+    queue.answered(4, compute_seconds=1.0)
+    worker = RejoinWorker(queue, max_images=32, max_rejoin_s=0.0)
+    assert worker.batch_images() == 4 and clock.now() == 1000.0

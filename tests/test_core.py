@@ -56,6 +56,17 @@ def test_a_result_comes_from_the_model_that_ran_and_batching_does_not_change_it(
     run_with_core(None, scenario)
 
 
+def test_a_request_split_into_batches_is_expected_back_once() -> None:
+    """20 images in batches of at most 8: only the last part's answer lets its client send again,
+    so the worker waits for one arrival after it (service.batching's rejoin rule), not for three."""
+
+    async def scenario(core: Core) -> None:
+        await core.dataplane.infer(TINY, InferenceInput(pixels=pixels(20)))
+        assert core.repository.get(TINY).queue.returning == 1
+
+    run_with_core(None, scenario)
+
+
 def test_images_are_decoded_and_preprocessed_like_pixels_are() -> None:
     async def scenario(core: Core) -> None:
         images = [photo(seed) for seed in range(3)]

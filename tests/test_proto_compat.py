@@ -152,6 +152,9 @@ def test_service_methods_match_triton() -> None:
         "RepositoryIndex",
         "RepositoryModelLoad",
         "RepositoryModelUnload",
+        "SystemSharedMemoryStatus",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
     }
     assert expected <= {m.name for m in our_service.method}
 

@@ -9,6 +9,9 @@ Every RPC belongs to one scope (:data:`RPC_SCOPES`, the one table of them):
   and any method the table does not know. With ``--auth-token-file`` it needs
   ``authorization: Bearer <token>``; without one it is accepted from loopback peers
   only, so that an unconfigured server reachable over a network cannot be retrained.
+- ``host management``: Triton's system shared memory calls. They make the server open a
+  file of this host and write into it, which only a caller on this host has a reason to
+  ask: loopback peers only, always, and then the ``management`` rule (the token, if any).
 
 Refusals are :class:`AuthenticationError` (UNAUTHENTICATED: missing or wrong token)
 or :class:`PermissionDeniedError` (PERMISSION_DENIED: a non-loopback peer and no
@@ -44,6 +47,7 @@ class Scope(enum.Enum):
     OPEN = "open"
     INFERENCE = "inference"
     MANAGEMENT = "management"
+    HOST_MANAGEMENT = "host management"  # management, and from this host only whatever the token
 
 
 _INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
@@ -67,6 +71,10 @@ RPC_SCOPES: Mapping[str, Scope] = {
     _INFERENCE_SERVICE + "RepositoryIndex": Scope.INFERENCE,
     _INFERENCE_SERVICE + "RepositoryModelLoad": Scope.MANAGEMENT,
     _INFERENCE_SERVICE + "RepositoryModelUnload": Scope.MANAGEMENT,
+    # System shared memory names files of this host: management, and from this host only.
+    _INFERENCE_SERVICE + "SystemSharedMemoryStatus": Scope.HOST_MANAGEMENT,
+    _INFERENCE_SERVICE + "SystemSharedMemoryRegister": Scope.HOST_MANAGEMENT,
+    _INFERENCE_SERVICE + "SystemSharedMemoryUnregister": Scope.HOST_MANAGEMENT,
     # Our own read-only model listing.
     "/vision.v1.Models/ListModels": Scope.INFERENCE,
     "/vision.v1.Models/GetModel": Scope.INFERENCE,
@@ -248,6 +256,8 @@ class AccessPolicy:
     def check(self, scope: Scope, authorization: Sequence[str], peer: str) -> None:
         if not self.needs_check(scope):
             return
+        if scope is Scope.HOST_MANAGEMENT and not is_loopback_peer(peer):
+            raise PermissionDeniedError(host_only_message("system shared memory calls"))
         if self.tokens is None:  # only management gets here
             if is_loopback_peer(peer):
                 return
@@ -266,6 +276,13 @@ class AccessPolicy:
             raise AuthenticationError("send exactly one 'authorization: Bearer <token>' metadata entry")
         if not self.tokens.matches(token):
             raise AuthenticationError("the bearer token is not valid for this server")
+
+
+def host_only_message(what: str) -> str:
+    return (
+        f"{what} are accepted from this host only (a loopback peer): shared memory regions are files of "
+        "the server's host; from another host send tensors in the request"
+    )
 
 
 def policy_from(auth_token_file: Path | None, auth_scope: str) -> AccessPolicy:

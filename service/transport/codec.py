@@ -6,10 +6,18 @@ Parsing costs at most a pass over the bytes it keeps: counts (inputs,
 outputs, elements) are checked before anything is iterated, a BYTES tensor
 is split in one pass that stops at the first element too many or the first
 empty one, and nothing is decoded here.
+
+Triton's system shared memory: a tensor whose parameters name a
+``shared_memory_region`` lies in that region instead of the message. Its bytes
+are read through the request's leases (``service.shared_memory``) and then
+parsed exactly as ``raw_input_contents`` would be (a BYTES tensor has the same
+framing); an output with those parameters is written into its region and the
+response carries only the parameters, as Triton's does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
 
@@ -17,12 +25,18 @@ import numpy as np
 
 from service.classification import top_k
 from service.dataplane import InferenceInput, InferenceResult, too_many_images
-from service.errors import InvalidInputError, quote
+from service.errors import FailedPreconditionError, InvalidInputError, quote
+from service.shared_memory import RegionLeases, SharedTensor
 from vision_client import protocol
 from vision_client.protocol import CLASSIFICATION, IMAGE, LOGITS, PIXELS, encode_bytes_elements
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
 _PACKED_FP32_TAG = (6 << 3) | 2  # InferTensorContents.fp32_contents, length-delimited (packed)
+# Triton's system shared memory parameters of an input or a requested output.
+SHM_REGION = "shared_memory_region"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+SHM_OFFSET = "shared_memory_offset"
+SHM_PARAMETERS = (SHM_REGION, SHM_BYTE_SIZE, SHM_OFFSET)
 
 
 @dataclass(frozen=True)
@@ -34,38 +48,105 @@ class InferCall:
     request_id: str
     inputs: InferenceInput
     classification: int | None  # k of the classification extension, or raw LOGITS
+    output_region: SharedTensor | None = None  # where to write LOGITS instead of the response
 
 
-def parse_infer_request(request: pb.ModelInferRequest, *, max_images: int) -> InferCall:
-    """Check and convert a request; ``max_images``: most images (IMAGE elements or PIXELS rows) it may carry."""
+def uses_shared_memory(request: pb.ModelInferRequest) -> bool:
+    """Whether any input or output of ``request`` names a system shared memory parameter."""
+    inputs = any(key in tensor.parameters for tensor in request.inputs for key in SHM_PARAMETERS)
+    return inputs or any(key in tensor.parameters for tensor in request.outputs for key in SHM_PARAMETERS)
+
+
+def parse_infer_request(
+    request: pb.ModelInferRequest,
+    *,
+    max_images: int,
+    shared: RegionLeases | None = None,
+    max_shared_bytes: int = 0,
+) -> InferCall:
+    """Check and convert a request; ``max_images``: most images (IMAGE elements or PIXELS rows) it may carry.
+
+    ``shared``: the request's leases on shared memory regions, through which an input in a region
+    is read (at most ``max_shared_bytes`` of it) and an output's region is held; None where shared
+    memory is not available. Reading blocks: with ``shared``, call this off the event loop.
+    """
     if not request.model_name:
         raise InvalidInputError("model_name is empty: name the model to run, e.g. 'resnet101'")
+    classification, output_region = _parse_outputs(request)
+    if output_region is not None:
+        _shared(shared).hold(output_region, "output LOGITS")  # exists, and the tensor fits: before any work
     return InferCall(
         model_name=request.model_name,
         model_version=request.model_version,
         request_id=request.id,
-        inputs=_parse_inputs(request, max_images),
-        classification=_parse_outputs(request),
+        inputs=_parse_inputs(request, max_images, shared, max_shared_bytes),
+        classification=classification,
+        output_region=output_region,
     )
 
 
-def build_infer_response(call: InferCall, result: InferenceResult) -> pb.ModelInferResponse:
-    """The response for ``call``, named after the model and version that computed ``result``."""
+def build_infer_response(
+    call: InferCall, result: InferenceResult, shared: RegionLeases | None = None
+) -> pb.ModelInferResponse:
+    """The response for ``call``, named after the model and version that computed ``result``.
+
+    An output asked for in a shared memory region is written there (through ``shared``, the
+    leases the request was parsed with); the response then carries its parameters, no data.
+    """
     response = pb.ModelInferResponse(
         model_name=result.model_name, model_version=result.model_version, id=call.request_id
     )
     logits, labels = result.logits, list(result.labels)
     if call.classification is None:
-        response.outputs.add(name=LOGITS, datatype="FP32", shape=list(logits.shape))
-        response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+        output = response.outputs.add(name=LOGITS, datatype="FP32", shape=list(logits.shape))
+        data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+    else:
+        rows = top_k(logits, call.classification, labels)
+        k = len(rows[0]) if rows else 0
+        output = response.outputs.add(name=LOGITS, datatype="BYTES", shape=[len(rows), k])
+        data = encode_bytes_elements(f"{c.score:f}:{c.index}:{c.label}".encode() for row in rows for c in row)
+    target = call.output_region
+    if target is None:
+        response.raw_output_contents.append(data)
         return response
-    rows = top_k(logits, call.classification, labels)
-    k = len(rows[0]) if rows else 0
-    response.outputs.add(name=LOGITS, datatype="BYTES", shape=[len(rows), k])
-    response.raw_output_contents.append(
-        encode_bytes_elements(f"{c.score:f}:{c.index}:{c.label}".encode() for row in rows for c in row)
-    )
+    _shared(shared).write(target, data, "output LOGITS")
+    output.parameters[SHM_REGION].string_param = target.region
+    output.parameters[SHM_BYTE_SIZE].int64_param = len(data)
+    if target.offset:
+        output.parameters[SHM_OFFSET].int64_param = target.offset
     return response
+
+
+def _shared(shared: RegionLeases | None) -> RegionLeases:
+    if shared is None:
+        raise FailedPreconditionError(
+            "system shared memory is off on this server; send tensors in the request and read outputs from the response"
+        )
+    return shared
+
+
+def shared_tensor(parameters: Mapping[str, pb.InferParameter], what: str) -> SharedTensor | None:
+    """The shared memory place of a tensor from its parameters, or None if it names none."""
+    if not any(key in parameters for key in SHM_PARAMETERS):
+        return None
+    region = parameters[SHM_REGION].string_param if SHM_REGION in parameters else ""
+    if not region:
+        raise InvalidInputError(
+            f"{what} has shared memory parameters but no {SHM_REGION}: name a registered region (a string)"
+        )
+    if SHM_BYTE_SIZE not in parameters:
+        raise InvalidInputError(f"{what} names shared memory region {quote(region)} but no {SHM_BYTE_SIZE}")
+    byte_size = _byte_count(parameters[SHM_BYTE_SIZE], f"{what}.{SHM_BYTE_SIZE}")
+    offset = _byte_count(parameters[SHM_OFFSET], f"{what}.{SHM_OFFSET}") if SHM_OFFSET in parameters else 0
+    return SharedTensor(region=region, offset=offset, byte_size=byte_size)
+
+
+def _byte_count(parameter: pb.InferParameter, field: str) -> int:
+    kind = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, kind) if kind in ("int64_param", "uint64_param") else None
+    if not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"{field} must be a non-negative integer (bytes), got {quote(parameter)}")
+    return value
 
 
 def decode_bytes_elements(
@@ -78,7 +159,9 @@ def decode_bytes_elements(
         raise InvalidInputError(f"{field}: {error}") from None
 
 
-def _parse_inputs(request: pb.ModelInferRequest, max_images: int) -> InferenceInput:
+def _parse_inputs(
+    request: pb.ModelInferRequest, max_images: int, shared: RegionLeases | None, max_shared_bytes: int
+) -> InferenceInput:
     if len(request.inputs) > 2:
         raise InvalidInputError(
             f"the request has {len(request.inputs)} inputs; send exactly one: "
@@ -96,16 +179,20 @@ def _parse_inputs(request: pb.ModelInferRequest, max_images: int) -> InferenceIn
             f"the request has {len(names)} inputs ({', '.join(names) or 'none'}); send exactly one: "
             "IMAGE (BYTES [N], encoded images) or PIXELS (FP32 [N,3,H,W], preprocessed)"
         )
-    raw_count = len(request.raw_input_contents)
-    if raw_count not in (0, len(names)):
-        raise InvalidInputError(
-            f"raw_input_contents has {raw_count} entries for {len(names)} input; send one entry per input"
-        )
     tensor = request.inputs[0]
-    raw = request.raw_input_contents[0] if raw_count else None
-    if raw is not None and tensor.HasField("contents") and tensor.contents.ByteSize() > 0:
+    where = shared_tensor(tensor.parameters, f"input {tensor.name}")
+    raw_count = len(request.raw_input_contents)
+    if raw_count not in (0, len(names)) or (where is not None and raw_count):
         raise InvalidInputError(
-            f"input {tensor.name} has data both in contents and in raw_input_contents; send it in one of them"
+            f"raw_input_contents has {raw_count} entries for {len(names)} input"
+            + (" in shared memory; send none" if where is not None else "; send one entry per input")
+        )
+    raw: bytes | np.ndarray | None = request.raw_input_contents[0] if raw_count else None
+    has_contents = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
+    if has_contents and (raw is not None or where is not None):
+        raise InvalidInputError(
+            f"input {tensor.name} has data both in contents and in "
+            f"{'raw_input_contents' if where is None else 'shared memory'}; send it in one of them"
         )
     shape = list(tensor.shape)
     if len(tensor.shape) > 4:
@@ -115,12 +202,45 @@ def _parse_inputs(request: pb.ModelInferRequest, max_images: int) -> InferenceIn
         raise InvalidInputError(f"input {tensor.name} has a negative dimension in shape {shape}")
     if shape and shape[0] > max_images:
         raise too_many_images(shape[0], max_images)
+    source = "raw_input_contents[0]"
+    if where is not None:
+        raw, source = _read_shared(tensor, shape, where, _shared(shared), max_shared_bytes), "shared memory"
     if tensor.name == IMAGE:
-        return InferenceInput(images=_parse_images(tensor, shape, raw))
-    return InferenceInput(pixels=_parse_pixels(tensor, shape, raw))
+        images = raw.tobytes() if isinstance(raw, np.ndarray) else raw
+        return InferenceInput(images=_parse_images(tensor, shape, images, source))
+    return InferenceInput(pixels=_parse_pixels(tensor, shape, raw, source))
 
 
-def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int], raw: bytes | None) -> list[bytes]:
+def _read_shared(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    shape: list[int],
+    where: SharedTensor,
+    shared: RegionLeases,
+    max_bytes: int,
+) -> np.ndarray:
+    """An input's bytes from its shared memory region, once what can be checked without them is.
+
+    The array is aligned and the request's own: a PIXELS tensor views it without another copy.
+    """
+    what = f"input {tensor.name}"
+    if tensor.name == PIXELS and tensor.datatype == "FP32" and len(shape) == 4:
+        expected = prod(shape) * 4
+        if where.byte_size != expected:
+            raise InvalidInputError(
+                f"input PIXELS has shape {shape}, which needs {expected} bytes of FP32 data, "
+                f"but its {SHM_BYTE_SIZE} is {where.byte_size}; make them agree"
+            )
+    if where.byte_size > max_bytes:
+        raise InvalidInputError(
+            f"{what}: {where.byte_size} bytes from shared memory are over this server's limit of {max_bytes} "
+            "per request (--max-message-bytes); split the request"
+        )
+    return shared.read(where, what)
+
+
+def _parse_images(
+    tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int], raw: bytes | None, source: str
+) -> list[bytes]:
     if tensor.datatype != "BYTES":
         raise InvalidInputError(
             f"input IMAGE must have datatype BYTES (encoded image files), got {quote(tensor.datatype)}"
@@ -130,7 +250,7 @@ def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
     if shape[0] == 0:
         raise InvalidInputError("input IMAGE has shape [0]: send at least one image")
     if raw is not None:
-        images = decode_bytes_elements(raw, "raw_input_contents[0] (IMAGE)", max_elements=shape[0], allow_empty=False)
+        images = decode_bytes_elements(raw, f"{source} (IMAGE)", max_elements=shape[0], allow_empty=False)
     else:
         sent = tensor.contents.bytes_contents
         if len(sent) != shape[0]:
@@ -147,7 +267,9 @@ def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
     return images
 
 
-def _parse_pixels(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int], raw: bytes | None) -> np.ndarray:
+def _parse_pixels(
+    tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int], raw: bytes | np.ndarray | None, source: str
+) -> np.ndarray:
     if tensor.datatype != "FP32":
         raise InvalidInputError(f"input PIXELS must have datatype FP32, got {quote(tensor.datatype)}")
     if len(shape) != 4:
@@ -159,7 +281,7 @@ def _parse_pixels(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
         if len(raw) != count * 4:
             raise InvalidInputError(
                 f"input PIXELS has shape {shape}, which needs {count * 4} bytes of FP32 data, "
-                f"but raw_input_contents[0] has {len(raw)} bytes"
+                f"but {source} has {len(raw)} bytes"
             )
         values = np.frombuffer(raw, dtype="<f4")
     else:
@@ -198,8 +320,9 @@ def _fp32_values(contents: pb.InferTensorContents) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4", offset=offset)
 
 
-def _parse_outputs(request: pb.ModelInferRequest) -> int | None:
+def _parse_outputs(request: pb.ModelInferRequest) -> tuple[int | None, SharedTensor | None]:
     classification: int | None = None
+    region: SharedTensor | None = None
     seen: set[str] = set()
     if len(request.outputs) > 1:
         raise InvalidInputError(
@@ -213,7 +336,8 @@ def _parse_outputs(request: pb.ModelInferRequest) -> int | None:
         seen.add(output.name)
         if CLASSIFICATION in output.parameters:
             classification = _positive_int(output.parameters[CLASSIFICATION], "outputs[LOGITS].classification")
-    return classification
+        region = shared_tensor(output.parameters, "output LOGITS")
+    return classification, region
 
 
 MAX_INT_PARAMETER_DIGITS = 18  # any int64 fits; longer strings are refused before int() sees them

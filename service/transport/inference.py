@@ -11,11 +11,13 @@ import grpc
 import service
 from service.config import BatchingConfig
 from service.dataplane import DataPlane
-from service.errors import InvalidInputError, ModelNotFoundError, quote
+from service.errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError, quote
 from service.model_control import ModelControl
 from service.repository import ServedModel
+from service.shared_memory import RegionLeases, SharedMemoryRegions
 from service.statistics import StatisticsCollector
-from service.transport.codec import build_infer_response, parse_infer_request
+from service.transport.auth import host_only_message, is_loopback_peer
+from service.transport.codec import InferCall, build_infer_response, parse_infer_request, uses_shared_memory
 from service.transport.errors import status_for
 from service.transport.model_config import (
     input_specs,
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "vision-serving"
 EXTENSIONS = (CLASSIFICATION, "model_configuration", "statistics", "model_repository")
+SYSTEM_SHARED_MEMORY = "system_shared_memory"  # listed as Triton lists it, when --max-shared-memory-regions > 0
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -43,11 +46,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         batching: BatchingConfig,
         statistics: StatisticsCollector,
         control: ModelControl,
+        regions: SharedMemoryRegions,
     ) -> None:
         self._dataplane = dataplane
         self._batching = batching
         self._statistics = statistics
         self._control = control
+        self._regions = regions
+        self._extensions = EXTENSIONS + ((SYSTEM_SHARED_MEMORY,) if regions.enabled else ())
 
     async def ServerLive(
         self,
@@ -75,7 +81,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.ServerMetadataRequest,
         context: grpc.aio.ServicerContext[pb.ServerMetadataRequest, pb.ServerMetadataResponse],
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=service.__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=service.__version__, extensions=self._extensions)
 
     async def ModelMetadata(
         self,
@@ -140,12 +146,46 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._control.unload(_control_target(request))
         return pb.RepositoryModelUnloadResponse()
 
+    async def SystemSharedMemoryStatus(
+        self,
+        request: pb.SystemSharedMemoryStatusRequest,
+        context: grpc.aio.ServicerContext[pb.SystemSharedMemoryStatusRequest, pb.SystemSharedMemoryStatusResponse],
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._regions.status(request.name):
+            entry = response.regions[region.name]
+            entry.name, entry.key, entry.offset, entry.byte_size = (
+                region.name,
+                region.key,
+                region.offset,
+                region.byte_size,
+            )
+        return response
+
+    async def SystemSharedMemoryRegister(
+        self,
+        request: pb.SystemSharedMemoryRegisterRequest,
+        context: grpc.aio.ServicerContext[pb.SystemSharedMemoryRegisterRequest, pb.SystemSharedMemoryRegisterResponse],
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._regions.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self,
+        request: pb.SystemSharedMemoryUnregisterRequest,
+        context: grpc.aio.ServicerContext[
+            pb.SystemSharedMemoryUnregisterRequest, pb.SystemSharedMemoryUnregisterResponse
+        ],
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._regions.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     async def ModelInfer(
         self,
         request: pb.ModelInferRequest,
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
     ) -> pb.ModelInferResponse:
-        return await self.infer(request, context.time_remaining())
+        return await self.infer(request, context.time_remaining(), local=is_loopback_peer(context.peer()))
 
     async def ModelStreamInfer(
         self,
@@ -160,13 +200,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         instead of growing the server's queues.
         """
         slots = asyncio.Semaphore(self._dataplane.config.max_stream_in_flight)
+        local = is_loopback_peer(context.peer())
         # Each response holds a slot until it is sent: the queue never holds more than the bound.
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                result = await self.infer(request, context.time_remaining())
+                result = await self.infer(request, context.time_remaining(), local=local)
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
             except Exception as exc:
                 _, message = status_for(exc)
@@ -201,15 +242,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def infer(
-        self, request: pb.ModelInferRequest, timeout: float | None, *, protocol: str = "grpc"
+        self, request: pb.ModelInferRequest, timeout: float | None, *, local: bool, protocol: str = "grpc"
     ) -> pb.ModelInferResponse:
-        """One inference, whichever port it came in by (``protocol``: grpc or http): counted, run, answered."""
+        """One inference, whichever port it came in by (``protocol``: grpc or http): counted, run, answered.
+
+        ``local``: whether the caller is on this host (a loopback peer), the only callers whose
+        requests may name system shared memory regions: the regions are files of this host, and a
+        remote caller could only read or overwrite another client's.
+        """
         async with self._dataplane.track(request.model_name, protocol) as record:
-            call = parse_infer_request(request, max_images=self._dataplane.max_request_images)
-            result = await self._dataplane.infer(
-                call.model_name, call.inputs, version=call.model_version, timeout=timeout
-            )
-            return build_infer_response(call, record.ran(result))
+            with self._regions.leases() as shared:  # held until the response is built
+                if uses_shared_memory(request):
+                    if not local:
+                        raise PermissionDeniedError(host_only_message("requests that use system shared memory"))
+                    call = await asyncio.to_thread(self._parse, request, shared)  # reads the region
+                else:
+                    call = self._parse(request, None)
+                result = await self._dataplane.infer(
+                    call.model_name, call.inputs, version=call.model_version, timeout=timeout
+                )
+                return build_infer_response(call, record.ran(result), shared)
+
+    def _parse(self, request: pb.ModelInferRequest, shared: RegionLeases | None) -> InferCall:
+        return parse_infer_request(
+            request,
+            max_images=self._dataplane.max_request_images,
+            shared=shared if self._regions.enabled else None,
+            max_shared_bytes=self._dataplane.config.max_message_bytes,
+        )
 
     def _model(self, name: str, version: str) -> ServedModel:
         return self._dataplane.model(require_model_name(name), version)

@@ -7,6 +7,11 @@ in input order). It becomes the very ``ModelInferRequest`` a gRPC client would s
 tensor in ``raw_input_contents``, so that one parser (``transport/codec.py``) checks both. The
 response goes the other way: JSON ``data`` lists, or binary data for outputs that ask for it.
 
+Triton's system shared memory parameters (``shared_memory_region``, ``shared_memory_byte_size``,
+``shared_memory_offset``) of an input or an output are carried over into the message's tensor
+parameters: such an input has no data here (the servicer reads it from its region), and such an
+output is answered with its parameters and no data.
+
 Every other message (metadata, config, statistics, the repository index) is protobuf's JSON of
 the gRPC answer, field names as in the proto and 64-bit integers as JSON numbers, as Triton's
 REST API writes them.
@@ -35,7 +40,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from service.errors import InvalidInputError, quote
-from service.transport.codec import decode_bytes_elements
+from service.transport.codec import SHM_PARAMETERS, SHM_REGION, decode_bytes_elements
 from vision_client.protocol import CLASSIFICATION, encode_bytes_elements
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
@@ -130,7 +135,8 @@ def parse_infer_body(body: bytes, header_length: str | None, model: str, version
     offset = 0
     for position, tensor in enumerate(inputs):
         raw, offset = _input(request, tensor, position, binary, offset)
-        request.raw_input_contents.append(raw)
+        if raw is not None:
+            request.raw_input_contents.append(raw)
     if offset != len(binary):
         raise InvalidInputError(
             f"the body holds {len(binary) - offset} bytes of binary data that no input's binary_data_size claims"
@@ -151,6 +157,7 @@ def parse_infer_body(body: bytes, header_length: str | None, model: str, version
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 2**63:
                 raise InvalidInputError(f"outputs[{position}].parameters.classification must be an integer")
             output.parameters[CLASSIFICATION].int64_param = k
+        _shared_memory_parameters(output.parameters, output_parameters, f"outputs[{position}]")
         if output_parameters.get("binary_data") is True:
             binary_outputs.add(name)
     timeout = parameters.get("timeout")
@@ -164,7 +171,28 @@ def parse_infer_body(body: bytes, header_length: str | None, model: str, version
     )
 
 
-def _input(request: pb.ModelInferRequest, tensor: Any, position: int, binary: bytes, offset: int) -> tuple[bytes, int]:
+def _shared_memory_parameters(
+    target: Any, parameters: Mapping[str, Any], where: str
+) -> bool:  # target: a protobuf map of InferParameter
+    """Copy Triton's system shared memory parameters into ``target``; whether there were any."""
+    found = False
+    for key in SHM_PARAMETERS:
+        if key not in parameters:
+            continue
+        found = True
+        value = parameters[key]
+        if key == SHM_REGION:
+            target[key].string_param = _text(value, f"{where}.parameters.{key}")
+        elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise InvalidInputError(f"{where}.parameters.{key} must be a non-negative integer (bytes)")
+        else:
+            target[key].int64_param = value
+    return found
+
+
+def _input(
+    request: pb.ModelInferRequest, tensor: Any, position: int, binary: bytes, offset: int
+) -> tuple[bytes | None, int]:
     where = f"inputs[{position}]"
     if not isinstance(tensor, dict):
         raise InvalidInputError(f"{where} must be a JSON object with name, datatype, shape and data")
@@ -175,8 +203,12 @@ def _input(request: pb.ModelInferRequest, tensor: Any, position: int, binary: by
         raise InvalidInputError(f"{where}.shape must be a list of integers")
     if len(shape) > 8 or not all(0 <= d < 2**40 for d in shape):
         raise InvalidInputError(f"{where}.shape {quote(shape)} is not a tensor's shape")
-    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    added = request.inputs.add(name=name, datatype=datatype, shape=shape)
     parameters = _parameters(tensor.get("parameters", {}), f"{where}.parameters")
+    if _shared_memory_parameters(added.parameters, parameters, where):
+        if "data" in tensor or BINARY_DATA_SIZE in parameters:
+            raise InvalidInputError(f"{where} is in shared memory and has data too; send one")
+        return None, offset  # the servicer reads it from its region
     size = parameters.get(BINARY_DATA_SIZE)
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -220,6 +252,11 @@ def _bytes(data: Any, where: str, content_type: Any) -> bytes:
     return encode_bytes_elements(elements)
 
 
+def _parameter_value(parameter: pb.InferParameter) -> Any:
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind else None
+
+
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{where} must be a string")
@@ -236,9 +273,16 @@ def build_infer_body(response: pb.ModelInferResponse, request: RestInferRequest)
     """The REST body of ``response``, and the JSON header's length when binary data follows it."""
     outputs: list[dict[str, Any]] = []
     binary: list[bytes] = []
-    for position, output in enumerate(response.outputs):
-        raw = response.raw_output_contents[position]
+    contents = iter(response.raw_output_contents)  # one per output not written to shared memory
+    for output in response.outputs:
         tensor: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": list(output.shape)}
+        if SHM_REGION in output.parameters:  # written to its region: the parameters say where, as Triton's do
+            tensor["parameters"] = {
+                key: _parameter_value(output.parameters[key]) for key in SHM_PARAMETERS if key in output.parameters
+            }
+            outputs.append(tensor)
+            continue
+        raw = next(contents)
         if request.binary_by_default or output.name in request.binary_outputs:
             tensor["parameters"] = {BINARY_DATA_SIZE: len(raw)}
             binary.append(raw)

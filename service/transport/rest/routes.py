@@ -9,6 +9,7 @@ per operation (``transport/auth.py``'s table, looked up by the method's name).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from service.errors import InvalidInputError, quote
+from service.transport.auth import is_loopback_peer
 from service.transport.inference import InferenceServicer
 from service.transport.rest.codec import (
     HEADER_LENGTH,
@@ -28,6 +30,7 @@ from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
 _INFERENCE = "/inference.GRPCInferenceService/"
 _REPOSITORY = "/v2/repository/models/{model}"
+_SHM = "/v2/systemsharedmemory"
 NO_CONTEXT: Any = None  # the servicer's methods take a gRPC context they do not use here
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
 T = TypeVar("T")
@@ -104,13 +107,40 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         name, version = _model(request)
         header_length = request.headers.get(HEADER_LENGTH)
         call = await parse_off_loop(body, parse_infer_body, body, header_length, name, version)
-        reply = await servicer.infer(call.message, call.timeout_s, protocol="http")
+        local = is_loopback_peer(peer(request))
+        reply = await servicer.infer(call.message, call.timeout_s, local=local, protocol="http")
         payload, json_length = build_infer_body(reply, call)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(
             body=payload, content_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)}
         )
+
+    async def shm_status(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = pb.SystemSharedMemoryStatusRequest(name=request.match_info.get("region", ""))
+        reply = await servicer.SystemSharedMemoryStatus(message, NO_CONTEXT)
+        # Triton's list, every field written (protobuf's JSON would leave out an offset of 0).
+        fields = ("name", "key", "offset", "byte_size")
+        return web.json_response([{f: getattr(region, f) for f in fields} for region in reply.regions.values()])
+
+    async def shm_register(request: web.Request, body: bytes) -> web.StreamResponse:
+        options = await _object(body, "the register request")
+        message = pb.SystemSharedMemoryRegisterRequest(
+            name=request.match_info["region"],
+            key=_string(options.get("key"), "key"),
+            offset=_byte_count(options.get("offset", 0), "offset"),
+            byte_size=_byte_count(options.get("byte_size"), "byte_size"),
+        )
+        await servicer.SystemSharedMemoryRegister(message, NO_CONTEXT)
+        return web.json_response({})
+
+    async def shm_unregister(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = pb.SystemSharedMemoryUnregisterRequest(name=request.match_info.get("region", ""))
+        await servicer.SystemSharedMemoryUnregister(message, NO_CONTEXT)
+        return web.json_response({})
+
+    def shm_paths(suffix: str) -> tuple[str, ...]:
+        return (f"{_SHM}{suffix}", f"{_SHM}/region/{{region}}{suffix}")
 
     return [
         Route("GET", ("/v2/health/live",), _INFERENCE + "ServerLive", live),
@@ -124,11 +154,44 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         Route("POST", ("/v2/repository/index",), _INFERENCE + "RepositoryIndex", repository_index, has_body=True),
         Route("POST", (_REPOSITORY + "/load",), _INFERENCE + "RepositoryModelLoad", load, has_body=True),
         Route("POST", (_REPOSITORY + "/unload",), _INFERENCE + "RepositoryModelUnload", unload, has_body=True),
+        Route("GET", shm_paths("/status"), _INFERENCE + "SystemSharedMemoryStatus", shm_status),
+        Route(
+            "POST",
+            (f"{_SHM}/region/{{region}}/register",),
+            _INFERENCE + "SystemSharedMemoryRegister",
+            shm_register,
+            has_body=True,
+        ),
+        Route(
+            "POST", shm_paths("/unregister"), _INFERENCE + "SystemSharedMemoryUnregister", shm_unregister, has_body=True
+        ),
     ]
 
 
 def _model(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
+
+
+def peer(request: web.Request) -> str:
+    """The caller as a gRPC peer string, for the one loopback rule (``auth.is_loopback_peer``)."""
+    host = request.remote or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    return f"ipv6:[{host}]:0" if address.version == 6 else f"ipv4:{host}:0"
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{field} must be a string")
+    return value
+
+
+def _byte_count(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidInputError(f"{field} must be a non-negative integer (bytes), got {quote(value)}")
+    return value
 
 
 def _json(message: Any) -> web.Response:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from aiohttp import web
 
 from service.transport.auth import AccessPolicy, scope_of
 from service.transport.errors import http_status_for
-from service.transport.rest.routes import Route
+from service.transport.rest.routes import Route, peer
 from service.transport.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
@@ -184,7 +183,7 @@ class RestServer:
                 if self._policy.needs_check(scope):
                     if self._policy.tokens is not None:
                         await self._policy.tokens.refresh()  # off the event loop
-                    self._policy.check(scope, request.headers.getall("Authorization", []), _peer(request))
+                    self._policy.check(scope, request.headers.getall("Authorization", []), peer(request))
                 body = await self._read_body(request) if route.has_body else b""  # streams_body: read by the handler
                 return await route.handler(request, body)
             except _BodyProblem as problem:
@@ -222,13 +221,3 @@ class RestServer:
                 raise _BodyProblem(413, f"the body passed this server's limit of {self._max_body_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-def _peer(request: web.Request) -> str:
-    """The caller as a gRPC peer string, for the one loopback rule (``auth.is_loopback_peer``)."""
-    host = request.remote or ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return ""
-    return f"ipv6:[{host}]:0" if address.version == 6 else f"ipv4:{host}:0"
