@@ -131,6 +131,7 @@ export function trainingChart(container, points, epochs) {
     xMin: 1,
     xMax: Math.max(epochs || 1, ...points.map((p) => p.epoch), 2),
     xTickValues: epochTicks(Math.max(epochs || 1, ...points.map((p) => p.epoch))),
+    xTicks: (value) => String(Math.round(value)),
     series: [
       series("train loss", "train_loss", "left", (p) => p.trainLoss),
       ...(hasValidation ? [series("validation loss", "validation_loss", "left", (p) => p.validationLoss)] : []),

@@ -75,7 +75,7 @@ function bars(top) {
         { "data-index": prediction.index },
         el("span", { class: "bar-label" }, prediction.label),
         el("span", { class: "bar", "aria-hidden": "true" }, fill),
-        el("span", { class: "score" }, prediction.score.toFixed(3)),
+        el("span", { class: "score" }, prediction.score.toPrecision(3)),
       ),
     );
   }

@@ -56,7 +56,7 @@ export function formatNumber(value, digits = 3) {
 export function formatTime(unixSeconds) {
   const seconds = Number(unixSeconds);
   if (!seconds) return "–";
-  return new Date(seconds * 1000).toLocaleString();
+  return new Date(seconds * 1000).toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
 }
 
 export function formatDuration(seconds) {

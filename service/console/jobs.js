@@ -62,11 +62,10 @@ export async function refreshJobs() {
           "tr",
           { "data-job": job.id },
           el("th", { scope: "row" }, el("code", {}, job.id)),
-          el("td", {}, config.outputModel || "–"),
-          el("td", {}, config.baseModel || "–"),
+          el("td", {}, config.outputModel || "–", el("small", { class: "reason" }, `on ${config.baseModel || "?"}`)),
           el("td", {}, el("span", { class: `state state-${state.toLowerCase()}` }, state), job.error ? el("small", { class: "reason" }, job.error) : null),
-          el("td", {}, formatTime(job.createdAt)),
-          el("td", {}, started && finished ? formatDuration(finished - started) : "–"),
+          el("td", { class: "nowrap" }, formatTime(job.createdAt)),
+          el("td", { class: "nowrap" }, started && finished ? formatDuration(finished - started) : "–"),
           el("td", { class: "number" }, String(job.examples ?? 0)),
           el("td", { class: "number" }, `${num(metrics.epochsRun)}/${num(config.epochs)}`),
           el("td", { class: "number" }, formatNumber(metrics.trainLoss)),
@@ -76,7 +75,7 @@ export async function refreshJobs() {
         ),
       );
     }
-    say(status, jobs.length ? `${jobs.length} jobs, updated ${new Date().toLocaleTimeString()}` : "No jobs yet.");
+    say(status, jobs.length ? `${jobs.length} job${jobs.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}` : "No jobs yet.");
   } catch (error) {
     say(status, error.message, "error");
   }

@@ -25,7 +25,7 @@ function show(view) {
 }
 
 function tokenState() {
-  say(byId("token-state"), token() ? "Token set for this tab." : "No token: management calls need one when the server has a token file.");
+  say(byId("token-state"), token() ? "Token set for this tab" : "No token set");
 }
 
 function setUpToken() {

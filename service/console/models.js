@@ -23,7 +23,7 @@ export async function refreshModels() {
     const answer = await api.models();
     current = answer.models || [];
     render(current);
-    say(status, `${current.length} models, updated ${new Date().toLocaleTimeString()}`);
+    say(status, `${current.length} model${current.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}`);
     for (const callback of listeners) callback(current);
   } catch (error) {
     say(status, error.message, "error");
