@@ -102,9 +102,12 @@ def test_only_the_listed_files_are_served(path: str) -> None:
     assert b"import" not in body and b"def " not in body
 
 
-def test_the_file_list_is_the_folder() -> None:
-    """Every file of the folder is served and every served file is in the folder (package data)."""
+def test_the_file_list_is_the_folder_and_the_wheel_ships_it() -> None:
+    """Every file of the folder is served, every served file is in the folder, and the folder is
+    package data (an installed wheel has it)."""
     assert sorted(FILES) == sorted(path.name for path in CONSOLE.iterdir())
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'service = ["{CONSOLE_FOLDER}/*"]' in pyproject
 
 
 def test_the_page_holds_no_inline_code_and_builds_no_html_from_strings() -> None:
@@ -419,9 +422,14 @@ def test_the_throughput_view_charts_what_the_server_counts(page: Page, console_s
 
     page.open("throughput")
     page.wait(lambda d: "samples" in d.find_element("id", "throughput-status").text)
-    with Client(console_server.target) as client:
+    def samples() -> int:
+        found = re.search(r"(\d+) samples", page.text("throughput-status"))
+        return int(found.group(1)) if found else 0
+
+    with Client(console_server.target) as client:  # a steady load over a few of the page's readings
         images = [encode(Image.new("RGB", (64, 64), (i * 40, 90, 200)), "PNG") for i in range(4)]
-        for _ in range(3):
+        first = samples()
+        while samples() < first + 4:
             client.classify(images, model="alexnet")
 
     def cpu_busy(driver: Any) -> bool:

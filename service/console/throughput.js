@@ -38,16 +38,25 @@ function rates() {
   return series;
 }
 
-function draw() {
+/** The time axis: the last five minutes, or less while the page has been open less long. */
+function timeAxis() {
   const now = samples.length ? samples[samples.length - 1].time : Date.now() / 1000;
-  const ago = (t) => `${Math.round(t - now)} s`;
-  const ticks = [0, 60, 120, 180, 240, 300].map((s) => now - WINDOW_SECONDS + s);
+  const first = samples.length ? samples[0].time : now;
+  const span = Math.min(WINDOW_SECONDS, Math.max(60, now - first));
+  const step = span <= 60 ? 10 : span <= 120 ? 20 : 60;
+  const ticks = [];
+  for (let ago = 0; ago <= span; ago += step) ticks.unshift(now - ago);
+  return { now, xMin: now - span, ticks, ago: (t) => `${Math.round(t - now)} s` };
+}
+
+function draw() {
+  const { now, xMin, ticks, ago } = timeAxis();
   const rateSeries = [...rates()].map(([device, points]) => ({ name: device, key: `device-${device}`, axis: "left", points, dots: false }));
   lineChart(byId("throughput-chart"), {
     title: "Images per second by device",
     xLabel: "seconds ago",
     leftLabel: "images/s",
-    xMin: now - WINDOW_SECONDS,
+    xMin,
     xMax: now,
     xTickValues: ticks,
     xTicks: ago,
@@ -58,7 +67,7 @@ function draw() {
     title: "Images waiting in each model's queue",
     xLabel: "seconds ago",
     leftLabel: "images queued",
-    xMin: now - WINDOW_SECONDS,
+    xMin,
     xMax: now,
     xTickValues: ticks,
     xTicks: ago,
