@@ -105,7 +105,8 @@ export function warnings() {
 function render() {
   const body = clear(byId("ft-classes-body"));
   let total = 0;
-  for (const [name, files] of examples) {
+  const sorted = [...examples].sort(([a], [b]) => a.localeCompare(b, undefined, { numeric: true }));
+  for (const [name, files] of sorted) {
     total += files.length;
     const remove = el("button", { type: "button", "aria-label": `Remove class ${name}` }, "Remove");
     remove.addEventListener("click", () => {
@@ -264,9 +265,10 @@ async function cancel() {
     say(status, "Upload cancelled.", "error");
     return;
   }
+  const jobId = running.jobId;
+  say(status, `Cancelling job ${jobId}…`);
   try {
-    await api.cancel(running.jobId);
-    say(status, `Cancelling job ${running.jobId}…`);
+    await api.cancel(jobId); // the job's last event (cancelled) may come before this answer
   } catch (error) {
     say(status, error.message, "error");
   }
