@@ -490,6 +490,44 @@ def test_a_folder_and_dropped_groups_make_a_job_that_can_be_cancelled(page: Page
     page.wait(lambda d: "CANCELLED" in d.find_element("id", "jobs-body").text)
 
 
+def test_the_models_view_manages_models_with_the_token_only(page: Page, tmp_path: Path) -> None:
+    """Unload is refused without the token, with the reason; with it, unload and load work, and
+    a fine-tuned model is deleted after a confirmation."""
+    page.open("models")
+    page.set_token("")
+    page.wait(lambda d: "READY" in d.find_element("id", "models-body").text)
+    page.find("button[aria-label='Unload alexnet']").click()
+    page.wait(lambda d: "Refused" in d.find_element("id", "models-status").text)
+    assert "Unload alexnet: Refused (401 Unauthenticated), this needs the access token" in page.text("models-status")
+    page.set_token(TOKEN)
+    page.find("button[aria-label='Unload alexnet']").click()
+    page.wait(lambda d: d.find_elements("css selector", "button[aria-label='Load alexnet']"))
+    assert "UNAVAILABLE" in page.text("models-body")
+    page.find("button[aria-label='Load alexnet']").click()
+    page.wait(lambda d: d.find_elements("css selector", "button[aria-label='Unload alexnet']"), JOB_WAIT_S)
+
+    paths = images_of(tmp_path, digit_images(4, (8, 9)))
+    page.go("finetune")
+    for label, files in paths.items():
+        page.type("ft-class-name", label)
+        page.upload("ft-class-files", *files)
+    page.type("ft-output", "to-delete")
+    page.type("ft-epochs", "1")
+    page.type("ft-validation", "0")
+    page.find("#ft-replace").click()
+    page.find("#ft-start").click()
+    page.wait_for_job()
+    assert "succeeded" in page.text("ft-status"), page.text("ft-status")
+    page.go("models")
+    page.wait(lambda d: d.find_elements("css selector", "button[aria-label='Delete to-delete']"))
+    row = next(r for r in page.all("#models-body tr") if cell(r, "th") == "to-delete")
+    assert [c.text for c in row.find_elements("css selector", "td")][5] == "alexnet"  # its base model
+    page.find("button[aria-label='Delete to-delete']").click()
+    page.driver.switch_to.alert.accept()
+    page.wait(lambda d: "Delete to-delete: done" in d.find_element("id", "models-status").text)
+    assert "to-delete" not in page.text("models-body")
+
+
 def test_the_throughput_view_charts_what_the_server_counts(page: Page, console_server: Any, tmp_path: Path) -> None:
     from vision_client import Client
 
