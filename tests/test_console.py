@@ -586,3 +586,12 @@ def test_a_phone_width_window_fits(page: Page) -> None:
     page.open("classify")
     assert page.driver.execute_script("return document.documentElement.scrollWidth") <= 391
     page.screenshot("phone-classify")
+
+
+def test_chromium_and_selenium_write_nothing_under_home(page: Page) -> None:
+    """The browser's profile, caches and crash dumps, and Selenium's own files, go under the
+    test's temporary folder (the browser fixture), never under HOME (the session's, here)."""
+    page.open("models")
+    home = Path(os.environ["HOME"])
+    written = [".config/chromium", ".cache/chromium", ".pki", ".cache/selenium", ".local/share/applications"]
+    assert [path for path in written if (home / path).exists()] == []
