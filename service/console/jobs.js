@@ -29,11 +29,18 @@ function showChart(job) {
   byId("jobs-detail").hidden = false;
 }
 
-export async function refreshJobs() {
+let shownJobs = "";
+
+/** Reads the jobs again; ``quiet`` (the periodic refresh) redraws only when they changed and
+ * leaves the status line alone. */
+export async function refreshJobs({ quiet = false } = {}) {
   const status = byId("jobs-status");
   try {
     const answer = await api.jobs();
     const jobs = (answer.jobs || []).slice().sort((a, b) => num(b.createdAt) - num(a.createdAt));
+    const seen = JSON.stringify(jobs);
+    if (quiet && seen === shownJobs) return;
+    shownJobs = seen;
     const body = clear(byId("jobs-body"));
     for (const job of jobs) {
       const config = job.config || {};
@@ -75,12 +82,12 @@ export async function refreshJobs() {
         ),
       );
     }
-    say(status, jobs.length ? `${jobs.length} job${jobs.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}` : "No jobs yet.");
+    if (!quiet) say(status, jobs.length ? `${jobs.length} job${jobs.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}` : "No jobs yet.");
   } catch (error) {
-    say(status, error.message, "error");
+    if (!quiet) say(status, error.message, "error");
   }
 }
 
 export function setUpJobs() {
-  byId("jobs-refresh").addEventListener("click", refreshJobs);
+  byId("jobs-refresh").addEventListener("click", () => refreshJobs());
 }

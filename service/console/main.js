@@ -10,9 +10,12 @@ import { onModels, refreshModels, setUpModels } from "./models.js";
 import { sampleThroughput } from "./throughput.js";
 
 const VIEWS = ["models", "classify", "finetune", "jobs", "throughput"];
+const REFRESH_SECONDS = 5;
+let shown = "models";
 
 function show(view) {
   const name = VIEWS.includes(view) ? view : "models";
+  shown = name;
   for (const other of VIEWS) {
     byId(`view-${other}`).hidden = other !== name;
     const link = byId(`nav-${other}`);
@@ -66,3 +69,12 @@ window.addEventListener("hashchange", () => show(location.hash.slice(1)));
 show(location.hash.slice(1));
 if (location.hash.slice(1) !== "models") refreshModels();
 sampleThroughput(true);
+
+// Models and Jobs follow the server while on screen, unless the keyboard is in their table
+// (rebuilding the rows would take the focus away).
+setInterval(() => {
+  if (document.hidden || !["models", "jobs"].includes(shown)) return;
+  if (byId(`${shown}-body`).contains(document.activeElement)) return;
+  if (shown === "models") refreshModels({ quiet: true });
+  else refreshJobs({ quiet: true });
+}, REFRESH_SECONDS * 1000);

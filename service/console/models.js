@@ -17,16 +17,20 @@ export function models() {
   return current;
 }
 
-export async function refreshModels() {
+/** Reads the models again; ``quiet`` (the periodic refresh) changes nothing on screen unless
+ * the models changed, and leaves the status line (it may hold the answer to an action) alone. */
+export async function refreshModels({ quiet = false } = {}) {
   const status = byId("models-status");
   try {
     const answer = await api.models();
-    current = answer.models || [];
-    render(current);
-    say(status, `${current.length} model${current.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}`);
-    for (const callback of listeners) callback(current);
+    const models = answer.models || [];
+    const changed = JSON.stringify(models) !== JSON.stringify(current);
+    current = models;
+    if (changed || !quiet) render(current);
+    if (!quiet) say(status, `${current.length} model${current.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}`);
+    if (changed || !quiet) for (const callback of listeners) callback(current);
   } catch (error) {
-    say(status, error.message, "error");
+    if (!quiet) say(status, error.message, "error");
   }
 }
 
@@ -77,5 +81,5 @@ function render(list) {
 }
 
 export function setUpModels() {
-  byId("models-refresh").addEventListener("click", refreshModels);
+  byId("models-refresh").addEventListener("click", () => refreshModels());
 }
