@@ -347,6 +347,9 @@ def test_fine_tune_from_a_zip_to_the_end_and_try_the_new_model(page: Page, tmp_p
         zipped.writestr("digits/README.txt", "not an image")
     page.open("finetune")
     page.set_token(TOKEN)
+    (tmp_path / "bad.zip").write_bytes(b"PK not really a zip")
+    page.upload("ft-zip", tmp_path / "bad.zip")
+    page.wait(lambda d: "bad.zip: this is not a zip archive" in d.find_element("id", "ft-examples-status").text)
     page.upload("ft-zip", archive)
     page.wait(lambda d: d.find_element("id", "ft-summary").text == "60 images in 3 classes")
     counts = [(cell(row, "th"), cell(row, "td")) for row in page.all("#ft-classes-body tr")]
