@@ -371,6 +371,7 @@ def test_fine_tune_from_a_zip_to_the_end_and_try_the_new_model(page: Page, tmp_p
         assert len(points) == epochs, series
     titles = [p.get_attribute("textContent") for p in page.all("#ft-chart circle.point[data-series=train_loss]")]
     assert [t.rsplit(" at ", 1)[1] for t in titles] == ["1", "2", "3", "4"]
+    page.driver.execute_script("window.scrollTo(0, 0)")  # the examples beside the progress and the chart
     page.screenshot("finetune")
 
     page.wait(lambda d: d.find_element("id", "ft-try").is_displayed())
