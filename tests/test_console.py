@@ -285,6 +285,18 @@ def digit_images(per_class: int, classes: tuple[int, ...] = (0, 1, 2)) -> dict[s
     return {str(c): [images[i] for i in range(len(images)) if targets[i] == c][:per_class] for c in classes}
 
 
+def test_the_server_serves_the_console_at_the_root_of_its_http_port(console_server: Any) -> None:
+    """The real server's HTTP port (with a token file) serves the page without a token, with its
+    policy, beside the API."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{console_server.http_url}/", timeout=30) as response:
+        assert response.status == 200 and b"vision-serving console" in response.read()
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    with urllib.request.urlopen(f"{console_server.http_url}/console/main.js", timeout=30) as response:
+        assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+
+
 def test_the_models_view_lists_the_served_model(page: Page) -> None:
     page.open("models")
     page.wait(lambda d: "READY" in d.find_element("id", "models-body").text)
