@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.storage.location import StoreLocation
+
 DEFAULT_MODELS: tuple[str, ...] = ("alexnet", "vgg16", "resnet101")
 # What --auth-token-file protects: "management" RPCs only, or "all" (inference too; health never).
 AUTH_SCOPES: tuple[str, ...] = ("management", "all")
@@ -75,7 +77,7 @@ class ServeConfig:
     # A call's first request message must arrive within this of its start (service.transport.requests);
     # a 64 MB request needs about 17 Mbit/s.
     first_message_timeout_s: float = 30.0
-    model_store: Path | None = None  # None: fine-tuning is off
+    model_store: StoreLocation | None = None  # a directory or s3://bucket/prefix; None: fine-tuning is off
     store_poll_seconds: float = 5.0
     fine_tuning: FineTuneLimits = field(default_factory=FineTuneLimits)
     auth_token_file: Path | None = None  # one token a line, re-read when it changes

@@ -10,6 +10,7 @@ imports gRPC.
     │   └── BuiltinModelError                       a built-in model's name where a fine-tuned one is meant
     ├── ModelNotFoundError       NOT_FOUND          no model (or job) by that name
     ├── AlreadyExistsError       ALREADY_EXISTS     a name that is taken
+    ├── ConflictError            ABORTED            a concurrent writer won (retry)
     ├── QueueFullError           RESOURCE_EXHAUSTED the model's queue is full
     ├── DeadlineExceededError    DEADLINE_EXCEEDED  expired before compute
     ├── UnavailableError         UNAVAILABLE        not ready yet, or draining
@@ -73,6 +74,12 @@ class ModelNotFoundError(VisionServeError):
 
 class AlreadyExistsError(VisionServeError):
     status = "ALREADY_EXISTS"
+
+
+class ConflictError(VisionServeError):
+    """Another writer changed what this one was about to replace (a model in a shared store)."""
+
+    status = "ABORTED"
 
 
 class QueueFullError(VisionServeError):

@@ -20,6 +20,7 @@ from typing import Any
 from service.config import AUTH_SCOPES, BatchingConfig, FineTuneLimits, RuntimeConfig, ServeConfig
 from service.runtimes.base import RUNTIME_CHOICES
 from service.runtimes.export import default_cache_dir
+from service.storage.location import StoreLocation, parse_store_location
 
 ENV_PREFIX = "VISION_SERVE_"
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
@@ -75,11 +76,14 @@ def optional_text(value: str) -> str | None:
     return value or None
 
 
-def store_directory(value: str) -> Path | None:
-    """A model store directory, or None (fine-tuning off) for ``none``/``off``/empty."""
+def store_location(value: str) -> StoreLocation | None:
+    """A model store directory or ``s3://bucket/prefix``, or None (fine-tuning off) for ``none``/``off``/empty."""
     if value.strip().lower() in (*STORE_OFF, ""):
         return None
-    return Path(value).expanduser()
+    try:
+        return parse_store_location(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_store_dir(environ: Mapping[str, str]) -> Path:
@@ -200,8 +204,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--model-store",
         "model_store",
-        "directory of fine-tuned models (shared by replicas); 'none' turns fine-tuning off",
-        store_directory,
+        "where fine-tuned models and job records live, shared by replicas: a directory, or s3://bucket/prefix "
+        "(credentials from the standard AWS chain; AWS_ENDPOINT_URL for S3-compatible servers); "
+        "'none' turns fine-tuning off",
+        store_location,
         environ_default=default_store_dir,
         documented_default="`$XDG_DATA_HOME/vision-serving/models` (`~/.local/share/...`)",
     ),

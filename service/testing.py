@@ -1,4 +1,5 @@
-"""A real ``vision-serve`` child process on loopback ports, for the tests and ``bench/`` alike.
+"""A real ``vision-serve`` child process on loopback ports, and a real S3-compatible server
+(moto), for the tests and ``bench/`` alike.
 
 The server never imports it. Tests use it where a process boundary is the point (signals,
 restarts, replicas, the CLI, RSS); elsewhere ``tests/inprocess.py`` is faster. No pytest here.
@@ -12,8 +13,12 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240.0
@@ -149,3 +154,92 @@ def start_server(
             command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
     return ServerProcess(process, grpc_port, metrics_port, log_path, list(args), http_port)
+
+
+# -- an S3-compatible server ------------------------------------------------------------------
+
+MOTO_REGION = "us-east-1"
+
+
+class MotoServer:
+    """moto's S3-compatible server in a child process on loopback (tests, bench/store_poll.py).
+
+    moto 5.2.5 answers a create-only write on an existing key (``If-None-Match: *``) and an
+    ``If-Match`` with a stale ETag ``412 Precondition Failed``, as S3 does (5.2.0 answered 500).
+    """
+
+    def __init__(self, folder: Path, *, tls: tuple[Path, Path] | None = None) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.log = folder / f"moto-{self.port}.log"
+        self.tls = tls  # (certificate, key) in PEM: the server speaks HTTPS
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def environment(self) -> dict[str, str]:
+        """The standard AWS variables for a client of this server: no file of HOME is read."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "test-key-id",
+            "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+            "AWS_DEFAULT_REGION": MOTO_REGION,
+            "AWS_CONFIG_FILE": str(self.folder / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.folder / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def start(self) -> MotoServer:
+        env = {**os.environ, "HOME": str(self.folder), **self.environment()}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port),
+                 *(["-c", str(self.tls[0]), "-k", str(self.tls[1])] if self.tls else [])],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start: {self.log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+
+    def client(self) -> Any:
+        import boto3  # here: importing this module needs no boto3
+
+        env = self.environment()
+        return boto3.session.Session(
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=MOTO_REGION,
+        ).client("s3", endpoint_url=self.endpoint)
+
+    def new_bucket(self) -> str:
+        name = f"models-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP): connections are accepted by the kernel and never answered."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)

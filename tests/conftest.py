@@ -92,6 +92,26 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory):  # -> service.testing.MotoServer
+    """An S3-compatible server (moto) for this test worker, started when a test first needs it."""
+    from service.testing import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(moto_server, monkeypatch: pytest.MonkeyPatch):  # -> service.storage.S3Location
+    """``s3://<a new bucket>/models`` on the worker's moto server, with the AWS environment set for it."""
+    from service.storage import S3Location
+
+    for variable, value in moto_server.environment().items():
+        monkeypatch.setenv(variable, value)
+    return S3Location(moto_server.new_bucket(), "models")
+
+
 def load_reference(weights_dir: Path, name: str):  # -> torch.nn.Module
     """The torchvision model with the very weights the server was given, in eval mode."""
     import torch

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from service.finetune.heads import build_standardized_head
 from service.finetune.store import MANIFEST, Manifest, ModelStore
+from service.storage import StoreLocation
 from vision_client.protocol import HeadConfig
 
 ALEXNET_FEATURES = 4096
 
 
 def save_head(
-    store: Path,
+    store: StoreLocation,
     name: str,
     *,
     seed: int = 0,
@@ -40,3 +43,19 @@ def write_manifest(store: Path, name: str, data: dict | str) -> None:
     folder = store / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def publish_forever(location: StoreLocation, base: str, features: int, ready: Any) -> None:
+    """A writer that does nothing but publish (a child process, to be killed): a new name once,
+    then replacements of one name. Here, so that a fork server that imported this module starts
+    it at once."""
+    spec = HeadConfig("two_layer", hidden=1024)
+    store = ModelStore(location)
+    head = build_standardized_head(spec, features, 3)
+    ready.set()
+    for i in range(1_000_000):
+        name, replace = (f"fresh-{os.getpid()}", False) if i == 0 else ("contested", True)
+        store.save(
+            name=name, base_model=base, head_spec=spec, head=head, labels=["a", "b", "c"],
+            loss="cross_entropy", job_id=f"{i:012x}", replace=replace,
+        )  # fmt: skip

@@ -191,3 +191,30 @@ def test_the_cert_manager_example_fits_the_manifests() -> None:
     for service in services:  # both Services' names verify against the certificate
         assert f"{service}.{namespace}.svc.cluster.local" in spec["dnsNames"]
     assert spec["issuerRef"]["name"] and spec["privateKey"]["rotationPolicy"] == "Always"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_s3_store_component_replaces_the_volume_with_a_bucket(tmp_path: Path, overlay: str) -> None:
+    """No PVC and no store volume; the store URL and endpoint from the ConfigMap, credentials from an
+    optional Secret (else the AWS chain: web identity); every ConfigMap key a setting the server reads."""
+    from service.cli import build_serve_parser, config_from_args
+    from service.storage import S3Location
+
+    objects = _with_components(tmp_path, overlay, "s3-store")
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "ConfigMap"):
+            _validate(obj)
+    assert [o for o in objects if o["kind"] == "PersistentVolumeClaim"] == []
+    pod, container = _container(objects)
+    assert "model-store" not in {v["name"] for v in pod["volumes"]}
+    assert "/var/lib/vision/models" not in {m["mountPath"] for m in container["volumeMounts"]}
+    assert "VISION_SERVE_MODEL_STORE" not in _env(container)  # env would win over envFrom
+    assert container["envFrom"] == [
+        {"configMapRef": {"name": "vision-serving-s3"}},
+        {"secretRef": {"name": "vision-serving-s3", "optional": True}},
+    ]
+    assert {"name": "runtime-cache", "emptyDir": {"sizeLimit": "3Gi"}} in pod["volumes"]  # stays node-local
+    settings = _one(objects, "ConfigMap", "vision-serving-s3")["data"]
+    assert all(key.startswith(("VISION_SERVE_", "AWS_")) for key in settings)
+    config = config_from_args(build_serve_parser({**_env(container), **settings}).parse_args([]))
+    assert isinstance(config.model_store, S3Location)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from service.finetune.history import JobHistory
 from service.finetune.job import EpochMetrics, Job, JobState
@@ -26,8 +27,9 @@ def _finished(job_id: str, finished_at: float) -> Job:
     )  # fmt: skip
 
 
-def test_history_keeps_the_newest_records_only(tmp_path: Path) -> None:
-    history = JobHistory(tmp_path, max_records=3)
+@pytest.mark.parametrize("kind", ["directory", "s3"])
+def test_history_keeps_the_newest_records_only(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    history = JobHistory(tmp_path if kind == "directory" else request.getfixturevalue("s3_store"), max_records=3)
     for i in range(5):
         history.save(_finished(f"{i:012x}", 1_700_000_000.0 + i))
     assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (2, 3, 4)]
@@ -35,7 +37,7 @@ def test_history_keeps_the_newest_records_only(tmp_path: Path) -> None:
     again = history.get(f"{4:012x}")
     assert again is not None and again.metrics == TrainMetrics(train_loss=0.5, best_epoch=3)
     assert again.state is JobState.SUCCEEDED and again.example_count == 10 and again.examples is None
-    (history.folder / "1700000009000-0000000000ff.json").write_text("[" * 10_000)  # a damaged record
+    history.objects.write(".jobs/1700000009000-0000000000ff.json", b"[" * 10_000)  # a damaged record
     assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (3, 4)]  # newest 3: one skipped
     assert history.get("../../etc/passwd") is None
 
@@ -54,7 +56,7 @@ def test_records_keep_the_curve_and_older_records_read_without_one(tmp_path: Pat
     assert again is not None and [point.epoch for point in again.curve] == [1, 2]
     assert again.curve[0] == curve[0] and again.curve[1].train_loss == 0.4
     assert math.isnan(again.curve[1].validation_loss) and math.isnan(again.curve[1].validation_accuracy)
-    (path,) = history.folder.iterdir()
+    (path,) = (tmp_path / ".jobs").iterdir()
     record = json.loads(path.read_text())
     assert record["curve"][1] == {"epoch": 2, "train_loss": 0.4, "validation_loss": None, "validation_accuracy": None}
     del record["curve"]
@@ -80,7 +82,7 @@ def test_records_keep_the_whole_config_and_older_records_still_read(tmp_path: Pa
     )  # fmt: skip
     job = _finished(f"{7:012x}", 1_700_000_000.0)
     history.save(dataclasses.replace(job, config=config))
-    (path,) = history.folder.iterdir()
+    (path,) = (tmp_path / ".jobs").iterdir()
     record = json.loads(path.read_text())
     assert record["config"] == to_dict(config)
     assert history.get(f"{7:012x}").config == config
@@ -89,7 +91,7 @@ def test_records_keep_the_whole_config_and_older_records_still_read(tmp_path: Pa
     spec = older.pop("config")
     spec["optimizer"]["betas"] = [spec["optimizer"].pop("beta1"), spec["optimizer"].pop("beta2")]
     older["spec"] = spec
-    (history.folder / f"1700000001000-{8:012x}.json").write_text(json.dumps(older))
+    (tmp_path / ".jobs" / f"1700000001000-{8:012x}.json").write_text(json.dumps(older))
     assert history.get(f"{8:012x}").config == config
 
 

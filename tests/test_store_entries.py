@@ -103,7 +103,7 @@ def bad_store(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     expected["alexnet"] = "builtin_name"
     _copy(store, "template", "liveness")
     expected["liveness"] = "bad_name"
-    (store / "Bad Name\n").mkdir()
+    write_manifest(store, "Bad Name\n", "{}")  # an empty folder is no entry: it holds no object
     expected["Bad Name\n"] = "bad_name"
     return store, expected
 

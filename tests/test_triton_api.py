@@ -268,14 +268,15 @@ def store_with_head(tmp_path: Path) -> Path:
     from service.models import get_model_spec
     from vision_client.protocol import HeadConfig
 
-    store = ModelStore(tmp_path / "seeded-store")
+    root = tmp_path / "seeded-store"
+    store = ModelStore(root)
     spec = HeadConfig()
     head = build_standardized_head(spec, get_model_spec("alexnet").feature_dim, 3)
     store.save(
         name="pets", base_model="alexnet", head_spec=spec, head=head, labels=["cat", "dog", "fish"],
         loss="cross_entropy", metrics={}, job_id="seeded",
     )  # fmt: skip
-    return store.root
+    return root
 
 
 def test_fine_tuned_models_unload_load_and_follow_their_base(serve_inprocess, store_with_head: Path) -> None:

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT_S = 10.0  # one entry (manifest and weights); a healthy store answers in ms
 FINE_TUNING_OFF = "fine-tuning is off: the server was started with --model-store none; start it with --model-store DIR"
 
-Fingerprint = tuple[int, int, int]
+Fingerprint = str  # a manifest's ETag in the store's listing
 
 
 class FineTunedModels:
@@ -126,7 +126,7 @@ class FineTunedModels:
                 replace=config.replace,
             )
         except OSError as exc:
-            raise StoreWriteError(store.root, exc) from exc
+            raise StoreWriteError(store.location, exc) from exc
         try:
             self.require_base(config.base_model)
             model = await self._install(name, config.base_model, head, labels, manifest.version)

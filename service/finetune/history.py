@@ -1,5 +1,5 @@
 """Records of finished jobs, kept in the store so that they survive restarts and are
-shared by replicas: ``<store>/.jobs/<finished-ms>-<job id>.json``, at most
+shared by replicas: ``.jobs/<finished-ms>-<job id>.json`` in the store, at most
 ``max_finished_jobs`` of them (the oldest are deleted). A record holds the job's
 config, state, labels, error, metrics and curve (each epoch's figures); never its images.
 """
@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from pathlib import Path
 
 from service.errors import StoreEntryError
-from service.files import FileRefused, atomic_write, read_bounded
+from service.files import FileRefused
 from service.finetune.job import EpochMetrics, Job, JobState
 from service.finetune.store import parse_json
 from service.finetune.trainer import TrainMetrics
+from service.storage import ObjectStore, StoreLocation, open_objects
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
-JOBS_FOLDER = ".jobs"
+JOBS_FOLDER = ".jobs"  # hidden: never taken for a model's folder
 JOB_ID = re.compile(r"[0-9a-f]{12}")
 _RECORD = re.compile(r"(?P<finished>[0-9]{13})-(?P<id>[0-9a-f]{12})\.json")
 MAX_RECORD_BYTES = 1024 * 1024
@@ -30,10 +29,9 @@ RECORD_FORMAT_VERSION = 1
 
 
 class JobHistory:
-    def __init__(self, store_root: Path, max_records: int) -> None:
-        self.folder = store_root / JOBS_FOLDER
+    def __init__(self, location: StoreLocation | ObjectStore, max_records: int) -> None:
+        self.objects = open_objects(location)
         self.max_records = max_records
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def save(self, job: Job) -> None:
         """Write ``job``'s record and delete the oldest records beyond the limit (blocking)."""
@@ -52,13 +50,13 @@ class JobHistory:
             "finished_at": job.finished_at,
         }
         name = f"{int(job.finished_at * 1000):013d}-{job.id}.json"
-        atomic_write(self.folder / name, json.dumps(record).encode())
+        self.objects.write(f"{JOBS_FOLDER}/{name}", json.dumps(record).encode())
         self.prune()
 
     def prune(self) -> None:
         records = self._names()
         for name in records[: max(0, len(records) - self.max_records)]:
-            (self.folder / name).unlink(missing_ok=True)
+            self.objects.delete(f"{JOBS_FOLDER}/{name}")
 
     def get(self, job_id: str) -> Job | None:
         if not JOB_ID.fullmatch(job_id):
@@ -74,21 +72,19 @@ class JobHistory:
         return [job for job in jobs if job is not None]
 
     def _names(self) -> list[str]:
-        """Record file names, oldest first."""
-        try:
-            return sorted(name for name in os.listdir(self.folder) if _RECORD.fullmatch(name))
-        except FileNotFoundError:
-            return []
+        """Record names, oldest first."""
+        names = (info.key.removeprefix(f"{JOBS_FOLDER}/") for info in self.objects.list(f"{JOBS_FOLDER}/"))
+        return sorted(name for name in names if _RECORD.fullmatch(name))
 
     def _read(self, name: str) -> Job | None:
-        path = self.folder / name
+        key = f"{JOBS_FOLDER}/{name}"
         try:
-            data = parse_json(read_bounded(path, MAX_RECORD_BYTES), name)
+            data = parse_json(self.objects.read(key, MAX_RECORD_BYTES), name)
             return job_from_record(data)
         except FileNotFoundError:
             return None  # pruned by another replica meanwhile
         except (FileRefused, StoreEntryError, ConfigError, KeyError, TypeError, ValueError, OverflowError) as exc:
-            log.warning("job record %s cannot be read; ignoring it: %s", path, exc)
+            log.warning("job record %s of %s cannot be read; ignoring it: %s", key, self.objects.location, exc)
             return None
 
 

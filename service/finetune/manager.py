@@ -22,7 +22,9 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
+from typing import TypeVar
 
 import torch
 
@@ -38,7 +40,8 @@ from service.errors import (
     VisionServeError,
     quote,
 )
-from service.finetune.catalog import FineTunedModels
+from service.files import TimedOut, call_with_timeout
+from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels
 from service.finetune.examples import ExampleCollector, check_images
 from service.finetune.history import JobHistory
 from service.finetune.job import EpochMetrics, Job, JobEvent, JobState
@@ -52,6 +55,7 @@ from service.repository import ModelRepository
 from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class JobManager:
@@ -72,7 +76,7 @@ class JobManager:
         self.limits = limits or FineTuneLimits()
         self._live: dict[str, Job] = {}  # queued or running
         self._finished: OrderedDict[str, Job] = OrderedDict()  # the most recent, with their events
-        self._history = JobHistory(store.root, self.limits.max_finished_jobs) if store is not None else None
+        self._history = JobHistory(store.objects, self.limits.max_finished_jobs) if store is not None else None
         self._pipeline = JobPipeline(dataplane, builtin, catalog, metrics, self._emit) if store is not None else None
         self._uploads = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -130,7 +134,8 @@ class JobManager:
         if self._dataplane.draining:
             raise UnavailableError("the server is shutting down and takes no new jobs")
         assert self._store is not None
-        if not config.replace and await asyncio.to_thread(self._store.exists, config.output_model):
+        exists = partial(self._store.exists, config.output_model)
+        if not config.replace and await self._ask_store(exists, "look up a name in"):
             raise AlreadyExistsError(
                 f"the model store already holds a model named {quote(config.output_model)}; "
                 "pick another name or set replace"
@@ -161,17 +166,31 @@ class JobManager:
     async def get(self, job_id: str) -> Job:
         job = self._live.get(job_id) or self._finished.get(job_id)
         if job is None and self._history is not None:
-            job = await asyncio.to_thread(self._history.get, job_id)
+            job = await self._ask_store(partial(self._history.get, job_id), "read the job history of")
         if job is None:
             raise ModelNotFoundError(f"no fine-tuning job {quote(job_id)} (finished jobs are kept up to a limit)")
         return job
 
     async def list(self) -> list[Job]:
         """Jobs running here, and finished jobs of every replica sharing the store."""
-        jobs = {job.id: job for job in (await asyncio.to_thread(self._history.recent) if self._history else [])}
+        stored: list[Job] = []
+        if self._history is not None:
+            try:
+                stored = await self._ask_store(self._history.recent, "read the job history of")
+            except UnavailableError as exc:  # the jobs this server knows are still worth listing
+                log.warning("listing jobs without the store's history: %s", exc)
+        jobs = {job.id: job for job in stored}
         jobs.update(self._finished)
         jobs.update(self._live)
         return sorted(jobs.values(), key=lambda j: j.created_at)
+
+    async def _ask_store(self, question: Callable[[], T], action: str) -> T:
+        """``question()`` in a thread with the store's read time limit; UNAVAILABLE if the store fails it."""
+        assert self._store is not None
+        try:
+            return await call_with_timeout(question, READ_TIMEOUT_S, "store-jobs")
+        except (OSError, TimedOut) as exc:
+            raise UnavailableError(f"cannot {action} the model store {self._store.location}: {exc}; retry") from exc
 
     async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
         """Every event of the job so far, then each new one until it ends."""

@@ -1,26 +1,28 @@
-"""The model store: one folder per fine-tuned model, shared by replicas, trusted by none.
+"""The model store: one folder (or key prefix) per fine-tuned model, shared by replicas, trusted by none.
 
-Layout::
+Layout, in a directory or under an ``s3://bucket/prefix`` (:mod:`service.storage`)::
 
-    <store>/<name>/manifest.json              base model, head spec, labels, metrics, time,
-                                              and the weights file it names (+ sha256)
-    <store>/<name>/head-<version>.safetensors the head's tensors, one file per version
-    <store>/.jobs/                            records of finished jobs (:mod:`.history`)
+    <name>/manifest.json              base model, head spec, labels, metrics, time,
+                                      and the weights file it names (+ sha256)
+    <name>/head-<version>.safetensors the head's tensors, one object per version
+    .jobs/                            records of finished jobs (:mod:`.history`)
 
 Writing is two steps, so that two writers of one name (two replicas) never destroy
-each other's model: :meth:`ModelStore.stage` writes the weights under a name of their
+each other's model: :meth:`ModelStore.stage` writes the weights under a key of their
 own, :meth:`ModelStore.commit` then makes the version exist by putting its manifest in
-place, with ``os.replace`` (replace) or ``os.link`` (create only: the link fails if any
-process created the manifest first, so ``replace=False`` holds across replicas). A
-weights file is deleted only when no current manifest names it and it is older than
-:data:`GC_GRACE_S`, so a writer whose manifest has not landed yet, and a reader that read
-the previous manifest a moment ago, both still find their file.
+place: create-only for a new name (the write fails if any process created the manifest
+first, so ``replace=False`` holds across replicas), conditional on the version it replaces
+otherwise. A reader never sees half a model: the manifest, written last, names weights that
+are whole. A weights object is deleted only when no current manifest names it and it is
+older than :data:`GC_GRACE_S`, so a writer whose manifest has not landed yet, and a reader
+that read the previous manifest a moment ago, both still find their object; the leftovers of
+a writer that died between the two steps are collected by the poll (:meth:`collect_orphans`).
 
-Reading trusts nothing: file names are confined to the model's folder (no path, no
-symlink), files are opened without blocking and read only if ``fstat`` says they are
-regular and not larger than a cap, the manifest is checked field by field (with its
-``format_version``) before anything is built from it. A bad entry raises
-:class:`StoreEntryError` with a short ``reason`` for the metric.
+Reading trusts nothing: object names are confined to the model's folder (no path, no
+symlink), objects are read only if their size (``fstat``, ``Content-Length``) is within a
+cap, the manifest is checked field by field (with its ``format_version``) before anything
+is built from it. A bad entry raises :class:`StoreEntryError` with a short ``reason`` for
+the metric.
 """
 
 from __future__ import annotations
@@ -31,12 +33,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -46,17 +46,28 @@ from safetensors.torch import save as save_safetensors
 from service.config import FineTuneLimits
 from service.errors import (
     AlreadyExistsError,
+    ConflictError,
     InternalError,
     InvalidInputError,
     ModelNotFoundError,
     StoreEntryError,
+    UnavailableError,
     quote,
 )
-from service.files import FileRefused, read_bounded, sync_directory, write_temporary
+from service.files import FileRefused
 from service.finetune.heads import StandardizedHead, build_standardized_head
 from service.finetune.names import is_model_name
 from service.finetune.spec import check_head
 from service.finetune.trainer import TrainMetrics
+from service.storage import (
+    ObjectChanged,
+    ObjectExists,
+    ObjectInfo,
+    ObjectStore,
+    StoreLocation,
+    StoreUnreachable,
+    open_objects,
+)
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import HEAD_KINDS, LOSSES, HeadConfig
 
@@ -261,12 +272,30 @@ def parse_json(data: bytes, where: str) -> object:
         ) from None
 
 
+@dataclass
+class StoredModel:
+    """What one listing shows of a model: its manifest (None while being written or deleted) and weights."""
+
+    manifest: ObjectInfo | None = None
+    weights: list[ObjectInfo] = field(default_factory=list)  # head files and leftover temporary files
+    error: str = ""  # the entry could not be listed (a directory store's unreadable folder)
+
+
 class ModelStore:
-    def __init__(self, root: Path, limits: FineTuneLimits | None = None) -> None:
-        self.root = root
+    """The fine-tuned models of a store: checked reads, two-step writes, garbage collection.
+
+    ``location`` is a directory, an ``s3://`` location or an :class:`ObjectStore`; every
+    guarantee below holds for each (:mod:`service.storage`).
+    """
+
+    def __init__(self, location: StoreLocation | ObjectStore, limits: FineTuneLimits | None = None) -> None:
+        self.objects = open_objects(location)
         self.limits = limits or FineTuneLimits()
         self.max_weights_bytes = 4 * self.limits.max_head_parameters + _WEIGHTS_SLACK
-        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def location(self) -> str:
+        return self.objects.location
 
     # -- writing -----------------------------------------------------------
 
@@ -285,11 +314,8 @@ class ModelStore:
     ) -> Manifest:
         """Write a new version of ``name``: :meth:`stage`, then :meth:`commit`.
 
-        A write that fails (a full disk) leaves nothing of its own behind: not its weights, and
-        not the model's folder if it made it.
+        A write that fails (a full disk, an unreachable bucket) leaves nothing of its own behind.
         """
-        folder = self._folder(name)
-        created = not folder.exists()
         manifest: Manifest | None = None
         try:
             manifest = self.stage(
@@ -298,20 +324,26 @@ class ModelStore:
             )  # fmt: skip
             self.commit(manifest, replace=replace)
         except BaseException:
-            if manifest is not None and self._names_weights(name) != manifest.weights_file:
-                (folder / manifest.weights_file).unlink(missing_ok=True)  # ours, and named by no manifest
-            if created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only when empty: another writer's files keep it
+            if manifest is not None:
+                self._discard(manifest)
             raise
         return manifest
 
-    def _names_weights(self, name: str) -> str | None:
-        """The weights file the current manifest of ``name`` names, if it can be read."""
+    def _discard(self, staged: Manifest) -> None:
+        """Delete a staged version's weights unless the current manifest names them.
+
+        When that cannot be known (the store stopped answering: the manifest's write may have
+        landed without its answer reaching us), they stay, for :meth:`collect_orphans`.
+        """
         try:
-            return self.read_manifest(name).weights_file
-        except (FileNotFoundError, StoreEntryError):
-            return None
+            current: str | None = self.read_manifest(staged.name).weights_file
+        except (FileNotFoundError, FileRefused, StoreEntryError):
+            current = None
+        except OSError:
+            return
+        if current != staged.weights_file:
+            with contextlib.suppress(OSError):
+                self.objects.delete(_key(staged.name, staged.weights_file))  # ours, and named by no manifest
 
     def stage(
         self,
@@ -325,21 +357,13 @@ class ModelStore:
         metrics: TrainMetrics,
         job_id: str,
     ) -> Manifest:
-        """Write the weights of a new version under a file name of their own; nothing serves it yet."""
-        folder = self._folder(name)
+        """Write the weights of a new version under a key of their own; nothing serves it yet."""
+        _check_name(name)
         version = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
         state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
         blob = save_safetensors(state, metadata={"format": "pt", "model": name, "version": version})
         weights_file = f"head-{version}.safetensors"
-        for attempt in range(3):  # a concurrent delete may remove the (empty) folder between mkdir and write
-            folder.mkdir(parents=True, exist_ok=True)
-            try:
-                temporary = write_temporary(folder, weights_file, blob)
-                os.replace(temporary, folder / weights_file)
-                break
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
+        self.objects.write(_key(name, weights_file), blob)
         return Manifest(
             name=name,
             version=version,
@@ -358,121 +382,143 @@ class ModelStore:
     def commit(self, manifest: Manifest, *, replace: bool) -> None:
         """Make a staged version the one that exists.
 
-        ``replace=False`` claims the name atomically (``os.link`` fails if the manifest
-        exists, whoever made it): ALREADY_EXISTS if another writer got there first.
+        ``replace=False`` claims the name with a create-only write: ALREADY_EXISTS if another
+        writer (another replica) got there first. ``replace=True`` replaces the version it finds
+        with a write conditional on that version: ABORTED if another writer replaced or deleted it
+        in between, so of two replacing at once exactly one wins. Either way the loser's weights
+        go and the winner's model stays whole.
         """
-        folder = self._folder(manifest.name)
+        key = _key(manifest.name, MANIFEST)
         data = json.dumps(manifest.to_json(), indent=2).encode()
-        temporary = write_temporary(folder, MANIFEST, data)
+        current = self.objects.head(key) if replace else None
         try:
-            if replace:
-                os.replace(temporary, folder / MANIFEST)
+            if current is None:
+                self.objects.create(key, data)
             else:
-                try:
-                    os.link(temporary, folder / MANIFEST)
-                except FileExistsError:
-                    (folder / manifest.weights_file).unlink(missing_ok=True)  # ours, and named by no manifest
-                    raise AlreadyExistsError(
-                        f"a model named {quote(manifest.name)} appeared in the store while this job ran "
-                        "(another replica?); pick another name or set replace"
-                    ) from None
-        finally:
-            temporary.unlink(missing_ok=True)
-        sync_directory(folder)
+                self.objects.replace(key, data, current.etag)
+        except (ObjectExists, ObjectChanged) as exc:
+            with contextlib.suppress(OSError):
+                self.objects.delete(_key(manifest.name, manifest.weights_file))  # ours, and named by no manifest
+            if isinstance(exc, ObjectExists) and not replace:
+                raise AlreadyExistsError(
+                    f"a model named {quote(manifest.name)} appeared in the store while this job ran "
+                    "(another replica?); pick another name or set replace"
+                ) from None
+            raise ConflictError(
+                f"another writer (another replica?) wrote or deleted {quote(manifest.name)} while this job "
+                "published it; its version stands: run the job again to replace it"
+            ) from None
         self.collect_garbage(manifest.name)
 
-    def collect_garbage(self, name: str, *, grace_s: float = GC_GRACE_S) -> list[str]:
+    def collect_garbage(
+        self, name: str, *, grace_s: float = GC_GRACE_S, listing: StoredModel | None = None
+    ) -> list[str]:
         """Delete weights and temporary files of ``name`` that the current manifest does not name
         and that are older than ``grace_s``; the names deleted."""
-        folder = self._folder(name)
         keep = set()
-        with contextlib.suppress(FileNotFoundError, StoreEntryError):
+        with contextlib.suppress(OSError, FileRefused, StoreEntryError):
             keep.add(self.read_manifest(name).weights_file)
-        deleted: list[str] = []
+        stored = listing if listing is not None else self._listing(f"{_check_name(name)}/").get(name, StoredModel())
         cutoff = time.time() - grace_s
-        try:
-            entries = list(os.scandir(folder))
-        except FileNotFoundError:
-            return deleted
-        for entry in entries:
-            collectable = _WEIGHTS_FILE.fullmatch(entry.name) or (
-                entry.name.startswith(".") and entry.name.endswith(".tmp")
-            )
-            if not collectable or entry.name in keep:
+        deleted: list[str] = []
+        for info in stored.weights:
+            file = info.key.rsplit("/", 1)[-1]
+            if file not in keep and info.modified < cutoff:
+                self.objects.delete(info.key)
+                deleted.append(file)
+        return deleted
+
+    def collect_orphans(self, listing: dict[str, StoredModel], *, grace_s: float = GC_GRACE_S) -> list[str]:
+        """Collect the leftovers of every model whose listing shows some (a writer that died between
+        its weights and its manifest, a replaced version): keys deleted. Costs nothing for a model
+        with one weights object and a manifest."""
+        cutoff = time.time() - grace_s
+        deleted: list[str] = []
+        for name, stored in listing.items():
+            old = [info for info in stored.weights if info.modified < cutoff]
+            if not old or (stored.manifest is not None and len(stored.weights) == 1):
                 continue
-            try:
-                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    deleted.append(entry.name)
-            except FileNotFoundError:
-                pass  # another replica collected it
+            deleted += [f"{name}/{file}" for file in self.collect_garbage(name, grace_s=grace_s, listing=stored)]
         return deleted
 
     def delete(self, name: str) -> None:
-        folder = self._folder(name)
-        manifest_path = folder / MANIFEST
+        key = _key(name, MANIFEST)
         try:
-            weights_file = self.read_manifest(name).weights_file
+            weights_file: str | None = self.read_manifest(name).weights_file
         except FileNotFoundError:
             raise ModelNotFoundError(f"no fine-tuned model {quote(name)} in the store") from None
-        except StoreEntryError:
+        except (FileRefused, StoreEntryError):
             weights_file = None  # a damaged entry can be deleted too
+        except StoreUnreachable as exc:
+            raise UnavailableError(f"cannot reach the model store to delete {quote(name)}: {exc}; retry") from exc
         try:
-            manifest_path.unlink()  # from here on the model does not exist for any reader
-        except FileNotFoundError:
-            raise ModelNotFoundError(f"no fine-tuned model {quote(name)} in the store") from None
+            self.objects.delete(key)  # from here on the model does not exist for any reader
+        except StoreUnreachable as exc:
+            raise UnavailableError(f"cannot reach the model store to delete {quote(name)}: {exc}; retry") from exc
         except OSError as exc:
-            raise InternalError(f"cannot delete {manifest_path}: {exc}") from exc
+            raise InternalError(f"cannot delete {quote(name)} from the model store {self.location}: {exc}") from exc
         if weights_file is not None:
-            (folder / weights_file).unlink(missing_ok=True)
+            self.objects.delete(_key(name, weights_file))
         self.collect_garbage(name)
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only when empty: another writer's staged weights keep it
 
     # -- reading -----------------------------------------------------------
 
-    def entries(self) -> tuple[dict[str, tuple[int, int, int]], dict[str, StoreEntryError]]:
-        """``({name: fingerprint of its manifest}, {entry: error})`` of every folder in the store.
+    def listing(self) -> tuple[dict[str, StoredModel], dict[str, StoreEntryError]]:
+        """``({name: its manifest and weights}, {entry: error})``: one listing of the whole store.
 
-        The fingerprint (inode, mtime, size) changes whenever a manifest is replaced; a
-        folder without a manifest (being written or deleted) is not listed. Hidden entries
-        (temporary files, job records) are ignored.
+        A model without a manifest (being written or deleted, or left by a writer that died) is
+        listed with ``manifest=None``; hidden entries (job records, temporary files at the top)
+        are ignored; an entry whose name is not a model name is an error.
         """
-        found: dict[str, tuple[int, int, int]] = {}
+        stored = self._listing("")
         errors: dict[str, StoreEntryError] = {}
-        with os.scandir(self.root) as listing:
-            for entry in listing:
-                if entry.name.startswith("."):
-                    continue
-                if not is_model_name(entry.name):
-                    errors[entry.name] = StoreEntryError(
-                        StoreReason.BAD_NAME,
-                        f"store entry {quote(entry.name)} is not a valid model name; it is ignored",
-                    )
-                    continue
-                try:
-                    info = os.lstat(os.path.join(entry.path, MANIFEST))
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                except OSError as exc:
-                    errors[entry.name] = StoreEntryError(StoreReason.UNREADABLE, f"{entry.name}: {exc}")
-                    continue
-                found[entry.name] = (info.st_ino, info.st_mtime_ns, info.st_size)
-        return found, errors
+        for name in [name for name in stored if not is_model_name(name) or stored[name].error]:
+            entry = stored.pop(name)
+            errors[name] = (
+                StoreEntryError(StoreReason.UNREADABLE, f"{name}: {entry.error}")
+                if is_model_name(name)
+                else StoreEntryError(
+                    StoreReason.BAD_NAME, f"store entry {quote(name)} is not a valid model name; it is ignored"
+                )
+            )
+        return stored, errors
+
+    def entries(self) -> tuple[dict[str, str], dict[str, StoreEntryError]]:
+        """``({name: fingerprint of its manifest}, {entry: error})`` of every model with a manifest.
+
+        The fingerprint (the manifest's ETag) changes whenever a manifest is replaced.
+        """
+        stored, errors = self.listing()
+        return {name: s.manifest.etag for name, s in stored.items() if s.manifest is not None}, errors
+
+    def _listing(self, prefix: str) -> dict[str, StoredModel]:
+        stored: dict[str, StoredModel] = {}
+        for info in self.objects.list(prefix):
+            name, _, rest = info.key.partition("/")
+            if name.startswith("."):
+                continue  # job records; temporary files
+            model = stored.setdefault(name, StoredModel())
+            if info.error:
+                model.error = info.error
+            if rest == MANIFEST:
+                model.manifest = info
+            elif _WEIGHTS_FILE.fullmatch(rest) or (rest.startswith(".") and rest.endswith(".tmp")):
+                model.weights.append(info)
+        return stored
 
     def exists(self, name: str) -> bool:
-        return os.path.lexists(self._folder(name) / MANIFEST)
+        return self.objects.head(_key(name, MANIFEST)) is not None
 
     def read_manifest(self, name: str) -> Manifest:
         """The checked manifest of ``name``; FileNotFoundError if there is none."""
-        data = self._read(self._folder(name) / MANIFEST, MAX_MANIFEST_BYTES)
+        data = self._read(_key(name, MANIFEST), MAX_MANIFEST_BYTES)
         return Manifest.from_json(parse_json(data, f"{name}/{MANIFEST}"), name, self.limits)
 
     def load(self, name: str) -> tuple[Manifest, StandardizedHead]:
         """The manifest and the head with its trained weights (on the CPU)."""
         manifest = self.read_manifest(name)
         try:
-            blob = self._read(self._folder(name) / manifest.weights_file, self.max_weights_bytes)
+            blob = self._read(_key(name, manifest.weights_file), self.max_weights_bytes)
         except FileNotFoundError:
             raise StoreEntryError(StoreReason.MISSING_WEIGHTS, f"{name}: {manifest.weights_file} is missing") from None
         if hashlib.sha256(blob).hexdigest() != manifest.sha256:
@@ -491,13 +537,18 @@ class ModelStore:
             raise StoreEntryError(StoreReason.BAD_WEIGHTS, f"{name}: weights hold NaN or infinite values")
         return manifest, head.eval()
 
-    def _read(self, path: Path, max_bytes: int) -> bytes:
+    def _read(self, key: str, max_bytes: int) -> bytes:
         try:
-            return read_bounded(path, max_bytes)
+            return self.objects.read(key, max_bytes)
         except FileRefused as exc:
             raise StoreEntryError(StoreReason(exc.reason), str(exc)) from exc
 
-    def _folder(self, name: str) -> Path:
-        if not is_model_name(name):
-            raise ModelNotFoundError(f"{quote(name)} is not a valid fine-tuned model name")
-        return self.root / name
+
+def _check_name(name: str) -> str:
+    if not is_model_name(name):
+        raise ModelNotFoundError(f"{quote(name)} is not a valid fine-tuned model name")
+    return name
+
+
+def _key(name: str, file: str) -> str:
+    return f"{_check_name(name)}/{file}"

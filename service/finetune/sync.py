@@ -1,7 +1,8 @@
 """Keeps the served fine-tuned models in step with the model store, by polling.
 
 Replicas sharing one store see each other's heads (new, replaced, deleted) within one poll
-interval. The store is listed in a daemon thread with a time limit; each new or changed entry
+interval. Each pass lists the store once (one request per thousand objects on S3; the cost
+does not grow with the weights), in a daemon thread with a time limit; each new or changed entry
 is handed to the catalog (:class:`FineTunedModels`), which reads, checks and serves it. An entry
 that cannot be served is logged and counted once (the catalog's :meth:`~FineTunedModels.report`)
 and every other entry, start-up, readiness and shutdown go on. An entry is read again only when
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from service.errors import StoreEntryError
 from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels, Fingerprint
-from service.finetune.store import ModelStore, StoreReason
+from service.finetune.store import ModelStore, StoredModel, StoreReason
 from service.repository import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ class StoreSync:
 
         def entries() -> tuple[dict[str, Fingerprint], dict[str, StoreEntryError]]:
             try:
-                return self._store.entries()
+                listing, errors = self._store.listing()
+                self._collect_orphans(listing)
+                return {n: s.manifest.etag for n, s in listing.items() if s.manifest is not None}, errors
             finally:
                 self._listing = False
 
@@ -71,7 +74,7 @@ class StoreSync:
             stored, errors = await call_with_timeout(entries, self._read_timeout_s, "store-list")
         except (OSError, TimedOut) as exc:
             error = StoreEntryError(
-                StoreReason.UNREADABLE_STORE, f"cannot list the model store {self._store.root}: {exc}"
+                StoreReason.UNREADABLE_STORE, f"cannot list the model store {self._store.location}: {exc}"
             )
             self._catalog.report("", error, None)
             return
@@ -106,6 +109,19 @@ class StoreSync:
         self.passes += 1
         if self.passes == 1:
             self._on_first_pass()
+
+    def _collect_orphans(self, listing: dict[str, StoredModel]) -> None:
+        """Delete what writers left behind (weights no manifest names, past the grace period).
+
+        Part of the pass's listing thread: it costs requests only when the listing shows leftovers.
+        """
+        try:
+            deleted = self._store.collect_orphans(listing)
+        except (OSError, StoreEntryError) as exc:
+            log.warning("model store: collecting leftovers failed; trying again next poll: %s", exc)
+            return
+        if deleted:
+            log.info("model store: deleted %d leftover objects: %s", len(deleted), ", ".join(deleted[:10]))
 
     def _current(self, name: str, version: str | None) -> bool:
         """Whether what is served under ``name`` is what the store held when last read
