@@ -37,13 +37,19 @@ $(KSERVE_VENV)/.installed:
 
 kserve-venv: $(KSERVE_VENV)/.installed
 
-# promtool and prometheus (Debian's package) for the metrics tests; kubectl for manifests.
+# promtool and prometheus (Debian's package) for the metrics tests; chromium and its driver
+# (Debian's packages) for the web console's browser tests (tests/test_console.py).
 .PHONY: system-test-tools
 system-test-tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 	  echo "installing Debian's prometheus (promtool) for the metrics tests"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the console's browser tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null; }
 
 serve: install
 	$(VENV)/bin/vision-serve $(SERVE_ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -20,6 +21,15 @@ from service.statistics import StatisticsCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class DeviceImages:
+    """Images one model has run on one device since the server started."""
+
+    model: str
+    device: str
+    images: int
 
 
 class ServerMetrics:
@@ -117,6 +127,16 @@ class ServerMetrics:
         queue = self.queue_seconds.labels(model)
         for seconds in stats.queue_seconds:
             queue.observe(seconds)
+
+    def images_by_device(self) -> list[DeviceImages]:
+        """``vision_inference_images_total`` as it stands: the one source of throughput per device
+        (a client takes its rate, as Prometheus does)."""
+        return [
+            DeviceImages(sample.labels["model"], sample.labels["device"], int(sample.value))
+            for family in self.images.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        ]
 
     def queue_depth_recorder(self, model: str) -> Callable[[int], None]:
         """What a model's queue calls with each change in the number of images it holds."""

@@ -37,6 +37,7 @@ from service.transport.inference import InferenceServicer, inference_parsing_int
 from service.transport.limits import server_options
 from service.transport.models import ModelsServicer
 from service.transport.requests import RequestReadingInterceptor
+from service.transport.rest.console import console_routes
 from service.transport.rest.routes import routes
 from service.transport.rest.server import RestServer
 from service.transport.rest.vision_routes import vision_routes
@@ -138,7 +139,7 @@ class VisionServer:
         )
         # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)  # type: ignore[no-untyped-call]
-        self._models = ModelsServicer(self.dataplane)
+        self._models = ModelsServicer(self.dataplane, self.metrics)
         self._fine_tuning = FineTuningServicer(self.jobs)
         models_pb2_grpc.add_ModelsServicer_to_server(self._models, self._grpc)  # type: ignore[no-untyped-call]
         fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(self._fine_tuning, self._grpc)  # type: ignore[no-untyped-call]
@@ -197,6 +198,7 @@ class VisionServer:
             max_body_bytes=self.config.max_message_bytes,
             body_timeout_s=self.config.first_message_timeout_s,
             tls=self._tls,
+            pages=console_routes(),
         )
         self.http_port = await self._rest.start(_host(self.config.host), self.config.http_port)
         log.info(

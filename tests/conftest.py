@@ -55,7 +55,7 @@ SERVER_FIXTURES = frozenset(
     {
         "server", "token_server", "serve_inprocess", "default_server", "second_server", "slow_server",
         "store_server", "tiny_server", "replicas", "prometheus", "kserve_python", "built", "workload",
-        "shm_server",
+        "shm_server", "console_server", "browser",
     }
 )  # fmt: skip
 E2E_MODULES = frozenset(

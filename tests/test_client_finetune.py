@@ -164,7 +164,11 @@ def test_fine_tune_trains_a_head_that_is_served_at_once(store_server, kind, head
     model = models[name]
     assert model.base_model == BASE and model.platform == "vision_finetuned" and model.ready
     assert model.labels == DIGITS and model.num_classes == 10
+    assert model.version and model.devices == ("cpu",) and model.pending_images == 0
     assert jobs[done.job_id].state == "succeeded" and job == done.job
+    assert [(p.epoch, p.train_loss, p.validation_loss) for p in job.epoch_metrics] == [
+        (e.epoch, e.train_loss, e.validation_loss) for e in epochs
+    ]
     assert (job.base_model, job.output_model, job.head, job.optimizer, job.loss) == (
         BASE,
         name,

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from service.finetune.history import JobHistory
-from service.finetune.job import Job, JobState
+from service.finetune.job import EpochMetrics, Job, JobState
 from service.finetune.trainer import TrainMetrics
 from tests.finetune_data import digits
 from vision_client.protocol import FineTuneConfig
@@ -40,6 +40,31 @@ def test_history_keeps_the_newest_records_only(kind: str, tmp_path: Path, reques
     history.objects.write(".jobs/1700000009000-0000000000ff.json", b"[" * 10_000)  # a damaged record
     assert [job.id for job in history.recent()] == [f"{i:012x}" for i in (3, 4)]  # newest 3: one skipped
     assert history.get("../../etc/passwd") is None
+
+
+def test_records_keep_the_curve_and_older_records_read_without_one(tmp_path: Path) -> None:
+    """Each epoch's figures stay with the record (the chart of a finished job); NaN, a figure not
+    measured, goes to JSON as null and comes back NaN; a record without a curve reads as none."""
+    import dataclasses
+    import json
+    import math
+
+    history = JobHistory(tmp_path, max_records=3)
+    curve = [EpochMetrics(1, 0.9, 0.8, 0.5), EpochMetrics(2, 0.4)]
+    history.save(dataclasses.replace(_finished(f"{9:012x}", 1_700_000_000.0), curve=curve))
+    again = history.get(f"{9:012x}")
+    assert again is not None and [point.epoch for point in again.curve] == [1, 2]
+    assert again.curve[0] == curve[0] and again.curve[1].train_loss == 0.4
+    assert math.isnan(again.curve[1].validation_loss) and math.isnan(again.curve[1].validation_accuracy)
+    (path,) = (tmp_path / ".jobs").iterdir()
+    record = json.loads(path.read_text())
+    assert record["curve"][1] == {"epoch": 2, "train_loss": 0.4, "validation_loss": None, "validation_accuracy": None}
+    del record["curve"]
+    path.write_text(json.dumps(record))
+    assert history.get(f"{9:012x}").curve == []
+    record["curve"] = [{"epoch": "one"}]
+    path.write_text(json.dumps(record))
+    assert history.get(f"{9:012x}") is None  # a damaged record is skipped
 
 
 def test_records_keep_the_whole_config_and_older_records_still_read(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -446,7 +447,11 @@ def test_a_job_created_with_curl_is_watched_as_events_and_its_model_classifies(t
     kinds = [line[len("event: ") :] for line in stream.splitlines() if line.startswith("event: ")]
     assert kinds[0] == "queued" and kinds[-1] == "succeeded" and kinds.count("epoch") >= 3
     assert events[-1]["state"] == "SUCCEEDED"
-    assert json.loads(curl(f"{base}/v1/jobs/{job['id']}"))["state"] == "SUCCEEDED"
+    finished = json.loads(curl(f"{base}/v1/jobs/{job['id']}"))
+    assert finished["state"] == "SUCCEEDED"
+    epochs = [event for kind, event in zip(kinds, events, strict=True) if kind == "epoch"]
+    assert [point["epoch"] for point in finished["epochMetrics"]] == [event["epoch"] for event in epochs]
+    assert [point["trainLoss"] for point in finished["epochMetrics"]] == [event["trainLoss"] for event in epochs]
 
     body = {
         "inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "parameters": BASE64,
@@ -460,10 +465,37 @@ def test_a_job_created_with_curl_is_watched_as_events_and_its_model_classifies(t
 
     model = json.loads(curl(f"{base}/v1/models/shades"))
     assert model["baseModel"] == TINY and model["labels"] == ["dark", "light"]
+    assert model["version"] == answer["model_version"] and model["devices"] == ["cpu"]
     assert "shades" in {m["name"] for m in json.loads(curl(f"{base}/v1/models"))["models"]}
     assert json.loads(curl("-X", "DELETE", f"{base}/v1/models/shades"))["deleted"] is True
     status, _ = raw(tiny_rest_server, "GET", "/v1/models/shades")
     assert status == 404
+
+
+def test_throughput_counts_the_images_each_device_ran_and_each_queue_holds(rest_server) -> None:
+    """GET /v1/throughput: running totals of vision_inference_images_total per model and device
+    (a client takes their rate) and each model's queue depth, as gRPC's GetThroughput answers."""
+    from vision_client.protocol.stubs.vision.v1 import models_pb2, models_pb2_grpc
+
+    def totals() -> dict[tuple[str, str], int]:
+        status, body = raw(rest_server, "GET", "/v1/throughput")
+        assert status == 200
+        answer = json.loads(body)
+        assert answer["time"] == pytest.approx(time.time(), abs=60)
+        assert {queue["model"] for queue in answer["queues"]} == {MODEL}
+        return {(row["model"], row["device"]): int(row["images"]) for row in answer.get("images", [])}
+
+    before = totals().get((MODEL, "cpu"), 0)
+    client = http_client(rest_server)
+    rest, _ = image_input(_shade(100))
+    client.infer(MODEL, [rest])
+    assert totals()[(MODEL, "cpu")] == before + 1
+    with grpc.insecure_channel(rest_server.target) as channel:
+        reply = models_pb2_grpc.ModelsStub(channel).GetThroughput(models_pb2.GetThroughputRequest())
+    assert {(row.model, row.device): row.images for row in reply.images}[(MODEL, "cpu")] == before + 1
+    _, body = raw(rest_server, "GET", f"/v1/models/{MODEL}")
+    info = json.loads(body)
+    assert info["version"] == "1" and info["devices"] == ["cpu"] and info.get("pendingImages", "0") == "0"
 
 
 def test_job_requests_that_are_wrong_are_refused_clearly(tiny_rest_server) -> None:

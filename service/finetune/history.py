@@ -1,7 +1,7 @@
 """Records of finished jobs, kept in the store so that they survive restarts and are
 shared by replicas: ``.jobs/<finished-ms>-<job id>.json`` in the store, at most
 ``max_finished_jobs`` of them (the oldest are deleted). A record holds the job's
-config, state, labels, error and metrics; never its images.
+config, state, labels, error, metrics and curve (each epoch's figures); never its images.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 
 from service.errors import StoreEntryError
 from service.files import FileRefused
-from service.finetune.job import Job, JobState
+from service.finetune.job import EpochMetrics, Job, JobState
 from service.finetune.store import parse_json
 from service.finetune.trainer import TrainMetrics
 from service.storage import ObjectStore, StoreLocation, open_objects
@@ -44,6 +44,7 @@ class JobHistory:
             "examples": job.example_count,
             "error": job.error,
             "metrics": job.metrics.to_json(),
+            "curve": [point.to_json() for point in job.curve],
             "created_at": job.created_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
@@ -101,10 +102,17 @@ def job_from_record(data: object) -> Job:
         started_at=float(data["started_at"]),
         finished_at=float(data["finished_at"]),
         metrics=TrainMetrics.from_json(data["metrics"]),
+        curve=_curve(data.get("curve", [])),  # records of older servers have none
     )
     if not job.state.terminal or not JOB_ID.fullmatch(job.id):
         raise ValueError("a job record must be of a finished job with a valid id")
     return job
+
+
+def _curve(data: object) -> list[EpochMetrics]:
+    if not isinstance(data, list):
+        raise ValueError("a job record's curve must be a list")
+    return [EpochMetrics.from_json(point) for point in data]
 
 
 def _older_config(spec: object) -> object:

@@ -7,7 +7,7 @@ import enum
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from service.finetune.examples import TrainingExamples
 from service.finetune.trainer import TrainMetrics
@@ -41,6 +41,40 @@ class JobEvent:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch measured: a point of the job's curve, kept in the job's record."""
+
+    epoch: int
+    train_loss: float
+    validation_loss: float = math.nan  # nan without a validation split
+    validation_accuracy: float = math.nan  # nan for regression or without a validation split
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EpochMetrics:
+        return cls(event.epoch, event.train_loss, event.validation_loss, event.validation_accuracy)
+
+    def to_json(self) -> dict[str, float | int | None]:
+        """JSON has no NaN: figures not measured are null."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: object) -> EpochMetrics:
+        """Read back :meth:`to_json`; wrong types are refused (ValueError)."""
+        if not isinstance(data, dict):
+            raise ValueError("an epoch's metrics must be an object")
+        epoch = data.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise ValueError("an epoch's metrics need an integer epoch")
+        figures: list[float] = []
+        for name in ("train_loss", "validation_loss", "validation_accuracy"):
+            value = data.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} of epoch {epoch} must be a number, got {type(value).__name__}")
+            figures.append(math.nan if value is None else float(value))
+        return cls(epoch, *figures)
+
+
 @dataclass
 class Job:
     """A job. ``examples`` is released (None) as soon as their features are extracted,
@@ -58,6 +92,7 @@ class Job:
     finished_at: float = 0.0
     metrics: TrainMetrics = field(default_factory=TrainMetrics)
     events: list[JobEvent] = field(default_factory=list)
+    curve: list[EpochMetrics] = field(default_factory=list)  # one per epoch event, in order
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 

@@ -44,7 +44,7 @@ from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels
 from service.finetune.examples import ExampleCollector, check_images
 from service.finetune.history import JobHistory
-from service.finetune.job import Job, JobEvent, JobState
+from service.finetune.job import EpochMetrics, Job, JobEvent, JobState
 from service.finetune.pipeline import JobPipeline
 from service.finetune.spec import check_head, check_limits
 from service.finetune.trainer import JobCancelled
@@ -296,6 +296,8 @@ class JobManager:
     async def _emit(self, job: Job, event: JobEvent) -> None:
         async with job.changed:
             job.events.append(event)
+            if event.kind == "epoch":
+                job.curve.append(EpochMetrics.of(event))
             job.changed.notify_all()
 
     def _update_state_gauge(self) -> None:

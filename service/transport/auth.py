@@ -78,6 +78,7 @@ RPC_SCOPES: Mapping[str, Scope] = {
     # Our own read-only model listing.
     "/vision.v1.Models/ListModels": Scope.INFERENCE,
     "/vision.v1.Models/GetModel": Scope.INFERENCE,
+    "/vision.v1.Models/GetThroughput": Scope.INFERENCE,
     # Fine-tuning creates, replaces and deletes models: all of it is management.
     _FINE_TUNING_SERVICE + "CreateJob": Scope.MANAGEMENT,
     _FINE_TUNING_SERVICE + "WatchJob": Scope.MANAGEMENT,

@@ -105,6 +105,15 @@ def job_to_proto(job: Job) -> pb.Job:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        epoch_metrics=[
+            pb.EpochMetrics(
+                epoch=point.epoch,
+                train_loss=_number(point.train_loss),
+                validation_loss=_number(point.validation_loss),
+                validation_accuracy=_number(point.validation_accuracy),
+            )
+            for point in job.curve
+        ],
     )
 
 

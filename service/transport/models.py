@@ -1,10 +1,13 @@
-"""``vision.v1.Models``: what a client needs to know about each model."""
+"""``vision.v1.Models``: what a client needs to know about each model, and how busy each is."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 
 from service.dataplane import DataPlane
+from service.metrics import ServerMetrics
 from service.repository import ServedModel
 from service.transport.inference import require_model_name
 from vision_client.protocol.stubs.vision.v1 import models_pb2 as pb
@@ -12,8 +15,9 @@ from vision_client.protocol.stubs.vision.v1 import models_pb2_grpc as pb_grpc
 
 
 class ModelsServicer(pb_grpc.ModelsServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, metrics: ServerMetrics) -> None:
         self._dataplane = dataplane
+        self._metrics = metrics
 
     async def ListModels(
         self,
@@ -27,6 +31,22 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[pb.GetModelRequest, pb.ModelInfo]
     ) -> pb.ModelInfo:
         return model_info(self._dataplane.repository.get(require_model_name(request.name)), labels=True)
+
+    async def GetThroughput(
+        self,
+        request: pb.GetThroughputRequest,
+        context: grpc.aio.ServicerContext[pb.GetThroughputRequest, pb.Throughput],
+    ) -> pb.Throughput:
+        now = time.time()
+        images = [
+            pb.DeviceImages(model=count.model, device=count.device, images=count.images)
+            for count in sorted(self._metrics.images_by_device(), key=lambda c: (c.model, c.device))
+        ]
+        queues = [
+            pb.QueueDepth(model=model.name, pending_images=model.queue.pending_images)
+            for model in self._dataplane.repository.all()
+        ]
+        return pb.Throughput(time=now, images=images, queues=queues)
 
 
 def model_info(model: ServedModel, *, labels: bool) -> pb.ModelInfo:
@@ -42,4 +62,7 @@ def model_info(model: ServedModel, *, labels: bool) -> pb.ModelInfo:
         min_height=model.min_size[0],
         min_width=model.min_size[1],
         runtime=model.runtime,
+        version=model.version,
+        devices=list(model.runtimes),
+        pending_images=model.queue.pending_images,
     )

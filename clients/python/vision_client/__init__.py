@@ -16,7 +16,15 @@
 from vision_client._client import USE_CLIENT_DEFAULT, AsyncClient, Client
 from vision_client._images import ImageInput
 from vision_client._retry import Retry
-from vision_client._types import FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
+from vision_client._types import (
+    EpochMetrics,
+    FineTuneResult,
+    JobEvent,
+    JobInfo,
+    JobMetrics,
+    ModelInfo,
+    Prediction,
+)
 from vision_client._version import __version__
 from vision_client.errors import (
     AlreadyExistsError,
@@ -40,6 +48,7 @@ __all__ = [
     "Client",
     "ClientClosedError",
     "DeadlineExceededError",
+    "EpochMetrics",
     "FailedPreconditionError",
     "FineTuneConfig",
     "FineTuneResult",

@@ -17,7 +17,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from vision_client._images import encode_image
-from vision_client._types import FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
+from vision_client._types import EpochMetrics, FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
 from vision_client.errors import InvalidInputError, VisionClientError
 from vision_client.protocol.fine_tuning import FineTuneConfig, from_message
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
@@ -284,6 +284,9 @@ def model_info(message: models_pb.ModelInfo) -> ModelInfo:
         min_height=message.min_height,
         min_width=message.min_width,
         runtime=message.runtime,
+        version=message.version,
+        devices=tuple(message.devices),
+        pending_images=message.pending_images,
     )
 
 
@@ -331,6 +334,9 @@ def job_info(message: ft_pb.Job) -> JobInfo:
         started_at=message.started_at or None,
         finished_at=message.finished_at or None,
         config=_config(config),
+        epoch_metrics=tuple(
+            EpochMetrics(p.epoch, p.train_loss, p.validation_loss, p.validation_accuracy) for p in message.epoch_metrics
+        ),
     )
 
 

@@ -31,6 +31,9 @@ class ModelInfo:
     min_height: int  # smallest PIXELS height the network accepts
     min_width: int
     runtime: str = ""  # what runs the network: torch, onnxruntime or openvino (comma-separated per device)
+    version: str = ""  # the version that answers requests ("1" for built-in models)
+    devices: tuple[str, ...] = ()  # where its instances run: "cpu", "cuda:0", ...
+    pending_images: int = 0  # images waiting in its queue
 
     @property
     def ready(self) -> bool:
@@ -88,6 +91,16 @@ class JobMetrics:
 
 
 @dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch of a job measured (a point of its training curve)."""
+
+    epoch: int
+    train_loss: float
+    validation_loss: float
+    validation_accuracy: float  # cross_entropy only
+
+
+@dataclass(frozen=True)
 class JobInfo:
     """A fine-tuning job as the server describes it (``vision.v1.FineTuning/GetJob``)."""
 
@@ -109,6 +122,8 @@ class JobInfo:
     # The job's whole config, read by the protocol's one conversion (None if it does not read:
     # a kind this client does not know). The fields above are its most used parts.
     config: FineTuneConfig | None = None
+    # Each epoch trained on the validation split, in order (kept once the job ends).
+    epoch_metrics: tuple[EpochMetrics, ...] = ()
 
     @property
     def done(self) -> bool:

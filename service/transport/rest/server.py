@@ -15,6 +15,8 @@
   for its handshake, counted against the connection cap meanwhile.
 - **Authorization**: each route's gRPC method decides its scope, and the same policy (token file,
   scopes, the loopback rule for management without a token) is applied before the body is read.
+- **Pages**: the web console's static files (``console.py``) need no authorization: they hold
+  no data, and everything the console fetches meets its route's own checks.
 - **Errors**: ``{"error": message}`` with the status of ``transport/errors.py``'s one mapping; no
   traceback for a caller's mistake, a generic message (and one logged traceback) for a bug.
   Requests aiohttp refuses itself (malformed, headers too long) get its 400 and one debug line.
@@ -26,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -132,8 +134,10 @@ class RestServer:
         header_timeout_s: float = HEADER_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
         tls: CertificateFiles | None = None,
+        pages: Sequence[web.RouteDef] = (),
     ) -> None:
-        """``tls``: serve HTTPS with these files (rotated as for gRPC), else plain HTTP."""
+        """``tls``: serve HTTPS with these files (rotated as for gRPC), else plain HTTP.
+        ``pages``: routes that stand for no RPC and hold no data (the console's files): open to all."""
         self._policy = policy
         self._tls = tls
         self._handshakes: set[object] = set()
@@ -144,6 +148,7 @@ class RestServer:
         for route in routes:
             for path in route.paths:
                 app.router.add_route(route.method, path, self._endpoint(route))
+        app.add_routes(pages)
         self._runner = web.AppRunner(
             app, access_log=None, keepalive_timeout=header_timeout_s, handle_signals=False, logger=_ConnectionLog()
         )

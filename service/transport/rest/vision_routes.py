@@ -4,6 +4,7 @@
 |---|---|
 | ``GET /v1/models`` (``?without_labels=true``) | ``Models/ListModels`` |
 | ``GET /v1/models/{name}`` | ``Models/GetModel`` |
+| ``GET /v1/throughput`` | ``Models/GetThroughput`` |
 | ``DELETE /v1/models/{name}`` | ``FineTuning/DeleteModel`` |
 | ``POST /v1/jobs`` (``multipart/form-data``) | ``FineTuning/CreateJob`` |
 | ``GET /v1/jobs`` | ``FineTuning/ListJobs`` |
@@ -55,6 +56,9 @@ def vision_routes(
         message = models_pb2.GetModelRequest(name=request.match_info["name"])
         return _canonical(await models.GetModel(message, NO_CONTEXT))
 
+    async def throughput(request: web.Request, body: bytes) -> web.StreamResponse:
+        return _canonical(await models.GetThroughput(models_pb2.GetThroughputRequest(), NO_CONTEXT))
+
     async def delete_model(request: web.Request, body: bytes) -> web.StreamResponse:
         message = ft_pb.DeleteModelRequest(name=request.match_info["name"])
         return _canonical(await fine_tuning.DeleteModel(message, NO_CONTEXT))
@@ -97,6 +101,7 @@ def vision_routes(
     return [
         Route("GET", ("/v1/models",), _MODELS + "ListModels", list_models),
         Route("GET", ("/v1/models/{name}",), _MODELS + "GetModel", get_model),
+        Route("GET", ("/v1/throughput",), _MODELS + "GetThroughput", throughput),
         Route("DELETE", ("/v1/models/{name}",), _FINE_TUNING + "DeleteModel", delete_model),
         Route("POST", ("/v1/jobs",), _FINE_TUNING + "CreateJob", create_job, streams_body=True),
         Route("GET", ("/v1/jobs",), _FINE_TUNING + "ListJobs", list_jobs),

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1bvision/v1/fine_tuning.proto\x12\tvision.v1\"I\n\x08HeadSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06hidden\x18\x02 \x01(\x05\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x05\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x02\"\x81\x01\n\rOptimizerSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x02\x12\x15\n\x08momentum\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x02\x12\r\n\x05\x62\x65ta1\x18\x05 \x01(\x02\x12\r\n\x05\x62\x65ta2\x18\x06 \x01(\x02\x42\x0b\n\t_momentum\"\xb7\x02\n\x0e\x46ineTuneConfig\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0coutput_model\x18\x02 \x01(\t\x12!\n\x04head\x18\x03 \x01(\x0b\x32\x13.vision.v1.HeadSpec\x12+\n\toptimizer\x18\x04 \x01(\x0b\x32\x18.vision.v1.OptimizerSpec\x12\x0c\n\x04loss\x18\x05 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x06 \x01(\x05\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x1b\n\x13validation_fraction\x18\x08 \x01(\x02\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\n \x01(\x05\x12\x0f\n\x07replace\x18\x0b \x01(\x08\x12\x12\n\x05refit\x18\x0c \x01(\x08H\x00\x88\x01\x01\x42\x08\n\x06_refit\"7\n\x07\x45xample\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x03(\x02\"4\n\x0c\x45xampleBatch\x12$\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x12.vision.v1.Example\"w\n\x10\x43reateJobRequest\x12+\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.vision.v1.FineTuneConfigH\x00\x12+\n\x08\x65xamples\x18\x02 \x01(\x0b\x32\x17.vision.v1.ExampleBatchH\x00\x42\t\n\x07payload\"\xca\x01\n\nJobMetrics\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\x17\n\x0fvalidation_loss\x18\x02 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x03 \x01(\x01\x12\x12\n\nbest_epoch\x18\x04 \x01(\x05\x12\x12\n\nepochs_run\x18\x05 \x01(\x05\x12\x16\n\x0etrain_examples\x18\x06 \x01(\x05\x12\x1b\n\x13validation_examples\x18\x07 \x01(\x05\x12\x15\n\rtrain_seconds\x18\x08 \x01(\x01\"\xf6\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.vision.v1.JobState\x12)\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x19.vision.v1.FineTuneConfig\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x05\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12&\n\x07metrics\x18\x07 \x01(\x0b\x32\x15.vision.v1.JobMetrics\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\"\xed\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.vision.v1.JobState\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x17\n\x0fvalidation_loss\x18\x07 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x08 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\t \x01(\x01\x12\x10\n\x08progress\x18\n \x01(\x01\x12\x0f\n\x07message\x18\x0b \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.vision.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x13\x44\x65leteModelResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\x94\x03\n\nFineTuning\x12<\n\tCreateJob\x12\x1b.vision.v1.CreateJobRequest\x1a\x0e.vision.v1.Job\"\x00(\x01\x12?\n\x08WatchJob\x12\x1a.vision.v1.WatchJobRequest\x1a\x13.vision.v1.JobEvent\"\x00\x30\x01\x12\x34\n\x06GetJob\x12\x18.vision.v1.GetJobRequest\x1a\x0e.vision.v1.Job\"\x00\x12\x45\n\x08ListJobs\x12\x1a.vision.v1.ListJobsRequest\x1a\x1b.vision.v1.ListJobsResponse\"\x00\x12:\n\tCancelJob\x12\x1b.vision.v1.CancelJobRequest\x1a\x0e.vision.v1.Job\"\x00\x12N\n\x0b\x44\x65leteModel\x12\x1d.vision.v1.DeleteModelRequest\x1a\x1e.vision.v1.DeleteModelResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1bvision/v1/fine_tuning.proto\x12\tvision.v1\"I\n\x08HeadSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06hidden\x18\x02 \x01(\x05\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x05\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x02\"\x81\x01\n\rOptimizerSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x02\x12\x15\n\x08momentum\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x02\x12\r\n\x05\x62\x65ta1\x18\x05 \x01(\x02\x12\r\n\x05\x62\x65ta2\x18\x06 \x01(\x02\x42\x0b\n\t_momentum\"\xb7\x02\n\x0e\x46ineTuneConfig\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0coutput_model\x18\x02 \x01(\t\x12!\n\x04head\x18\x03 \x01(\x0b\x32\x13.vision.v1.HeadSpec\x12+\n\toptimizer\x18\x04 \x01(\x0b\x32\x18.vision.v1.OptimizerSpec\x12\x0c\n\x04loss\x18\x05 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x06 \x01(\x05\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x1b\n\x13validation_fraction\x18\x08 \x01(\x02\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\n \x01(\x05\x12\x0f\n\x07replace\x18\x0b \x01(\x08\x12\x12\n\x05refit\x18\x0c \x01(\x08H\x00\x88\x01\x01\x42\x08\n\x06_refit\"7\n\x07\x45xample\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x03(\x02\"4\n\x0c\x45xampleBatch\x12$\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x12.vision.v1.Example\"w\n\x10\x43reateJobRequest\x12+\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.vision.v1.FineTuneConfigH\x00\x12+\n\x08\x65xamples\x18\x02 \x01(\x0b\x32\x17.vision.v1.ExampleBatchH\x00\x42\t\n\x07payload\"\xca\x01\n\nJobMetrics\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\x17\n\x0fvalidation_loss\x18\x02 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x03 \x01(\x01\x12\x12\n\nbest_epoch\x18\x04 \x01(\x05\x12\x12\n\nepochs_run\x18\x05 \x01(\x05\x12\x16\n\x0etrain_examples\x18\x06 \x01(\x05\x12\x1b\n\x13validation_examples\x18\x07 \x01(\x05\x12\x15\n\rtrain_seconds\x18\x08 \x01(\x01\"g\n\x0c\x45pochMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x17\n\x0fvalidation_loss\x18\x03 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x04 \x01(\x01\"\xa6\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.vision.v1.JobState\x12)\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x19.vision.v1.FineTuneConfig\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x05\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12&\n\x07metrics\x18\x07 \x01(\x0b\x32\x15.vision.v1.JobMetrics\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12.\n\repoch_metrics\x18\x0b \x03(\x0b\x32\x17.vision.v1.EpochMetrics\"\xed\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.vision.v1.JobState\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x17\n\x0fvalidation_loss\x18\x07 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x08 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\t \x01(\x01\x12\x10\n\x08progress\x18\n \x01(\x01\x12\x0f\n\x07message\x18\x0b \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.vision.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x13\x44\x65leteModelResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\x94\x03\n\nFineTuning\x12<\n\tCreateJob\x12\x1b.vision.v1.CreateJobRequest\x1a\x0e.vision.v1.Job\"\x00(\x01\x12?\n\x08WatchJob\x12\x1a.vision.v1.WatchJobRequest\x1a\x13.vision.v1.JobEvent\"\x00\x30\x01\x12\x34\n\x06GetJob\x12\x18.vision.v1.GetJobRequest\x1a\x0e.vision.v1.Job\"\x00\x12\x45\n\x08ListJobs\x12\x1a.vision.v1.ListJobsRequest\x1a\x1b.vision.v1.ListJobsResponse\"\x00\x12:\n\tCancelJob\x12\x1b.vision.v1.CancelJobRequest\x1a\x0e.vision.v1.Job\"\x00\x12N\n\x0b\x44\x65leteModel\x12\x1d.vision.v1.DeleteModelRequest\x1a\x1e.vision.v1.DeleteModelResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vision.v1.fine_tuning_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1738
-  _globals['_JOBSTATE']._serialized_end=1842
+  _globals['_JOBSTATE']._serialized_start=1891
+  _globals['_JOBSTATE']._serialized_end=1995
   _globals['_HEADSPEC']._serialized_start=42
   _globals['_HEADSPEC']._serialized_end=115
   _globals['_OPTIMIZERSPEC']._serialized_start=118
@@ -48,24 +48,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEJOBREQUEST']._serialized_end=793
   _globals['_JOBMETRICS']._serialized_start=796
   _globals['_JOBMETRICS']._serialized_end=998
-  _globals['_JOB']._serialized_start=1001
-  _globals['_JOB']._serialized_end=1247
-  _globals['_JOBEVENT']._serialized_start=1250
-  _globals['_JOBEVENT']._serialized_end=1487
-  _globals['_WATCHJOBREQUEST']._serialized_start=1489
-  _globals['_WATCHJOBREQUEST']._serialized_end=1522
-  _globals['_GETJOBREQUEST']._serialized_start=1524
-  _globals['_GETJOBREQUEST']._serialized_end=1555
-  _globals['_LISTJOBSREQUEST']._serialized_start=1557
-  _globals['_LISTJOBSREQUEST']._serialized_end=1574
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1576
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1624
-  _globals['_CANCELJOBREQUEST']._serialized_start=1626
-  _globals['_CANCELJOBREQUEST']._serialized_end=1660
-  _globals['_DELETEMODELREQUEST']._serialized_start=1662
-  _globals['_DELETEMODELREQUEST']._serialized_end=1696
-  _globals['_DELETEMODELRESPONSE']._serialized_start=1698
-  _globals['_DELETEMODELRESPONSE']._serialized_end=1736
-  _globals['_FINETUNING']._serialized_start=1845
-  _globals['_FINETUNING']._serialized_end=2249
+  _globals['_EPOCHMETRICS']._serialized_start=1000
+  _globals['_EPOCHMETRICS']._serialized_end=1103
+  _globals['_JOB']._serialized_start=1106
+  _globals['_JOB']._serialized_end=1400
+  _globals['_JOBEVENT']._serialized_start=1403
+  _globals['_JOBEVENT']._serialized_end=1640
+  _globals['_WATCHJOBREQUEST']._serialized_start=1642
+  _globals['_WATCHJOBREQUEST']._serialized_end=1675
+  _globals['_GETJOBREQUEST']._serialized_start=1677
+  _globals['_GETJOBREQUEST']._serialized_end=1708
+  _globals['_LISTJOBSREQUEST']._serialized_start=1710
+  _globals['_LISTJOBSREQUEST']._serialized_end=1727
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1729
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1777
+  _globals['_CANCELJOBREQUEST']._serialized_start=1779
+  _globals['_CANCELJOBREQUEST']._serialized_end=1813
+  _globals['_DELETEMODELREQUEST']._serialized_start=1815
+  _globals['_DELETEMODELREQUEST']._serialized_end=1849
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1851
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1889
+  _globals['_FINETUNING']._serialized_start=1998
+  _globals['_FINETUNING']._serialized_end=2402
 # @@protoc_insertion_point(module_scope)

@@ -122,8 +122,20 @@ class JobMetrics(_message.Message):
     train_seconds: float
     def __init__(self, train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., best_epoch: _Optional[int] = ..., epochs_run: _Optional[int] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ...) -> None: ...
 
+class EpochMetrics(_message.Message):
+    __slots__ = ("epoch", "train_loss", "validation_loss", "validation_accuracy")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    train_loss: float
+    validation_loss: float
+    validation_accuracy: float
+    def __init__(self, epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., validation_accuracy: _Optional[float] = ...) -> None: ...
+
 class Job(_message.Message):
-    __slots__ = ("id", "state", "config", "error", "examples", "labels", "metrics", "created_at", "started_at", "finished_at")
+    __slots__ = ("id", "state", "config", "error", "examples", "labels", "metrics", "created_at", "started_at", "finished_at", "epoch_metrics")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +146,7 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_METRICS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     config: FineTuneConfig
@@ -144,7 +157,8 @@ class Job(_message.Message):
     created_at: float
     started_at: float
     finished_at: float
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., config: _Optional[_Union[FineTuneConfig, _Mapping]] = ..., error: _Optional[str] = ..., examples: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    epoch_metrics: _containers.RepeatedCompositeFieldContainer[EpochMetrics]
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., config: _Optional[_Union[FineTuneConfig, _Mapping]] = ..., error: _Optional[str] = ..., examples: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., epoch_metrics: _Optional[_Iterable[_Union[EpochMetrics, _Mapping]]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "state", "kind", "epoch", "epochs", "train_loss", "validation_loss", "validation_accuracy", "eta_seconds", "progress", "message")

@@ -25,7 +25,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "state", "reason", "platform", "base_model", "input_size", "num_outputs", "labels", "min_height", "min_width", "runtime")
+    __slots__ = ("name", "state", "reason", "platform", "base_model", "input_size", "num_outputs", "labels", "min_height", "min_width", "runtime", "version", "devices", "pending_images")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,9 @@ class ModelInfo(_message.Message):
     MIN_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MIN_WIDTH_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_IMAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     reason: str
@@ -48,4 +51,39 @@ class ModelInfo(_message.Message):
     min_height: int
     min_width: int
     runtime: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., base_model: _Optional[str] = ..., input_size: _Optional[int] = ..., num_outputs: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_height: _Optional[int] = ..., min_width: _Optional[int] = ..., runtime: _Optional[str] = ...) -> None: ...
+    version: str
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    pending_images: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., base_model: _Optional[str] = ..., input_size: _Optional[int] = ..., num_outputs: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_height: _Optional[int] = ..., min_width: _Optional[int] = ..., runtime: _Optional[str] = ..., version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., pending_images: _Optional[int] = ...) -> None: ...
+
+class GetThroughputRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeviceImages(_message.Message):
+    __slots__ = ("model", "device", "images")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    device: str
+    images: int
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., images: _Optional[int] = ...) -> None: ...
+
+class QueueDepth(_message.Message):
+    __slots__ = ("model", "pending_images")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PENDING_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    pending_images: int
+    def __init__(self, model: _Optional[str] = ..., pending_images: _Optional[int] = ...) -> None: ...
+
+class Throughput(_message.Message):
+    __slots__ = ("time", "images", "queues")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    images: _containers.RepeatedCompositeFieldContainer[DeviceImages]
+    queues: _containers.RepeatedCompositeFieldContainer[QueueDepth]
+    def __init__(self, time: _Optional[float] = ..., images: _Optional[_Iterable[_Union[DeviceImages, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ...) -> None: ...

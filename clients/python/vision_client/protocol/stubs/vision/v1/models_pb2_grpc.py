@@ -44,6 +44,11 @@ class ModelsStub:
                 request_serializer=vision_dot_v1_dot_models__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=vision_dot_v1_dot_models__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetThroughput = channel.unary_unary(
+                '/vision.v1.Models/GetThroughput',
+                request_serializer=vision_dot_v1_dot_models__pb2.GetThroughputRequest.SerializeToString,
+                response_deserializer=vision_dot_v1_dot_models__pb2.Throughput.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -63,6 +68,15 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetThroughput(self, request, context):
+        """Images run per model and device since the server started, and each model's queue
+        depth, now: a client samples it and takes the rate (as Prometheus does with
+        vision_inference_images_total).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=vision_dot_v1_dot_models__pb2.GetModelRequest.FromString,
                     response_serializer=vision_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetThroughput': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThroughput,
+                    request_deserializer=vision_dot_v1_dot_models__pb2.GetThroughputRequest.FromString,
+                    response_serializer=vision_dot_v1_dot_models__pb2.Throughput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class Models:
             '/vision.v1.Models/GetModel',
             vision_dot_v1_dot_models__pb2.GetModelRequest.SerializeToString,
             vision_dot_v1_dot_models__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThroughput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vision.v1.Models/GetThroughput',
+            vision_dot_v1_dot_models__pb2.GetThroughputRequest.SerializeToString,
+            vision_dot_v1_dot_models__pb2.Throughput.FromString,
             options,
             channel_credentials,
             insecure,

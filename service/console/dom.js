@@ -1,0 +1,75 @@
+// Building the page from data. Everything a user or the server supplies goes in as text
+// (text nodes, textContent, attribute values): nothing here parses HTML.
+
+/** An element with attributes (strings, or booleans for presence) and children (nodes or text). */
+export function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === false || value === null || value === undefined) continue;
+    if (name === "class") node.className = value;
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  append(node, ...children);
+  return node;
+}
+
+/** An SVG element (charts). */
+export function svg(tag, attributes = {}, ...children) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value !== null && value !== undefined) node.setAttribute(name, String(value));
+  }
+  append(node, ...children);
+  return node;
+}
+
+export function append(node, ...children) {
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+export function clear(node) {
+  node.replaceChildren();
+  return node;
+}
+
+export function byId(id) {
+  const node = document.getElementById(id);
+  if (!node) throw new Error(`no element #${id}`);
+  return node;
+}
+
+/** Sets a status line: ``kind`` is "info", "ok" or "error" (a class for the colour). */
+export function say(node, text, kind = "info") {
+  node.textContent = text;
+  node.dataset.kind = kind;
+}
+
+export function formatNumber(value, digits = 3) {
+  if (value === null || value === undefined || Number.isNaN(Number(value))) return "–";
+  return Number(value).toFixed(digits);
+}
+
+export function formatTime(unixSeconds) {
+  const seconds = Number(unixSeconds);
+  if (!seconds) return "–";
+  return new Date(seconds * 1000).toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
+}
+
+export function formatDuration(seconds) {
+  const s = Number(seconds);
+  if (!Number.isFinite(s) || s <= 0) return "–";
+  if (s < 60) return `${s.toFixed(1)} s`;
+  const minutes = Math.floor(s / 60);
+  return `${minutes} min ${Math.round(s - minutes * 60)} s`;
+}
+
+/** A labelled form field: the label names the input by its id. */
+export function field(labelText, input, hint) {
+  const hintNode = hint ? el("small", { id: `${input.id}-hint` }, hint) : null;
+  if (hintNode) input.setAttribute("aria-describedby", hintNode.id);
+  return el("div", { class: "field" }, el("label", { for: input.id }, labelText), input, hintNode);
+}

@@ -1,0 +1,343 @@
+// Fine-tune: collect labelled examples (a folder of class folders, a zip of the same layout,
+// or images added under a class name), check them, send them with the config as one multipart
+// POST /v1/jobs (with upload progress), then follow the job's Server-Sent Events and chart
+// each epoch. When it succeeds, the new model can be tried right there.
+
+import { api, num } from "./api.js";
+import { trainingChart } from "./charts.js";
+import { classifier } from "./classify.js";
+import { byId, clear, el, say } from "./dom.js";
+import { onModels, refreshModels } from "./models.js";
+import * as zip from "./zip.js";
+
+const IMAGE_NAME = /\.(jpe?g|png|webp|bmp|gif)$/i;
+export const FEW_EXAMPLES = 5;
+
+const examples = new Map(); // class name -> [File]
+let skipped = 0;
+let running = null; // { controller, jobId }
+let tryModel = "";
+
+function isImage(file) {
+  return IMAGE_NAME.test(file.name) || (file.type || "").startsWith("image/");
+}
+
+function isHidden(path) {
+  return path.split("/").some((part) => part.startsWith(".") || part === "__MACOSX");
+}
+
+function add(label, file) {
+  const name = label.trim();
+  if (!name) return;
+  if (!examples.has(name)) examples.set(name, []);
+  examples.get(name).push(file);
+}
+
+/** The class of a path ``a/b/class/image.png``: the image's folder; null when it has none. */
+function classOf(path) {
+  const parts = path.split("/").filter(Boolean);
+  return parts.length >= 2 ? parts[parts.length - 2] : null;
+}
+
+function addFiles(files, labelOf) {
+  let added = 0;
+  for (const file of files) {
+    const label = labelOf(file);
+    if (label === null || !isImage(file)) {
+      skipped += 1;
+      continue;
+    }
+    add(label, file);
+    added += 1;
+  }
+  render();
+  return added;
+}
+
+async function addZip(file) {
+  const status = byId("ft-examples-status");
+  say(status, `Reading ${file.name}…`);
+  try {
+    const buffer = await file.arrayBuffer();
+    let added = 0;
+    for (const entry of zip.entries(buffer)) {
+      const label = classOf(entry.name);
+      const base = entry.name.split("/").pop();
+      if (isHidden(entry.name) || label === null || !IMAGE_NAME.test(base)) {
+        skipped += 1;
+        continue;
+      }
+      const blob = await zip.read(buffer, entry);
+      add(label, new File([blob], base, { type: "" }));
+      added += 1;
+    }
+    render();
+    say(status, `Added ${added} images from ${file.name}.`, "ok");
+  } catch (error) {
+    say(status, `${file.name}: ${error.message}`, "error");
+  }
+}
+
+/** Warnings about the examples: each a sentence. */
+export function warnings() {
+  const found = [];
+  const names = [...examples.keys()];
+  if (names.length === 1) found.push(`Only one class (${names[0]}): a classifier needs at least two.`);
+  for (const [name, files] of examples) {
+    if (files.length < FEW_EXAMPLES) found.push(`Class ${name} has only ${files.length} image${files.length > 1 ? "s" : ""}; a few more per class train better.`);
+    const seen = new Set();
+    const repeated = new Set();
+    for (const file of files) (seen.has(file.name) ? repeated : seen).add(file.name);
+    if (repeated.size) found.push(`Class ${name} has ${repeated.size} file name${repeated.size > 1 ? "s" : ""} more than once (${[...repeated].slice(0, 3).join(", ")}): the same image added twice?`);
+  }
+  const folded = new Map();
+  for (const name of names) {
+    const key = name.toLowerCase();
+    folded.set(key, [...(folded.get(key) || []), name]);
+  }
+  for (const group of folded.values()) {
+    if (group.length > 1) found.push(`Classes ${group.join(" and ")} differ only in case: one class or two?`);
+  }
+  if (skipped) found.push(`${skipped} file${skipped > 1 ? "s were" : " was"} skipped: not an image, or not inside a class folder.`);
+  return found;
+}
+
+function render() {
+  const body = clear(byId("ft-classes-body"));
+  let total = 0;
+  const sorted = [...examples].sort(([a], [b]) => a.localeCompare(b, undefined, { numeric: true }));
+  for (const [name, files] of sorted) {
+    total += files.length;
+    const remove = el("button", { type: "button", "aria-label": `Remove class ${name}` }, "Remove");
+    remove.addEventListener("click", () => {
+      examples.delete(name);
+      render();
+    });
+    body.append(el("tr", {}, el("th", { scope: "row", class: "class-name" }, name), el("td", { class: "number" }, String(files.length)), el("td", {}, remove)));
+  }
+  byId("ft-summary").textContent = examples.size ? `${total} images in ${examples.size} classes` : "No examples yet.";
+  const list = clear(byId("ft-warnings"));
+  for (const warning of warnings()) list.append(el("li", {}, warning));
+}
+
+function value(id) {
+  return byId(id).value.trim();
+}
+
+function number(id) {
+  const text = value(id);
+  return text === "" ? undefined : Number(text);
+}
+
+/** The FineTuneConfig as protobuf's JSON (the form's blank fields take the server's defaults). */
+export function config() {
+  const head = { kind: value("ft-head") };
+  if (head.kind !== "linear") head.hidden = number("ft-hidden");
+  if (head.kind === "parallel") head.blocks = number("ft-blocks");
+  head.dropout = number("ft-dropout");
+  const optimizer = { kind: value("ft-optimizer"), lr: number("ft-lr"), weightDecay: number("ft-weight-decay") };
+  if (optimizer.kind === "sgd") optimizer.momentum = number("ft-momentum");
+  else Object.assign(optimizer, { beta1: number("ft-beta1"), beta2: number("ft-beta2") });
+  return {
+    baseModel: value("ft-base"),
+    outputModel: value("ft-output"),
+    head,
+    optimizer,
+    loss: "cross_entropy",
+    epochs: number("ft-epochs"),
+    batchSize: number("ft-batch-size"),
+    validationFraction: number("ft-validation"),
+    earlyStoppingPatience: number("ft-patience"),
+    seed: value("ft-seed") || undefined, // uint64: a string in protobuf's JSON
+    replace: byId("ft-replace").checked,
+    refit: byId("ft-refit").checked,
+  };
+}
+
+function showFields() {
+  const head = value("ft-head");
+  byId("ft-hidden-field").hidden = head === "linear";
+  byId("ft-blocks-field").hidden = head !== "parallel";
+  const sgd = value("ft-optimizer") === "sgd";
+  byId("ft-momentum-field").hidden = !sgd;
+  byId("ft-beta1-field").hidden = sgd;
+  byId("ft-beta2-field").hidden = sgd;
+}
+
+function setRunning(on) {
+  byId("ft-start").disabled = on;
+  byId("ft-cancel").disabled = !on;
+}
+
+function drawChart(points, epochs) {
+  trainingChart(byId("ft-chart"), points, epochs);
+}
+
+async function start(event) {
+  event.preventDefault();
+  const status = byId("ft-status");
+  const settings = config();
+  if (!examples.size) {
+    say(status, "Add examples first: a folder, a zip, or images under a class name.", "error");
+    return;
+  }
+  if (!settings.outputModel) {
+    say(status, "Name the new model (Output model).", "error");
+    byId("ft-output").focus();
+    return;
+  }
+  const form = new FormData();
+  form.append("config", new Blob([JSON.stringify(settings)], { type: "application/json" }), "config.json");
+  for (const [label, files] of examples) for (const file of files) form.append(label, file, file.name);
+  const controller = new AbortController();
+  running = { controller, jobId: "" };
+  setRunning(true);
+  byId("ft-try").hidden = true;
+  const uploadBar = byId("ft-upload");
+  const progress = byId("ft-progress");
+  uploadBar.value = 0;
+  progress.value = 0;
+  const points = [];
+  drawChart(points, settings.epochs);
+  say(status, "Uploading the examples…");
+  try {
+    const job = await api.createJob(form, (loaded, total) => {
+      uploadBar.value = loaded / total;
+      say(status, `Uploading the examples: ${Math.round((100 * loaded) / total)}%`);
+    }, controller.signal);
+    uploadBar.value = 1;
+    running.jobId = job.id;
+    byId("ft-job").textContent = `Job ${job.id}`;
+    say(status, `Job ${job.id} ${String(job.state || "").toLowerCase()}.`);
+    let last = null;
+    await api.watchJob(job.id, (kind, data) => {
+      last = { kind, data };
+      progress.value = num(data.progress);
+      if (kind === "epoch") {
+        points.push({
+          epoch: num(data.epoch),
+          trainLoss: num(data.trainLoss),
+          validationLoss: num(data.validationLoss),
+          validationAccuracy: num(data.validationAccuracy),
+        });
+        drawChart(points, num(data.epochs));
+        const eta = num(data.etaSeconds);
+        say(status, `Epoch ${num(data.epoch)} of ${num(data.epochs)}: train loss ${num(data.trainLoss).toFixed(4)}${eta ? `, about ${Math.ceil(eta)} s left` : ""}`);
+      } else if (kind === "features" || kind === "queued") {
+        say(status, data.message ? `Job ${job.id}: ${data.message}` : `Job ${job.id} ${kind}.`);
+      }
+    }, controller.signal);
+    finish(job.id, last, settings.outputModel);
+  } catch (error) {
+    say(status, error.message, "error");
+  } finally {
+    running = null;
+    setRunning(false);
+  }
+}
+
+function finish(jobId, last, outputModel) {
+  const status = byId("ft-status");
+  if (!last) {
+    say(status, `Job ${jobId}: the event stream ended early; see Jobs.`, "error");
+    return;
+  }
+  const { kind, data } = last;
+  if (kind === "succeeded") {
+    byId("ft-progress").value = 1;
+    say(status, `Job ${jobId} succeeded: ${outputModel} is served.`, "ok");
+    tryModel = outputModel;
+    byId("ft-try-title").textContent = `Try ${outputModel}`;
+    byId("ft-try").hidden = false;
+    refreshModels();
+  } else if (kind === "cancelled") {
+    say(status, `Job ${jobId} was cancelled.`, "error");
+  } else {
+    say(status, `Job ${jobId} ${kind}: ${data.message || "no reason given"}`, "error");
+  }
+}
+
+async function cancel() {
+  if (!running) return;
+  const status = byId("ft-status");
+  if (!running.jobId) {
+    running.controller.abort();
+    say(status, "Upload cancelled.", "error");
+    return;
+  }
+  const jobId = running.jobId;
+  say(status, `Cancelling job ${jobId}…`);
+  try {
+    await api.cancel(jobId); // the job's last event (cancelled) may come before this answer
+  } catch (error) {
+    say(status, error.message, "error");
+  }
+}
+
+export function setUpFineTune() {
+  const folder = byId("ft-folder");
+  folder.addEventListener("change", () => {
+    const added = addFiles(folder.files, (file) => (isHidden(file.webkitRelativePath || file.name) ? null : classOf(file.webkitRelativePath || "")));
+    say(byId("ft-examples-status"), `Added ${added} images from the folder.`, "ok");
+    folder.value = "";
+  });
+  const archive = byId("ft-zip");
+  archive.addEventListener("change", async () => {
+    for (const file of archive.files) await addZip(file);
+    archive.value = "";
+  });
+  const classFiles = byId("ft-class-files");
+  const addToClass = (files) => {
+    const label = value("ft-class-name");
+    if (!label) {
+      say(byId("ft-examples-status"), "Type a class name first, then add its images.", "error");
+      byId("ft-class-name").focus();
+      return;
+    }
+    const added = addFiles(files, () => label);
+    say(byId("ft-examples-status"), `Added ${added} images to class ${label}.`, "ok");
+  };
+  classFiles.addEventListener("change", () => {
+    addToClass(classFiles.files);
+    classFiles.value = "";
+  });
+  const zone = byId("ft-class-drop");
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    addToClass(event.dataTransfer.files);
+  });
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      classFiles.click();
+    }
+  });
+  byId("ft-clear").addEventListener("click", () => {
+    examples.clear();
+    skipped = 0;
+    render();
+    say(byId("ft-examples-status"), "Examples cleared.");
+  });
+  byId("ft-head").addEventListener("change", showFields);
+  byId("ft-optimizer").addEventListener("change", showFields);
+  byId("ft-form").addEventListener("submit", start);
+  byId("ft-cancel").addEventListener("click", cancel);
+  classifier(byId("ft-try-body"), "ft-try", () => tryModel);
+  onModels((list) => {
+    const select = byId("ft-base");
+    const chosen = select.value;
+    clear(select);
+    for (const model of list.filter((m) => m.platform !== "vision_finetuned")) {
+      select.append(el("option", { value: model.name, selected: model.name === chosen }, model.name));
+    }
+  });
+  showFields();
+  setRunning(false);
+  render();
+}

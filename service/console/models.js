@@ -1,0 +1,85 @@
+// Models: every model the server knows, its state and where it runs; load, unload and delete
+// (management calls: they need the token when the server has a token file).
+
+import { api } from "./api.js";
+import { byId, clear, el, say } from "./dom.js";
+
+let listeners = [];
+let current = [];
+
+/** ``callback(models)`` after each refresh (the other views' model pickers follow it). */
+export function onModels(callback) {
+  listeners.push(callback);
+  if (current.length) callback(current);
+}
+
+export function models() {
+  return current;
+}
+
+/** Reads the models again; ``quiet`` (the periodic refresh) changes nothing on screen unless
+ * the models changed, and leaves the status line (it may hold the answer to an action) alone. */
+export async function refreshModels({ quiet = false } = {}) {
+  const status = byId("models-status");
+  try {
+    const answer = await api.models();
+    const models = answer.models || [];
+    const changed = JSON.stringify(models) !== JSON.stringify(current);
+    current = models;
+    if (changed || !quiet) render(current);
+    if (!quiet) say(status, `${current.length} model${current.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}`);
+    if (changed || !quiet) for (const callback of listeners) callback(current);
+  } catch (error) {
+    if (!quiet) say(status, error.message, "error");
+  }
+}
+
+function render(list) {
+  const body = clear(byId("models-body"));
+  for (const model of list) {
+    const state = el("span", { class: `state state-${(model.state || "").toLowerCase()}` }, model.state || "");
+    const actions = el("div", { class: "actions" });
+    const act = (text, run, confirmText) => {
+      const button = el("button", { type: "button", "aria-label": `${text} ${model.name}` }, text);
+      button.addEventListener("click", async () => {
+        if (confirmText && !window.confirm(confirmText)) return;
+        button.disabled = true;
+        say(byId("models-status"), `${text} ${model.name}…`);
+        try {
+          await run(model.name);
+          await refreshModels();
+          say(byId("models-status"), `${text} ${model.name}: done`, "ok");
+        } catch (error) {
+          say(byId("models-status"), `${text} ${model.name}: ${error.message}`, "error");
+        } finally {
+          button.disabled = false;
+        }
+      });
+      actions.append(button);
+    };
+    if (model.state === "READY") act("Unload", api.unload);
+    else act("Load", api.load);
+    if (model.platform === "vision_finetuned") {
+      act("Delete", api.deleteModel, `Delete the fine-tuned model ${model.name} from the store? This cannot be undone.`);
+    }
+    body.append(
+      el(
+        "tr",
+        {},
+        el("th", { scope: "row" }, model.name),
+        el("td", {}, state, model.reason ? el("small", { class: "reason" }, model.reason) : null),
+        el("td", {}, model.version || "–"),
+        el("td", {}, model.runtime || "–"),
+        el("td", {}, (model.devices || []).join(", ") || "–"),
+        el("td", { class: "number" }, String(model.numOutputs ?? "–")),
+        el("td", {}, model.baseModel || "–"),
+        el("td", { class: "number" }, String(model.pendingImages ?? "0")),
+        el("td", {}, actions),
+      ),
+    );
+  }
+}
+
+export function setUpModels() {
+  byId("models-refresh").addEventListener("click", () => refreshModels());
+}
