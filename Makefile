@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SERVE_ARGS ?=
 
-.PHONY: install install-test serve test fuzz protos bench lint clean image-test kserve-venv
+.PHONY: install install-test serve test fuzz protos screenshots bench lint clean image-test kserve-venv
 
 include deploy/tools.mk
 
@@ -73,6 +73,10 @@ fuzz: install-test
 
 protos: install-test
 	$(PY) protos/generate.py
+
+# The console's screenshots in docs/console/ (the README shows them), made by its browser tests.
+screenshots: install-test
+	CONSOLE_SCREENSHOTS=docs/console $(PY) -m pytest tests/test_console.py -q $(PYTEST_ARGS)
 
 bench: install-test
 	$(PY) -m bench.throughput $(BENCH_ARGS)

@@ -6,7 +6,9 @@ chromium-driver through Selenium, against an in-process server that wants a toke
 management: every view, a classification equal to the SDK's, a 3-class fine-tuning job to the
 end with one chart point per epoch, the new model tried in place, a class name that is HTML
 shown as text, and the refusal of a job sent without the token. The browser tests save a
-screenshot of each view in ``docs/console/`` (the README shows them).
+screenshot of each view: under the test's temporary folder, or in the folder that
+``CONSOLE_SCREENSHOTS`` names (``make screenshots`` sets it to ``docs/console/``, which the README
+shows).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from tests.conftest import ROOT, TOKEN, encode
 from tests.finetune_data import digits
 
 CONSOLE = ROOT / "service" / CONSOLE_FOLDER
-SCREENSHOTS = ROOT / "docs" / "console"
 XSS = "<img src=x onerror=alert(1)>"
 
 
@@ -193,9 +194,10 @@ def browser(tmp_path_factory: pytest.TempPathFactory, system_tool: Any) -> Itera
 class Page:
     """The console in the browser, with waits for what a person would wait for."""
 
-    def __init__(self, driver: Any, server: Any) -> None:
+    def __init__(self, driver: Any, server: Any, screenshots: Path) -> None:
         self.driver = driver
         self.url = server.http_url
+        self.screenshots = screenshots
 
     def open(self, view: str) -> None:
         """Loads the console afresh (a URL that differs only in its fragment would not reload it)."""
@@ -253,14 +255,23 @@ class Page:
         assert self.driver.execute_script("return window.alerts") == []
 
     def screenshot(self, name: str) -> None:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        self.driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+        self.screenshots.mkdir(parents=True, exist_ok=True)
+        self.driver.save_screenshot(str(self.screenshots / f"{name}.png"))
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the browser tests save their screenshots: ``CONSOLE_SCREENSHOTS`` (relative to the
+    project) when set, so that the ones in the docs come from a test run, else a temporary folder,
+    so that a plain test run leaves the working tree as it found it."""
+    chosen = os.environ.get("CONSOLE_SCREENSHOTS")
+    return ROOT / chosen if chosen else tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture
-def page(browser: Any, console_server: Any) -> Iterator[Page]:
+def page(browser: Any, console_server: Any, screenshots: Path) -> Iterator[Page]:
     browser.set_window_size(1280, 800)
-    yield Page(browser, console_server)
+    yield Page(browser, console_server, screenshots)
     browser.execute_script("sessionStorage.clear()")
 
 
