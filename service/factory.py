@@ -39,6 +39,7 @@ class ModelFactory:
             runtime=runtime.name,
             cache_dir=runtime.cache_dir or default_cache_dir(),
             threads=runtime.threads,
+            spin=runtime.spin,
             channels_last=config.channels_last,
         )
         # Every runtime and device must be usable before anything is built: fail at start-up, clearly.

@@ -176,6 +176,13 @@ OPTIONS: tuple[Option, ...] = (
         "intra-op threads of the runtime per forward pass (0: one per core)",
         non_negative_int,
     ),
+    Option(
+        "--runtime-spin",
+        "runtime.spin",
+        "let ONNX Runtime's intra-op threads busy-wait for work (faster alone on a machine; "
+        "off, they leave the cores to decoding and the protocol)",
+        boolean=True,
+    ),
     Option("--max-batch-size", "batching.max_batch_size", "images per forward pass", positive_int),
     Option(
         "--max-queue-delay-ms", "batching.max_queue_delay_ms", "longest wait for a batch to fill", non_negative_float

@@ -109,6 +109,22 @@ def test_models_rpc_and_metrics_report_the_runtime(default_server: InProcessServ
         assert f'vision_model_ready{{model="{name}"}} 1.0' in text
 
 
+def test_the_servers_runtime_threads_sleep_unless_told_to_spin(
+    default_server: InProcessServer, alexnet: torch.nn.Module
+) -> None:
+    """Spinning intra-op threads would take the cores that decode images and run the protocol."""
+    server = default_server.server
+    assert server is not None
+    for name in MODELS:
+        backends = [instance.backend for instance in server.repository.get(name).instances]
+        assert backends and all(isinstance(b, OnnxRuntimeBackend) and not b.spinning for b in backends)
+    spec = get_model_spec("alexnet")
+    for spin in (True, False):  # the runtime's own default (raw baselines keep it) and the server's
+        options = RuntimeOptions(runtime=ONNXRUNTIME, cache_dir=session_runtime_cache(), spin=spin)
+        backend = BackendLoader(spec, alexnet, options).load(ONNXRUNTIME, CPU, torch.float32)
+        assert isinstance(backend, OnnxRuntimeBackend) and backend.spinning is spin
+
+
 def test_features_run_through_the_runtime(default_server: InProcessServer, all_weights: Path) -> None:
     """Fine-tuning extracts features through the same session as inference."""
     from service.dataplane import InferenceInput
@@ -336,6 +352,10 @@ def test_runtime_options_from_flags_and_environment(tmp_path: Path) -> None:
     assert parse(["--runtime", "torch", "--runtime-threads", "1"], environ) == RuntimeConfig("torch", Path("/c"), 1)
     with pytest.raises(SystemExit, match="--runtime 'tensorrt': choose one of auto, torch"):
         parse([], {"VISION_SERVE_RUNTIME": "tensorrt"})
+    assert parse([], {}).spin is False
+    assert parse(["--runtime-spin"], {}).spin is True
+    assert parse([], {"VISION_SERVE_RUNTIME_SPIN": "1"}).spin is True
+    assert parse(["--no-runtime-spin"], {"VISION_SERVE_RUNTIME_SPIN": "1"}).spin is False
     for bad in (["--runtime", "tensorrt"], ["--runtime-threads", "-1"]):
         with pytest.raises(SystemExit):
             parse(bad, {})

@@ -12,6 +12,8 @@ from service.errors import FailedPreconditionError
 from service.runtimes.base import ONNXRUNTIME, Output, gather_on_host
 from service.runtimes.export import INPUT
 
+SPINNING = "session.intra_op.allow_spinning"  # the session option: "1" busy-wait, "0" sleep
+
 
 def available() -> bool:
     """Installed? (Without importing it: a server that does not use it should not pay for it.)"""
@@ -59,14 +61,16 @@ class OnnxRuntimeBackend:
             raise FailedPreconditionError(f"--runtime onnxruntime does not run on {device}")
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, *, threads: int) -> OnnxRuntimeBackend:
-        """A session for the ONNX file at ``path``; ``threads`` intra-op threads (0: one per core)."""
+    def load(cls, path: Path, device: torch.device, *, threads: int, spin: bool = True) -> OnnxRuntimeBackend:
+        """A session for the ONNX file at ``path``; ``threads`` intra-op threads (0: one per core),
+        which busy-wait between the parts of a forward pass unless ``spin`` is false."""
         cls.require(device)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
+        options.add_session_config_entry(SPINNING, "1" if spin else "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise
@@ -78,6 +82,12 @@ class OnnxRuntimeBackend:
             providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         return cls(session, device)
+
+    @property
+    def spinning(self) -> bool:
+        """Whether the session's intra-op threads busy-wait for work between its operators."""
+        options = self._session.get_session_options()  # type: ignore[attr-defined]
+        return bool(options.get_session_config_entry(SPINNING) == "1")
 
     def share(self) -> OnnxRuntimeBackend:
         return OnnxRuntimeBackend(self._session, self.device)

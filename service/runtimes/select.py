@@ -45,6 +45,7 @@ class RuntimeOptions:
     runtime: str
     cache_dir: Path
     threads: int = 0
+    spin: bool = True  # ONNX Runtime's intra-op spinning (its own default; the server turns it off)
     channels_last: bool = False
 
 
@@ -99,7 +100,9 @@ class BackendLoader:
         if runtime == ONNXRUNTIME:
             OnnxRuntimeBackend.require(device)
             return self._load_exported(
-                lambda path: OnnxRuntimeBackend.load(path, device, threads=self._options.threads)
+                lambda path: OnnxRuntimeBackend.load(
+                    path, device, threads=self._options.threads, spin=self._options.spin
+                )
             )
         if runtime == OPENVINO:
             OpenVinoBackend.require(device)
