@@ -62,9 +62,9 @@ class RuntimeConfig:
     name: str = "auto"  # auto, torch, onnxruntime, openvino, fastest (service.runtimes.base)
     cache_dir: Path | None = None  # None: $XDG_CACHE_HOME/vision-serving/runtimes
     threads: int = 0  # intra-op threads of the runtime; 0: one per core
-    # ONNX Runtime's intra-op threads busy-wait for work between the parts of a forward pass. In a
-    # server the cores they would spin on decode images and run the protocol, so they sleep instead.
-    spin: bool = False
+    # When ONNX Runtime's intra-op threads busy-wait for work (service.runtimes.base.SPIN_CHOICES):
+    # during a forward pass only, so that between batches the cores decode images and run the protocol.
+    spin: str = "run"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import AUTH_SCOPES, BatchingConfig, FineTuneLimits, RuntimeConfig, ServeConfig
-from service.runtimes.base import RUNTIME_CHOICES
+from service.runtimes.base import RUNTIME_CHOICES, SPIN_CHOICES
 from service.runtimes.export import default_cache_dir
 from service.storage.location import StoreLocation, parse_store_location
 
@@ -179,9 +179,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--runtime-spin",
         "runtime.spin",
-        "let ONNX Runtime's intra-op threads busy-wait for work (faster alone on a machine; "
-        "off, they leave the cores to decoding and the protocol)",
-        boolean=True,
+        "when ONNX Runtime's intra-op threads busy-wait for work: during a forward pass only (run), "
+        "also between passes (always: the runtime's own default), or never (they sleep)",
+        choices=SPIN_CHOICES,
     ),
     Option("--max-batch-size", "batching.max_batch_size", "images per forward pass", positive_int),
     Option(

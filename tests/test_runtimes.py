@@ -27,7 +27,16 @@ from service.config import RuntimeConfig, ServeConfig
 from service.errors import FailedPreconditionError
 from service.models import WeightsSource, build_model, get_model_spec
 from service.runtime import ModelInstance
-from service.runtimes.base import ONNXRUNTIME, OPENVINO, RUNTIMES, TORCH
+from service.runtimes.base import (
+    ONNXRUNTIME,
+    OPENVINO,
+    RUNTIMES,
+    SPIN_ALWAYS,
+    SPIN_CHOICES,
+    SPIN_NEVER,
+    SPIN_RUN,
+    TORCH,
+)
 from service.runtimes.export import ENTRY_FILE, ENTRY_FILES, MODEL_FILE, WEIGHTS_FILE, ExportCache, state_digest
 from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from service.runtimes.openvino_backend import OpenVinoBackend
@@ -109,20 +118,24 @@ def test_models_rpc_and_metrics_report_the_runtime(default_server: InProcessServ
         assert f'vision_model_ready{{model="{name}"}} 1.0' in text
 
 
-def test_the_servers_runtime_threads_sleep_unless_told_to_spin(
+def test_the_servers_runtime_threads_spin_only_during_a_forward_pass(
     default_server: InProcessServer, alexnet: torch.nn.Module
 ) -> None:
-    """Spinning intra-op threads would take the cores that decode images and run the protocol."""
+    """Threads still spinning between batches would take the cores that decode images and run the
+    protocol; each ``--runtime-spin`` choice reaches the session."""
     server = default_server.server
     assert server is not None
     for name in MODELS:
         backends = [instance.backend for instance in server.repository.get(name).instances]
-        assert backends and all(isinstance(b, OnnxRuntimeBackend) and not b.spinning for b in backends)
+        assert backends and all(isinstance(b, OnnxRuntimeBackend) and b.spin == SPIN_RUN for b in backends)
     spec = get_model_spec("alexnet")
-    for spin in (True, False):  # the runtime's own default (raw baselines keep it) and the server's
+    pixels = torch.randn(1, 3, 224, 224)
+    for spin in SPIN_CHOICES:
         options = RuntimeOptions(runtime=ONNXRUNTIME, cache_dir=session_runtime_cache(), spin=spin)
         backend = BackendLoader(spec, alexnet, options).load(ONNXRUNTIME, CPU, torch.float32)
-        assert isinstance(backend, OnnxRuntimeBackend) and backend.spinning is spin
+        assert isinstance(backend, OnnxRuntimeBackend) and backend.spin == spin
+        with torch.inference_mode():
+            assert_close(ModelInstance(backend).forward([pixels]), alexnet(pixels).numpy())
 
 
 def test_features_run_through_the_runtime(default_server: InProcessServer, all_weights: Path) -> None:
@@ -352,11 +365,13 @@ def test_runtime_options_from_flags_and_environment(tmp_path: Path) -> None:
     assert parse(["--runtime", "torch", "--runtime-threads", "1"], environ) == RuntimeConfig("torch", Path("/c"), 1)
     with pytest.raises(SystemExit, match="--runtime 'tensorrt': choose one of auto, torch"):
         parse([], {"VISION_SERVE_RUNTIME": "tensorrt"})
-    assert parse([], {}).spin is False
-    assert parse(["--runtime-spin"], {}).spin is True
-    assert parse([], {"VISION_SERVE_RUNTIME_SPIN": "1"}).spin is True
-    assert parse(["--no-runtime-spin"], {"VISION_SERVE_RUNTIME_SPIN": "1"}).spin is False
-    for bad in (["--runtime", "tensorrt"], ["--runtime-threads", "-1"]):
+    assert parse([], {}).spin == SPIN_RUN
+    assert parse(["--runtime-spin", "never"], {}).spin == SPIN_NEVER
+    assert parse([], {"VISION_SERVE_RUNTIME_SPIN": "always"}).spin == SPIN_ALWAYS
+    assert parse(["--runtime-spin", "run"], {"VISION_SERVE_RUNTIME_SPIN": "never"}).spin == SPIN_RUN
+    with pytest.raises(SystemExit, match="--runtime-spin 'yes': choose one of run, always, never"):
+        parse([], {"VISION_SERVE_RUNTIME_SPIN": "yes"})
+    for bad in (["--runtime", "tensorrt"], ["--runtime-threads", "-1"], ["--runtime-spin", "1"]):
         with pytest.raises(SystemExit):
             parse(bad, {})
 

@@ -9,10 +9,13 @@ from pathlib import Path
 import torch
 
 from service.errors import FailedPreconditionError
-from service.runtimes.base import ONNXRUNTIME, Output, gather_on_host
+from service.runtimes.base import ONNXRUNTIME, SPIN_ALWAYS, SPIN_NEVER, SPIN_RUN, Output, gather_on_host
 from service.runtimes.export import INPUT
 
-SPINNING = "session.intra_op.allow_spinning"  # the session option: "1" busy-wait, "0" sleep
+# The session options behind --runtime-spin: busy-wait at all ("1") or sleep ("0"), and, when they
+# busy-wait, stop doing so as soon as the last concurrent run returns ("1").
+SPINNING = "session.intra_op.allow_spinning"
+STOP_SPINNING_AFTER_RUN = "session.force_spinning_stop"
 
 
 def available() -> bool:
@@ -61,16 +64,17 @@ class OnnxRuntimeBackend:
             raise FailedPreconditionError(f"--runtime onnxruntime does not run on {device}")
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, *, threads: int, spin: bool = True) -> OnnxRuntimeBackend:
+    def load(cls, path: Path, device: torch.device, *, threads: int, spin: str = SPIN_ALWAYS) -> OnnxRuntimeBackend:
         """A session for the ONNX file at ``path``; ``threads`` intra-op threads (0: one per core),
-        which busy-wait between the parts of a forward pass unless ``spin`` is false."""
+        which busy-wait for work as ``spin`` says (``service.runtimes.base.SPIN_CHOICES``)."""
         cls.require(device)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
-        options.add_session_config_entry(SPINNING, "1" if spin else "0")
+        options.add_session_config_entry(SPINNING, "0" if spin == SPIN_NEVER else "1")
+        options.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "1" if spin == SPIN_RUN else "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise
@@ -84,10 +88,12 @@ class OnnxRuntimeBackend:
         return cls(session, device)
 
     @property
-    def spinning(self) -> bool:
-        """Whether the session's intra-op threads busy-wait for work between its operators."""
+    def spin(self) -> str:
+        """When the session's intra-op threads busy-wait for work (one of ``SPIN_CHOICES``)."""
         options = self._session.get_session_options()  # type: ignore[attr-defined]
-        return bool(options.get_session_config_entry(SPINNING) == "1")
+        if options.get_session_config_entry(SPINNING) == "0":
+            return SPIN_NEVER
+        return SPIN_RUN if options.get_session_config_entry(STOP_SPINNING_AFTER_RUN) == "1" else SPIN_ALWAYS
 
     def share(self) -> OnnxRuntimeBackend:
         return OnnxRuntimeBackend(self._session, self.device)

@@ -20,7 +20,17 @@ import torch
 from service.errors import FailedPreconditionError
 from service.models import ModelSpec
 from service.runtimes import onnxruntime_backend, openvino_backend
-from service.runtimes.base import AUTO, FASTEST, LOGITS, ONNXRUNTIME, OPENVINO, RUNTIME_CHOICES, TORCH, Backend
+from service.runtimes.base import (
+    AUTO,
+    FASTEST,
+    LOGITS,
+    ONNXRUNTIME,
+    OPENVINO,
+    RUNTIME_CHOICES,
+    SPIN_ALWAYS,
+    TORCH,
+    Backend,
+)
 from service.runtimes.export import ExportCache, state_digest
 from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from service.runtimes.openvino_backend import OpenVinoBackend
@@ -45,7 +55,7 @@ class RuntimeOptions:
     runtime: str
     cache_dir: Path
     threads: int = 0
-    spin: bool = True  # ONNX Runtime's intra-op spinning (its own default; the server turns it off)
+    spin: str = SPIN_ALWAYS  # ONNX Runtime's intra-op spinning (SPIN_CHOICES); its own default
     channels_last: bool = False
 
 
