@@ -98,7 +98,12 @@ def read_bounded(path: Path, max_bytes: int, *, follow_symlinks: bool = False) -
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (atomic on POSIX)."""
-    temporary = write_temporary(path.parent, path.name, data)
+    rename_into_place(write_temporary(path.parent, path.name, data), path)
+
+
+def rename_into_place(temporary: Path, path: Path) -> None:
+    """Rename a written ``temporary`` file (see :func:`write_temporary`) to ``path``, durably; on
+    failure the temporary file is removed."""
     try:
         os.replace(temporary, path)
     except BaseException:

@@ -4,7 +4,7 @@
 // Python SDK does; the version that answered and the round-trip time are shown with them.
 
 import { api } from "./api.js";
-import { clear, el, say } from "./dom.js";
+import { clear, dropZone, el, say } from "./dom.js";
 
 const TOP = 5;
 const labelCache = new Map(); // "name@version" -> labels
@@ -133,22 +133,7 @@ export function classifier(container, id, model) {
   }
 
   picker.addEventListener("change", () => run(picker.files));
-  zone.addEventListener("dragover", (event) => {
-    event.preventDefault();
-    zone.classList.add("over");
-  });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (event) => {
-    event.preventDefault();
-    zone.classList.remove("over");
-    run(event.dataTransfer.files);
-  });
-  zone.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" || event.key === " ") {
-      event.preventDefault();
-      picker.click();
-    }
-  });
+  dropZone(zone, picker, run);
   document.addEventListener("paste", (event) => {
     if (!container.offsetParent) return; // not the view on screen
     const files = [...(event.clipboardData?.files || [])];

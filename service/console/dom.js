@@ -73,3 +73,24 @@ export function field(labelText, input, hint) {
   if (hintNode) input.setAttribute("aria-describedby", hintNode.id);
   return el("div", { class: "field" }, el("label", { for: input.id }, labelText), input, hintNode);
 }
+
+/** Wires ``zone`` as a drop zone for files: dropped files go to ``onFiles``; Enter or Space on
+ * it (it is focusable) opens ``picker``, the file input it stands for. */
+export function dropZone(zone, picker, onFiles) {
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    onFiles(event.dataTransfer.files);
+  });
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      picker.click();
+    }
+  });
+}

@@ -6,7 +6,7 @@
 import { api, num } from "./api.js";
 import { trainingChart } from "./charts.js";
 import { classifier } from "./classify.js";
-import { byId, clear, el, say } from "./dom.js";
+import { byId, clear, dropZone, el, say } from "./dom.js";
 import { onModels, refreshModels } from "./models.js";
 import * as zip from "./zip.js";
 
@@ -302,22 +302,7 @@ export function setUpFineTune() {
     classFiles.value = "";
   });
   const zone = byId("ft-class-drop");
-  zone.addEventListener("dragover", (event) => {
-    event.preventDefault();
-    zone.classList.add("over");
-  });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (event) => {
-    event.preventDefault();
-    zone.classList.remove("over");
-    addToClass(event.dataTransfer.files);
-  });
-  zone.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" || event.key === " ") {
-      event.preventDefault();
-      classFiles.click();
-    }
-  });
+  dropZone(zone, classFiles, addToClass);
   byId("ft-clear").addEventListener("click", () => {
     examples.clear();
     skipped = 0;

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.files import read_bounded, sync_directory, write_temporary
+from service.files import read_bounded, rename_into_place, sync_directory, write_temporary
 from service.storage.objects import ObjectChanged, ObjectExists, ObjectInfo, check_key
 
 LOCK_FILE = ".lock"
@@ -76,13 +76,7 @@ class DirectoryObjects:
 
     def write(self, key: str, data: bytes) -> ObjectInfo:
         path = self._path(key)
-        temporary = self._temporary(path, data)
-        try:
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        sync_directory(path.parent)
+        rename_into_place(self._temporary(path, data), path)
         return self._described(key)
 
     def create(self, key: str, data: bytes) -> ObjectInfo:
