@@ -3,8 +3,8 @@
 ``eager`` is torchvision in eager PyTorch; a runtime baseline (``onnxruntime``, ``openvino``)
 runs the very network the server exported, loaded from the same ``--runtime-cache`` through
 the server's own backend code with the same thread count (its intra-op threads busy-wait for
-work, ONNX Runtime's default and its fastest alone; the server's stop after each forward pass,
-see ``--runtime-spin``). Both use the server's weights rule, so raw and service compute with
+work, ONNX Runtime's default and its fastest alone; the server's stop spinning when a forward
+pass returns, see ``--runtime-spin``). Both use the server's weights rule, so raw and service compute with
 identical parameters (checked by ``agreement``).
 """
 
