@@ -17,7 +17,13 @@ answered requests waits, after its window, for as many arrivals as it answered a
 already admitted that are still decoding (see :meth:`BatchQueue.answered`), at most
 ``max_rejoin_s`` and at most :data:`REJOIN_SHARE` of its last forward pass. Requests it did not
 answer and nobody is decoding are never waited for: one closed-loop client gets no wait at all,
-and open-loop traffic loses at most that share. :func:`collate` is the pure rule that picks the batch:
+and open-loop traffic loses at most that share.
+
+Several workers (model instances, ``--instances``) share one queue. Each batch then takes at most
+an equal part of the work the queue knows of (queued, decoding, expected back, being computed by
+the other workers; :meth:`BatchQueue.share`): without that, one worker would take every client
+into its batch while the others idle, and with it C closed-loop clients settle into one group of
+C/N per instance. :func:`collate` is the pure rule that picks the batch:
 items whose deadline passed, or whose caller went away, are taken out and
 answered, never computed. Only items of the same image shape share a batch.
 
@@ -128,8 +134,10 @@ class BatchQueue:
         self._reserved = 0
         self._capacity = capacity_images
         self._closed = False
-        self._returning = 0  # items answered by the last batch whose clients have not sent again yet
+        self._returning = 0  # items answered whose clients have not sent again yet
         self._last_compute_s = 0.0
+        self._workers = 0  # workers taking batches from this queue (model instances)
+        self._computing = 0  # images in batches that workers took and have not answered yet
         self._cond = threading.Condition()
         self._on_depth_change = on_depth_change or (lambda delta: None)
 
@@ -173,20 +181,42 @@ class BatchQueue:
         self._returning = max(0, self._returning - len(items))
         self._cond.notify_all()
 
-    def answered(self, items: int, compute_seconds: float) -> None:
+    def attach_worker(self) -> None:
+        """A worker starts taking batches from this queue (see :meth:`share`)."""
+        with self._cond:
+            self._workers += 1
+
+    def detach_worker(self) -> None:
+        with self._cond:
+            self._workers -= 1
+            self._cond.notify_all()
+
+    def answered(self, items: int, compute_seconds: float, *, images: int = 0) -> None:
         """A worker is answering ``items`` requests (work items that complete their request) after a
-        forward pass of ``compute_seconds``; it calls this before it hands out the answers.
+        forward pass of ``compute_seconds`` on ``images`` images it took with :meth:`next_batch`;
+        it calls this before it hands out the answers.
 
         Closed-loop clients send again as soon as they are answered: the worker's next batch may
         wait for that many arrivals (see :meth:`next_batch`)."""
         with self._cond:
-            self._returning = items
+            self._returning += items
             self._last_compute_s = compute_seconds
+            self._computing = max(0, self._computing - images)
 
     @property
     def returning(self) -> int:
-        """Items answered by the last batch whose senders have not sent again (arrivals count them off)."""
+        """Items answered whose senders have not sent again (arrivals count them off; those not back
+        when a worker's wait for them ends are not expected any more)."""
         return self._returning
+
+    def share(self, max_images: int) -> int:
+        """The most images the next batch takes: ``max_images`` while one worker serves the queue;
+        with N, also at most 1/N of the images the queue knows of (queued, decoding, expected back,
+        in other workers' batches), so that every instance gets work. (Call with the lock held.)"""
+        if self._workers <= 1:
+            return max_images
+        known = self._images + self._reserved + self._returning + self._computing
+        return max(1, min(max_images, -(-known // self._workers)))
 
     def _put_reserved(self, items: list[WorkItem], reserved: int) -> None:
         size = sum(item.size for item in items)
@@ -206,9 +236,10 @@ class BatchQueue:
     ) -> tuple[list[WorkItem], list[WorkItem]] | None:
         """Block until a batch closes; ``None`` once the queue is closed and empty.
 
-        The batch closes when full, or ``max_delay_s`` after it could have started; while clients
-        the worker answered are expected back or admitted requests are decoding, it may stay open
-        until ``min(max_rejoin_s, REJOIN_SHARE * last forward pass)`` after the worker became free.
+        The batch closes when full (:meth:`share` images), or ``max_delay_s`` after it could have
+        started; while answered clients are expected back or admitted requests are decoding, it may
+        stay open until ``min(max_rejoin_s, REJOIN_SHARE * last forward pass)`` after the worker
+        became free.
         """
         free_since = self._clock.now()
         with self._cond:
@@ -219,17 +250,20 @@ class BatchQueue:
                 if not self._pending:
                     return None
                 close_at = max(self._pending[0].enqueued_at, free_since) + max_delay_s
-                while self._images < max_images and not self._closed:
+                while self._images < self.share(max_images) and not self._closed:
                     expecting = self._returning > 0 or self._reserved > 0
                     remaining = (max(close_at, rejoin_at) if expecting else close_at) - self._clock.now()
                     if remaining <= 0:
+                        self._returning = 0  # those not back by now are not waited for again
                         break
                     self._clock.wait(self._cond, remaining)
                     if not self._pending:
                         break
-                batch, expired = collate(self._pending, max_images, self._clock.now())
-                taken = sum(item.size for item in batch) + sum(item.size for item in expired)
+                batch, expired = collate(self._pending, self.share(max_images), self._clock.now())
+                computing = sum(item.size for item in batch)
+                taken = computing + sum(item.size for item in expired)
                 self._images -= taken
+                self._computing += computing
                 if taken:
                     self._on_depth_change(-taken)
                     return batch, expired

@@ -61,10 +61,22 @@ class RuntimeConfig:
 
     name: str = "auto"  # auto, torch, onnxruntime, openvino, fastest (service.runtimes.base)
     cache_dir: Path | None = None  # None: $XDG_CACHE_HOME/vision-serving/runtimes
-    threads: int = 0  # intra-op threads of the runtime; 0: one per core
+    threads: int = 0  # intra-op threads of each instance's runtime; 0: the cores, shared out among the instances
+    # Model instances per device (Triton's instance_group count): each has a worker taking batches from
+    # the model's queue, so that several batches run at once (service.batching shares the work out).
+    instances: int = 1
     # When ONNX Runtime's intra-op threads busy-wait for work (service.runtimes.base.SPIN_CHOICES):
     # during a forward pass only, so that between batches the cores decode images and run the protocol.
     spin: str = "run"
+
+    @property
+    def instance_threads(self) -> int:
+        """Intra-op threads each instance's runtime gets: ``threads``; else with one instance 0 (the
+        runtime's own default: every core), with several the CPU cores divided among them, so that
+        instances running at once do not oversubscribe the cores."""
+        if self.threads or self.instances == 1:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.instances)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class ModelFactory:
         self._options = RuntimeOptions(
             runtime=runtime.name,
             cache_dir=runtime.cache_dir or default_cache_dir(),
-            threads=runtime.threads,
+            threads=runtime.instance_threads,
             spin=runtime.spin,
             channels_last=config.channels_last,
         )
@@ -68,10 +68,11 @@ class ModelFactory:
         await asyncio.to_thread(self._start_workers, model, instances)
 
     def build_instances(self, spec: ModelSpec, weights: WeightsSource) -> list[ModelInstance]:
-        """``spec``'s network with ``weights``, one instance per device (blocking: seconds)."""
+        """``spec``'s network with ``weights``, ``--instances`` instances per device (blocking: seconds)."""
         net = build_model(spec, weights)
         loader = BackendLoader(spec, net, self._options)
-        instances = []
+        count = self._config.runtime.instances
+        instances: list[ModelInstance] = []
         for device in self._devices:
             dtype = resolve_dtype(self._config.dtype, device)
             names = candidates(self._options.runtime, device)
@@ -79,11 +80,12 @@ class ModelFactory:
                 backend = self._fastest(spec, loader, names, device, dtype)
             else:
                 backend = loader.load(names[0], device, dtype)
-            instances.append(ModelInstance(backend))
+            instances += [ModelInstance(b) for b in loader.instances_of(backend, count)]
         log.info(
-            "%s runs on %s",
+            "%s runs on %s%s",
             spec.name,
-            ", ".join(f"{i.runtime} ({i.label})" for i in instances),
+            ", ".join(dict.fromkeys(f"{i.runtime} ({i.label})" for i in instances)),
+            f", {count} instances each" if count > 1 else "",
         )
         return instances
 
@@ -147,7 +149,8 @@ class ModelFactory:
 
     def _start_workers(self, model: ServedModel, instances: list[ModelInstance], *, warm_up: bool = True) -> None:
         batching = self._config.batching
-        for instance in instances:
+        per_device = self._config.runtime.instances
+        for index, instance in enumerate(instances):
             worker = InferenceWorker(
                 model.name,
                 model.queue,
@@ -157,6 +160,7 @@ class ModelFactory:
                 max_rejoin_s=batching.max_rejoin_s,
                 on_batch=partial(self._metrics.record_batch, model.name, version=model.version),
                 warm_up_shape=(3, model.input_size, model.input_size) if warm_up else None,
+                suffix=f"-{index % per_device}" if per_device > 1 else "",
             )
             worker.start()
             model.workers.append(worker)

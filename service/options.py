@@ -58,6 +58,10 @@ def _checked(
 
 
 positive_int = _checked("positive_int", int, lambda n: n >= 1, "must be at least 1, got {}")
+MAX_INSTANCES = 64  # model instances per device: each is a thread, and maybe a copy of the weights
+instance_count = _checked(
+    "instance_count", int, lambda n: 1 <= n <= MAX_INSTANCES, f"must be 1 to {MAX_INSTANCES}, got {{}}"
+)
 non_negative_int = _checked("non_negative_int", int, lambda n: n >= 0, "must not be negative, got {}")
 port = _checked("port", int, lambda n: 0 <= n <= 65535, "not a port: {}")
 positive_float = _checked("positive_float", float, lambda n: n > 0, "must be positive, got {}")
@@ -173,8 +177,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--runtime-threads",
         "runtime.threads",
-        "intra-op threads of the runtime per forward pass (0: one per core)",
+        "intra-op threads of the runtime per forward pass (0: one per core, divided among --instances)",
         non_negative_int,
+    ),
+    Option(
+        "--instances",
+        "runtime.instances",
+        "model instances per device (Triton's instance_group count), each running its own batches at the same "
+        "time as the others; more than 1 trades latency at low concurrency for throughput at high",
+        instance_count,
     ),
     Option(
         "--runtime-spin",

@@ -112,7 +112,9 @@ class InferenceWorker:
         max_rejoin_s: float = 0.0,
         on_batch: Callable[[BatchStats], None] = lambda stats: None,
         warm_up_shape: tuple[int, int, int] | None = None,
+        suffix: str = "",
     ) -> None:
+        """``suffix`` tells instances on one device apart in the thread's name."""
         self.instance = instance
         self._warm_up_shape = warm_up_shape
         self._started = threading.Event()
@@ -122,7 +124,7 @@ class InferenceWorker:
         self._max_delay_s = max_delay_s
         self._max_rejoin_s = max_rejoin_s
         self._on_batch = on_batch
-        self._thread = threading.Thread(target=self._run, name=f"infer-{name}-{instance.label}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"infer-{name}-{instance.label}{suffix}", daemon=True)
 
     def start(self) -> None:
         """Start the thread and wait until its warm-up forward pass is done."""
@@ -150,23 +152,32 @@ class InferenceWorker:
             return
         finally:
             self._started.set()
-        while (
-            taken := self._queue.next_batch(self._max_batch_size, self._max_delay_s, self._max_rejoin_s)
-        ) is not None:
-            batch, expired = taken
-            for item in expired:
-                if not item.is_cancelled():
-                    item.on_result(DeadlineExceededError("the request's deadline passed while it waited in the queue"))
-            if batch:
-                self._run_batch(batch)
+        self._queue.attach_worker()
+        try:
+            while (
+                taken := self._queue.next_batch(self._max_batch_size, self._max_delay_s, self._max_rejoin_s)
+            ) is not None:
+                batch, expired = taken
+                for item in expired:
+                    if not item.is_cancelled():
+                        item.on_result(
+                            DeadlineExceededError("the request's deadline passed while it waited in the queue")
+                        )
+                if batch:
+                    self._run_batch(batch)
+        finally:
+            self._queue.detach_worker()
 
     def _run_batch(self, batch: list[WorkItem]) -> None:
         started = time.monotonic()
+        images = sum(item.size for item in batch)
+        requests = sum(item.completes_request for item in batch)
         try:
             outputs, phases = self.instance.forward_timed([item.pixels for item in batch])
         except Exception as exc:
             log.exception("forward pass failed on %s", self.instance.label)
             error = InternalError(f"the forward pass failed on {self.instance.label}: {type(exc).__name__}")
+            self._queue.answered(requests, time.monotonic() - started, images=images)
             for item in batch:
                 item.on_result(error)
             return
@@ -182,7 +193,7 @@ class InferenceWorker:
             )
         )
         # Before the answers: a client answered may send again before the next line runs.
-        self._queue.answered(sum(item.completes_request for item in batch), finished - started)
+        self._queue.answered(requests, finished - started, images=images)
         offset = 0
         for item in batch:
             item.on_result(outputs[offset : offset + item.size])

@@ -261,3 +261,64 @@ def test_rejoining_is_off_at_zero() -> None:
     queue.answered(4, compute_seconds=1.0)
     worker = RejoinWorker(queue, max_images=32, max_rejoin_s=0.0)
     assert worker.batch_images() == 4 and clock.now() == 1000.0
+
+
+# -- several workers (model instances) on one queue ----------------------------------------------
+
+
+def test_one_worker_takes_all_it_may() -> None:
+    queue = BatchQueue(capacity_images=64)
+    queue.attach_worker()
+    queue.put([item(1) for _ in range(20)])
+    assert queue.share(32) == 32
+    batch, _ = queue.next_batch(max_images=32, max_delay_s=0)
+    assert len(batch) == 20
+
+
+def test_instances_share_the_clients_out() -> None:
+    """Two workers, 32 queued: each batch takes half, so that both instances compute."""
+    queue = BatchQueue(capacity_images=64)
+    queue.attach_worker()
+    queue.attach_worker()
+    queue.put([item(1) for _ in range(32)])
+    first, _ = queue.next_batch(max_images=32, max_delay_s=0)
+    second, _ = queue.next_batch(max_images=32, max_delay_s=0)
+    assert (len(first), len(second)) == (16, 16)
+    assert queue.pending_images == 0
+
+
+def test_a_share_counts_what_other_instances_compute_and_what_comes_back() -> None:
+    """Steady state with 32 closed-loop clients and two instances: one computes 16 while the other
+    answered 16; the free one waits for its 16 and takes no more than them."""
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock)
+    queue.attach_worker()
+    queue.attach_worker()
+    queue.put([item(1, at=clock.now()) for _ in range(32)])
+    computing, _ = queue.next_batch(max_images=32, max_delay_s=0)  # the other instance's batch
+    answered, _ = queue.next_batch(max_images=32, max_delay_s=0)
+    queue.answered(len(answered), compute_seconds=1.0, images=len(answered))
+    worker = RejoinWorker(queue, max_images=32, max_rejoin_s=0.05)
+    queue.put([item(1, at=clock.now()) for _ in range(15)])
+    assert worker.waiting(clock)  # one of its 16 is still on its way
+    queue.put([item(1, at=clock.now())])  # its last one
+    assert worker.batch_images() == 16 and clock.now() == 1000.0
+    assert len(computing) == 16
+
+
+def test_a_share_takes_a_large_request_whole() -> None:
+    queue = BatchQueue(capacity_images=64)
+    queue.attach_worker()
+    queue.attach_worker()
+    queue.put([item(12)])
+    batch, _ = queue.next_batch(max_images=32, max_delay_s=0)
+    assert [i.size for i in batch] == [12]
+
+
+def test_a_worker_that_leaves_no_longer_counts() -> None:
+    queue = BatchQueue(capacity_images=64)
+    queue.attach_worker()
+    queue.attach_worker()
+    queue.detach_worker()
+    queue.put([item(1) for _ in range(8)])
+    assert queue.share(32) == 32

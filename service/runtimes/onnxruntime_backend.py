@@ -88,6 +88,11 @@ class OnnxRuntimeBackend:
         return cls(session, device)
 
     @property
+    def threads(self) -> int:
+        """Intra-op threads of one forward pass (1: the caller's thread alone, no pool)."""
+        return int(self._session.get_session_options().intra_op_num_threads)  # type: ignore[attr-defined]
+
+    @property
     def spin(self) -> str:
         """When the session's intra-op threads busy-wait for work (one of ``SPIN_CHOICES``)."""
         options = self._session.get_session_options()  # type: ignore[attr-defined]

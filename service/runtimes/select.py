@@ -10,6 +10,7 @@ fastest.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +124,23 @@ class BackendLoader:
 
             return self._load_exported(compile_openvino)
         raise FailedPreconditionError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
+
+    def instances_of(self, first: Backend, count: int) -> list[Backend]:
+        """``first`` and ``count - 1`` more backends like it, for instances that run batches at once.
+
+        They share ``first``'s weights where running at once on them costs nothing: on CUDA and in
+        torch (one module on one device), and in ONNX Runtime when each runs on one thread (a
+        session without an intra-op pool runs concurrent calls each on its caller's thread).
+        Otherwise each is a session or compiled network of its own, with its own threads: two
+        concurrent runs on one session's pool of 2 threads were slower than one run alone
+        (AlexNet on 2 cores, bench/README.md), and an OpenVINO network compiled for latency runs
+        one request at a time."""
+        if count == 1:
+            return [first]
+        one_thread = first.runtime == ONNXRUNTIME and (self._options.threads or os.cpu_count() or 1) == 1
+        if first.device.type == "cuda" or first.runtime == TORCH or one_thread:
+            return [first, *(first.share() for _ in range(count - 1))]
+        return [first, *(self.load(first.runtime, first.device, first.dtype) for _ in range(count - 1))]
 
     def _load_exported(self, load: Callable[[Path], Backend]) -> Backend:
         if self._onnx is None:

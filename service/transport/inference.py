@@ -103,7 +103,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.ModelConfigRequest, pb.ModelConfigResponse],
     ) -> pb.ModelConfigResponse:
         model = self._model(request.name, request.version)
-        return pb.ModelConfigResponse(config=model_config(model, self._batching, self._dataplane.repository.devices))
+        config = model_config(
+            model, self._batching, self._dataplane.repository.devices, self._dataplane.config.runtime.instances
+        )
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(
         self,

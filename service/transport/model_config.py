@@ -49,7 +49,9 @@ def tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def model_config(model: ServedModel, batching: BatchingConfig, devices: list[torch.device]) -> config_pb.ModelConfig:
+def model_config(
+    model: ServedModel, batching: BatchingConfig, devices: list[torch.device], instances: int = 1
+) -> config_pb.ModelConfig:
     """Triton's ``ModelConfig`` of ``model`` as this server runs it."""
     return config_pb.ModelConfig(
         name=model.name,
@@ -73,23 +75,23 @@ def model_config(model: ServedModel, batching: BatchingConfig, devices: list[tor
             max_queue_delay_microseconds=round(batching.max_queue_delay_ms * 1000),
             default_queue_policy=config_pb.ModelQueuePolicy(max_queue_size=batching.max_queue_size),
         ),
-        instance_group=_instance_groups(model.name, devices),
+        instance_group=_instance_groups(model.name, devices, instances),
     )
 
 
-def _instance_groups(name: str, devices: list[torch.device]) -> list[config_pb.ModelInstanceGroup]:
-    """One instance per device: a CPU group, and one GPU group listing the GPUs."""
+def _instance_groups(name: str, devices: list[torch.device], count: int) -> list[config_pb.ModelInstanceGroup]:
+    """``count`` instances per device (``--instances``): a CPU group, and one GPU group listing the GPUs."""
     groups = []
     cpus = [d for d in devices if d.type != "cuda"]
     gpus = [d.index or 0 for d in devices if d.type == "cuda"]
     if cpus:
         groups.append(
-            config_pb.ModelInstanceGroup(name=f"{name}_cpu", kind=config_pb.ModelInstanceGroup.KIND_CPU, count=1)
+            config_pb.ModelInstanceGroup(name=f"{name}_cpu", kind=config_pb.ModelInstanceGroup.KIND_CPU, count=count)
         )
     if gpus:
         groups.append(
             config_pb.ModelInstanceGroup(
-                name=f"{name}_gpu", kind=config_pb.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus
+                name=f"{name}_gpu", kind=config_pb.ModelInstanceGroup.KIND_GPU, count=count, gpus=gpus
             )
         )
     return groups

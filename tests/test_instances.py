@@ -1,0 +1,78 @@
+"""Several model instances per device (``--instances``): real servers, real tritonclient."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import model_config_pb2 as triton_config
+
+from service.config import BatchingConfig, RuntimeConfig
+from service.options import build_serve_parser
+from tests.conftest import session_runtime_cache
+from tests.metrics_util import sample_value, scrape
+
+
+def pixels_input(seed: int) -> triton.InferInput:
+    values = np.random.default_rng(seed).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    tensor = triton.InferInput("PIXELS", list(values.shape), "FP32")
+    tensor.set_data_from_numpy(values)
+    return tensor
+
+
+def infer_threads(model: str) -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(f"infer-{model}-"))
+
+
+def test_instances_share_the_clients_and_answer_as_one(serve_inprocess) -> None:
+    """32 clients at once, two instances: no batch takes more than half of them, and every answer
+    is the one a lone request gets."""
+    server = serve_inprocess(
+        runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2),
+        batching=BatchingConfig(max_batch_size=32),
+    )
+    instances = server.server.repository.get("alexnet").instances
+    assert len(instances) == 2 * len(server.server.devices)
+    assert infer_threads("alexnet") == ["infer-alexnet-cpu-0", "infer-alexnet-cpu-1"]
+    with triton.InferenceServerClient(server.target) as client:
+        config = client.get_model_config("alexnet").config
+        assert [(g.kind, g.count) for g in config.instance_group] == [(triton_config.ModelInstanceGroup.KIND_CPU, 2)]
+        alone = [client.infer("alexnet", [pixels_input(seed)]).as_numpy("LOGITS") for seed in range(32)]
+
+    def call(seed: int) -> np.ndarray:
+        with triton.InferenceServerClient(server.target) as own:
+            return own.infer("alexnet", [pixels_input(seed)]).as_numpy("LOGITS")
+
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(call, range(32)))
+    for one, other in zip(alone, together, strict=True):
+        np.testing.assert_allclose(one, other, rtol=1e-4, atol=1e-4)
+    text = scrape(server.metrics_url)
+    batches = sample_value(text, "vision_batches_total", model="alexnet", device="cpu")
+    at_most_16 = sample_value(text, "vision_batch_size_bucket", model="alexnet", device="cpu", le="16.0")
+    assert at_most_16 == batches  # a batch takes at most half of the 32 requests the queue knows of
+
+
+def test_instances_divide_the_cores_unless_told_their_threads(serve_inprocess) -> None:
+    """With --runtime-threads 0 two instances split the cores; a thread count given is each one's."""
+    import os
+
+    cores = os.cpu_count() or 1
+    assert RuntimeConfig(instances=2).instance_threads == max(1, cores // 2)
+    assert RuntimeConfig(instances=1).instance_threads == 0  # the runtime's own: every core
+    assert RuntimeConfig(instances=3, threads=2).instance_threads == 2
+    server = serve_inprocess(runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2, threads=2))
+    first, second = server.server.repository.get("alexnet").instances
+    assert first.backend.threads == second.backend.threads == 2
+    with triton.InferenceServerClient(server.target) as client:
+        assert client.infer("alexnet", [pixels_input(0)]).as_numpy("LOGITS").shape == (1, 1000)
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "-1"])
+def test_an_instance_count_out_of_range_is_refused(value: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_serve_parser({}).parse_args(["--instances", value])
+    assert "--instances" in capsys.readouterr().err
