@@ -209,6 +209,11 @@ class BatchQueue:
         when a worker's wait for them ends are not expected any more)."""
         return self._returning
 
+    @property
+    def computing_images(self) -> int:
+        """Images in batches that workers took and have not answered yet."""
+        return self._computing
+
     def share(self, max_images: int) -> int:
         """The most images the next batch takes: ``max_images`` while one worker serves the queue;
         with N, also at most 1/N of the images the queue knows of (queued, decoding, expected back,

@@ -26,10 +26,22 @@ class ModelInstance:
 
     Derived instances (a backbone's features, a fine-tuned head on it) share their
     base instance's weights through :meth:`Backend.share`.
+
+    Instances that divided a CPU's cores among them (``--instances``) may also hold a ``lone``
+    backend on every core, shared by them all: a batch that runs while no other instance computes
+    (one client) runs there, so that dividing the cores costs nothing when only one would use them.
     """
 
-    def __init__(self, backend: Backend, *, output: Output = LOGITS, head: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        output: Output = LOGITS,
+        head: torch.nn.Module | None = None,
+        lone: Backend | None = None,
+    ) -> None:
         self.backend = backend
+        self.lone = lone
         self.output: Output = FEATURES if head is not None else output
         self.head = head
         self.device = backend.device
@@ -41,19 +53,23 @@ class ModelInstance:
 
     def features(self) -> ModelInstance:
         """Another instance on the same weights that returns the backbone's features."""
-        return ModelInstance(self.backend.share(), output=FEATURES)
+        return ModelInstance(self.backend.share(), output=FEATURES, lone=self._lone_share())
 
     def with_head(self, head: torch.nn.Module) -> ModelInstance:
         """Another instance on the same weights that runs ``head`` (copied here) on the features."""
         head_device = self.device if self.runtime == TORCH else torch.device("cpu")
         head = copy.deepcopy(head).to(head_device, self.backend.dtype).eval()
-        return ModelInstance(self.backend.share(), head=head)
+        return ModelInstance(self.backend.share(), head=head, lone=self._lone_share())
 
-    def forward(self, parts: list[torch.Tensor]) -> np.ndarray:
-        """Run the batch made of ``parts`` and return float32 outputs on the host."""
-        return self.forward_timed(parts)[0]
+    def _lone_share(self) -> Backend | None:
+        return None if self.lone is None else self.lone.share()
 
-    def forward_timed(self, parts: list[torch.Tensor]) -> tuple[np.ndarray, PhaseTimes]:
+    def forward(self, parts: list[torch.Tensor], *, alone: bool = False) -> np.ndarray:
+        """Run the batch made of ``parts`` and return float32 outputs on the host; ``alone``: no
+        other instance computes now (the batch may take every core, see the class)."""
+        return self.forward_timed(parts, alone=alone)[0]
+
+    def forward_timed(self, parts: list[torch.Tensor], *, alone: bool = False) -> tuple[np.ndarray, PhaseTimes]:
         """:meth:`forward`, and how long its input copy, forward pass and output copy took.
 
         On CUDA the phases are separated by synchronizing the device; copies are
@@ -62,10 +78,11 @@ class ModelInstance:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda device=None: None)
         with torch.inference_mode():
             started = time.monotonic()
-            batch = self.backend.gather(parts)
+            backend = self.lone if alone and self.lone is not None else self.backend
+            batch = backend.gather(parts)
             sync(self.device)
             copied = time.monotonic()
-            output = self.backend.run(batch, self.output)
+            output = backend.run(batch, self.output)
             if self.head is not None:
                 output = self.head(output)
             sync(self.device)
@@ -76,6 +93,8 @@ class ModelInstance:
 
     def warm_up(self, shape: tuple[int, int, int]) -> None:
         self.forward([torch.zeros((1, *shape))])
+        if self.lone is not None:
+            self.forward([torch.zeros((1, *shape))], alone=True)
 
 
 @dataclass(frozen=True)
@@ -173,7 +192,8 @@ class InferenceWorker:
         images = sum(item.size for item in batch)
         requests = sum(item.completes_request for item in batch)
         try:
-            outputs, phases = self.instance.forward_timed([item.pixels for item in batch])
+            alone = self._queue.computing_images <= images  # no other instance's batch runs now
+            outputs, phases = self.instance.forward_timed([item.pixels for item in batch], alone=alone)
         except Exception as exc:
             log.exception("forward pass failed on %s", self.instance.label)
             error = InternalError(f"the forward pass failed on {self.instance.label}: {type(exc).__name__}")

@@ -31,11 +31,12 @@ def test_instances_share_the_clients_and_answer_as_one(serve_inprocess) -> None:
     """32 clients at once, two instances: no batch takes more than half of them, and every answer
     is the one a lone request gets."""
     server = serve_inprocess(
+        device="cpu",
         runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2),
         batching=BatchingConfig(max_batch_size=32),
     )
     instances = server.server.repository.get("alexnet").instances
-    assert len(instances) == 2 * len(server.server.devices)
+    assert len(instances) == 2
     assert infer_threads("alexnet") == ["infer-alexnet-cpu-0", "infer-alexnet-cpu-1"]
     with triton.InferenceServerClient(server.target) as client:
         config = client.get_model_config("alexnet").config
@@ -56,6 +57,30 @@ def test_instances_share_the_clients_and_answer_as_one(serve_inprocess) -> None:
     assert at_most_16 == batches  # a batch takes at most half of the 32 requests the queue knows of
 
 
+def test_a_lone_batch_runs_on_every_core_and_agrees(serve_inprocess) -> None:
+    """Instances that divided the cores share one backend on all of them for batches that run
+    while no other instance computes; both give the same logits."""
+    import os
+
+    import torch
+
+    server = serve_inprocess(device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2))
+    first, second = server.server.repository.get("alexnet").instances
+    cores = os.cpu_count() or 1
+    assert first.backend.threads == second.backend.threads == max(1, cores // 2)
+    assert first.lone is not None and first.lone.threads == cores
+    batch = [torch.from_numpy(np.random.default_rng(1).standard_normal((3, 3, 224, 224), dtype=np.float32))]
+    np.testing.assert_allclose(
+        first.forward(batch, alone=True), second.forward(batch, alone=False), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_one_instance_has_no_lone_backend(serve_inprocess) -> None:
+    server = serve_inprocess(device="cpu")
+    (instance,) = server.server.repository.get("alexnet").instances
+    assert instance.lone is None
+
+
 def test_instances_divide_the_cores_unless_told_their_threads(serve_inprocess) -> None:
     """With --runtime-threads 0 two instances split the cores; a thread count given is each one's."""
     import os
@@ -64,9 +89,12 @@ def test_instances_divide_the_cores_unless_told_their_threads(serve_inprocess) -
     assert RuntimeConfig(instances=2).instance_threads == max(1, cores // 2)
     assert RuntimeConfig(instances=1).instance_threads == 0  # the runtime's own: every core
     assert RuntimeConfig(instances=3, threads=2).instance_threads == 2
-    server = serve_inprocess(runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2, threads=2))
+    server = serve_inprocess(
+        device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2, threads=2)
+    )
     first, second = server.server.repository.get("alexnet").instances
     assert first.backend.threads == second.backend.threads == 2
+    assert first.lone is None  # the threads given are each instance's: no batch is special
     with triton.InferenceServerClient(server.target) as client:
         assert client.infer("alexnet", [pixels_input(0)]).as_numpy("LOGITS").shape == (1, 1000)
 

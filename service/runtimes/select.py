@@ -55,7 +55,10 @@ class RuntimeOptions:
 
     runtime: str
     cache_dir: Path
-    threads: int = 0
+    threads: int = 0  # of each instance (RuntimeConfig.instance_threads)
+    # Threads of a batch that runs while no other instance computes, where that differs from
+    # ``threads`` (instances that divided the cores among them); None: no such batch is special.
+    lone_threads: int | None = None
     spin: str = SPIN_ALWAYS  # ONNX Runtime's intra-op spinning (SPIN_CHOICES); its own default
     channels_last: bool = False
 
@@ -97,7 +100,9 @@ class BackendLoader:
         self._onnx: Path | None = None
         self._digest: str | None = None
 
-    def load(self, runtime: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    def load(self, runtime: str, device: torch.device, dtype: torch.dtype, *, threads: int | None = None) -> Backend:
+        """A backend of the network; ``threads`` overrides the options' intra-op threads."""
+        threads = self._options.threads if threads is None else threads
         if runtime == TORCH:
             return TorchBackend.place(
                 self._spec, self._net, device, dtype=dtype, channels_last=self._options.channels_last
@@ -111,19 +116,24 @@ class BackendLoader:
         if runtime == ONNXRUNTIME:
             OnnxRuntimeBackend.require(device)
             return self._load_exported(
-                lambda path: OnnxRuntimeBackend.load(
-                    path, device, threads=self._options.threads, spin=self._options.spin
-                )
+                lambda path: OnnxRuntimeBackend.load(path, device, threads=threads, spin=self._options.spin)
             )
         if runtime == OPENVINO:
             OpenVinoBackend.require(device)
 
             def compile_openvino(path: Path) -> Backend:
                 blobs = path.parent / f"openvino-{openvino_backend.version()}"
-                return OpenVinoBackend.load(path, device, threads=self._options.threads, cache_dir=blobs)
+                return OpenVinoBackend.load(path, device, threads=threads, cache_dir=blobs)
 
             return self._load_exported(compile_openvino)
         raise FailedPreconditionError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
+
+    def lone_backend(self, first: Backend) -> Backend | None:
+        """A backend like ``first`` on every core (``lone_threads``), for a batch that runs while no
+        other instance computes, or None where ``first`` already has them (or is not on a CPU)."""
+        if self._options.lone_threads is None or first.device.type != "cpu" or first.runtime == TORCH:
+            return None
+        return self.load(first.runtime, first.device, first.dtype, threads=self._options.lone_threads)
 
     def instances_of(self, first: Backend, count: int) -> list[Backend]:
         """``first`` and ``count - 1`` more backends like it, for instances that run batches at once.
