@@ -217,11 +217,12 @@ class BatchQueue:
     def share(self, max_images: int) -> int:
         """The most images the next batch takes: ``max_images`` while one worker serves the queue;
         with N, also at most 1/N of the images the queue knows of (queued, decoding, expected back,
-        in other workers' batches), so that every instance gets work. (Call with the lock held.)"""
-        if self._workers <= 1:
-            return max_images
-        known = self._images + self._reserved + self._returning + self._computing
-        return max(1, min(max_images, -(-known // self._workers)))
+        in other workers' batches), so that every instance gets work."""
+        with self._cond:  # reentrant: next_batch asks holding it
+            if self._workers <= 1:
+                return max_images
+            known = self._images + self._reserved + self._returning + self._computing
+            return max(1, min(max_images, -(-known // self._workers)))
 
     def _put_reserved(self, items: list[WorkItem], reserved: int) -> None:
         size = sum(item.size for item in items)

@@ -73,6 +73,11 @@ def test_a_lone_batch_runs_on_every_core_and_agrees(serve_inprocess) -> None:
     np.testing.assert_allclose(
         first.forward(batch, alone=True), second.forward(batch, alone=False), rtol=1e-4, atol=1e-4
     )
+    features = first.features()  # what fine-tuning extracts, and fine-tuned heads run on
+    assert features.lone is not None
+    np.testing.assert_allclose(
+        features.forward(batch, alone=True), features.forward(batch, alone=False), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_one_instance_has_no_lone_backend(serve_inprocess) -> None:
@@ -104,3 +109,22 @@ def test_an_instance_count_out_of_range_is_refused(value: str, capsys) -> None:
     with pytest.raises(SystemExit):
         build_serve_parser({}).parse_args(["--instances", value])
     assert "--instances" in capsys.readouterr().err
+
+
+def test_unload_stops_every_instance_and_frees_the_lone_session(serve_inprocess) -> None:
+    import gc
+    import weakref
+
+    server = serve_inprocess(device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2))
+    first = server.server.repository.get("alexnet").instances[0]
+    assert first.lone is not None
+    lone = weakref.ref(first.lone)
+    del first
+    with triton.InferenceServerClient(server.target) as client:
+        client.unload_model("alexnet")
+        gc.collect()
+        assert infer_threads("alexnet") == []
+        assert lone() is None, "the unloaded model's lone-batch session is still referenced"
+        client.load_model("alexnet")
+        assert infer_threads("alexnet") == ["infer-alexnet-cpu-0", "infer-alexnet-cpu-1"]
+        assert client.infer("alexnet", [pixels_input(0)]).as_numpy("LOGITS").shape == (1, 1000)
