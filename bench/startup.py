@@ -11,12 +11,14 @@ filled (every later start).
 
     .venv/bin/python -m bench.startup                                   # all three models
     .venv/bin/python -m bench.startup --models alexnet --runtimes auto  # quick
+    .venv/bin/python -m bench.startup --runtimes auto --server-args="--instances 2"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -30,13 +32,17 @@ from service.testing import start_server
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(models: list[str], runtime: str, cache: Path, weights: str, log_dir: Path, batch: int) -> dict[str, object]:
+def measure(
+    models: list[str], runtime: str, cache: Path, weights: str, log_dir: Path, batch: int, extra: list[str]
+) -> dict[str, object]:
     import numpy as np
     import tritonclient.grpc as grpcclient
 
     started = time.monotonic()
     server = start_server(
-        log_dir, "--models", ",".join(models), "--weights", weights, "--runtime", runtime, "--runtime-cache", str(cache)
+        log_dir,
+        *("--models", ",".join(models), "--weights", weights, "--runtime", runtime, "--runtime-cache", str(cache)),
+        *extra,
     )
     try:
         server.wait_serving("", timeout=1800)
@@ -52,6 +58,7 @@ def measure(models: list[str], runtime: str, cache: Path, weights: str, log_dir:
         server.stop()
     return {
         "runtime": runtime,
+        "server_args": extra,
         "images_per_model": batch,
         "ready_seconds": round(ready, 1),
         "rss_mib_ready": round(after_ready.get("VmRSS", float("nan"))),
@@ -66,9 +73,11 @@ def main() -> int:
     parser.add_argument("--runtimes", default="torch,auto")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--batch", type=int, default=32, help="images in the one request per model [default: 32]")
+    parser.add_argument("--server-args", default="", help='more vision-serve options, e.g. "--instances 2"')
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "startup.json")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
+    extra = shlex.split(args.server_args)
     work = Path(tempfile.mkdtemp(prefix="vision-startup-"))
     rows = []
     try:
@@ -78,7 +87,8 @@ def main() -> int:
             for cache_state in starts:
                 log_dir = work / f"{runtime}-{cache_state.replace(' ', '-')}"
                 log_dir.mkdir()
-                row = {"cache": cache_state, **measure(models, runtime, cache, args.weights, log_dir, args.batch)}
+                measured = measure(models, runtime, cache, args.weights, log_dir, args.batch, extra)
+                row = {"cache": cache_state, **measured}
                 rows.append(row)
                 print(
                     f"{row['runtime']:<8} {cache_state:<12} ready in {row['ready_seconds']:>6.1f} s   "
