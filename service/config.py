@@ -78,6 +78,12 @@ class RuntimeConfig:
             return self.threads
         return max(1, (os.cpu_count() or 1) // self.instances)
 
+    @property
+    def lone_threads(self) -> int | None:
+        """Intra-op threads of a batch that runs while no other instance computes: 0 (every core)
+        where the instances divided the cores among them, else None (no batch is special)."""
+        return 0 if self.threads == 0 and self.instances > 1 else None
+
 
 @dataclass(frozen=True)
 class ServeConfig:

@@ -39,7 +39,7 @@ class ModelFactory:
             runtime=runtime.name,
             cache_dir=runtime.cache_dir or default_cache_dir(),
             threads=runtime.instance_threads,
-            lone_threads=0 if runtime.threads == 0 and runtime.instances > 1 else None,
+            lone_threads=runtime.lone_threads,
             spin=runtime.spin,
             channels_last=config.channels_last,
         )
@@ -81,7 +81,7 @@ class ModelFactory:
                 backend = self._fastest(spec, loader, names, device, dtype)
             else:
                 backend = loader.load(names[0], device, dtype)
-            lone = loader.lone_backend(backend) if count > 1 else None
+            lone = loader.lone_backend(backend)
             instances += [ModelInstance(b, lone=lone) for b in loader.instances_of(backend, count)]
         log.info(
             "%s runs on %s%s",

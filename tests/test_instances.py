@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as triton
 from tritonclient.grpc import model_config_pb2 as triton_config
 
@@ -60,10 +64,6 @@ def test_instances_share_the_clients_and_answer_as_one(serve_inprocess) -> None:
 def test_a_lone_batch_runs_on_every_core_and_agrees(serve_inprocess) -> None:
     """Instances that divided the cores share one backend on all of them for batches that run
     while no other instance computes; both give the same logits."""
-    import os
-
-    import torch
-
     server = serve_inprocess(device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2))
     first, second = server.server.repository.get("alexnet").instances
     cores = os.cpu_count() or 1
@@ -88,12 +88,12 @@ def test_one_instance_has_no_lone_backend(serve_inprocess) -> None:
 
 def test_instances_divide_the_cores_unless_told_their_threads(serve_inprocess) -> None:
     """With --runtime-threads 0 two instances split the cores; a thread count given is each one's."""
-    import os
-
     cores = os.cpu_count() or 1
     assert RuntimeConfig(instances=2).instance_threads == max(1, cores // 2)
     assert RuntimeConfig(instances=1).instance_threads == 0  # the runtime's own: every core
     assert RuntimeConfig(instances=3, threads=2).instance_threads == 2
+    assert (RuntimeConfig(instances=2).lone_threads, RuntimeConfig().lone_threads) == (0, None)
+    assert RuntimeConfig(instances=2, threads=1).lone_threads is None
     server = serve_inprocess(
         device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2, threads=2)
     )
@@ -112,9 +112,6 @@ def test_an_instance_count_out_of_range_is_refused(value: str, capsys) -> None:
 
 
 def test_unload_stops_every_instance_and_frees_the_lone_session(serve_inprocess) -> None:
-    import gc
-    import weakref
-
     server = serve_inprocess(device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2))
     first = server.server.repository.get("alexnet").instances[0]
     assert first.lone is not None

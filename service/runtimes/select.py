@@ -10,7 +10,6 @@ fastest.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,9 +55,7 @@ class RuntimeOptions:
     runtime: str
     cache_dir: Path
     threads: int = 0  # of each instance (RuntimeConfig.instance_threads)
-    # Threads of a batch that runs while no other instance computes, where that differs from
-    # ``threads`` (instances that divided the cores among them); None: no such batch is special.
-    lone_threads: int | None = None
+    lone_threads: int | None = None  # of a batch that runs alone (RuntimeConfig.lone_threads)
     spin: str = SPIN_ALWAYS  # ONNX Runtime's intra-op spinning (SPIN_CHOICES); its own default
     channels_last: bool = False
 
@@ -147,7 +144,7 @@ class BackendLoader:
         one request at a time."""
         if count == 1:
             return [first]
-        one_thread = first.runtime == ONNXRUNTIME and (self._options.threads or os.cpu_count() or 1) == 1
+        one_thread = isinstance(first, OnnxRuntimeBackend) and first.threads == 1
         if first.device.type == "cuda" or first.runtime == TORCH or one_thread:
             return [first, *(first.share() for _ in range(count - 1))]
         return [first, *(self.load(first.runtime, first.device, first.dtype) for _ in range(count - 1))]
