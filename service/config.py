@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.cpus import usable_cores
 from service.storage.location import StoreLocation
 
 DEFAULT_MODELS: tuple[str, ...] = ("alexnet", "vgg16", "resnet101")
@@ -61,7 +61,7 @@ class RuntimeConfig:
 
     name: str = "auto"  # auto, torch, onnxruntime, openvino, fastest (service.runtimes.base)
     cache_dir: Path | None = None  # None: $XDG_CACHE_HOME/vision-serving/runtimes
-    threads: int = 0  # intra-op threads of each instance's runtime; 0: the cores, shared out among the instances
+    threads: int = 0  # intra-op threads of each instance's runtime; 0: the usable cores, shared out among the instances
     # Model instances per device (Triton's instance_group count): each has a worker taking batches from
     # the model's queue, so that several batches run at once (service.batching shares the work out).
     instances: int = 1
@@ -71,18 +71,20 @@ class RuntimeConfig:
 
     @property
     def instance_threads(self) -> int:
-        """Intra-op threads each instance's runtime gets: ``threads``; else with one instance 0 (the
-        runtime's own default: every core), with several the CPU cores divided among them, so that
-        instances running at once do not oversubscribe the cores."""
-        if self.threads or self.instances == 1:
-            return self.threads
-        return max(1, (os.cpu_count() or 1) // self.instances)
+        """Intra-op threads each instance's runtime gets: ``threads``, else the cores this process
+        may use (:func:`service.cpus.usable_cores`) divided among the instances, so that instances
+        running at once do not oversubscribe them."""
+        return self.threads or max(1, usable_cores() // self.instances)
 
     @property
     def lone_threads(self) -> int | None:
-        """Intra-op threads of a batch that runs while no other instance computes: 0 (every core)
-        where the instances divided the cores among them, else None (no batch is special)."""
-        return 0 if self.threads == 0 and self.instances > 1 else None
+        """Intra-op threads of a batch that runs while no other instance computes: every usable core
+        where the instances divided them among them and that is more than each got, else None (no
+        batch is special)."""
+        if self.threads or self.instances == 1:
+            return None
+        cores = usable_cores()
+        return cores if cores > self.instance_threads else None
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,8 @@ class ServeConfig:
 
     @property
     def decode_thread_count(self) -> int:
-        """Threads of the decode pool (``decode_threads``, else one per CPU core)."""
-        return self.decode_threads or os.cpu_count() or 1
+        """Threads of the decode pool (``decode_threads``, else one per usable core)."""
+        return self.decode_threads or usable_cores()
 
     @property
     def request_images_limit(self) -> int:

@@ -21,7 +21,7 @@ from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
-from service.runtimes.base import FASTEST, Backend
+from service.runtimes.base import FASTEST, TORCH, Backend
 from service.runtimes.export import default_cache_dir
 from service.runtimes.select import BackendLoader, RuntimeOptions, candidates, time_backend
 from service.served import BUILTIN_PLATFORM, FEATURES_SUFFIX, FINETUNED_PLATFORM, ServedModel
@@ -84,12 +84,21 @@ class ModelFactory:
             lone = loader.lone_backend(backend)
             instances += [ModelInstance(b, lone=lone) for b in loader.instances_of(backend, count)]
         log.info(
-            "%s runs on %s%s",
+            "%s runs on %s%s%s",
             spec.name,
             ", ".join(dict.fromkeys(f"{i.runtime} ({i.label})" for i in instances)),
             f", {count} instances each" if count > 1 else "",
+            self._cpu_threads() if any(i.device.type == "cpu" and i.runtime != TORCH for i in instances) else "",
         )
         return instances
+
+    def _cpu_threads(self) -> str:
+        """What a forward pass on the CPU gets in ONNX Runtime or OpenVINO, for the log: its threads,
+        and a lone batch's."""
+        lone = self._options.lone_threads
+        return f"; CPU threads per forward pass: {self._options.threads}" + (
+            f", {lone} for a batch that runs alone" if lone is not None else ""
+        )
 
     def start_features(self, base: ServedModel) -> ServedModel:
         """The internal feature extractor of built-in ``base``, running (blocking: starts threads)."""

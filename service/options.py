@@ -177,7 +177,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--runtime-threads",
         "runtime.threads",
-        "intra-op threads of the runtime per forward pass (0: one per core, divided among --instances)",
+        "intra-op threads of the runtime per forward pass (0: one per usable core, divided among --instances)",
         non_negative_int,
     ),
     Option(
@@ -211,7 +211,7 @@ OPTIONS: tuple[Option, ...] = (
         "images queued per model before RESOURCE_EXHAUSTED",
         positive_int,
     ),
-    Option("--decode-threads", "decode_threads", "image decoding threads (0: one per core)", int),
+    Option("--decode-threads", "decode_threads", "image decoding threads (0: one per usable core)", int),
     Option("--max-image-pixels", "max_image_pixels", "largest decoded image (w*h)", positive_int),
     Option(
         "--max-request-images",

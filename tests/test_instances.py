@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import model_config_pb2 as triton_config
 
 from service.config import BatchingConfig, RuntimeConfig
+from service.cpus import usable_cores
 from service.options import build_serve_parser
 from tests.conftest import session_runtime_cache
 from tests.metrics_util import sample_value, scrape
@@ -61,12 +61,13 @@ def test_instances_share_the_clients_and_answer_as_one(serve_inprocess) -> None:
     assert at_most_16 == batches  # a batch takes at most half of the 32 requests the queue knows of
 
 
+@pytest.mark.skipif(usable_cores() < 2, reason="on one core no batch gets more threads than another")
 def test_a_lone_batch_runs_on_every_core_and_agrees(serve_inprocess) -> None:
     """Instances that divided the cores share one backend on all of them for batches that run
     while no other instance computes; both give the same logits."""
     server = serve_inprocess(device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2))
     first, second = server.server.repository.get("alexnet").instances
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     assert first.backend.threads == second.backend.threads == max(1, cores // 2)
     assert first.lone is not None and first.lone.threads == cores
     batch = [torch.from_numpy(np.random.default_rng(1).standard_normal((3, 3, 224, 224), dtype=np.float32))]
@@ -88,11 +89,11 @@ def test_one_instance_has_no_lone_backend(serve_inprocess) -> None:
 
 def test_instances_divide_the_cores_unless_told_their_threads(serve_inprocess) -> None:
     """With --runtime-threads 0 two instances split the cores; a thread count given is each one's."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     assert RuntimeConfig(instances=2).instance_threads == max(1, cores // 2)
-    assert RuntimeConfig(instances=1).instance_threads == 0  # the runtime's own: every core
+    assert RuntimeConfig(instances=1).instance_threads == cores
     assert RuntimeConfig(instances=3, threads=2).instance_threads == 2
-    assert (RuntimeConfig(instances=2).lone_threads, RuntimeConfig().lone_threads) == (0, None)
+    assert RuntimeConfig().lone_threads is None
     assert RuntimeConfig(instances=2, threads=1).lone_threads is None
     server = serve_inprocess(
         device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2, threads=2)
@@ -111,6 +112,7 @@ def test_an_instance_count_out_of_range_is_refused(value: str, capsys) -> None:
     assert "--instances" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(usable_cores() < 2, reason="on one core no batch gets more threads than another")
 def test_unload_stops_every_instance_and_frees_the_lone_session(serve_inprocess) -> None:
     server = serve_inprocess(device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2))
     first = server.server.repository.get("alexnet").instances[0]

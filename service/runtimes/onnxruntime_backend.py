@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
+from service.cpus import usable_cores
 from service.errors import FailedPreconditionError
 from service.runtimes.base import ONNXRUNTIME, SPIN_ALWAYS, SPIN_NEVER, SPIN_RUN, Output, gather_on_host
 from service.runtimes.export import INPUT
@@ -65,13 +65,13 @@ class OnnxRuntimeBackend:
 
     @classmethod
     def load(cls, path: Path, device: torch.device, *, threads: int, spin: str = SPIN_ALWAYS) -> OnnxRuntimeBackend:
-        """A session for the ONNX file at ``path``; ``threads`` intra-op threads (0: one per core),
+        """A session for the ONNX file at ``path``; ``threads`` intra-op threads (0: one per usable core),
         which busy-wait for work as ``spin`` says (``service.runtimes.base.SPIN_CHOICES``)."""
         cls.require(device)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or usable_cores()
         options.inter_op_num_threads = 1
         options.add_session_config_entry(SPINNING, "0" if spin == SPIN_NEVER else "1")
         options.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "1" if spin == SPIN_RUN else "0")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.cpus import usable_cores
 from service.errors import FailedPreconditionError
 from service.runtimes.base import OPENVINO, Output, gather_on_host
 
@@ -59,11 +60,13 @@ class OpenVinoBackend:
     @classmethod
     def load(cls, path: Path, device: torch.device, *, threads: int, cache_dir: Path | None) -> OpenVinoBackend:
         """Compile the ONNX file at ``path`` for the CPU, in float32 (OpenVINO would pick bf16 on
-        CPUs that have it), tuned for latency; ``threads`` 0 lets OpenVINO use every core."""
+        CPUs that have it), tuned for latency; ``threads`` 0: one per usable core."""
         cls.require(device)
-        properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        if threads:
-            properties["INFERENCE_NUM_THREADS"] = threads
+        properties: dict[str, Any] = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": threads or usable_cores(),
+        }
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             properties["CACHE_DIR"] = str(cache_dir)
