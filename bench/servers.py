@@ -4,8 +4,11 @@ tests' own harness (:mod:`service.testing`), one per model and ``--runtime``."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,24 @@ def _log_tail(process: ServerProcess, lines: int = 40) -> str:
     return "\n".join(process.log().splitlines()[-lines:])
 
 
+def _start_pinned(cpus: list[int] | None, spawn: Callable[[], ServerProcess]) -> ServerProcess:
+    """``spawn()`` from a thread pinned to ``cpus`` (None: as is), so the server inherits the pinning."""
+    if cpus is None:
+        return spawn()
+    spawned: list[ServerProcess] = []
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, cpus)  # this thread only: the process it forks inherits it
+        spawned.append(spawn())
+
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    thread.join()
+    if not spawned:
+        raise RuntimeError(f"could not start the server pinned to CPUs {cpus}")
+    return spawned[0]
+
+
 def start(args: argparse.Namespace, model: str, runtime: str, env: dict[str, str], log_dir: Path) -> BenchServer:
     """Start a server for ``model`` under ``--runtime runtime`` and wait until it serves."""
     options = [
@@ -44,7 +65,7 @@ def start(args: argparse.Namespace, model: str, runtime: str, env: dict[str, str
     directory = log_dir / f"{model}-{runtime}"
     directory.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    process = start_server(directory, *options, env=env)
+    process = _start_pinned(args.server_cpus, lambda: start_server(directory, *options, env=env))
     try:
         process.wait_serving("", timeout=STARTUP_TIMEOUT_S)
     except BaseException:

@@ -57,6 +57,16 @@ def _csv_ints(value: str) -> list[int]:
     return numbers
 
 
+def _csv_ints_from_zero(value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in _csv(value)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if any(n < 0 for n in numbers):
+        raise argparse.ArgumentTypeError("CPU numbers start at 0")
+    return numbers
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Throughput and latency of vision-serve against the same work in-process, same machine, one run.",
@@ -139,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--server-args", default="", help='extra vision-serve options, e.g. "--decode-threads 1" (raw is unaffected)'
+    )
+    p.add_argument(
+        "--server-cpus",
+        type=_csv_ints_from_zero,
+        default=None,
+        help="pin the server to these CPUs, as taskset or a container's cpuset would, e.g. 0 (raw and the "
+        "clients are not pinned) [default: not pinned]",
     )
     p.add_argument(
         "--server-env",
@@ -308,7 +325,8 @@ def _run(args: argparse.Namespace, raw_thread: Any, torch: Any) -> int:
         f"OMP_WAIT_POLICY={info['omp_wait_policy_env'] or 'unset'}, raw on {raw_device} ({args.raw_thread} thread); "
         f"{len(jpegs)} JPEGs of {min(map(len, jpegs)) // 1024}-{max(map(len, jpegs)) // 1024} KiB; "
         f"weights {args.weights}; servers: --runtime {'|'.join(args.runtimes)} "
-        f"--max-batch-size {args.max_batch_size}{delay} {args.server_args}".rstrip(),
+        f"--max-batch-size {args.max_batch_size}{delay} {args.server_args}".rstrip()
+        + (f", pinned to CPUs {','.join(map(str, args.server_cpus))}" if args.server_cpus else ""),
         flush=True,
     )
     results: list[Point] = []
