@@ -23,7 +23,11 @@ Several workers (model instances, ``--instances``) share one queue. Each batch t
 an equal part of the work the queue knows of (queued, decoding, expected back, being computed by
 the other workers; :meth:`BatchQueue.share`): without that, one worker would take every client
 into its batch while the others idle, and with it C closed-loop clients settle into one group of
-C/N per instance. :func:`collate` is the pure rule that picks the batch:
+C/N per instance. Groups are never smaller than the queue's ``min_split_images`` (see
+:func:`min_split_images`): below that the work stays in one batch, which on a CPU runs on every
+core. The wait for answered clients counts from the latest answer, whichever worker gave it, so
+that a worker that was idle waits for another's clients as the one that answered them would.
+:func:`collate` is the pure rule that picks the batch:
 items whose deadline passed, or whose caller went away, are taken out and
 answered, never computed. Only items of the same image shape share a batch.
 
@@ -39,6 +43,7 @@ with one they move by hand (so that a batching window is tested without waiting 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -51,6 +56,18 @@ import torch
 from service.errors import QueueClosedError, QueueFullError
 
 REJOIN_SHARE = 0.25  # of the last forward pass's time: the most a worker waits for answered clients to return
+# Multiply-adds per byte of weights that a group of images must do for splitting work into groups to
+# pay, where one batch could run on every core instead: each group's forward pass reads all the weights.
+# Measured on a 2-core CPU with two instances and 8 clients (bench/README.md): AlexNet's groups of 4
+# (12 per byte) served 8-19% fewer images/s than one batch of 8, its groups of 16 (47) gained;
+# ResNet101's groups of 4 (175) gained.
+SPLIT_MIN_INTENSITY = 24.0
+
+
+def min_split_images(multiply_adds_per_weight_byte: float) -> int:
+    """The fewest images a group may have when work is split among instances, for a network that
+    does ``multiply_adds_per_weight_byte`` per image (:data:`SPLIT_MIN_INTENSITY`)."""
+    return max(1, math.ceil(SPLIT_MIN_INTENSITY / multiply_adds_per_weight_byte))
 
 
 class Clock(Protocol):
@@ -126,9 +143,16 @@ class BatchQueue:
     """A bounded, thread-safe queue of work items for one model."""
 
     def __init__(
-        self, *, capacity_images: int, on_depth_change: Callable[[int], None] | None = None, clock: Clock = MONOTONIC
+        self,
+        *,
+        capacity_images: int,
+        on_depth_change: Callable[[int], None] | None = None,
+        clock: Clock = MONOTONIC,
+        min_split_images: int = 1,
     ) -> None:
+        """``min_split_images``: the fewest images of a group when work is split among workers (:meth:`share`)."""
         self._clock = clock
+        self._min_split = max(1, min_split_images)
         self._pending: deque[WorkItem] = deque()
         self._images = 0
         self._reserved = 0
@@ -136,6 +160,7 @@ class BatchQueue:
         self._closed = False
         self._returning = 0  # items answered whose clients have not sent again yet
         self._last_compute_s = 0.0
+        self._answered_at = -math.inf  # when a worker last answered requests
         self._workers = 0  # workers taking batches from this queue (model instances)
         self._computing = 0  # images in batches that workers took and have not answered yet
         self._cond = threading.Condition()
@@ -200,6 +225,7 @@ class BatchQueue:
         wait for that many arrivals (see :meth:`next_batch`)."""
         with self._cond:
             self._returning += items
+            self._answered_at = self._clock.now()
             self._last_compute_s = compute_seconds
             self._computing = max(0, self._computing - images)
 
@@ -216,13 +242,15 @@ class BatchQueue:
 
     def share(self, max_images: int) -> int:
         """The most images the next batch takes: ``max_images`` while one worker serves the queue;
-        with N, also at most 1/N of the images the queue knows of (queued, decoding, expected back,
-        in other workers' batches), so that every instance gets work."""
+        with N, also at most an equal part of the images the queue knows of (queued, decoding,
+        expected back, in other workers' batches), split into as many groups as there are
+        workers but none smaller than ``min_split_images``, so that every instance gets work."""
         with self._cond:  # reentrant: next_batch asks holding it
             if self._workers <= 1:
                 return max_images
             known = self._images + self._reserved + self._returning + self._computing
-            return max(1, min(max_images, -(-known // self._workers)))
+            groups = max(1, min(self._workers, known // self._min_split))
+            return max(1, min(max_images, -(-known // groups)))
 
     def _put_reserved(self, items: list[WorkItem], reserved: int) -> None:
         size = sum(item.size for item in items)
@@ -245,11 +273,10 @@ class BatchQueue:
         The batch closes when full (:meth:`share` images), or ``max_delay_s`` after it could have
         started; while answered clients are expected back or admitted requests are decoding, it may
         stay open until ``min(max_rejoin_s, REJOIN_SHARE * last forward pass)`` after the worker
-        became free.
+        became free or, if later, after the last answer.
         """
         free_since = self._clock.now()
         with self._cond:
-            rejoin_at = free_since + min(max_rejoin_s, REJOIN_SHARE * self._last_compute_s)
             while True:
                 while not self._pending and not self._closed:
                     self._cond.wait()
@@ -258,6 +285,8 @@ class BatchQueue:
                 close_at = max(self._pending[0].enqueued_at, free_since) + max_delay_s
                 while self._images < self.share(max_images) and not self._closed:
                     expecting = self._returning > 0 or self._reserved > 0
+                    rejoin_s = min(max_rejoin_s, REJOIN_SHARE * self._last_compute_s)
+                    rejoin_at = max(free_since, self._answered_at) + rejoin_s
                     remaining = (max(close_at, rejoin_at) if expecting else close_at) - self._clock.now()
                     if remaining <= 0:
                         self._returning = 0  # those not back by now are not waited for again

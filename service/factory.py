@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from service.batching import BatchQueue
+from service.batching import BatchQueue, min_split_images
 from service.config import ServeConfig
 from service.devices import resolve_dtype
 from service.metrics import ServerMetrics
@@ -155,8 +155,17 @@ class ModelFactory:
             queue=BatchQueue(
                 capacity_images=self._config.batching.max_queue_size,
                 on_depth_change=self._metrics.queue_depth_recorder(name),
+                min_split_images=self._min_split_images(spec),
             ),
         )
+
+    def _min_split_images(self, spec: ModelSpec) -> int:
+        """Fewest images per instance when work is split: where the instances divided CPU cores and a
+        lone batch may take them all, a network that reads much weight for little work (AlexNet) keeps
+        small loads in one batch (service.batching.min_split_images); elsewhere any split."""
+        if self._options.lone_threads is None or any(d.type != "cpu" for d in self._devices):
+            return 1
+        return min_split_images(spec.multiply_adds_per_weight_byte)
 
     def _start_workers(self, model: ServedModel, instances: list[ModelInstance], *, warm_up: bool = True) -> None:
         batching = self._config.batching

@@ -9,7 +9,7 @@ from collections import deque
 import pytest
 import torch
 
-from service.batching import BatchQueue, WorkItem, collate
+from service.batching import BatchQueue, WorkItem, collate, min_split_images
 from service.errors import QueueClosedError, QueueFullError
 
 
@@ -322,3 +322,40 @@ def test_a_worker_that_leaves_no_longer_counts() -> None:
     queue.detach_worker()
     queue.put([item(1) for _ in range(8)])
     assert queue.share(32) == 32
+
+
+def test_work_below_the_split_minimum_stays_in_one_batch() -> None:
+    """A network whose groups must have 9 images: 8 clients stay one batch (every core takes it),
+    16 too; 32 split into two groups of 16."""
+    for known, expected in [(8, 8), (16, 16), (18, 9), (32, 16)]:
+        queue = BatchQueue(capacity_images=64, min_split_images=9)
+        queue.attach_worker()
+        queue.attach_worker()
+        queue.put([item(1) for _ in range(known)])
+        assert queue.share(32) == expected, known
+        batch, _ = queue.next_batch(max_images=32, max_delay_s=0)
+        assert len(batch) == expected
+
+
+def test_an_idle_worker_waits_for_the_clients_another_answered() -> None:
+    """One batch at a time, two workers: the one that has idled since long before the last answer
+    still waits for the answered clients to come back, instead of taking the first of them alone."""
+    clock = FakeClock()
+    queue = BatchQueue(capacity_images=64, clock=clock, min_split_images=9)
+    queue.attach_worker()
+    queue.attach_worker()
+    idle = RejoinWorker(queue, max_images=32, max_rejoin_s=0.05)  # free since 1000.0, queue empty
+    clock.time += 5.0  # the other worker computes 8 images meanwhile...
+    queue.answered(8, compute_seconds=1.0)  # ...and answers them
+    queue.put([item(1, at=clock.now())])
+    assert idle.waiting(clock)  # 7 more are on their way
+    queue.put([item(1, at=clock.now()) for _ in range(7)])
+    assert idle.batch_images() == 8 and clock.now() == 1005.0
+
+
+@pytest.mark.parametrize(("model", "expected"), [("alexnet", 9), ("vgg16", 1), ("resnet101", 1)])
+def test_split_minimum_of_each_model(model: str, expected: int) -> None:
+    """AlexNet reads 244 MB of weights for 0.7 G multiply-adds an image; the others do 10-15 times the work per byte."""
+    from service.models import get_model_spec
+
+    assert min_split_images(get_model_spec(model).multiply_adds_per_weight_byte) == expected

@@ -53,6 +53,12 @@ class ModelSpec:
         """Side of the square the preprocessing produces from an encoded image."""
         return int(self.weights.transforms().crop_size[0])
 
+    @property
+    def multiply_adds_per_weight_byte(self) -> float:
+        """Multiply-adds of one image's forward pass per byte of its float32 weights: how much work
+        reading the weights once buys (torchvision's metadata: ``_ops``, in billions, and ``num_params``)."""
+        return float(self.weights.meta["_ops"]) * 1e9 / (4 * int(self.weights.meta["num_params"]))
+
     def transforms(self) -> Callable[[Any], torch.Tensor]:
         """The exact preprocessing of the pretrained weights (PIL image -> CHW float)."""
         transforms: Callable[[Any], torch.Tensor] = self.weights.transforms()
