@@ -18,7 +18,7 @@ import numpy as np
 from bench.inputs import infer_input
 from bench.load import Target
 from bench.records import EAGER, ServerRecord
-from service.testing import ServerProcess, start_server
+from service.testing import ROOT, ServerProcess, start_server
 
 STARTUP_TIMEOUT_S = 900.0  # an empty runtime cache means exporting first
 
@@ -52,8 +52,11 @@ def _start_pinned(cpus: list[int] | None, spawn: Callable[[], ServerProcess]) ->
     return spawned[0]
 
 
-def start(args: argparse.Namespace, model: str, runtime: str, env: dict[str, str], log_dir: Path) -> BenchServer:
-    """Start a server for ``model`` under ``--runtime runtime`` and wait until it serves."""
+def start(
+    args: argparse.Namespace, model: str, runtime: str, env: dict[str, str], log_dir: Path, root: Path = ROOT
+) -> BenchServer:
+    """Start a server for ``model`` under ``--runtime runtime`` and wait until it serves (the
+    ``service`` package of checkout ``root``)."""
     options = [
         "--models", model, "--weights", args.weights, "--device", args.device,
         "--max-batch-size", str(args.max_batch_size),
@@ -65,7 +68,7 @@ def start(args: argparse.Namespace, model: str, runtime: str, env: dict[str, str
     directory = log_dir / f"{model}-{runtime}"
     directory.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    process = _start_pinned(args.server_cpus, lambda: start_server(directory, *options, env=env))
+    process = _start_pinned(args.server_cpus, lambda: start_server(directory, *options, env=env, root=root))
     try:
         process.wait_serving("", timeout=STARTUP_TIMEOUT_S)
     except BaseException:

@@ -123,11 +123,12 @@ class ServerProcess:
 
 
 def start_server(
-    tmp_dir: Path, *args: str, env: dict[str, str] | None = None, grpc_port: int | None = None
+    tmp_dir: Path, *args: str, env: dict[str, str] | None = None, grpc_port: int | None = None, root: Path = ROOT
 ) -> ServerProcess:
     """Start ``vision-serve`` with ``args`` on free loopback ports (not yet waiting for it).
 
     ``grpc_port``: listen there rather than on a fresh port (one a client already targets).
+    ``root``: the checkout whose ``service`` package runs (another commit's worktree, for an A/B).
     """
     grpc_port, metrics_port = grpc_port or free_port(), free_port()
     http_port = None
@@ -151,7 +152,7 @@ def start_server(
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env={**os.environ, **(env or {})}
         )
     return ServerProcess(process, grpc_port, metrics_port, log_path, list(args), http_port)
 
