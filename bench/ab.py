@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="vision-ab-") as logs:
             for name, (server_args, root) in variants.items():
-                options = throughput.build_parser().parse_args(["--models", args.model, "--server-args", server_args])
+                options = throughput.resolve_args(["--models", args.model, "--server-args", server_args])
                 running[name] = servers.start(options, args.model, "auto", dict(os.environ), Path(logs) / name, root)
             print(f"# {args.model} {args.mode} C={args.concurrency}; A: {args.a_args!r} ({args.a_root}); "
                   f"B: {args.b_args!r} ({args.b_root})", flush=True)  # fmt: skip
