@@ -47,24 +47,18 @@ def _csv(value: str) -> list[str]:
     return items
 
 
-def _csv_ints(value: str) -> list[int]:
+def _csv_ints(value: str, minimum: int = 1) -> list[int]:
     try:
         numbers = [int(v) for v in _csv(value)]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if any(n < 1 for n in numbers):
-        raise argparse.ArgumentTypeError("every value must be at least 1")
+    if any(n < minimum for n in numbers):
+        raise argparse.ArgumentTypeError(f"every value must be at least {minimum}")
     return numbers
 
 
-def _csv_ints_from_zero(value: str) -> list[int]:
-    try:
-        numbers = [int(v) for v in _csv(value)]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if any(n < 0 for n in numbers):
-        raise argparse.ArgumentTypeError("CPU numbers start at 0")
-    return numbers
+def _cpu_numbers(value: str) -> list[int]:
+    return _csv_ints(value, minimum=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--server-cpus",
-        type=_csv_ints_from_zero,
+        type=_cpu_numbers,
         default=None,
         help="pin the server to these CPUs, as taskset or a container's cpuset would, e.g. 0 (raw and the "
         "clients are not pinned) [default: not pinned]",
