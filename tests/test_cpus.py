@@ -7,7 +7,9 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import tritonclient.grpc as triton
@@ -16,6 +18,8 @@ from service.config import RuntimeConfig
 from service.cpus import cgroup_cpu_quota, usable_cores
 from service.testing import start_server
 from tests.test_instances import pixels_input
+
+T = TypeVar("T")
 
 
 def cgroup_tree(root: Path, proc_line: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -96,9 +100,9 @@ def test_affinity_caps_the_cores() -> None:
     assert output.strip() == "1"
 
 
-def pinned(cores: set[int], start):  # type: ignore[no-untyped-def]
+def pinned(cores: set[int], start: Callable[[], T]) -> T:
     """Run ``start()`` in a thread pinned to ``cores``: a process it spawns inherits the pinning."""
-    result = []
+    result: list[T] = []
 
     def run() -> None:
         os.sched_setaffinity(0, cores)
@@ -126,7 +130,7 @@ def test_server_pinned_to_one_core_sizes_its_pools_by_it(tmp_path: Path, weights
         with triton.InferenceServerClient(proc.target) as client:
             result = client.infer("alexnet", [pixels_input(0)])
         assert result.as_numpy("LOGITS").shape == (1, 1000)
-        assert client is not None and proc.alive()
+        assert proc.alive()
     finally:
         proc.stop()
     assert "Traceback" not in proc.log()
