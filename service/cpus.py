@@ -11,6 +11,7 @@ throttled), to at least one core.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -20,8 +21,12 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
 
+@functools.lru_cache(maxsize=8)
 def usable_cores(*, cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
-    """CPU cores this process may run on at once: its affinity, capped by a cgroup CPU quota; at least 1."""
+    """CPU cores this process may run on at once: its affinity, capped by a cgroup CPU quota; at least 1.
+
+    Read once (a few files, about 0.2 ms) and kept: pools are sized from it at start-up, and the
+    decode window asks on every request; a count that changed later would disagree with the pools."""
     cores = _affinity()
     quota = cgroup_cpu_quota(cgroup_root=cgroup_root, proc_cgroup=proc_cgroup)
     if quota is not None:
