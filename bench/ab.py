@@ -18,7 +18,6 @@ Per-round figures and the command go to ``--output`` as JSON.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -47,13 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pixels_of(model: str, jpegs: list[bytes]) -> list[object]:
-    """The model's own preprocessing of each photograph (what a PIXELS client sends)."""
-    from PIL import Image
-
+    """Each photograph as the server itself preprocesses it (what a PIXELS client sends)."""
+    from service.config import ServeConfig
     from service.models import get_model_spec
+    from service.preprocess import ImageDecoder
 
-    transforms = get_model_spec(model).transforms()
-    return [transforms(Image.open(io.BytesIO(data)).convert("RGB")) for data in jpegs]
+    decode = ImageDecoder(get_model_spec(model).transforms(), max_pixels=ServeConfig().max_image_pixels)
+    return [decode(data) for data in jpegs]
 
 
 def main(argv: list[str] | None = None) -> int:
