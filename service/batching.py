@@ -206,6 +206,16 @@ class BatchQueue:
         self._returning = max(0, self._returning - len(items))
         self._cond.notify_all()
 
+    @property
+    def min_split_images(self) -> int:
+        return self._min_split
+
+    def set_min_split_images(self, images: int) -> None:
+        """The fewest images of a group when work is split among workers (:meth:`share`), set by
+        whoever starts them: it knows whether a batch kept whole may take every core."""
+        with self._cond:
+            self._min_split = max(1, images)
+
     def attach_worker(self) -> None:
         """A worker starts taking batches from this queue (see :meth:`share`)."""
         with self._cond:

@@ -155,21 +155,24 @@ class ModelFactory:
             queue=BatchQueue(
                 capacity_images=self._config.batching.max_queue_size,
                 on_depth_change=self._metrics.queue_depth_recorder(name),
-                min_split_images=self._min_split_images(spec),
             ),
         )
 
-    def _min_split_images(self, spec: ModelSpec) -> int:
-        """Fewest images per instance when work is split: where the instances divided CPU cores and a
-        lone batch may take them all, a network that reads much weight for little work (AlexNet) keeps
-        small loads in one batch (service.batching.min_split_images); elsewhere any split."""
-        if self._options.lone_threads is None or any(d.type != "cpu" for d in self._devices):
+    @staticmethod
+    def _min_split_images(model: ServedModel, instances: list[ModelInstance]) -> int:
+        """Fewest images per instance when work is split: where every instance has a lone-batch
+        backend on every core (they divided a CPU's cores), a network that reads much weight for
+        little work (AlexNet) keeps small loads in one batch, which runs there
+        (service.batching.min_split_images); elsewhere any split."""
+        if not instances or any(instance.lone is None for instance in instances):
             return 1
+        spec = get_model_spec(model.base_model or model.name)
         return min_split_images(spec.multiply_adds_per_weight_byte)
 
     def _start_workers(self, model: ServedModel, instances: list[ModelInstance], *, warm_up: bool = True) -> None:
         batching = self._config.batching
         per_device = self._config.runtime.instances
+        model.queue.set_min_split_images(self._min_split_images(model, instances))
         for index, instance in enumerate(instances):
             worker = InferenceWorker(
                 model.name,

@@ -70,6 +70,7 @@ def test_a_lone_batch_runs_on_every_core_and_agrees(serve_inprocess) -> None:
     cores = usable_cores()
     assert first.backend.threads == second.backend.threads == max(1, cores // 2)
     assert first.lone is not None and first.lone.threads == cores
+    assert server.server.repository.get("alexnet").queue.min_split_images == 9  # small loads run there whole
     batch = [torch.from_numpy(np.random.default_rng(1).standard_normal((3, 3, 224, 224), dtype=np.float32))]
     np.testing.assert_allclose(
         first.forward(batch, alone=True), second.forward(batch, alone=False), rtol=1e-4, atol=1e-4
@@ -85,6 +86,16 @@ def test_one_instance_has_no_lone_backend(serve_inprocess) -> None:
     server = serve_inprocess(device="cpu")
     (instance,) = server.server.repository.get("alexnet").instances
     assert instance.lone is None
+    assert server.server.repository.get("alexnet").queue.min_split_images == 1
+
+
+def test_torch_instances_split_any_load(serve_inprocess) -> None:
+    """torch instances share one module and torch's own pool: no lone-batch backend, so no load is
+    kept whole for one."""
+    server = serve_inprocess(device="cpu", runtime=RuntimeConfig(name="torch", instances=2))
+    served = server.server.repository.get("alexnet")
+    assert [instance.lone for instance in served.instances] == [None, None]
+    assert served.queue.min_split_images == 1
 
 
 def test_instances_divide_the_cores_unless_told_their_threads(serve_inprocess) -> None:
@@ -101,6 +112,7 @@ def test_instances_divide_the_cores_unless_told_their_threads(serve_inprocess) -
     first, second = server.server.repository.get("alexnet").instances
     assert first.backend.threads == second.backend.threads == 2
     assert first.lone is None  # the threads given are each instance's: no batch is special
+    assert server.server.repository.get("alexnet").queue.min_split_images == 1
     with triton.InferenceServerClient(server.target) as client:
         assert client.infer("alexnet", [pixels_input(0)]).as_numpy("LOGITS").shape == (1, 1000)
 
