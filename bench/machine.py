@@ -47,15 +47,6 @@ def version(dist: str) -> str:
         return "not installed"
 
 
-def server_torch_threads(env: dict[str, str]) -> int:
-    """torch's intra-op thread count in a fresh process with the server's environment."""
-    out = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-        env=env, capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
-    return int(out.stdout.strip())
-
-
 def machine_info(**extra: Any) -> dict[str, Any]:
     """The machine, the software and the command; ``extra`` adds run-specific facts."""
     mem_kb = next(

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--torch-threads",
         type=int,
         default=None,
-        help="torch intra-op threads for raw AND server (OMP_NUM_THREADS for the server) [default: torch's]",
+        help="raw eager's torch intra-op threads (the servers' torch runs on --runtime-threads, as every "
+        "runtime there) [default: torch's]",
     )
     p.add_argument(
         "--server-args", default="", help='extra vision-serve options, e.g. "--decode-threads 1" (raw is unaffected)'
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="environment for the server only (repeatable), e.g. OMP_NUM_THREADS=1 (raw is unaffected)",
+        help="environment for the server only (repeatable), e.g. OMP_WAIT_POLICY=passive (raw is unaffected)",
     )
     p.add_argument("--client", choices=("threads", "aio"), default="threads", help="threads: one sync client per "
                    "thread; aio: tritonclient.grpc.aio, C tasks on one event loop [default: threads]")  # fmt: skip
@@ -288,7 +289,7 @@ def _run(args: argparse.Namespace, raw_thread: Any, torch: Any) -> int:
     from bench import servers as bench_servers
     from bench.inputs import photographs, request_payloads
     from bench.load import measure_service
-    from bench.machine import machine_info, server_torch_threads
+    from bench.machine import machine_info
     from bench.raw import RawWindow, load_raw_models, measure_raw
     from bench.records import EAGER, Point, to_json
     from service.devices import resolve_devices
@@ -297,14 +298,12 @@ def _run(args: argparse.Namespace, raw_thread: Any, torch: Any) -> int:
         torch.set_num_threads(args.torch_threads)
         raw_thread.call(torch.set_num_threads, args.torch_threads)
     server_env = dict(os.environ)
-    if args.torch_threads:
-        server_env["OMP_NUM_THREADS"] = str(args.torch_threads)
     server_env.update(item.split("=", 1) for item in args.server_env)
 
     raw_device = resolve_devices(args.device)[0]
     info = machine_info(
         torch_threads_raw=raw_thread.call(torch.get_num_threads),
-        torch_threads_server=server_torch_threads(server_env),
+        server_runtime_threads=args.runtime_threads,
         mkldnn=torch.backends.mkldnn.is_available(),
         cuda=torch.cuda.is_available(),
         raw_device=str(raw_device),
@@ -314,12 +313,13 @@ def _run(args: argparse.Namespace, raw_thread: Any, torch: Any) -> int:
     delay = "" if args.max_queue_delay_ms is None else f" --max-queue-delay-ms {args.max_queue_delay_ms}"
     print(
         f"# {info['cpu_count']} CPUs ({info['cpu_model']}), torch {info['torch']} "
-        f"threads raw={info['torch_threads_raw']} server={info['torch_threads_server']}, "
+        f"threads raw={info['torch_threads_raw']}, "
         f"onnxruntime {info['onnxruntime']}, openvino {info['openvino']}, "
         f"OMP_WAIT_POLICY={info['omp_wait_policy_env'] or 'unset'}, raw on {raw_device} ({args.raw_thread} thread); "
         f"{len(jpegs)} JPEGs of {min(map(len, jpegs)) // 1024}-{max(map(len, jpegs)) // 1024} KiB; "
         f"weights {args.weights}; servers: --runtime {'|'.join(args.runtimes)} "
-        f"--max-batch-size {args.max_batch_size}{delay} {args.server_args}".rstrip()
+        f"--max-batch-size {args.max_batch_size} --runtime-threads {args.runtime_threads}{delay} "
+        f"{args.server_args}".rstrip()
         + (f", pinned to CPUs {','.join(map(str, args.server_cpus))}" if args.server_cpus else ""),
         flush=True,
     )

@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+import torch
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
@@ -107,3 +109,15 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
+
+
+def use_torch_threads(threads: int) -> None:
+    """Run the calling thread's torch operators on ``threads`` intra-op threads (its own OpenMP team).
+
+    torch keeps one process-wide count, which a thread reads once, at its first parallel operator,
+    and ``torch.set_num_threads`` sets that count as well as the calling thread's own: a decode
+    thread that asks for one left every thread started after it on one (a model loaded or a
+    fine-tuned head started later ran torch's forward passes on a single core). So every thread
+    that computes in torch says what it wants when it starts, and none relies on the count.
+    """
+    torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
-from service.runtimes.base import FASTEST, TORCH, Backend
+from service.runtimes.base import FASTEST, Backend
 from service.runtimes.export import default_cache_dir
 from service.runtimes.select import BackendLoader, RuntimeOptions, candidates, time_backend
 from service.served import BUILTIN_PLATFORM, FEATURES_SUFFIX, FINETUNED_PLATFORM, ServedModel
@@ -88,14 +88,13 @@ class ModelFactory:
             spec.name,
             ", ".join(dict.fromkeys(f"{i.runtime} ({i.label})" for i in instances)),
             f", {count} instances each" if count > 1 else "",
-            self._cpu_threads() if any(i.device.type == "cpu" and i.runtime != TORCH for i in instances) else "",
+            self._cpu_threads(instances) if any(i.device.type == "cpu" for i in instances) else "",
         )
         return instances
 
-    def _cpu_threads(self) -> str:
-        """What a forward pass on the CPU gets in ONNX Runtime or OpenVINO, for the log: its threads,
-        and a lone batch's."""
-        lone = self._options.lone_threads
+    def _cpu_threads(self, instances: list[ModelInstance]) -> str:
+        """What a forward pass on the CPU gets, for the log: its threads, and a lone batch's."""
+        lone = self._options.lone_threads if any(i.lone is not None for i in instances) else None
         return f"; CPU threads per forward pass: {self._options.threads}" + (
             f", {lone} for a batch that runs alone" if lone is not None else ""
         )
@@ -184,6 +183,7 @@ class ModelFactory:
                 on_batch=partial(self._metrics.record_batch, model.name, version=model.version),
                 warm_up_shape=(3, model.input_size, model.input_size) if warm_up else None,
                 suffix=f"-{index % per_device}" if per_device > 1 else "",
+                torch_threads=self._options.threads,
             )
             worker.start()
             model.workers.append(worker)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from service.batching import BatchQueue, WorkItem
+from service.cpus import use_torch_threads
 from service.devices import device_label
 from service.errors import DeadlineExceededError, InternalError
 from service.runtimes.base import FEATURES, LOGITS, TORCH, Backend, Output
@@ -132,9 +133,13 @@ class InferenceWorker:
         on_batch: Callable[[BatchStats], None] = lambda stats: None,
         warm_up_shape: tuple[int, int, int] | None = None,
         suffix: str = "",
+        torch_threads: int = 1,
     ) -> None:
-        """``suffix`` tells instances on one device apart in the thread's name."""
+        """``suffix`` tells instances on one device apart in the thread's name; ``torch_threads``:
+        intra-op threads of the torch operators the thread runs (a torch instance's forward passes,
+        gathering a batch, a fine-tuned head)."""
         self.instance = instance
+        self._torch_threads = torch_threads
         self._warm_up_shape = warm_up_shape
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -164,6 +169,7 @@ class InferenceWorker:
         # parallelize with OpenMP, whose thread team belongs to the thread that first uses it,
         # and every forward pass should find that team ready.
         try:
+            use_torch_threads(self._torch_threads)
             if self._warm_up_shape is not None:
                 self.instance.warm_up(self._warm_up_shape)
         except BaseException as exc:

@@ -8,12 +8,12 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import torch
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service.config import ServeConfig
+from service.cpus import use_torch_threads
 from service.dataplane import DataPlane
 from service.devices import resolve_devices
 from service.factory import ModelFactory
@@ -325,7 +325,7 @@ async def serve(config: ServeConfig) -> int:
 def _single_threaded_torch() -> None:
     """Preprocessing one image needs no intra-op parallelism: keep decode threads from
     starting OpenMP thread teams of their own, which would compete with the forward passes."""
-    torch.set_num_threads(1)
+    use_torch_threads(1)
 
 
 def _host(host: str) -> str:

@@ -281,8 +281,7 @@ def test_env_settings_are_server_options(workload: Workload) -> None:
     for name, entry in workload.env().items():
         if not name.startswith("VISION_SERVE_"):
             continue
-        # resourceFieldRef (limits.cpu with divisor 1) gives a whole number of cores.
-        env[name] = entry.get("value", "4")
+        env[name] = entry["value"]
     parser = build_serve_parser({})
     known = {
         "VISION_SERVE_" + flag.lstrip("-").replace("-", "_").upper()

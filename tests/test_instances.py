@@ -13,6 +13,7 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.grpc import model_config_pb2 as triton_config
 
+from service.batching import BatchQueue, WorkItem
 from service.config import BatchingConfig, RuntimeConfig
 from service.cpus import usable_cores
 from service.options import build_serve_parser
@@ -29,6 +30,21 @@ def pixels_input(seed: int) -> triton.InferInput:
 
 def infer_threads(model: str) -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t.name.startswith(f"infer-{model}-"))
+
+
+def torch_threads_of_a_worker(queue: BatchQueue) -> int:
+    """torch's intra-op threads in the thread that runs ``queue``'s batches: one more work item,
+    answered there."""
+    seen: list[int] = []
+    answered = threading.Event()
+
+    def on_result(result: object) -> None:
+        seen.append(torch.get_num_threads())
+        answered.set()
+
+    queue.put([WorkItem(pixels=torch.zeros((1, 3, 224, 224)), on_result=on_result)])
+    assert answered.wait(60)
+    return seen[0]
 
 
 def test_instances_share_the_clients_and_answer_as_one(serve_inprocess) -> None:
@@ -96,6 +112,22 @@ def test_torch_instances_split_any_load(serve_inprocess) -> None:
     served = server.server.repository.get("alexnet")
     assert [instance.lone for instance in served.instances] == [None, None]
     assert served.queue.min_split_images == 1
+    assert torch_threads_of_a_worker(served.queue) == max(1, usable_cores() // 2)  # not torch's default each
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="on one core every thread runs torch on one")
+def test_a_torch_model_started_after_decoding_began_runs_on_every_core(serve_inprocess, photos) -> None:
+    """Decode threads run torch on one thread each, and torch.set_num_threads also sets the count
+    that threads started later read: a torch model (re)loaded once images had been decoded ran its
+    forward passes on one core. Each worker sets its own."""
+    server = serve_inprocess(device="cpu", runtime=RuntimeConfig(name="torch"))
+    image = triton.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([next(iter(photos.values()))], dtype=np.object_))
+    with triton.InferenceServerClient(server.target) as client:
+        client.infer("alexnet", [image])  # a decode thread starts
+        client.unload_model("alexnet")
+        client.load_model("alexnet")
+    assert torch_threads_of_a_worker(server.server.repository.get("alexnet").queue) == usable_cores()
 
 
 def test_instances_divide_the_cores_unless_told_their_threads(serve_inprocess) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.cpus import usable_cores, use_torch_threads
 from service.dataplane import DataPlane, InferenceInput
 from service.errors import InvalidInputError
 from service.finetune.catalog import FineTunedModels
@@ -117,9 +118,9 @@ class JobPipeline:
             # A base model unloaded meanwhile ends the job at the next batch: its head could not be served.
             return job.cancel_requested.is_set() or not self._catalog.base_served(base)
 
-        try:
-            return await asyncio.to_thread(
-                train_head,
+        def train() -> TrainResult:
+            use_torch_threads(usable_cores())  # this pool thread's own count (see use_torch_threads)
+            return train_head(
                 features,
                 targets,
                 job.config,
@@ -128,6 +129,9 @@ class JobPipeline:
                 on_epoch=on_epoch,
                 cancelled=stop,
             )
+
+        try:
+            return await asyncio.to_thread(train)
         except JobCancelled:
             if not job.cancel_requested.is_set():
                 self._catalog.require_base(base)  # raises: the base was unloaded
