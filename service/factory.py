@@ -16,6 +16,7 @@ import torch
 
 from service.batching import BatchQueue, min_split_images
 from service.config import ServeConfig
+from service.cpus import usable_cores, use_torch_threads
 from service.devices import resolve_dtype
 from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
@@ -70,6 +71,7 @@ class ModelFactory:
 
     def build_instances(self, spec: ModelSpec, weights: WeightsSource) -> list[ModelInstance]:
         """``spec``'s network with ``weights``, ``--instances`` instances per device (blocking: seconds)."""
+        use_torch_threads(usable_cores())  # building, exporting, timing: this thread's own count
         net = build_model(spec, weights)
         loader = BackendLoader(spec, net, self._options)
         count = self._config.runtime.instances
