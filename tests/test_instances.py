@@ -17,6 +17,7 @@ from service.batching import BatchQueue, WorkItem
 from service.config import BatchingConfig, RuntimeConfig
 from service.cpus import usable_cores
 from service.options import build_serve_parser
+from service.runtime import ModelInstance
 from tests.conftest import session_runtime_cache
 from tests.metrics_util import sample_value, scrape
 
@@ -77,11 +78,31 @@ def test_instances_share_the_clients_and_answer_as_one(serve_inprocess) -> None:
     assert at_most_16 == batches  # a batch takes at most half of the 32 requests the queue knows of
 
 
+def threads_of_passes(instance: ModelInstance, batch: list[torch.Tensor]) -> list[int]:
+    """torch's count in a fresh thread after a lone pass, then after an ordinary one."""
+    seen: list[int] = []
+
+    def run() -> None:
+        instance.forward(batch, alone=True)
+        seen.append(torch.get_num_threads())
+        instance.forward(batch, alone=False)
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return seen
+
+
 @pytest.mark.skipif(usable_cores() < 2, reason="on one core no batch gets more threads than another")
-def test_a_lone_batch_runs_on_every_core_and_agrees(serve_inprocess) -> None:
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_a_lone_batch_runs_on_every_core_and_agrees(serve_inprocess, runtime: str) -> None:
     """Instances that divided the cores share one backend on all of them for batches that run
-    while no other instance computes; both give the same logits."""
-    server = serve_inprocess(device="cpu", runtime=RuntimeConfig(cache_dir=session_runtime_cache(), instances=2))
+    while no other instance computes (torch: the same module, on more threads); both give the
+    same logits, and small AlexNet loads stay whole for it."""
+    server = serve_inprocess(
+        device="cpu", runtime=RuntimeConfig(name=runtime, cache_dir=session_runtime_cache(), instances=2)
+    )
     first, second = server.server.repository.get("alexnet").instances
     cores = usable_cores()
     assert first.backend.threads == second.backend.threads == max(1, cores // 2)
@@ -96,6 +117,8 @@ def test_a_lone_batch_runs_on_every_core_and_agrees(serve_inprocess) -> None:
     np.testing.assert_allclose(
         features.forward(batch, alone=True), features.forward(batch, alone=False), rtol=1e-4, atol=1e-4
     )
+    if runtime == "torch":
+        assert threads_of_passes(first, batch) == [cores, max(1, cores // 2)]
 
 
 def test_one_instance_has_no_lone_backend(serve_inprocess) -> None:
@@ -103,16 +126,6 @@ def test_one_instance_has_no_lone_backend(serve_inprocess) -> None:
     (instance,) = server.server.repository.get("alexnet").instances
     assert instance.lone is None
     assert server.server.repository.get("alexnet").queue.min_split_images == 1
-
-
-def test_torch_instances_split_any_load(serve_inprocess) -> None:
-    """torch instances share one module and torch's own pool: no lone-batch backend, so no load is
-    kept whole for one."""
-    server = serve_inprocess(device="cpu", runtime=RuntimeConfig(name="torch", instances=2))
-    served = server.server.repository.get("alexnet")
-    assert [instance.lone for instance in served.instances] == [None, None]
-    assert served.queue.min_split_images == 1
-    assert torch_threads_of_a_worker(served.queue) == max(1, usable_cores() // 2)  # not torch's default each
 
 
 @pytest.mark.skipif(usable_cores() < 2, reason="on one core every thread runs torch on one")

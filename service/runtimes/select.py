@@ -102,7 +102,12 @@ class BackendLoader:
         threads = self._options.threads if threads is None else threads
         if runtime == TORCH:
             return TorchBackend.place(
-                self._spec, self._net, device, dtype=dtype, channels_last=self._options.channels_last
+                self._spec,
+                self._net,
+                device,
+                dtype=dtype,
+                channels_last=self._options.channels_last,
+                threads=threads or None,
             )
         if dtype != torch.float32:
             raise FailedPreconditionError(
@@ -128,8 +133,10 @@ class BackendLoader:
     def lone_backend(self, first: Backend) -> Backend | None:
         """A backend like ``first`` on every core (``lone_threads``), for a batch that runs while no
         other instance computes, or None where ``first`` already has them (or is not on a CPU)."""
-        if self._options.lone_threads is None or first.device.type != "cpu" or first.runtime == TORCH:
+        if self._options.lone_threads is None or first.device.type != "cpu":
             return None
+        if isinstance(first, TorchBackend):  # one module: the count is the calling thread's
+            return first.on_threads(self._options.lone_threads)
         return self.load(first.runtime, first.device, first.dtype, threads=self._options.lone_threads)
 
     def instances_of(self, first: Backend, count: int) -> list[Backend]:

@@ -6,12 +6,18 @@ import copy
 
 import torch
 
+from service.cpus import use_torch_threads
 from service.models import ModelSpec
 from service.runtimes.base import FEATURES, TORCH, Output
 
 
 class TorchBackend:
-    """A network split into backbone features and its last layer, on one device and dtype."""
+    """A network split into backbone features and its last layer, on one device and dtype.
+
+    On a CPU, ``threads`` is how many intra-op threads a forward pass runs on (None: whatever the
+    calling thread has). torch's count belongs to the calling thread, so backends that share one
+    module may run on different counts: an instance's, and a lone batch's on every core.
+    """
 
     runtime = TORCH
 
@@ -23,12 +29,14 @@ class TorchBackend:
         *,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.features = features.eval()
         self.classifier = classifier.eval()
         self.device = device
         self.dtype = dtype
         self.channels_last = channels_last
+        self.threads = threads
         self._staging: dict[tuple[int, ...], torch.Tensor] = {}  # pinned host buffers, CUDA only
 
     @classmethod
@@ -40,17 +48,29 @@ class TorchBackend:
         *,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
+        threads: int | None = None,
     ) -> TorchBackend:
         """Put (a copy of, off the CPU) ``net`` on ``device``."""
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         if device.type != "cpu":
             net = copy.deepcopy(net)
         net = net.to(device=device, dtype=dtype).to(memory_format=memory_format).eval()
-        return cls(spec.features(net), spec.classifier(net), device, dtype=dtype, channels_last=channels_last)
+        return cls(
+            spec.features(net), spec.classifier(net), device, dtype=dtype, channels_last=channels_last, threads=threads
+        )
 
     def share(self) -> TorchBackend:
+        return self.on_threads(self.threads)
+
+    def on_threads(self, threads: int | None) -> TorchBackend:
+        """Another handle on the same module whose forward passes run on ``threads``."""
         return TorchBackend(
-            self.features, self.classifier, self.device, dtype=self.dtype, channels_last=self.channels_last
+            self.features,
+            self.classifier,
+            self.device,
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+            threads=threads,
         )
 
     def gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -60,6 +80,8 @@ class TorchBackend:
         return batch
 
     def run(self, batch: torch.Tensor, output: Output) -> torch.Tensor:
+        if self.threads is not None and self.device.type == "cpu" and torch.get_num_threads() != self.threads:
+            use_torch_threads(self.threads)
         with torch.inference_mode():
             features: torch.Tensor = self.features(batch)
             if output == FEATURES:
