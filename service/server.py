@@ -27,6 +27,7 @@ from service.metrics import ServerMetrics
 from service.metrics_http import MetricsHttpServer
 from service.model_control import ModelControl
 from service.models import WeightsSource
+from service.ports import Listener, bind_error, check_ports
 from service.repository import ModelRepository, ServedModel
 from service.shared_memory import SharedMemoryRegions
 from service.transport.auth import AuthorizationInterceptor, policy_from
@@ -156,10 +157,13 @@ class VisionServer:
             pool=_reflection_pool(),
         )
         address = f"{_host(self.config.host)}:{self.config.grpc_port}"
-        if self._tls is None:
-            self.grpc_port = self._grpc.add_insecure_port(address)
-        else:
-            self.grpc_port = self._grpc.add_secure_port(address, self._tls.credentials())
+        try:
+            if self._tls is None:
+                self.grpc_port = self._grpc.add_insecure_port(address)
+            else:
+                self.grpc_port = self._grpc.add_secure_port(address, self._tls.credentials())
+        except RuntimeError as exc:  # grpc's "Failed to bind to address"
+            raise bind_error(Listener("--grpc-port", self.config.host, self.config.grpc_port), exc) from None
         await self._grpc.start()
         if self.config.health_port is not None:
             await self._start_health_port(self.config.health_port)
@@ -169,7 +173,10 @@ class VisionServer:
         for model in self.repository.all():
             self.health.set(model.name, NOT_SERVING)
         metrics_host = self.config.metrics_host or self.config.host
-        self.metrics_port = await self._metrics_http.start(metrics_host, self.config.metrics_port)
+        try:
+            self.metrics_port = await self._metrics_http.start(metrics_host, self.config.metrics_port)
+        except OSError as exc:
+            raise bind_error(Listener("--metrics-port", metrics_host, self.config.metrics_port), exc) from None
         log.info(
             "serving gRPC (%s) on %s:%d and metrics on http://%s:%d/metrics; loading %s on %s",
             "plaintext" if self._tls is None else "mutual TLS" if self._tls.mutual else "TLS",
@@ -198,9 +205,12 @@ class VisionServer:
             max_body_bytes=self.config.max_message_bytes,
             body_timeout_s=self.config.first_message_timeout_s,
             tls=self._tls,
-            pages=console_routes(),
+            pages=console_routes(limits=self.config.fine_tuning),
         )
-        self.http_port = await self._rest.start(_host(self.config.host), self.config.http_port)
+        try:
+            self.http_port = await self._rest.start(_host(self.config.host), self.config.http_port)
+        except OSError as exc:
+            raise bind_error(Listener("--http-port", self.config.host, self.config.http_port), exc) from None
         log.info(
             "serving %s on %s:%d", "HTTP/REST" if self._tls is None else "HTTPS/REST", self.config.host, self.http_port
         )
@@ -213,7 +223,10 @@ class VisionServer:
             options=server_options(),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
-        self.health_port = self._health_grpc.add_insecure_port(f"{_host(self.config.host)}:{port}")
+        try:
+            self.health_port = self._health_grpc.add_insecure_port(f"{_host(self.config.host)}:{port}")
+        except RuntimeError as exc:
+            raise bind_error(Listener("--health-port", self.config.host, port), exc) from None
         await self._health_grpc.start()
         log.info("serving health checks only, in plaintext, on %s:%d", self.config.host, self.health_port)
 
@@ -298,15 +311,36 @@ class VisionServer:
         await self._grpc.wait_for_termination()
 
 
+def listeners(config: ServeConfig) -> list[Listener]:
+    """Every port ``config`` listens on, with the option that sets it."""
+    found = [Listener("--grpc-port", config.host, config.grpc_port)]
+    if config.http_port is not None:
+        found.append(Listener("--http-port", config.host, config.http_port))
+    found.append(Listener("--metrics-port", config.metrics_host or config.host, config.metrics_port))
+    if config.health_port is not None:
+        found.append(Listener("--health-port", config.host, config.health_port))
+    return found
+
+
 async def create_server(config: ServeConfig) -> VisionServer:
-    """Start a server (port 0 binds a free port; read ``server.grpc_port``)."""
+    """Start a server (port 0 binds a free port; read ``server.grpc_port``).
+
+    A port that cannot be bound raises FailedPreconditionError, with what had started stopped."""
     server = VisionServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop()
+        raise
     return server
 
 
 async def serve(config: ServeConfig) -> int:
-    """Run until SIGTERM or SIGINT, then drain; the process's exit code."""
+    """Run until SIGTERM or SIGINT, then drain; the process's exit code.
+
+    Every port is checked first, before any model or device is touched (FailedPreconditionError
+    names each one that is taken)."""
+    check_ports(listeners(config))
     server = await create_server(config)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
