@@ -6,6 +6,7 @@ Runs in a thread pool (Pillow and torch release the GIL while they work).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -107,14 +108,27 @@ class ImageDecoder:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InvalidInputError(
                 f"{where} declares more pixels than allowed, over the limit of {self._max_pixels} "
-                f"(decompression bomb guard: {exc}); downscale it before sending"
+                f"(decompression bomb guard: {pil_reason(exc)}); downscale it before sending"
             ) from exc
         except UnidentifiedImageError as exc:
             raise InvalidInputError(
-                f"{where} ({len(data)} bytes) is not a decodable image: {exc}. "
+                f"{where} ({len(data)} bytes) is not a decodable image: {pil_reason(exc)}. "
                 "Send the raw bytes of a JPEG, PNG, WebP, BMP or GIF file"
             ) from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise InvalidInputError(
-                f"{where} ({len(data)} bytes) is truncated or corrupt: {exc}. Send the complete file"
+                f"{where} ({len(data)} bytes) is truncated or corrupt: {pil_reason(exc)}. Send the complete file"
             ) from exc
+
+
+_PYTHON_REPR = re.compile(r"<[^<>]{0,200}? at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+
+
+def pil_reason(exc: BaseException) -> str:
+    """Pillow's message for a decoding error, as a client may read it: Python's reprs of the objects
+    Pillow read from (``<_io.BytesIO object at 0x7f...>``, a heap address) become "the image", any
+    other address is dropped, and the text is cut short. The one place Pillow's words become ours."""
+    text = _PYTHON_REPR.sub("the image", str(exc))
+    text = _ADDRESS.sub("(address)", text).strip()
+    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)

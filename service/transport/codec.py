@@ -27,6 +27,7 @@ from service.classification import top_k
 from service.dataplane import InferenceInput, InferenceResult, too_many_images
 from service.errors import FailedPreconditionError, InvalidInputError, quote
 from service.shared_memory import RegionLeases, SharedTensor
+from service.transport import values
 from vision_client import protocol
 from vision_client.protocol import CLASSIFICATION, IMAGE, LOGITS, PIXELS, encode_bytes_elements
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
@@ -49,6 +50,7 @@ class InferCall:
     inputs: InferenceInput
     classification: int | None  # k of the classification extension, or raw LOGITS
     output_region: SharedTensor | None = None  # where to write LOGITS instead of the response
+    timeout_s: float | None = None  # the request's ``timeout`` parameter (microseconds on the wire)
 
 
 def uses_shared_memory(request: pb.ModelInferRequest) -> bool:
@@ -72,6 +74,7 @@ def parse_infer_request(
     """
     if not request.model_name:
         raise InvalidInputError("model_name is empty: name the model to run, e.g. 'resnet101'")
+    timeout_s = values.timeout_seconds(request.parameters, "parameters")
     classification, output_region = _parse_outputs(request)
     if output_region is not None:
         _shared(shared).hold(output_region, "output LOGITS")  # exists, and the tensor fits: before any work
@@ -82,6 +85,7 @@ def parse_infer_request(
         inputs=_parse_inputs(request, max_images, shared, max_shared_bytes),
         classification=classification,
         output_region=output_region,
+        timeout_s=timeout_s,
     )
 
 

@@ -261,6 +261,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     call = await asyncio.to_thread(self._parse, request, shared)  # reads the region
                 else:
                     call = self._parse(request, None)
+                if call.timeout_s is not None:  # the request's timeout parameter, beside the call's deadline
+                    timeout = call.timeout_s if timeout is None else min(timeout, call.timeout_s)
                 result = await self._dataplane.infer(
                     call.model_name, call.inputs, version=call.model_version, timeout=timeout
                 )

@@ -6,6 +6,10 @@ long, and each input with a ``binary_data_size`` parameter takes that many bytes
 in input order). It becomes the very ``ModelInferRequest`` a gRPC client would send, with every
 tensor in ``raw_input_contents``, so that one parser (``transport/codec.py``) checks both. The
 response goes the other way: JSON ``data`` lists, or binary data for outputs that ask for it.
+Every value of the JSON is converted by the one rule for callers' values (``transport/values.py``):
+a number a tensor's datatype or a parameter cannot hold is a 400 naming its place, never a 500.
+Every parameter (of the request, an input, an output) is carried into the message, so that the
+shared parser reads ``timeout`` and ``classification`` from the same place on both ports.
 
 Triton's system shared memory parameters (``shared_memory_region``, ``shared_memory_byte_size``,
 ``shared_memory_offset``) of an input or an output are carried over into the message's tensor
@@ -30,7 +34,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +43,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from service.errors import InvalidInputError, quote
+from service.transport import values
 from service.transport.codec import SHM_PARAMETERS, SHM_REGION, decode_bytes_elements
-from vision_client.protocol import CLASSIFICATION, encode_bytes_elements
+from vision_client.protocol import encode_bytes_elements
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -88,14 +92,9 @@ def _numbers(data: Any, message: Message) -> Any:
 
 
 def parse_json(body: bytes, what: str) -> Any:
-    """JSON of a request body; 400 for anything else (deep nesting included: the C parser stops
-    at the interpreter's recursion limit with RecursionError). Blocking: see ``parse_off_loop``."""
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidInputError(f"{what} is not valid JSON: {error}") from None
-    except RecursionError:
-        raise InvalidInputError(f"{what} nests JSON too deeply") from None
+    """JSON of a request body by the one rule for callers' values (:func:`values.loads`); 400 for
+    anything else. Blocking: see ``parse_off_loop``."""
+    return values.loads(body, what)
 
 
 # -- inference -----------------------------------------------------------------------------------
@@ -141,7 +140,9 @@ def parse_infer_body(body: bytes, header_length: str | None, model: str, version
         raise InvalidInputError(
             f"the body holds {len(binary) - offset} bytes of binary data that no input's binary_data_size claims"
         )
-    parameters = _parameters(data.get("parameters", {}), "parameters")
+    # Every parameter travels in the message, as a gRPC client's would, converted by the one rule;
+    # the shared parser reads the ones it takes (timeout, classification, shared memory).
+    parameters = values.parameters(data.get("parameters", {}), request.parameters, "parameters")
     binary_outputs: set[str] = set()
     outputs = data.get("outputs", [])
     if not isinstance(outputs, list) or len(outputs) > 2:
@@ -151,43 +152,16 @@ def parse_infer_body(body: bytes, header_length: str | None, model: str, version
             raise InvalidInputError(f"outputs[{position}] must be a JSON object")
         name = _text(tensor.get("name", ""), f"outputs[{position}].name")
         output = request.outputs.add(name=name)
-        output_parameters = _parameters(tensor.get("parameters", {}), f"outputs[{position}].parameters")
-        if CLASSIFICATION in output_parameters:
-            k = output_parameters[CLASSIFICATION]
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 2**63:
-                raise InvalidInputError(f"outputs[{position}].parameters.classification must be an integer")
-            output.parameters[CLASSIFICATION].int64_param = k
-        _shared_memory_parameters(output.parameters, output_parameters, f"outputs[{position}]")
+        where = f"outputs[{position}].parameters"
+        output_parameters = values.parameters(tensor.get("parameters", {}), output.parameters, where)
         if output_parameters.get("binary_data") is True:
             binary_outputs.add(name)
-    timeout = parameters.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise InvalidInputError("parameters.timeout must be a positive number of microseconds")
     return RestInferRequest(
         message=request,
         binary_outputs=frozenset(binary_outputs),
         binary_by_default=parameters.get("binary_data_output") is True,
-        timeout_s=None if timeout is None else float(timeout) / 1e6,
+        timeout_s=values.timeout_seconds(request.parameters, "parameters"),
     )
-
-
-def _shared_memory_parameters(
-    target: Any, parameters: Mapping[str, Any], where: str
-) -> bool:  # target: a protobuf map of InferParameter
-    """Copy Triton's system shared memory parameters into ``target``; whether there were any."""
-    found = False
-    for key in SHM_PARAMETERS:
-        if key not in parameters:
-            continue
-        found = True
-        value = parameters[key]
-        if key == SHM_REGION:
-            target[key].string_param = _text(value, f"{where}.parameters.{key}")
-        elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-            raise InvalidInputError(f"{where}.parameters.{key} must be a non-negative integer (bytes)")
-        else:
-            target[key].int64_param = value
-    return found
 
 
 def _input(
@@ -199,13 +173,13 @@ def _input(
     name = _text(tensor.get("name", ""), f"{where}.name")
     datatype = _text(tensor.get("datatype", ""), f"{where}.datatype")
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInputError(f"{where}.shape must be a list of integers")
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise InvalidInputError(f"{where}.shape must be a list of integers, got {values.describe(shape)}")
     if len(shape) > 8 or not all(0 <= d < 2**40 for d in shape):
         raise InvalidInputError(f"{where}.shape {quote(shape)} is not a tensor's shape")
     added = request.inputs.add(name=name, datatype=datatype, shape=shape)
-    parameters = _parameters(tensor.get("parameters", {}), f"{where}.parameters")
-    if _shared_memory_parameters(added.parameters, parameters, where):
+    parameters = values.parameters(tensor.get("parameters", {}), added.parameters, f"{where}.parameters")
+    if any(key in parameters for key in SHM_PARAMETERS):
         if "data" in tensor or BINARY_DATA_SIZE in parameters:
             raise InvalidInputError(f"{where} is in shared memory and has data too; send one")
         return None, offset  # the servicer reads it from its region
@@ -213,8 +187,8 @@ def _input(
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInputError(
-                f"{where}.parameters.binary_data_size {quote(size)} does not fit the {len(binary) - offset} "
-                "bytes of binary data left in the body"
+                f"{where}.parameters.binary_data_size {values.describe(size)} does not fit the "
+                f"{len(binary) - offset} bytes of binary data left in the body"
             )
         if "data" in tensor:
             raise InvalidInputError(f"{where} has both binary data and 'data'; send one")
@@ -222,19 +196,9 @@ def _input(
     if "data" not in tensor:
         raise InvalidInputError(f"{where} has no 'data' and no binary_data_size parameter")
     data = tensor["data"]
-    if datatype == "FP32":
-        return _fp32(data, where), offset
     if datatype == "BYTES":
         return _bytes(data, where, parameters.get(CONTENT_TYPE_PARAMETER)), offset
-    raise InvalidInputError(f"{where}.datatype must be FP32 (PIXELS) or BYTES (IMAGE), got {quote(datatype)}")
-
-
-def _fp32(data: Any, where: str) -> bytes:
-    try:
-        values = np.asarray(data, dtype="<f4")
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"{where}.data must be a flat or nested list of numbers") from None
-    return values.tobytes()
+    return values.tensor(data, datatype, where).tobytes(), offset
 
 
 def _bytes(data: Any, where: str, content_type: Any) -> bytes:
@@ -252,20 +216,9 @@ def _bytes(data: Any, where: str, content_type: Any) -> bytes:
     return encode_bytes_elements(elements)
 
 
-def _parameter_value(parameter: pb.InferParameter) -> Any:
-    kind = parameter.WhichOneof("parameter_choice")
-    return getattr(parameter, kind) if kind else None
-
-
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{where} must be a string")
-    return value
-
-
-def _parameters(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidInputError(f"{where} must be a JSON object")
     return value
 
 
@@ -278,7 +231,9 @@ def build_infer_body(response: pb.ModelInferResponse, request: RestInferRequest)
         tensor: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": list(output.shape)}
         if SHM_REGION in output.parameters:  # written to its region: the parameters say where, as Triton's do
             tensor["parameters"] = {
-                key: _parameter_value(output.parameters[key]) for key in SHM_PARAMETERS if key in output.parameters
+                key: values.parameter_value(output.parameters[key])
+                for key in SHM_PARAMETERS
+                if key in output.parameters
             }
             outputs.append(tensor)
             continue

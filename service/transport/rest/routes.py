@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from service.errors import InvalidInputError, quote
-from service.transport.auth import is_loopback_peer
+from service.errors import InvalidInputError
+from service.transport import values
 from service.transport.inference import InferenceServicer
 from service.transport.rest.codec import (
     HEADER_LENGTH,
@@ -34,6 +34,9 @@ _SHM = "/v2/systemsharedmemory"
 NO_CONTEXT: Any = None  # the servicer's methods take a gRPC context they do not use here
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
 T = TypeVar("T")
+# Set by the server (``server.py``) once a request is let in: whether its caller counts as this host
+# (a loopback peer whose Host names this host, ``AccessPolicy.is_local``): who may name shared memory.
+LOCAL_CALLER = "vision.local_caller"
 
 Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
@@ -107,7 +110,7 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         name, version = _model(request)
         header_length = request.headers.get(HEADER_LENGTH)
         call = await parse_off_loop(body, parse_infer_body, body, header_length, name, version)
-        local = is_loopback_peer(peer(request))
+        local = request.get(LOCAL_CALLER) is True
         reply = await servicer.infer(call.message, call.timeout_s, local=local, protocol="http")
         payload, json_length = build_infer_body(reply, call)
         if json_length is None:
@@ -184,13 +187,13 @@ def peer(request: web.Request) -> str:
 
 def _string(value: Any, field: str) -> str:
     if not isinstance(value, str):
-        raise InvalidInputError(f"{field} must be a string")
+        raise InvalidInputError(f"{field} must be a string, got {values.describe(value)}")
     return value
 
 
 def _byte_count(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise InvalidInputError(f"{field} must be a non-negative integer (bytes), got {quote(value)}")
+        raise InvalidInputError(f"{field} must be a non-negative integer (bytes), got {values.describe(value)}")
     return value
 
 
@@ -226,15 +229,4 @@ def _control_parameters(
     message: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest, options: dict[str, Any]
 ) -> None:
     """Load and unload parameters as the gRPC request carries them (the servicer decides what it takes)."""
-    parameters = options.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise InvalidInputError("parameters must be a JSON object")
-    for key, value in parameters.items():
-        if isinstance(value, bool):
-            message.parameters[key].bool_param = value
-        elif isinstance(value, int):
-            message.parameters[key].int64_param = value
-        elif isinstance(value, str):
-            message.parameters[key].string_param = value
-        else:
-            raise InvalidInputError(f"parameter {quote(key)} must be a boolean, an integer or a string")
+    values.parameters(options.get("parameters", {}), message.parameters, "parameters")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -69,7 +70,13 @@ def vision_routes(
                 "send the job as multipart/form-data: a 'config' part (the FineTuneConfig as JSON), "
                 "then one part per image named by its label"
             )
-        reader = await request.multipart()
+        try:
+            reader = await request.multipart()
+        except ValueError as error:  # aiohttp's word for a Content-Type without a usable boundary
+            raise InvalidInputError(
+                f"the multipart body cannot be read: {str(error)[:200]}; send Content-Type "
+                "multipart/form-data with its boundary parameter (curl -F and browsers do)"
+            ) from None
         messages = _job_messages(reader, max_part_bytes, read_timeout_s)
         return _canonical(await fine_tuning.CreateJob(messages, NO_CONTEXT))
 
@@ -121,7 +128,7 @@ async def _job_messages(
 ) -> AsyncIterator[ft_pb.CreateJobRequest]:
     """The CreateJob messages of a multipart body, made as its parts arrive."""
     part = await _next_part(reader, timeout_s)
-    if part is None or part.name != CONFIG_PART:
+    if part is None or field_name(part) != CONFIG_PART:
         raise InvalidInputError(f"the first part must be '{CONFIG_PART}': the job's FineTuneConfig as JSON")
     text = await _read_part(part, MAX_CONFIG_BYTES, timeout_s)
     try:
@@ -131,7 +138,7 @@ async def _job_messages(
     yield ft_pb.CreateJobRequest(config=config)
     batch: list[ft_pb.Example] = []
     while (part := await _next_part(reader, timeout_s)) is not None:
-        label = part.name or ""
+        label = field_name(part)
         if label == CONFIG_PART:
             raise InvalidInputError("send the config part once, first")
         image = await _read_part(part, max_part_bytes, timeout_s)
@@ -169,3 +176,18 @@ async def _read_part(part: BodyPartReader, max_bytes: int, timeout_s: float) -> 
         if size > max_bytes:
             raise InvalidInputError(f"part {quote(part.name)} is over {max_bytes} bytes (--max-message-bytes)")
         chunks.append(chunk)
+
+
+_FORM_ESCAPES = {"%0A": "\n", "%0D": "\r", "%22": '"'}
+_FORM_ESCAPE = re.compile("%0A|%0D|%22")
+
+
+def field_name(part: BodyPartReader) -> str:
+    """A part's field name as the person typed it.
+
+    The HTML standard (WHATWG, "multipart/form-data encoding algorithm") has browsers write a
+    field name's (and a file name's) line feed, carriage return and double quote as ``%0A``,
+    ``%0D`` and ``%22``, and perform no other escapes; so exactly those three are decoded
+    (``%25`` and any other ``%`` stay as they are, since ``%`` itself is never escaped).
+    """
+    return _FORM_ESCAPE.sub(lambda match: _FORM_ESCAPES[match.group()], part.name or "")
