@@ -33,10 +33,12 @@ def fetch_weights(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     )
     args = parser.parse_args(argv)
     from service.models import fetch_pretrained, get_model_spec
+    from service.models.weights import ensure_pretrained
 
-    for name in args.models:
-        path = fetch_pretrained(get_model_spec(name))
-        print(f"{name}: {path}")
+    specs = [get_model_spec(name) for name in args.models]
+    ensure_pretrained(specs, progress=True)  # all downloads first: a failure names every model left
+    for spec in specs:
+        print(f"{spec.name}: {fetch_pretrained(spec)}")  # loads each once: a corrupt file is found here
     return 0
 
 

@@ -7,12 +7,14 @@ The loader builds (through :class:`ModelFactory`) and writes what it built into 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 
 from service.errors import InvalidInputError, ModelNotFoundError, quote
 from service.factory import ModelFactory
-from service.models import WeightsSource
+from service.models import WeightsSource, get_model_spec
+from service.models.weights import ensure_pretrained
 from service.repository import FEATURES_SUFFIX, ModelRepository, ModelState, ServedModel
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,20 @@ class BuiltinModels:
     async def load_all(self) -> None:
         """Build and warm up every declared built-in model, one after the other.
 
-        Raises the first failure after marking that model UNAVAILABLE.
+        Pretrained weights are made sure of for all of them first (one error names every model
+        whose weights cannot be had). Raises the first failure after marking that model, or for
+        the weights every model waiting, UNAVAILABLE.
         """
-        for model in self._repository.all():
-            if model.base_model is None and model.state is ModelState.LOADING:
+        waiting = [m for m in self._repository.all() if m.base_model is None and m.state is ModelState.LOADING]
+        if self._weights.kind == "pretrained":
+            try:
+                await asyncio.to_thread(ensure_pretrained, [get_model_spec(m.name) for m in waiting])
+            except Exception as exc:
+                for model in waiting:
+                    self._repository.set_state(model, ModelState.UNAVAILABLE, str(exc))
+                raise
+        for model in waiting:
+            if model.state is ModelState.LOADING:  # not unloaded while the ones before it loaded
                 await self._start(model)
 
     async def load(self, name: str) -> None:

@@ -144,3 +144,44 @@ def offline_env(torch_home: Path) -> dict[str, str]:
         "https_proxy": "http://127.0.0.1:9",
         "HTTPS_PROXY": "http://127.0.0.1:9",
     }
+
+
+ALL_MODELS = "alexnet,vgg16,resnet101"
+
+
+def test_offline_the_weights_error_names_every_missing_model_and_one_command_for_all(tmp_path: Path) -> None:
+    """Offline with an empty TORCH_HOME: one error, every model named, one command that pre-seeds
+    them all; the server exits before building any model, without a traceback."""
+    result = run_server(
+        "--models", ALL_MODELS, "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
+        env=offline_env(tmp_path / "torch"),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "cannot get pretrained weights for alexnet, vgg16, resnet101" in result.stderr
+    assert f"`vision-serve fetch-weights --models {ALL_MODELS}`" in result.stderr
+    for file in ("alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "resnet101-cd907fc2.pth"):
+        assert file in result.stderr
+    assert str(tmp_path / "torch") in result.stderr and "--weights random" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "torch" / "hub" / "checkpoints").exists() or not any(
+        path.suffix == ".pth" for path in (tmp_path / "torch" / "hub" / "checkpoints").iterdir()
+    )  # nothing half-downloaded is left as if it were weights
+
+
+def test_models_already_seeded_are_not_named_again(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "alexnet-owt-7be5be79.pth").write_bytes(b"seeded")  # as a user who copied it would
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "fetch-weights", "--models", ALL_MODELS],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=offline_env(tmp_path / "torch"),
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "cannot get pretrained weights for vgg16, resnet101 (" in result.stderr
+    assert "`vision-serve fetch-weights --models vgg16,resnet101`" in result.stderr
+    assert "alexnet" not in result.stderr and "Traceback" not in result.stderr
+    assert (checkpoints / "alexnet-owt-7be5be79.pth").read_bytes() == b"seeded"

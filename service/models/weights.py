@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,20 +63,59 @@ def build_model(spec: ModelSpec, source: WeightsSource) -> torch.nn.Module:
 def fetch_pretrained(spec: ModelSpec) -> Path:
     """Download ``spec``'s pretrained weights into torch's cache, with a progress bar."""
     _pretrained(spec, progress=True)
+    return cached_weights(spec)
+
+
+def cached_weights(spec: ModelSpec) -> Path:
+    """Where torch's cache keeps ``spec``'s pretrained weights (``TORCH_HOME``)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.weights.url).name
 
 
+def ensure_pretrained(specs: Sequence[ModelSpec], *, progress: bool = False) -> None:
+    """Every one of ``specs``' pretrained weights in torch's cache, before any model is built.
+
+    What is cached already is not touched; what is missing is downloaded. When a download fails,
+    one error names every model still missing (not only the first), with the one command that
+    pre-seeds all of them: a user who follows it is not sent back for the next model. No other
+    download is tried after one failed (offline, each would only fail the same way, slowly).
+    """
+    missing = [spec for spec in specs if not cached_weights(spec).is_file()]
+    for index, spec in enumerate(missing):
+        path = cached_weights(spec)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            match = torch.hub.HASH_REGEX.search(path.name)
+            torch.hub.download_url_to_file(
+                spec.weights.url, str(path), match.group(1) if match else None, progress=progress
+            )
+        except Exception as exc:  # urllib, SSL, hash and IO errors all mean the same to a user
+            raise WeightsUnavailableError(_missing_message(missing[index:], exc)) from exc
+
+
+def _missing_message(missing: Sequence[ModelSpec], exc: Exception) -> str:
+    names = [spec.name for spec in missing]
+    files = ", ".join(cached_weights(spec).name for spec in missing)
+    cache = cached_weights(missing[0]).parent
+    return (
+        f"cannot get pretrained weights for {', '.join(names)} ({type(exc).__name__}: {exc}). "
+        f"Pre-seed the cache by running `vision-serve fetch-weights --models {','.join(names)}` on a "
+        f"machine with internet access and copying {'its file' if len(missing) == 1 else 'its files'} "
+        f"{files} from its {cache.name} folder into {cache} here (the cache follows TORCH_HOME, now "
+        f"{os.environ.get('TORCH_HOME', 'unset')}), or start with --weights DIR (a directory of "
+        "<model>.pth state dicts) or --weights random."
+    )
+
+
 def _pretrained(spec: ModelSpec, *, progress: bool) -> torch.nn.Module:
+    ensure_pretrained([spec], progress=progress)
+    path = cached_weights(spec)
     try:
         state = spec.weights.get_state_dict(progress=progress, check_hash=True)
         return _with_state(spec, state)
-    except Exception as exc:  # urllib, SSL, hash and IO errors all mean the same to a user
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
+    except Exception as exc:  # a cached file that is cut short, corrupt, or not this network's
         raise WeightsUnavailableError(
-            f"cannot get pretrained weights for {spec.name} ({type(exc).__name__}: {exc}). "
-            f"Pre-seed the cache by running `vision-serve fetch-weights --models {spec.name}` on a "
-            f"machine with internet access and copying {cache}/{Path(spec.weights.url).name} to the "
-            f"same place here (the cache follows TORCH_HOME, now {os.environ.get('TORCH_HOME', 'unset')}), "
+            f"cannot load the pretrained weights of {spec.name} from {path} ({type(exc).__name__}: {exc}); "
+            f"delete the file and run `vision-serve fetch-weights --models {spec.name}` again, "
             "or start with --weights DIR (a directory of <model>.pth state dicts) or --weights random."
         ) from exc
 
