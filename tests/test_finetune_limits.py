@@ -19,6 +19,7 @@ from service.finetune.spec import check_limits, config_from_wire, head_parameter
 from tests.finetune_data import digits
 from vision_client.errors import InvalidInputError as ClientInvalidInputError
 from vision_client.protocol import FineTuneConfig, HeadConfig, OptimizerConfig
+from vision_client.protocol.labels import label_problem, label_rule
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
@@ -118,9 +119,9 @@ def test_labels_are_bounded_in_length_count_and_bytes() -> None:
     config = FineTuneConfig("alexnet", "x")
     limits = FineTuneLimits(max_label_length=8, max_labels=2, max_total_bytes=1000)
     collector = ExampleCollector(config, limits)
-    with pytest.raises(InvalidInputError, match="9 bytes long"):
+    with pytest.raises(InvalidInputError, match="is 9 bytes of UTF-8, over the limit of 8"):
         collector.add(b"img", "x" * 9, [])
-    with pytest.raises(InvalidInputError, match="control characters"):
+    with pytest.raises(InvalidInputError, match=r"U\+000A .*a control character"):
         collector.add(b"img", "a\nb", [])
     collector.add(b"img", "cat", [])
     collector.add(b"img", "dog", [])
@@ -132,6 +133,79 @@ def test_labels_are_bounded_in_length_count_and_bytes() -> None:
     with pytest.raises(InvalidInputError, match="exceed 1000 bytes"):
         for i in range(100):
             long_labels.add(b"i", f"{i:03d}" + "l" * 100, [])
+
+
+# One line of visible text: what the rule refuses, each with the character named.
+REFUSED_LABELS = {
+    "\u202eevil": "U+202E (RIGHT-TO-LEFT OVERRIDE)",
+    "a\u202ab": "U+202A (LEFT-TO-RIGHT EMBEDDING)",
+    "a\u2066b": "U+2066 (LEFT-TO-RIGHT ISOLATE)",
+    "a\u2069": "U+2069 (POP DIRECTIONAL ISOLATE)",
+    "x\u200f": "U+200F (RIGHT-TO-LEFT MARK)",
+    "x\u200e": "U+200E (LEFT-TO-RIGHT MARK)",
+    "x\u061c": "U+061C (ARABIC LETTER MARK)",
+    "zero\u200bwidth": "U+200B (ZERO WIDTH SPACE)",
+    "\ufeffbom": "U+FEFF (ZERO WIDTH NO-BREAK SPACE)",
+    "soft\u00adhyphen": "U+00AD (SOFT HYPHEN)",
+    "tag\U000e0041": "U+E0041 (TAG LATIN CAPITAL LETTER A)",
+    "no\u00a0break": "U+00A0 (NO-BREAK SPACE)",
+    "line\u2028sep": "U+2028 (LINE SEPARATOR)",
+    "tab\tbed": "U+0009",
+    "bell\x07": "U+0007",
+    "del\x7f": "U+007F",
+    "c1\x85": "U+0085",
+    "private\ue000": "U+E000",
+    "unassigned\U000e0080": "U+E0080",
+    "lone\ud800": "U+D800",
+}
+ALLOWED_LABELS = [
+    "cat",
+    '12" vinyl',
+    "\u05e9\u05dc\u05d5\u05dd",
+    "\u0645\u0631\u062d\u0628\u0627 1",
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    "\U0001f469\u200d\U0001f52c",
+    "caf\u00e9 cr\u00e8me",
+    "\u65e5\u672c",
+    "a  b",
+    "<b>&amp;</b>",
+]
+
+
+@pytest.mark.parametrize(
+    "label, named",
+    REFUSED_LABELS.items(),
+    ids=[f"U+{ord(next(c for c in k if not c.isprintable())):04X}" for k in REFUSED_LABELS],
+)
+def test_a_label_with_a_control_format_or_odd_space_character_is_refused(label: str, named: str) -> None:
+    """The rule closes what ``str.isprintable()`` closed and says which character, by name;
+    the collector of a job applies it."""
+    problem = label_problem(label, LIMITS.max_label_length)
+    assert problem is not None and named in problem, problem
+    assert "remove it" in problem
+    collector = ExampleCollector(FineTuneConfig("alexnet", "x"), LIMITS)
+    with pytest.raises(InvalidInputError) as error:
+        collector.add(b"img", label, [])
+    assert named in error.value.message
+    assert not any(not c.isprintable() for c in error.value.message), "the message repeats the character"
+
+
+@pytest.mark.parametrize("label", ALLOWED_LABELS)
+def test_labels_of_any_script_with_joiners_are_taken(label: str) -> None:
+    assert label_problem(label, LIMITS.max_label_length) is None
+    ExampleCollector(FineTuneConfig("alexnet", "x"), LIMITS).add(b"img", label, [])
+
+
+def test_the_rule_counts_utf8_bytes_and_checks_characters_without_a_limit() -> None:
+    hebrew = "\u05d0" * 64  # 128 bytes of UTF-8
+    assert label_problem(hebrew, 128) is None
+    assert label_problem(hebrew + "x", 128) == "is 129 bytes of UTF-8, over the limit of 128; use a shorter class name"
+    assert label_problem("x" * 5000) is None  # no limit given: characters only
+    assert label_problem("") == "is empty; give every class a name"
+    assert label_problem("\u202e") is not None
+    rule = label_rule(LIMITS.max_label_length)
+    assert rule["maxBytes"] == 128 and "Cf" in rule["refusedCategories"]
+    assert sorted(rule["allowedCharacters"]) == [" ", "\u200c", "\u200d"]
 
 
 # -- over the wire -------------------------------------------------------------

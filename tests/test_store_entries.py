@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+from service.config import FineTuneLimits
 from service.errors import StoreEntryError
 from service.files import FileRefused, TimedOut, call_with_timeout, read_bounded
 from service.finetune.store import ModelStore
@@ -99,6 +100,10 @@ def bad_store(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     expected["tampered"] = "digest_mismatch"
     _copy(store, "template", "other-base", base_model="vgg16")
     expected["other-base"] = "base_not_served"
+    save_head(store, "long-label", labels=("a", "x" * 5000))  # weights and digest whole: only a label is bad
+    expected["long-label"] = "bad_label"
+    save_head(store, "override-label", labels=("a", "\u202egnp.exe"))
+    expected["override-label"] = "bad_label"
     _copy(store, "template", "alexnet")
     expected["alexnet"] = "builtin_name"
     _copy(store, "template", "liveness")
@@ -194,6 +199,24 @@ def test_a_read_that_hangs_times_out_without_holding_the_caller() -> None:
         release.set()
 
 
+def test_a_planted_label_is_refused_by_the_rule_of_the_job_api(tmp_path) -> None:
+    """The store's reader and a job's examples apply one rule, with the server's own limit; the
+    error names the label's position and quotes it escaped and cut, never the raw character."""
+    save_head(tmp_path, "planted", labels=("a", "\u202eexe.txt", "c"))
+    with pytest.raises(StoreEntryError) as error:
+        ModelStore(tmp_path).load("planted")
+    assert error.value.reason == "bad_label"
+    assert "label 1 '\\u202eexe.txt' has U+202E (RIGHT-TO-LEFT OVERRIDE)" in error.value.message
+    assert "\u202e" not in error.value.message
+    save_head(tmp_path, "long", labels=("a", "x" * 5000))
+    with pytest.raises(StoreEntryError, match="is 5000 bytes of UTF-8, over the limit of 128") as error:
+        ModelStore(tmp_path).load("long")
+    assert len(error.value.message) < 500
+    assert ModelStore(tmp_path, FineTuneLimits(max_label_length=5000)).load("long")[0].labels[1] == "x" * 5000
+    save_head(tmp_path, "rtl", labels=("\u05e9\u05dc\u05d5\u05dd", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0645"))
+    assert ModelStore(tmp_path).load("rtl")[0].labels[0] == "\u05e9\u05dc\u05d5\u05dd"
+
+
 def test_store_refuses_manifests_field_by_field(tmp_path) -> None:
     store = tmp_path
     save_head(store, "ok")
@@ -207,6 +230,11 @@ def test_store_refuses_manifests_field_by_field(tmp_path) -> None:
         "no-labels": ({**base, "labels": []}, "bad_dimensions"),
         "weights-dir": ({**base, "weights": {"file": "..", "sha256": "0" * 64}}, "outside_folder"),
         "bad-metrics": ({**base, "metrics": {"train_loss": "low"}}, "bad_manifest"),
+        "long-label": ({**base, "labels": ["a", "x" * 5000, "c"]}, "bad_label"),
+        "override-label": ({**base, "labels": ["a", "b\u202e", "c"]}, "bad_label"),
+        "newline-label": ({**base, "labels": ["a", "b\nc", "c"]}, "bad_label"),
+        "isolate-label": ({**base, "labels": ["a", "\u2067b", "c"]}, "bad_label"),
+        "empty-label": ({**base, "labels": ["a", "", "c"]}, "bad_label"),
     }
     for name, (data, reason) in cases.items():
         if isinstance(data, dict) and "name" in data and data["name"] == "ok":

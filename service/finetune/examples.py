@@ -20,6 +20,7 @@ from service.config import FineTuneLimits
 from service.errors import InvalidInputError, quote
 from service.preprocess import ImageDecoder
 from vision_client.protocol import FineTuneConfig
+from vision_client.protocol.labels import label_problem
 
 CHECK_SIZE = 64  # side a JPEG is decoded to (at least) when it is only checked
 _TARGET_BYTES = 4  # a float32 target value
@@ -65,15 +66,11 @@ class ExampleCollector:
         if self._config.loss == "cross_entropy":
             if not label:
                 raise InvalidInputError(f"example {index} has no label; cross_entropy needs a class name per example")
-            if label_bytes > limits.max_label_length:
-                raise InvalidInputError(
-                    f"example {index}'s label is {label_bytes} bytes long, over the limit of "
-                    f"{limits.max_label_length}; use shorter class names"
-                )
-            if not label.isprintable():
-                raise InvalidInputError(
-                    f"example {index}'s label {quote(label)} has control characters; use plain text"
-                )
+            # The one rule for class names (vision_client.protocol.labels), which the model store's
+            # reader and the web console apply too.
+            problem = label_problem(label, limits.max_label_length)
+            if problem is not None:
+                raise InvalidInputError(f"example {index}'s label {quote(label)} {problem}")
             if label not in self._classes:
                 if len(self._classes) >= limits.max_labels:
                     raise InvalidInputError(

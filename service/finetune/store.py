@@ -20,9 +20,9 @@ a writer that died between the two steps are collected by the poll (:meth:`colle
 
 Reading trusts nothing: object names are confined to the model's folder (no path, no
 symlink), objects are read only if their size (``fstat``, ``Content-Length``) is within a
-cap, the manifest is checked field by field (with its ``format_version``) before anything
-is built from it. A bad entry raises :class:`StoreEntryError` with a short ``reason`` for
-the metric.
+cap, the manifest is checked field by field (with its ``format_version``, and its labels by the
+one rule for class names that a job's examples meet) before anything is built from it. A bad
+entry raises :class:`StoreEntryError` with a short ``reason`` for the metric.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ from service.storage import (
 )
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import HEAD_KINDS, LOSSES, HeadConfig
+from vision_client.protocol.labels import label_problem
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class StoreReason(str, enum.Enum):
     BAD_MANIFEST = "bad_manifest"
     FORMAT_VERSION = "format_version"
     UNKNOWN_HEAD = "unknown_head"
+    BAD_LABEL = "bad_label"  # a label the job API would refuse (vision_client.protocol.labels)
     BAD_DIMENSIONS = "bad_dimensions"
     OUTSIDE_FOLDER = "outside_folder"
     MISSING_WEIGHTS = "missing_weights"
@@ -198,6 +200,9 @@ class Manifest:
                 f"{folder}: {feature_dim} features and {len(labels)} labels are out of range "
                 f"(1..{MAX_FEATURE_DIM} and 1..{limits.max_labels})",
             )
+        for position, label in enumerate(labels):  # the rule a job's labels meet (examples.py)
+            if (problem := label_problem(label, limits.max_label_length)) is not None:
+                raise StoreEntryError(StoreReason.BAD_LABEL, f"{folder}: label {position} {quote(label)} {problem}")
         try:
             check_head(head, feature_dim, len(labels), limits)
         except InvalidInputError as exc:
