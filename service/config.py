@@ -117,6 +117,9 @@ class ServeConfig:
     fine_tuning: FineTuneLimits = field(default_factory=FineTuneLimits)
     auth_token_file: Path | None = None  # one token a line, re-read when it changes
     auth_scope: str = "management"  # one of AUTH_SCOPES
+    # Names of this host that a loopback caller's HTTP Host may carry, besides IP literals and localhost
+    # (DNS rebinding: see transport/auth.py); "*": any.
+    allowed_hosts: tuple[str, ...] = ()
     tls_cert_file: Path | None = None  # PEM chain; with tls_key_file, the gRPC port speaks TLS only
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None  # mutual TLS: clients need a certificate this CA signed

@@ -68,6 +68,15 @@ positive_float = _checked("positive_float", float, lambda n: n > 0, "must be pos
 non_negative_float = _checked("non_negative_float", float, lambda n: n >= 0, "must not be negative, got {}")
 
 
+def host_list(value: str) -> tuple[str, ...]:
+    """Host names, comma-separated (may be empty): lower-case, without a trailing dot."""
+    names = tuple(name.strip().lower().rstrip(".") for name in value.split(",") if name.strip())
+    for name in names:
+        if any(character in name for character in ":/[]@ \t") or not name.isascii():
+            raise argparse.ArgumentTypeError(f"{name!r} is not a host name: give names only (no port, no scheme)")
+    return names
+
+
 def port_or_off(value: str) -> int | None:
     """A port, or None (the port is not opened) for ``none``/``off``."""
     if value.strip().lower() in PORT_OFF:
@@ -277,6 +286,14 @@ OPTIONS: tuple[Option, ...] = (
         "auth_scope",
         "what the tokens protect: 'management' RPCs, or 'all' RPCs (health stays open)",
         choices=AUTH_SCOPES,
+    ),
+    Option(
+        "--allowed-hosts",
+        "allowed_hosts",
+        "comma-separated names of this host that HTTP requests from it may carry in Host ('*': any); "
+        "IP addresses, localhost and names without a dot always count (see docs/security.md)",
+        host_list,
+        documented_default="none",
     ),
     Option("--tls-cert-file", "tls_cert_file", "PEM certificate chain: the gRPC port speaks TLS", Path),
     Option("--tls-key-file", "tls_key_file", "PEM private key of --tls-cert-file", Path),

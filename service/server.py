@@ -80,7 +80,7 @@ class VisionServer:
             max_regions=config.max_shared_memory_regions, max_bytes=config.max_shared_memory_bytes
         )
         self.jobs = JobManager(self.dataplane, self.repository, self.builtin, self.finetuned, self.metrics, limits)
-        self._access = policy_from(config.auth_token_file, config.auth_scope)
+        self._access = policy_from(config.auth_token_file, config.auth_scope, config.allowed_hosts)
         tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
         self._tls = (
             CertificateFiles(tls_files, on_rejected=self.metrics.record_tls_reload_error)

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.config import ServeConfig
 from service.errors import AuthenticationError, FailedPreconditionError, PermissionDeniedError
 from service.transport.auth import (
+    ALL_SCOPES,
     RPC_SCOPES,
     AccessPolicy,
     Scope,
@@ -71,22 +72,22 @@ def test_management_is_fine_tuning_and_model_load_unload() -> None:
     assert scope_of("/inference.GRPCInferenceService/ModelStreamInfer") is Scope.INFERENCE
 
 
-def test_system_shared_memory_is_host_management(tmp_path: Path) -> None:
-    host = {method for method, scope in RPC_SCOPES.items() if scope is Scope.HOST_MANAGEMENT}
+def test_system_shared_memory_is_its_own_scope_from_this_host_only(tmp_path: Path) -> None:
+    host = {method for method, scope in RPC_SCOPES.items() if scope is Scope.SHARED_MEMORY}
     assert host == {
         f"/inference.GRPCInferenceService/SystemSharedMemory{call}" for call in ("Status", "Register", "Unregister")
     }
     open_policy = AccessPolicy(None)
-    open_policy.check(Scope.HOST_MANAGEMENT, [], "ipv4:127.0.0.1:5")
+    open_policy.check(Scope.SHARED_MEMORY, [], "ipv4:127.0.0.1:5")
     with pytest.raises(PermissionDeniedError, match="this host only"):
-        open_policy.check(Scope.HOST_MANAGEMENT, [], "ipv4:10.0.0.5:1")
+        open_policy.check(Scope.SHARED_MEMORY, [], "ipv4:10.0.0.5:1")
     (tmp_path / "tokens").write_text(f"{TOKEN_A}\n")
     policy = AccessPolicy(TokenFile(tmp_path / "tokens"))
-    policy.check(Scope.HOST_MANAGEMENT, [f"Bearer {TOKEN_A}"], "ipv6:[::1]:5")
+    policy.check(Scope.SHARED_MEMORY, [f"Bearer {TOKEN_A}"], "ipv6:[::1]:5")
     with pytest.raises(AuthenticationError):
-        policy.check(Scope.HOST_MANAGEMENT, [], "ipv4:127.0.0.1:5")
+        policy.check(Scope.SHARED_MEMORY, [], "ipv4:127.0.0.1:5")
     with pytest.raises(PermissionDeniedError, match="this host only"):  # a token does not make a peer local
-        policy.check(Scope.HOST_MANAGEMENT, [f"Bearer {TOKEN_A}"], "ipv4:10.0.0.5:1")
+        policy.check(Scope.SHARED_MEMORY, [f"Bearer {TOKEN_A}"], "ipv4:10.0.0.5:1")
 
 
 @pytest.mark.parametrize(
@@ -188,7 +189,9 @@ def test_bearer_header_parsing(values: list[str], token: str | None) -> None:
 
 
 def test_token_file_lines_comments_and_blank_lines() -> None:
-    assert parse_tokens("# rotated 2026-11\n\n  tok-1  \ntok-2\r\n   # old one removed\n") == ("tok-1", "tok-2")
+    grants = parse_tokens("# rotated 2026-11\n\n  tok-1  \ntok-2\r\n   # old one removed\n")
+    assert [grant.token for grant in grants] == ["tok-1", "tok-2"]
+    assert all(grant.scopes == ALL_SCOPES for grant in grants)  # a bare token: every scope, as before
     assert parse_tokens("\n \n# only comments\n") == ()
 
 

@@ -14,7 +14,14 @@
   takes the files of the moment (rotation as for gRPC, mutual TLS with the client CA) and has 10 s
   for its handshake, counted against the connection cap meanwhile.
 - **Authorization**: each route's gRPC method decides its scope, and the same policy (token file,
-  scopes, the loopback rule for management without a token) is applied before the body is read.
+  scopes, the loopback rule for management without a token) is applied before the body is read,
+  and with ``Expect: 100-continue`` before the ``100 Continue`` (a refused or oversized request
+  gets its answer instead, and its body is never asked for).
+- **Browsers** (``auth.py``): a state-changing request that a page of another site sent
+  (``Origin``, ``Sec-Fetch-Site``) is refused 403 on every route, whatever its token or peer. A
+  loopback peer counts as this host only when its ``Host`` names this host (DNS rebinding); on a
+  port bound to loopback only, every request must name it, reads included.
+- **Headers**: every answer says ``X-Content-Type-Options: nosniff``.
 - **Pages**: the web console's static files (``console.py``) need no authorization: they hold
   no data, and everything the console fetches meets its route's own checks.
 - **Errors**: ``{"error": message}`` with the status of ``transport/errors.py``'s one mapping; no
@@ -31,11 +38,20 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
-from service.transport.auth import AccessPolicy, scope_of
+from service.errors import PermissionDeniedError, quote
+from service.transport.auth import (
+    AccessPolicy,
+    Scope,
+    cross_site,
+    cross_site_message,
+    foreign_host_message,
+    is_loopback_address,
+    scope_of,
+)
 from service.transport.errors import http_status_for
-from service.transport.rest.routes import Route, peer
+from service.transport.rest.routes import LOCAL_CALLER, Route, peer
 from service.transport.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
@@ -43,6 +59,7 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 1024
 HEADER_TIMEOUT_S = 15.0
 HANDSHAKE_TIMEOUT_S = 10.0
+_ADMITTED = "vision.admitted"  # the request passed its checks in the Expect handler already
 
 
 class _BodyProblem(Exception):
@@ -147,8 +164,10 @@ class RestServer:
         app = web.Application(client_max_size=max_body_bytes)
         for route in routes:
             for path in route.paths:
-                app.router.add_route(route.method, path, self._endpoint(route))
+                app.router.add_route(route.method, path, self._endpoint(route), expect_handler=self._expect(route))
         app.add_routes(pages)
+        app.on_response_prepare.append(_nosniff)
+        self._host_only = False  # bound to loopback only: every request must name this host
         self._runner = web.AppRunner(
             app, access_log=None, keepalive_timeout=header_timeout_s, handle_signals=False, logger=_ConnectionLog()
         )
@@ -167,6 +186,7 @@ class RestServer:
                 return _TlsHandoff(self._tls.ssl_context(), handlers, self._handshakes)
             return handlers()
 
+        self._host_only = is_loopback_address(host)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(protocol, host or None, port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -185,10 +205,8 @@ class RestServer:
 
         async def endpoint(request: web.Request) -> web.StreamResponse:
             try:
-                if self._policy.needs_check(scope):
-                    if self._policy.tokens is not None:
-                        await self._policy.tokens.refresh()  # off the event loop
-                    self._policy.check(scope, request.headers.getall("Authorization", []), peer(request))
+                if not request.get(_ADMITTED):
+                    await self._admit(request, scope)
                 body = await self._read_body(request) if route.has_body else b""  # streams_body: read by the handler
                 return await route.handler(request, body)
             except _BodyProblem as problem:
@@ -201,13 +219,63 @@ class RestServer:
 
         return endpoint
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    def _expect(self, route: Route) -> Any:
+        """aiohttp's Expect handler, with the request's checks first: ``100 Continue`` only for a
+        request that may send its body, so a refused or oversized one is answered at once."""
+        scope = scope_of(route.rpc)
+
+        async def expect(request: web.Request) -> web.StreamResponse | None:
+            if request.version != HttpVersion11:
+                return None  # HTTP/1.0 has no 100 Continue: the endpoint checks as usual
+            expectation = request.headers.get("Expect", "")
+            if expectation.lower() != "100-continue":
+                return web.json_response({"error": f"unknown Expect: {quote(expectation)}"}, status=417)
+            try:
+                await self._admit(request, scope)
+                if route.has_body:
+                    self._check_length(request)
+            except _BodyProblem as problem:
+                return web.json_response({"error": problem.message}, status=problem.status)
+            except Exception as exc:  # a refusal, or a bug (logged with its traceback)
+                status, message = http_status_for(exc)
+                return web.json_response({"error": message}, status=status)
+            request[_ADMITTED] = True
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # as aiohttp's own handler: the answer has not begun
+            return None
+
+        return expect
+
+    async def _admit(self, request: web.Request, scope: Scope) -> None:
+        """The checks that come before the body: a page of another site, a foreign ``Host`` where the
+        port is this host's alone, then the scope's policy. Marks whether the caller is this host."""
+        host = request.headers.get("Host", "")
+        evidence = cross_site(
+            request.method, request.headers.getall("Origin", []), request.headers.get("Sec-Fetch-Site"), host
+        )
+        if evidence is not None:
+            log.debug("refused a cross-site %s %s: %s", request.method, quote(request.path), evidence)
+            raise PermissionDeniedError(cross_site_message(request.method, request.path, evidence))
+        if self._host_only and not self._policy.names_this_host(host):
+            raise PermissionDeniedError(foreign_host_message(host))
+        caller = peer(request)
+        if self._policy.needs_check(scope):
+            if self._policy.tokens is not None:
+                await self._policy.tokens.refresh()  # off the event loop
+            self._policy.check(scope, request.headers.getall("Authorization", []), caller, host)
+        request[LOCAL_CALLER] = self._policy.is_local(caller, host)
+
+    def _check_length(self, request: web.Request) -> None:
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             raise _BodyProblem(
                 413,
                 f"the body is {length} bytes, over this server's limit of {self._max_body_bytes} (--max-message-bytes)",
             )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        self._check_length(request)
+        length = request.content_length
         try:
             return await asyncio.wait_for(self._receive(request, length), self._body_timeout_s)
         except TimeoutError:
@@ -226,3 +294,8 @@ class RestServer:
                 raise _BodyProblem(413, f"the body passed this server's limit of {self._max_body_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, errors included: a browser never guesses a type (JSON taken for HTML or script)."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
