@@ -309,3 +309,224 @@ def test_a_token_server_refuses_unknown_methods_before_saying_unimplemented(serv
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
         delete = ft_grpc.FineTuningStub(channel).DeleteModel
         assert _code(lambda: delete(ft_pb.DeleteModelRequest(name="x"), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+# -- tokens with scopes ----------------------------------------------------------------------
+
+
+def test_a_token_line_may_carry_its_scopes() -> None:
+    grants = parse_tokens(
+        f"{TOKEN_A} scopes=inference\n{TOKEN_B}\tscopes=management,shared-memory\nc-token-0123456789abcdef\n"
+    )
+    assert [(g.token, g.scopes) for g in grants] == [
+        (TOKEN_A, frozenset({Scope.INFERENCE})),
+        (TOKEN_B, frozenset({Scope.MANAGEMENT, Scope.SHARED_MEMORY})),
+        ("c-token-0123456789abcdef", ALL_SCOPES),
+    ]
+    assert [g.token for g in parse_tokens("ab#cd\n")] == ["ab#cd"]  # '#' inside a token is the token's
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("secret-part-one secret-part-two\n", "line 1: more than a token and its scopes="),  # a token with a space
+        ("# c\nsecret-token # a comment\n", "line 2: more than a token and its scopes="),
+        ("secret-token scopes=inference scopes=management\n", "line 1: more than a token"),
+        ("secret-token scopes=admin\n", "line 1: unknown scope 'admin'"),
+        ("secret-token scopes=\n", "line 1: unknown scope ''"),
+        ("secret-token scopes=inference,,management\n", "line 1: unknown scope ''"),
+        ("ok-token\nsecret-token\nsecret-token scopes=inference\n", "line 3: the same token as line 2"),
+        ("s\u00e9cret-token\n", "line 1: the token holds a character that is not printable ASCII"),
+    ],
+)
+def test_a_bad_token_line_is_named_by_its_number_and_never_quoted(text: str, problem: str) -> None:
+    from service.transport.auth import TokenFileError
+
+    with pytest.raises(TokenFileError) as refused:
+        parse_tokens(text)
+    assert problem in str(refused.value)
+    assert "secret" not in str(refused.value) and "cret" not in str(refused.value)
+
+
+def test_a_bad_line_fails_the_start_and_a_reload_refuses_every_token(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN_A}\n{TOKEN_B} scopes=everything\n")
+    with pytest.raises(FailedPreconditionError, match="line 2: unknown scope") as refused:
+        TokenFile(path)
+    assert TOKEN_B not in refused.value.message and "scopes=inference,management,shared-memory" in refused.value.message
+    path.write_text(f"{TOKEN_A} scopes=inference\n")
+    tokens = TokenFile(path)
+    assert tokens.accepts(TOKEN_A) and tokens.scopes_of(TOKEN_A) == {Scope.INFERENCE}
+    path.write_text(f"{TOKEN_A}\n{TOKEN_B} trailing words\n")
+    assert not tokens.accepts(TOKEN_A)  # fail closed until fixed
+    assert "line 2: more than a token" in caplog.text and TOKEN_B not in caplog.text
+    path.write_text(f"{TOKEN_A}\n{TOKEN_B} scopes=management\n")
+    assert tokens.scopes_of(TOKEN_A) is None  # scopes_of alone does not re-read
+    assert tokens.accepts(TOKEN_A) and tokens.scopes_of(TOKEN_B) == {Scope.MANAGEMENT}
+
+
+def test_a_token_without_the_scope_is_permission_denied_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN_A} scopes=inference\n{TOKEN_B} scopes=management\n")
+    policy = AccessPolicy(TokenFile(path), protect_inference=True)
+    for peer in ("ipv4:127.0.0.1:1", "ipv4:10.0.0.5:1"):
+        policy.check(Scope.INFERENCE, [f"Bearer {TOKEN_A}"], peer)
+        policy.check(Scope.MANAGEMENT, [f"Bearer {TOKEN_B}"], peer)
+        with pytest.raises(PermissionDeniedError, match="lacks the 'management' scope") as refused:
+            policy.check(Scope.MANAGEMENT, [f"Bearer {TOKEN_A}"], peer)
+        assert "its scopes: inference" in refused.value.message and TOKEN_A not in refused.value.message
+        with pytest.raises(PermissionDeniedError, match="lacks the 'inference' scope"):
+            policy.check(Scope.INFERENCE, [f"Bearer {TOKEN_B}"], peer)
+    with pytest.raises(PermissionDeniedError, match="lacks the 'shared-memory' scope"):
+        policy.check(Scope.SHARED_MEMORY, [f"Bearer {TOKEN_B}"], "ipv4:127.0.0.1:1")
+    with pytest.raises(AuthenticationError):  # a wrong token stays UNAUTHENTICATED
+        policy.check(Scope.MANAGEMENT, ["Bearer wrong"], "ipv4:127.0.0.1:1")
+
+
+# -- this host, and pages of other sites ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "ours"),
+    [
+        ("127.0.0.1:8000", True),
+        ("127.0.0.1", True),
+        ("[::1]:8000", True),
+        ("10.1.2.3:8000", True),  # an IP literal is never rebound
+        ("localhost:8000", True),
+        ("LOCALHOST.:8000", True),
+        ("vision.localhost", True),
+        ("myhost:8000", True),  # one label: /etc/hosts or the local resolver, not public DNS
+        ("attacker.example:8000", False),
+        ("127.0.0.1.nip.io:8000", False),
+        ("localhost.attacker.example", False),
+        ("vision.internal:8000", False),  # until --allowed-hosts names it
+        ("", False),
+        ("[::1", False),
+        ("a.b:port", False),
+        (":8000", False),
+    ],
+)
+def test_which_host_headers_name_this_host(host: str, ours: bool) -> None:
+    from service.transport.auth import names_this_host
+
+    assert names_this_host(host) is ours
+    malformed = host in ("", "[::1", "a.b:port", ":8000")
+    assert names_this_host(host, ["*"]) is not malformed  # "*": any name at all, never a malformed Host
+
+
+def test_allowed_hosts_add_names() -> None:
+    policy = policy_from(None, "management", ["Vision.Internal.", " "])
+    assert policy.allowed_hosts == {"vision.internal"}
+    assert policy.names_this_host("vision.internal:8000") and policy.names_this_host("VISION.internal")
+    assert not policy.names_this_host("other.internal:8000")
+
+
+def test_without_a_token_a_loopback_peer_naming_another_host_does_not_manage() -> None:
+    policy = AccessPolicy(None, allowed_hosts=frozenset({"vision.internal"}))
+    loopback = "ipv4:127.0.0.1:4000"
+    for scope in (Scope.MANAGEMENT, Scope.SHARED_MEMORY):
+        policy.check(scope, [], loopback, "127.0.0.1:8000")
+        policy.check(scope, [], loopback, "vision.internal:8000")
+        policy.check(scope, [], loopback)  # gRPC: no Host to check
+        with pytest.raises(PermissionDeniedError, match="does not name this server") as refused:
+            policy.check(scope, [], loopback, "rebind.attacker.example:8000")
+        assert "--allowed-hosts" in refused.value.message
+    assert not policy.is_local(loopback, "rebind.attacker.example") and policy.is_local(loopback, "localhost")
+    policy.check(Scope.INFERENCE, [], loopback, "rebind.attacker.example")  # open: nothing to grant
+
+
+def test_with_a_token_the_token_decides_whatever_the_host(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN_A}\n")
+    policy = AccessPolicy(TokenFile(path))
+    policy.check(Scope.MANAGEMENT, [f"Bearer {TOKEN_A}"], "ipv4:127.0.0.1:1", "vision.example.com")  # a sidecar
+    with pytest.raises(PermissionDeniedError, match="does not name this server"):  # regions: this host only
+        policy.check(Scope.SHARED_MEMORY, [f"Bearer {TOKEN_A}"], "ipv4:127.0.0.1:1", "vision.example.com")
+
+
+@pytest.mark.parametrize(
+    ("method", "origins", "fetch_site", "host", "foreign"),
+    [
+        ("POST", [], None, "127.0.0.1:8000", False),  # curl, tritonclient, the SDK
+        ("POST", ["http://127.0.0.1:8000"], "same-origin", "127.0.0.1:8000", False),  # the console
+        ("DELETE", ["http://localhost:8000"], None, "localhost:8000", False),
+        ("POST", ["https://vision.example.com"], None, "vision.example.com", False),  # behind TLS ingress
+        ("POST", ["https://vision.example.com"], None, "vision.example.com:443", False),
+        ("POST", ["http://[::1]:8000"], None, "[::1]:8000", False),
+        ("POST", [], "none", "127.0.0.1:8000", False),  # typed in the address bar
+        ("POST", ["http://127.0.0.1:9999"], None, "127.0.0.1:8000", True),  # another port is another origin
+        ("POST", ["http://evil.example"], None, "127.0.0.1:8000", True),
+        ("POST", ["null"], None, "127.0.0.1:8000", True),  # sandboxed frames, file: pages
+        ("POST", ["http://127.0.0.1:8000", "http://evil.example"], None, "127.0.0.1:8000", True),
+        ("POST", ["http://user@127.0.0.1:8000"], None, "127.0.0.1:8000", True),
+        ("POST", ["ftp://127.0.0.1:8000"], None, "127.0.0.1:8000", True),
+        ("POST", [], "cross-site", "127.0.0.1:8000", True),  # no Origin, but the browser says so
+        ("POST", [], "same-site", "127.0.0.1:8000", True),  # another port of the same host
+        ("DELETE", ["http://127.0.0.1:8000"], "cross-site", "127.0.0.1:8000", True),
+        ("GET", ["http://evil.example"], "cross-site", "127.0.0.1:8000", False),  # reads: not readable anyway
+        ("HEAD", [], "cross-site", "127.0.0.1:8000", False),
+        ("OPTIONS", ["null"], "cross-site", "127.0.0.1:8000", False),
+    ],
+)
+def test_cross_site_evidence(method: str, origins: list[str], fetch_site: str | None, host: str, foreign: bool) -> None:
+    from service.transport.auth import cross_site
+
+    assert (cross_site(method, origins, fetch_site, host) is not None) is foreign
+
+
+def test_scoped_tokens_on_both_ports(serve_inprocess, tmp_path: Path) -> None:
+    import http.client
+    import json
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# inference only\n{TOKEN_A} scopes=inference\n{TOKEN_B} scopes=management\n")
+    server = serve_inprocess(auth_token_file=tokens, auth_scope="all", wait_loaded=False)
+
+    def rest(method: str, path: str, token: str) -> tuple[int, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=30)
+        try:
+            connection.request(method, path, body=b"{}", headers={"Authorization": f"Bearer {token}"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read() or b"{}").get("error", "")
+        finally:
+            connection.close()
+
+    with grpc.insecure_channel(server.target) as channel:
+        infer = infer_grpc.GRPCInferenceServiceStub(channel)
+        jobs = ft_grpc.FineTuningStub(channel)
+
+        def refusal(call) -> tuple[grpc.StatusCode, str]:
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            return error.value.code(), error.value.details()
+
+        assert infer.ServerLive(infer_pb.ServerLiveRequest(), metadata=_auth(TOKEN_A), timeout=10).live
+        assert list(jobs.ListJobs(ft_pb.ListJobsRequest(), metadata=_auth(TOKEN_B), timeout=10).jobs) == []
+        code, details = refusal(lambda: jobs.ListJobs(ft_pb.ListJobsRequest(), metadata=_auth(TOKEN_A), timeout=10))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "lacks the 'management' scope" in details
+        code, details = refusal(
+            lambda: infer.ServerLive(infer_pb.ServerLiveRequest(), metadata=_auth(TOKEN_B), timeout=10)
+        )
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "lacks the 'inference' scope" in details
+        status_request = infer_pb.SystemSharedMemoryStatusRequest()
+        code, details = refusal(
+            lambda: infer.SystemSharedMemoryStatus(status_request, metadata=_auth(TOKEN_B), timeout=10)
+        )
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "lacks the 'shared-memory' scope" in details
+        code, _ = refusal(lambda: jobs.ListJobs(ft_pb.ListJobsRequest(), metadata=_auth("wrong"), timeout=10))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+
+    assert rest("GET", "/v2/health/live", TOKEN_A)[0] == 200
+    assert rest("GET", "/v1/jobs", TOKEN_B)[0] == 200
+    status, error = rest("POST", "/v2/repository/models/alexnet/unload", TOKEN_A)
+    assert status == 403 and "lacks the 'management' scope" in error
+    status, error = rest("GET", "/v2/health/live", TOKEN_B)
+    assert status == 403 and "lacks the 'inference' scope" in error
+    status, error = rest("GET", "/v2/systemsharedmemory/status", TOKEN_B)
+    assert status == 403 and "lacks the 'shared-memory' scope" in error
+    assert rest("GET", "/v1/jobs", "wrong")[0] == 401
+    # Scopes change with the file, without a restart.
+    tokens.write_text(f"{TOKEN_A} scopes=inference,management\n")
+    assert rest("GET", "/v1/jobs", TOKEN_A)[0] == 200
+    assert rest("GET", "/v1/jobs", TOKEN_B)[0] == 401
