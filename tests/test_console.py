@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
+import json
 import os
 import re
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +31,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from PIL import Image
 
-from service.transport.rest.console import CONSOLE_FOLDER, FILES, console_routes
+from service.config import FineTuneLimits
+from service.transport.rest.console import CONSOLE_FOLDER, FILES, INDEX, console_routes, fill_page
 from tests.conftest import ROOT, TOKEN, encode
 from tests.finetune_data import digits
+from tests.store_util import save_head
+from tests.test_finetune_limits import ALLOWED_LABELS, REFUSED_LABELS
+from vision_client.protocol.labels import label_problem, label_rule
 
 CONSOLE = ROOT / "service" / CONSOLE_FOLDER
 XSS = "<img src=x onerror=alert(1)>"
@@ -70,7 +77,33 @@ def test_the_page_and_its_files_come_with_a_strict_policy() -> None:
         assert headers["Content-Type"] == content_type
         assert headers["Cache-Control"] == "no-cache" and headers["ETag"]
         assert "Content-Security-Policy" in headers and headers["X-Content-Type-Options"] == "nosniff"
-        assert body == (CONSOLE / name).read_bytes()
+        file = (CONSOLE / name).read_bytes()
+        assert body == (fill_page(file, FineTuneLimits()) if name == INDEX else file)
+
+
+def label_rule_of(page: bytes) -> object:
+    found = re.search(rb'<html lang="en" data-label-rule="([^"]*)">', page)
+    assert found, page[:200]
+    return json.loads(html.unescape(found.group(1).decode("ascii")))
+
+
+def test_the_page_carries_the_servers_rule_for_class_names() -> None:
+    """The rule's parameters come from its one definition and the server's own limit, in an
+    attribute the page's scripts read: nothing is restated in JavaScript."""
+    _, _, body = fetch("/")
+    assert label_rule_of(body) == label_rule(FineTuneLimits().max_label_length)
+
+    async def run() -> bytes:
+        app = web.Application()
+        app.add_routes(console_routes(limits=FineTuneLimits(max_label_length=8)))
+        async with TestClient(TestServer(app)) as client:
+            return await (await client.get("/")).read()
+
+    rule = label_rule_of(asyncio.run(run()))
+    assert isinstance(rule, dict) and rule["maxBytes"] == 8
+    assert b"data-label-rule" in (CONSOLE / INDEX).read_bytes()
+    labels_js = (CONSOLE / "labels.js").read_text(encoding="utf-8")
+    assert "128" not in labels_js and "202E" not in labels_js.upper(), "labels.js restates the rule"
 
 
 def test_an_unchanged_file_is_answered_not_modified() -> None:
@@ -299,8 +332,6 @@ def digit_images(per_class: int, classes: tuple[int, ...] = (0, 1, 2)) -> dict[s
 def test_the_server_serves_the_console_at_the_root_of_its_http_port(console_server: Any) -> None:
     """The real server's HTTP port (with a token file) serves the page without a token, with its
     policy, beside the API."""
-    import urllib.request
-
     with urllib.request.urlopen(f"{console_server.http_url}/", timeout=30) as response:
         assert response.status == 200 and b"vision-serving console" in response.read()
         assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
@@ -417,6 +448,10 @@ def test_fine_tune_from_a_zip_to_the_end_and_try_the_new_model(page: Page, tmp_p
     row.find_element("css selector", "button").click()
     page.wait(lambda d: d.find_element("id", "jobs-detail").is_displayed())
     assert len(page.all("#jobs-chart circle.point[data-series=train_loss]")) == epochs
+    wrap = page.find("#view-jobs .table-wrap")
+    assert page.driver.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", wrap), (
+        "the Jobs table is cut at 1280 px"
+    )
     page.screenshot("jobs")
 
 
@@ -622,3 +657,163 @@ def test_chromium_and_selenium_write_nothing_under_home(page: Page) -> None:
     home = Path(os.environ["HOME"])
     written = [".config/chromium", ".cache/chromium", ".pki", ".cache/selenium", ".local/share/applications"]
     assert [path for path in written if (home / path).exists()] == []
+
+
+# -- names and labels: the server's rule before uploading, isolated rendering ----------------------
+
+JS_MODULE = """
+const [path, name, args, done] = arguments;
+import(path).then((module) => done({ value: module[name](...args) }), (error) => done({ error: String(error) }));
+"""
+
+
+def js(page: Page, module: str, function: str, *args: Any) -> Any:
+    """``function(*args)`` of the console's module ``module``, run in the page."""
+    answer = page.driver.execute_async_script(JS_MODULE, f"/console/{module}", function, list(args))
+    assert "error" not in answer, answer
+    return answer["value"]
+
+
+def test_the_console_checks_class_names_with_the_servers_rule(page: Page) -> None:
+    """labels.js, built from the parameters the server put in the page, refuses exactly what the
+    server's rule refuses, naming the same character, and takes what it takes."""
+    page.open("finetune")
+    for label, named in REFUSED_LABELS.items():
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in label):
+            continue  # a lone surrogate does not survive the WebDriver's JSON
+        problem = js(page, "labels.js", "labelProblem", label)
+        server = label_problem(label, FineTuneLimits().max_label_length)
+        assert problem is not None and server is not None, label
+        assert named.split(" ")[0] in problem, (label, problem)
+        assert problem.split(" at position ")[1] == server.split(" at position ")[1], (problem, server)
+    for label in ALLOWED_LABELS:
+        assert js(page, "labels.js", "labelProblem", label) is None, label
+    hebrew = "\u05d0" * 64  # 128 bytes of UTF-8: the limit
+    assert js(page, "labels.js", "labelProblem", hebrew) is None
+    assert js(page, "labels.js", "labelProblem", hebrew + "x") == label_problem(hebrew + "x", 128)
+    assert js(page, "labels.js", "visibleName", "a\u202eb") == "a\u27e8U+202E\u27e9b"
+
+
+def test_a_class_name_the_server_would_refuse_is_refused_before_the_upload(
+    page: Page, console_server: Any, tmp_path: Path
+) -> None:
+    """A folder named with U+202E, and a typed class name over the byte limit, are refused as they
+    are added, naming the folder or class and the rule; nothing is sent while a refused class is
+    listed. A job the server refuses clears the previous job's id and chart."""
+    images = digit_images(3, (0, 1))
+    folder = tmp_path / "examples"
+    for name, class_images in (("good", images["0"]), ("bad\u202egnp.exe", images["1"])):
+        (folder / name).mkdir(parents=True)
+        for number, image in enumerate(class_images):
+            (folder / name / f"{number}.png").write_bytes(image)
+    before = jobs_on(console_server)
+    page.open("finetune")
+    page.set_token(TOKEN)
+    page.upload("ft-folder", folder)
+    page.wait(lambda d: "refused" in d.find_element("id", "ft-examples-status").text)
+    assert page.text("ft-examples-status") == "Added 3 images from the folder. 1 class was refused: see the list below."
+    assert page.find("#ft-examples-status").get_attribute("data-kind") == "error"
+    refusal = page.find("#ft-warnings .refusal").text
+    assert refusal.startswith(
+        "Folder \u201cbad\u27e8U+202E\u27e9gnp.exe\u201d (3 images) was not added: the name has U+202E at position 3, "
+        "an invisible format character"
+    ), refusal
+    assert "\u202e" not in page.driver.execute_script("return document.body.innerText")
+    rows = [(cell(row, "th"), cell(row, "td")) for row in page.all("#ft-classes-body tr")]
+    assert rows == [("good", "3"), ("bad\u27e8U+202E\u27e9gnp.exe", "refused")]
+
+    page.type("ft-class-name", "x" * 129)
+    drop(page, "#ft-class-drop", {"a.png": images["1"][0]})
+    page.wait(lambda d: "129 bytes" in d.find_element("id", "ft-examples-status").text)
+    assert page.text("ft-examples-status").startswith(
+        f"Class name \u201c{'x' * 80}\u2026 (129 characters)\u201d refused: "
+        "the name is 129 bytes of UTF-8, over the limit of 128"
+    ), page.text("ft-examples-status")
+
+    page.type("ft-output", "refused-class")
+    page.find("#ft-start").click()
+    page.wait(lambda d: "the server would refuse" in d.find_element("id", "ft-status").text)
+    assert page.text("ft-status").startswith("1 class has a name the server would refuse: rename it")
+    assert jobs_on(console_server) == before, "something was sent"
+    page.driver.execute_script("window.scrollTo(0, 0)")
+    form, side = page.find("#ft-form"), page.find("#view-finetune .split-side")
+    assert form.rect["x"] + form.rect["width"] <= side.rect["x"], "a long name widens the form over the chart"
+    page.screenshot("finetune-refused")
+
+    # A job that ran shows its id and chart; the next start, refused by the server, clears them.
+    page.find("#ft-classes-body tr.refused button").click()
+    page.type("ft-class-name", "two")
+    page.upload("ft-class-files", *images_of(tmp_path / "two", {"two": images["1"]})["two"])
+    page.type("ft-epochs", "2")
+    page.type("ft-validation", "0")
+    page.find("#ft-start").click()
+    page.wait_for_job()
+    assert "succeeded" in page.text("ft-status"), page.text("ft-status")
+    assert page.text("ft-job").startswith("Job ") and page.all("#ft-chart circle.point")
+    page.find("#ft-start").click()  # the same name again, without "replace": ALREADY_EXISTS
+    page.wait(lambda d: "Failed" in d.find_element("id", "ft-status").text)
+    assert "refused-class" in page.text("ft-status")
+    assert page.text("ft-job") == "" and page.all("#ft-chart *") == []
+    assert not page.find("#ft-try").is_displayed()
+    page.no_alert()
+
+
+def jobs_on(server: Any) -> int:
+    request = urllib.request.Request(f"{server.http_url}/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return len(json.loads(response.read()).get("jobs", []))
+
+
+RTL_LABELS = ("\u05e9\u05dc\u05d5\u05dd", "\u0645\u0631\u062d\u0628\u0627 1", "abc (2)")
+
+
+def test_right_to_left_labels_render_isolated_and_small_scores_fit(page: Page, console_server: Any) -> None:
+    """A fine-tuned model whose labels are Hebrew and Arabic: each label, and every other string
+    from the server, is in its own ``bdi`` (isolated), so the score stays at the end of its row;
+    scores are short whatever their size."""
+    save_head(console_server.config.model_store, "rtl-labels", labels=RTL_LABELS)
+    console_server.call(console_server.server.store_sync.sync_once())  # the poll, now
+    assert "rtl-labels" in console_server.server.repository
+    page.open("classify")
+    page.wait(lambda d: d.find_elements("css selector", "#classify-model option[value=rtl-labels]"))
+    page.find("#classify-model option[value=rtl-labels]").click()
+    image = Path(page.screenshots) / "rtl.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.write_bytes(encode(Image.new("RGB", (40, 40), (200, 30, 90)), "PNG"))
+    page.upload("classify-files", image)
+    page.wait(lambda d: len(d.find_elements("css selector", "#classify-results .bars li")) == 3)
+    for row in page.all("#classify-results .bars li"):
+        label = row.find_element("css selector", ".bar-label > bdi")
+        assert label.text in RTL_LABELS
+        assert page.driver.execute_script("return getComputedStyle(arguments[0]).unicodeBidi", label) == "isolate"
+        score = row.find_element("css selector", ".score")
+        assert len(score.text) <= 7 and float(score.text) >= 0, score.text
+        bounds = page.driver.execute_script(
+            "return [arguments[0].getBoundingClientRect().right, arguments[1].getBoundingClientRect().right,"
+            " arguments[1].scrollWidth <= arguments[1].clientWidth]",
+            label,
+            score,
+        )
+        assert bounds[0] < bounds[1] and bounds[2], bounds  # the score stays last, whole
+    meta = page.find("#classify-results .result-meta")
+    assert meta.find_element("css selector", "bdi").text == "rtl-labels", meta.text
+    page.screenshot("classify-rtl")
+    page.open("models")
+    page.wait(lambda d: "rtl-labels" in d.find_element("id", "models-body").text)
+    names = [b.text for b in page.all("#models-body th > bdi")]
+    assert "rtl-labels" in names and "alexnet" in names
+    assert js(page, "dom.js", "formatScore", 1.2e-7) == "1.20e-7"
+    assert js(page, "dom.js", "formatScore", 0.0000123) == "1.23e-5"
+    assert js(page, "dom.js", "formatScore", 0.912345) == "0.912"
+    assert js(page, "dom.js", "formatNumber", 1.2e-7) == "1.2e-7"
+
+
+def test_count_axes_have_whole_ticks(page: Page) -> None:
+    page.open("models")
+    assert js(page, "charts.js", "axisTicks", 3, True) == {"top": 3, "ticks": [0, 1, 2, 3]}
+    assert js(page, "charts.js", "axisTicks", 0, True) == {"top": 1, "ticks": [0, 1]}
+    assert js(page, "charts.js", "axisTicks", 7, True) == {"top": 8, "ticks": [0, 2, 4, 6, 8]}
+    assert js(page, "charts.js", "epochTicks", 4) == [1, 2, 3, 4]
+    assert js(page, "charts.js", "epochTicks", 25) == [1, 5, 10, 15, 20, 25]
+    assert js(page, "charts.js", "epochTicks", 1000) == [1, *range(100, 1001, 100)]
+    assert js(page, "charts.js", "label", 1.2e-7) == "1.2e-7"

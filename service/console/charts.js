@@ -1,8 +1,9 @@
 // Small SVG line charts: a left axis, an optional right axis (0 to 1, for accuracy), a
 // legend. Each point is a <circle class="point" data-series="..."> with a <title> that
 // says its values, so the figures can be read by hovering, by a screen reader, or by a test.
+// An axis of a whole-number quantity (epochs, images queued) has whole-number ticks only.
 
-import { el, svg, clear } from "./dom.js";
+import { bdi, el, svg, clear } from "./dom.js";
 
 const WIDTH = 640;
 const HEIGHT = 260;
@@ -20,16 +21,37 @@ function tickValues(max, count = 4) {
   return Array.from({ length: count + 1 }, (_, i) => (max * i) / count);
 }
 
-function label(value) {
+/** A whole step of 1, 2 or 5 times a power of ten, at least ``raw``. */
+export function wholeStep(raw) {
+  if (!(raw > 1)) return 1;
+  const power = 10 ** Math.floor(Math.log10(raw));
+  for (const multiple of [1, 2, 5]) if (raw <= multiple * power) return multiple * power;
+  return 10 * power;
+}
+
+/** The top and ticks of an axis from 0 that shows ``max``: about four steps, whole ones when
+ * ``whole`` (the quantity is a count). */
+export function axisTicks(max, whole = false) {
+  if (!whole) {
+    const top = niceMax(max);
+    return { top, ticks: tickValues(top) };
+  }
+  const step = wholeStep((max > 0 ? max : 0) / 4);
+  const top = Math.max(step, step * Math.ceil(max / step));
+  return { top, ticks: Array.from({ length: top / step + 1 }, (_, i) => i * step) };
+}
+
+/** A tick or a value, short: 3 significant digits ("0.25", "1.2e-7", "1500"), never a long run of digits. */
+export function label(value) {
   if (value === 0) return "0";
   if (Math.abs(value) >= 100) return value.toFixed(0);
-  if (Math.abs(value) >= 1) return value.toFixed(1);
-  return value.toFixed(2);
+  return String(Number(value.toPrecision(3)));
 }
 
 /**
  * Draws into ``container`` (its children are replaced).
- * spec: { title, xLabel, leftLabel, rightLabel?, xMin?, xMax?, xTicks?(value)->text,
+ * spec: { title, xLabel, leftLabel, leftWhole? (a count: whole ticks), rightLabel?, xMin?, xMax?,
+ *         xTickValues?, xTicks?(value)->text,
  *         series: [{ name, key, axis: "left"|"right", points: [{x, y}], lines?: true }] }
  */
 export function lineChart(container, spec) {
@@ -43,7 +65,8 @@ export function lineChart(container, spec) {
   const xs = all.map((p) => p.x);
   const xMin = spec.xMin ?? (xs.length ? Math.min(...xs) : 0);
   const xMax = Math.max(spec.xMax ?? (xs.length ? Math.max(...xs) : 1), xMin + 1e-9);
-  const leftMax = niceMax(Math.max(0, ...plotted.filter((s) => s.axis !== "right").flatMap((s) => s.points.map((p) => p.y))));
+  const left = axisTicks(Math.max(0, ...plotted.filter((s) => s.axis !== "right").flatMap((s) => s.points.map((p) => p.y))), spec.leftWhole);
+  const leftMax = left.top;
   const rightMax = 1;
   const width = WIDTH - PAD.left - PAD.right;
   const height = HEIGHT - PAD.top - PAD.bottom;
@@ -58,7 +81,7 @@ export function lineChart(container, spec) {
   });
   chart.append(svg("title", {}, spec.title));
   const grid = svg("g", { class: "grid" });
-  for (const value of tickValues(leftMax)) {
+  for (const value of left.ticks) {
     const at = y(value, "left");
     grid.append(svg("line", { x1: PAD.left, x2: PAD.left + width, y1: at, y2: at }));
     grid.append(svg("text", { x: PAD.left - 6, y: at + 4, "text-anchor": "end" }, label(value)));
@@ -107,7 +130,7 @@ export function lineChart(container, spec) {
   for (const series of plotted) {
     const swatch = el("span", { class: "swatch", "aria-hidden": "true" });
     swatch.style.background = series.colour; // a CSSOM property, which CSP's style-src allows
-    legend.append(el("li", {}, swatch, series.axis === "right" ? `${series.name} (right axis)` : series.name));
+    legend.append(el("li", {}, swatch, bdi(series.name), series.axis === "right" ? " (right axis)" : ""));
   }
   container.append(chart, legend);
   return chart;
@@ -140,9 +163,11 @@ export function trainingChart(container, points, epochs) {
   });
 }
 
-function epochTicks(epochs) {
-  const step = Math.max(1, Math.ceil(epochs / 10));
-  const ticks = [];
-  for (let e = 1; e <= epochs; e += step) ticks.push(e);
+/** Whole epochs: 1, then multiples of a whole step (1, 2, 5, 10, 20...), at most about 10 ticks. */
+export function epochTicks(epochs) {
+  const last = Math.max(1, Math.floor(epochs));
+  const step = wholeStep(last / 10);
+  const ticks = [1];
+  for (let e = step; e <= last; e += step) if (e > 1) ticks.push(e);
   return ticks;
 }

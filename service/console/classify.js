@@ -4,7 +4,7 @@
 // Python SDK does; the version that answered and the round-trip time are shown with them.
 
 import { api } from "./api.js";
-import { clear, dropZone, el, say } from "./dom.js";
+import { bdi, clear, dropZone, el, errorParts, formatScore, say } from "./dom.js";
 
 const TOP = 5;
 const labelCache = new Map(); // "name@version" -> labels
@@ -58,7 +58,7 @@ function resultItem(file) {
   const preview = el("img", { alt: `the image ${file.name}`, class: "preview" });
   preview.src = URL.createObjectURL(file);
   preview.addEventListener("load", () => URL.revokeObjectURL(preview.src), { once: true });
-  const body = el("div", { class: "result-body" }, el("p", { class: "result-name" }, file.name || "pasted image"));
+  const body = el("div", { class: "result-body" }, el("p", { class: "result-name" }, bdi(file.name || "pasted image")));
   const status = el("p", { class: "result-meta", role: "status" }, "classifying…");
   body.append(status);
   return { item: el("li", { class: "result" }, preview, body), body, status };
@@ -73,9 +73,9 @@ function bars(top) {
       el(
         "li",
         { "data-index": prediction.index },
-        el("span", { class: "bar-label" }, prediction.label),
+        el("span", { class: "bar-label", title: prediction.label }, bdi(prediction.label)),
         el("span", { class: "bar", "aria-hidden": "true" }, fill),
-        el("span", { class: "score" }, prediction.score.toPrecision(3)),
+        el("span", { class: "score", title: String(prediction.score) }, formatScore(prediction.score)),
       ),
     );
   }
@@ -114,22 +114,22 @@ export function classifier(container, id, model) {
       return;
     }
     clear(results);
-    say(status, `Classifying ${images.length} image${images.length > 1 ? "s" : ""} with ${name}…`);
+    say(status, [`Classifying ${images.length} image${images.length > 1 ? "s" : ""} with `, bdi(name), "…"]);
     let failures = 0;
     for (const file of images) {
       const { item, body, status: line } = resultItem(file);
       results.append(item);
       try {
         const answer = await classify(name, file);
-        say(line, `${answer.model} version ${answer.version} · ${answer.milliseconds.toFixed(0)} ms`, "ok");
+        say(line, [bdi(answer.model), " version ", bdi(answer.version), ` · ${answer.milliseconds.toFixed(0)} ms`], "ok");
         line.classList.add("done");
         body.append(bars(answer.top));
       } catch (error) {
         failures += 1;
-        say(line, error.message, "error");
+        say(line, errorParts(error), "error");
       }
     }
-    say(status, failures ? `${failures} of ${images.length} failed.` : `Done: ${images.length} classified with ${name}.`, failures ? "error" : "ok");
+    say(status, failures ? `${failures} of ${images.length} failed.` : [`Done: ${images.length} classified with `, bdi(name), "."], failures ? "error" : "ok");
   }
 
   picker.addEventListener("change", () => run(picker.files));

@@ -1,5 +1,8 @@
 // Building the page from data. Everything a user or the server supplies goes in as text
-// (text nodes, textContent, attribute values): nothing here parses HTML.
+// (text nodes, textContent, attribute values): nothing here parses HTML. And every such string
+// goes in isolated (``bdi``: its own direction, ``unicode-bidi: isolate``), so that a
+// right-to-left label keeps its reading order and nothing in it can reorder the sentence or
+// the table around it.
 
 /** An element with attributes (strings, or booleans for presence) and children (nodes or text). */
 export function el(tag, attributes = {}, ...children) {
@@ -42,15 +45,45 @@ export function byId(id) {
   return node;
 }
 
-/** Sets a status line: ``kind`` is "info", "ok" or "error" (a class for the colour). */
-export function say(node, text, kind = "info") {
-  node.textContent = text;
+/** A string from the server or the user, isolated from the text around it (dir="auto"). */
+export function bdi(text) {
+  return el("bdi", {}, text === null || text === undefined ? "" : String(text));
+}
+
+/** Sets a status line: ``content`` is text, or a list of text and nodes (``bdi`` for what the
+ * server or the user said); ``kind`` is "info", "ok" or "error" (a class for the colour). */
+export function say(node, content, kind = "info") {
+  clear(node);
+  append(node, content);
   node.dataset.kind = kind;
 }
 
+/** An error for a status line: the server's own words (an ApiError's ``serverMessage``) isolated
+ * inside the console's sentence. */
+export function errorParts(error) {
+  const message = String(error && error.message !== undefined ? error.message : error);
+  const said = error && typeof error.serverMessage === "string" ? error.serverMessage : "";
+  const at = said ? message.lastIndexOf(said) : -1;
+  if (at < 0) return [message];
+  return [message.slice(0, at), bdi(said), message.slice(at + said.length)];
+}
+
+/** ``digits`` decimals; a value too small to show that way (a loss of 1.2e-7) in exponent form. */
 export function formatNumber(value, digits = 3) {
   if (value === null || value === undefined || Number.isNaN(Number(value))) return "–";
-  return Number(value).toFixed(digits);
+  const number = Number(value);
+  if (number !== 0 && Math.abs(number) < 10 ** -digits) return number.toExponential(1);
+  return number.toFixed(digits);
+}
+
+/** A probability or score with 3 significant digits in at most 7 characters: "0.912", "0.0123",
+ * and below 0.01 in exponent form ("1.23e-3", "2.40e-7") rather than a run of zeros. */
+export function formatScore(value) {
+  const score = Number(value);
+  if (!Number.isFinite(score)) return "–";
+  if (score === 0) return "0";
+  if (Math.abs(score) >= 0.01) return score.toPrecision(3);
+  return score.toExponential(2);
 }
 
 export function formatTime(unixSeconds) {

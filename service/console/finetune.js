@@ -1,12 +1,15 @@
 // Fine-tune: collect labelled examples (a folder of class folders, a zip of the same layout,
 // or images added under a class name), check them, send them with the config as one multipart
 // POST /v1/jobs (with upload progress), then follow the job's Server-Sent Events and chart
-// each epoch. When it succeeds, the new model can be tried right there.
+// each epoch. When it succeeds, the new model can be tried right there. Class names are held to
+// the server's rule (labels.js) as they are added: a refused one is listed with the rule it
+// breaks and blocks the upload until it is removed.
 
 import { api, num } from "./api.js";
 import { trainingChart } from "./charts.js";
 import { classifier } from "./classify.js";
-import { byId, clear, dropZone, el, say } from "./dom.js";
+import { append, bdi, byId, clear, dropZone, el, errorParts, formatNumber, say } from "./dom.js";
+import { labelProblem, visibleName } from "./labels.js";
 import { onModels, refreshModels } from "./models.js";
 import * as zip from "./zip.js";
 
@@ -14,6 +17,7 @@ const IMAGE_NAME = /\.(jpe?g|png|webp|bmp|gif)$/i;
 export const FEW_EXAMPLES = 5;
 
 const examples = new Map(); // class name -> [File]
+const refused = new Map(); // class name the server would refuse -> { problem, source, files }
 let skipped = 0;
 let running = null; // { controller, jobId }
 let tryModel = "";
@@ -26,11 +30,26 @@ function isHidden(path) {
   return path.split("/").some((part) => part.startsWith(".") || part === "__MACOSX");
 }
 
-function add(label, file) {
+/** Adds ``file`` under class ``label`` (from a ``source``: "folder" or "class name"); false when
+ * the name breaks the server's rule (the class is listed as refused instead). */
+function add(label, file, source) {
   const name = label.trim();
-  if (!name) return;
+  const problem = labelProblem(name);
+  if (problem) {
+    const entry = refused.get(name) || { problem, source, files: 0 };
+    entry.files += 1;
+    refused.set(name, entry);
+    return false;
+  }
   if (!examples.has(name)) examples.set(name, []);
   examples.get(name).push(file);
+  return true;
+}
+
+/** The sentence that says why a class was refused, naming it (its refused characters spelled out). */
+function refusal(name, { problem, source, files }) {
+  const what = source === "folder" ? "Folder" : "Class name";
+  return [`${what} “`, bdi(visibleName(name)), `” (${files} image${files === 1 ? "" : "s"}) was not added: the name ${problem}.`];
 }
 
 /** The class of a path ``a/b/class/image.png``: the image's folder; null when it has none. */
@@ -39,7 +58,7 @@ function classOf(path) {
   return parts.length >= 2 ? parts[parts.length - 2] : null;
 }
 
-function addFiles(files, labelOf) {
+function addFiles(files, labelOf, source) {
   let added = 0;
   for (const file of files) {
     const label = labelOf(file);
@@ -47,11 +66,17 @@ function addFiles(files, labelOf) {
       skipped += 1;
       continue;
     }
-    add(label, file);
-    added += 1;
+    if (add(label, file, source)) added += 1;
   }
   render();
   return added;
+}
+
+/** "Added 12 images from the folder." and, when some classes were refused, how many and where to look. */
+function added(count, where) {
+  const text = `Added ${count} images ${where}.`;
+  if (!refused.size) return [text, "ok"];
+  return [`${text} ${refused.size} class${refused.size === 1 ? " was" : "es were"} refused: see the list below.`, "error"];
 }
 
 async function addZip(file) {
@@ -59,7 +84,7 @@ async function addZip(file) {
   say(status, `Reading ${file.name}…`);
   try {
     const buffer = await file.arrayBuffer();
-    let added = 0;
+    let count = 0;
     for (const entry of zip.entries(buffer)) {
       const label = classOf(entry.name);
       const base = entry.name.split("/").pop();
@@ -68,27 +93,29 @@ async function addZip(file) {
         continue;
       }
       const blob = await zip.read(buffer, entry);
-      add(label, new File([blob], base, { type: "" }));
-      added += 1;
+      if (add(label, new File([blob], base, { type: "" }), "folder")) count += 1;
     }
     render();
-    say(status, `Added ${added} images from ${file.name}.`, "ok");
+    say(status, ...added(count, `from ${file.name}`));
   } catch (error) {
-    say(status, `${file.name}: ${error.message}`, "error");
+    say(status, [`${file.name}: `, ...errorParts(error)], "error");
   }
 }
 
-/** Warnings about the examples: each a sentence. */
+/** Warnings about the examples: each a sentence, as a list of text and isolated names. */
 export function warnings() {
   const found = [];
   const names = [...examples.keys()];
-  if (names.length === 1) found.push(`Only one class (${names[0]}): a classifier needs at least two.`);
+  if (names.length === 1) found.push(["Only one class (", bdi(names[0]), "): a classifier needs at least two."]);
   for (const [name, files] of examples) {
-    if (files.length < FEW_EXAMPLES) found.push(`Class ${name} has only ${files.length} image${files.length > 1 ? "s" : ""}; a few more per class train better.`);
+    if (files.length < FEW_EXAMPLES) found.push(["Class ", bdi(name), ` has only ${files.length} image${files.length > 1 ? "s" : ""}; a few more per class train better.`]);
     const seen = new Set();
     const repeated = new Set();
     for (const file of files) (seen.has(file.name) ? repeated : seen).add(file.name);
-    if (repeated.size) found.push(`Class ${name} has ${repeated.size} file name${repeated.size > 1 ? "s" : ""} more than once (${[...repeated].slice(0, 3).join(", ")}): the same image added twice?`);
+    if (repeated.size) {
+      const shown = [...repeated].slice(0, 3).flatMap((file, i) => (i ? [", ", bdi(file)] : [bdi(file)]));
+      found.push(["Class ", bdi(name), ` has ${repeated.size} file name${repeated.size > 1 ? "s" : ""} more than once (`, ...shown, "): the same image added twice?"]);
+    }
   }
   const folded = new Map();
   for (const name of names) {
@@ -96,9 +123,9 @@ export function warnings() {
     folded.set(key, [...(folded.get(key) || []), name]);
   }
   for (const group of folded.values()) {
-    if (group.length > 1) found.push(`Classes ${group.join(" and ")} differ only in case: one class or two?`);
+    if (group.length > 1) found.push(["Classes ", ...group.flatMap((name, i) => (i ? [" and ", bdi(name)] : [bdi(name)])), " differ only in case: one class or two?"]);
   }
-  if (skipped) found.push(`${skipped} file${skipped > 1 ? "s were" : " was"} skipped: not an image, or not inside a class folder.`);
+  if (skipped) found.push([`${skipped} file${skipped > 1 ? "s were" : " was"} skipped: not an image, or not inside a class folder.`]);
   return found;
 }
 
@@ -113,11 +140,22 @@ function render() {
       examples.delete(name);
       render();
     });
-    body.append(el("tr", {}, el("th", { scope: "row", class: "class-name" }, name), el("td", { class: "number" }, String(files.length)), el("td", {}, remove)));
+    body.append(el("tr", {}, el("th", { scope: "row", class: "class-name" }, bdi(name)), el("td", { class: "number" }, String(files.length)), el("td", {}, remove)));
+  }
+  for (const [name, entry] of refused) {
+    const remove = el("button", { type: "button", "aria-label": `Remove refused class ${visibleName(name)}` }, "Remove");
+    remove.addEventListener("click", () => {
+      refused.delete(name);
+      render();
+    });
+    body.append(
+      el("tr", { class: "refused" }, el("th", { scope: "row", class: "class-name" }, bdi(visibleName(name))), el("td", { class: "number" }, "refused"), el("td", {}, remove)),
+    );
   }
   byId("ft-summary").textContent = examples.size ? `${total} images in ${examples.size} classes` : "No examples yet.";
   const list = clear(byId("ft-warnings"));
-  for (const warning of warnings()) list.append(el("li", {}, warning));
+  for (const [name, entry] of refused) list.append(el("li", { class: "refusal" }, ...refusal(name, entry)));
+  for (const warning of warnings()) list.append(el("li", {}, ...warning));
 }
 
 function value(id) {
@@ -173,10 +211,25 @@ function drawChart(points, epochs) {
   trainingChart(byId("ft-chart"), points, epochs);
 }
 
+/** Forgets the previous job on screen (its id, chart, progress and try-it panel): a new start,
+ * refused or not, never shows the last job's figures as if they were its own. */
+function resetJob() {
+  byId("ft-job").textContent = "";
+  clear(byId("ft-chart"));
+  byId("ft-upload").value = 0;
+  byId("ft-progress").value = 0;
+  byId("ft-try").hidden = true;
+}
+
 async function start(event) {
   event.preventDefault();
   const status = byId("ft-status");
   const settings = config();
+  resetJob();
+  if (refused.size) {
+    say(status, `${refused.size} class${refused.size === 1 ? " has a name" : "es have names"} the server would refuse: rename ${refused.size === 1 ? "it" : "them"} and add ${refused.size === 1 ? "it" : "them"} again, or remove ${refused.size === 1 ? "it" : "them"} from the list.`, "error");
+    return;
+  }
   if (!examples.size) {
     say(status, "Add examples first: a folder, a zip, or images under a class name.", "error");
     return;
@@ -192,13 +245,9 @@ async function start(event) {
   const controller = new AbortController();
   running = { controller, jobId: "" };
   setRunning(true);
-  byId("ft-try").hidden = true;
   const uploadBar = byId("ft-upload");
   const progress = byId("ft-progress");
-  uploadBar.value = 0;
-  progress.value = 0;
   const points = [];
-  drawChart(points, settings.epochs);
   say(status, "Uploading the examples…");
   try {
     const job = await api.createJob(form, (loaded, total) => {
@@ -207,8 +256,9 @@ async function start(event) {
     }, controller.signal);
     uploadBar.value = 1;
     running.jobId = job.id;
-    byId("ft-job").textContent = `Job ${job.id}`;
-    say(status, `Job ${job.id} ${String(job.state || "").toLowerCase()}.`);
+    say(byId("ft-job"), ["Job ", bdi(job.id)]);
+    drawChart(points, settings.epochs);
+    say(status, ["Job ", bdi(job.id), ` ${String(job.state || "").toLowerCase()}.`]);
     let last = null;
     await api.watchJob(job.id, (kind, data) => {
       last = { kind, data };
@@ -222,14 +272,15 @@ async function start(event) {
         });
         drawChart(points, num(data.epochs));
         const eta = num(data.etaSeconds);
-        say(status, `Epoch ${num(data.epoch)} of ${num(data.epochs)}: train loss ${num(data.trainLoss).toFixed(4)}${eta ? `, about ${Math.ceil(eta)} s left` : ""}`);
+        say(status, `Epoch ${num(data.epoch)} of ${num(data.epochs)}: train loss ${formatNumber(num(data.trainLoss), 4)}${eta ? `, about ${Math.ceil(eta)} s left` : ""}`);
       } else if (kind === "features" || kind === "queued") {
-        say(status, data.message ? `Job ${job.id}: ${data.message}` : `Job ${job.id} ${kind}.`);
+        say(status, data.message ? ["Job ", bdi(job.id), ": ", bdi(data.message)] : ["Job ", bdi(job.id), ` ${kind}.`]);
       }
     }, controller.signal);
     finish(job.id, last, settings.outputModel);
   } catch (error) {
-    say(status, error.message, "error");
+    if (!running.jobId) resetJob(); // refused: no job of this start exists
+    say(status, errorParts(error), "error");
   } finally {
     running = null;
     setRunning(false);
@@ -239,21 +290,21 @@ async function start(event) {
 function finish(jobId, last, outputModel) {
   const status = byId("ft-status");
   if (!last) {
-    say(status, `Job ${jobId}: the event stream ended early; see Jobs.`, "error");
+    say(status, ["Job ", bdi(jobId), ": the event stream ended early; see Jobs."], "error");
     return;
   }
   const { kind, data } = last;
   if (kind === "succeeded") {
     byId("ft-progress").value = 1;
-    say(status, `Job ${jobId} succeeded: ${outputModel} is served.`, "ok");
+    say(status, ["Job ", bdi(jobId), " succeeded: ", bdi(outputModel), " is served."], "ok");
     tryModel = outputModel;
-    byId("ft-try-title").textContent = `Try ${outputModel}`;
+    append(clear(byId("ft-try-title")), "Try ", bdi(outputModel));
     byId("ft-try").hidden = false;
     refreshModels();
   } else if (kind === "cancelled") {
-    say(status, `Job ${jobId} was cancelled.`, "error");
+    say(status, ["Job ", bdi(jobId), " was cancelled."], "error");
   } else {
-    say(status, `Job ${jobId} ${kind}: ${data.message || "no reason given"}`, "error");
+    say(status, ["Job ", bdi(jobId), ` ${kind}: `, bdi(data.message || "no reason given")], "error");
   }
 }
 
@@ -266,19 +317,19 @@ async function cancel() {
     return;
   }
   const jobId = running.jobId;
-  say(status, `Cancelling job ${jobId}…`);
+  say(status, ["Cancelling job ", bdi(jobId), "…"]);
   try {
     await api.cancel(jobId); // the job's last event (cancelled) may come before this answer
   } catch (error) {
-    say(status, error.message, "error");
+    say(status, errorParts(error), "error");
   }
 }
 
 export function setUpFineTune() {
   const folder = byId("ft-folder");
   folder.addEventListener("change", () => {
-    const added = addFiles(folder.files, (file) => (isHidden(file.webkitRelativePath || file.name) ? null : classOf(file.webkitRelativePath || "")));
-    say(byId("ft-examples-status"), `Added ${added} images from the folder.`, "ok");
+    const count = addFiles(folder.files, (file) => (isHidden(file.webkitRelativePath || file.name) ? null : classOf(file.webkitRelativePath || "")), "folder");
+    say(byId("ft-examples-status"), ...added(count, "from the folder"));
     folder.value = "";
   });
   const archive = byId("ft-zip");
@@ -294,8 +345,14 @@ export function setUpFineTune() {
       byId("ft-class-name").focus();
       return;
     }
-    const added = addFiles(files, () => label);
-    say(byId("ft-examples-status"), `Added ${added} images to class ${label}.`, "ok");
+    const problem = labelProblem(label);
+    if (problem) {
+      say(byId("ft-examples-status"), ["Class name “", bdi(visibleName(label)), `” refused: the name ${problem}. No image was added.`], "error");
+      byId("ft-class-name").focus();
+      return;
+    }
+    const count = addFiles(files, () => label, "class name");
+    say(byId("ft-examples-status"), [`Added ${count} images to class `, bdi(label), "."], "ok");
   };
   classFiles.addEventListener("change", () => {
     addToClass(classFiles.files);
@@ -305,6 +362,7 @@ export function setUpFineTune() {
   dropZone(zone, classFiles, addToClass);
   byId("ft-clear").addEventListener("click", () => {
     examples.clear();
+    refused.clear();
     skipped = 0;
     render();
     say(byId("ft-examples-status"), "Examples cleared.");

@@ -3,7 +3,7 @@
 
 import { api, num } from "./api.js";
 import { trainingChart } from "./charts.js";
-import { byId, clear, el, formatDuration, formatNumber, formatTime, say } from "./dom.js";
+import { bdi, byId, clear, el, errorParts, formatDuration, formatNumber, formatTime, say } from "./dom.js";
 
 const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
 
@@ -18,7 +18,7 @@ function curveOf(job) {
 
 function showChart(job) {
   const config = job.config || {};
-  byId("jobs-chart-title").textContent = `Job ${job.id}: ${config.outputModel || ""} on ${config.baseModel || ""}`;
+  say(byId("jobs-chart-title"), ["Job ", bdi(job.id), ": ", bdi(config.outputModel || ""), " on ", bdi(config.baseModel || "")]);
   const points = curveOf(job);
   const holder = byId("jobs-chart");
   if (!points.length) {
@@ -59,7 +59,7 @@ export async function refreshJobs({ quiet = false } = {}) {
             await api.cancel(job.id);
             await refreshJobs();
           } catch (error) {
-            say(status, error.message, "error");
+            say(status, errorParts(error), "error");
           }
         });
         actions.append(cancel);
@@ -68,9 +68,9 @@ export async function refreshJobs({ quiet = false } = {}) {
         el(
           "tr",
           { "data-job": job.id },
-          el("th", { scope: "row" }, el("code", {}, job.id)),
-          el("td", {}, config.outputModel || "–", el("small", { class: "reason" }, `on ${config.baseModel || "?"}`)),
-          el("td", {}, el("span", { class: `state state-${state.toLowerCase()}` }, state), job.error ? el("small", { class: "reason" }, job.error) : null),
+          el("th", { scope: "row" }, el("code", { class: "job-id", title: job.id }, bdi(job.id))),
+          el("td", {}, bdi(config.outputModel || "–"), el("small", { class: "reason" }, "on ", bdi(config.baseModel || "?"))),
+          el("td", {}, el("span", { class: `state state-${state.toLowerCase()}` }, bdi(state)), job.error ? el("small", { class: "reason" }, bdi(job.error)) : null),
           el("td", { class: "nowrap" }, formatTime(job.createdAt)),
           el("td", { class: "nowrap" }, started && finished ? formatDuration(finished - started) : "–"),
           el("td", { class: "number" }, String(job.examples ?? 0)),
@@ -84,7 +84,7 @@ export async function refreshJobs({ quiet = false } = {}) {
     }
     if (!quiet) say(status, jobs.length ? `${jobs.length} job${jobs.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}` : "No jobs yet.");
   } catch (error) {
-    if (!quiet) say(status, error.message, "error");
+    if (!quiet) say(status, errorParts(error), "error");
   }
 }
 

@@ -2,7 +2,7 @@
 // (management calls: they need the token when the server has a token file).
 
 import { api } from "./api.js";
-import { byId, clear, el, say } from "./dom.js";
+import { bdi, byId, clear, el, errorParts, say } from "./dom.js";
 
 let listeners = [];
 let current = [];
@@ -30,27 +30,27 @@ export async function refreshModels({ quiet = false } = {}) {
     if (!quiet) say(status, `${current.length} model${current.length === 1 ? "" : "s"}, updated ${new Date().toLocaleTimeString()}`);
     if (changed || !quiet) for (const callback of listeners) callback(current);
   } catch (error) {
-    if (!quiet) say(status, error.message, "error");
+    if (!quiet) say(status, errorParts(error), "error");
   }
 }
 
 function render(list) {
   const body = clear(byId("models-body"));
   for (const model of list) {
-    const state = el("span", { class: `state state-${(model.state || "").toLowerCase()}` }, model.state || "");
+    const state = el("span", { class: `state state-${(model.state || "").toLowerCase()}` }, bdi(model.state || ""));
     const actions = el("div", { class: "actions" });
     const act = (text, run, confirmText) => {
       const button = el("button", { type: "button", "aria-label": `${text} ${model.name}` }, text);
       button.addEventListener("click", async () => {
         if (confirmText && !window.confirm(confirmText)) return;
         button.disabled = true;
-        say(byId("models-status"), `${text} ${model.name}…`);
+        say(byId("models-status"), [`${text} `, bdi(model.name), "…"]);
         try {
           await run(model.name);
           await refreshModels();
-          say(byId("models-status"), `${text} ${model.name}: done`, "ok");
+          say(byId("models-status"), [`${text} `, bdi(model.name), ": done"], "ok");
         } catch (error) {
-          say(byId("models-status"), `${text} ${model.name}: ${error.message}`, "error");
+          say(byId("models-status"), [`${text} `, bdi(model.name), ": ", ...errorParts(error)], "error");
         } finally {
           button.disabled = false;
         }
@@ -66,13 +66,13 @@ function render(list) {
       el(
         "tr",
         {},
-        el("th", { scope: "row" }, model.name),
-        el("td", {}, state, model.reason ? el("small", { class: "reason" }, model.reason) : null),
-        el("td", {}, model.version || "–"),
-        el("td", {}, model.runtime || "–"),
-        el("td", {}, (model.devices || []).join(", ") || "–"),
+        el("th", { scope: "row" }, bdi(model.name)),
+        el("td", {}, state, model.reason ? el("small", { class: "reason" }, bdi(model.reason)) : null),
+        el("td", {}, bdi(model.version || "–")),
+        el("td", {}, bdi(model.runtime || "–")),
+        el("td", {}, bdi((model.devices || []).join(", ") || "–")),
         el("td", { class: "number" }, String(model.numOutputs ?? "–")),
-        el("td", {}, model.baseModel || "–"),
+        el("td", {}, bdi(model.baseModel || "–")),
         el("td", { class: "number" }, String(model.pendingImages ?? "0")),
         el("td", {}, actions),
       ),

@@ -5,7 +5,7 @@
 
 import { api, num } from "./api.js";
 import { lineChart } from "./charts.js";
-import { byId, clear, el, say } from "./dom.js";
+import { bdi, byId, clear, el, errorParts, say } from "./dom.js";
 
 export const SAMPLE_SECONDS = 2;
 export const WINDOW_SECONDS = 5 * 60;
@@ -67,6 +67,7 @@ function draw() {
     title: "Images waiting in each model's queue",
     xLabel: "seconds ago",
     leftLabel: "images queued",
+    leftWhole: true,
     xMin,
     xMax: now,
     xTickValues: ticks,
@@ -81,7 +82,7 @@ function draw() {
   });
   const body = clear(byId("throughput-body"));
   const latest = new Map([...rates()].map(([device, points]) => [device, points[points.length - 1].y]));
-  for (const [device, rate] of latest) body.append(el("tr", {}, el("th", { scope: "row" }, device), el("td", { class: "number" }, rate.toFixed(1))));
+  for (const [device, rate] of latest) body.append(el("tr", {}, el("th", { scope: "row" }, bdi(device)), el("td", { class: "number" }, rate.toFixed(1))));
 }
 
 async function sample() {
@@ -90,7 +91,7 @@ async function sample() {
     draw();
     say(byId("throughput-status"), `Sampled every ${SAMPLE_SECONDS} s since this page opened; ${samples.length} samples.`);
   } catch (error) {
-    say(byId("throughput-status"), error.message, "error");
+    say(byId("throughput-status"), errorParts(error), "error");
   }
 }
 

@@ -12,21 +12,32 @@ at ``/`` of the HTTP port. It is a client of the public REST API and nothing els
   a browser revalidates, and an unchanged file costs a 304 with no body.
 
 The page needs no authorization (it holds no data); what it fetches meets the API's own checks.
+
+- **The server's rules, from their one definition**: the page's ``<html data-label-rule>`` is
+  filled when the port starts with the rule for class names (``vision_client.protocol.labels``)
+  and this server's ``--max-label-length``, so the console refuses a class name the server would
+  refuse before it uploads anything, without restating the rule in JavaScript.
 """
 
 from __future__ import annotations
 
 import hashlib
+import html
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 
 from aiohttp import web
 
+from service.config import FineTuneLimits
+from vision_client.protocol.labels import label_rule
+
 CONSOLE_PACKAGE = "service"
 CONSOLE_FOLDER = "console"
 INDEX = "index.html"
 FILE_PATH = "/console/{name}"
+LABEL_RULE_SLOT = b'data-label-rule=""'  # in index.html; filled by load_console
 
 _JS = "text/javascript; charset=utf-8"
 FILES: Mapping[str, str] = {
@@ -36,6 +47,7 @@ FILES: Mapping[str, str] = {
     "main.js": _JS,
     "api.js": _JS,
     "dom.js": _JS,
+    "labels.js": _JS,
     "charts.js": _JS,
     "zip.js": _JS,
     "models.js": _JS,
@@ -74,19 +86,34 @@ class ConsoleFile:
     etag: str
 
 
-def load_console() -> dict[str, ConsoleFile]:
-    """Every file of :data:`FILES` from the installed package; a missing one is a broken install."""
+def load_console(limits: FineTuneLimits | None = None) -> dict[str, ConsoleFile]:
+    """Every file of :data:`FILES` from the installed package, the page with this server's rules
+    (:func:`fill_page`); a missing file is a broken install."""
     folder = resources.files(CONSOLE_PACKAGE) / CONSOLE_FOLDER
     files = {}
     for name, content_type in FILES.items():
         body = (folder / name).read_bytes()
+        if name == INDEX:
+            body = fill_page(body, limits or FineTuneLimits())
         files[name] = ConsoleFile(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
     return files
 
 
-def console_routes(files: Mapping[str, ConsoleFile] | None = None) -> list[web.RouteDef]:
-    """``GET /`` (the page) and ``GET /console/{name}`` (its scripts, styles and icon)."""
-    served = dict(load_console() if files is None else files)
+def fill_page(page: bytes, limits: FineTuneLimits) -> bytes:
+    """The page with its ``data-label-rule`` attribute holding the rule for class names as JSON
+    (escaped for an attribute value), for this server's label limit."""
+    if page.count(LABEL_RULE_SLOT) != 1:
+        raise RuntimeError(f"the console's {INDEX} must hold {LABEL_RULE_SLOT.decode()} once (a broken install?)")
+    rule = html.escape(json.dumps(label_rule(limits.max_label_length), ensure_ascii=True), quote=True)
+    return page.replace(LABEL_RULE_SLOT, f'data-label-rule="{rule}"'.encode("ascii"))
+
+
+def console_routes(
+    files: Mapping[str, ConsoleFile] | None = None, *, limits: FineTuneLimits | None = None
+) -> list[web.RouteDef]:
+    """``GET /`` (the page) and ``GET /console/{name}`` (its scripts, styles and icon); ``limits``:
+    the server's fine-tuning limits, whose label length the page's rule for class names carries."""
+    served = dict(load_console(limits) if files is None else files)
 
     async def index(request: web.Request) -> web.StreamResponse:
         return _answer(request, served[INDEX])
