@@ -347,3 +347,32 @@ def test_every_cap_is_a_flag_and_an_environment_variable() -> None:
     assert config_from_args(build_serve_parser(environ).parse_args([])).fine_tuning.max_finished_jobs == 7
     with pytest.raises(SystemExit):
         build_serve_parser({}).parse_args(["--max-queued-jobs", "0"])
+
+
+def test_a_label_with_an_override_is_refused_at_create_job_on_both_ports(serve_inprocess) -> None:
+    """gRPC and the REST multipart upload reach the one rule: INVALID_ARGUMENT (400) naming the
+    character, and the server goes on."""
+    import asyncio
+
+    import aiohttp
+
+    server = serve_inprocess()
+    images, _ = digits()
+    batch = _examples(4)
+    batch.examples.examples[1].label = "\u202eevil"
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as error:
+        _create(pb_grpc.FineTuningStub(channel), _config("override"), batch)
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "example 1's label '\\u202eevil' has U+202E (RIGHT-TO-LEFT OVERRIDE)" in error.value.details()
+
+    async def upload() -> tuple[int, str]:
+        form = aiohttp.FormData(quote_fields=False)
+        form.add_field("config", '{"baseModel": "alexnet", "outputModel": "override-rest"}', filename="config.json",
+                       content_type="application/json")  # fmt: skip
+        for index, label in enumerate(["a", "\u202eevil", "a", "b"]):
+            form.add_field(label, images[index], filename=f"{index}.png", content_type="image/png")
+        async with aiohttp.ClientSession() as session, session.post(f"{server.http_url}/v1/jobs", data=form) as answer:
+            return answer.status, (await answer.json())["error"]
+
+    status, message = asyncio.run(upload())
+    assert status == 400 and "has U+202E (RIGHT-TO-LEFT OVERRIDE)" in message, (status, message)
