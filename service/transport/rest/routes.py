@@ -36,7 +36,7 @@ OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thr
 T = TypeVar("T")
 # Set by the server (``server.py``) once a request is let in: whether its caller counts as this host
 # (a loopback peer whose Host names this host, ``AccessPolicy.is_local``): who may name shared memory.
-LOCAL_CALLER = "vision.local_caller"
+LOCAL_CALLER = web.RequestKey("local_caller", bool)
 
 Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 1024
 HEADER_TIMEOUT_S = 15.0
 HANDSHAKE_TIMEOUT_S = 10.0
-_ADMITTED = "vision.admitted"  # the request passed its checks in the Expect handler already
+_ADMITTED = web.RequestKey("admitted", bool)  # the request passed its checks in the Expect handler
 
 
 class _BodyProblem(Exception):
