@@ -767,7 +767,9 @@ def jobs_on(server: Any) -> int:
 RTL_LABELS = ("\u05e9\u05dc\u05d5\u05dd", "\u0645\u0631\u062d\u0628\u0627 1", "abc (2)")
 
 
-def test_right_to_left_labels_render_isolated_and_small_scores_fit(page: Page, console_server: Any) -> None:
+def test_right_to_left_labels_render_isolated_and_small_scores_fit(
+    page: Page, console_server: Any, tmp_path: Path
+) -> None:
     """A fine-tuned model whose labels are Hebrew and Arabic: each label, and every other string
     from the server, is in its own ``bdi`` (isolated), so the score stays at the end of its row;
     scores are short whatever their size."""
@@ -777,8 +779,7 @@ def test_right_to_left_labels_render_isolated_and_small_scores_fit(page: Page, c
     page.open("classify")
     page.wait(lambda d: d.find_elements("css selector", "#classify-model option[value=rtl-labels]"))
     page.find("#classify-model option[value=rtl-labels]").click()
-    image = Path(page.screenshots) / "rtl.png"
-    image.parent.mkdir(parents=True, exist_ok=True)
+    image = tmp_path / "rtl.png"
     image.write_bytes(encode(Image.new("RGB", (40, 40), (200, 30, 90)), "PNG"))
     page.upload("classify-files", image)
     page.wait(lambda d: len(d.find_elements("css selector", "#classify-results .bars li")) == 3)
