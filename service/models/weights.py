@@ -126,7 +126,10 @@ def _seeded_random(spec: ModelSpec) -> torch.nn.Module:
     Every weight is drawn again from a generator of its own rather than torch's global one,
     which other threads (fine-tuning, another model loading) may draw from at the same time.
     The rule is VGG's and ResNet's own initialization (He for convolutions, N(0, 0.01) for
-    linear layers, zero biases, unit batch norms).
+    linear layers, zero biases, unit batch norms), then :func:`_calibrate` on seeded synthetic
+    images, without which the networks answer nothing useful: ResNet101's logits reach 1e5
+    (its unit batch norms let every residual block grow the signal), VGG16's shrink to 0.1, and
+    both give every image the same top class. Costs one forward pass of a few images at start-up.
     """
     generator = torch.Generator().manual_seed(RANDOM_SEED + zlib.crc32(spec.name.encode()))
     model = _unset(spec).to_empty(device="cpu")
@@ -148,7 +151,107 @@ def _seeded_random(spec: ModelSpec) -> torch.nn.Module:
                 continue
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
+    _calibrate(model, spec, generator)
     return model
+
+
+CALIBRATION_IMAGES = 6  # synthetic images of one forward pass at start-up (measured: docs/operations.md)
+LOGIT_STD = 3.0  # spread of the calibrated logits: top scores of about 10, softmax neither flat nor one-hot
+
+
+def _calibrate(model: torch.nn.Module, spec: ModelSpec, generator: torch.Generator) -> None:
+    """Data-dependent initialization (after LSUV, Mishkin and Matas 2016) in one forward pass of
+    :data:`CALIBRATION_IMAGES` seeded synthetic images: each convolution and linear layer is
+    divided by one number so that its output has unit spread, and the last layer loses the
+    direction all features share (post-ReLU features are all positive: that direction would pick
+    one top class for every image) and is centred per class and spread to :data:`LOGIT_STD`.
+
+    Only scales change (and the last layer): batch norms keep unit statistics, so the features a
+    fine-tuned head learns from are torchvision's random network's, at a sane size. The scales
+    are rounded to 3 significant digits, so that machines whose thread counts sum in another
+    order still agree on the weights.
+    """
+    last = spec.classifier(model)
+
+    def unit_spread(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        bias = getattr(module, "bias", None)
+        if isinstance(
+            bias, torch.Tensor
+        ):  # centred per channel too, where the layer has a bias (not before a batch norm)
+            channels = output.transpose(0, 1).flatten(1)
+            mean = channels.mean(1).to(torch.bfloat16).float()
+            bias.sub_(mean)
+            output = output - mean.view(1, -1, *([1] * (output.dim() - 2)))
+        scale = _rounded(float(output.std()))
+        _scale_layer(module, scale)
+        return output / scale
+
+    def centred_logits(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        features = inputs[0]
+        shared = features.mean(0)
+        shared = shared / shared.norm().clamp_min(1e-12)
+        weight = module.get_parameter("weight")
+        weight.sub_(torch.outer(weight @ shared, shared))
+        output = torch.nn.functional.linear(features, weight, module.get_parameter("bias"))
+        mean = output.mean(0)
+        # The spread a feature vector of the calibration's length would get, not the spread of
+        # what is left of the calibration's own: images unlike those differ from them more.
+        scale = _rounded(float(weight.std() * features.square().sum(1).mean().sqrt()) / LOGIT_STD)
+        _scale_layer(module, scale)
+        bias = module.get_parameter("bias")
+        bias.sub_((mean / scale).to(torch.bfloat16).float())
+        return (output - mean) / scale
+
+    hooks = [
+        module.register_forward_hook(centred_logits if module is last else unit_spread)
+        for module in model.modules()
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model(_synthetic_images(spec, generator))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _synthetic_images(spec: ModelSpec, generator: torch.Generator) -> torch.Tensor:
+    """Seeded stand-ins for what a server is shown, as the model's preprocessing leaves them:
+    textures (noise at every scale from blobs to single pixels, whose sum has a photograph's
+    falling spectrum, shared in part between the colour channels), smooth shading (the blobs
+    only), and near-flat colours, in [0, 1], normalized with the weights' mean and deviation.
+    The spread of kinds matters more than their number: statistics taken on textures alone
+    leave flat images far outside them, and deep networks multiply the difference."""
+    size = spec.crop_size
+    kinds = torch.arange(CALIBRATION_IMAGES) % 3  # 0 texture, 1 shading, 2 flat
+    pixels = torch.zeros(CALIBRATION_IMAGES, 3, size, size)
+    for cells in (2, 4, 8, 16, 32, 64, size):
+        coarse = torch.randn(CALIBRATION_IMAGES, 1, cells, cells, generator=generator) + 0.5 * torch.randn(
+            CALIBRATION_IMAGES, 3, cells, cells, generator=generator
+        )
+        layer = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+        weight = torch.where(kinds == 0, 1.0, torch.where(kinds == 1, float(cells <= 8), 0.05))
+        pixels += weight.view(-1, 1, 1, 1) * layer
+    pixels = pixels / pixels.flatten(1).std(1).view(-1, 1, 1, 1)
+    pixels = torch.where((kinds == 2).view(-1, 1, 1, 1), 0.1 * pixels, pixels)
+    colours = 3.0 * torch.randn(CALIBRATION_IMAGES, 3, 1, 1, generator=generator)
+    pixels = torch.sigmoid(pixels + colours)
+    transforms = spec.transforms()
+    mean = torch.tensor(getattr(transforms, "mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(transforms, "std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def _scale_layer(module: torch.nn.Module, scale: float) -> None:
+    module.get_parameter("weight").div_(scale)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.div_(scale)
+
+
+def _rounded(value: float) -> float:
+    """``value`` to 3 significant digits (never 0: a dead layer keeps its scale)."""
+    return float(f"{value:.3g}") if value > 0 else 1.0
 
 
 def _unset(spec: ModelSpec) -> torch.nn.Module:
