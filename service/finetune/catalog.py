@@ -38,7 +38,7 @@ from service.errors import (
 from service.factory import ModelFactory
 from service.files import TimedOut, call_with_timeout
 from service.finetune.heads import StandardizedHead
-from service.finetune.names import is_model_name
+from service.finetune.names import is_model_name, validate_model_name
 from service.finetune.store import Manifest, ModelStore, StoreReason
 from service.finetune.trainer import TrainMetrics
 from service.metrics import ServerMetrics
@@ -280,6 +280,7 @@ class FineTunedModels:
         """
         if name in self._repository.builtin_names():
             raise BuiltinModelError(name, "deleted")
+        validate_model_name(name, "name")  # INVALID_ARGUMENT with the rule, not NOT_FOUND
         store = self.require_store()
         store.delete(name)  # NOT_FOUND if the store holds no such model
         if name in self._repository:

@@ -73,7 +73,11 @@ class JobHistory:
 
     def _names(self) -> list[str]:
         """Record names, oldest first."""
-        names = (info.key.removeprefix(f"{JOBS_FOLDER}/") for info in self.objects.list(f"{JOBS_FOLDER}/"))
+        names = []
+        for info in self.objects.list(f"{JOBS_FOLDER}/"):
+            if info.error:  # the records' folder cannot be listed: say so, never "no such job"
+                raise OSError(f"cannot list {info.key or JOBS_FOLDER}: {info.error}")
+            names.append(info.key.removeprefix(f"{JOBS_FOLDER}/"))
         return sorted(name for name in names if _RECORD.fullmatch(name))
 
     def _read(self, name: str) -> Job | None:

@@ -43,7 +43,7 @@ from service.errors import (
 from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels
 from service.finetune.examples import ExampleCollector, check_images
-from service.finetune.history import JobHistory
+from service.finetune.history import JOBS_FOLDER, JobHistory
 from service.finetune.job import EpochMetrics, Job, JobEvent, JobState
 from service.finetune.pipeline import JobPipeline
 from service.finetune.spec import check_head, check_limits
@@ -79,6 +79,7 @@ class JobManager:
         self._history = JobHistory(store.objects, self.limits.max_finished_jobs) if store is not None else None
         self._pipeline = JobPipeline(dataplane, builtin, catalog, metrics, self._emit) if store is not None else None
         self._uploads = 0
+        self._watchers: dict[str, int] = {}  # job id -> its watchers now (see watch)
         self._tasks: set[asyncio.Task[None]] = set()
         self._devices: asyncio.Queue[torch.device] = asyncio.Queue()
         for device in repository.devices:
@@ -140,6 +141,9 @@ class JobManager:
                 f"the model store already holds a model named {quote(config.output_model)}; "
                 "pick another name or set replace"
             )
+        # The store must take writes now: a job accepted into a store it cannot write to would
+        # fail only after its training.
+        await self._ask_store(self._probe_store, "write to")
         decoder = self._repository.get(config.base_model).decoder
         await check_images(decoder, examples.images, self._dataplane.decode_pool)
         self._check_queue()  # again: other jobs may have been queued while the images were checked
@@ -189,8 +193,19 @@ class JobManager:
         assert self._store is not None
         try:
             return await call_with_timeout(question, READ_TIMEOUT_S, "store-jobs")
-        except (OSError, TimedOut) as exc:
+        except TimedOut as exc:
+            raise UnavailableError(
+                f"cannot {action} the model store {self._store.location}: no answer within {READ_TIMEOUT_S:g}s; retry"
+            ) from exc
+        except OSError as exc:
             raise UnavailableError(f"cannot {action} the model store {self._store.location}: {exc}; retry") from exc
+
+    def _probe_store(self) -> None:
+        """Write and delete a small object in the store's job records (blocking)."""
+        assert self._store is not None
+        key = f"{JOBS_FOLDER}/.probe-{uuid.uuid4().hex}"
+        self._store.objects.write(key, b"")
+        self._store.objects.delete(key)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
         """Every event of the job so far, then each new one until it ends."""
@@ -198,6 +213,35 @@ class JobManager:
         if job.state.terminal and not job.events:  # a record from the store: only its end is known
             yield job.final_event()
             return
+        with self._watching(job.id):
+            async for event in self._follow(job):
+                yield event
+
+    @contextlib.contextmanager
+    def _watching(self, job_id: str) -> Iterator[None]:
+        """Count a watcher of ``job_id`` within the caps. Each watcher reads the job's event list at
+        its own pace (a slow one gets what it missed in one go), so the job's cost per event is a
+        wake-up per watcher; the caps bound that, and the event-loop time watchers take."""
+        limits = self.limits
+        if self._watchers.get(job_id, 0) >= limits.max_watchers_per_job:
+            raise QueueFullError(
+                f"job {quote(job_id)} has {limits.max_watchers_per_job} watchers already, the most one job takes "
+                "(--max-job-watchers); watch it from one place, or poll GetJob"
+            )
+        if sum(self._watchers.values()) >= limits.max_watchers:
+            raise QueueFullError(
+                f"{limits.max_watchers} job watchers are open already, the most this server takes "
+                "(--max-watchers); retry when one has closed, or poll GetJob"
+            )
+        self._watchers[job_id] = self._watchers.get(job_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._watchers[job_id] -= 1
+            if not self._watchers[job_id]:
+                del self._watchers[job_id]
+
+    async def _follow(self, job: Job) -> AsyncIterator[JobEvent]:
         sent = 0
         while True:
             async with job.changed:
