@@ -139,3 +139,13 @@ def test_fetch_weights_failure_explains_how_to_pre_seed(tmp_path) -> None:
     assert "vision-serve: error: cannot get pretrained weights for alexnet (" in result.stderr
     assert "TORCH_HOME" in result.stderr and "--weights" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_plot_hint_installs_what_the_plot_extra_names() -> None:
+    """The hint works from a checkout and from PyPI alike: it names the extra's own requirement."""
+    import tomllib
+
+    from vision_client import _plot
+
+    extra = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert _plot.INSTALL_HINT == f"pip install '{extra['plot'][0]}'"

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from vision_client._types import JobEvent
 
-INSTALL_HINT = "pip install 'vision-client[plot]'"
+# matplotlib itself, with the [plot] extra's bound: works from PyPI and from a checkout alike
+# (the extra by name would make pip look for vision-client on PyPI from a checkout).
+INSTALL_HINT = "pip install 'matplotlib>=3.8'"
 
 
 class PlotUnavailableError(ImportError):
