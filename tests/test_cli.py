@@ -148,4 +148,4 @@ def test_the_plot_hint_installs_what_the_plot_extra_names() -> None:
     from vision_client import _plot
 
     extra = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert _plot.INSTALL_HINT == f"pip install '{extra['plot'][0]}'"
+    assert f"pip install '{extra['plot'][0]}'" == _plot.INSTALL_HINT
