@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SERVE_ARGS ?=
+# `make serve` listens on this machine only; SERVE_HOST=0.0.0.0 opens it to the network
+# (vision-serve's own --host default is 0.0.0.0, for containers).
+SERVE_HOST ?= 127.0.0.1
 
 .PHONY: install install-test serve test fuzz protos screenshots bench lint clean image-test kserve-venv
 
@@ -52,7 +55,7 @@ system-test-tools:
 	  $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null; }
 
 serve: install
-	$(VENV)/bin/vision-serve $(SERVE_ARGS)
+	$(VENV)/bin/vision-serve --host $(SERVE_HOST) $(SERVE_ARGS)
 
 # Lint and types (well under a minute) before the suite: make test fails on either.
 # The suite runs one test file at a time per worker (module-scoped servers stay in one process);
