@@ -155,7 +155,7 @@ def _seeded_random(spec: ModelSpec) -> torch.nn.Module:
     return model
 
 
-CALIBRATION_IMAGES = 6  # synthetic images of one forward pass at start-up (measured: docs/operations.md)
+CALIBRATION_IMAGES = 6  # synthetic images of one forward pass at start-up (VGG16: about 2 s more on 2 cores)
 LOGIT_STD = 3.0  # spread of the calibrated logits: top scores of about 10, softmax neither flat nor one-hot
 
 
