@@ -1,29 +1,34 @@
 """A job's work: extract the base model's features, train a head on them, publish it.
 
 Features are computed once, through the same batched path inference uses (an internal
-feature-extractor model sharing the backbone's weights); the job's images are released
-as soon as that is done. The head trains in a worker thread; the result is written to
-the store and served.
+feature-extractor model sharing the backbone's weights), a chunk of images at a time;
+each chunk's images are let go as soon as its features are in, and the job keeps only
+what training needs (features and targets). The head trains in a worker thread; the
+result is written to the store and served. When the job ends, however it ends, its
+memory is handed back (:func:`service.memory.release_memory`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import traceback
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import numpy as np
 import torch
 
 from service.cpus import usable_cores, use_torch_threads
 from service.dataplane import DataPlane, InferenceInput
 from service.errors import InvalidInputError
 from service.finetune.catalog import FineTunedModels
+from service.finetune.examples import TrainingExamples
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.store import Manifest
 from service.finetune.trainer import EpochReport, JobCancelled, TrainResult, train_head
 from service.loader import BuiltinModels
+from service.memory import release_memory
 from service.metrics import ServerMetrics
 
 FEATURE_CHUNK = 32  # images per feature-extraction request
@@ -48,28 +53,58 @@ class JobPipeline:
         self._emit = emit
 
     async def run(self, job: Job, device: torch.device) -> None:
-        """Run ``job`` to its published head; raises JobCancelled or a VisionServeError to end it otherwise."""
-        features, targets = await self.extract_features(job)
-        result = await self.train(job, features, targets, device)
-        await self.publish(job, result)
+        """Run ``job`` to its published head; raises JobCancelled or a VisionServeError to end it otherwise.
+
+        However it ends, the job's features are let go and the allocator's free pages handed back
+        before this returns (an exception's frames would otherwise keep them until it is dropped).
+        """
+        try:
+            features, targets = await self.extract_features(job)
+            try:
+                result = await self.train(job, features, targets, device)
+            finally:
+                del features, targets
+            await self.publish(job, result)
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)  # the frames keep their lines, not their tensors
+            raise
+        finally:
+            job.examples = None
+            await release_memory()
 
     async def extract_features(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [N, D] and training targets; the job's images are released afterwards."""
+        """Features [N, D] (float32) and training targets, and nothing else of the examples.
+
+        The images are taken from the job and preprocessed one chunk at a time, through the
+        batched path; each chunk's features go straight into their rows of one tensor made
+        up front, and each chunk's images are let go once its features are in. So the job
+        holds, at most, its encoded images, the features and one chunk's pixels, whatever
+        its example count.
+        """
         examples = job.examples
         assert examples is not None, "a job's examples are extracted once"
+        job.examples = None  # from here the images are the extraction's, and go chunk by chunk
+        count = len(examples)
+        pending = deque(examples.images)
+        targets = _targets(examples, job.labels)
+        del examples
         model = self._builtin.features_model(job.config.base_model)
-        images = examples.images
-        chunks: list[np.ndarray] = []
+        features: torch.Tensor | None = None  # [N, D], made once the first chunk says D
         started = time.monotonic()
-        for start in range(0, len(images), FEATURE_CHUNK):
+        done = 0
+        while pending:
             if job.cancel_requested.is_set():
                 raise JobCancelled("cancelled")
-            chunk = images[start : start + FEATURE_CHUNK]
+            chunk = [pending.popleft() for _ in range(min(FEATURE_CHUNK, len(pending)))]
             try:
-                chunks.append(await self._dataplane.infer_model(model, InferenceInput(images=chunk)))
+                rows = await self._dataplane.infer_model(model, InferenceInput(images=chunk))
             except InvalidInputError as exc:
-                raise InvalidInputError(f"examples {start}-{start + len(chunk) - 1}: {exc.message}") from exc
-            done = start + len(chunk)
+                raise InvalidInputError(f"examples {done}-{done + len(chunk) - 1}: {exc.message}") from exc
+            if features is None:
+                features = torch.empty((count, rows.shape[1]), dtype=torch.float32)
+            features[done : done + len(chunk)] = torch.from_numpy(rows)
+            done += len(chunk)
+            del chunk, rows
             elapsed = time.monotonic() - started
             await self._emit(
                 job,
@@ -78,19 +113,13 @@ class JobPipeline:
                     JobState.RUNNING,
                     "features",
                     epochs=job.config.epochs,
-                    progress=FEATURE_SHARE * done / len(images),
-                    eta_seconds=elapsed / done * (len(images) - done),
-                    message=f"features of {done}/{len(images)} examples",
+                    progress=FEATURE_SHARE * done / count,
+                    eta_seconds=elapsed / done * (count - done),
+                    message=f"features of {done}/{count} examples",
                 ),
             )
-        if examples.labels is not None:
-            index = {name: i for i, name in enumerate(job.labels)}
-            targets = torch.tensor([index[label] for label in examples.labels], dtype=torch.long)
-        else:
-            assert examples.targets is not None
-            targets = torch.from_numpy(examples.targets)
-        job.examples = None  # the images are not needed any more: let them go
-        return torch.from_numpy(np.concatenate(chunks)).float(), targets
+        assert features is not None
+        return features, targets
 
     async def train(self, job: Job, features: torch.Tensor, targets: torch.Tensor, device: torch.device) -> TrainResult:
         loop = asyncio.get_running_loop()
@@ -118,7 +147,9 @@ class JobPipeline:
             # A base model unloaded meanwhile ends the job at the next batch: its head could not be served.
             return job.cancel_requested.is_set() or not self._catalog.base_served(base)
 
-        def train() -> TrainResult:
+        # The features are arguments, not a closure's cells: a frame's locals are let go when the
+        # job ends (run clears them), a closure's cells would live on with the function.
+        def train(features: torch.Tensor, targets: torch.Tensor) -> TrainResult:
             use_torch_threads(usable_cores())  # this pool thread's own count (see use_torch_threads)
             return train_head(
                 features,
@@ -131,7 +162,7 @@ class JobPipeline:
             )
 
         try:
-            return await asyncio.to_thread(train)
+            return await asyncio.to_thread(train, features, targets)
         except JobCancelled:
             if not job.cancel_requested.is_set():
                 self._catalog.require_base(base)  # raises: the base was unloaded
@@ -143,3 +174,12 @@ class JobPipeline:
             raise JobCancelled("cancelled")
         job.metrics = result.metrics
         return await self._catalog.publish(job.config, result.head, job.labels, result.metrics, job.id)
+
+
+def _targets(examples: TrainingExamples, labels: list[str]) -> torch.Tensor:
+    """Class ids [N] (cross_entropy) or target values [N, T] (mse) of ``examples``."""
+    if examples.labels is not None:
+        index = {name: i for i, name in enumerate(labels)}
+        return torch.tensor([index[label] for label in examples.labels], dtype=torch.long)
+    assert examples.targets is not None
+    return torch.from_numpy(examples.targets)

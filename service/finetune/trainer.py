@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,6 +20,7 @@ from service.finetune.heads import StandardizedHead, build_head
 from vision_client.protocol import FineTuneConfig
 
 CPU = torch.device("cpu")
+ROWS_AT_ONCE = 2048  # rows of features taken at once for statistics and validation
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,11 @@ def train_head(
     classification = config.loss == "cross_entropy"
     train_idx, val_idx = split_indices(targets, config.validation_fraction, config.seed, stratify=classification)
     fit = _Fit(config, num_outputs, classification, device, cancelled)
-    selection = fit.run(features[train_idx], targets[train_idx], features[val_idx], targets[val_idx], on_epoch)
+    selection = fit.run(features, targets, train_idx, val_idx, on_epoch)
     model = selection.model
     if config.refit and len(val_idx) and selection.best_epoch:
-        model = fit.run(features, targets, features[:0], targets[:0], None, epochs=selection.best_epoch).model
+        every = torch.arange(len(targets))
+        model = fit.run(features, targets, every, every[:0], None, epochs=selection.best_epoch).model
     return TrainResult(
         head=model.eval().cpu(),
         metrics=TrainMetrics(
@@ -170,26 +172,32 @@ class _Fit:
 
     def run(
         self,
-        x_train: torch.Tensor,
-        y_train: torch.Tensor,
-        x_val: torch.Tensor,
-        y_val: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        train_idx: torch.Tensor,
+        val_idx: torch.Tensor,
         on_epoch: Callable[[EpochReport], None] | None,
         *,
         epochs: int | None = None,
     ) -> _Outcome:
+        """Train on rows ``train_idx`` of ``x`` and ``y``, choosing the epoch on rows ``val_idx``.
+
+        The rows are taken by index, a batch at a time: the features are never copied whole
+        (on the CPU they are used where they are), so training adds to a job's memory only
+        a batch and the head's own.
+        """
         config, device = self.config, self.device
         epochs = epochs or config.epochs
-        x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
-        mean, std = _statistics(x_train)
+        x, y, train_idx, val_idx = (t.to(device) for t in (x, y, train_idx, val_idx))
+        mean, std = _statistics(x, train_idx)
         target_stats: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         if not self.classification:
-            target_mean, target_std = _statistics(y_train)
+            target_mean, target_std = _statistics(y, train_idx)
             target_stats = (target_mean, target_std)
-            y_train, y_val = (y_train - target_mean) / target_std, (y_val - target_mean) / target_std
+            y = (y - target_mean) / target_std  # a copy of the targets only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            head = build_head(config.head, x_train.shape[1], self.num_outputs)
+            head = build_head(config.head, x.shape[1], self.num_outputs)
             model = StandardizedHead(head, mean, std, *target_stats).to(device)
         optimizer = _optimizer(config, model)
         generator = torch.Generator().manual_seed((config.seed + 1) % 2**64)  # any uint64 seed
@@ -200,10 +208,10 @@ class _Fit:
         epochs_run = 0
         for epoch in range(1, epochs + 1):
             epoch_started = time.monotonic()
-            train_loss, seen = self._epoch(model, optimizer, x_train, y_train, generator)
+            train_loss, seen = self._epoch(model, optimizer, x, y, train_idx, generator)
             epochs_run = epoch
-            val_loss, val_acc = _evaluate(model, x_val, y_val, self.loss_fn, self.classification)
-            if len(x_val) == 0:
+            val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification)
+            if len(val_idx) == 0:
                 score = (train_loss, 0.0)
             elif self.classification:
                 score = (-val_acc, val_loss)
@@ -223,7 +231,7 @@ class _Fit:
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
-        val_loss, val_acc = _evaluate(model, x_val, y_val, self.loss_fn, self.classification)
+        val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification)
         return _Outcome(model, train_loss, val_loss, val_acc, best_epoch, epochs_run)
 
     def _epoch(
@@ -232,10 +240,11 @@ class _Fit:
         optimizer: torch.optim.Optimizer,
         x: torch.Tensor,
         y: torch.Tensor,
+        rows: torch.Tensor,
         generator: torch.Generator,
     ) -> tuple[float, int]:
         model.train()
-        order = torch.randperm(len(x), generator=generator).to(x.device)
+        order = rows[torch.randperm(len(rows), generator=generator).to(rows.device)]
         total, seen = 0.0, 0
         for start in range(0, len(order), self.config.batch_size):
             if self.cancelled():
@@ -258,28 +267,56 @@ def _optimizer(config: FineTuneConfig, model: nn.Module) -> torch.optim.Optimize
     return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
 
 
-def _statistics(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and standard deviation of the training rows.
+def _statistics(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and standard deviation of rows ``rows`` of ``values``.
 
     A column that is constant in training (common for post-ReLU features) gets
     a deviation of 1, as scikit-learn's StandardScaler does: dividing by a tiny
-    deviation would blow up any non-zero value it takes at serving time.
+    deviation would blow up any non-zero value it takes at serving time. Up to
+    :data:`ROWS_AT_ONCE` rows are taken at once; more are summed a slice at a time
+    (in float64), so that no copy of the training rows is ever made.
     """
-    mean = values.mean(0)
-    if len(values) < 2:
+    if len(rows) <= ROWS_AT_ONCE:
+        taken = values[rows]
+        mean = taken.mean(0)
+        std = taken.std(0, unbiased=False) if len(rows) >= 2 else None
+    else:
+        total = torch.zeros(values.shape[1:], dtype=torch.float64, device=values.device)
+        for part in _slices(rows):
+            total += values[part].sum(0, dtype=torch.float64)
+        mean64 = total / len(rows)
+        squares = torch.zeros_like(total)
+        for part in _slices(rows):
+            squares += ((values[part].double() - mean64) ** 2).sum(0)
+        mean, std = mean64.to(values.dtype), (squares / len(rows)).sqrt().to(values.dtype)
+    if std is None:
         return mean, torch.ones_like(mean)
-    std = values.std(0, unbiased=False)
     return mean, torch.where(std < 1e-6 * (1 + mean.abs()), torch.ones_like(std), std)
 
 
+def _slices(rows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``rows`` in consecutive parts of at most :data:`ROWS_AT_ONCE`."""
+    for start in range(0, len(rows), ROWS_AT_ONCE):
+        yield rows[start : start + ROWS_AT_ONCE]
+
+
 def _evaluate(
-    model: StandardizedHead, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, classification: bool
+    model: StandardizedHead, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, classification: bool
 ) -> tuple[float, float]:
-    if len(x) == 0:
+    """Mean loss and accuracy on rows ``rows``, :data:`ROWS_AT_ONCE` rows at a time."""
+    if len(rows) == 0:
         return math.nan, math.nan
     model.eval()
+    loss_sum, correct, elements = 0.0, 0, 0
     with torch.inference_mode():
-        outputs = model.standardized(x)
-        loss = float(loss_fn(outputs, y))
-        accuracy = float((outputs.argmax(1) == y).float().mean()) if classification else math.nan
-    return loss, accuracy
+        for part in _slices(rows):
+            outputs, expected = model.standardized(x[part]), y[part]
+            if classification:
+                loss_sum += float(nn.functional.cross_entropy(outputs, expected, reduction="sum"))
+                correct += int((outputs.argmax(1) == expected).sum())
+                elements += len(part)
+            else:
+                loss_sum += float(nn.functional.mse_loss(outputs, expected, reduction="sum"))
+                elements += expected.numel()
+    accuracy = correct / len(rows) if classification else math.nan
+    return loss_sum / elements, accuracy
