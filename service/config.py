@@ -51,6 +51,11 @@ class FineTuneLimits:
     max_label_length: int = 128  # UTF-8 bytes of one class name
     max_labels: int = 4_096  # distinct classes of one job
     max_uploads: int = 4  # CreateJob streams receiving examples at once
+    max_uploads_per_peer: int = 2  # of those, from one client address
+    upload_idle_s: float = 30.0  # longest wait for the next piece of an upload (a message, a part, a chunk)
+    max_upload_s: float = 600.0  # longest upload of one job, from its first message to its last
+    max_watchers_per_job: int = 8  # WatchJob streams (gRPC or Server-Sent Events) following one job
+    max_watchers: int = 64  # WatchJob streams open at once, all jobs together
     max_queued_jobs: int = 8  # jobs queued or running (each holds its examples until features are extracted)
     max_finished_jobs: int = 100  # finished job records kept in the store
 

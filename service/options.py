@@ -269,6 +269,29 @@ OPTIONS: tuple[Option, ...] = (
     _limit(
         "--max-job-uploads", "max_uploads", "CreateJob streams receiving examples at once before RESOURCE_EXHAUSTED"
     ),
+    _limit(
+        "--max-job-uploads-per-peer",
+        "max_uploads_per_peer",
+        "of --max-job-uploads, those one client address may hold at once before RESOURCE_EXHAUSTED",
+    ),
+    Option(
+        "--upload-idle-seconds",
+        "fine_tuning.upload_idle_s",
+        "longest wait for the next message, part or chunk of a job's upload before DEADLINE_EXCEEDED",
+        positive_float,
+    ),
+    Option(
+        "--max-upload-seconds",
+        "fine_tuning.max_upload_s",
+        "longest upload of one job's config and examples before DEADLINE_EXCEEDED",
+        positive_float,
+    ),
+    _limit(
+        "--max-job-watchers", "max_watchers_per_job", "WatchJob streams following one job before RESOURCE_EXHAUSTED"
+    ),
+    _limit(
+        "--max-watchers", "max_watchers", "WatchJob streams open at once, all jobs together, before RESOURCE_EXHAUSTED"
+    ),
     _limit("--max-job-examples", "max_examples", "examples per fine-tuning job"),
     _limit("--max-job-bytes", "max_total_bytes", "bytes of one job's images, labels and targets together"),
     _limit("--max-head-parameters", "max_head_parameters", "trainable parameters of a fine-tuned head"),

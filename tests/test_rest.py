@@ -208,7 +208,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(rest_server) -> None
     limit = rest_server.config.max_message_bytes
     with socket.create_connection(("127.0.0.1", rest_server.server.http_port), timeout=30) as sock:
         sock.sendall(
-            f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {limit + 1}\r\n\r\n".encode()
+            f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {limit + 1}\r\n\r\n".encode()
         )
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 413") and b"over this server's limit" in answer

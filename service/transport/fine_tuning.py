@@ -11,6 +11,7 @@ from service.errors import InvalidInputError
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.manager import JobManager
 from service.finetune.spec import config_from_wire
+from service.transport.limits import UploadPace, UploadPeers, paced
 from vision_client.protocol import FineTuneConfig, to_message
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
@@ -27,16 +28,27 @@ _STATES = {
 class FineTuningServicer(pb_grpc.FineTuningServicer):
     def __init__(self, jobs: JobManager) -> None:
         self._jobs = jobs
+        self._peers = UploadPeers(jobs.limits.max_uploads_per_peer)
+
+    def upload_pace(self) -> UploadPace:
+        """The pace a new upload must keep (``--upload-idle-seconds``, ``--max-upload-seconds``)."""
+        return UploadPace(self._jobs.limits.upload_idle_s, self._jobs.limits.max_upload_s)
 
     async def CreateJob(
         self,
         request_iterator: AsyncIterator[pb.CreateJobRequest],
         context: grpc.aio.ServicerContext[pb.CreateJobRequest, pb.Job],
     ) -> pb.Job:
-        with self._jobs.upload():
+        messages = paced(request_iterator, self.upload_pace(), "the next CreateJobRequest")
+        return await self.create_job(messages, context.peer())
+
+    async def create_job(self, messages: AsyncIterator[pb.CreateJobRequest], peer: str) -> pb.Job:
+        """A job from its messages, which the caller reads within an :class:`UploadPace`; ``peer``:
+        the client, as gRPC names it, whose uploads at once are bounded."""
+        with self._peers.hold(peer), self._jobs.upload():
             config: FineTuneConfig | None = None
             collector = None
-            async for message in request_iterator:
+            async for message in messages:
                 payload = message.WhichOneof("payload")
                 if config is None:
                     if payload != "config":

@@ -1,4 +1,4 @@
-"""What one client may hold of the gRPC server: connections, streams, idle time.
+"""What one client may hold of the server: connections, streams, idle time, uploads.
 
 grpc core sets no limit on these by default: thousands of streams that never send a message,
 connections that never finish their handshake or sit idle forever, all cost the server memory
@@ -8,6 +8,16 @@ small enough that an attacker's share is bounded.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import TypeVar
+
+from service.errors import DeadlineExceededError, QueueFullError
+
+T = TypeVar("T")
 
 MAX_CONCURRENT_STREAMS = 1_000
 """Streams (calls) open at once on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS): a
@@ -41,3 +51,83 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.so_reuseport", 0),
     ]
+
+
+# -- uploads (CreateJob, on both ports) -----------------------------------------------------------
+
+
+def peer_address(peer: str) -> str:
+    """The client address of a gRPC peer string (``ipv4:10.0.0.7:53412``, ``ipv6:[::1]:5``), port dropped."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1 : rest.find("]")] if "]" in rest else rest
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    return peer  # unix sockets and the like: the whole string
+
+
+class UploadPeers:
+    """Upload slots held per client address: one client cannot take every slot of ``--max-job-uploads``."""
+
+    def __init__(self, per_peer: int) -> None:
+        self._per_peer = per_peer
+        self._held: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, peer: str) -> Iterator[None]:
+        address = peer_address(peer)
+        if self._held.get(address, 0) >= self._per_peer:
+            raise QueueFullError(
+                f"this client ({address or 'unknown address'}) is uploading {self._per_peer} fine-tuning jobs "
+                "already, the most one client may at once (--max-job-uploads-per-peer); finish one first"
+            )
+        self._held[address] = self._held.get(address, 0) + 1
+        try:
+            yield
+        finally:
+            self._held[address] -= 1
+            if not self._held[address]:
+                del self._held[address]
+
+
+class UploadPace:
+    """An upload must keep coming: each piece (a message, a part, a chunk) within ``idle_s`` of the
+    last, and the whole within ``total_s`` of the start. Otherwise DEADLINE_EXCEEDED, and the slot
+    it held is free again: an upload that sends its config and then nothing, or dribbles a byte
+    now and then, cannot keep a slot from the uploads that make progress."""
+
+    def __init__(self, idle_s: float, total_s: float) -> None:
+        self.idle_s = idle_s
+        self.total_s = total_s
+        self._deadline = time.monotonic() + total_s
+
+    async def next(self, piece: Awaitable[T], what: str) -> T:
+        """``piece`` (the read of the upload's next piece) within the idle time and the total deadline."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._too_long()
+        try:
+            return await asyncio.wait_for(piece, min(self.idle_s, remaining))
+        except TimeoutError:
+            if self.idle_s < remaining:
+                raise DeadlineExceededError(
+                    f"{what} did not arrive within {self.idle_s:g} s (--upload-idle-seconds): an upload must keep "
+                    "sending; the job was not created"
+                ) from None
+            raise self._too_long() from None
+
+    def _too_long(self) -> DeadlineExceededError:
+        return DeadlineExceededError(
+            f"the upload took longer than {self.total_s:g} s (--max-upload-seconds); the job was not created: "
+            "send fewer or smaller images, or from closer"
+        )
+
+
+async def paced(messages: AsyncIterator[T], pace: UploadPace, what: str) -> AsyncIterator[T]:
+    """``messages``, each read within ``pace``."""
+    while True:
+        try:
+            message = await pace.next(anext(messages), what)
+        except StopAsyncIteration:
+            return
+        yield message

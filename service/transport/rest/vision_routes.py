@@ -25,16 +25,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from google.protobuf import json_format
 
 from service.errors import InvalidInputError, quote
 from service.transport.fine_tuning import FineTuningServicer
+from service.transport.limits import UploadPace
 from service.transport.models import ModelsServicer
-from service.transport.rest.routes import NO_CONTEXT, Route
+from service.transport.rest.routes import NO_CONTEXT, Route, peer
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client.protocol.stubs.vision.v1 import models_pb2
 
@@ -43,6 +44,7 @@ _FINE_TUNING = "/vision.v1.FineTuning/"
 EXAMPLES_PER_MESSAGE = 16
 CONFIG_PART = "config"
 MAX_CONFIG_BYTES = 64 * 1024
+KEEPALIVE_S = 15.0
 
 
 def vision_routes(
@@ -77,8 +79,8 @@ def vision_routes(
                 f"the multipart body cannot be read: {str(error)[:200]}; send Content-Type "
                 "multipart/form-data with its boundary parameter (curl -F and browsers do)"
             ) from None
-        messages = _job_messages(reader, max_part_bytes, read_timeout_s)
-        return _canonical(await fine_tuning.CreateJob(messages, NO_CONTEXT))
+        messages = _job_messages(reader, max_part_bytes, fine_tuning.upload_pace())
+        return _canonical(await fine_tuning.create_job(messages, peer(request)))
 
     async def list_jobs(request: web.Request, body: bytes) -> web.StreamResponse:
         return _canonical(await fine_tuning.ListJobs(ft_pb.ListJobsRequest(), NO_CONTEXT))
@@ -92,18 +94,21 @@ def vision_routes(
         return _canonical(await fine_tuning.CancelJob(message, NO_CONTEXT))
 
     async def watch_job(request: web.Request, body: bytes) -> web.StreamResponse:
-        events = fine_tuning.WatchJob(ft_pb.WatchJobRequest(job_id=request.match_info["job"]), NO_CONTEXT)
-        first = await anext(events, None)  # an unknown job is an error status, not an empty stream
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        event = first
-        with contextlib.suppress(ConnectionError):  # the client stopped watching
-            while event is not None:
-                data = json_format.MessageToJson(event, indent=None)
-                await response.write(f"event: {event.kind}\ndata: {data}\n\n".encode())
-                event = await anext(events, None)
-            await response.write_eof()
-        return response
+        events = cast(
+            AsyncGenerator[ft_pb.JobEvent, None],
+            fine_tuning.WatchJob(ft_pb.WatchJobRequest(job_id=request.match_info["job"]), NO_CONTEXT),
+        )
+        try:
+            # An unknown job, or one with its watchers' cap reached, is an error status, not an empty stream.
+            first = await anext(events, None)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            with contextlib.suppress(ConnectionError):  # the client stopped watching
+                await _send_events(response, first, events)
+                await response.write_eof()
+            return response
+        finally:
+            await events.aclose()  # its watcher slot is free again at once
 
     return [
         Route("GET", ("/v1/models",), _MODELS + "ListModels", list_models),
@@ -118,30 +123,51 @@ def vision_routes(
     ]
 
 
+async def _send_events(
+    response: web.StreamResponse, first: ft_pb.JobEvent | None, events: AsyncIterator[ft_pb.JobEvent]
+) -> None:
+    """Each event as it comes; while none does, a comment line every :data:`KEEPALIVE_S`, so that a
+    watcher whose client has gone is noticed (the write fails) and its slot freed between events."""
+    event = first
+    while event is not None:
+        data = json_format.MessageToJson(event, indent=None)
+        await response.write(f"event: {event.kind}\ndata: {data}\n\n".encode())
+        upcoming = asyncio.ensure_future(anext(events, None))
+        try:
+            while not (await asyncio.wait({upcoming}, timeout=KEEPALIVE_S))[0]:
+                await response.write(b": keep-alive\n\n")
+        except BaseException:
+            upcoming.cancel()
+            await asyncio.wait({upcoming})  # the generator is no longer running when it is closed
+            raise
+        event = upcoming.result()
+
+
 def _canonical(message: Any) -> web.Response:
     """Protobuf's canonical JSON (lowerCamelCase names, 64-bit integers as strings)."""
     return web.Response(text=json_format.MessageToJson(message, indent=None), content_type="application/json")
 
 
 async def _job_messages(
-    reader: MultipartReader, max_part_bytes: int, timeout_s: float
+    reader: MultipartReader, max_part_bytes: int, pace: UploadPace
 ) -> AsyncIterator[ft_pb.CreateJobRequest]:
-    """The CreateJob messages of a multipart body, made as its parts arrive."""
-    part = await _next_part(reader, timeout_s)
+    """The CreateJob messages of a multipart body, made as its parts arrive, each read (the next
+    part, each chunk of it) within ``pace``."""
+    part = await _next_part(reader, pace)
     if part is None or field_name(part) != CONFIG_PART:
         raise InvalidInputError(f"the first part must be '{CONFIG_PART}': the job's FineTuneConfig as JSON")
-    text = await _read_part(part, MAX_CONFIG_BYTES, timeout_s)
+    text = await _read_part(part, MAX_CONFIG_BYTES, pace)
     try:
         config = json_format.Parse(text, ft_pb.FineTuneConfig())
     except (json_format.ParseError, UnicodeDecodeError, RecursionError) as error:
         raise InvalidInputError(f"the config part is not a FineTuneConfig in JSON: {str(error)[:300]}") from None
     yield ft_pb.CreateJobRequest(config=config)
     batch: list[ft_pb.Example] = []
-    while (part := await _next_part(reader, timeout_s)) is not None:
+    while (part := await _next_part(reader, pace)) is not None:
         label = field_name(part)
         if label == CONFIG_PART:
             raise InvalidInputError("send the config part once, first")
-        image = await _read_part(part, max_part_bytes, timeout_s)
+        image = await _read_part(part, max_part_bytes, pace)
         batch.append(ft_pb.Example(image=image, label=label))
         if len(batch) >= EXAMPLES_PER_MESSAGE:
             yield ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=batch))
@@ -150,11 +176,9 @@ async def _job_messages(
         yield ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=batch))
 
 
-async def _next_part(reader: MultipartReader, timeout_s: float) -> BodyPartReader | None:
+async def _next_part(reader: MultipartReader, pace: UploadPace) -> BodyPartReader | None:
     try:
-        part = await asyncio.wait_for(reader.next(), timeout_s)
-    except TimeoutError:
-        raise InvalidInputError(f"the next part did not arrive within {timeout_s:g} s") from None
+        part = await pace.next(reader.next(), "the next part")
     except ValueError as error:  # aiohttp's word for a malformed multipart body
         raise InvalidInputError(f"the multipart body is malformed: {str(error)[:200]}") from None
     if part is not None and not isinstance(part, BodyPartReader):
@@ -162,19 +186,16 @@ async def _next_part(reader: MultipartReader, timeout_s: float) -> BodyPartReade
     return part
 
 
-async def _read_part(part: BodyPartReader, max_bytes: int, timeout_s: float) -> bytes:
+async def _read_part(part: BodyPartReader, max_bytes: int, pace: UploadPace) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        try:
-            chunk = await asyncio.wait_for(part.read_chunk(64 * 1024), timeout_s)
-        except TimeoutError:
-            raise InvalidInputError(f"part {quote(part.name)} stalled for {timeout_s:g} s") from None
+        chunk = await pace.next(part.read_chunk(64 * 1024), f"the rest of part {quote(field_name(part))}")
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
-            raise InvalidInputError(f"part {quote(part.name)} is over {max_bytes} bytes (--max-message-bytes)")
+            raise InvalidInputError(f"part {quote(field_name(part))} is over {max_bytes} bytes (--max-message-bytes)")
         chunks.append(chunk)
 
 
