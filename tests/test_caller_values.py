@@ -361,3 +361,25 @@ def test_the_html_standards_three_escapes_are_decoded_and_no_others() -> None:
     assert name("100%25 cotton") == "100%25 cotton"
     assert name("%2F%20%0a%22x") == '%2F%20%0a"x'
     assert name("plain") == "plain"
+
+
+def test_a_job_uploaded_as_a_browser_sends_it_keeps_its_class_names(tiny_server) -> None:
+    """The bytes Chromium sends for a form whose file inputs are named ``12" vinyl`` and ``100%25 cotton``
+    (its FormData encodes ``"`` as ``%22``, and leaves ``%`` alone)."""
+    boundary = "----WebKitFormBoundary7MA4YWxkTrZu0gW"
+    config = json.dumps({"baseModel": TINY, "outputModel": "records", "epochs": 1})
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="config"\r\n\r\n{config}\r\n'.encode()]
+    for index in range(4):
+        name = "12%22 vinyl" if index % 2 else "100%25 cotton"
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 + 150 * (index % 2),) * 3).save(buffer, format="PNG")
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{index}.png"\r\n'
+            "Content-Type: image/png\r\n\r\n".encode()
+            + buffer.getvalue()
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    status, answer = post(tiny_server, "/v1/jobs", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, answer[:400]
+    assert sorted(json.loads(answer)["labels"]) == ["100%25 cotton", '12" vinyl']
