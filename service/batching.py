@@ -197,7 +197,8 @@ class BatchQueue:
         if taken + images > self._capacity:
             raise QueueFullError(
                 f"the model's queue is full ({self._images} images waiting and {self._reserved} being decoded, "
-                f"capacity {self._capacity}; this request has {images}); retry with backoff or add replicas"
+                f"capacity {self._capacity}, --max-queue-size; this request has {images}); "
+                "retry with backoff or add replicas"
             )
 
     def _enqueue(self, items: list[WorkItem], size: int) -> None:

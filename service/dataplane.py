@@ -285,7 +285,8 @@ class DataPlane:
             )
         if height * width > self._config.max_image_pixels:
             raise InvalidInputError(
-                f"PIXELS of {height}x{width} exceed the limit of {self._config.max_image_pixels} pixels per image"
+                f"PIXELS of {height}x{width} exceed the limit of {self._config.max_image_pixels} pixels per image "
+                "(--max-image-pixels)"
             )
         if not _all_finite(pixels):
             raise InvalidInputError(

@@ -64,6 +64,11 @@ class ImageDecoder:
     def __init__(self, transform: Callable[[Any], torch.Tensor], *, max_pixels: int) -> None:
         self._transform = transform
         self._max_pixels = max_pixels
+        # Pillow's own guard (MAX_IMAGE_PIXELS, a process-wide setting; its warning is an error
+        # below) must not be stricter than --max-image-pixels, or an image within our limit would
+        # be refused by a limit no option names. It is only ever raised; ours is checked after open.
+        if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = max_pixels
         # Pillow imports its format plugins on the first image it opens; do it now, at start-up,
         # rather than while the event loop waits on the first request's decode job's import lock.
         Image.init()
@@ -96,7 +101,7 @@ class ImageDecoder:
                 if width * height > self._max_pixels:
                     raise InvalidInputError(
                         f"{where} is {width}x{height} = {width * height} pixels, over the limit of "
-                        f"{self._max_pixels}; downscale it before sending"
+                        f"{self._max_pixels} (--max-image-pixels); downscale it before sending"
                     )
                 if reduce_to is not None and image.format in ("JPEG", "MPO"):
                     image.draft("RGB", (reduce_to, reduce_to))
@@ -107,8 +112,8 @@ class ImageDecoder:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InvalidInputError(
-                f"{where} declares more pixels than allowed, over the limit of {self._max_pixels} "
-                f"(decompression bomb guard: {pil_reason(exc)}); downscale it before sending"
+                f"{where} declares more pixels than allowed, over the limit of {self._max_pixels} (--max-image-pixels; "
+                f"decompression bomb guard: {pil_reason(exc)}); downscale it before sending"
             ) from exc
         except UnidentifiedImageError as exc:
             raise InvalidInputError(

@@ -53,14 +53,15 @@ class ExampleCollector:
         index = len(self._images)
         limits = self._limits
         if index >= limits.max_examples:
-            raise InvalidInputError(f"a job takes at most {limits.max_examples} examples")
+            raise InvalidInputError(f"a job takes at most {limits.max_examples} examples (--max-job-examples)")
         if not image:
             raise InvalidInputError(f"example {index} has no image bytes")
         label_bytes = len(label.encode("utf-8", "surrogatepass"))
         self._bytes += len(image) + label_bytes + _TARGET_BYTES * len(target) + _EXAMPLE_OVERHEAD
         if self._bytes > limits.max_total_bytes:
             raise InvalidInputError(
-                f"the examples (images, labels and targets) exceed {limits.max_total_bytes} bytes in all; "
+                f"the examples (images, labels and targets) exceed {limits.max_total_bytes} bytes in all "
+                "(--max-job-bytes); "
                 "send fewer or smaller images"
             )
         if self._config.loss == "cross_entropy":
@@ -75,7 +76,7 @@ class ExampleCollector:
                 if len(self._classes) >= limits.max_labels:
                     raise InvalidInputError(
                         f"example {index} brings class {len(self._classes) + 1}; a job takes at most "
-                        f"{limits.max_labels} classes"
+                        f"{limits.max_labels} classes (--max-labels)"
                     )
                 self._classes.add(label)
             self._labels.append(label)

@@ -46,7 +46,7 @@ def check_head(head: HeadConfig, in_features: int, out_features: int, limits: Fi
         raise InvalidInputError(
             f"a {head.kind} head with hidden={head.hidden}, blocks={head.blocks} on {in_features} features and "
             f"{out_features} outputs has {parameters:,} parameters, over the limit of "
-            f"{limits.max_head_parameters:,}; choose a smaller hidden size or fewer blocks"
+            f"{limits.max_head_parameters:,} (--max-head-parameters); choose a smaller hidden size or fewer blocks"
         )
     return head
 

@@ -112,7 +112,7 @@ def split_images(
             raise InvalidInputError(
                 f"image {position} is {len(image)} bytes, more than fits in one message "
                 f"(max_message_bytes={max_message_bytes}); make it smaller or raise max_message_bytes "
-                "(the server's own limit too)"
+                "(the server's --max-message-bytes bounds it too)"
             )
         if not chunks or size + cost > max_request or len(chunks[-1]) >= limit:
             chunks.append([])
@@ -150,7 +150,7 @@ def create_job_requests(
             raise InvalidInputError(
                 f"example {position} is {cost} bytes, more than fits in one message "
                 f"(max_message_bytes={max_message_bytes}); make the image smaller or raise max_message_bytes "
-                "(the server's own limit too)"
+                "(the server's --max-message-bytes bounds it too)"
             )
         if batch and size + cost > batch_limit:
             yield ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=batch))

@@ -291,7 +291,9 @@ class RestServer:
         while chunk := await request.content.readany():
             total += len(chunk)
             if total > self._max_body_bytes:
-                raise _BodyProblem(413, f"the body passed this server's limit of {self._max_body_bytes} bytes")
+                raise _BodyProblem(
+                    413, f"the body passed this server's limit of {self._max_body_bytes} bytes (--max-message-bytes)"
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 

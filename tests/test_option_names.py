@@ -1,0 +1,176 @@
+"""Every ``--option`` a message, log line or docstring names is an option that exists.
+
+A person reads "over the limit (--max-something)" and types it: the name must be one the
+command takes. The server's strings (``service/``) may name ``vision-serve``'s options (its one
+option table); the SDK's (``vision_client``) ``vision-client``'s, or the
+server's where it speaks of the server's limits. Where a string writes an option with a value and
+the option has a fixed set of values, the value is one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from torchvision import transforms
+
+from service.errors import InvalidInputError
+from service.options import OPTIONS, build_serve_parser
+from service.preprocess import ImageDecoder
+from tests.conftest import ROOT
+from vision_client.cli import Defaults, build_parser
+
+SERVICE = ROOT / "service"
+SDK = ROOT / "clients" / "python" / "vision_client"
+GENERATED = SDK / "protocol" / "stubs"
+TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+
+OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(-\*)?(?:[ =]([a-z][a-z0-9_.:-]*[a-z0-9]))?")
+
+# Names that are not our commands' options, each with where it comes from.
+NOT_OURS = {
+    "name": "the placeholder in docs/configuration.md's `--name` / `--no-name` for boolean options",
+    "no-name": "the same placeholder",
+}
+
+
+@dataclass(frozen=True)
+class Mention:
+    path: Path
+    line: int
+    flag: str
+    glob: bool
+    value: str | None
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}: {self.flag}{'-*' if self.glob else ''} in {self.text!r}"
+
+
+def flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of its subcommands."""
+    found: set[str] = set()
+    for action in parser._actions:
+        found.update(s for s in action.option_strings if s.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= flags(sub)
+    return found
+
+
+SERVE_FLAGS = flags(build_serve_parser({}))  # fetch-weights takes --models, one of these
+CLIENT_FLAGS = flags(build_parser(Defaults.from_env({})))
+CHOICES = {option.flag: option.choices for option in OPTIONS if option.choices is not None}
+
+
+def strings(path: Path) -> Iterator[tuple[int, str]]:
+    """The string literals of a module (docstrings and the literal parts of f-strings included)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.lineno, node.value
+
+
+def mentions(root: Path) -> Iterator[Mention]:
+    for path in sorted(root.rglob("*.py")):
+        if path.is_relative_to(GENERATED):
+            continue
+        for line, text in strings(path):
+            for match in OPTION.finditer(text):
+                excerpt = text[max(0, match.start() - 50) : match.end() + 30]
+                yield Mention(path, line, "--" + match.group(1), bool(match.group(2)), match.group(3), excerpt)
+
+
+def unknown(mention: Mention, known: set[str]) -> str | None:
+    """Why ``mention`` names no option of ``known``, or None."""
+    if mention.flag[2:] in NOT_OURS:
+        return None
+    if mention.glob:
+        if any(flag.startswith(mention.flag + "-") for flag in known):
+            return None
+        return "no option matches"
+    if mention.flag not in known:
+        return "no such option"
+    choices = CHOICES.get(mention.flag)
+    if choices is not None and mention.value is not None and mention.value not in choices:
+        return f"{mention.value!r} is not one of its values ({', '.join(choices)})"
+    return None
+
+
+SERVICE_MENTIONS = list(mentions(SERVICE))
+SDK_MENTIONS = list(mentions(SDK))
+
+
+def test_the_scan_finds_the_options_messages_name() -> None:
+    named = {m.flag for m in SERVICE_MENTIONS}
+    assert {"--max-request-images", "--max-message-bytes", "--model-store", "--weights"} <= named
+    assert {"--tls-ca", "--allow-insecure-token", "--plot"} <= {m.flag for m in SDK_MENTIONS}
+
+
+def test_the_servers_strings_name_its_own_options() -> None:
+    problems = [f"{m}: {why}" for m in SERVICE_MENTIONS if (why := unknown(m, SERVE_FLAGS))]
+    assert not problems, "strings naming options vision-serve does not have:\n" + "\n".join(problems)
+
+
+def test_the_sdks_strings_name_options_of_the_cli_or_the_server() -> None:
+    problems = [f"{m}: {why}" for m in SDK_MENTIONS if (why := unknown(m, CLIENT_FLAGS | SERVE_FLAGS))]
+    assert not problems, "strings naming options neither command has:\n" + "\n".join(problems)
+
+
+def test_the_allow_list_is_still_needed() -> None:
+    """An entry of NOT_OURS that no string uses any more goes."""
+    used = {m.flag[2:] for m in SERVICE_MENTIONS + SDK_MENTIONS}
+    assert set(NOT_OURS) <= used, set(NOT_OURS) - used
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("over the limit (--max-request-images); split it", None),
+        ("over the limit (--max-requests-images); split it", "no such option"),
+        ("--runtime openvino: not installed; use --runtime onnxruntime", None),
+        ("use --runtime tensorrt", "'tensorrt' is not one of its values"),
+        ("HTTPS with the gRPC port's --tls-* files", None),
+        ("the --mtls-* files", "no option matches"),
+        ("pip install 'matplotlib>=3.8' -- then retry", None),
+    ],
+)
+def test_the_rule_on_examples(tmp_path: Path, text: str, why: str | None) -> None:
+    module = tmp_path / "module.py"
+    module.write_text(f"MESSAGE = f{text!r}\n", encoding="utf-8")
+    reasons = [unknown(m, SERVE_FLAGS) for m in mentions(tmp_path)]
+    if why is None:
+        assert reasons in ([], [None], [None, None]), reasons
+    else:
+        assert any(r is not None and r.startswith(why) for r in reasons), reasons
+
+
+# -- a limit's message names the limit that applied ---------------------------------------------
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_within_max_image_pixels_is_not_refused_by_pillows_own_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses images over its MAX_IMAGE_PIXELS before our check runs: with a larger
+    --max-image-pixels, an image between the two was refused in the name of our limit."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # a Pillow stricter than the option
+    decoder = ImageDecoder(TRANSFORM, max_pixels=10_000)
+    assert decoder(_png(50, 50)).shape == (3, 32, 32)  # 2,500 pixels: within --max-image-pixels
+    with pytest.raises(InvalidInputError, match=r"over the limit of 10000 \(--max-image-pixels"):
+        decoder(_png(200, 200))
+
+
+def test_a_stricter_option_keeps_pillows_guard_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    ImageDecoder(TRANSFORM, max_pixels=10_000)
+    assert Image.MAX_IMAGE_PIXELS == 1_000_000
