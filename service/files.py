@@ -11,8 +11,8 @@ cache, a token file or TLS files from a mounted Secret, a weights directory. So:
 - :func:`atomic_write` writes a temporary file and renames it into place, so that a
   reader sees the old file or the new one, never half of one.
 - :func:`in_daemon_thread` and :func:`call_with_timeout` run blocking file work in a daemon
-  thread and stop waiting after a timeout: a hung network file system can hold that thread,
-  but never the caller, the event loop, start-up or shutdown.
+  thread and stop waiting after a timeout: a hung network file system or an object store that
+  does not answer can hold that thread, but never the caller, the event loop, start-up or shutdown.
 
 The caps are named here, one per kind of file.
 """
@@ -136,7 +136,13 @@ def sync_directory(folder: Path) -> None:
 
 
 class TimedOut(Exception):
-    """The file work did not finish in time (a hung file system); it may still be running."""
+    """The work did not finish in time (a hung file system, an object store that does not answer);
+    it may still be running. The message says only how long was waited: the caller names what it
+    waited for (a directory or a bucket), which this module does not know."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no answer within {timeout_s:g}s")
+        self.timeout_s = timeout_s
 
 
 def in_daemon_thread(function: Callable[[], T], name: str) -> asyncio.Future[T]:
@@ -176,4 +182,4 @@ async def call_with_timeout(function: Callable[[], T], timeout: float, name: str
     try:
         return await asyncio.wait_for(asyncio.shield(future), timeout)
     except asyncio.TimeoutError:
-        raise TimedOut(f"no answer from the file system within {timeout:g}s") from None
+        raise TimedOut(timeout) from None

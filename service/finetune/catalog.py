@@ -255,7 +255,9 @@ class FineTunedModels:
             raise StoreEntryError(StoreReason.MISSING, f"{name}: there is no manifest (deleted meanwhile?)") from None
         except TimedOut as exc:
             raise StoreEntryError(
-                StoreReason.TIMEOUT, f"{name}: {exc}; it is tried again once the read returns"
+                StoreReason.TIMEOUT,
+                f"{name}: the model store {store.location} gave no answer within {exc.timeout_s:g}s; "
+                "it is tried again once the read returns",
             ) from None
         except OSError as exc:
             raise StoreEntryError(StoreReason.UNREADABLE, f"{name}: {exc}") from exc

@@ -59,7 +59,7 @@ class StoreSync:
     async def sync_once(self) -> None:
         """One pass: stop serving what was deleted, serve what is new or changed."""
         if self._listing:
-            return  # the last listing has not returned (a hung file system): do not pile up threads
+            return  # the last listing has not returned (a hung store): do not pile up threads
         self._listing = True
 
         def entries() -> tuple[dict[str, Fingerprint], dict[str, StoreEntryError]]:
