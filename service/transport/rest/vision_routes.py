@@ -16,8 +16,14 @@ A job is created from a multipart body: first a part named ``config`` holding th
 ``FineTuneConfig`` as JSON, then one part per example image, named by its label (a class name):
 ``curl -F config=@config.json -F cat=@cat1.jpg -F dog=@dog1.jpg``. The parts are read as they
 arrive and handed to ``CreateJob`` in batches, so a job's size is bounded by its limits
-(``--max-job-bytes``, ``--max-job-examples``), not by the message size; each read must arrive
-within the body timeout. Regression targets (``loss: mse``) need gRPC.
+(``--max-job-bytes``, ``--max-job-examples``), not by the message size. An upload must keep
+coming as a gRPC one must (``transport/limits.py``'s ``UploadPace``): each part and each chunk
+within ``--upload-idle-seconds``, the whole within ``--max-upload-seconds``. Part names are read
+as the HTML standard has browsers write them (:func:`field_name`). Regression targets
+(``loss: mse``) need gRPC.
+
+``WatchJob``'s stream sends a comment line every :data:`KEEPALIVE_S` while no event comes, so a
+watcher whose client has gone is noticed and its place (``--max-job-watchers``) freed.
 """
 
 from __future__ import annotations
