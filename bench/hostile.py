@@ -98,6 +98,8 @@ class Probe:
     run: Callable[[grpc.Channel, Server], str]  # returns the outcome (status code names)
     # Options of a server of its own (given the server's working directory), or None: the shared one.
     server_args: Callable[[Path], list[str]] | None = None
+    # With server_args: share one such server with the other probes of the same server_args, in order.
+    shared: bool = False
 
 
 def _unary(request: pb.ModelInferRequest) -> Callable[[grpc.Channel], str]:
@@ -374,11 +376,16 @@ def _chunks(total: int, size: int = 1 << 20) -> Iterator[bytes]:
         yield f"{size:x}\r\n".encode() + b"x" * size + b"\r\n"
 
 
-def _post(length: int | None, content_type: str = "application/json", extra: str = "") -> bytes:
+def _post(
+    length: int | None,
+    content_type: str = "application/json",
+    extra: str = "",
+    *,
+    path: str = "/v2/models/alexnet/infer",
+    host: str = "127.0.0.1",
+) -> bytes:
     sized = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
-    return (
-        f"POST /v2/models/alexnet/infer HTTP/1.1\r\nHost: probe\r\nContent-Type: {content_type}\r\n{sized}{extra}\r\n"
-    ).encode()
+    return f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n{sized}{extra}\r\n".encode()
 
 
 def probes() -> list[Probe]:
@@ -422,6 +429,7 @@ def probes() -> list[Probe]:
         Probe("cache-fifo", "restart with the runtime cache's entry.json a FIFO", _tampered_cache("fifo"),
               server_args=_cache_server_args),
         *_http_probes(),
+        *_third_round_probes(),
         Probe("cache-dev-zero", "restart with the runtime cache's entry.json -> /dev/zero",
               _tampered_cache("dev-zero"), server_args=_cache_server_args),
     ]  # fmt: skip
@@ -432,7 +440,7 @@ def _http_probes() -> list[Probe]:
     garbage = b'{"inputs": "\xff\xfe"}'
     return [
         Probe("http-slow-headers-1000", "1,000 HTTP connections that never finish their headers",
-              _http_connections(1000, b"GET /v2/health/live HTTP/1.1\r\nHost: probe\r\n"), _http_args),
+              _http_connections(1000, b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n"), _http_args),
         Probe("http-idle-2000", "2,000 idle HTTP connections (over the cap of 1,024)",
               _http_connections(2000, b""), _http_args),
         Probe("http-declared-1GB", "an infer body declared 1 GB, none sent", _http_request(_post(1 << 30)), _http_args),
@@ -445,6 +453,196 @@ def _http_probes() -> list[Probe]:
         Probe("http-header-20KB", "a 20 KB header",
               _http_request(_post(0, extra="X-Probe: " + "a" * 20_000 + "\r\n")), _http_args),
     ]  # fmt: skip
+
+
+def _third_round_probes() -> list[Probe]:
+    """Callers' values no field holds, leaks and fan-out, cross-site requests: one server with an
+    HTTP port for all of them, in this order."""
+    pixels = "[" + ",".join(["0.5"] * (3 * 64 * 64 - 1)) + ",{}]"
+
+    def tensor(last: str, datatype: str = "FP32", parameters: str = "{}") -> bytes:
+        return (
+            f'{{"inputs": [{{"name": "PIXELS", "datatype": "{datatype}", "shape": [1, 3, 64, 64], '
+            f'"data": {pixels.format(last)}}}], "parameters": {parameters}}}'
+        ).encode()
+
+    def post(body: bytes) -> Callable[[grpc.Channel, Server], str]:
+        return _http_request(_post(len(body)) + body)
+
+    timeout_nan = tensor("0.5", parameters='{"timeout": NaN}')
+    multipart = b'--b\r\nContent-Disposition: form-data; name="config"\r\n\r\n{}\r\n--b--\r\n'
+    load = b'{"parameters": {"config": 18446744073709551616}}'
+
+    def probe(name: str, description: str, run: Callable[[grpc.Channel, Server], str]) -> Probe:
+        return Probe(name, description, run, _round3_args, shared=True)
+
+    return [
+        probe("http-tensor-1e39", "PIXELS (FP32) with 1e39 in JSON", post(tensor("1e39"))),
+        probe("http-tensor-1e999", "PIXELS with 1e999 (parses to infinity)", post(tensor("1e999"))),
+        probe("http-tensor-5000-digits", "PIXELS with an integer of 5,000 digits", post(tensor("9" * 5000))),
+        probe("http-int8-300", "an INT8 tensor holding 300", post(tensor("300", "INT8"))),
+        probe("http-timeout-nan", "timeout NaN over REST", post(timeout_nan)),
+        probe("grpc-timeout-nan", "timeout parameter NaN over gRPC", _unary(_timeout_request(float("nan")))),
+        probe("grpc-timeout-inf", "timeout parameter infinity over gRPC", _unary(_timeout_request(float("inf")))),
+        probe("http-multipart-no-boundary", "a job as multipart/form-data without a boundary",
+              _http_request(_post(len(multipart), "multipart/form-data", path="/v1/jobs"), multipart)),
+        probe("http-load-uint64", "a load request with a parameter of 2**64",
+              _http_request(_post(len(load), path="/v2/repository/models/alexnet/load"), load)),
+        probe("undecodable-64", "64 undecodable images (the message must not carry a heap address)",
+              _undecodable(64)),
+        probe("job-watchers-500", "500 WatchJob calls on one running job", _job_watchers(500)),
+        probe("sse-watchers-100", "100 Server-Sent Events watchers of one running job", _sse_watchers(100)),
+        probe("upload-config-only-4", "4 CreateJob streams that send only their config, then a real upload",
+              _config_only_uploads(4)),
+        probe("http-cross-origin-unload", "an unload POSTed as text/plain with Origin: http://evil.example",
+              _cross_site(b"POST /v2/repository/models/alexnet/unload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Origin: http://evil.example\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}")),
+        probe("http-foreign-host", "an infer with Host: evil.example (DNS rebinding)",
+              _cross_site(_post(len(tensor("0.5")), host="evil.example") + tensor("0.5"))),
+        probe("http-infer-ok", "the same infer with Host: 127.0.0.1 (the control)", post(tensor("0.5"))),
+    ]  # fmt: skip
+
+
+def _round3_args(workdir: Path) -> list[str]:
+    return ["--http-port", str(_free_port())]
+
+
+def _timeout_request(value: float) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="alexnet")
+    request.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 3, 64, 64])
+    request.raw_input_contents.append(np.zeros((1, 3, 64, 64), "<f4").tobytes())
+    request.parameters["timeout"].double_param = value
+    return request
+
+
+def _undecodable(count: int) -> Callable[[grpc.Channel, Server], str]:
+    request = _image_request([b"not an image %d" % i for i in range(count)])
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=CALL_TIMEOUT_S)
+            return "OK"
+        except grpc.RpcError as error:
+            details = error.details() or ""
+            leak = "0x" in details or "object at" in details
+            return f"{error.code().name}, {'an address in the message' if leak else 'no address in the message'}"
+
+    return run
+
+
+def _start_job(channel: grpc.Channel, name: str) -> str:
+    """A job on AlexNet that runs for a while (1,000 epochs of 64 shades, one at a time); its id."""
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+
+    examples = [
+        ft.Example(image=_png(Image.new("RGB", (32, 32), (v, v, v))), label="dark" if v < 128 else "light")
+        for v in [*range(10, 74, 2), *range(180, 244, 2)]
+    ]
+    config = ft.FineTuneConfig(base_model="alexnet", output_model=name, epochs=1000, batch_size=1, replace=True)
+    requests = [ft.CreateJobRequest(config=config), ft.CreateJobRequest(examples=ft.ExampleBatch(examples=examples))]
+    return str(ft_grpc.FineTuningStub(channel).CreateJob(iter(requests), timeout=CALL_TIMEOUT_S).id)
+
+
+def _cancel_job(channel: grpc.Channel, job_id: str) -> None:
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+
+    ft_grpc.FineTuningStub(channel).CancelJob(ft.CancelJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_S)
+
+
+def _job_watchers(count: int) -> Callable[[grpc.Channel, Server], str]:
+    """``count`` WatchJob calls on one job, each reading its first event; then the job is cancelled."""
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        job_id = _start_job(channel, "probe-watched")
+        stub = ft_grpc.FineTuningStub(channel)
+        calls, outcomes = [], []
+        try:
+            for _ in range(count):
+                call = stub.WatchJob(ft.WatchJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_S)
+                calls.append(call)
+                try:
+                    next(call)
+                    outcomes.append("watching")
+                except grpc.RpcError as error:
+                    outcomes.append(error.code().name)
+        finally:
+            _cancel_job(channel, job_id)
+            for call in calls:
+                call.cancel()
+        return _codes(outcomes)
+
+    return run
+
+
+def _sse_watchers(count: int) -> Callable[[grpc.Channel, Server], str]:
+    def run(channel: grpc.Channel, server: Server) -> str:
+        job_id = _start_job(channel, "probe-sse")
+        sockets, outcomes = [], []
+        try:
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=CALL_TIMEOUT_S)
+                sock.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                sockets.append(sock)
+                outcomes.append(_http_answer(sock))
+        finally:
+            _cancel_job(channel, job_id)
+            for sock in sockets:
+                sock.close()
+        return _codes(outcomes)
+
+    return run
+
+
+def _config_only_uploads(count: int) -> Callable[[grpc.Channel, Server], str]:
+    """``count`` CreateJob streams that send their config and then nothing (their side stays open),
+    then one whole upload once they have ended: the outcomes, and what the whole upload got."""
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        stub = ft_grpc.FineTuningStub(channel)
+        release = threading.Event()
+
+        def idle(i: int) -> Iterator[ft.CreateJobRequest]:
+            yield ft.CreateJobRequest(config=ft.FineTuneConfig(base_model="alexnet", output_model=f"idle-{i}"))
+            release.wait(CALL_TIMEOUT_S)
+
+        futures = [stub.CreateJob.future(idle(i), timeout=CALL_TIMEOUT_S) for i in range(count)]
+        outcomes = []
+        for future in futures:
+            try:
+                future.result()
+                outcomes.append("OK")
+            except grpc.RpcError as error:
+                outcomes.append(error.code().name)
+        release.set()
+        try:
+            job_id = _start_job(channel, "probe-after-idle")
+            _cancel_job(channel, job_id)
+            outcomes.append("then a whole upload OK")
+        except grpc.RpcError as error:
+            outcomes.append(f"then a whole upload {error.code().name}")
+        return _codes(outcomes)
+
+    return run
+
+
+def _cross_site(request: bytes) -> Callable[[grpc.Channel, Server], str]:
+    """One HTTP request as a page on another site (or a rebound name) makes it; then whether the
+    model is still served."""
+
+    def run(channel: grpc.Channel, server: Server) -> str:
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=CALL_TIMEOUT_S) as sock:
+            sock.sendall(request)
+            answer = _http_answer(sock)
+        ready = pb_grpc.GRPCInferenceServiceStub(channel).ModelReady(pb.ModelReadyRequest(name="alexnet"), timeout=60)
+        return f"{answer}, then alexnet {'ready' if ready.ready else 'NOT READY'}"
+
+    return run
 
 
 def _free_port() -> int:
@@ -571,9 +769,14 @@ def measure(label: str, code: Path, selected: list[Probe], server_args: list[str
     """Probes on the shared server first, then each probe that needs a server of its own."""
     shared = [probe for probe in selected if probe.server_args is None]
     results = _measure_on_one_server(label, code, shared, server_args) if shared else []
+    done: set[str] = set()
     for probe in selected:
-        if probe.server_args is not None:
-            results += _measure_on_one_server(label, code, [probe], server_args, probe.server_args)
+        if probe.server_args is not None and probe.name not in done:
+            group = [probe]
+            if probe.shared:
+                group = [p for p in selected if p.shared and p.server_args is probe.server_args]
+            done.update(p.name for p in group)
+            results += _measure_on_one_server(label, code, group, server_args, probe.server_args)
     return results
 
 
