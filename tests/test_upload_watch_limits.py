@@ -205,7 +205,8 @@ def test_upload_slots_are_counted_per_client_address() -> None:
 def _sse_first_event(server: InProcessServer, job_id: str) -> tuple[socket.socket, bytes]:
     """An open Server-Sent Events stream of the job, once its first event has come."""
     sock = socket.create_connection(("127.0.0.1", server.server.http_port), timeout=WAIT_S)
-    sock.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    # Connection: close: a refusal ends the connection, so its whole answer is read.
+    sock.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     answer = b""
     while b"}\n\n" not in answer:  # the first event, whole (chunked: framing follows it)
         chunk = sock.recv(65536)
@@ -272,3 +273,36 @@ def test_watchers_are_capped_per_job_and_in_all_on_both_ports(patient, caplog) -
             stub.CancelJob(pb.CancelJobRequest(job_id=second.id), timeout=WAIT_S)
         assert [event.kind for event in grpc_watch][-1] == "cancelled"
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
+def test_a_server_sent_events_watcher_whose_client_left_frees_its_place(patient, monkeypatch) -> None:
+    """Between events the stream sends keep-alive comments; the first one after the client has gone
+    fails, and the watcher's place is given back without waiting for the job's next event."""
+    from service.transport.rest import vision_routes
+
+    monkeypatch.setattr(vision_routes, "KEEPALIVE_S", 0.05)
+    with grpc.insecure_channel(patient.target) as channel, device_held(patient):
+        stub = pb_grpc.FineTuningStub(channel)
+        job = stub.CreateJob(iter([config("left"), examples()]), timeout=WAIT_S)
+        try:
+            watchers = [_sse_first_event(patient, job.id) for _ in range(2)]
+            for _, opening in watchers:
+                assert b"event: queued" in opening
+            status, body = _http_get(patient, f"/v1/jobs/{job.id}/events")
+            assert status == 429 and "--max-job-watchers" in json.loads(body)["error"]
+            between = b""
+            while b": keep-alive" not in between:  # the stream stays open, with comments between events
+                between += watchers[0][0].recv(65536)
+            watchers[0][0].close()
+            for _ in range(2400):  # at most WAIT_S
+                sock, opening = _sse_first_event(patient, job.id)
+                sock.close()
+                if b"event: queued" in opening:
+                    break
+                assert b" 429 " in opening.split(b"\r\n")[0]
+                threading.Event().wait(0.05)
+            else:
+                raise AssertionError("the departed watcher's place never came back")
+        finally:
+            watchers[1][0].close()
+            stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=WAIT_S)
