@@ -266,3 +266,14 @@ def test_links_in_code_are_not_read_and_a_broken_one_is_found(tmp_path: Path) ->
         encoding="utf-8",
     )
     assert [link.target for link in links(sample)] == ["one.md", "img.png", "html.md", "spaced.md"]
+
+
+def test_operations_lists_every_store_error_reason() -> None:
+    """docs/operations.md's table of ``vision_store_errors_total`` reasons is StoreReason's list."""
+    from service.finetune.store import StoreReason
+
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    table = text.partition("| reason | the entry |")[2].partition("\n\n")[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE))
+    counted = {reason.value for reason in StoreReason if reason.counted}
+    assert documented == counted, f"missing: {counted - documented}, not reasons: {documented - counted}"
