@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import argparse
 import ast
+import http.client
 import io
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 from torchvision import transforms
 
+from service.config import RuntimeConfig, ServeConfig
 from service.errors import InvalidInputError
 from service.options import OPTIONS, build_serve_parser
 from service.preprocess import ImageDecoder
-from tests.conftest import ROOT
+from tests.conftest import ROOT, session_runtime_cache
+from tests.tiny import TINY
 from vision_client.cli import Defaults, build_parser
 
 SERVICE = ROOT / "service"
 SDK = ROOT / "clients" / "python" / "vision_client"
 GENERATED = SDK / "protocol" / "stubs"
+MESSAGE_BYTES = 100_000
 TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
 
 OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(-\*)?(?:[ =]([a-z][a-z0-9_.:-]*[a-z0-9]))?")
@@ -174,3 +180,52 @@ def test_a_stricter_option_keeps_pillows_guard_as_it_is(monkeypatch: pytest.Monk
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
     ImageDecoder(TRANSFORM, max_pixels=10_000)
     assert Image.MAX_IMAGE_PIXELS == 1_000_000
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A server of the tiny model whose messages may be 100,000 bytes (more than a config part may)."""
+    from tests.inprocess import InProcessServer
+
+    config = ServeConfig(
+        models=(TINY,),
+        weights="random",
+        runtime=RuntimeConfig(name="torch", cache_dir=session_runtime_cache()),
+        model_store=tmp_path_factory.mktemp("store"),
+        max_message_bytes=MESSAGE_BYTES,
+    )
+    with InProcessServer(config) as server:
+        yield server
+
+
+def _upload(server: Any, config: bytes, image: bytes) -> tuple[int, str]:
+    boundary = "limit-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="config"\r\n\r\n'.encode()
+        + config
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="cat"; filename="0.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=60)
+    try:
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        connection.request("POST", "/v1/jobs", body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())["error"]
+    finally:
+        connection.close()
+
+
+def test_an_uploads_parts_name_the_limit_each_is_held_to(tiny_server: Any) -> None:
+    """The config part has a fixed bound of its own (64 KiB), an image part --max-message-bytes:
+    a long config was refused in the name of --max-message-bytes, which does not bound it."""
+    config = json.dumps({"baseModel": TINY, "outputModel": "limits", "epochs": 1}).encode()
+    long_config = config[:-1] + b', "seed": "' + b"1" * 70_000 + b'"}'
+    assert len(long_config) < MESSAGE_BYTES
+    status, error = _upload(tiny_server, long_config, _png(8, 8))
+    assert status == 400 and "part 'config' is over 65536 bytes" in error and "--max-message-bytes" not in error, error
+    big_image = _png(8, 8) + b"\0" * MESSAGE_BYTES  # bytes after the PNG's end: only its size matters here
+    status, error = _upload(tiny_server, config, big_image)
+    assert status == 400 and f"is over {MESSAGE_BYTES} bytes (--max-message-bytes)" in error, error

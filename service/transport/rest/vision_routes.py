@@ -162,7 +162,7 @@ async def _job_messages(
     part = await _next_part(reader, pace)
     if part is None or field_name(part) != CONFIG_PART:
         raise InvalidInputError(f"the first part must be '{CONFIG_PART}': the job's FineTuneConfig as JSON")
-    text = await _read_part(part, MAX_CONFIG_BYTES, pace)
+    text = await _read_part(part, MAX_CONFIG_BYTES, pace, "a FineTuneConfig's JSON is far smaller")
     try:
         config = json_format.Parse(text, ft_pb.FineTuneConfig())
     except (json_format.ParseError, UnicodeDecodeError, RecursionError) as error:
@@ -173,7 +173,7 @@ async def _job_messages(
         label = field_name(part)
         if label == CONFIG_PART:
             raise InvalidInputError("send the config part once, first")
-        image = await _read_part(part, max_part_bytes, pace)
+        image = await _read_part(part, max_part_bytes, pace, "--max-message-bytes")
         batch.append(ft_pb.Example(image=image, label=label))
         if len(batch) >= EXAMPLES_PER_MESSAGE:
             yield ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=batch))
@@ -192,7 +192,8 @@ async def _next_part(reader: MultipartReader, pace: UploadPace) -> BodyPartReade
     return part
 
 
-async def _read_part(part: BodyPartReader, max_bytes: int, pace: UploadPace) -> bytes:
+async def _read_part(part: BodyPartReader, max_bytes: int, pace: UploadPace, limit: str) -> bytes:
+    """A part's bytes, at most ``max_bytes``; ``limit`` says in the error where that bound comes from."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -201,7 +202,7 @@ async def _read_part(part: BodyPartReader, max_bytes: int, pace: UploadPace) -> 
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
-            raise InvalidInputError(f"part {quote(field_name(part))} is over {max_bytes} bytes (--max-message-bytes)")
+            raise InvalidInputError(f"part {quote(field_name(part))} is over {max_bytes} bytes ({limit})")
         chunks.append(chunk)
 
 
