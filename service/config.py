@@ -11,6 +11,69 @@ from service.storage.location import StoreLocation
 DEFAULT_MODELS: tuple[str, ...] = ("alexnet", "vgg16", "resnet101")
 # What --auth-token-file protects: "management" RPCs only, or "all" (inference too; health never).
 AUTH_SCOPES: tuple[str, ...] = ("management", "all")
+# What a network may compute in (--dtype): float32 is exact; the others where the device has them natively.
+FLOAT32 = "float32"
+PRECISIONS: tuple[str, ...] = (FLOAT32, "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """``--dtype``: the precision of every model, and per-model exceptions.
+
+    Written ``float32`` (every model), ``bfloat16``, or a default and ``model=precision`` pairs in any
+    order: ``float32,resnet101=bfloat16``. :meth:`parse` is the one reader of that text.
+    """
+
+    default: str = FLOAT32
+    models: tuple[tuple[str, str], ...] = ()  # (model, precision), in the order given
+
+    def for_model(self, name: str) -> str:
+        """The precision ``name`` computes in."""
+        return dict(self.models).get(name, self.default)
+
+    def option_text(self, name: str) -> str:
+        """How ``--dtype`` asked for ``name``'s precision, for messages: ``bfloat16`` or ``resnet101=bfloat16``."""
+        chosen = dict(self.models).get(name)
+        return self.default if chosen is None else f"{name}={chosen}"
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Every precision it names."""
+        return tuple(dict.fromkeys((self.default, *(precision for _, precision in self.models))))
+
+    def __str__(self) -> str:
+        return ",".join((self.default, *(f"{model}={precision}" for model, precision in self.models)))
+
+    @classmethod
+    def parse(cls, text: str) -> DtypeChoice:
+        """``text`` as written on the command line; ValueError saying what is wrong otherwise."""
+        choices = ", ".join(PRECISIONS)
+        default: str | None = None
+        models: dict[str, str] = {}
+        items = [item.strip() for item in text.split(",")]
+        if not any(items):
+            raise ValueError(f"name a precision ({choices}), optionally with model=precision pairs")
+        for item in items:
+            model, equals, precision = item.rpartition("=")
+            model, precision = model.strip(), precision.strip().lower()
+            if not item:
+                raise ValueError(f"{text!r} has an empty item; separate items with single commas")
+            if precision not in PRECISIONS:
+                raise ValueError(f"{precision or item!r} in {item!r} is not a precision; choose one of {choices}")
+            if not equals:
+                if default is not None:
+                    raise ValueError(
+                        f"{text!r} names two default precisions ({default}, {precision}); "
+                        "give one, and model=precision for the exceptions"
+                    )
+                default = precision
+            elif not model or "=" in model:
+                raise ValueError(f"{item!r}: write model=precision, e.g. resnet101=bfloat16")
+            elif model in models:
+                raise ValueError(f"{text!r} names {model} twice")
+            else:
+                models[model] = precision
+        return cls(default or FLOAT32, tuple(models.items()))
 
 
 @dataclass(frozen=True)
@@ -101,7 +164,10 @@ class ServeConfig:
     models: tuple[str, ...] = DEFAULT_MODELS
     weights: str = "pretrained"  # "pretrained", "random" or a directory of <model>.pth
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:0,cuda:1"
-    dtype: str = "float32"  # compute dtype on CUDA: float32, float16, bfloat16
+    dtype: DtypeChoice = field(default_factory=DtypeChoice)  # what each model computes in (PRECISIONS)
+    # Lowest cosine of a model's logits in a reduced precision against float32, over the sample images
+    # measured at load (service.precision), under which the model is not served in that precision.
+    min_precision_agreement: float = 0.99
     channels_last: bool = False
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -15,11 +15,12 @@ from functools import partial
 import torch
 
 from service.batching import BatchQueue, min_split_images
-from service.config import ServeConfig
+from service.config import FLOAT32, ServeConfig
 from service.cpus import usable_cores, use_torch_threads
 from service.devices import resolve_dtype
 from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
+from service.precision import Agreement, Precision, check_floor, measure, reference_logits, sample_batch, worst
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
 from service.runtimes.base import FASTEST, Backend
@@ -44,9 +45,11 @@ class ModelFactory:
             spin=runtime.spin,
             channels_last=config.channels_last,
         )
-        # Every runtime and device must be usable before anything is built: fail at start-up, clearly.
+        # Every runtime, device and precision must be usable before anything is built: fail at start-up, clearly.
         for device in devices:
             candidates(runtime.name, device)
+            for model in dict.fromkeys((*config.models, *(name for name, _ in config.dtype.models))):
+                self._precision_on(model, device)
 
     @property
     def devices(self) -> list[torch.device]:
@@ -57,7 +60,9 @@ class ModelFactory:
     def declare_builtin(self, name: str) -> ServedModel:
         """A built-in model, LOADING: known (listed, health NOT_SERVING) before it is built."""
         spec = get_model_spec(name)
-        return self._new_served(name, spec, spec.categories, spec.num_classes, platform=BUILTIN_PLATFORM)
+        model = self._new_served(name, spec, spec.categories, spec.num_classes, platform=BUILTIN_PLATFORM)
+        model.precision = Precision(self._config.dtype.for_model(name))  # its agreement once measured
+        return model
 
     # -- building and starting ------------------------------------------------
 
@@ -66,33 +71,59 @@ class ModelFactory:
         workers, warmed up. The torch copy of the weights is dropped when the runtime does not
         need it."""
         spec = get_model_spec(model.name)
-        instances = await asyncio.to_thread(self.build_instances, spec, weights)
+        instances, precision = await asyncio.to_thread(self.build_instances, spec, weights)
+        model.precision = precision
+        self._metrics.set_precision_agreement(model.name, precision.dtype, precision.agreement)
         await asyncio.to_thread(self._start_workers, model, instances)
 
-    def build_instances(self, spec: ModelSpec, weights: WeightsSource) -> list[ModelInstance]:
-        """``spec``'s network with ``weights``, ``--instances`` instances per device (blocking: seconds)."""
-        use_torch_threads(usable_cores())  # building, exporting, timing: this thread's own count
+    def build_instances(self, spec: ModelSpec, weights: WeightsSource) -> tuple[list[ModelInstance], Precision]:
+        """``spec``'s network with ``weights``, ``--instances`` instances per device, in its ``--dtype``,
+        and that precision's agreement with float32 where it is reduced (blocking: seconds).
+        FailedPreconditionError where the agreement is under ``--min-precision-agreement``."""
+        use_torch_threads(usable_cores())  # building, exporting, timing, measuring: this thread's own count
         net = build_model(spec, weights)
         loader = BackendLoader(spec, net, self._options)
         count = self._config.runtime.instances
+        precision = self._config.dtype.for_model(spec.name)
+        asked = self._config.dtype.option_text(spec.name)
+        # Measured before any backend is built: a torch backend on the CPU in float32 is this very network.
+        batch = reference = None
+        if precision != FLOAT32:
+            batch = sample_batch(spec)
+            reference = reference_logits(spec, net, batch)
+        agreement: Agreement | None = None
         instances: list[ModelInstance] = []
         for device in self._devices:
-            dtype = resolve_dtype(self._config.dtype, device)
-            names = candidates(self._options.runtime, device)
+            dtype = self._precision_on(spec.name, device)
+            names = candidates(self._options.runtime, device, precision, asked=asked)
             if self._options.runtime == FASTEST and len(names) > 1:
                 backend = self._fastest(spec, loader, names, device, dtype)
             else:
                 backend = loader.load(names[0], device, dtype)
+            if batch is not None and reference is not None:
+                measured = measure(backend, batch, reference)
+                log.info("%s in %s on %s (%s): %s", spec.name, precision, device, backend.runtime, measured.describe())
+                check_floor(spec.name, asked, measured, self._config.min_precision_agreement)
+                agreement = measured if agreement is None else worst(agreement, measured)
             lone = loader.lone_backend(backend)
             instances += [ModelInstance(b, lone=lone) for b in loader.instances_of(backend, count)]
         log.info(
-            "%s runs on %s%s%s",
+            "%s runs on %s in %s%s%s",
             spec.name,
             ", ".join(dict.fromkeys(f"{i.runtime} ({i.label})" for i in instances)),
+            precision,
             f", {count} instances each" if count > 1 else "",
             self._cpu_threads(instances) if any(i.device.type == "cpu" for i in instances) else "",
         )
-        return instances
+        return instances, Precision(precision, agreement)
+
+    def _precision_on(self, model: str, device: torch.device) -> torch.dtype:
+        """``model``'s ``--dtype`` on ``device``, refused where the device (or every runtime) lacks it."""
+        precision = self._config.dtype.for_model(model)
+        asked = self._config.dtype.option_text(model)
+        dtype = resolve_dtype(precision, device, asked=asked)
+        candidates(self._options.runtime, device, precision, asked=asked)
+        return dtype
 
     def _cpu_threads(self, instances: list[ModelInstance]) -> str:
         """What a forward pass on the CPU gets, for the log: its threads, and a lone batch's."""
@@ -107,6 +138,7 @@ class ModelFactory:
         labels = [f"feature_{i}" for i in range(spec.feature_dim)]
         model = self._new_served(base.name + FEATURES_SUFFIX, spec, labels, spec.feature_dim, platform=BUILTIN_PLATFORM)
         model.base_model = base.name
+        model.precision = Precision(base.precision.dtype)
         self._start_workers(model, [i.features() for i in base.instances], warm_up=False)
         return model
 
@@ -118,6 +150,7 @@ class ModelFactory:
         model = self._new_served(name, spec, labels, len(labels), platform=FINETUNED_PLATFORM)
         model.base_model = base.name
         model.version = version
+        model.precision = Precision(base.precision.dtype)  # its base's backbone; the head's agreement is not measured
         self._start_workers(model, [i.with_head(head) for i in base.instances])
         return model
 

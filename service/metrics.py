@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.precision import Agreement
 from service.runtime import BatchStats
 from service.statistics import StatisticsCollector
 
@@ -98,7 +99,15 @@ class ServerMetrics:
             ["reason"],
             registry=r,
         )
+        self.precision_agreement = Gauge(
+            "vision_precision_agreement",
+            "A model's logits in its reduced --dtype against float32's on the sample images, measured at load: "
+            "min_cosine, mean_cosine, top1 (fraction of the same class), max_relative_error.",
+            ["model", "dtype", "measure"],
+            registry=r,
+        )
         self._runtime_series: set[tuple[str, str]] = set()
+        self._agreement_series: dict[str, list[tuple[str, str, str]]] = {}
 
         # Triton's per model and version statistics (ModelStatistics), from the same events.
         self.statistics = StatisticsCollector()
@@ -153,6 +162,22 @@ class ServerMetrics:
         for device, runtime in runtimes.items():
             self.model_runtime.labels(model, device).info({"runtime": runtime})
             self._runtime_series.add((model, device))
+
+    def set_precision_agreement(self, model: str, dtype: str, agreement: Agreement | None) -> None:
+        """``vision_precision_agreement`` of ``model`` as last measured; none in float32."""
+        for labels in self._agreement_series.pop(model, []):
+            self.precision_agreement.remove(*labels)
+        if agreement is None:
+            return
+        measures = {
+            "min_cosine": agreement.min_cosine,
+            "mean_cosine": agreement.mean_cosine,
+            "top1": agreement.top1,
+            "max_relative_error": agreement.max_relative_error,
+        }
+        for measure, value in measures.items():
+            self.precision_agreement.labels(model, dtype, measure).set(value)
+        self._agreement_series[model] = [(model, dtype, measure) for measure in measures]
 
     def record_request(
         self, model: str, status: str, seconds: float, version: str = "1", protocol: str = "grpc"

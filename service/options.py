@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import AUTH_SCOPES, BatchingConfig, FineTuneLimits, RuntimeConfig, ServeConfig
+from service.config import AUTH_SCOPES, BatchingConfig, DtypeChoice, FineTuneLimits, RuntimeConfig, ServeConfig
+from service.models import list_models
 from service.runtimes.base import RUNTIME_CHOICES, SPIN_CHOICES
 from service.runtimes.export import default_cache_dir
 from service.storage.location import StoreLocation, parse_store_location
 
 ENV_PREFIX = "VISION_SERVE_"
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 STORE_OFF = ("none", "off")  # --model-store none: fine-tuning is off
 PORT_OFF = ("none", "off")  # --http-port none: no HTTP port
@@ -66,6 +66,24 @@ non_negative_int = _checked("non_negative_int", int, lambda n: n >= 0, "must not
 port = _checked("port", int, lambda n: 0 <= n <= 65535, "not a port: {}")
 positive_float = _checked("positive_float", float, lambda n: n > 0, "must be positive, got {}")
 non_negative_float = _checked("non_negative_float", float, lambda n: n >= 0, "must not be negative, got {}")
+
+
+fraction = _checked("fraction", float, lambda n: 0.0 <= n <= 1.0, "must be 0 to 1, got {}")
+
+
+def dtype_choice(value: str) -> DtypeChoice:
+    """``--dtype``: a precision, or a default and ``model=precision`` pairs (:meth:`DtypeChoice.parse`)."""
+    try:
+        choice = DtypeChoice.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    unknown = [model for model, _ in choice.models if model not in list_models()]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown)}: not a built-in model; name one of {', '.join(list_models())} "
+            "(a fine-tuned model computes in its base model's precision)"
+        )
+    return choice
 
 
 def host_list(value: str) -> tuple[str, ...]:
@@ -166,7 +184,21 @@ OPTIONS: tuple[Option, ...] = (
         "or a directory of MODEL.pth state dicts",
     ),
     Option("--device", "device", "'auto', 'cpu', 'cuda' or a list such as cuda:0,cuda:1"),
-    Option("--dtype", "dtype", "compute dtype on CUDA", choices=DTYPE_CHOICES),
+    Option(
+        "--dtype",
+        "dtype",
+        "what the networks compute in: float32 (exact), bfloat16 (CPUs with avx512_bf16 or amx_bf16, and GPUs "
+        "that have it; runtimes torch and openvino) or float16 (GPUs); a default and model=precision exceptions, "
+        "e.g. float32,resnet101=bfloat16. A precision the device does not compute natively is refused at start",
+        dtype_choice,
+    ),
+    Option(
+        "--min-precision-agreement",
+        "min_precision_agreement",
+        "lowest cosine of a model's logits in a reduced --dtype against float32 (over sample images, measured at "
+        "load) for it to be served; under it the model is refused with the figures (0: never refuse)",
+        fraction,
+    ),
     Option("--channels-last", "channels_last", "NHWC memory format", boolean=True),
     Option(
         "--runtime",

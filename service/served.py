@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from service.batching import BatchQueue
+from service.precision import Precision
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
 
@@ -38,6 +39,8 @@ class ServedModel:
     # Unloaded on request (RepositoryModelUnload) or never loaded since: such a model does
     # not count against the server's readiness.
     unloaded: bool = False
+    # What it computes in (--dtype) and that precision's agreement with float32; set when it is built.
+    precision: Precision = field(default_factory=Precision)
 
     @property
     def ready(self) -> bool:

@@ -65,10 +65,14 @@ def test_every_variable_reaches_its_field(option) -> None:
         text = next(choice for choice in option.choices if choice != default)
     elif option.flag == "--models":
         text = "alexnet"
+    elif option.flag == "--dtype":
+        text = "float32,resnet101=bfloat16"
     elif option.flag in ("--metrics-host", "--host", "--weights", "--device"):
         text = "elsewhere"
     elif default is None and option.type is not Path:
         text = "9"  # a port or a count
+    elif option.flag == "--min-precision-agreement":
+        text = "0.5"
     else:
         text = "/x/y" if default is None or isinstance(default, Path) else samples[type(default)]
     if option.flag == "--max-queue-size":

@@ -48,7 +48,13 @@ class Backend(Protocol):
 
     @property
     def dtype(self) -> torch.dtype:
-        """What it computes in (and returns features in): float32 except torch's ``--dtype``."""
+        """What it returns features in (and so what a fine-tuned head on them runs in): torch's
+        ``--dtype``; float32 for exported networks, whatever they compute in."""
+        ...
+
+    @property
+    def precision(self) -> str:
+        """What it computes in (``--dtype``): ``float32``, ``bfloat16`` or ``float16``."""
         ...
 
     def gather(self, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -40,6 +40,7 @@ class OnnxRuntimeBackend:
 
     runtime = ONNXRUNTIME
     dtype = torch.float32
+    precision = "float32"  # its CPU kernels have no bfloat16 path on x86; float16 needs a converted graph
 
     def __init__(self, session: object, device: torch.device) -> None:
         self._session = session

@@ -15,6 +15,9 @@ from service.cpus import usable_cores
 from service.errors import FailedPreconditionError
 from service.runtimes.base import OPENVINO, Output, gather_on_host
 
+# --dtype -> OpenVINO's INFERENCE_PRECISION_HINT on the CPU (whether the CPU has bf16 is devices' to say).
+INFERENCE_PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+
 
 def available() -> bool:
     """Installed? (Without importing it: a server that does not use it should not pay for it.)"""
@@ -38,11 +41,12 @@ class OpenVinoBackend:
     """A compiled model; each thread gets an infer request of its own (they are not thread-safe)."""
 
     runtime = OPENVINO
-    dtype = torch.float32
+    dtype = torch.float32  # of its outputs, whatever it computes in
 
-    def __init__(self, compiled: Any, device: torch.device) -> None:
+    def __init__(self, compiled: Any, device: torch.device, precision: str = "float32") -> None:
         self._compiled = compiled
         self.device = device
+        self.precision = precision
         self._local = threading.local()
 
     @staticmethod
@@ -58,13 +62,20 @@ class OpenVinoBackend:
             )
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, *, threads: int, cache_dir: Path | None) -> OpenVinoBackend:
-        """Compile the ONNX file at ``path`` for the CPU, in float32 (OpenVINO would pick bf16 on
-        CPUs that have it), tuned for latency; ``threads`` 0: one per usable core."""
+    def load(
+        cls, path: Path, device: torch.device, *, threads: int, cache_dir: Path | None, precision: str = "float32"
+    ) -> OpenVinoBackend:
+        """Compile the ONNX file at ``path`` for the CPU in ``precision`` (float32 is pinned: OpenVINO
+        would pick bf16 by itself on CPUs that have it), tuned for latency; ``threads`` 0: one per
+        usable core."""
         cls.require(device)
+        if precision not in INFERENCE_PRECISIONS:
+            raise FailedPreconditionError(
+                f"--runtime openvino computes {', '.join(INFERENCE_PRECISIONS)} on the CPU, not {precision}"
+            )
         properties: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
             "INFERENCE_NUM_THREADS": threads or usable_cores(),
         }
         if cache_dir is not None:
@@ -72,10 +83,10 @@ class OpenVinoBackend:
             properties["CACHE_DIR"] = str(cache_dir)
         core = _core()
         compiled = core.compile_model(core.read_model(str(path)), "CPU", properties)
-        return cls(compiled, device)
+        return cls(compiled, device, precision)
 
     def share(self) -> OpenVinoBackend:
-        return OpenVinoBackend(self._compiled, self.device)
+        return OpenVinoBackend(self._compiled, self.device, self.precision)
 
     def gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return gather_on_host(parts)

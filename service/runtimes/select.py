@@ -5,6 +5,11 @@ on CPUs ONNX Runtime, then OpenVINO, then PyTorch (bench/README.md has the figur
 CUDA PyTorch, which has ``--dtype`` and ``--channels-last``. ``fastest`` builds every
 installed runtime for the model, times a few batches of each at load and keeps the
 fastest.
+
+Precision counts only where a reduced one is asked (``--dtype``): then both rules keep to the
+runtimes that compute it natively on the device kind (:data:`PRECISIONS`), ``auto`` in
+:data:`REDUCED_PREFERENCE`'s order (OpenVINO's bfloat16 first on CPUs: docs/benchmarks.md), and a
+runtime named outright that cannot is refused with the ones that can.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from service.config import FLOAT32
+from service.devices import DTYPES, NAMES
 from service.errors import FailedPreconditionError
 from service.models import ModelSpec
 from service.runtimes import onnxruntime_backend, openvino_backend
@@ -41,6 +48,19 @@ log = logging.getLogger(__name__)
 # The order auto prefers on each device kind: fastest first (measured, see bench/README.md).
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": (ONNXRUNTIME, OPENVINO, TORCH),
+    "cuda": (TORCH,),
+}
+# What each runtime computes natively on each device kind (whether the device itself has the
+# precision is service.devices.native_precisions's to say). ONNX Runtime's CPU kernels have no
+# bfloat16 path on x86 and its float16 needs a converted graph: float32 only.
+PRECISIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    TORCH: {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "float16", "bfloat16")},
+    ONNXRUNTIME: {"cpu": ("float32",), "cuda": ("float32",)},
+    OPENVINO: {"cpu": ("float32", "bfloat16")},
+}
+# auto's order where a reduced precision is asked.
+REDUCED_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": (OPENVINO, TORCH),
     "cuda": (TORCH,),
 }
 FASTEST_BATCH = 4  # images per timed batch for --runtime fastest
@@ -74,16 +94,49 @@ def installed(device: torch.device) -> list[str]:
     return usable
 
 
-def candidates(requested: str, device: torch.device) -> list[str]:
-    """The runtimes to build for ``device``: one, or several for ``fastest`` to time."""
+def computes(runtime: str, device: torch.device, precision: str) -> bool:
+    """Does ``runtime`` compute ``precision`` natively on ``device``'s kind?"""
+    return precision in PRECISIONS.get(runtime, {}).get(device.type, ())
+
+
+def candidates(requested: str, device: torch.device, precision: str = FLOAT32, *, asked: str = "") -> list[str]:
+    """The runtimes to build for ``device`` in ``precision``: one, or several for ``fastest`` to
+    time. ``asked``: how ``--dtype`` named the precision, for messages."""
     if requested not in RUNTIME_CHOICES:
         raise FailedPreconditionError(f"--runtime {requested!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
     usable = installed(device)
-    if requested == AUTO:
-        return [next(name for name in PREFERENCE.get(device.type, (TORCH,)) if name in usable)]
-    if requested == FASTEST:
-        return usable
-    return [requested]  # load_backend explains why one cannot run here
+    if precision == FLOAT32:
+        if requested == AUTO:
+            return [next(name for name in PREFERENCE.get(device.type, (TORCH,)) if name in usable)]
+        if requested == FASTEST:
+            return usable
+        return [requested]  # load explains why one cannot run here
+    able = [name for name in usable if computes(name, device, precision)]
+    if requested in (AUTO, FASTEST):
+        if requested == AUTO:
+            able = [name for name in REDUCED_PREFERENCE.get(device.type, (TORCH,)) if name in able][:1]
+        if able:
+            return able
+        raise FailedPreconditionError(
+            f"--dtype {asked or precision}: no installed runtime computes {precision} on {device.type} "
+            f"(installed: {', '.join(usable)}); use --dtype {FLOAT32}"
+        )
+    if not computes(requested, device, precision):
+        raise FailedPreconditionError(_cannot_compute(requested, device, precision, asked, able))
+    return [requested]
+
+
+def _cannot_compute(runtime: str, device: torch.device, precision: str, asked: str, able: list[str]) -> str:
+    native = ", ".join(PRECISIONS.get(runtime, {}).get(device.type, ())) or "nothing"
+    instead = (
+        f"use --runtime {' or '.join(able)} (they compute it there), or"
+        if able
+        else "no installed runtime computes it there: use"
+    )
+    return (
+        f"--runtime {runtime} computes {native} only on {device.type}, not {asked or precision} "
+        f"(it has no native {precision} path); {instead} --dtype {FLOAT32}"
+    )
 
 
 class BackendLoader:
@@ -98,8 +151,13 @@ class BackendLoader:
         self._digest: str | None = None
 
     def load(self, runtime: str, device: torch.device, dtype: torch.dtype, *, threads: int | None = None) -> Backend:
-        """A backend of the network; ``threads`` overrides the options' intra-op threads."""
+        """A backend of the network computing in ``dtype``; ``threads`` overrides the options'
+        intra-op threads."""
         threads = self._options.threads if threads is None else threads
+        precision = NAMES[dtype]
+        if runtime in PRECISIONS and not computes(runtime, device, precision):
+            able = [name for name in installed(device) if computes(name, device, precision)]
+            raise FailedPreconditionError(_cannot_compute(runtime, device, precision, "", able))
         if runtime == TORCH:
             return TorchBackend.place(
                 self._spec,
@@ -108,11 +166,6 @@ class BackendLoader:
                 dtype=dtype,
                 channels_last=self._options.channels_last,
                 threads=threads or None,
-            )
-        if dtype != torch.float32:
-            raise FailedPreconditionError(
-                f"--runtime {runtime} computes in float32 only; drop --dtype {str(dtype).removeprefix('torch.')} "
-                "or use --runtime torch"
             )
         # Check that the runtime can run here before exporting: an export takes seconds to minutes.
         if runtime == ONNXRUNTIME:
@@ -124,8 +177,9 @@ class BackendLoader:
             OpenVinoBackend.require(device)
 
             def compile_openvino(path: Path) -> Backend:
-                blobs = path.parent / f"openvino-{openvino_backend.version()}"
-                return OpenVinoBackend.load(path, device, threads=threads, cache_dir=blobs)
+                # The export is float32 whatever the precision; OpenVINO's compiled blobs are not.
+                blobs = path.parent / f"openvino-{openvino_backend.version()}-{precision}"
+                return OpenVinoBackend.load(path, device, threads=threads, cache_dir=blobs, precision=precision)
 
             return self._load_exported(compile_openvino)
         raise FailedPreconditionError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
@@ -137,7 +191,7 @@ class BackendLoader:
             return None
         if isinstance(first, TorchBackend):  # one module: the count is the calling thread's
             return first.on_threads(self._options.lone_threads)
-        return self.load(first.runtime, first.device, first.dtype, threads=self._options.lone_threads)
+        return self.load(first.runtime, first.device, DTYPES[first.precision], threads=self._options.lone_threads)
 
     def instances_of(self, first: Backend, count: int) -> list[Backend]:
         """``first`` and ``count - 1`` more backends like it, for instances that run batches at once.
@@ -154,7 +208,8 @@ class BackendLoader:
         one_thread = isinstance(first, OnnxRuntimeBackend) and first.threads == 1
         if first.device.type == "cuda" or first.runtime == TORCH or one_thread:
             return [first, *(first.share() for _ in range(count - 1))]
-        return [first, *(self.load(first.runtime, first.device, first.dtype) for _ in range(count - 1))]
+        dtype = DTYPES[first.precision]
+        return [first, *(self.load(first.runtime, first.device, dtype) for _ in range(count - 1))]
 
     def _load_exported(self, load: Callable[[Path], Backend]) -> Backend:
         if self._onnx is None:

@@ -1,4 +1,5 @@
-"""Eager PyTorch: the reference runtime, and the one that supports CUDA dtypes and channels_last."""
+"""Eager PyTorch: the reference runtime; ``--dtype`` by converted weights (bfloat16 on CPUs that
+have it, float16 and bfloat16 on CUDA), and channels_last."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import torch
 
 from service.cpus import use_torch_threads
+from service.devices import NAMES
 from service.models import ModelSpec
 from service.runtimes.base import FEATURES, TORCH, Output
 
@@ -50,14 +52,19 @@ class TorchBackend:
         channels_last: bool = False,
         threads: int | None = None,
     ) -> TorchBackend:
-        """Put (a copy of, off the CPU) ``net`` on ``device``."""
+        """Put ``net`` on ``device`` in ``dtype``: a copy, unless it stays as it is on the CPU (its
+        float32 original is the reference that agreement is measured against, and what is exported)."""
         memory_format = torch.channels_last if channels_last else torch.preserve_format
-        if device.type != "cpu":
+        if device.type != "cpu" or dtype != torch.float32:
             net = copy.deepcopy(net)
         net = net.to(device=device, dtype=dtype).to(memory_format=memory_format).eval()
         return cls(
             spec.features(net), spec.classifier(net), device, dtype=dtype, channels_last=channels_last, threads=threads
         )
+
+    @property
+    def precision(self) -> str:
+        return NAMES[self.dtype]
 
     def share(self) -> TorchBackend:
         return self.on_threads(self.threads)

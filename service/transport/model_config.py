@@ -76,7 +76,26 @@ def model_config(
             default_queue_policy=config_pb.ModelQueuePolicy(max_queue_size=batching.max_queue_size),
         ),
         instance_group=_instance_groups(model.name, devices, instances),
+        parameters=precision_parameters(model),
     )
+
+
+def precision_parameters(model: ServedModel) -> dict[str, config_pb.ModelParameter]:
+    """What the network computes in, as Triton's free-form ``parameters`` (strings): ``precision``,
+    and in a reduced one its agreement with float32 measured at load, ``precision_agreement_*``
+    (the fields of vision.v1's PrecisionAgreement)."""
+    values = {"precision": model.precision.dtype}
+    agreement = model.precision.agreement
+    if agreement is not None:
+        values.update(
+            precision_agreement_images=str(agreement.images),
+            precision_agreement_images_source=agreement.images_source,
+            precision_agreement_min_cosine=repr(agreement.min_cosine),
+            precision_agreement_mean_cosine=repr(agreement.mean_cosine),
+            precision_agreement_top1=repr(agreement.top1),
+            precision_agreement_max_relative_error=repr(agreement.max_relative_error),
+        )
+    return {key: config_pb.ModelParameter(string_value=value) for key, value in values.items()}
 
 
 def _instance_groups(name: str, devices: list[torch.device], count: int) -> list[config_pb.ModelInstanceGroup]:

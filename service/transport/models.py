@@ -8,6 +8,7 @@ import grpc
 
 from service.dataplane import DataPlane
 from service.metrics import ServerMetrics
+from service.precision import Agreement
 from service.repository import ServedModel
 from service.transport.inference import require_model_name
 from vision_client.protocol.stubs.vision.v1 import models_pb2 as pb
@@ -65,4 +66,19 @@ def model_info(model: ServedModel, *, labels: bool) -> pb.ModelInfo:
         version=model.version,
         devices=list(model.runtimes),
         pending_images=model.queue.pending_images,
+        precision=model.precision.dtype,
+        precision_agreement=_agreement(model.precision.agreement),
+    )
+
+
+def _agreement(agreement: Agreement | None) -> pb.PrecisionAgreement | None:
+    if agreement is None:
+        return None
+    return pb.PrecisionAgreement(
+        images=agreement.images,
+        images_source=agreement.images_source,
+        min_cosine=agreement.min_cosine,
+        mean_cosine=agreement.mean_cosine,
+        top1=agreement.top1,
+        max_relative_error=agreement.max_relative_error,
     )

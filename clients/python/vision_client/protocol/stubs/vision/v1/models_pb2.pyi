@@ -25,7 +25,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "state", "reason", "platform", "base_model", "input_size", "num_outputs", "labels", "min_height", "min_width", "runtime", "version", "devices", "pending_images")
+    __slots__ = ("name", "state", "reason", "platform", "base_model", "input_size", "num_outputs", "labels", "min_height", "min_width", "runtime", "version", "devices", "pending_images", "precision", "precision_agreement")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class ModelInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     PENDING_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     reason: str
@@ -54,7 +56,25 @@ class ModelInfo(_message.Message):
     version: str
     devices: _containers.RepeatedScalarFieldContainer[str]
     pending_images: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., base_model: _Optional[str] = ..., input_size: _Optional[int] = ..., num_outputs: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_height: _Optional[int] = ..., min_width: _Optional[int] = ..., runtime: _Optional[str] = ..., version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., pending_images: _Optional[int] = ...) -> None: ...
+    precision: str
+    precision_agreement: PrecisionAgreement
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., base_model: _Optional[str] = ..., input_size: _Optional[int] = ..., num_outputs: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_height: _Optional[int] = ..., min_width: _Optional[int] = ..., runtime: _Optional[str] = ..., version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., pending_images: _Optional[int] = ..., precision: _Optional[str] = ..., precision_agreement: _Optional[_Union[PrecisionAgreement, _Mapping]] = ...) -> None: ...
+
+class PrecisionAgreement(_message.Message):
+    __slots__ = ("images", "images_source", "min_cosine", "mean_cosine", "top1", "max_relative_error")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    TOP1_FIELD_NUMBER: _ClassVar[int]
+    MAX_RELATIVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    images: int
+    images_source: str
+    min_cosine: float
+    mean_cosine: float
+    top1: float
+    max_relative_error: float
+    def __init__(self, images: _Optional[int] = ..., images_source: _Optional[str] = ..., min_cosine: _Optional[float] = ..., mean_cosine: _Optional[float] = ..., top1: _Optional[float] = ..., max_relative_error: _Optional[float] = ...) -> None: ...
 
 class GetThroughputRequest(_message.Message):
     __slots__ = ()
