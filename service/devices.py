@@ -108,7 +108,8 @@ def resolve_dtype(name: str, device: torch.device, *, asked: str | None = None) 
     else:
         why = f"{label} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}) lacks it"
     if len(offered) > 1:
-        offers = f"it offers {', '.join(offered)}: choose one of those (per model: --dtype {FLOAT32},resnet101={offered[-1]})"
+        example = f"{FLOAT32},resnet101={offered[-1]}"
+        offers = f"it offers {', '.join(offered)}: choose one of those (per model: --dtype {example})"
     else:
         offers = f"it offers {FLOAT32} only: use --dtype {FLOAT32}"
     raise FailedPreconditionError(
