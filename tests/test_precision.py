@@ -84,9 +84,7 @@ def test_dtype_takes_a_default_and_per_model_precisions(text: str, default: str,
         ("resnet10=bfloat16", "resnet10: not a built-in model; name one of"),
     ],
 )
-def test_a_bad_dtype_is_refused_with_what_to_write(
-    text: str, problem: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_bad_dtype_is_refused_with_what_to_write(text: str, problem: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse(["--dtype", text])
     assert problem in capsys.readouterr().err
@@ -115,7 +113,7 @@ def test_the_probe_reads_the_cpu_flags_and_the_hook_replaces_them(monkeypatch: p
     assert native_precisions(CPU) == ("float32", "bfloat16")
     monkeypatch.delenv(CPU_FLAGS_ENV)
     flags = Path("/proc/cpuinfo").read_text()
-    assert NATIVE_BF16 == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert ("avx512_bf16" in flags or "amx_bf16" in flags) == NATIVE_BF16
 
 
 def test_float16_on_a_cpu_is_refused_with_what_it_offers(monkeypatch: pytest.MonkeyPatch) -> None:
