@@ -161,24 +161,26 @@ def test_one_client_holds_at_most_its_share_of_the_upload_slots(patient) -> None
         stub = pb_grpc.FineTuningStub(channel)
         holders = [stub.CreateJob.future(stalled([config(f"hold-{i}")], release), timeout=WAIT_S) for i in range(2)]
         try:
-            # Once both holders are in, a third upload from this address is refused at once; until
-            # then it would end for its own reason (no examples): try until the refusal comes.
-            code = details = None
+            # Once both holders are in (the server counts their slots), a third upload from this
+            # address is refused at once.
+            jobs = patient.server.jobs  # type: ignore[union-attr]
             for _ in range(2400):  # at most WAIT_S
-                with pytest.raises(grpc.RpcError) as raised:
-                    stub.CreateJob(iter([config("third")]), timeout=WAIT_S)
-                code, details = raised.value.code(), raised.value.details()
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if jobs._uploads == 2 or any(holder.done() for holder in holders):
                     break
                 threading.Event().wait(0.05)
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-job-uploads-per-peer" in str(details), (
-                details,
-                [h.done() and h.exception() for h in holders],
-            )
+            assert not any(holder.done() for holder in holders) and jobs._uploads == 2
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.CreateJob(iter([config("third")]), timeout=WAIT_S)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-job-uploads-per-peer" in raised.value.details()
         finally:
             release.set()
             for holder in holders:
                 holder.cancel()
+            for _ in range(2400):  # the server lets the slots go as it sees the cancellations
+                if patient.server.jobs._uploads == 0:  # type: ignore[union-attr]
+                    break
+                threading.Event().wait(0.05)
 
 
 def test_upload_slots_are_counted_per_client_address() -> None:
