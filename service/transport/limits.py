@@ -108,7 +108,7 @@ class UploadPace:
             raise self._too_long()
         try:
             return await asyncio.wait_for(piece, min(self.idle_s, remaining))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin only from Python 3.11 on
             if self.idle_s < remaining:
                 raise DeadlineExceededError(
                     f"{what} did not arrive within {self.idle_s:g} s (--upload-idle-seconds): an upload must keep "

@@ -278,7 +278,7 @@ class RestServer:
         length = request.content_length
         try:
             return await asyncio.wait_for(self._receive(request, length), self._body_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin only from Python 3.11 on
             raise _BodyProblem(408, f"the body did not arrive within {self._body_timeout_s:g} s") from None
 
     async def _receive(self, request: web.Request, length: int | None) -> bytes:
