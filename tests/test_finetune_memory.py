@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from service.dataplane import InferenceInput
 from service.finetune.examples import ExampleCollector
 from service.finetune.job import Job, JobEvent, JobState
-from service.finetune.pipeline import FEATURE_CHUNK, JobPipeline
+from service.finetune.pipeline import FEATURE_CHUNK, FEATURE_DTYPE, JobPipeline, put_rows
 from service.finetune.trainer import ROWS_AT_ONCE, _statistics
 from service.memory import MMAP_THRESHOLD_BYTES, THRESHOLD_VARIABLE, configure_allocator, trim
 from tests.core_util import Core, run_with_core
@@ -109,9 +110,14 @@ def test_feature_extraction_lets_each_chunk_go_and_keeps_only_features_and_targe
 
         pipeline = JobPipeline(core.dataplane, core.builtin, core.catalog, core.metrics, probe)
         features, targets = await pipeline.extract_features(job)
-        assert features.shape == (COUNT, TINY_FEATURE_DIM) and features.dtype == torch.float32
+        assert features.shape == (COUNT, TINY_FEATURE_DIM)
+        assert features.dtype == torch.float32  # a small job keeps them exact
         assert targets.tolist() == [index % 2 for index in range(COUNT)]  # "even" < "odd"
         assert job.examples is None and job.example_count == COUNT
+        some = [0, FEATURE_CHUNK + 1, COUNT - 1]  # rows of the first, second and last chunks
+        model = core.builtin.features_model(TINY)
+        expected = await core.dataplane.infer_model(model, InferenceInput(images=[image(i) for i in some]))
+        torch.testing.assert_close(features[some].float(), torch.from_numpy(expected), rtol=1e-2, atol=1e-3)
         assert not live_images(COUNT), "the job's images outlived their features"
         assert live_pixels() <= bound, "preprocessed pixels outlived their features"
 
@@ -147,6 +153,16 @@ def test_a_job_cancelled_while_training_or_extracting_leaves_no_features_behind(
         assert not live_features(COUNT) and not live_images(COUNT)
 
     run_with_core(tmp_path / "store", scenario)
+
+
+def test_features_beyond_the_narrow_type_keep_float32_for_the_whole_job() -> None:
+    features = torch.zeros((6, 2), dtype=FEATURE_DTYPE)
+    features = put_rows(features, 0, torch.tensor([[1.5, 2.0], [3.0, 4.0]]))
+    assert features.dtype == FEATURE_DTYPE
+    features = put_rows(features, 2, torch.tensor([[1e6, -2.5e7]]))
+    assert features.dtype == torch.float32
+    features = put_rows(features, 3, torch.tensor([[0.1, 0.2]]))
+    assert features[:4].tolist() == [[1.5, 2.0], [3.0, 4.0], [1e6, -2.5e7], [pytest.approx(0.1), pytest.approx(0.2)]]
 
 
 def test_statistics_taken_a_slice_at_a_time_match_the_whole() -> None:

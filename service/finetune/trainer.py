@@ -20,7 +20,7 @@ from service.finetune.heads import StandardizedHead, build_head
 from vision_client.protocol import FineTuneConfig
 
 CPU = torch.device("cpu")
-ROWS_AT_ONCE = 2048  # rows of features taken at once for statistics and validation
+ROWS_AT_ONCE = 256  # rows of features taken at once for statistics and validation (4 MiB of 4096 float32)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,8 @@ class _Fit:
 
         The rows are taken by index, a batch at a time: the features are never copied whole
         (on the CPU they are used where they are), so training adds to a job's memory only
-        a batch and the head's own.
+        a batch and the head's own. ``x`` may be kept in a narrower type than float32 (the
+        pipeline keeps large jobs' in float16): each batch is taken as float32, and so is the head.
         """
         config, device = self.config, self.device
         epochs = epochs or config.epochs
@@ -251,7 +252,7 @@ class _Fit:
                 raise JobCancelled("the job was cancelled")
             batch = order[start : start + self.config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(model.standardized(x[batch]), y[batch])
+            loss = self.loss_fn(model.standardized(x[batch].float()), y[batch])
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch)
@@ -277,7 +278,7 @@ def _statistics(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
     (in float64), so that no copy of the training rows is ever made.
     """
     if len(rows) <= ROWS_AT_ONCE:
-        taken = values[rows]
+        taken = values[rows].float()
         mean = taken.mean(0)
         std = taken.std(0, unbiased=False) if len(rows) >= 2 else None
     else:
@@ -288,7 +289,7 @@ def _statistics(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
         squares = torch.zeros_like(total)
         for part in _slices(rows):
             squares += ((values[part].double() - mean64) ** 2).sum(0)
-        mean, std = mean64.to(values.dtype), (squares / len(rows)).sqrt().to(values.dtype)
+        mean, std = mean64.float(), (squares / len(rows)).sqrt().float()
     if std is None:
         return mean, torch.ones_like(mean)
     return mean, torch.where(std < 1e-6 * (1 + mean.abs()), torch.ones_like(std), std)
@@ -310,7 +311,7 @@ def _evaluate(
     loss_sum, correct, elements = 0.0, 0, 0
     with torch.inference_mode():
         for part in _slices(rows):
-            outputs, expected = model.standardized(x[part]), y[part]
+            outputs, expected = model.standardized(x[part].float()), y[part]
             if classification:
                 loss_sum += float(nn.functional.cross_entropy(outputs, expected, reduction="sum"))
                 correct += int((outputs.argmax(1) == expected).sum())
