@@ -188,6 +188,28 @@ def server_of(config: ServeConfig) -> object:
     return VisionServer(config)
 
 
+@needs_bf16
+def test_openvino_is_pinned_to_float32_and_set_to_bf16_when_asked(weights_dir: Path) -> None:
+    from service.runtimes.openvino_backend import OpenVinoBackend
+    from service.runtimes.select import BackendLoader, RuntimeOptions
+
+    spec = get_model_spec("alexnet")
+    net = build_model(spec, WeightsSource.parse(str(weights_dir)))
+    loader = BackendLoader(spec, net, RuntimeOptions(runtime=OPENVINO, cache_dir=session_runtime_cache()))
+    batch = sample_batch(spec)
+    with torch.inference_mode():
+        expected = net(batch).numpy()
+    for dtype, hint in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        backend = loader.load(OPENVINO, CPU, dtype)
+        assert isinstance(backend, OpenVinoBackend) and backend.compiled_precision == hint
+        got = backend.run(backend.gather([batch]), "logits").numpy()
+        worst = min(cosine(row, want) for row, want in zip(got, expected, strict=True))
+        if dtype == torch.float32:
+            np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+        else:
+            assert MIN_COSINE <= worst < 1.0
+
+
 # -- bfloat16 served ---------------------------------------------------------------------------
 
 

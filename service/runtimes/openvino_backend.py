@@ -85,6 +85,11 @@ class OpenVinoBackend:
         compiled = core.compile_model(core.read_model(str(path)), "CPU", properties)
         return cls(compiled, device, precision)
 
+    @property
+    def compiled_precision(self) -> str:
+        """What the compiled network computes in, as OpenVINO says: ``f32`` or ``bf16``."""
+        return str(self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string())
+
     def share(self) -> OpenVinoBackend:
         return OpenVinoBackend(self._compiled, self.device, self.precision)
 
