@@ -9,6 +9,7 @@ they are skipped with that reason, and the refusal tests (which override the pro
 
 from __future__ import annotations
 
+import copy
 import io
 import subprocess
 import sys
@@ -306,3 +307,41 @@ def test_a_model_under_the_floor_is_not_served_in_that_precision(serve_inprocess
     assert "under --min-precision-agreement 1 (cosine min" in message and "or lower the floor" in message
     model = server.server.repository.get(TINY)
     assert model.state.value == "UNAVAILABLE" and model.reason == message
+
+
+@needs_bf16
+@pytest.mark.e2e
+def test_a_fine_tuned_head_is_served_in_its_base_models_precision(serve_inprocess) -> None:
+    """Trained in float32 as every head is, served on the base's bfloat16 backbone; its answers
+    match the same head run in float32 on float32 features for most held-out digits."""
+    from tests.finetune_data import digits
+    from vision_client import Client, FineTuneConfig
+
+    server = serve_inprocess(
+        models=(TINY,),
+        weights="random",
+        dtype=DtypeChoice.parse(f"{TINY}=bfloat16"),
+        runtime=RuntimeConfig(name=TORCH, cache_dir=session_runtime_cache()),
+    )
+    images, targets = digits()
+    train = [(image, str(target)) for image, target in zip(images[:200], targets[:200], strict=True)]
+    held_out = images[200:264]
+    with Client(server.target, timeout=120) as client:
+        result = client.fine_tune(FineTuneConfig(TINY, "digits-bf16", epochs=5), train, timeout=300)
+        assert result.succeeded, result.error
+        served = client.logits(held_out, model="digits-bf16")
+    with grpc.insecure_channel(server.target) as channel:
+        info = models_pb2_grpc.ModelsStub(channel).GetModel(models_pb2.GetModelRequest(name="digits-bf16"))
+    assert (info.precision, info.base_model) == ("bfloat16", TINY) and not info.HasField("precision_agreement")
+    assert server.server is not None
+    head = server.server.repository.get("digits-bf16").instances[0].head
+    assert head is not None and next(head.parameters()).dtype == torch.bfloat16
+    # The same head in float32 on the float32 network's features.
+    spec = get_model_spec(TINY)
+    net = build_model(spec, WeightsSource.parse("random"))
+    decode = spec.transforms()
+    batch = torch.stack([decode(Image.open(io.BytesIO(image)).convert("RGB")) for image in held_out])
+    with torch.inference_mode():
+        reference = copy.deepcopy(head).float()(spec.features(net)(batch)).numpy()
+    assert np.isfinite(served).all() and served.shape == reference.shape
+    assert np.mean(served.argmax(1) == reference.argmax(1)) >= 0.9
