@@ -2,7 +2,7 @@
 
 ``auto`` takes the runtime measured fastest for the device kind among those installed:
 on CPUs ONNX Runtime, then OpenVINO, then PyTorch (bench/README.md has the figures); on
-CUDA PyTorch, which has ``--dtype`` and ``--channels-last``. ``fastest`` builds every
+CUDA PyTorch, which has float16 and ``--channels-last``. ``fastest`` builds every
 installed runtime for the model, times a few batches of each at load and keeps the
 fastest.
 
@@ -70,7 +70,8 @@ FASTEST_RUNS = 3
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How backends are built: from ``--runtime``, ``--runtime-cache``, ``--runtime-threads``,
-    and the torch-only ``--dtype`` / ``--channels-last`` (already resolved per device)."""
+    and the torch-only ``--channels-last``; the precision (``--dtype``, per model and checked per
+    device) is :meth:`BackendLoader.load`'s argument."""
 
     runtime: str
     cache_dir: Path
