@@ -29,9 +29,11 @@ import grpc.aio
 import numpy as np
 
 from vision_client import _protocol as proto
-from vision_client._channel import PemSource, channel_credentials, check_token_transport
+from vision_client._channel import PemSource, channel_credentials, check_token_transport, http_target, http_tls
+from vision_client._http import AsyncHttpChannel, HttpChannel
 from vision_client._images import ImageInput, encode_images
 from vision_client._retry import Attempts, Retry
+from vision_client._tracing import trace_headers
 from vision_client._types import FineTuneResult, JobEvent, JobInfo, ModelInfo, Prediction
 from vision_client._version import __version__
 from vision_client.errors import ClientClosedError, UnavailableError
@@ -85,7 +87,10 @@ class BaseClient:
     """What both clients share: configuration, channel options, and every operation's plan.
 
     ``target`` is a gRPC target: ``host:port``, or ``dns:///name:port`` for every
-    address a name resolves to (a headless Kubernetes Service), balanced round-robin.
+    address a name resolves to (a headless Kubernetes Service), balanced round-robin; or
+    the URL of the server's HTTP port, ``http://host:8000`` or ``https://host`` (a path
+    prefix is kept, for a server behind a proxy), for the REST binding: the same methods,
+    results, errors and retries, over HTTP/1.1 (``docs/sdk.md`` says what differs).
 
     Keyword arguments:
 
@@ -96,6 +101,7 @@ class BaseClient:
     - ``tls``: True for TLS (with the system's root certificates unless
       ``root_certificates`` is given), False for plaintext, or your own
       ``grpc.ChannelCredentials``; unset, TLS is on when a certificate option is given.
+      For a URL the scheme decides (``https://`` is TLS) and the certificate options apply.
     - ``root_certificates``: the CA certificates that sign the server's certificate.
     - ``client_certificate``, ``client_key``: this client's certificate chain and key, for
       servers that want mutual TLS. The three are PEM: a path, or the bytes.
@@ -104,10 +110,14 @@ class BaseClient:
     - ``max_message_bytes``: the largest message sent or received; calls with more
       image bytes are split into several requests.
     - ``max_images_per_request``: at most this many images in one request.
-    - ``options``: extra gRPC channel options, overriding the client's own.
+    - ``options``: extra gRPC channel options, overriding the client's own (gRPC targets only).
+
+    With an active OpenTelemetry span (and ``opentelemetry-api`` installed) every call carries
+    its W3C ``traceparent`` (``vision_client._tracing``), on either binding.
     """
 
     _grpc: ClassVar[Any]  # the module whose channels the client uses: grpc or grpc.aio
+    _http_channel: ClassVar[Any]  # the HTTP binding's channel: HttpChannel or AsyncHttpChannel
 
     def __init__(
         self,
@@ -136,7 +146,15 @@ class BaseClient:
         self.retry = Retry.of(retries)
         self.max_message_bytes = max_message_bytes
         self.max_images_per_request = max_images_per_request
-        self._credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+        self._http = http_target(target)
+        if self._http is None:
+            self._credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+            self._ssl = None
+        else:
+            if options:
+                raise ValueError(f"options are gRPC channel options; {target!r} is an HTTP URL")
+            self._credentials = None
+            self._ssl = http_tls(self._http, tls, root_certificates, client_certificate, client_key)
         check_token_transport(target, token, self._credentials, allow_insecure_token)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._options = _channel_options(max_message_bytes, options)
@@ -168,7 +186,10 @@ class BaseClient:
         with self._lock:
             self._check_open()
             if self._channel is None:
-                if self._credentials is None:
+                if self._http is not None:
+                    verify = True if self._ssl is None else self._ssl
+                    self._channel = self._http_channel(self._http.base_url, verify=verify)
+                elif self._credentials is None:
                     self._channel = self._grpc.insecure_channel(self.target, options=self._options)
                 else:
                     self._channel = self._grpc.secure_channel(self.target, self._credentials, options=self._options)
@@ -202,6 +223,11 @@ class BaseClient:
         if current is not None:
             current.close()
         return _ResponseStream(call, self._attempts(call, timeout))
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The token, and the caller's trace context when it has an active OpenTelemetry span."""
+        trace = trace_headers()
+        return self._metadata + trace if trace else self._metadata
 
     def _timeout(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, UseClientDefault) else _check_timeout(timeout)
@@ -371,6 +397,7 @@ class Client(BaseClient):
     """
 
     _grpc: ClassVar[Any] = grpc
+    _http_channel: ClassVar[Any] = HttpChannel
 
     def __enter__(self) -> Client:
         self._check_open()
@@ -511,13 +538,13 @@ class Client(BaseClient):
             try:
                 if isinstance(call.request, proto.RequestStream):
                     return self._upload(call, attempts.timeout())
-                return self._method(call.rpc)(call.request, timeout=attempts.timeout(), metadata=self._metadata)
+                return self._method(call.rpc)(call.request, timeout=attempts.timeout(), metadata=self._call_metadata())
             except grpc.RpcError as error:
                 time.sleep(attempts.backoff(error))  # raises instead when there is no retry left
 
     def _upload(self, call: proto.Call, timeout: float | None) -> Any:
         """A client-streaming call; its RequestStream cancels it if making a message fails."""
-        future = self._method(call.rpc).future(call.request, timeout=timeout, metadata=self._metadata)
+        future = self._method(call.rpc).future(call.request, timeout=timeout, metadata=self._call_metadata())
         call.request.started(future.cancel)
         try:
             return future.result()
@@ -534,7 +561,7 @@ class Client(BaseClient):
                 if stream.responses is None:
                     method = self._method(stream.call.rpc)
                     timeout = stream.attempts.timeout()
-                    stream.responses = method(stream.call.request, timeout=timeout, metadata=self._metadata)
+                    stream.responses = method(stream.call.request, timeout=timeout, metadata=self._call_metadata())
                 response = next(stream.responses, None)
                 if response is None or stream.take(response):
                     return response
@@ -551,6 +578,7 @@ class AsyncClient(BaseClient):
     """
 
     _grpc: ClassVar[Any] = grpc.aio
+    _http_channel: ClassVar[Any] = AsyncHttpChannel
     max_concurrency = 4
 
     async def __aenter__(self) -> AsyncClient:
@@ -690,13 +718,15 @@ class AsyncClient(BaseClient):
             try:
                 if isinstance(call.request, proto.RequestStream):
                     return await self._upload(call, attempts.timeout())
-                return await self._method(call.rpc)(call.request, timeout=attempts.timeout(), metadata=self._metadata)
+                return await self._method(call.rpc)(
+                    call.request, timeout=attempts.timeout(), metadata=self._call_metadata()
+                )
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.backoff(error))  # raises instead when there is no retry left
 
     async def _upload(self, call: proto.Call, timeout: float | None) -> Any:
         """A client-streaming call; its RequestStream cancels it if making a message fails."""
-        pending = self._method(call.rpc)(call.request, timeout=timeout, metadata=self._metadata)
+        pending = self._method(call.rpc)(call.request, timeout=timeout, metadata=self._call_metadata())
         call.request.started(pending.cancel)
         try:
             return await pending
@@ -712,7 +742,7 @@ class AsyncClient(BaseClient):
                 if stream.responses is None:
                     method = self._method(stream.call.rpc)
                     timeout = stream.attempts.timeout()
-                    stream.responses = method(stream.call.request, timeout=timeout, metadata=self._metadata)
+                    stream.responses = method(stream.call.request, timeout=timeout, metadata=self._call_metadata())
                 response = await stream.responses.read()
                 if response is grpc.aio.EOF:
                     return None

@@ -7,6 +7,14 @@ original status stays reachable as ``__cause__``. ``str(error)`` (and
 ``error.message``) is the server's message; ``error.code`` is the
 :class:`grpc.StatusCode`.
 
+Over HTTP (a client made with an ``http://`` or ``https://`` URL) a failed call is first
+turned into the gRPC status it stands for: :class:`HttpStatusError`, a ``grpc.RpcError``
+made by :func:`http_error` from the HTTP status (:data:`HTTP_CODES`, the inverse of the
+server's mapping) and the ``{"error": message}`` body, or from a failure to connect or a
+timeout. So one mapping, one retry policy and one exception tree serve both bindings, and
+``__cause__`` is an ``HttpStatusError`` whose ``http_status`` is the HTTP status (None when
+no answer came).
+
     VisionClientError                 any other status (INTERNAL, UNKNOWN, ...)
     ├── InvalidInputError             INVALID_ARGUMENT   fix the request (image, top_k, ...)
     ├── ModelNotFoundError            NOT_FOUND          no model (or fine-tuning job) by that name
@@ -30,22 +38,26 @@ carry the status code the server would have used and have no ``__cause__``.
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 import grpc
 
 __all__ = [
+    "HTTP_CODES",
     "AlreadyExistsError",
     "AuthenticationError",
     "ClientClosedError",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "HttpStatusError",
     "InvalidInputError",
     "ModelNotFoundError",
     "ResourceExhaustedError",
     "UnavailableError",
     "VisionClientError",
     "error_from_rpc",
+    "http_error",
 ]
 
 
@@ -141,3 +153,69 @@ def error_from_rpc(error: grpc.RpcError) -> VisionClientError:
     details = getattr(error, "details", None)
     message = (details() if callable(details) else None) or f"the call failed with {code.name} and no message"
     return _BY_CODE.get(code, VisionClientError)(message, code=code)
+
+
+HTTP_CODES: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,  # the body did not arrive in time
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # the body is over the server's limit
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    502: grpc.StatusCode.UNAVAILABLE,  # a proxy found no server behind it
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+"""The gRPC status each HTTP status of the server stands for: the inverse of the server's
+mapping (Google's, which KServe and Triton follow). Where two codes share a status (400:
+INVALID_ARGUMENT and FAILED_PRECONDITION; 409: ALREADY_EXISTS and ABORTED) an answer's
+``"code"`` field, when the server sends one, names the exact code."""
+
+
+class HttpStatusError(grpc.RpcError):
+    """A failed HTTP call as the gRPC status it stands for: ``code()`` and ``details()`` as a
+    ``grpc.RpcError`` has them, and ``http_status`` (None when no answer came)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self._code = code
+        self._message = message
+        self.http_status = http_status
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def __str__(self) -> str:
+        status = "" if self.http_status is None else f"HTTP {self.http_status}, "
+        return f"{status}{self._code.name}: {self._message}"
+
+
+def http_error(status: int, body: bytes, url: str) -> HttpStatusError:
+    """The error of an HTTP answer that is not the call's response: the server's
+    ``{"error": message}`` (and ``"code"``, if it names one), or what came instead."""
+    code = HTTP_CODES.get(status, grpc.StatusCode.UNKNOWN)
+    message = ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        message = data["error"]
+        named = data.get("code")
+        if isinstance(named, str) and named in grpc.StatusCode.__members__ and named != "OK":
+            code = grpc.StatusCode[named]
+    if not message:
+        text = body[:200].decode("utf-8", "replace").strip()
+        message = f"HTTP {status} from {url}" + (f": {text}" if text else "")
+        if status == 404:  # no such route: not our server, or not its HTTP port
+            code = grpc.StatusCode.UNIMPLEMENTED
+            message += "; is this the HTTP port of vision-serving (--http-port, 8000 by default)?"
+    return HttpStatusError(code, message, status)

@@ -1,0 +1,385 @@
+"""The SDK on either port: every method over gRPC and over HTTP, with equal results and errors.
+
+One in-process server answers both ports; each test body runs once with a client of its gRPC
+address and once with a client of its HTTP URL (``http://127.0.0.1:<port>``), for both twins
+(``Client`` and ``AsyncClient``), and the two outcomes are compared: equal results, equal
+exception types and codes. Then what only the HTTP binding has to get right on its own: the
+multipart upload that must never end as if whole, retries and deadlines from HTTP failures,
+tokens, ``traceparent``, and ``vision-client --url``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from service.config import BatchingConfig
+from tests import client_util
+from tests.client_util import collect, connect, inprocess_server, result, run
+from tests.conftest import TOKEN, free_port
+from tests.finetune_data import digits
+from tests.inprocess import InProcessServer
+from vision_client import (
+    AuthenticationError,
+    Client,
+    DeadlineExceededError,
+    FineTuneConfig,
+    InvalidInputError,
+    ModelNotFoundError,
+    Retry,
+    UnavailableError,
+    VisionClientError,
+)
+from vision_client.errors import HttpStatusError
+
+MODEL = "alexnet"
+FAST_RETRY = Retry(attempts=3, backoff=0.001, max_backoff=0.01)
+Body = Callable[[Any], Coroutine[Any, Any, Any]]
+
+
+@pytest.fixture(params=["sync", "async"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def both_ports(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
+    """An AlexNet server with a model store, on a gRPC port and an HTTP port."""
+    batching = BatchingConfig(max_batch_size=16, max_queue_delay_ms=5)
+    with inprocess_server(tmp_path_factory.mktemp("both-ports"), weights_dir, batching=batching) as started:
+        yield started
+
+
+def targets(server: InProcessServer) -> dict[str, str]:
+    return {"grpc": server.target, "http": server.http_url}
+
+
+def outcome(kind: str, target: str, body: Body, **options: Any) -> Any:
+    """What ``body(client)`` returns, or the exception it raises."""
+
+    async def main() -> Any:
+        async with connect(kind, target, **options) as client:
+            return await body(client)
+
+    try:
+        return run(main())
+    except Exception as error:
+        return error
+
+
+def on_both(server: InProcessServer, kind: str, body: Body, **options: Any) -> tuple[Any, Any]:
+    """``body``'s outcome over gRPC and over HTTP."""
+    found = {binding: outcome(kind, target, body, **options) for binding, target in targets(server).items()}
+    return found["grpc"], found["http"]
+
+
+def assert_same_error(over_grpc: Any, over_http: Any, expected: type[VisionClientError]) -> None:
+    assert isinstance(over_grpc, expected), over_grpc
+    assert type(over_http) is type(over_grpc), (over_grpc, over_http)
+    assert over_http.code == over_grpc.code
+    assert over_http.message == over_grpc.message
+    assert isinstance(over_http.__cause__, HttpStatusError) and isinstance(over_http.__cause__, grpc.RpcError)
+
+
+# -- every method, equal on both bindings ------------------------------------------------------
+
+
+def test_health_and_models_are_equal(both_ports, kind):
+    async def body(client: Any) -> Any:
+        return (
+            await result(client.live()),
+            await result(client.ready()),
+            await result(client.ready(MODEL)),
+            await result(client.models()),
+            await result(client.models(labels=False)),
+            await result(client.model(MODEL)),
+        )
+
+    over_grpc, over_http = on_both(both_ports, kind, body)
+    assert not isinstance(over_http, BaseException), over_http
+    assert over_grpc == over_http
+    live, ready, model_ready, models, bare, one = over_http
+    assert live and ready and model_ready
+    assert [m.name for m in models] == [MODEL] and len(models[0].labels) == 1000 and bare[0].labels == ()
+    assert one == models[0]
+
+
+def test_classify_and_logits_are_equal(both_ports, kind, photos):
+    images = [photos["china"], photos["flower"], photos["china-crop"]]
+
+    async def body(client: Any) -> Any:
+        return (
+            await result(client.logits(images, model=MODEL)),
+            await result(client.classify(images, model=MODEL, top_k=5)),
+            await result(client.classify(photos["flower"], model=MODEL, top_k=1)),
+        )
+
+    over_grpc, over_http = on_both(both_ports, kind, body)
+    assert not isinstance(over_http, BaseException), over_http
+    logits_grpc, top_grpc, one_grpc = over_grpc
+    logits_http, top_http, one_http = over_http
+    assert logits_http.dtype == np.float32 and logits_http.shape == (3, 1000)
+    # The same server computes both; only the batch each request shared may differ.
+    assert np.allclose(logits_http, logits_grpc, rtol=1e-5, atol=1e-5)
+    for row_grpc, row_http in zip(top_grpc + one_grpc, top_http + one_http, strict=True):
+        assert [(p.label, p.index) for p in row_http] == [(p.label, p.index) for p in row_grpc]
+        assert [p.score for p in row_http] == pytest.approx([p.score for p in row_grpc], abs=1e-5)
+
+
+def test_split_calls_are_equal(both_ports, kind, photos):
+    """Calls cut into several requests (max_message_bytes) send each over HTTP as over gRPC."""
+    images = [photos["china"], photos["flower"], photos["china-crop"], photos["flower-crop"]]
+    limit = max(len(image) for image in images) + 4096
+
+    async def body(client: Any) -> Any:
+        return await result(client.logits(images, model=MODEL))
+
+    over_grpc, over_http = on_both(both_ports, kind, body, max_message_bytes=limit)
+    assert over_http.shape == (4, 1000)
+    assert np.allclose(over_http, over_grpc, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda c, p: c.classify(p["flower"], model="no-such-model"), ModelNotFoundError),
+        (lambda c, p: c.logits(b"this is not an image", model=MODEL), InvalidInputError),
+        (lambda c, p: c.ready("no-such-model"), ModelNotFoundError),
+        (lambda c, p: c.model("no-such-model"), ModelNotFoundError),
+        (lambda c, p: c.job("no-such-job"), ModelNotFoundError),
+        (lambda c, p: c.cancel_job("no-such-job"), ModelNotFoundError),
+        (lambda c, p: c.delete_model("no-such-model"), ModelNotFoundError),
+        (lambda c, p: c.delete_model(MODEL), InvalidInputError),
+        (lambda c, p: collect(c.watch_job("no-such-job")), ModelNotFoundError),
+        (lambda c, p: c.create_job(FineTuneConfig("no-such-model", "x"), [(p["flower"], "a")]), ModelNotFoundError),
+        (lambda c, p: c.create_job(FineTuneConfig(MODEL, MODEL), [(p["flower"], "a")]), InvalidInputError),
+        (lambda c, p: c.create_job(FineTuneConfig(MODEL, "one"), [(p["flower"], "a")]), InvalidInputError),
+        (lambda c, p: c.create_job(FineTuneConfig(MODEL, "bad"), [(b"not an image", "a")] * 4), InvalidInputError),
+    ],
+    ids=[
+        "classify-unknown-model",
+        "logits-of-garbage",
+        "ready-unknown-model",
+        "model-unknown",
+        "job-unknown",
+        "cancel-unknown",
+        "delete-unknown",
+        "delete-builtin",
+        "watch-unknown",
+        "job-unknown-base",
+        "job-builtin-name",
+        "job-one-example",
+        "job-undecodable",
+    ],
+)
+def test_errors_are_equal(both_ports, kind, photos, call, expected):
+    async def body(client: Any) -> Any:
+        return await result(call(client, photos))
+
+    over_grpc, over_http = on_both(both_ports, kind, body, retries=0)
+    assert_same_error(over_grpc, over_http, expected)
+
+
+def test_a_deadline_is_the_same_error(both_ports, kind, photos):
+    async def body(client: Any) -> Any:
+        await result(client.model(MODEL))  # labels cached: the call below is one ModelInfer
+        return await result(client.logits([photos["china"]] * 8, model=MODEL, timeout=0.001))
+
+    over_grpc, over_http = on_both(both_ports, kind, body, retries=FAST_RETRY)
+    assert isinstance(over_grpc, DeadlineExceededError), over_grpc
+    assert isinstance(over_http, DeadlineExceededError), over_http
+    assert over_http.code is over_grpc.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# -- fine-tuning -------------------------------------------------------------------------------
+
+
+def training_set(count: int = 60) -> list[tuple[bytes, str]]:
+    images, labels = digits()
+    return [(image, str(label)) for image, label in zip(images[:count], labels[:count], strict=True)]
+
+
+def test_fine_tuning_is_equal(both_ports, kind):
+    """A job over each binding: the same events (live, over SSE on HTTP), the same result, a
+    model served and deleted alike."""
+    examples = training_set()
+
+    def body_for(binding: str) -> Body:
+        async def body(client: Any) -> Any:
+            name = f"digits-{kind}-{binding}"
+            config = FineTuneConfig(MODEL, name, epochs=3, seed=7, replace=True)
+            seen: list[Any] = []
+            done = await result(client.fine_tune(config, examples, on_event=seen.append, timeout=None))
+            predictions = await result(client.classify([image for image, _ in examples[:4]], model=name, top_k=2))
+            listed = [job.id for job in await result(client.jobs())]
+            job = await result(client.job(done.job_id))
+            await result(client.delete_model(name))
+            try:
+                await result(client.model(name))
+            except ModelNotFoundError:
+                gone = True
+            else:
+                gone = False
+            return done, seen, predictions, done.job_id in listed, job, gone
+
+        return body
+
+    over_grpc = outcome(kind, both_ports.target, body_for("grpc"))
+    over_http = outcome(kind, both_ports.http_url, body_for("http"))
+    assert not isinstance(over_http, BaseException), over_http
+    assert not isinstance(over_grpc, BaseException), over_grpc
+    for done, seen, _, listed, job, gone in (over_grpc, over_http):
+        assert done.succeeded and listed and gone
+        assert list(done.events) == seen and seen[-1].terminal
+        assert job.state == "succeeded" and job.id == done.job_id
+    done_grpc, seen_grpc, top_grpc = over_grpc[:3]
+    done_http, seen_http, top_http = over_http[:3]
+    assert [(e.kind, e.epoch, e.state) for e in seen_http] == [(e.kind, e.epoch, e.state) for e in seen_grpc]
+    assert done_http.labels == done_grpc.labels and done_http.job.examples == done_grpc.job.examples
+    assert replace(done_http.job.config, output_model="") == replace(done_grpc.job.config, output_model="")
+    assert done_http.metrics.epochs_run == done_grpc.metrics.epochs_run
+    assert done_http.metrics.train_loss == pytest.approx(done_grpc.metrics.train_loss, rel=1e-3)
+    assert [[p.label for p in row] for row in top_http] == [[p.label for p in row] for row in top_grpc]
+
+
+def test_create_watch_and_cancel_are_equal(both_ports, kind):
+    examples = training_set(40)
+
+    def body_for(binding: str) -> Body:
+        async def body(client: Any) -> Any:
+            config = FineTuneConfig(MODEL, f"cancelled-{kind}-{binding}", epochs=200, replace=True)
+            job = await result(client.create_job(config, examples))
+            events = []
+            iterator = client.watch_job(job.id)
+            if hasattr(iterator, "__aiter__"):
+                async for event in iterator:
+                    events.append(event)
+                    if event.kind == "epoch":
+                        await client.cancel_job(job.id)
+            else:
+                for event in iterator:
+                    events.append(event)
+                    if event.kind == "epoch":
+                        client.cancel_job(job.id)
+            final = await result(client.job(job.id))
+            again = await result(client.cancel_job(job.id))  # a finished job is left as it is
+            replay = await collect(client.watch_job(job.id))  # every event again, from the start
+            return (
+                job.state,
+                events[-1].state,
+                final.state,
+                again.state,
+                [e.kind for e in replay] == [e.kind for e in events],
+            )
+
+        return body
+
+    over_grpc = outcome(kind, both_ports.target, body_for("grpc"))
+    over_http = outcome(kind, both_ports.http_url, body_for("http"))
+    assert over_grpc == over_http == ("queued", "cancelled", "cancelled", "cancelled", True)
+
+
+def test_an_upload_that_fails_creates_no_job(both_ports, kind, photos, tmp_path):
+    """An example that cannot be read stops the upload: over HTTP the body is cut short (never
+    ended as if whole), so the server makes no job, as over gRPC."""
+    examples = [(photos["flower"], "a"), (photos["china"], "b")] * 3 + [(tmp_path / "missing.jpg", "a")]
+
+    async def body(client: Any) -> Any:
+        before = len(await result(client.jobs()))
+        try:
+            await result(client.create_job(FineTuneConfig(MODEL, "never-made", replace=True), examples))
+        except Exception as error:
+            failure = error
+        else:
+            failure = None
+        return failure, len(await result(client.jobs())) - before
+
+    over_grpc, over_http = on_both(both_ports, kind, body)
+    assert type(over_http[0]) is type(over_grpc[0]) and over_grpc[0] is not None
+    assert isinstance(over_http[0], (OSError, VisionClientError))
+    assert over_grpc[1] == over_http[1] == 0
+
+
+def test_regression_jobs_need_grpc(both_ports, kind, photos):
+    async def body(client: Any) -> Any:
+        config = FineTuneConfig(MODEL, "regression", loss="mse")
+        await result(client.create_job(config, [(photos["flower"], [0.5]), (photos["china"], [1.0])]))
+
+    error = outcome(kind, both_ports.http_url, body)
+    assert isinstance(error, InvalidInputError) and "gRPC" in str(error)
+
+
+# -- what HTTP must get right on its own ----------------------------------------------------------
+
+
+def retry_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "vision_client" and r.getMessage().startswith("retry")]
+
+
+def test_unreachable_url_is_retried_then_unavailable(kind, caplog, photos):
+    caplog.set_level(logging.INFO, logger="vision_client")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+
+    async def listing(client: Any) -> Any:
+        return await result(client.jobs())
+
+    async def creating(client: Any) -> Any:
+        return await result(client.create_job(FineTuneConfig(MODEL, "never"), [(photos["flower"], "a")] * 2))
+
+    error = outcome(kind, url, listing, retries=FAST_RETRY)
+    assert isinstance(error, UnavailableError) and error.code is grpc.StatusCode.UNAVAILABLE
+    assert isinstance(error.__cause__, HttpStatusError) and error.__cause__.http_status is None
+    assert [m.split(" of ")[0] for m in retry_messages(caplog)] == ["retry 1", "retry 2", "retry 3"]
+    caplog.clear()
+    assert isinstance(outcome(kind, url, creating, retries=FAST_RETRY), UnavailableError)
+    assert retry_messages(caplog) == []  # never retried: a lost answer must not create two jobs
+
+
+def test_urls_and_their_options(both_ports):
+    with Client(both_ports.http_url + "/") as client:
+        assert client.live()
+    with pytest.raises(ValueError, match="https://"):
+        Client("http://127.0.0.1:8000", tls=True)
+    with pytest.raises(ValueError, match="plain HTTP"):
+        Client("https://127.0.0.1:8000", tls=False)
+    with pytest.raises(ValueError, match="plaintext"):
+        Client("http://vision.example.com:8000", token="secret")
+    Client("https://vision.example.com", token="secret").close()  # TLS: the token may go
+    Client("http://localhost:8000", token="secret").close()  # loopback
+    with pytest.raises(ValueError, match="port"):
+        Client("http://127.0.0.1:99999")
+    # A URL that is not the server's HTTP port says so.
+    with (
+        Client(both_ports.http_url + "/not-the-api", retries=0) as client,
+        pytest.raises(VisionClientError, match="HTTP port"),
+    ):
+        client.live()
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
+    with client_util.token_server(tmp_path_factory.mktemp("token-server"), weights_dir) as started:
+        yield started
+
+
+def test_the_token_goes_with_every_call(token_server, kind):
+    async def listing(client: Any) -> Any:
+        return await result(client.jobs())
+
+    async def watching(client: Any) -> Any:
+        return await collect(client.watch_job("no-such-job"))
+
+    for body in (listing, watching):
+        over_grpc, over_http = on_both(token_server, kind, body)
+        assert_same_error(over_grpc, over_http, AuthenticationError)
+        over_grpc, over_http = on_both(token_server, kind, body, token="wrong-token")
+        assert_same_error(over_grpc, over_http, AuthenticationError)
+    assert isinstance(outcome(kind, token_server.http_url, listing, token=TOKEN), list)
+    assert isinstance(outcome(kind, token_server.http_url, watching, token=TOKEN), ModelNotFoundError)
