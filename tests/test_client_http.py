@@ -10,7 +10,9 @@ tokens, ``traceparent``, and ``vision-client --url``.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 
 from service.config import BatchingConfig
 from tests import client_util
-from tests.client_util import collect, connect, inprocess_server, result, run
+from tests.client_util import collect, connect, inprocess_server, result, run, vision_client
 from tests.conftest import TOKEN, free_port
 from tests.finetune_data import digits
 from tests.inprocess import InProcessServer
@@ -243,7 +245,7 @@ def test_fine_tuning_is_equal(both_ports, kind):
     done_http, seen_http, top_http = over_http[:3]
     assert [(e.kind, e.epoch, e.state) for e in seen_http] == [(e.kind, e.epoch, e.state) for e in seen_grpc]
     assert done_http.labels == done_grpc.labels and done_http.job.examples == done_grpc.job.examples
-    assert replace(done_http.job.config, output_model="") == replace(done_grpc.job.config, output_model="")
+    assert replace(done_http.job.config, output_model="x") == replace(done_grpc.job.config, output_model="x")
     assert done_http.metrics.epochs_run == done_grpc.metrics.epochs_run
     assert done_http.metrics.train_loss == pytest.approx(done_grpc.metrics.train_loss, rel=1e-3)
     assert [[p.label for p in row] for row in top_http] == [[p.label for p in row] for row in top_grpc]
@@ -383,3 +385,151 @@ def test_the_token_goes_with_every_call(token_server, kind):
         assert_same_error(over_grpc, over_http, AuthenticationError)
     assert isinstance(outcome(kind, token_server.http_url, listing, token=TOKEN), list)
     assert isinstance(outcome(kind, token_server.http_url, watching, token=TOKEN), ModelNotFoundError)
+
+
+# -- traceparent ---------------------------------------------------------------------------------
+
+
+class _Recorded:
+    """What a recording server saw: each ServerLive call's headers (gRPC metadata or HTTP)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, str]] = []
+
+
+@pytest.fixture
+def recording_servers() -> Iterator[tuple[dict[str, str], _Recorded]]:
+    """A gRPC and an HTTP server on loopback that answer ServerLive and record its headers:
+    the SDK's wire output, seen from the other end."""
+    from concurrent import futures
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+
+    recorded = _Recorded()
+
+    def live(request: Any, context: grpc.ServicerContext) -> Any:
+        recorded.calls.append(dict(context.invocation_metadata()))
+        return pb.ServerLiveResponse(live=True)
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {
+            "ServerLive": grpc.unary_unary_rpc_method_handler(
+                live,
+                request_deserializer=pb.ServerLiveRequest.FromString,
+                response_serializer=pb.ServerLiveResponse.SerializeToString,
+            )
+        },
+    )
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+
+    class Live(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            recorded.calls.append({key.lower(): value for key, value in self.headers.items()})
+            body = b'{"live": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http_server = ThreadingHTTPServer(("127.0.0.1", 0), Live)
+    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_server.server_port}"}, recorded
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+        grpc_server.stop(None)
+
+
+@pytest.mark.parametrize("binding", ["grpc", "http"])
+def test_traceparent_goes_with_the_callers_span(recording_servers, kind, binding):
+    trace = pytest.importorskip("opentelemetry.trace")
+    addresses, recorded = recording_servers
+    context = trace.SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0xB7AD6B7169203331,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+
+    async def traced(client: Any) -> Any:
+        with trace.use_span(trace.NonRecordingSpan(context)):
+            return await result(client.live())
+
+    async def untraced(client: Any) -> Any:
+        return await result(client.live())
+
+    assert outcome(kind, addresses[binding], traced, token="secret") is True
+    assert outcome(kind, addresses[binding], untraced, token="secret") is True
+    with_span, without = recorded.calls
+    assert with_span["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert with_span["authorization"] == without["authorization"] == "Bearer secret"
+    assert "traceparent" not in without
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def cli_json(*args: str) -> Any:
+    done = vision_client(*args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_cli_commands_with_url(both_ports, photos, tmp_path):
+    """Every command of ``vision-client`` with ``--url http://...`` answers as with ``--target``."""
+    image = tmp_path / "flower.jpg"
+    image.write_bytes(photos["flower"])
+    addresses = (("--target", both_ports.target), ("--url", both_ports.http_url))
+
+    classified = [cli_json(*address, "classify", str(image), "-m", MODEL, "-k", "3") for address in addresses]
+    (over_grpc,), (over_http,) = classified
+    assert [p["index"] for p in over_http["predictions"]] == [p["index"] for p in over_grpc["predictions"]]
+    scores = [p["score"] for p in over_grpc["predictions"]]
+    assert [p["score"] for p in over_http["predictions"]] == pytest.approx(scores, abs=1e-5)
+
+    for command in ("models", "jobs"):
+        over_grpc, over_http = (cli_json(*address, command) for address in addresses)
+        assert over_http == over_grpc
+    over_grpc, over_http = (cli_json(*address, "health") for address in addresses)
+    assert over_http["models"] == over_grpc["models"] and over_http["ready"] is True
+    assert over_http["target"] == both_ports.http_url
+
+    # fine-tune (its events arrive over SSE), cancel of the finished job, delete-model
+    root = tmp_path / "digits"
+    for n, (png, label) in enumerate(training_set(30)):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        (root / label / f"{n}.png").write_bytes(png)
+    trained = {}
+    for option, address in addresses:
+        name = f"cli-{option.strip('-')}"
+        done = vision_client(
+            option, address, "fine-tune", str(root), "--base", MODEL, "--output", name, "--epochs", "2"
+        )
+        assert done.returncode == 0, done.stderr
+        assert "epoch 2/2" in done.stderr and f"{name} is served" in done.stdout
+        (job,) = [j for j in cli_json(option, address, "jobs") if j["output_model"] == name]
+        trained[option] = job
+        cancelled = cli_json(option, address, "cancel", job["job_id"])
+        assert cancelled["state"] == "succeeded"  # finished: left as it was
+        deleted = vision_client(option, address, "delete-model", name)
+        assert deleted.returncode == 0 and deleted.stdout.strip() == f"deleted {name}", deleted.stderr
+    assert trained["--url"]["labels"] == trained["--target"]["labels"]
+    assert trained["--url"]["examples"] == trained["--target"]["examples"] == 30
+
+    # errors: one clean line, the same message
+    failures = [vision_client(*address, "classify", str(image), "-m", "no-such-model") for address in addresses]
+    assert [f.returncode for f in failures] == [1, 1]
+    assert failures[1].stderr == failures[0].stderr and "no-such-model" in failures[0].stderr
+    unreachable = vision_client("--url", f"http://127.0.0.1:{free_port()}", "--timeout", "5", "health")
+    assert unreachable.returncode == 1 and unreachable.stderr.startswith("vision-client: error: ")
+    assert "Traceback" not in unreachable.stderr

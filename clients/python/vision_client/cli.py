@@ -1,6 +1,6 @@
 """``vision-client``: classify images, fine-tune heads, list models and check health from a shell.
 
-    vision-client [--target HOST:PORT] [--token TOKEN] [--timeout S]
+    vision-client [--target HOST:PORT | --url http[s]://HOST:PORT] [--token TOKEN] [--timeout S]
                   [--tls] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] COMMAND
 
     vision-client classify IMAGE... [--model M] [--top-k K] [--json]
@@ -12,9 +12,10 @@
     vision-client delete-model NAME
 
 The target defaults to ``$VISION_CLIENT_TARGET`` or ``localhost:8001`` and the
-token to ``$VISION_CLIENT_TOKEN``. Errors print ``vision-client: error: ...``
-and exit 1; ``health`` exits 1 when the server is not ready, ``fine-tune`` when
-the job does not succeed.
+token to ``$VISION_CLIENT_TOKEN``. ``--url`` (or a URL as the target) talks to the
+server's HTTP port instead (``https://`` with the TLS options), with the same commands.
+Errors print ``vision-client: error: ...`` and exit 1; ``health`` exits 1 when the
+server is not ready, ``fine-tune`` when the job does not succeed.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class Defaults:
 
 
 def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Client of vision-serving (gRPC image classification).")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Client of vision-serving (image classification over gRPC or HTTP)."
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _add_connection_options(parser, defaults)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,8 +135,13 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: Defaults 
 
     parser.add_argument(
         "--target",
+        "--url",
+        dest="target",
         default=default(defaults.target if defaults else None),
-        help=f"server address, host:port or dns:///name:port (env VISION_CLIENT_TARGET; default {DEFAULT_TARGET})",
+        help=(
+            "server address: the gRPC port, host:port or dns:///name:port, or the HTTP port's URL, "
+            f"http://host:8000 or https://host (env VISION_CLIENT_TARGET; default {DEFAULT_TARGET})"
+        ),
     )
     parser.add_argument(
         "--token", default=default(defaults.token if defaults else None), help="bearer token (env VISION_CLIENT_TOKEN)"
@@ -145,7 +153,10 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: Defaults 
         help=f"seconds per call (default {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument(
-        "--tls", action="store_true", default=default(False), help="connect with TLS (the system's root certificates)"
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="connect with TLS (the system's root certificates); an https:// URL implies it",
     )
     parser.add_argument(
         "--tls-ca", metavar="FILE", default=default(None), help="PEM CA certificates of the server (implies --tls)"
