@@ -710,11 +710,12 @@ def test_readme_has_examples():
 def test_readme_example_runs(sdk_server, photos, tmp_path, index):
     """Each python block of the README (but fine-tuning's), run as written against the test server.
 
-    The only substitutions: the test server's address for ``localhost:8001``, and
-    ``alexnet`` (the model it serves) for ``resnet101``.
+    The only substitutions: the test server's addresses for ``localhost:8001`` and
+    ``http://localhost:8000``, and ``alexnet`` (the model it serves) for ``resnet101``.
     """
     code = readme_examples(fine_tuning=False)[index]
-    code = code.replace("localhost:8001", sdk_server.target).replace("resnet101", MODEL)
+    code = code.replace("localhost:8001", sdk_server.target).replace("http://localhost:8000", sdk_server.http_url)
+    code = code.replace("resnet101", MODEL)
     (tmp_path / "cat.jpg").write_bytes(photos["china"])
     (tmp_path / "dog.jpg").write_bytes(photos["flower"])
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

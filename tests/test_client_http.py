@@ -32,6 +32,7 @@ from vision_client import (
     AuthenticationError,
     Client,
     DeadlineExceededError,
+    FailedPreconditionError,
     FineTuneConfig,
     InvalidInputError,
     ModelNotFoundError,
@@ -533,3 +534,55 @@ def test_cli_commands_with_url(both_ports, photos, tmp_path):
     unreachable = vision_client("--url", f"http://127.0.0.1:{free_port()}", "--timeout", "5", "health")
     assert unreachable.returncode == 1 and unreachable.stderr.startswith("vision-client: error: ")
     assert "Traceback" not in unreachable.stderr
+
+
+# -- HTTPS, and a server without fine-tuning --------------------------------------------------------
+
+
+def test_https_with_mutual_tls(serve_inprocess, kind, tmp_path):
+    """``https://`` takes the TLS options the gRPC binding takes (paths or PEM bytes), and is
+    refused alike without the client certificate the server wants."""
+    pytest.importorskip("cryptography", reason="cryptography comes with the [test] extra")
+    from tests.certs import CertificateAuthority, write_pair
+
+    ca = CertificateAuthority("https CA")
+    server_cert, server_key = write_pair(tmp_path / "server", ca.issue("localhost", server=True), "server")
+    pair = ca.issue("sdk", server=False)
+    client_cert, client_key = write_pair(tmp_path / "client", pair, "client")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca.pem)
+    server = serve_inprocess(tls_cert_file=server_cert, tls_key_file=server_key, tls_client_ca_file=ca_file)
+    url = server.http_url.replace("http://", "https://")
+
+    async def body(client: Any) -> Any:
+        return await result(client.live()), [m.name for m in await result(client.models(labels=False))]
+
+    mtls = {"root_certificates": ca_file, "client_certificate": client_cert, "client_key": client_key}
+    assert outcome(kind, url, body, **mtls) == (True, [MODEL])
+    as_bytes = {"root_certificates": ca.pem, "client_certificate": pair.cert, "client_key": pair.key}
+    assert outcome(kind, url, body, **as_bytes) == outcome(kind, server.target, body, **as_bytes) == (True, [MODEL])
+    over_grpc = outcome(kind, server.target, body, root_certificates=ca_file, retries=0)
+    over_http = outcome(kind, url, body, root_certificates=ca_file, retries=0)
+    assert isinstance(over_grpc, UnavailableError) and isinstance(over_http, UnavailableError), (over_grpc, over_http)
+    untrusted = outcome(kind, url, body, retries=0)  # the system's roots do not know this CA
+    assert isinstance(untrusted, UnavailableError) and "certificate" in str(untrusted).lower()
+
+    command = ["--url", url, "--tls-ca", str(ca_file), "--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+    health = vision_client(*command, "health", "--json")
+    assert health.returncode == 0, health.stderr
+    assert json.loads(health.stdout)["models"][MODEL]["ready"] is True
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the HTTP port answers FAILED_PRECONDITION with 400, as INVALID_ARGUMENT: the client tells "
+    "them apart only once the error body names its gRPC code ({'error': ..., 'code': ...})",
+)
+def test_fine_tuning_switched_off_is_the_same_error(serve_inprocess, kind, photos):
+    server = serve_inprocess(model_store=None)
+
+    async def body(client: Any) -> Any:
+        return await result(client.create_job(FineTuneConfig(MODEL, "off"), [(photos["flower"], "a")] * 2))
+
+    over_grpc, over_http = on_both(server, kind, body)
+    assert_same_error(over_grpc, over_http, FailedPreconditionError)

@@ -90,7 +90,7 @@ class BaseClient:
     address a name resolves to (a headless Kubernetes Service), balanced round-robin; or
     the URL of the server's HTTP port, ``http://host:8000`` or ``https://host`` (a path
     prefix is kept, for a server behind a proxy), for the REST binding: the same methods,
-    results, errors and retries, over HTTP/1.1 (``docs/sdk.md`` says what differs).
+    results, errors and retries, over HTTP/1.1 (the SDK's README says what differs).
 
     Keyword arguments:
 
