@@ -586,3 +586,30 @@ def test_fine_tuning_switched_off_is_the_same_error(serve_inprocess, kind, photo
 
     over_grpc, over_http = on_both(server, kind, body)
     assert_same_error(over_grpc, over_http, FailedPreconditionError)
+
+
+def test_unload_and_load_are_equal(serve_inprocess, kind, photos):
+    """RepositoryModelUnload and RepositoryModelLoad through the SDK, over each binding in turn,
+    on a server of the test's own."""
+    server = serve_inprocess()
+
+    async def cycle(client: Any) -> Any:
+        await result(client.unload_model(MODEL))
+        unloaded = (await result(client.ready(MODEL)), (await result(client.model(MODEL))).ready)
+        try:
+            await result(client.classify(photos["flower"], model=MODEL))
+        except VisionClientError as error:
+            refused = type(error)
+        await result(client.load_model(MODEL, timeout=240))
+        loaded = (await result(client.ready(MODEL)), (await result(client.model(MODEL))).ready)
+        top = await result(client.classify(photos["flower"], model=MODEL, top_k=1))
+        return unloaded, refused, loaded, top[0][0].index
+
+    async def unknown(client: Any) -> Any:
+        return await result(client.load_model("no-such-model"))
+
+    over_grpc, over_http = on_both(server, kind, cycle)
+    assert over_grpc == over_http, (over_grpc, over_http)
+    assert over_http[0] == (False, False) and over_http[2] == (True, True)
+    assert issubclass(over_http[1], VisionClientError)
+    assert_same_error(*on_both(server, kind, unknown, retries=0), ModelNotFoundError)

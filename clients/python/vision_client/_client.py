@@ -347,6 +347,13 @@ class BaseClient:
         (job,) = yield [proto.Call(proto.CANCEL_JOB, ft_pb.CancelJobRequest(job_id=job_id))]
         return proto.job_info(job)
 
+    def _load_model_plan(self, name: str) -> Plan[None]:
+        yield [proto.Call(proto.REPOSITORY_LOAD, infer_pb.RepositoryModelLoadRequest(model_name=name))]
+        self._labels.pop(name, None)  # a fine-tuned model may come back with other labels
+
+    def _unload_model_plan(self, name: str) -> Plan[None]:
+        yield [proto.Call(proto.REPOSITORY_UNLOAD, infer_pb.RepositoryModelUnloadRequest(model_name=name))]
+
     def _delete_model_plan(self, name: str) -> Plan[None]:
         yield [proto.Call(proto.DELETE_MODEL, ft_pb.DeleteModelRequest(name=name))]
         self._labels.pop(name, None)
@@ -493,6 +500,16 @@ class Client(BaseClient):
     def delete_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Delete a fine-tuned model from the server's store and stop serving it."""
         return self._run(self._delete_model_plan(name), timeout)
+
+    def load_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Load (or load again) a model the server knows; returns once it serves. Large models
+        take a while: pass a ``timeout`` to match."""
+        return self._run(self._load_model_plan(name), timeout)
+
+    def unload_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Stop serving a model, keeping it known (``models()`` lists it unloaded); ``load_model``
+        serves it again."""
+        return self._run(self._unload_model_plan(name), timeout)
 
     # -- sending: the only part that differs from AsyncClient --------------------------
 
@@ -669,6 +686,14 @@ class AsyncClient(BaseClient):
     async def delete_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Delete a fine-tuned model from the server's store and stop serving it."""
         return await self._run(self._delete_model_plan(name), timeout)
+
+    async def load_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """:meth:`Client.load_model`."""
+        return await self._run(self._load_model_plan(name), timeout)
+
+    async def unload_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """:meth:`Client.unload_model`."""
+        return await self._run(self._unload_model_plan(name), timeout)
 
     # -- sending: the only part that differs from Client -------------------------------
 

@@ -71,6 +71,13 @@ SERVER_LIVE = Rpc(_INFERENCE + "ServerLive", infer_pb.ServerLiveRequest, infer_p
 SERVER_READY = Rpc(_INFERENCE + "ServerReady", infer_pb.ServerReadyRequest, infer_pb.ServerReadyResponse)
 MODEL_READY = Rpc(_INFERENCE + "ModelReady", infer_pb.ModelReadyRequest, infer_pb.ModelReadyResponse)
 MODEL_INFER = Rpc(_INFERENCE + "ModelInfer", infer_pb.ModelInferRequest, infer_pb.ModelInferResponse)
+# Loading a loaded model and unloading an unloaded one are harmless: both may be retried.
+REPOSITORY_LOAD = Rpc(
+    _INFERENCE + "RepositoryModelLoad", infer_pb.RepositoryModelLoadRequest, infer_pb.RepositoryModelLoadResponse
+)
+REPOSITORY_UNLOAD = Rpc(
+    _INFERENCE + "RepositoryModelUnload", infer_pb.RepositoryModelUnloadRequest, infer_pb.RepositoryModelUnloadResponse
+)
 LIST_MODELS = Rpc(_MODELS + "ListModels", models_pb.ListModelsRequest, models_pb.ListModelsResponse)
 GET_MODEL = Rpc(_MODELS + "GetModel", models_pb.GetModelRequest, models_pb.ModelInfo)
 
