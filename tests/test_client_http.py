@@ -613,3 +613,83 @@ def test_unload_and_load_are_equal(serve_inprocess, kind, photos):
     assert over_http[0] == (False, False) and over_http[2] == (True, True)
     assert issubclass(over_http[1], VisionClientError)
     assert_same_error(*on_both(server, kind, unknown, retries=0), ModelNotFoundError)
+
+
+# -- the REST encoding against the server's own codec (no server) ------------------------------------
+
+
+def test_infer_bodies_are_what_the_server_parses_and_writes(photos):
+    """The SDK's inference body is parsed by the server's REST codec into the very request the
+    gRPC binding sends, and the server's binary answer reads back into its gRPC response."""
+    from service.transport.rest import codec
+    from vision_client import _protocol as proto
+    from vision_client.protocol import rest
+    from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
+
+    request = proto.infer_request(MODEL, [photos["flower"], photos["china"]])
+    request.parameters["classification"].int64_param = 3
+    built = rest.request_for(proto.MODEL_INFER.path, request, timeout=2.5)
+    assert built.method == "POST" and built.path == f"/v2/models/{MODEL}/infer"
+    parsed = codec.parse_infer_body(built.body, built.headers[rest.HEADER_LENGTH], MODEL, "")
+    assert parsed.timeout_s == 2.5
+    # What only the REST form says: a gRPC call's deadline, and where the binary data lies.
+    del parsed.message.parameters["timeout"]
+    del parsed.message.inputs[0].parameters["binary_data_size"]
+    del parsed.message.outputs[0].parameters["binary_data"]
+    assert parsed.message == request
+    assert parsed.binary_outputs == {"LOGITS"}
+
+    logits = np.arange(2 * 5, dtype="<f4").reshape(2, 5)
+    response = pb.ModelInferResponse(model_name=MODEL, model_version="1", id="x")
+    response.outputs.add(name="LOGITS", datatype="FP32", shape=[2, 5])
+    response.raw_output_contents.append(logits.tobytes())
+    for wanted in (parsed, codec.RestInferRequest(parsed.message, frozenset(), False, None)):  # binary, then JSON
+        body, length = codec.build_infer_body(response, wanted)
+        headers = {} if length is None else {rest.HEADER_LENGTH: str(length)}
+        assert rest.response_for(proto.MODEL_INFER.path, body, headers) == response
+        assert np.array_equal(proto.parse_logits(rest.infer_response(body, headers), 2), logits)
+
+
+def test_server_sent_events_are_read_as_the_standard_says():
+    from google.protobuf import json_format
+
+    from vision_client.protocol import rest
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+
+    first = ft_pb.JobEvent(job_id="j", kind="epoch", epoch=2, train_loss=0.5)
+    second = ft_pb.JobEvent(job_id="j", kind="succeeded", progress=1.0)
+    text = json_format.MessageToJson(first, indent=None)
+    stream = (
+        ": keep-alive\n\n"
+        f"event: epoch\ndata: {text}\n\n"
+        ": keep-alive\n\nretry: 10\n\n"
+        'event: succeeded\ndata: {"jobId": "j",\n'  # one event's data over two lines
+        'data:  "kind": "succeeded", "progress": 1.0, "futureField": 1}\r\n\r\n'
+    )
+    events = rest.EventStream()
+    found = [event for line in stream.splitlines(keepends=True) if (event := events.feed(line)) is not None]
+    assert found == [first, second]
+    for data in ("{not json", "[1, 2]", '{"epoch": "many"}'):
+        broken = rest.EventStream()
+        assert broken.feed(f"data: {data}") is None
+        with pytest.raises(ValueError, match="not a JobEvent"):
+            broken.feed("")
+
+
+def test_job_uploads_are_multipart_the_server_reads(photos):
+    """Class names with quotes and line breaks are escaped as browsers escape them, which the
+    server's field_name decodes; names that would read back differently are refused."""
+    from vision_client import _protocol as proto
+    from vision_client.protocol import rest, to_message
+
+    config = to_message(FineTuneConfig(MODEL, "quoted"))
+    labels = ['say "cheese"', "two\nlines", "üñï"]
+    messages = proto.create_job_requests(
+        config, [(photos["flower"], label) for label in labels], max_message_bytes=2**26
+    )
+    body = b"".join(rest.job_parts(messages, "b0undary"))
+    assert b'name="say %22cheese%22"' in body and b'name="two%0Alines"' in body
+    assert 'name="üñï"'.encode() in body and body.endswith(b"--b0undary--\r\n")
+    sneaky = proto.create_job_requests(config, [(photos["flower"], "100%22 sure")], max_message_bytes=2**26)
+    with pytest.raises(InvalidInputError, match="%22"):
+        b"".join(rest.job_parts(sneaky, "b0undary"))
