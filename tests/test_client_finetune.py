@@ -486,7 +486,7 @@ def test_cli_plot_without_matplotlib_says_how_to_get_it(store_server, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
-    assert "pip install 'vision-client[plot]'" in done.stderr and "Traceback" not in done.stderr
+    assert "pip install 'matplotlib>=3.8'" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "loss.png").exists()
     listed = vision_client("--target", store_server.target, "jobs", "--json")
     assert "no-plot" not in [job["output_model"] for job in json.loads(listed.stdout)]  # refused before the job
