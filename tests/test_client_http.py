@@ -573,11 +573,6 @@ def test_https_with_mutual_tls(serve_inprocess, kind, tmp_path):
     assert json.loads(health.stdout)["models"][MODEL]["ready"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the HTTP port answers FAILED_PRECONDITION with 400, as INVALID_ARGUMENT: the client tells "
-    "them apart only once the error body names its gRPC code ({'error': ..., 'code': ...})",
-)
 def test_fine_tuning_switched_off_is_the_same_error(serve_inprocess, kind, photos):
     server = serve_inprocess(model_store=None)
 

@@ -64,10 +64,15 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
 
 
-def http_status_for(exc: BaseException) -> tuple[int, str]:
-    """The HTTP status and message of ``exc``: :func:`status_for`'s, through :data:`HTTP_STATUS`."""
+def http_error_for(exc: BaseException) -> tuple[int, dict[str, str]]:
+    """The HTTP status and body of ``exc``: :func:`status_for`'s, through :data:`HTTP_STATUS`.
+
+    The body is ``{"error": message, "code": name}``: ``error`` as KServe's and Triton's REST
+    APIs answer, ``code`` the gRPC status code's name, because HTTP statuses are coarser (400
+    stands for INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE alike) and a client that
+    speaks both bindings raises the same error for the same refusal."""
     code, message = status_for(exc)
-    return HTTP_STATUS.get(code, 500), message
+    return HTTP_STATUS.get(code, 500), {"error": message, "code": code.name}
 
 
 class ErrorMappingInterceptor(HandlerInterceptor):

@@ -24,8 +24,9 @@
 - **Headers**: every answer says ``X-Content-Type-Options: nosniff``.
 - **Pages**: the web console's static files (``console.py``) need no authorization: they hold
   no data, and everything the console fetches meets its route's own checks.
-- **Errors**: ``{"error": message}`` with the status of ``transport/errors.py``'s one mapping; no
-  traceback for a caller's mistake, a generic message (and one logged traceback) for a bug.
+- **Errors**: ``{"error": message, "code": grpc_code_name}`` with the status of
+  ``transport/errors.py``'s one mapping; no traceback for a caller's mistake, a generic message
+  (and one logged traceback) for a bug.
   Requests aiohttp refuses itself (malformed, headers too long) get its 400 and one debug line.
 """
 
@@ -50,7 +51,7 @@ from service.transport.auth import (
     is_loopback_address,
     scope_of,
 )
-from service.transport.errors import http_status_for
+from service.transport.errors import http_error_for
 from service.transport.rest.routes import LOCAL_CALLER, Route, peer
 from service.transport.tls import CertificateFiles
 
@@ -214,8 +215,8 @@ class RestServer:
             except (ConnectionError, asyncio.IncompleteReadError):
                 return web.Response(status=400)  # the client went away: nothing to tell it, nothing to log
             except Exception as exc:  # a VisionServeError, or a bug (logged with its traceback)
-                status, message = http_status_for(exc)
-                return web.json_response({"error": message}, status=status)
+                status, error = http_error_for(exc)
+                return web.json_response(error, status=status)
 
         return endpoint
 
@@ -237,8 +238,8 @@ class RestServer:
             except _BodyProblem as problem:
                 return web.json_response({"error": problem.message}, status=problem.status)
             except Exception as exc:  # a refusal, or a bug (logged with its traceback)
-                status, message = http_status_for(exc)
-                return web.json_response({"error": message}, status=status)
+                status, error = http_error_for(exc)
+                return web.json_response(error, status=status)
             request[_ADMITTED] = True
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # as aiohttp's own handler: the answer has not begun
