@@ -49,11 +49,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from service.errors import QueueClosedError, QueueFullError
+
+if TYPE_CHECKING:
+    from service.tracing import ItemTrace
 
 REJOIN_SHARE = 0.25  # of the last forward pass's time: the most a worker waits for answered clients to return
 # Multiply-adds per byte of weights that a group of images must do for splitting work into groups to
@@ -101,6 +104,10 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     # The last part of its request: answering it lets a closed-loop client send again (see answered()).
     completes_request: bool = True
+    # The request's trace context (None: not traced). This is the one piece of a request's trace that
+    # travels with its work; where work items cross processes, its W3C form (ItemTrace.traceparent)
+    # is what to serialise (see service/tracing.py).
+    trace: ItemTrace | None = None
 
     @property
     def size(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from service.config import DEFAULT_MODELS
 from service.errors import VisionServeError
+from service.logs import configure_logging
 from service.memory import configure_allocator
 from service.options import ENV_PREFIX, build_serve_parser, config_from_args, model_list
 
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
             return fetch_weights(argv[1:], environ)
         config = config_from_args(build_serve_parser(environ).parse_args(argv))
-        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(config.log_level, config.log_format)
         configure_allocator()  # before any model is loaded: see service.memory
         from service.server import serve
 

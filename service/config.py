@@ -198,6 +198,9 @@ class ServeConfig:
     health_port: int | None = None  # a plaintext port serving grpc.health.v1 only (probes under TLS)
     drain_seconds: float = 25.0
     log_level: str = "INFO"
+    log_format: str = "text"  # "text" or "json" (service.logs)
+    access_log: bool = False  # one line per inference request on logger vision.access
+    trace: bool = False  # OpenTelemetry spans exported over OTLP, configured by the OTEL_* variables
 
     @property
     def decode_thread_count(self) -> int:

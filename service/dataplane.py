@@ -34,6 +34,7 @@ from service.errors import (
 from service.metrics import ServerMetrics
 from service.preprocess import ImageDecoder
 from service.repository import ModelRepository, ServedModel
+from service.tracing import RequestTrace
 
 # PIXELS tensors view the request's read-only bytes (_pixels_view) and nothing writes into
 # them: torch's warning about such arrays says nothing here. A filter set once, not a
@@ -135,13 +136,18 @@ class DataPlane:
     # -- inference -------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def track(self, model_name: str, protocol: str = "grpc") -> AsyncIterator[RequestRecord]:
+    async def track(
+        self, model_name: str, protocol: str = "grpc", trace: RequestTrace | None = None
+    ) -> AsyncIterator[RequestRecord]:
         """Count one request (status, latency) and hold off draining while it runs.
 
         The caller hands the result to the record (:meth:`RequestRecord.ran`): the request is
         counted under the model and version that ran it, not under a second lookup's answer (the
-        model may have been replaced meanwhile)."""
+        model may have been replaced meanwhile). ``trace``: the request's trace, ended here with its
+        status (its id is the latency histogram's exemplar)."""
         if self._draining:
+            if trace is not None:
+                trace.finish("UNAVAILABLE")
             raise UnavailableError("the server is shutting down; retry on another replica")
         started = time.monotonic()
         status = "OK"
@@ -180,10 +186,23 @@ class DataPlane:
                 # Unknown names share one label so that clients cannot grow the series without bound.
                 label = model_name if model_name in self.repository else ""
                 version = self.repository.version_of(label) or "1"
-            self._metrics.record_request(label, status, time.monotonic() - started, version, protocol)
+            if trace is None:
+                self._metrics.record_request(label, status, time.monotonic() - started, version, protocol)
+            else:
+                trace.set("vision.model_version", version)
+                trace.finish(status)
+                self._metrics.record_request(
+                    label, status, time.monotonic() - started, version, protocol, trace_id=trace.trace_id
+                )
 
     async def infer(
-        self, model_name: str, inputs: InferenceInput, *, version: str = "", timeout: float | None = None
+        self,
+        model_name: str,
+        inputs: InferenceInput,
+        *,
+        version: str = "",
+        timeout: float | None = None,
+        trace: RequestTrace | None = None,
     ) -> InferenceResult:
         """Run ``inputs`` through the model served as ``model_name``.
 
@@ -196,7 +215,7 @@ class DataPlane:
         while True:
             _check_version(model, version)
             try:
-                logits = await self.infer_model(model, inputs, timeout=timeout)
+                logits = await self.infer_model(model, inputs, timeout=timeout, trace=trace)
             except QueueClosedError:
                 # A new version replaced the model between lookup and queueing: use that one.
                 current = self.repository.get_ready(model_name)
@@ -224,7 +243,12 @@ class DataPlane:
             raise too_many_images(count, self._config.request_images_limit)
 
     async def infer_model(
-        self, model: ServedModel, inputs: InferenceInput, *, timeout: float | None = None
+        self,
+        model: ServedModel,
+        inputs: InferenceInput,
+        *,
+        timeout: float | None = None,
+        trace: RequestTrace | None = None,
     ) -> np.ndarray:
         """Logits [N, C] (float32) of ``model`` for ``inputs`` (also for internal feature extractors).
 
@@ -234,7 +258,11 @@ class DataPlane:
         deadline = None if timeout is None else time.monotonic() + timeout
         with model.queue.reserve(inputs.batch_size) as reservation:
             if inputs.images is not None:
-                pixels = await self._decode(model, inputs.images)
+                if trace is None:
+                    pixels = await self._decode(model, inputs.images)
+                else:
+                    with trace.phase("decode"):
+                        pixels = await self._decode(model, inputs.images)
             else:
                 assert inputs.pixels is not None
                 self._check_pixels(model, inputs.pixels)
@@ -244,7 +272,7 @@ class DataPlane:
                 else:  # a large copy stays off the event loop
                     loop = asyncio.get_running_loop()
                     pixels = await loop.run_in_executor(self._decode_pool, _pixels_copy, inputs.pixels)
-            return await self._run(model, pixels, deadline, reservation)
+            return await self._run(model, pixels, deadline, reservation, trace)
 
     async def _decode(self, model: ServedModel, images: Sequence[bytes]) -> torch.Tensor:
         """Decode ``images`` into one [N, 3, S, S] tensor in the decode pool.
@@ -295,12 +323,18 @@ class DataPlane:
             )
 
     async def _run(
-        self, model: ServedModel, pixels: torch.Tensor, deadline: float | None, reservation: Reservation
+        self,
+        model: ServedModel,
+        pixels: torch.Tensor,
+        deadline: float | None,
+        reservation: Reservation,
+        trace: RequestTrace | None = None,
     ) -> np.ndarray:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[np.ndarray]] = []
         items: list[WorkItem] = []
         chunks = torch.split(pixels, self._config.batching.max_batch_size)
+        item_trace = None if trace is None else trace.item()
         for index, chunk in enumerate(chunks):
             future: asyncio.Future[np.ndarray] = loop.create_future()
             futures.append(future)
@@ -311,6 +345,7 @@ class DataPlane:
                     deadline=deadline,
                     is_cancelled=future.cancelled,
                     completes_request=index == len(chunks) - 1,
+                    trace=item_trace,
                 )
             )
         reservation.put(items)

@@ -106,6 +106,17 @@ class ServerMetrics:
             ["model", "dtype", "measure"],
             registry=r,
         )
+        self.trace_spans_dropped = Counter(
+            "vision_trace_spans_dropped",
+            "Spans not delivered to the trace collector, by reason: queue_full (the export queue, "
+            "OTEL_BSP_MAX_QUEUE_SIZE, was full), export_failed (the collector refused or could not be reached), "
+            "shutdown.",
+            ["reason"],
+            registry=r,
+        )
+        self.trace_spans_exported = Counter(
+            "vision_trace_spans_exported", "Spans delivered to the trace collector.", registry=r
+        )
         self._runtime_series: set[tuple[str, str]] = set()
         self._agreement_series: dict[str, list[tuple[str, str, str]]] = {}
 
@@ -180,12 +191,27 @@ class ServerMetrics:
         self._agreement_series[model] = [(model, dtype, measure) for measure in measures]
 
     def record_request(
-        self, model: str, status: str, seconds: float, version: str = "1", protocol: str = "grpc"
+        self,
+        model: str,
+        status: str,
+        seconds: float,
+        version: str = "1",
+        protocol: str = "grpc",
+        *,
+        trace_id: str | None = None,
     ) -> None:
+        """``trace_id``: the request's trace, the latency's exemplar (shown to OpenMetrics scrapes)."""
         if model:
             self.statistics.record_request(model, version, status == "OK", seconds)
         self.requests.labels(model, status, protocol).inc()
-        self.request_seconds.labels(model, protocol).observe(seconds)
+        exemplar = None if trace_id is None else {"trace_id": trace_id}
+        self.request_seconds.labels(model, protocol).observe(seconds, exemplar)
+
+    def record_spans_dropped(self, reason: str, count: int) -> None:
+        self.trace_spans_dropped.labels(reason).inc(count)
+
+    def record_spans_exported(self, count: int) -> None:
+        self.trace_spans_exported.inc(count)
 
     def set_job_loss(self, job_id: str, loss: float) -> None:
         self.finetune_loss.labels(job_id).set(loss)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import AUTH_SCOPES, BatchingConfig, DtypeChoice, FineTuneLimits, RuntimeConfig, ServeConfig
+from service.logs import LOG_FORMATS
 from service.models import list_models
 from service.runtimes.base import RUNTIME_CHOICES, SPIN_CHOICES
 from service.runtimes.export import default_cache_dir
@@ -360,6 +361,27 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--drain-seconds", "drain_seconds", "grace for in-flight work on SIGTERM", non_negative_float),
     Option("--log-level", "log_level", "log level", choices=LOG_LEVELS),
+    Option(
+        "--log-format",
+        "log_format",
+        "log lines as text, or as one JSON object a line; lines about a request carry its request and trace ids",
+        choices=LOG_FORMATS,
+    ),
+    Option(
+        "--access-log",
+        "access_log",
+        "log one line per inference request (logger vision.access): method, model, version, status, duration, "
+        "bytes; never payloads or tokens",
+        boolean=True,
+    ),
+    Option(
+        "--trace",
+        "trace",
+        "export OpenTelemetry traces of every request over OTLP, as the standard OTEL_* variables say "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_TRACES_SAMPLER, OTEL_SERVICE_NAME; "
+        "docs/operations.md)",
+        boolean=True,
+    ),
 )
 
 

@@ -17,6 +17,7 @@ from service.cpus import use_torch_threads
 from service.devices import device_label
 from service.errors import DeadlineExceededError, InternalError
 from service.runtimes.base import FEATURES, LOGITS, TORCH, Backend, Output
+from service.tracing import TracedItem, record_batch
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class InferenceWorker:
         intra-op threads of the torch operators the thread runs (a torch instance's forward passes,
         gathering a batch, a fine-tuned head)."""
         self.instance = instance
+        self._model = name
         self._torch_threads = torch_threads
         self._warm_up_shape = warm_up_shape
         self._started = threading.Event()
@@ -218,9 +220,29 @@ class InferenceWorker:
                 phases=phases,
             )
         )
+        traced = [item for item in batch if item.trace is not None]
+        if traced:  # spans only for traced requests: an untraced batch builds none
+            self._record_spans(traced, started, finished, phases, images, requests)
         # Before the answers: a client answered may send again before the next line runs.
         self._queue.answered(requests, finished - started, images=images)
         offset = 0
         for item in batch:
             item.on_result(outputs[offset : offset + item.size])
             offset += item.size
+
+    def _record_spans(
+        self, traced: list[WorkItem], started: float, finished: float, phases: PhaseTimes, images: int, requests: int
+    ) -> None:
+        try:
+            record_batch(
+                [TracedItem(item.trace, item.enqueued_at, item.size) for item in traced if item.trace is not None],
+                started=started,
+                finished=finished,
+                phases=(phases.input_seconds, phases.infer_seconds, phases.output_seconds),
+                model=self._model,
+                device=self.instance.label,
+                images=images,
+                requests=requests,
+            )
+        except Exception:  # a trace is never worth a request: the batch is answered whatever happens here
+            log.warning("recording a batch's spans failed", exc_info=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -12,6 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+import service
 from service.config import ServeConfig
 from service.cpus import use_torch_threads
 from service.dataplane import DataPlane
@@ -30,6 +33,7 @@ from service.models import WeightsSource
 from service.ports import Listener, bind_error, check_ports
 from service.repository import ModelRepository, ServedModel
 from service.shared_memory import SharedMemoryRegions
+from service.tracing import ExportConfig, Tracing
 from service.transport.auth import AuthorizationInterceptor, policy_from
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
@@ -54,9 +58,11 @@ STOP_GRACE_S = 5.0  # for calls still open once the data plane has drained
 class VisionServer:
     """One server process's worth of state. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, *, environ: Mapping[str, str] | None = None) -> None:
+        """``environ``: where the ``OTEL_*`` variables are read with ``config.trace`` (the process's)."""
         self.config = config
         self.metrics = ServerMetrics()
+        self.tracing = _tracing(config, os.environ if environ is None else environ, self.metrics)
         self.weights = WeightsSource.parse(config.weights)
         self.devices = resolve_devices(config.device)
         self.metrics.watch_cuda_memory(self.devices)
@@ -137,6 +143,9 @@ class VisionServer:
             statistics=self.metrics.statistics,
             control=ModelControl(self.repository, self.builtin, self.finetuned),
             regions=self.shared_memory,
+            tracing=self.tracing,
+            request_log_ids=self.config.log_format == "json",
+            access_log=self.config.access_log,
         )
         # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)  # type: ignore[no-untyped-call]
@@ -304,6 +313,7 @@ class VisionServer:
         self.shared_memory.unregister("")  # closes the regions' files (requests holding one close it at their end)
         await self._metrics_http.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.tracing.shutdown)  # the last spans, within the exporter's timeout
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:
@@ -354,6 +364,18 @@ async def serve(config: ServeConfig) -> int:
     await termination
     await server.request_stop()  # already running when a signal ended the server: waits for it
     return 1 if failed else 0
+
+
+def _tracing(config: ServeConfig, environ: Mapping[str, str], metrics: ServerMetrics) -> Tracing:
+    """The server's tracing: off unless ``--trace`` (and ``OTEL_SDK_DISABLED`` is not true)."""
+    if not config.trace or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return Tracing.off()
+    return Tracing.create(
+        ExportConfig.from_environ(environ),
+        on_dropped=metrics.record_spans_dropped,
+        on_exported=metrics.record_spans_exported,
+        version=service.__version__,
+    )
 
 
 def _single_threaded_torch() -> None:

@@ -63,6 +63,7 @@ def test_management_is_fine_tuning_and_model_load_unload() -> None:
     assert management == _methods(ft_pb.DESCRIPTOR, "FineTuning") | {
         "/inference.GRPCInferenceService/RepositoryModelLoad",
         "/inference.GRPCInferenceService/RepositoryModelUnload",
+        "/inference.GRPCInferenceService/TraceSetting",
     }
     assert "/vision.v1.FineTuning/DeleteModel" in management
     assert {m for m, s in RPC_SCOPES.items() if s is Scope.OPEN} == {

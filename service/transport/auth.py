@@ -94,6 +94,8 @@ RPC_SCOPES: Mapping[str, Scope] = {
     _INFERENCE_SERVICE + "SystemSharedMemoryStatus": Scope.SHARED_MEMORY,
     _INFERENCE_SERVICE + "SystemSharedMemoryRegister": Scope.SHARED_MEMORY,
     _INFERENCE_SERVICE + "SystemSharedMemoryUnregister": Scope.SHARED_MEMORY,
+    # Triton's trace extension: changes what the server records and sends to its collector.
+    _INFERENCE_SERVICE + "TraceSetting": Scope.MANAGEMENT,
     # Our own read-only model listing.
     "/vision.v1.Models/ListModels": Scope.INFERENCE,
     "/vision.v1.Models/GetModel": Scope.INFERENCE,

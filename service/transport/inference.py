@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 
 import service
 from service.config import BatchingConfig
 from service.dataplane import DataPlane
-from service.errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError, quote
+from service.errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError, VisionServeError, quote
+from service.logs import RequestIds, access, new_request_id, request_ids
 from service.model_control import ModelControl
 from service.repository import ServedModel
 from service.shared_memory import RegionLeases, SharedMemoryRegions
 from service.statistics import StatisticsCollector
+from service.tracing import TRACEPARENT, TRACESTATE, RequestTrace, Tracing
 from service.transport.auth import host_only_message, is_loopback_peer
 from service.transport.codec import InferCall, build_infer_response, parse_infer_request, uses_shared_memory
 from service.transport.errors import status_for
@@ -47,13 +51,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         statistics: StatisticsCollector,
         control: ModelControl,
         regions: SharedMemoryRegions,
+        tracing: Tracing | None = None,
+        request_log_ids: bool = False,
+        access_log: bool = False,
     ) -> None:
+        """``request_log_ids``: lines logged about a request carry its ids (``--log-format json``);
+        ``access_log``: one access log line per inference request (``--access-log``)."""
         self._dataplane = dataplane
+        self._tracing = tracing or Tracing.off()
+        self._request_log_ids = request_log_ids or access_log
+        self._access_log = access_log
         self._batching = batching
         self._statistics = statistics
         self._control = control
         self._regions = regions
         self._extensions = EXTENSIONS + ((SYSTEM_SHARED_MEMORY,) if regions.enabled else ())
+
+    @property
+    def tracing_enabled(self) -> bool:
+        return self._tracing.enabled
 
     async def ServerLive(
         self,
@@ -183,12 +199,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._regions.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
+    async def TraceSetting(
+        self,
+        request: pb.TraceSettingRequest,
+        context: grpc.aio.ServicerContext[pb.TraceSettingRequest, pb.TraceSettingResponse],
+    ) -> pb.TraceSettingResponse:
+        """Triton's trace extension: the settings of the server or of one model, after any change."""
+        if request.model_name:
+            self._dataplane.model(request.model_name)  # NOT_FOUND for a model this server does not know
+        changes = {key: list(value.value) for key, value in request.settings.items()}
+        if changes:
+            settings = self._tracing.update(request.model_name, changes)
+        else:
+            settings = self._tracing.settings(request.model_name)
+        response = pb.TraceSettingResponse()
+        for key, values in settings.items():
+            response.settings[key].value.extend(values)
+        return response
+
     async def ModelInfer(
         self,
         request: pb.ModelInferRequest,
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
     ) -> pb.ModelInferResponse:
-        return await self.infer(request, context.time_remaining(), local=is_loopback_peer(context.peer()))
+        carrier = _trace_metadata(context) if self._tracing.enabled else None
+        return await self.infer(
+            request, context.time_remaining(), local=is_loopback_peer(context.peer()), carrier=carrier
+        )
 
     async def ModelStreamInfer(
         self,
@@ -204,13 +241,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         slots = asyncio.Semaphore(self._dataplane.config.max_stream_in_flight)
         local = is_loopback_peer(context.peer())
+        carrier = _trace_metadata(context) if self._tracing.enabled else None  # each request's parent
         # Each response holds a slot until it is sent: the queue never holds more than the bound.
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                result = await self.infer(request, context.time_remaining(), local=local)
+                result = await self.infer(
+                    request, context.time_remaining(), local=local, carrier=carrier, method="ModelStreamInfer"
+                )
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
             except Exception as exc:
                 _, message = status_for(exc)
@@ -245,15 +285,73 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def infer(
-        self, request: pb.ModelInferRequest, timeout: float | None, *, local: bool, protocol: str = "grpc"
+        self,
+        request: pb.ModelInferRequest,
+        timeout: float | None,
+        *,
+        local: bool,
+        protocol: str = "grpc",
+        carrier: Mapping[str, str] | None = None,
+        method: str = "ModelInfer",
     ) -> pb.ModelInferResponse:
         """One inference, whichever port it came in by (``protocol``: grpc or http): counted, run, answered.
 
         ``local``: whether the caller is on this host (a loopback peer), the only callers whose
         requests may name system shared memory regions: the regions are files of this host, and a
-        remote caller could only read or overwrite another client's.
+        remote caller could only read or overwrite another client's. ``carrier``: the caller's
+        ``traceparent`` and ``tracestate`` (gRPC metadata or HTTP headers), when tracing is on.
         """
-        async with self._dataplane.track(request.model_name, protocol) as record:
+        trace = (
+            self._tracing.start_request(method, request.model_name, carrier, protocol=protocol)
+            if self._tracing.enabled
+            else None
+        )
+        if not self._request_log_ids:
+            return await self._infer(request, timeout, local, protocol, trace)
+        ids = RequestIds(
+            request.id or new_request_id(),
+            trace.trace_id if trace is not None else "",
+            trace.span_id if trace is not None else "",
+        )
+        if trace is not None:
+            trace.set("vision.request_id", ids.request_id)
+        started = time.monotonic()
+        status, response = "OK", None
+        with request_ids(ids):
+            try:
+                response = await self._infer(request, timeout, local, protocol, trace)
+                return response
+            except VisionServeError as exc:
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            except Exception:
+                status = "INTERNAL"
+                raise
+            finally:
+                if self._access_log:
+                    access(
+                        method=method,
+                        protocol=protocol,
+                        model=request.model_name,
+                        version=response.model_version if response is not None else request.model_version,
+                        status=status,
+                        seconds=time.monotonic() - started,
+                        bytes_in=request.ByteSize(),
+                        bytes_out=response.ByteSize() if response is not None else 0,
+                    )
+
+    async def _infer(
+        self,
+        request: pb.ModelInferRequest,
+        timeout: float | None,
+        local: bool,
+        protocol: str,
+        trace: RequestTrace | None,
+    ) -> pb.ModelInferResponse:
+        async with self._dataplane.track(request.model_name, protocol, trace) as record:
             with self._regions.leases() as shared:  # held until the response is built
                 if uses_shared_memory(request):
                     if not local:
@@ -264,7 +362,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if call.timeout_s is not None:  # the request's timeout parameter, beside the call's deadline
                     timeout = call.timeout_s if timeout is None else min(timeout, call.timeout_s)
                 result = await self._dataplane.infer(
-                    call.model_name, call.inputs, version=call.model_version, timeout=timeout
+                    call.model_name, call.inputs, version=call.model_version, timeout=timeout, trace=trace
                 )
                 return build_infer_response(call, record.ran(result), shared)
 
@@ -278,6 +376,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _model(self, name: str, version: str) -> ServedModel:
         return self._dataplane.model(require_model_name(name), version)
+
+
+def _trace_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """The caller's W3C trace context from the call's metadata (keys arrive in lower case)."""
+    carrier: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in (TRACEPARENT, TRACESTATE) and isinstance(value, str):
+            carrier[key] = value
+    return carrier
 
 
 def inference_parsing_interceptor(max_request_images: int) -> ScreenedParsingInterceptor:

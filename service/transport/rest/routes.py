@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from service.errors import InvalidInputError
+from service.tracing import TRACEPARENT, TRACESTATE
 from service.transport import values
 from service.transport.inference import InferenceServicer
 from service.transport.rest.codec import (
@@ -31,6 +32,7 @@ from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 _INFERENCE = "/inference.GRPCInferenceService/"
 _REPOSITORY = "/v2/repository/models/{model}"
 _SHM = "/v2/systemsharedmemory"
+_TRACE_PATHS = ("/v2/trace/setting", "/v2/models/{model}/trace/setting")
 NO_CONTEXT: Any = None  # the servicer's methods take a gRPC context they do not use here
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
 T = TypeVar("T")
@@ -111,7 +113,8 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         header_length = request.headers.get(HEADER_LENGTH)
         call = await parse_off_loop(body, parse_infer_body, body, header_length, name, version)
         local = request.get(LOCAL_CALLER) is True
-        reply = await servicer.infer(call.message, call.timeout_s, local=local, protocol="http")
+        carrier = _trace_headers(request) if servicer.tracing_enabled else None
+        reply = await servicer.infer(call.message, call.timeout_s, local=local, protocol="http", carrier=carrier)
         payload, json_length = build_infer_body(reply, call)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
@@ -142,6 +145,20 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         await servicer.SystemSharedMemoryUnregister(message, NO_CONTEXT)
         return web.json_response({})
 
+    async def trace_setting(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = pb.TraceSettingRequest(model_name=request.match_info.get("model", ""))
+        if request.method == "POST":
+            for key, value in (await _object(body, "the trace settings")).items():
+                message.settings[key].value.extend(_setting_values(key, value))
+        reply = await servicer.TraceSetting(message, NO_CONTEXT)
+        # Triton's JSON: trace_level a list, every other setting one string.
+        return web.json_response(
+            {
+                key: list(entry.value) if key == "trace_level" else (entry.value[0] if entry.value else "")
+                for key, entry in reply.settings.items()
+            }
+        )
+
     def shm_paths(suffix: str) -> tuple[str, ...]:
         return (f"{_SHM}{suffix}", f"{_SHM}/region/{{region}}{suffix}")
 
@@ -168,7 +185,26 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         Route(
             "POST", shm_paths("/unregister"), _INFERENCE + "SystemSharedMemoryUnregister", shm_unregister, has_body=True
         ),
+        Route("GET", _TRACE_PATHS, _INFERENCE + "TraceSetting", trace_setting),
+        Route("POST", _TRACE_PATHS, _INFERENCE + "TraceSetting", trace_setting, has_body=True),
     ]
+
+
+def _trace_headers(request: web.Request) -> dict[str, str]:
+    """The caller's W3C trace context (``traceparent``, ``tracestate``) from its headers."""
+    return {name: value for name in (TRACEPARENT, TRACESTATE) if (value := request.headers.get(name)) is not None}
+
+
+def _setting_values(key: str, value: Any) -> list[str]:
+    """A trace setting as Triton's REST body gives it (a string, a number, a list of them, or null to
+    clear it), as the gRPC message's list of strings."""
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise InvalidInputError(
+                f"trace setting {key!r} takes a string, a list of strings or null, got {values.describe(value)}"
+            )
+    return [str(item) for item in items]
 
 
 def _model(request: web.Request) -> tuple[str, str]:

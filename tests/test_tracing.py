@@ -1,0 +1,588 @@
+"""Traces: real servers export OTLP to receivers that decode opentelemetry-proto, over HTTP (an
+aiohttp server) and over gRPC (the TraceService servicer of opentelemetry-proto's stubs).
+
+Absence of spans is shown without waiting for time to pass: requests are sent one after another,
+a request's spans all end before it is answered, and spans are exported in the order they ended,
+so once a later request's spans arrive, an earlier one's would have arrived too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.errors import FailedPreconditionError, InvalidInputError
+from service.logs import JsonFormatter, RequestIds, RequestIdsFilter, TextFormatter, request_ids
+from service.tracing import ExportConfig, ItemTrace, Tracing
+from tests.client_util import inprocess_server
+from tests.inprocess import InProcessServer
+from tests.metrics_util import sample_value, scrape
+
+MODEL = "alexnet"
+WAIT_S = 60.0  # the most any wait below may take before the test fails (it never passes by waiting)
+
+
+# -- receivers ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Span:
+    trace_id: str
+    span_id: str
+    parent_id: str
+    name: str
+    attributes: dict[str, Any]
+    links: list[tuple[str, str]]  # (trace id, span id)
+    start: int
+    end: int
+    service: str
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+class Receiver:
+    """Spans as a collector received them, and a way to wait for some."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self._changed = threading.Condition()
+
+    def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        received = []
+        for resource_spans in request.resource_spans:
+            resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    received.append(
+                        Span(
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_id=span.parent_span_id.hex(),
+                            name=span.name,
+                            attributes={kv.key: _value(kv.value) for kv in span.attributes},
+                            links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
+                            start=span.start_time_unix_nano,
+                            end=span.end_time_unix_nano,
+                            service=str(resource.get("service.name")),
+                        )
+                    )
+        with self._changed:
+            self.spans.extend(received)
+            self._changed.notify_all()
+
+    def of_trace(self, trace_id: str) -> list[Span]:
+        with self._changed:
+            return [span for span in self.spans if span.trace_id == trace_id]
+
+    def wait_for(self, done: Callable[[list[Span]], bool]) -> list[Span]:
+        with self._changed:
+            assert self._changed.wait_for(lambda: done(list(self.spans)), WAIT_S), "the spans never arrived"
+            return list(self.spans)
+
+    def wait_trace(self, trace_id: str, names: set[str]) -> list[Span]:
+        spans = self.wait_for(lambda spans: names <= {s.name for s in spans if s.trace_id == trace_id})
+        return [span for span in spans if span.trace_id == trace_id]
+
+
+@contextlib.contextmanager
+def http_receiver() -> Iterator[tuple[Receiver, str]]:
+    """An OTLP/HTTP endpoint (``/v1/traces``, protobuf bodies) on aiohttp in a thread of its own."""
+    receiver = Receiver()
+
+    async def traces(request: web.Request) -> web.Response:
+        message = trace_service_pb2.ExportTraceServiceRequest.FromString(await request.read())
+        receiver.add(message)
+        body = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=body, content_type="application/x-protobuf")
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    try:
+        yield receiver, f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+
+    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
+        self._receiver.add(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@contextlib.contextmanager
+def grpc_receiver() -> Iterator[tuple[Receiver, str]]:
+    """An OTLP/gRPC endpoint: opentelemetry-proto's TraceService on a grpc server."""
+    receiver = Receiver()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(receiver), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield receiver, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[str]:
+    """A collector that takes connections and never answers (the kernel accepts them into the backlog)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def traced_server(directory: Path, weights_dir: Path, environ: dict[str, str], **overrides: Any) -> Iterator[Any]:
+    """An in-process server with ``--trace``, reading ``environ``'s OTEL_* variables at start."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environ.items():
+            patch.setenv(name, value)
+        # The server reads its variables when it is built; they are put back once it runs.
+        server_cm = inprocess_server(directory, weights_dir, trace=True, **overrides)
+        server = server_cm.__enter__()
+    try:
+        yield server
+    finally:
+        server_cm.__exit__(None, None, None)
+
+
+FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "20", "OTEL_SERVICE_NAME": "vision-test"}
+
+
+@pytest.fixture(scope="module")
+def grpc_export(tmp_path_factory, weights_dir: Path) -> Iterator[tuple[InProcessServer, Receiver]]:
+    """A server exporting over OTLP/gRPC, with JSON logs and the access log on."""
+    with grpc_receiver() as (receiver, endpoint):
+        environ = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+        with traced_server(
+            tmp_path_factory.mktemp("trace-grpc"), weights_dir, environ, log_format="json", access_log=True
+        ) as server:
+            yield server, receiver
+
+
+@pytest.fixture(scope="module")
+def http_export(tmp_path_factory, weights_dir: Path) -> Iterator[tuple[InProcessServer, Receiver]]:
+    """A server exporting over OTLP/HTTP (the default protocol) to the general endpoint."""
+    with http_receiver() as (receiver, endpoint):
+        environ = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+        with traced_server(tmp_path_factory.mktemp("trace-http"), weights_dir, environ) as server:
+            yield server, receiver
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+def traceparent(trace_id: str, span_id: str = "00f067aa0ba902b7", sampled: bool = True) -> str:
+    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+def infer_grpc(server: InProcessServer, photo: bytes, headers: dict[str, str] | None = None) -> Any:
+    client = triton_grpc.InferenceServerClient(server.target)
+    try:
+        image = triton_grpc.InferInput("IMAGE", [1], "BYTES")
+        image.set_data_from_numpy(np.array([photo], dtype=np.object_))
+        return client.infer(MODEL, [image], headers=headers, client_timeout=120)
+    finally:
+        client.close()
+
+
+def infer_http(server: InProcessServer, photo: bytes, headers: dict[str, str] | None = None) -> Any:
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{server.server.http_port}", network_timeout=120)
+    try:
+        image = triton_http.InferInput("IMAGE", [1], "BYTES")
+        image.set_data_from_numpy(np.array([photo], dtype=np.object_), binary_data=True)
+        return client.infer(MODEL, [image], headers=headers)
+    finally:
+        client.close()
+
+
+INFER = {"grpc": infer_grpc, "http": infer_http}
+REQUEST_SPANS = {"ModelInfer", "decode", "queue", "compute", "compute_input", "infer", "compute_output"}
+
+
+def check_request_spans(spans: list[Span], trace_id: str, parent: str, receiver: Receiver, protocol: str) -> None:
+    by_name = {span.name: span for span in spans}
+    request = by_name["ModelInfer"]
+    assert request.parent_id == parent  # the caller's span
+    assert request.attributes["vision.model"] == MODEL
+    assert request.attributes["vision.protocol"] == protocol
+    assert request.attributes["rpc.grpc.status"] == "OK"
+    assert request.service == "vision-test"
+    for name in ("decode", "queue", "compute"):
+        assert by_name[name].parent_id == request.span_id, name
+    for name in ("compute_input", "infer", "compute_output"):
+        assert by_name[name].parent_id == by_name["compute"].span_id, name
+        assert by_name["compute"].start <= by_name[name].start <= by_name[name].end <= by_name["compute"].end
+    assert by_name["decode"].end <= by_name["queue"].end <= by_name["compute"].start + 1_000  # ns rounding
+    # The batch: a span of its own, in a trace of its own, with its size, linked from the request's compute.
+    (link,) = by_name["compute"].links
+    assert link[0] != trace_id
+    batch = [s for s in receiver.wait_for(lambda all_: any(s.span_id == link[1] for s in all_)) if s.span_id == link[1]]
+    assert batch[0].name == "batch" and batch[0].parent_id == ""
+    assert batch[0].attributes["vision.batch.size"] >= 1
+    assert batch[0].attributes["vision.model"] == MODEL
+
+
+@pytest.mark.parametrize("port", ["grpc", "http"])
+def test_an_image_request_continues_the_callers_trace(grpc_export, http_export, photos, port) -> None:
+    """Each port's request, exported over each OTLP protocol, under the caller's span."""
+    for server, receiver in (grpc_export, http_export):
+        trace_id = new_trace_id()
+        caller = os.urandom(8).hex()
+        result = INFER[port](server, photos["china"], {"traceparent": traceparent(trace_id, caller)})
+        assert result.as_numpy("LOGITS").shape == (1, 1000)
+        spans = receiver.wait_trace(trace_id, REQUEST_SPANS)
+        check_request_spans(spans, trace_id, caller, receiver, port)
+
+
+@pytest.mark.parametrize("port", ["grpc", "http"])
+def test_a_parent_that_is_not_sampled_gets_no_spans(http_export, photos, port) -> None:
+    server, receiver = http_export
+    unsampled = new_trace_id()
+    INFER[port](server, photos["china"], {"traceparent": traceparent(unsampled, sampled=False)})
+    marker = new_trace_id()
+    INFER[port](server, photos["china"], {"traceparent": traceparent(marker)})
+    receiver.wait_trace(marker, REQUEST_SPANS)
+    assert receiver.of_trace(unsampled) == []
+
+
+def test_without_a_parent_the_sampler_starts_a_trace(http_export, photos) -> None:
+    server, receiver = http_export
+    before = {span.trace_id for span in receiver.spans}
+    infer_grpc(server, photos["china"])
+    spans = receiver.wait_for(
+        lambda all_: any(s.name == "ModelInfer" and s.trace_id not in before and s.parent_id == "" for s in all_)
+    )
+    roots = [s for s in spans if s.name == "ModelInfer" and s.trace_id not in before]
+    assert roots and roots[0].parent_id == ""
+
+
+def test_a_malformed_traceparent_is_ignored_not_refused(http_export, photos) -> None:
+    server, _ = http_export
+    result = infer_http(server, photos["china"], {"traceparent": "00-not-a-trace-01", "tracestate": "x" * 600})
+    assert result.as_numpy("LOGITS").shape == (1, 1000)
+
+
+def test_trace_settings_change_at_run_time_over_both_ports(http_export, photos) -> None:
+    server, receiver = http_export
+    grpc_client = triton_grpc.InferenceServerClient(server.target)
+    http_client = triton_http.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
+    try:
+        settings = grpc_client.get_trace_settings(as_json=True)["settings"]
+        assert settings["trace_level"]["value"] == ["TIMESTAMPS"]
+        assert http_client.get_trace_settings() == {
+            "trace_level": ["TIMESTAMPS"],
+            "trace_rate": "1",
+            "trace_count": "-1",
+            "trace_mode": "opentelemetry",
+        }
+        # Off for the model: a sampled caller gets no spans.
+        changed = http_client.update_trace_settings(MODEL, {"trace_level": ["OFF"]})
+        assert changed["trace_level"] == ["OFF"]
+        assert http_client.get_trace_settings()["trace_level"] == ["TIMESTAMPS"]  # the server's are unchanged
+        off = new_trace_id()
+        infer_grpc(server, photos["china"], {"traceparent": traceparent(off)})
+        # Cleared (None): the model follows the server's again.
+        grpc_client.update_trace_settings(MODEL, {"trace_level": None})
+        assert grpc_client.get_trace_settings(MODEL, as_json=True)["settings"]["trace_level"]["value"] == ["TIMESTAMPS"]
+        marker = new_trace_id()
+        infer_grpc(server, photos["china"], {"traceparent": traceparent(marker)})
+        receiver.wait_trace(marker, REQUEST_SPANS)
+        assert receiver.of_trace(off) == []
+        # trace_rate 2: one request in two without a parent is traced.
+        grpc_client.update_trace_settings(settings={"trace_rate": "2"})
+        before = {s.trace_id for s in receiver.spans if s.name == "ModelInfer"}
+        for _ in range(4):
+            infer_http(server, photos["china"])
+        marker = new_trace_id()
+        infer_http(server, photos["china"], {"traceparent": traceparent(marker)})
+        receiver.wait_trace(marker, REQUEST_SPANS)
+        new_roots = {s.trace_id for s in receiver.spans if s.name == "ModelInfer" and s.parent_id == ""} - before
+        assert len(new_roots) == 2
+        assert http_client.update_trace_settings(settings={"trace_rate": None})["trace_rate"] == "1"
+    finally:
+        grpc_client.close()
+        http_client.close()
+
+
+def test_bad_trace_settings_are_refused_with_what_to_send(http_export) -> None:
+    server, _ = http_export
+    grpc_client = triton_grpc.InferenceServerClient(server.target)
+    http_client = triton_http.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
+    try:
+        cases = [
+            ({"trace_level": ["TENSORS"]}, "TIMESTAMPS only"),
+            ({"trace_rate": "0"}, "at least 1"),
+            ({"trace_rate": "often"}, "must be an integer"),
+            ({"trace_file": "/tmp/x"}, "not supported"),
+        ]
+        for settings, words in cases:
+            with pytest.raises(InferenceServerException, match=words) as grpc_error:
+                grpc_client.update_trace_settings(settings=settings)
+            assert grpc_error.value.status() == "StatusCode.INVALID_ARGUMENT"
+            with pytest.raises(InferenceServerException, match=words):
+                http_client.update_trace_settings(settings=settings)
+        with pytest.raises(InferenceServerException, match="not served here") as missing:
+            grpc_client.get_trace_settings("nonexistent")
+        assert missing.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException, match="string"):
+            http_client.update_trace_settings(settings={"trace_rate": {"a": 1}})
+        assert http_client.get_trace_settings()["trace_level"] == ["TIMESTAMPS"]  # nothing changed
+    finally:
+        grpc_client.close()
+        http_client.close()
+
+
+def test_trace_settings_are_management_calls(tmp_path, weights_dir) -> None:
+    from tests.client_util import TOKEN, token_server
+
+    with token_server(tmp_path, weights_dir) as server:
+        client = triton_grpc.InferenceServerClient(server.target)
+        try:
+            with pytest.raises(InferenceServerException) as refused:
+                client.update_trace_settings(settings={"trace_rate": "5"})
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+            headers = {"authorization": f"Bearer {TOKEN}"}
+            # Tracing is off here: the settings say so, and turning it on says how.
+            assert client.get_trace_settings(headers=headers, as_json=True)["settings"]["trace_level"]["value"] == [
+                "OFF"
+            ]
+            with pytest.raises(InferenceServerException, match="--trace") as off:
+                client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}, headers=headers)
+            assert off.value.status() == "StatusCode.FAILED_PRECONDITION"
+        finally:
+            client.close()
+
+
+def test_latency_exemplars_carry_the_trace_id_for_openmetrics_scrapes(http_export, photos) -> None:
+    server, _ = http_export
+    trace_id = new_trace_id()
+    infer_grpc(server, photos["china"], {"traceparent": traceparent(trace_id)})
+    request = urllib.request.Request(server.metrics_url, headers={"Accept": "application/openmetrics-text"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    exemplars = [
+        line for line in text.splitlines() if line.startswith("vision_request_seconds_bucket") and " # " in line
+    ]
+    assert any(f'trace_id="{trace_id}"' in line for line in exemplars), exemplars[:5]
+    assert " # " not in scrape(server.metrics_url)  # the classic text format has no exemplars
+
+
+def test_json_logs_and_the_access_log_carry_the_request_and_trace_ids(grpc_export, photos) -> None:
+    server, _ = grpc_export
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdsFilter())
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("vision.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        trace_id = new_trace_id()
+        infer_grpc(server, photos["china"], {"traceparent": traceparent(trace_id)})
+        with pytest.raises(InferenceServerException):
+            infer_http(server, b"not an image")
+    finally:
+        access.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    ok = next(line for line in lines if line.get("trace_id") == trace_id)
+    assert ok["method"] == "ModelInfer" and ok["protocol"] == "grpc" and ok["status"] == "OK"
+    assert ok["model"] == MODEL and ok["version"] == "1"
+    assert ok["bytes_in"] > len(photos["china"]) and ok["bytes_out"] > 4000
+    assert ok["duration_ms"] > 0 and len(ok["request_id"]) == 16 and len(ok["span_id"]) == 16
+    bad = next(line for line in lines if line["protocol"] == "http")
+    assert bad["status"] == "INVALID_ARGUMENT" and bad["bytes_out"] == 0 and bad["request_id"]
+    assert "not an image" not in stream.getvalue()  # never a payload
+
+
+def test_a_collector_that_black_holes_drops_and_counts_spans(tmp_path, weights_dir, photos) -> None:
+    """Requests answer as usual; the queue stays within its bound; what is lost is counted."""
+    with black_hole() as endpoint:
+        environ = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "20",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "4",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "300",
+        }
+        with traced_server(tmp_path, weights_dir, environ) as server:
+            for index in range(6):
+                result = INFER["grpc" if index % 2 else "http"](server, photos["china"])
+                assert result.as_numpy("LOGITS").shape == (1, 1000)
+                assert server.server.tracing.queued_spans <= 4
+
+            def dropped(reason: str) -> float:
+                return sample_value(scrape(server.metrics_url), "vision_trace_spans_dropped_total", reason=reason)
+
+            # 6 requests made 6 x 8 spans; at most 4 wait at a time while an export hangs.
+            assert dropped("queue_full") > 0
+            wait_until(lambda: dropped("export_failed") > 0)
+            assert sample_value(scrape(server.metrics_url), "vision_trace_spans_exported_total") == 0
+
+
+def test_a_collector_that_is_down_drops_and_counts_spans(tmp_path, weights_dir, photos) -> None:
+    port = free_port()
+    environ = {
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "20",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "300",
+    }
+    with traced_server(tmp_path, weights_dir, environ) as server:
+        result = infer_grpc(server, photos["china"])
+        assert result.as_numpy("LOGITS").shape == (1, 1000)
+        wait_until(
+            lambda: (
+                sample_value(scrape(server.metrics_url), "vision_trace_spans_dropped_total", reason="export_failed") > 0
+            )
+        )
+
+
+def free_port() -> int:
+    from service.testing import free_port as pick
+
+    return pick()
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Wait for ``condition``, checking it each time the receiver-less server may have moved on."""
+    done = threading.Event()
+    for _ in range(int(WAIT_S * 20)):
+        if condition():
+            return
+        done.wait(0.05)
+    raise AssertionError("the condition never held")
+
+
+# -- units ----------------------------------------------------------------------------------------
+
+
+def test_the_otel_variables_configure_the_export() -> None:
+    assert ExportConfig.from_environ({}) == ExportConfig()
+    config = ExportConfig.from_environ(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+            "OTEL_SERVICE_NAME": "edge",
+        }
+    )
+    assert config.endpoint == "http://collector:4318/v1/traces"
+    assert (config.sampler, config.sampler_arg, config.service_name) == ("parentbased_traceidratio", 0.25, "edge")
+    traces = ExportConfig.from_environ(
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:1/x", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}
+    )
+    assert traces.endpoint == "http://t:1/x"  # the signal's own endpoint is taken as it is
+    grpc_config = ExportConfig.from_environ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert grpc_config.endpoint == "http://localhost:4317"
+    for environ, words in [
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "http/protobuf, grpc"),
+        ({"OTEL_TRACES_SAMPLER": "sometimes"}, "parentbased_always_on"),
+        ({"OTEL_TRACES_SAMPLER_ARG": "2"}, "from 0 to 1"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "lots"}, "a number"),
+    ]:
+        with pytest.raises(FailedPreconditionError, match=words):
+            ExportConfig.from_environ(environ)
+
+
+def test_tracing_off_builds_nothing_and_says_how_to_turn_it_on() -> None:
+    tracing = Tracing.off()
+    assert not tracing.enabled
+    assert (
+        tracing.start_request("ModelInfer", MODEL, {"traceparent": traceparent(new_trace_id())}, protocol="grpc")
+        is None
+    )
+    assert tracing.settings()["trace_level"] == ["OFF"]
+    with pytest.raises(FailedPreconditionError, match="--trace"):
+        tracing.update("", {"trace_level": ["TIMESTAMPS"]})
+    assert tracing.update("", {"trace_rate": ["3"]})["trace_rate"] == ["3"]
+    with pytest.raises(InvalidInputError, match="one of OFF, TIMESTAMPS"):
+        tracing.update("", {"trace_level": ["LOUD"]})
+
+
+def test_a_work_items_trace_context_crosses_as_a_traceparent() -> None:
+    """What a process hop would serialise: the W3C string round-trips the request span's context."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+    span = tracer.start_span("ModelInfer")
+    item = ItemTrace(tracer, span.get_span_context())
+    again = ItemTrace.from_traceparent(tracer, item.traceparent)
+    assert again is not None and again.parent.trace_id == item.parent.trace_id
+    assert again.parent.span_id == item.parent.span_id and again.parent.trace_flags.sampled
+    assert ItemTrace.from_traceparent(tracer, "garbage") is None
+
+
+def test_text_and_json_lines_carry_a_requests_ids_only_within_it() -> None:
+    record_stream = io.StringIO()
+    logger = logging.getLogger("test.tracing.ids")
+    handler = logging.StreamHandler(record_stream)
+    handler.addFilter(RequestIdsFilter())
+    handler.setFormatter(TextFormatter())
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("outside")
+        with request_ids(RequestIds("r1", "t" * 32, "s" * 16)):
+            logger.warning("inside")
+        handler.setFormatter(JsonFormatter())
+        with request_ids(RequestIds("r2")):
+            logger.warning("json inside")
+        logger.warning("json outside")
+    finally:
+        logger.removeHandler(handler)
+    lines = record_stream.getvalue().splitlines()
+    assert lines[0].endswith("outside") and "[" not in lines[0]
+    assert lines[1].endswith(f"inside [trace={'t' * 32} request=r1]")
+    inside, outside = json.loads(lines[2]), json.loads(lines[3])
+    assert inside["request_id"] == "r2" and "trace_id" not in inside
+    assert "request_id" not in outside and outside["message"] == "json outside"
