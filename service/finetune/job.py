@@ -77,8 +77,8 @@ class EpochMetrics:
 
 @dataclass
 class Job:
-    """A job. ``examples`` is released (None) as soon as their features are extracted,
-    or when the job ends; ``example_count`` stays."""
+    """A job. ``examples`` is released (None) when feature extraction takes them (it then lets each
+    chunk's images go as their features come in), or when the job ends; ``example_count`` stays."""
 
     id: str
     config: FineTuneConfig
