@@ -285,6 +285,41 @@ def test_an_image_request_continues_the_callers_trace(grpc_export, http_export, 
         check_request_spans(spans, trace_id, caller, receiver, port)
 
 
+def test_each_request_of_a_stream_is_traced_under_the_streams_parent(grpc_export, photos) -> None:
+    server, receiver = grpc_export
+    trace_id, caller = new_trace_id(), os.urandom(8).hex()
+    answers: list[Any] = []
+    answered = threading.Condition()
+
+    def callback(result: Any, error: Any) -> None:
+        with answered:
+            answers.append(error or result)
+            answered.notify_all()
+
+    client = triton_grpc.InferenceServerClient(server.target)
+    try:
+        client.start_stream(callback, headers={"traceparent": traceparent(trace_id, caller)})
+        image = triton_grpc.InferInput("IMAGE", [1], "BYTES")
+        image.set_data_from_numpy(np.array([photos["china"]], dtype=np.object_))
+        for index in range(2):
+            client.async_stream_infer(MODEL, [image], request_id=str(index))
+        with answered:
+            assert answered.wait_for(lambda: len(answers) == 2, WAIT_S)
+        client.stop_stream()
+    finally:
+        client.close()
+    assert all(not isinstance(answer, Exception) for answer in answers)
+    spans = receiver.wait_for(
+        lambda all_: (
+            sum(s.name == "ModelStreamInfer" and s.trace_id == trace_id for s in all_) == 2
+            and sum(s.name == "compute" and s.trace_id == trace_id for s in all_) == 2
+        )
+    )
+    requests = [s for s in spans if s.trace_id == trace_id and s.name == "ModelStreamInfer"]
+    assert {s.parent_id for s in requests} == {caller}
+    assert {s.attributes["vision.request_id"] for s in requests} == {"0", "1"}  # the requests' own ids
+
+
 @pytest.mark.parametrize("port", ["grpc", "http"])
 def test_a_parent_that_is_not_sampled_gets_no_spans(http_export, photos, port) -> None:
     server, receiver = http_export

@@ -307,6 +307,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else None
         )
         if not self._request_log_ids:
+            if trace is not None and request.id:
+                trace.set("vision.request_id", request.id)
             return await self._infer(request, timeout, local, protocol, trace)
         ids = RequestIds(
             request.id or new_request_id(),
