@@ -156,9 +156,12 @@ class JobPipeline:
             # A base model unloaded meanwhile ends the job at the next batch: its head could not be served.
             return job.cancel_requested.is_set() or not self._catalog.base_served(base)
 
-        # The features are arguments, not a closure's cells: a frame's locals are let go when the
-        # job ends (run clears them), a closure's cells would live on with the function.
-        def train(features: torch.Tensor, targets: torch.Tensor) -> TrainResult:
+        # The features travel in a list the thread empties, not in a closure's cells (they would live
+        # on with the function) nor as arguments (the pool's work item keeps those a moment after
+        # the result is in): when the job ends, nothing but its frames holds them, and run clears those.
+        def train(inputs: list[torch.Tensor]) -> TrainResult:
+            features, targets = inputs
+            inputs.clear()
             use_torch_threads(usable_cores())  # this pool thread's own count (see use_torch_threads)
             return train_head(
                 features,
@@ -171,7 +174,7 @@ class JobPipeline:
             )
 
         try:
-            return await asyncio.to_thread(train, features, targets)
+            return await asyncio.to_thread(train, [features, targets])
         except JobCancelled:
             if not job.cancel_requested.is_set():
                 self._catalog.require_base(base)  # raises: the base was unloaded
