@@ -79,9 +79,8 @@ def test_random_weights_fill_every_tensor(name: str) -> None:
     for key, tensor in model.state_dict().items():
         assert tensor.device.type == "cpu" and torch.isfinite(tensor).all(), key
     for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            assert torch.equal(module.running_mean, torch.zeros_like(module.running_mean))
-            assert torch.equal(module.running_var, torch.ones_like(module.running_var))
+        if isinstance(module, torch.nn.BatchNorm2d):  # moved a tenth of the way by the calibration pass
+            assert module.running_var is not None and bool((module.running_var > 0).all())
 
 
 def test_weights_directory_keeps_the_networks_dtype_and_checks_every_key(tmp_path) -> None:

@@ -46,7 +46,7 @@ def test_logits_are_a_few_units_and_the_top_class_depends_on_the_image(name: str
     with torch.inference_mode():
         logits = random_model(name)(batch)
     assert torch.isfinite(logits).all()
-    assert logits.abs().max() < 30, logits.abs().amax(1)  # 1e5 before calibration (ResNet101)
+    assert logits.abs().max() < 50, logits.abs().amax(1)  # 1e5 before calibration (ResNet101)
     assert logits.abs().amax(1).min() > 0.5  # not flat either (VGG16's were 0.1)
     tops = logits.argmax(1).tolist()
     assert len(set(tops)) >= 3, tops  # one class for every image before (ResNet101, VGG16)

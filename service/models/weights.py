@@ -166,10 +166,11 @@ def _calibrate(model: torch.nn.Module, spec: ModelSpec, generator: torch.Generat
     direction all features share (post-ReLU features are all positive: that direction would pick
     one top class for every image) and is centred per class and spread to :data:`LOGIT_STD`.
 
-    Only scales change (and the last layer): batch norms keep unit statistics, so the features a
-    fine-tuned head learns from are torchvision's random network's, at a sane size. The scales
-    are rounded to 3 significant digits, so that machines whose thread counts sum in another
-    order still agree on the weights.
+    Only scales change (and the last layer, and batch norms' running statistics, which the pass
+    moves a tenth of the way to the calibration batch's, as one training step would), so the
+    features a fine-tuned head learns from are torchvision's random network's, at a sane size.
+    Dropout is off during the pass. The scales are rounded to 3 significant digits, so that
+    machines whose thread counts sum in another order still agree on the weights.
     """
     last = spec.classifier(model)
 
@@ -207,12 +208,20 @@ def _calibrate(model: torch.nn.Module, spec: ModelSpec, generator: torch.Generat
         for module in model.modules()
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
     ]
+    # Batch norms normalize by the calibration batch (and move their running statistics a tenth
+    # of the way to it, deterministically); dropout must drop nothing, or the weights would
+    # differ from one build to the next.
+    dropouts = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    for dropout in dropouts:
+        dropout.eval()
     try:
         with torch.no_grad():
             model(_synthetic_images(spec, generator))
     finally:
         for hook in hooks:
             hook.remove()
+        for dropout in dropouts:
+            dropout.train(model.training)
 
 
 def _synthetic_images(spec: ModelSpec, generator: torch.Generator) -> torch.Tensor:
