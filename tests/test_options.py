@@ -69,6 +69,8 @@ def test_every_variable_reaches_its_field(option) -> None:
         text = "float32,resnet101=bfloat16"
     elif option.flag in ("--metrics-host", "--host", "--weights", "--device"):
         text = "elsewhere"
+    elif option.flag == "--allowed-hosts":
+        text = "vision.example.com,localhost.example"
     elif default is None and option.type is not Path:
         text = "9"  # a port or a count
     elif option.flag == "--min-precision-agreement":
