@@ -125,7 +125,7 @@ def test_server_pinned_to_one_core_sizes_its_pools_by_it(tmp_path: Path, weights
         proc.wait_serving()
         log = proc.log()
         assert re.search(
-            r"alexnet runs on onnxruntime \(cpu\), 2 instances each; CPU threads per forward pass: 1\n", log
+            r"alexnet runs on onnxruntime \(cpu\) in float32, 2 instances each; CPU threads per forward pass: 1\n", log
         )
         with triton.InferenceServerClient(proc.target) as client:
             result = client.infer("alexnet", [pixels_input(0)])
