@@ -7,8 +7,8 @@ float32 and raw OpenVINO in bfloat16 in this process, with the agreement of each
 
 Per model, two ``vision-serve`` subprocesses start (``bench/servers.py``, the options of
 ``bench/throughput.py``: ``--max-batch-size 32``, its runtime cache), both with ``--weights DIR``
-of one seeded random build written by this script (``--weights random`` builds AlexNet differently
-in each process: its calibration runs with dropout on), one
+of one seeded random build written by this script (so that the servers and the in-process
+baselines hold the very same weights whatever the build does), one
 with ``--dtype bfloat16`` and one with ``--dtype float32``, both ``--runtime auto`` unless
 ``--runtime`` says otherwise (auto: OpenVINO in bfloat16, ONNX Runtime in float32 on a CPU). Raw
 is the model's exported network compiled by the server's own backend code for OpenVINO in

@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.precision_heads --base resnet101 --train 600
 
 Two ``vision-serve`` subprocesses share one model store and one ``--weights`` directory (a seeded
-random build written here; bench/precision.py says why not ``--weights random``): A in
+random build written here, as bench/precision.py does): A in
 ``--dtype float32``, B with ``--dtype bfloat16``. A head is trained once, on A, as every head is
 (in float32, on A's float32 features), on the first ``--train`` of scikit-learn's 1,797
 handwritten digits (8x8, upscaled to 64x64 RGB PNGs); B serves the very head from the store (its
