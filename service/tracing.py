@@ -282,7 +282,9 @@ class BoundedExportProcessor(SpanProcessor):
             self._wake.clear()
             self._export_all()
 
-    def _export_all(self) -> None:
+    def _export_all(self, *, until_failure: bool = False) -> None:
+        """Export what is queued, batch by batch; ``until_failure``: stop at the first batch that
+        fails (at shutdown, a dead collector costs one export's timeout, not one per batch)."""
         with self._export_lock:
             while True:
                 with self._lock:
@@ -302,6 +304,8 @@ class BoundedExportProcessor(SpanProcessor):
                         log.info("trace export works again")
                 else:
                     self._on_dropped("export_failed", len(batch))
+                    if until_failure:
+                        return
                     if not self._failing:
                         self._failing = True
                         log.warning(
@@ -316,11 +320,11 @@ class BoundedExportProcessor(SpanProcessor):
         return True
 
     def shutdown(self) -> None:
-        """Export what is queued (one try, within the exporter's timeout), then stop."""
+        """Export what is queued (until an export fails: at most one exporter's timeout), then stop."""
         with self._lock:
             if self._stopped:
                 return
-        self._export_all()
+        self._export_all(until_failure=True)
         with self._lock:
             self._stopped = True
             dropped = len(self._queue)

@@ -621,3 +621,34 @@ def test_text_and_json_lines_carry_a_requests_ids_only_within_it() -> None:
     inside, outside = json.loads(lines[2]), json.loads(lines[3])
     assert inside["request_id"] == "r2" and "trace_id" not in inside
     assert "request_id" not in outside and outside["message"] == "json outside"
+
+
+def test_shutdown_exports_what_is_queued_and_counts_what_a_dead_collector_loses() -> None:
+    """What waits in the queue at shutdown gets one export; its failure is counted."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Refusing(SpanExporter):
+        calls = 0
+
+        def export(self, spans: Any) -> SpanExportResult:
+            Refusing.calls += 1
+            return SpanExportResult.FAILURE
+
+        def shutdown(self) -> None:
+            pass
+
+    dropped: dict[str, int] = {}
+
+    def count(reason: str, spans: int) -> None:
+        dropped[reason] = dropped.get(reason, 0) + spans
+
+    config = ExportConfig(schedule_delay_s=3600, max_export_batch_size=4, max_queue_size=64)
+    tracing = Tracing.create(config, on_dropped=count, exporter=Refusing())
+    for _ in range(3):
+        trace = tracing.start_request("ModelInfer", MODEL, None, protocol="grpc")
+        assert trace is not None
+        trace.finish("OK")
+    # The export thread wakes at each batch of 4 but three spans make none; shutdown exports them.
+    tracing.shutdown()
+    assert Refusing.calls == 1 and dropped == {"export_failed": 3}
+    assert tracing.queued_spans == 0
