@@ -100,7 +100,7 @@ def test_model_config_refuses_unknown_models_and_versions(serve_inprocess) -> No
         assert status_of(lambda: client.get_model_config("alexnet:features")) == "StatusCode.NOT_FOUND"
         assert client.get_model_config("alexnet", model_version="1").config.name == "alexnet"
         extensions = set(client.get_server_metadata().extensions)
-    assert {"classification", "model_configuration", "statistics", "model_repository"} <= extensions
+    assert {"classification", "model_configuration", "statistics", "model_repository", "trace"} <= extensions
 
 
 # -- ModelStatistics -----------------------------------------------------------

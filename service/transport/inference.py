@@ -38,7 +38,7 @@ from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_g
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "vision-serving"
-EXTENSIONS = (CLASSIFICATION, "model_configuration", "statistics", "model_repository")
+EXTENSIONS = (CLASSIFICATION, "model_configuration", "statistics", "model_repository", "trace")
 SYSTEM_SHARED_MEMORY = "system_shared_memory"  # listed as Triton lists it, when --max-shared-memory-regions > 0
 
 
