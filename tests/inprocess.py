@@ -105,6 +105,23 @@ def alexnet_config(store: Path | None, weights_dir: Path, **overrides: Any) -> S
     return ServeConfig(**settings)
 
 
+def tiny_config(store: Path | None, **overrides: Any) -> ServeConfig:
+    """A server of the tiny test network (random weights, eager torch) with a health port and a
+    model store of the test's own; keyword arguments override ``ServeConfig`` fields."""
+    from tests.tiny import TINY
+
+    settings: dict[str, Any] = {
+        "models": (TINY,),
+        "weights": "random",
+        "runtime": RuntimeConfig(name="torch", cache_dir=session_runtime_cache()),
+        "model_store": store,
+        "health_port": 0,
+        "drain_seconds": 5.0,
+    }
+    settings.update(overrides)
+    return ServeConfig(**settings)
+
+
 @contextlib.contextmanager
 def running(config: ServeConfig, *, grpc_port: int = 0, wait_loaded: bool = True) -> Iterator[InProcessServer]:
     """An :class:`InProcessServer` of ``config``, started (on ``grpc_port``: 0 for any), then stopped."""

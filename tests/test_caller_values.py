@@ -21,10 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import RuntimeConfig
 from service.errors import InvalidInputError
 from service.transport import values
-from tests.conftest import session_runtime_cache
 from tests.tiny import TINY
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
@@ -45,18 +43,9 @@ HUGE_INT = "9" * 5000  # past Python's own 4,300-digit limit for int()
 
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory) -> Iterator[object]:
-    from service.config import ServeConfig
-    from tests.inprocess import InProcessServer
+    from tests.inprocess import InProcessServer, tiny_config
 
-    config = ServeConfig(
-        models=(TINY,),
-        weights="random",
-        runtime=RuntimeConfig(name="torch", cache_dir=session_runtime_cache()),
-        model_store=tmp_path_factory.mktemp("store"),
-        health_port=0,
-        drain_seconds=5.0,
-    )
-    with InProcessServer(config) as server:
+    with InProcessServer(tiny_config(tmp_path_factory.mktemp("store"))) as server:
         yield server
 
 

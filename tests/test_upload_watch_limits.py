@@ -19,9 +19,8 @@ import grpc
 import pytest
 from PIL import Image
 
-from service.config import FineTuneLimits, RuntimeConfig, ServeConfig
-from tests.conftest import session_runtime_cache
-from tests.inprocess import InProcessServer
+from service.config import FineTuneLimits
+from tests.inprocess import InProcessServer, tiny_config
 from tests.tiny import TINY
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
@@ -30,16 +29,8 @@ WAIT_S = 120.0  # a bound on waiting for the server, never a figure the test che
 
 
 def _server(tmp_path_factory, **limits: object) -> InProcessServer:
-    config = ServeConfig(
-        models=(TINY,),
-        weights="random",
-        runtime=RuntimeConfig(name="torch", cache_dir=session_runtime_cache()),
-        model_store=tmp_path_factory.mktemp("store"),
-        health_port=0,
-        drain_seconds=5.0,
-        fine_tuning=FineTuneLimits(**limits),  # type: ignore[arg-type]
-    )
-    return InProcessServer(config)
+    limits_config = FineTuneLimits(**limits)  # type: ignore[arg-type]
+    return InProcessServer(tiny_config(tmp_path_factory.mktemp("store"), fine_tuning=limits_config))
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from tritonclient.utils import InferenceServerException
 
-from service.config import RuntimeConfig
 from service.errors import QUOTE_CHARS, quote
-from tests.conftest import session_runtime_cache
 from tests.tiny import TINY
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -40,18 +38,9 @@ LONG_NAME = "m" * 10_000
 
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
-    from service.config import ServeConfig
-    from tests.inprocess import InProcessServer
+    from tests.inprocess import InProcessServer, tiny_config
 
-    config = ServeConfig(
-        models=(TINY,),
-        weights="random",
-        runtime=RuntimeConfig(name="torch", cache_dir=session_runtime_cache()),
-        model_store=tmp_path_factory.mktemp("store"),
-        health_port=0,
-        drain_seconds=5.0,
-    )
-    with InProcessServer(config) as server:
+    with InProcessServer(tiny_config(tmp_path_factory.mktemp("store"))) as server:
         yield server
 
 
