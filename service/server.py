@@ -85,7 +85,9 @@ class VisionServer:
         self.shared_memory = SharedMemoryRegions(
             max_regions=config.max_shared_memory_regions, max_bytes=config.max_shared_memory_bytes
         )
-        self.jobs = JobManager(self.dataplane, self.repository, self.builtin, self.finetuned, self.metrics, limits)
+        self.jobs = JobManager(
+            self.dataplane, self.repository, self.builtin, self.finetuned, self.metrics, limits, tracing=self.tracing
+        )
         self._access = policy_from(config.auth_token_file, config.auth_scope, config.allowed_hosts)
         tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
         self._tls = (

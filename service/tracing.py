@@ -14,6 +14,10 @@ With ``--trace`` a request gets these spans (Triton's timestamp names)::
         ├── infer                           the forward pass
         └── compute_output                  outputs to the host
 
+A fine-tuning job gets ``job`` (from when it was accepted; its id, models and end state), with
+``features``, one ``epoch`` per epoch (its losses and accuracy) and ``publish`` under it
+(:meth:`Tracing.start_job`), continuing CreateJob's caller as a request does.
+
 ``batch`` is a span of its own, in a trace of its own, with its size, device and model: every
 request that ran in it links to it. The caller's W3C ``traceparent``/``tracestate`` (gRPC metadata,
 HTTP headers) is continued and its sampled flag honoured: a parent that is not sampled gets no
@@ -44,7 +48,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -72,6 +76,7 @@ log = logging.getLogger(__name__)
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 BATCH_SPAN = "batch"
+JOB_SPAN, EPOCH_SPAN = "job", "epoch"
 LEVELS = ("OFF", "TIMESTAMPS")
 PROTOCOLS = ("http/protobuf", "grpc")
 SAMPLERS = (
@@ -514,14 +519,9 @@ class Tracing:
         settings = knobs.settings
         if settings.level == "OFF" or settings.count == 0:
             return None
-        parent: Context | None = None
-        if carrier and TRACEPARENT in carrier:
-            parent = _PROPAGATOR.extract(carrier)
-            span_context = trace.get_current_span(parent).get_span_context()
-            if not span_context.is_valid:
-                parent = None  # malformed: the sampler decides, as without one
-            elif not span_context.trace_flags.sampled:
-                return None  # the caller's decision: no spans
+        parent = _parent(carrier)
+        if isinstance(parent, _NotSampled):
+            return None  # the caller's decision: no spans
         if parent is None:
             knobs.seen += 1
             if (knobs.seen - 1) % settings.rate:
@@ -538,6 +538,67 @@ class Tracing:
             with self._lock:
                 knobs.settings = replace(knobs.settings, count=max(0, knobs.settings.count - 1))
         return RequestTrace(tracer, span)
+
+    # -- fine-tuning jobs --
+
+    def start_job(
+        self, carrier: Mapping[str, str] | None, *, job_id: str, base_model: str, output_model: str, queued_at: float
+    ) -> JobTrace | None:
+        """The trace of a fine-tuning job as it starts running, or None when it is not traced.
+
+        Its span starts at ``queued_at`` (``time.time()`` seconds: when the job was accepted). The
+        caller's context (CreateJob's ``carrier``) is continued and its sampled flag honoured, as for
+        requests; without one the sampler decides (``trace_rate`` and ``trace_count`` count inference
+        requests, not jobs); the server's ``trace_level`` OFF turns job spans off too.
+        """
+        tracer = self._tracer
+        if tracer is None or self._server.settings.level == "OFF":
+            return None
+        parent = _parent(carrier)
+        if isinstance(parent, _NotSampled):
+            return None
+        span = tracer.start_span(
+            JOB_SPAN,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            start_time=int(queued_at * 1e9),
+            attributes={"vision.job.id": job_id, "vision.base_model": base_model, "vision.output_model": output_model},
+        )
+        if not span.is_recording():
+            return None
+        return JobTrace(tracer, span)
+
+
+def trace_carrier(pairs: Iterable[tuple[str, object]]) -> dict[str, str]:
+    """The caller's W3C trace context (``traceparent``, ``tracestate``) from gRPC metadata or HTTP
+    headers (``context.invocation_metadata()``, ``request.headers.items()``)."""
+    carrier: dict[str, str] = {}
+    for key, value in pairs:
+        name = key.lower()
+        if name in (TRACEPARENT, TRACESTATE) and isinstance(value, str):
+            carrier[name] = value
+    return carrier
+
+
+class _NotSampled:
+    """The caller's trace context says: do not record."""
+
+
+NOT_SAMPLED = _NotSampled()
+
+
+def _parent(carrier: Mapping[str, str] | None) -> Context | _NotSampled | None:
+    """The caller's context from W3C ``traceparent``/``tracestate``: None without one (or with a
+    malformed one: the sampler decides, as without one), :data:`NOT_SAMPLED` where its flag says so."""
+    if not carrier or TRACEPARENT not in carrier:
+        return None
+    parent = _PROPAGATOR.extract(carrier)
+    span_context = trace.get_current_span(parent).get_span_context()
+    if not span_context.is_valid:
+        return None
+    if not span_context.trace_flags.sampled:
+        return NOT_SAMPLED
+    return parent
 
 
 class RequestTrace:
@@ -557,9 +618,9 @@ class RequestTrace:
         return f"{self.span.get_span_context().span_id:016x}"
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str, attributes: Mapping[str, str | int] | None = None) -> Iterator[None]:
         """A child span around the block; an exception marks it failed."""
-        span = self._tracer.start_span(name, context=self._context)
+        span = self._tracer.start_span(name, context=self._context, attributes=attributes)
         try:
             yield
         except BaseException as exc:
@@ -579,6 +640,44 @@ class RequestTrace:
         self.span.set_attribute("rpc.grpc.status", status)
         if status != "OK":
             self.span.set_status(Status(StatusCode.ERROR, status))
+        self.span.end()
+
+
+class JobTrace(RequestTrace):
+    """The spans of one fine-tuning job: its own (``job``), and ``features``, each ``epoch`` and
+    ``publish`` under it."""
+
+    def epoch(
+        self,
+        number: int,
+        *,
+        started_ns: int,
+        ended_ns: int,
+        train_loss: float,
+        validation_loss: float,
+        validation_accuracy: float,
+    ) -> None:
+        """One epoch's span, after it ran, with its times (``time.time_ns()``); callable from the
+        training thread. Figures not measured (NaN: no validation split, a regression) are left out."""
+        figures = {
+            "vision.epoch": number,
+            "vision.train_loss": train_loss,
+            "vision.validation_loss": validation_loss,
+            "vision.validation_accuracy": validation_accuracy,
+        }
+        span = self._tracer.start_span(
+            EPOCH_SPAN,
+            context=self._context,
+            start_time=started_ns,
+            attributes={key: value for key, value in figures.items() if value == value},  # not NaN
+        )
+        span.end(end_time=ended_ns)
+
+    def end(self, state: str) -> None:
+        """End the job's span with the state the job ended in (succeeded, failed, cancelled)."""
+        self.span.set_attribute("vision.job.state", state)
+        if state == "failed":
+            self.span.set_status(Status(StatusCode.ERROR, state))
         self.span.end()
 
 

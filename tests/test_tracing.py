@@ -652,3 +652,62 @@ def test_shutdown_exports_what_is_queued_and_counts_what_a_dead_collector_loses(
     tracing.shutdown()
     assert Refusing.calls == 1 and dropped == {"export_failed": 3}
     assert tracing.queued_spans == 0
+
+
+def test_a_fine_tuning_job_continues_the_callers_trace_and_honours_its_sampled_flag(http_export) -> None:
+    from tests.finetune_data import digits
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+    from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
+
+    server, receiver = http_export
+    images, classes = digits()
+    examples = [
+        ft_pb.Example(image=image, label=str(label)) for image, label in zip(images[:40], classes[:40], strict=True)
+    ]
+
+    def run_job(output: str, parent: str) -> ft_pb.Job:
+        config = ft_pb.FineTuneConfig(
+            base_model=MODEL, output_model=output, epochs=3, batch_size=8, validation_fraction=0.25, seed=0
+        )
+        requests = [
+            ft_pb.CreateJobRequest(config=config),
+            ft_pb.CreateJobRequest(examples=ft_pb.ExampleBatch(examples=examples)),
+        ]
+        with grpc.insecure_channel(server.target) as channel:
+            stub = ft_grpc.FineTuningStub(channel)
+            job = stub.CreateJob(iter(requests), metadata=(("traceparent", parent),), timeout=300)
+            for _ in stub.WatchJob(ft_pb.WatchJobRequest(job_id=job.id), timeout=600):
+                pass  # to the job's end
+            return stub.GetJob(ft_pb.GetJobRequest(job_id=job.id), timeout=60)
+
+    unsampled = new_trace_id()
+    assert run_job("traced-not", traceparent(unsampled, sampled=False)).state == ft_pb.SUCCEEDED
+    trace_id, caller = new_trace_id(), "1111111111111111"
+    job = run_job("traced-job", traceparent(trace_id, caller))
+    assert job.state == ft_pb.SUCCEEDED
+    # The job's span ends last, once the job has ended: the others of its trace are in by then.
+    spans = receiver.wait_trace(trace_id, {"job"})
+    (root,) = [s for s in spans if s.name == "job"]
+    assert root.parent_id == caller
+    assert root.attributes == {
+        "vision.job.id": job.id,
+        "vision.base_model": MODEL,
+        "vision.output_model": "traced-job",
+        "vision.job.state": "succeeded",
+    }
+    children = [s for s in spans if s is not root]
+    assert {s.parent_id for s in children} == {root.span_id}
+    assert sorted(s.name for s in children) == ["epoch", "epoch", "epoch", "features", "publish"]
+    (features,) = [s for s in children if s.name == "features"]
+    assert features.attributes == {"vision.examples": 40}
+    (publish,) = [s for s in children if s.name == "publish"]
+    assert publish.attributes == {"vision.store.kind": "directory"}
+    epochs = sorted((s for s in children if s.name == "epoch"), key=lambda s: s.attributes["vision.epoch"])
+    assert [s.attributes["vision.epoch"] for s in epochs] == [1, 2, 3]
+    for span, point in zip(epochs, job.epoch_metrics, strict=True):
+        assert span.attributes["vision.train_loss"] == pytest.approx(point.train_loss)
+        assert span.attributes["vision.validation_loss"] == pytest.approx(point.validation_loss)
+        assert span.attributes["vision.validation_accuracy"] == pytest.approx(point.validation_accuracy)
+    assert [a.end for a in epochs[:-1]] == [b.start for b in epochs[1:]]  # each epoch begins where one ended
+    assert features.end <= epochs[0].start and epochs[-1].end <= publish.start
+    assert receiver.of_trace(unsampled) == []  # its spans would have ended, and arrived, before these

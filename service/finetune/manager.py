@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from functools import partial
 from typing import TypeVar
 
@@ -52,6 +52,7 @@ from service.loader import BuiltinModels
 from service.metrics import ServerMetrics
 from service.models import get_model_spec
 from service.repository import ModelRepository
+from service.tracing import Tracing
 from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class JobManager:
         catalog: FineTunedModels,
         metrics: ServerMetrics,
         limits: FineTuneLimits | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._dataplane = dataplane
         self._repository = repository
@@ -77,7 +79,10 @@ class JobManager:
         self._live: dict[str, Job] = {}  # queued or running
         self._finished: OrderedDict[str, Job] = OrderedDict()  # the most recent, with their events
         self._history = JobHistory(store.objects, self.limits.max_finished_jobs) if store is not None else None
-        self._pipeline = JobPipeline(dataplane, builtin, catalog, metrics, self._emit) if store is not None else None
+        self._tracing = tracing or Tracing.off()
+        self._pipeline = (
+            JobPipeline(dataplane, builtin, catalog, metrics, self._emit, self._tracing) if store is not None else None
+        )
         self._uploads = 0
         self._watchers: dict[str, int] = {}  # job id -> its watchers now (see watch)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,6 +92,11 @@ class JobManager:
         self._update_state_gauge()
 
     # -- creating --------------------------------------------------------
+
+    @property
+    def tracing_enabled(self) -> bool:
+        """Whether a CreateJob caller's trace context is worth reading (``submit``'s ``carrier``)."""
+        return self._tracing.enabled
 
     @contextlib.contextmanager
     def upload(self) -> Iterator[None]:
@@ -128,8 +138,11 @@ class JobManager:
     def collector(self, config: FineTuneConfig) -> ExampleCollector:
         return ExampleCollector(config, self.limits)
 
-    async def submit(self, config: FineTuneConfig, collector: ExampleCollector) -> Job:
-        """Queue a job; fails at once with INVALID_ARGUMENT if an example is not a decodable image."""
+    async def submit(
+        self, config: FineTuneConfig, collector: ExampleCollector, *, carrier: Mapping[str, str] | None = None
+    ) -> Job:
+        """Queue a job; fails at once with INVALID_ARGUMENT if an example is not a decodable image.
+        ``carrier``: the caller's W3C trace context, which the job's spans continue."""
         examples, labels = collector.finish()
         self.check_config(config, outputs=len(labels))  # again: the name may have been taken meanwhile
         if self._dataplane.draining:
@@ -153,7 +166,7 @@ class JobManager:
         self._live[job.id] = job
         await self._emit(job, JobEvent(job.id, JobState.QUEUED, "queued", epochs=config.epochs))
         self._update_state_gauge()
-        task = asyncio.create_task(self._run(job), name=f"finetune-{job.id}")
+        task = asyncio.create_task(self._run(job, carrier), name=f"finetune-{job.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
@@ -280,7 +293,7 @@ class JobManager:
 
     # -- running -----------------------------------------------------------
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, carrier: Mapping[str, str] | None = None) -> None:
         device = await self._devices.get()
         try:
             if job.state.terminal:
@@ -289,7 +302,7 @@ class JobManager:
             job.started_at = time.time()
             self._update_state_gauge()
             assert self._pipeline is not None
-            await self._pipeline.run(job, device)
+            await self._pipeline.run(job, device, carrier)
             await self._finish(job, JobState.SUCCEEDED, f"serving {job.config.output_model}")
         except JobCancelled:
             await self._finish(job, JobState.CANCELLED, "cancelled")

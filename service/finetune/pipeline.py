@@ -6,15 +6,21 @@ each chunk's images are let go as soon as its features are in, and the job keeps
 what training needs (features and targets). The head trains in a worker thread; the
 result is written to the store and served. When the job ends, however it ends, its
 memory is handed back (:func:`service.memory.release_memory`).
+
+With tracing on, a job has a ``job`` span with ``features``, one ``epoch`` per epoch and
+``publish`` under it (:meth:`service.tracing.Tracing.start_job`). An epoch's span is recorded by
+the training thread once the epoch is done, from two clock reads (when the previous one ended, or
+training began, and now): training waits for no exporter and no event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +36,7 @@ from service.finetune.trainer import EpochReport, JobCancelled, TrainResult, tra
 from service.loader import BuiltinModels
 from service.memory import release_memory
 from service.metrics import ServerMetrics
+from service.tracing import JobTrace, Tracing
 
 FEATURE_CHUNK = 32  # images per feature-extraction request
 FEATURE_SHARE = 0.3  # share of a job's progress given to feature extraction
@@ -52,32 +59,60 @@ class JobPipeline:
         catalog: FineTunedModels,
         metrics: ServerMetrics,
         emit: Emit,
+        tracing: Tracing | None = None,
     ) -> None:
         self._dataplane = dataplane
         self._builtin = builtin
         self._catalog = catalog
         self._metrics = metrics
         self._emit = emit
+        self._tracing = tracing or Tracing.off()
 
-    async def run(self, job: Job, device: torch.device) -> None:
+    async def run(self, job: Job, device: torch.device, carrier: Mapping[str, str] | None = None) -> None:
         """Run ``job`` to its published head; raises JobCancelled or a VisionServeError to end it otherwise.
 
         However it ends, the job's features are let go and the allocator's free pages handed back
         before this returns (an exception's frames would otherwise keep them until it is dropped).
+        ``carrier``: the W3C trace context CreateJob's caller sent, which the job's trace continues.
         """
+        spans = (
+            self._tracing.start_job(
+                carrier,
+                job_id=job.id,
+                base_model=job.config.base_model,
+                output_model=job.config.output_model,
+                queued_at=job.created_at,
+            )
+            if self._tracing.enabled
+            else None
+        )
+        state = JobState.FAILED
         try:
-            features, targets = await self.extract_features(job)
+            with _phase(spans, "features", {"vision.examples": job.example_count}):
+                features, targets = await self.extract_features(job)
             try:
-                result = await self.train(job, features, targets, device)
+                result = await self.train(job, features, targets, device, spans)
             finally:
                 del features, targets
-            await self.publish(job, result)
+            with _phase(spans, "publish", {"vision.store.kind": self._store_kind()}):
+                await self.publish(job, result)
+            state = JobState.SUCCEEDED
         except BaseException as exc:
+            if isinstance(exc, (JobCancelled, asyncio.CancelledError)):
+                state = JobState.CANCELLED
             traceback.clear_frames(exc.__traceback__)  # the frames keep their lines, not their tensors
             raise
         finally:
             job.examples = None
+            if spans is not None:
+                spans.end(state.value)
             await release_memory()
+
+    def _store_kind(self) -> str:
+        """``directory``, ``s3``, or the scheme of another object store's location."""
+        store = self._catalog.store
+        location = store.location if store is not None else ""
+        return location.split("://", 1)[0] if "://" in location else "directory"
 
     async def extract_features(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [N, D] (float32, or :data:`FEATURE_DTYPE` past :data:`FEATURE_EXACT_BYTES`) and
@@ -130,10 +165,29 @@ class JobPipeline:
         assert features is not None
         return features, targets
 
-    async def train(self, job: Job, features: torch.Tensor, targets: torch.Tensor, device: torch.device) -> TrainResult:
+    async def train(
+        self,
+        job: Job,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        device: torch.device,
+        spans: JobTrace | None = None,
+    ) -> TrainResult:
         loop = asyncio.get_running_loop()
+        epoch_started = [0]  # time.time_ns() when the next epoch began (training thread only)
 
         def on_epoch(report: EpochReport) -> None:
+            if spans is not None:
+                now = time.time_ns()
+                spans.epoch(
+                    report.epoch,
+                    started_ns=epoch_started[0],
+                    ended_ns=now,
+                    train_loss=report.train_loss,
+                    validation_loss=report.validation_loss,
+                    validation_accuracy=report.validation_accuracy,
+                )
+                epoch_started[0] = now
             self._metrics.record_finetune_images(report.images_seen)
             self._metrics.set_job_loss(job.id, report.train_loss)
             event = JobEvent(
@@ -163,6 +217,8 @@ class JobPipeline:
             features, targets = inputs
             inputs.clear()
             use_torch_threads(usable_cores())  # this pool thread's own count (see use_torch_threads)
+            if spans is not None:
+                epoch_started[0] = time.time_ns()  # the first epoch's span includes the split and statistics
             return train_head(
                 features,
                 targets,
@@ -186,6 +242,12 @@ class JobPipeline:
             raise JobCancelled("cancelled")
         job.metrics = result.metrics
         return await self._catalog.publish(job.config, result.head, job.labels, result.metrics, job.id)
+
+
+def _phase(
+    spans: JobTrace | None, name: str, attributes: Mapping[str, str | int]
+) -> contextlib.AbstractContextManager[None]:
+    return spans.phase(name, attributes) if spans is not None else contextlib.nullcontext()
 
 
 def put_rows(features: torch.Tensor, start: int, block: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from service.errors import InvalidInputError
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.manager import JobManager
 from service.finetune.spec import config_from_wire
+from service.tracing import trace_carrier
 from service.transport.limits import UploadPace, UploadPeers, paced
 from vision_client.protocol import FineTuneConfig, to_message
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
@@ -40,11 +41,19 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
         context: grpc.aio.ServicerContext[pb.CreateJobRequest, pb.Job],
     ) -> pb.Job:
         messages = paced(request_iterator, self.upload_pace(), "the next CreateJobRequest")
-        return await self.create_job(messages, context.peer())
+        carrier = trace_carrier(context.invocation_metadata() or ()) if self.tracing_enabled else None
+        return await self.create_job(messages, context.peer(), carrier=carrier)
 
-    async def create_job(self, messages: AsyncIterator[pb.CreateJobRequest], peer: str) -> pb.Job:
+    @property
+    def tracing_enabled(self) -> bool:
+        return self._jobs.tracing_enabled
+
+    async def create_job(
+        self, messages: AsyncIterator[pb.CreateJobRequest], peer: str, *, carrier: dict[str, str] | None = None
+    ) -> pb.Job:
         """A job from its messages, which the caller reads within an :class:`UploadPace`; ``peer``:
-        the client, as gRPC names it, whose uploads at once are bounded."""
+        the client, as gRPC names it, whose uploads at once are bounded; ``carrier``: the caller's
+        W3C trace context (gRPC metadata or HTTP headers), which the job's trace continues."""
         with self._peers.hold(peer), self._jobs.upload():
             config: FineTuneConfig | None = None
             collector = None
@@ -63,7 +72,7 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
                         collector.add(example.image, example.label, list(example.target))
             if config is None or collector is None:
                 raise InvalidInputError("no config was sent: the first CreateJobRequest must carry it")
-            return job_to_proto(await self._jobs.submit(config, collector))
+            return job_to_proto(await self._jobs.submit(config, collector, carrier=carrier))
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext[pb.WatchJobRequest, pb.JobEvent]

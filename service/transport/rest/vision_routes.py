@@ -38,6 +38,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from google.protobuf import json_format
 
 from service.errors import InvalidInputError, quote
+from service.tracing import trace_carrier
 from service.transport.fine_tuning import FineTuningServicer
 from service.transport.limits import UploadPace
 from service.transport.models import ModelsServicer
@@ -86,7 +87,8 @@ def vision_routes(
                 "multipart/form-data with its boundary parameter (curl -F and browsers do)"
             ) from None
         messages = _job_messages(reader, max_part_bytes, fine_tuning.upload_pace())
-        return _canonical(await fine_tuning.create_job(messages, peer(request)))
+        carrier = trace_carrier(request.headers.items()) if fine_tuning.tracing_enabled else None
+        return _canonical(await fine_tuning.create_job(messages, peer(request), carrier=carrier))
 
     async def list_jobs(request: web.Request, body: bytes) -> web.StreamResponse:
         return _canonical(await fine_tuning.ListJobs(ft_pb.ListJobsRequest(), NO_CONTEXT))
