@@ -33,6 +33,7 @@ from service.models import WeightsSource
 from service.ports import Listener, bind_error, check_ports
 from service.repository import ModelRepository, ServedModel
 from service.shared_memory import SharedMemoryRegions
+from service.storage import open_objects
 from service.tracing import ExportConfig, Tracing
 from service.transport.auth import AuthorizationInterceptor, policy_from
 from service.transport.errors import ErrorMappingInterceptor
@@ -70,7 +71,8 @@ class VisionServer:
         self.repository = ModelRepository(self.metrics, self.devices)
         self.builtin = BuiltinModels(factory, self.repository, self.weights)
         limits = config.fine_tuning
-        self.store = ModelStore(config.model_store, limits) if config.model_store is not None else None
+        store = self.tracing.store(open_objects(config.model_store)) if config.model_store is not None else None
+        self.store = ModelStore(store, limits) if store is not None else None
         self.finetuned = FineTunedModels(self.store, self.repository, factory, self.metrics)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=config.decode_thread_count,

@@ -16,7 +16,8 @@ With ``--trace`` a request gets these spans (Triton's timestamp names)::
 
 A fine-tuning job gets ``job`` (from when it was accepted; its id, models and end state), with
 ``features``, one ``epoch`` per epoch (its losses and accuracy) and ``publish`` under it
-(:meth:`Tracing.start_job`), continuing CreateJob's caller as a request does.
+(:meth:`Tracing.start_job`), continuing CreateJob's caller as a request does. The model store's
+operations within a job's phase are ``store.<operation>`` spans under it (:meth:`Tracing.store`).
 
 ``batch`` is a span of its own, in a trace of its own, with its size, device and model: every
 request that ran in it links to it. The caller's W3C ``traceparent``/``tracestate`` (gRPC metadata,
@@ -70,6 +71,8 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.errors import FailedPreconditionError, InvalidInputError, quote
+from service.storage.objects import ObjectStore
+from service.storage.traced import TracedObjects
 
 log = logging.getLogger(__name__)
 
@@ -568,6 +571,13 @@ class Tracing:
             return None
         return JobTrace(tracer, span)
 
+    # -- the model store --
+
+    def store(self, objects: ObjectStore) -> ObjectStore:
+        """``objects`` with a ``store.<operation>`` span per operation under the current span
+        (:mod:`service.storage.traced`); with tracing off, ``objects`` itself."""
+        return objects if self._tracer is None else TracedObjects(objects, self._tracer)
+
 
 def trace_carrier(pairs: Iterable[tuple[str, object]]) -> dict[str, str]:
     """The caller's W3C trace context (``traceparent``, ``tracestate``) from gRPC metadata or HTTP
@@ -604,6 +614,8 @@ def _parent(carrier: Mapping[str, str] | None) -> Context | _NotSampled | None:
 class RequestTrace:
     """The spans of one request: its own, and the phases under it."""
 
+    current_phases = False  # a phase's span is not made the current span (nothing below looks for one)
+
     def __init__(self, tracer: trace.Tracer, span: trace.Span) -> None:
         self._tracer = tracer
         self.span = span
@@ -622,7 +634,11 @@ class RequestTrace:
         """A child span around the block; an exception marks it failed."""
         span = self._tracer.start_span(name, context=self._context, attributes=attributes)
         try:
-            yield
+            if self.current_phases:
+                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                    yield
+            else:
+                yield
         except BaseException as exc:
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             raise
@@ -646,6 +662,10 @@ class RequestTrace:
 class JobTrace(RequestTrace):
     """The spans of one fine-tuning job: its own (``job``), and ``features``, each ``epoch`` and
     ``publish`` under it."""
+
+    # A job's phases are current spans within their blocks: the store operations of ``publish`` (on the
+    # worker threads ``asyncio.to_thread`` starts, which carry the context) hang under it.
+    current_phases = True
 
     def epoch(
         self,

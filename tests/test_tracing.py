@@ -654,6 +654,80 @@ def test_shutdown_exports_what_is_queued_and_counts_what_a_dead_collector_loses(
     assert tracing.queued_spans == 0
 
 
+def test_store_operations_are_spans_under_the_current_span_only(tmp_path) -> None:
+    """Each operation of the one store interface is a span under the span current where it runs (a
+    worker thread's too, as asyncio.to_thread carries the context), an error marks it, the contents
+    never appear; with no current span (the sync's polls) none is made, and with tracing off the store
+    is not wrapped."""
+    from opentelemetry import trace as otel
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from service.storage import DirectoryObjects, ObjectExists
+
+    class Keeping(SpanExporter):
+        def __init__(self) -> None:
+            self.spans: list[Any] = []
+
+        def export(self, spans: Any) -> SpanExportResult:
+            self.spans.extend(spans)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    plain = DirectoryObjects(tmp_path)
+    assert Tracing.off().store(plain) is plain
+    exporter = Keeping()
+    tracing = Tracing.create(ExportConfig(schedule_delay_s=3600), on_dropped=lambda reason, n: None, exporter=exporter)
+    objects = tracing.store(plain)
+    assert objects.location == plain.location
+    objects.write("m/untraced.json", b"{}")  # no current span: no span, no root
+    job = tracing.start_job(None, job_id="j", base_model=MODEL, output_model="m", queued_at=0.0)
+    assert job is not None
+
+    async def publish() -> None:
+        await asyncio.to_thread(objects.write, "m/a.bin", b"secret-bytes")
+        await asyncio.to_thread(objects.read, "m/a.bin", 100)
+        await asyncio.to_thread(lambda: list(objects.list("m/")))
+        assert await asyncio.to_thread(objects.head, "m/none") is None
+        with pytest.raises(ObjectExists):
+            await asyncio.to_thread(objects.create, "m/a.bin", b"x")
+        with pytest.raises(FileNotFoundError):
+            await asyncio.to_thread(objects.read, "m/none", 100)
+        await asyncio.to_thread(objects.delete, "m/a.bin")
+
+    with job.phase("publish", {}):
+        asyncio.run(publish())
+    job.end("succeeded")
+    tracing.shutdown()
+    spans = {
+        s.name: s for s in exporter.spans if s.name != "store.read" or s.attributes["vision.store.outcome"] == "ok"
+    }
+    (missing,) = [s for s in exporter.spans if s.name == "store.read" and s is not spans["store.read"]]
+    phase = spans["publish"]
+    store = [s for s in exporter.spans if s.name.startswith("store.")]
+    assert len(store) == 7 and {s.parent.span_id for s in store} == {phase.context.span_id}
+    assert dict(spans["store.write"].attributes) == {
+        "vision.store.kind": "directory",
+        "vision.store.key": "m/a.bin",
+        "vision.store.bytes": 12,
+        "vision.store.outcome": "ok",
+    }
+    assert spans["store.read"].attributes["vision.store.bytes"] == 12
+    assert dict(spans["store.list"].attributes) == {
+        "vision.store.kind": "directory",
+        "vision.store.prefix": "m/",
+        "vision.store.objects": 2,
+        "vision.store.outcome": "ok",
+    }
+    assert spans["store.head"].attributes["vision.store.outcome"] == "missing"
+    for failed, outcome in ((spans["store.create"], "ObjectExists"), (missing, "FileNotFoundError")):
+        assert failed.status.status_code == otel.StatusCode.ERROR
+        assert failed.attributes["vision.store.outcome"] == outcome
+    assert spans["store.delete"].status.status_code == otel.StatusCode.UNSET
+    assert not any("secret" in str(value) for s in store for value in s.attributes.values())
+
+
 def test_a_fine_tuning_job_continues_the_callers_trace_and_honours_its_sampled_flag(http_export) -> None:
     from tests.finetune_data import digits
     from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -695,8 +769,7 @@ def test_a_fine_tuning_job_continues_the_callers_trace_and_honours_its_sampled_f
         "vision.output_model": "traced-job",
         "vision.job.state": "succeeded",
     }
-    children = [s for s in spans if s is not root]
-    assert {s.parent_id for s in children} == {root.span_id}
+    children = [s for s in spans if s.parent_id == root.span_id]
     assert sorted(s.name for s in children) == ["epoch", "epoch", "epoch", "features", "publish"]
     (features,) = [s for s in children if s.name == "features"]
     assert features.attributes == {"vision.examples": 40}
@@ -710,4 +783,23 @@ def test_a_fine_tuning_job_continues_the_callers_trace_and_honours_its_sampled_f
         assert span.attributes["vision.validation_accuracy"] == pytest.approx(point.validation_accuracy)
     assert [a.end for a in epochs[:-1]] == [b.start for b in epochs[1:]]  # each epoch begins where one ended
     assert features.end <= epochs[0].start and epochs[-1].end <= publish.start
+    # The store's operations while publishing (a worker thread's): under publish, keys and sizes only.
+    store = [s for s in spans if s not in children and s is not root]
+    assert store and {s.parent_id for s in store} == {publish.span_id}
+    assert all(s.name.startswith("store.") and publish.start <= s.start <= s.end <= publish.end for s in store)
+    assert all(s.attributes["vision.store.kind"] == "directory" for s in store)
+    keys = [s.attributes.get("vision.store.key", s.attributes.get("vision.store.prefix")) for s in store]
+    assert all(key.startswith("traced-job/") for key in keys), keys
+    writes = [s for s in store if s.name in ("store.write", "store.create", "store.replace")]
+    assert any(s.attributes["vision.store.key"].endswith(".safetensors") for s in writes)
+    assert any(s.attributes["vision.store.key"] == "traced-job/manifest.json" for s in writes)
+    assert all(s.attributes["vision.store.bytes"] > 0 and s.attributes["vision.store.outcome"] == "ok" for s in writes)
+    assert {key for s in store for key in s.attributes} <= {
+        "vision.store.prefix",
+        "vision.store.objects",
+        "vision.store.kind",
+        "vision.store.key",
+        "vision.store.bytes",
+        "vision.store.outcome",
+    }
     assert receiver.of_trace(unsampled) == []  # its spans would have ended, and arrived, before these
