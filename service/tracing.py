@@ -9,7 +9,7 @@ With ``--trace`` a request gets these spans (Triton's timestamp names)::
     ModelInfer (or ModelStreamInfer)        the request, on either port (SERVER)
     ├── decode                              IMAGE inputs decoded and preprocessed
     ├── queue                               a work item waiting for its batch
-    └── compute  --link-->  batch           the batch's forward pass, as this request saw it
+    └── compute  (link to) batch            the batch's forward pass, as this request saw it
         ├── compute_input                   gathering (and copying) the batch's inputs
         ├── infer                           the forward pass
         └── compute_output                  outputs to the host
