@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 import grpc
 
@@ -19,7 +18,7 @@ from service.model_control import ModelControl
 from service.repository import ServedModel
 from service.shared_memory import RegionLeases, SharedMemoryRegions
 from service.statistics import StatisticsCollector
-from service.tracing import TRACEPARENT, TRACESTATE, RequestTrace, Tracing
+from service.tracing import RequestTrace, Tracing, trace_carrier
 from service.transport.auth import host_only_message, is_loopback_peer
 from service.transport.codec import InferCall, build_infer_response, parse_infer_request, uses_shared_memory
 from service.transport.errors import status_for
@@ -222,7 +221,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelInferRequest,
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
     ) -> pb.ModelInferResponse:
-        carrier = _trace_metadata(context) if self._tracing.enabled else None
+        carrier = trace_carrier(context.invocation_metadata() or ()) if self._tracing.enabled else None
         return await self.infer(
             request, context.time_remaining(), local=is_loopback_peer(context.peer()), carrier=carrier
         )
@@ -241,7 +240,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         slots = asyncio.Semaphore(self._dataplane.config.max_stream_in_flight)
         local = is_loopback_peer(context.peer())
-        carrier = _trace_metadata(context) if self._tracing.enabled else None  # each request's parent
+        carrier = (
+            trace_carrier(context.invocation_metadata() or ()) if self._tracing.enabled else None
+        )  # each request's parent
         # Each response holds a slot until it is sent: the queue never holds more than the bound.
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
@@ -378,15 +379,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _model(self, name: str, version: str) -> ServedModel:
         return self._dataplane.model(require_model_name(name), version)
-
-
-def _trace_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
-    """The caller's W3C trace context from the call's metadata (keys arrive in lower case)."""
-    carrier: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
-        if key in (TRACEPARENT, TRACESTATE) and isinstance(value, str):
-            carrier[key] = value
-    return carrier
 
 
 def inference_parsing_interceptor(max_request_images: int) -> ScreenedParsingInterceptor:

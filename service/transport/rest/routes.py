@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from service.errors import InvalidInputError
-from service.tracing import TRACEPARENT, TRACESTATE
+from service.tracing import trace_carrier
 from service.transport import values
 from service.transport.inference import InferenceServicer
 from service.transport.rest.codec import (
@@ -113,7 +113,7 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         header_length = request.headers.get(HEADER_LENGTH)
         call = await parse_off_loop(body, parse_infer_body, body, header_length, name, version)
         local = request.get(LOCAL_CALLER) is True
-        carrier = _trace_headers(request) if servicer.tracing_enabled else None
+        carrier = trace_carrier(request.headers.items()) if servicer.tracing_enabled else None
         reply = await servicer.infer(call.message, call.timeout_s, local=local, protocol="http", carrier=carrier)
         payload, json_length = build_infer_body(reply, call)
         if json_length is None:
@@ -188,11 +188,6 @@ def routes(servicer: InferenceServicer) -> list[Route]:
         Route("GET", _TRACE_PATHS, _INFERENCE + "TraceSetting", trace_setting),
         Route("POST", _TRACE_PATHS, _INFERENCE + "TraceSetting", trace_setting, has_body=True),
     ]
-
-
-def _trace_headers(request: web.Request) -> dict[str, str]:
-    """The caller's W3C trace context (``traceparent``, ``tracestate``) from its headers."""
-    return {name: value for name in (TRACEPARENT, TRACESTATE) if (value := request.headers.get(name)) is not None}
 
 
 def _setting_values(key: str, value: Any) -> list[str]:
