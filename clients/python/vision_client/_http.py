@@ -102,6 +102,20 @@ def _upload_body(request: Iterable[Message]) -> tuple[Iterator[bytes], str]:
     return rest.job_parts(checked(), boundary), f"multipart/form-data; boundary={boundary}"
 
 
+class _Send:
+    """One HTTP request, ready for either httpx client: where it goes and ``request``'s arguments."""
+
+    def __init__(self, method: str, url: str, content: Any, headers: dict[str, str], timeout: float | None) -> None:
+        self.url = url
+        self.arguments: dict[str, Any] = {
+            "method": method,
+            "url": url,
+            "content": content,
+            "headers": headers,
+            "timeout": _timeout(timeout),
+        }
+
+
 class _Base:
     def __init__(
         self,
@@ -120,6 +134,21 @@ class _Base:
     def _limits(self) -> httpx.Limits:
         return httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
+    def _unary_request(self, method: str, request: Message, timeout: float | None, metadata: Metadata | None) -> _Send:
+        """A unary call's request (the twins differ only in how they send it)."""
+        if _expired(timeout):
+            raise _deadline_error(method)
+        built = rest.request_for(method, request, timeout=timeout)
+        headers = {**built.headers, **_headers(metadata)}
+        return _Send(built.method, self._url(built.path), built.body, headers, timeout)
+
+    def _upload_request(
+        self, method: str, content: Any, content_type: str, timeout: float | None, metadata: Metadata | None
+    ) -> _Send:
+        """A CreateJob upload's request, its multipart ``content`` made by the caller."""
+        headers = {"Content-Type": content_type, **_headers(metadata)}
+        return _Send("POST", self._url(rest.route_of(method).path(None)), content, headers, timeout)
+
 
 class HttpChannel(_Base):
     """The blocking client's channel: one ``httpx.Client``, opened on first use."""
@@ -135,19 +164,10 @@ class HttpChannel(_Base):
 
     def unary_unary(self, method: str, **_: Any) -> Callable[..., Any]:
         def call(request: Message, *, timeout: float | None = None, metadata: Metadata | None = None) -> Message:
-            if _expired(timeout):
-                raise _deadline_error(method)
-            built = rest.request_for(method, request, timeout=timeout)
-            url = self._url(built.path)
-            with _transport_errors(method, url):
-                response = self._client.request(
-                    built.method,
-                    url,
-                    content=built.body,
-                    headers={**built.headers, **_headers(metadata)},
-                    timeout=_timeout(timeout),
-                )
-            return _answer(method, response, url)
+            send = self._unary_request(method, request, timeout, metadata)
+            with _transport_errors(method, send.url):
+                response = self._client.request(**send.arguments)
+            return _answer(method, response, send.url)
 
         return call
 
@@ -164,16 +184,10 @@ class HttpChannel(_Base):
         if _expired(timeout):
             raise _deadline_error(method)
         body, content_type = _upload_body(request)
-        url = self._url(rest.route_of(method).path(None))
-        with _transport_errors(method, url):
-            response = self._client.request(
-                "POST",
-                url,
-                content=body,
-                headers={"Content-Type": content_type, **_headers(metadata)},
-                timeout=_timeout(timeout),
-            )
-        return _answer(method, response, url)
+        send = self._upload_request(method, body, content_type, timeout, metadata)
+        with _transport_errors(method, send.url):
+            response = self._client.request(**send.arguments)
+        return _answer(method, response, send.url)
 
     def stream(
         self, method: str, request: Message, timeout: float | None, headers: dict[str, str]
@@ -266,19 +280,10 @@ class AsyncHttpChannel(_Base):
 
     def unary_unary(self, method: str, **_: Any) -> Callable[..., Any]:
         async def call(request: Message, *, timeout: float | None = None, metadata: Metadata | None = None) -> Message:
-            if _expired(timeout):
-                raise _deadline_error(method)
-            built = rest.request_for(method, request, timeout=timeout)
-            url = self._url(built.path)
-            with _transport_errors(method, url):
-                response = await self._client.request(
-                    built.method,
-                    url,
-                    content=built.body,
-                    headers={**built.headers, **_headers(metadata)},
-                    timeout=_timeout(timeout),
-                )
-            return _answer(method, response, url)
+            send = self._unary_request(method, request, timeout, metadata)
+            with _transport_errors(method, send.url):
+                response = await self._client.request(**send.arguments)
+            return _answer(method, response, send.url)
 
         return call
 
@@ -298,16 +303,10 @@ class AsyncHttpChannel(_Base):
             for part in parts:  # made in the loop, as grpc.aio iterates a request iterator
                 yield part
 
-        url = self._url(rest.route_of(method).path(None))
-        with _transport_errors(method, url):
-            response = await self._client.request(
-                "POST",
-                url,
-                content=body(),
-                headers={"Content-Type": content_type, **_headers(metadata)},
-                timeout=_timeout(timeout),
-            )
-        return _answer(method, response, url)
+        send = self._upload_request(method, body(), content_type, timeout, metadata)
+        with _transport_errors(method, send.url):
+            response = await self._client.request(**send.arguments)
+        return _answer(method, response, send.url)
 
     def unary_stream(self, method: str, **_: Any) -> Callable[..., _AsyncEvents]:
         def call(request: Message, *, timeout: float | None = None, metadata: Metadata | None = None) -> _AsyncEvents:
