@@ -180,6 +180,9 @@ def test_upload_slots_are_counted_per_client_address() -> None:
 
     assert peer_address("ipv4:10.0.0.7:53412") == "10.0.0.7"
     assert peer_address("ipv6:[::1]:5") == "::1"
+    # gRPC percent-encodes an IPv6 peer's brackets: two connections of one client are one address.
+    assert peer_address("ipv6:%5B2001:db8::7%5D:53412") == peer_address("ipv6:%5B2001:db8::7%5D:1") == "2001:db8::7"
+    assert peer_address("unix:/run/vision.sock") == "unix:/run/vision.sock"
     peers = UploadPeers(1)
     with (
         peers.hold("ipv4:10.0.0.7:1"),

@@ -118,34 +118,41 @@ def scope_of(method: str) -> Scope:
     return RPC_SCOPES.get(method, Scope.MANAGEMENT)
 
 
-def is_loopback_peer(peer: str) -> bool:
-    """Whether a gRPC peer string (``ServicerContext.peer()``) is this host.
+def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of a gRPC peer string (``ServicerContext.peer()``, or the HTTP port's
+    :func:`~service.transport.rest.routes.peer`), or None for a Unix socket or anything unparsable.
 
-    Loopback is 127.0.0.0/8, ::1, IPv4-mapped forms of those (``::ffff:127.0.0.1``) and
-    Unix domain sockets. gRPC percent-encodes the brackets of IPv6 peers
-    (``ipv6:%5B::1%5D:5``); both forms are understood. Anything unparsable is not loopback.
-    """
+    gRPC percent-encodes the brackets of IPv6 peers (``ipv6:%5B::1%5D:5``); both forms are
+    understood. An IPv6 zone id is dropped; an IPv4-mapped address (``::ffff:127.0.0.1``) is
+    given as the IPv4 address it maps."""
     scheme, _, rest = peer.partition(":")
-    if scheme in ("unix", "unix-abstract"):
-        return True
     if scheme not in ("ipv4", "ipv6") or not rest:
-        return False
+        return None
     address = unquote(rest)
     if address.startswith("["):
         host, bracket, _ = address[1:].partition("]")
         if not bracket:
-            return False
+            return None
     elif scheme == "ipv4":
         host = address.rpartition(":")[0] or address
     else:
-        return False
+        return None
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone id
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """Whether a gRPC peer string is this host: 127.0.0.0/8, ::1 (and the IPv4-mapped forms of
+    those) and Unix domain sockets. Anything unparsable is not loopback."""
+    if peer.partition(":")[0] in ("unix", "unix-abstract"):
+        return True
+    ip = peer_ip(peer)
+    return ip is not None and ip.is_loopback
 
 
 # -- host names and browsers ------------------------------------------------------------------

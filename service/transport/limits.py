@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TypeVar
 
 from service.errors import DeadlineExceededError, QueueFullError
+from service.transport.auth import peer_ip
 
 T = TypeVar("T")
 
@@ -57,13 +58,10 @@ def server_options() -> list[tuple[str, int]]:
 
 
 def peer_address(peer: str) -> str:
-    """The client address of a gRPC peer string (``ipv4:10.0.0.7:53412``, ``ipv6:[::1]:5``), port dropped."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6" and rest.startswith("["):
-        return rest[1 : rest.find("]")] if "]" in rest else rest
-    if kind == "ipv4":
-        return rest.rpartition(":")[0] or rest
-    return peer  # unix sockets and the like: the whole string
+    """The client address of a gRPC peer string (``ipv4:10.0.0.7:53412``, ``ipv6:%5B::1%5D:5``),
+    port dropped (:func:`~service.transport.auth.peer_ip`); Unix sockets and the like: the whole string."""
+    ip = peer_ip(peer)
+    return peer if ip is None else str(ip)
 
 
 class UploadPeers:
