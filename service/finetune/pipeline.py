@@ -36,6 +36,7 @@ from service.finetune.trainer import EpochReport, JobCancelled, TrainResult, tra
 from service.loader import BuiltinModels
 from service.memory import release_memory
 from service.metrics import ServerMetrics
+from service.storage import store_kind
 from service.tracing import JobTrace, Tracing
 
 FEATURE_CHUNK = 32  # images per feature-extraction request
@@ -109,10 +110,8 @@ class JobPipeline:
             await release_memory()
 
     def _store_kind(self) -> str:
-        """``directory``, ``s3``, or the scheme of another object store's location."""
         store = self._catalog.store
-        location = store.location if store is not None else ""
-        return location.split("://", 1)[0] if "://" in location else "directory"
+        return store_kind(store.objects) if store is not None else "directory"
 
     async def extract_features(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [N, D] (float32, or :data:`FEATURE_DTYPE` past :data:`FEATURE_EXACT_BYTES`) and

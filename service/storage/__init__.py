@@ -6,7 +6,7 @@ from pathlib import Path
 
 from service.storage.directory import DirectoryObjects
 from service.storage.location import S3Location, StoreLocation, parse_store_location
-from service.storage.objects import ObjectChanged, ObjectExists, ObjectInfo, ObjectStore, StoreUnreachable
+from service.storage.objects import ObjectChanged, ObjectExists, ObjectInfo, ObjectStore, StoreUnreachable, store_kind
 
 __all__ = [
     "DirectoryObjects",
@@ -19,6 +19,7 @@ __all__ = [
     "StoreUnreachable",
     "open_objects",
     "parse_store_location",
+    "store_kind",
 ]
 
 

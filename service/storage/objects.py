@@ -54,6 +54,13 @@ class StoreUnreachable(OSError):
     """The store did not answer, or answered with an error that is not about one object."""
 
 
+def store_kind(objects: ObjectStore) -> str:
+    """What kind of store ``objects`` is, for traces and logs: ``directory``, or the scheme of an
+    object store's location (``s3``)."""
+    location = objects.location
+    return location.split("://", 1)[0] if "://" in location else "directory"
+
+
 class ObjectStore(Protocol):
     """Blocking object operations; callers run them in threads with time limits."""
 

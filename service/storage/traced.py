@@ -23,7 +23,7 @@ from typing import TypeVar
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from service.storage.objects import ObjectInfo, ObjectStore
+from service.storage.objects import ObjectInfo, ObjectStore, store_kind
 
 T = TypeVar("T")
 
@@ -34,8 +34,7 @@ class TracedObjects:
     def __init__(self, objects: ObjectStore, tracer: trace.Tracer) -> None:
         self.objects = objects
         self._tracer = tracer
-        location = objects.location
-        self.kind = location.split("://", 1)[0] if "://" in location else "directory"
+        self.kind = store_kind(objects)
 
     @property
     def location(self) -> str:
