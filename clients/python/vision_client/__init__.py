@@ -38,12 +38,13 @@ from vision_client.errors import (
     UnavailableError,
     VisionClientError,
 )
-from vision_client.protocol.fine_tuning import FineTuneConfig, HeadConfig, OptimizerConfig
+from vision_client.protocol.fine_tuning import AugmentationConfig, FineTuneConfig, HeadConfig, OptimizerConfig
 
 __all__ = [
     "USE_CLIENT_DEFAULT",
     "AlreadyExistsError",
     "AsyncClient",
+    "AugmentationConfig",
     "AuthenticationError",
     "Client",
     "ClientClosedError",

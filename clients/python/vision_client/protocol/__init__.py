@@ -11,10 +11,12 @@ Everything named here is public: the server imports these names and nothing priv
 
 from vision_client._version import __version__
 from vision_client.protocol.fine_tuning import (
+    CLASS_WEIGHT_MODES,
     HEAD_KINDS,
     LOSSES,
     OPTIMIZER_KINDS,
     UINT64_MAX,
+    AugmentationConfig,
     FineTuneConfig,
     HeadConfig,
     OptimizerConfig,
@@ -35,6 +37,7 @@ from vision_client.protocol.tensors import (
 
 __all__ = [
     "CLASSIFICATION",
+    "CLASS_WEIGHT_MODES",
     "HEAD_KINDS",
     "IMAGE",
     "LOGITS",
@@ -42,6 +45,7 @@ __all__ = [
     "OPTIMIZER_KINDS",
     "PIXELS",
     "UINT64_MAX",
+    "AugmentationConfig",
     "FineTuneConfig",
     "FramingError",
     "HeadConfig",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -90,6 +91,75 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class AugmentationConfig:
+    """Random views of the training images, for a head on a frozen backbone.
+
+    The backbone's features of ``views`` random views of each example are computed once,
+    before training, through the same batched path as the examples' own (so a job computes
+    ``1 + views`` times the features, and holds them); each epoch then trains on one view of
+    each example, its own image among them, drawn from the job's seed. A view is a random
+    resized ``crop`` (a part of ``crop_scale[0]`` to ``crop_scale[1]`` of the image's area,
+    aspect ratio 3/4 to 4/3, resized to the model's input, as torchvision's RandomResizedCrop)
+    and, with ``horizontal_flip``, mirrored with probability 1/2. ``views=0``: no augmentation.
+    """
+
+    views: int = 0
+    crop: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    horizontal_flip: bool = True
+
+    def __post_init__(self) -> None:
+        _set(self, "views", _check_integer("augmentation views", self.views, 0, _INT32_MAX))
+        for name in ("crop", "horizontal_flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"augmentation {name} must be True or False, got {_shown(getattr(self, name))}")
+        scale = self.crop_scale
+        if isinstance(scale, (str, bytes)) or not isinstance(scale, (tuple, list)) or len(scale) != 2:
+            raise InvalidInputError(f"augmentation crop_scale must be a pair (low, high), got {_shown(scale)}")
+        low, high = (_sent("augmentation crop_scale", value) for value in scale)
+        if not 0 < low <= high <= 1:
+            raise InvalidInputError(
+                f"augmentation crop_scale must satisfy 0 < low <= high <= 1 (shares of the image's area), "
+                f"got {_shown(tuple(scale))}"
+            )
+        _set(self, "crop_scale", (float(scale[0]), float(scale[1])))
+        if self.views and not (self.crop or self.horizontal_flip):
+            raise InvalidInputError(
+                "augmentation views need crop or horizontal_flip (or both): without either, every view is the image"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.views > 0
+
+
+ClassWeights = Literal["none", "auto"] | dict[str, float]
+CLASS_WEIGHT_MODES: tuple[str, ...] = ("none", "auto")
+
+
+def _check_class_weights(value: object) -> ClassWeights:
+    """``"none"``, ``"auto"`` or a dict of positive finite weights by class name (as a new dict)."""
+    if isinstance(value, str):
+        _check_choice("class_weights", value, CLASS_WEIGHT_MODES)
+        return value  # type: ignore[return-value]  # one of the modes
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(
+            f"class_weights must be 'none', 'auto' or a dict of weights by class name, got {_shown(value)}"
+        )
+    if not value:
+        raise InvalidInputError("class_weights is an empty dict; name at least one class, or use 'none'")
+    weights: dict[str, float] = {}
+    for name, weight in value.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"class_weights keys are class names (non-empty str), got {_shown(name)}")
+        sent = _sent(f"class weight of {_shown(name)}", weight)
+        if not sent > 0:
+            raise InvalidInputError(f"class weight of {_shown(name)} must be a positive number, got {weight!r}")
+        weights[name] = float(weight)
+    return weights
+
+
+@dataclass(frozen=True)
 class FineTuneConfig:
     """Every setting of a fine-tuning job; pass it to ``fine_tune`` or ``create_job``.
 
@@ -100,7 +170,11 @@ class FineTuneConfig:
     of the examples picks the best epoch (and stops early after
     ``early_stopping_patience`` epochs without a better validation loss; 0: never);
     with ``refit`` the head is then trained again on every example for that many
-    epochs. ``seed`` fixes the split and the head's initial weights.
+    epochs. ``seed`` fixes the split, the head's initial weights and the augmented views.
+    ``augmentation``: random views of the training images (:class:`AugmentationConfig`).
+    ``class_weights`` (cross_entropy): ``"none"``, ``"auto"`` (each class weighs
+    n / (classes x its examples), scikit-learn's "balanced") or a dict of weights by class
+    name (classes not named weigh 1), as ``torch.nn.CrossEntropyLoss(weight=...)`` applies them.
 
     >>> FineTuneConfig("resnet101", "pets", head=HeadConfig("two_layer", hidden=128), epochs=20)  # doctest: +SKIP
     """
@@ -117,13 +191,15 @@ class FineTuneConfig:
     early_stopping_patience: int = 0
     refit: bool = True
     replace: bool = False
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    class_weights: ClassWeights = "none"
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_model"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise InvalidInputError(f"{name} must be a model name (a non-empty str), got {_shown(value)}")
-        for name, kind in (("head", HeadConfig), ("optimizer", OptimizerConfig)):
+        for name, kind in (("head", HeadConfig), ("optimizer", OptimizerConfig), ("augmentation", AugmentationConfig)):
             value = getattr(self, name)
             if not isinstance(value, kind):
                 example = f"{kind.__name__}({value!r})" if isinstance(value, str) else f"{kind.__name__}(...)"
@@ -138,6 +214,9 @@ class FineTuneConfig:
         for name in ("refit", "replace"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _set(self, "class_weights", _check_class_weights(self.class_weights))
+        if self.class_weights != "none" and self.loss != "cross_entropy":
+            raise InvalidInputError(f"class_weights apply to cross_entropy only; with {self.loss} leave them 'none'")
 
 
 def _set(config: object, name: str, value: object) -> None:
@@ -210,7 +289,47 @@ def to_message(config: FineTuneConfig) -> pb.FineTuneConfig:
         early_stopping_patience=config.early_stopping_patience,
         refit=config.refit,
         replace=config.replace,
+        augmentation=_augmentation_message(config.augmentation),
+        class_weights=_class_weights_message(config.class_weights),
     )
+
+
+def _augmentation_message(augmentation: AugmentationConfig) -> pb.AugmentationSpec:
+    low, high = augmentation.crop_scale
+    return pb.AugmentationSpec(
+        views=augmentation.views,
+        crop=augmentation.crop,
+        crop_scale_min=low,
+        crop_scale_max=high,
+        horizontal_flip=augmentation.horizontal_flip,
+    )
+
+
+def _class_weights_message(weights: ClassWeights) -> pb.ClassWeightsSpec:
+    if isinstance(weights, dict):
+        return pb.ClassWeightsSpec(mode="explicit", weights=weights)
+    return pb.ClassWeightsSpec(mode=weights)
+
+
+def _augmentation_from(message: pb.AugmentationSpec) -> AugmentationConfig:
+    default = AugmentationConfig()
+    return AugmentationConfig(
+        views=message.views,
+        crop=message.crop if message.HasField("crop") else default.crop,
+        crop_scale=(message.crop_scale_min or default.crop_scale[0], message.crop_scale_max or default.crop_scale[1]),
+        horizontal_flip=message.horizontal_flip if message.HasField("horizontal_flip") else default.horizontal_flip,
+    )
+
+
+def _class_weights_from(message: pb.ClassWeightsSpec) -> ClassWeights:
+    mode = message.mode or ("explicit" if message.weights else "none")
+    if mode == "explicit":
+        if not message.weights:
+            raise InvalidInputError("class_weights mode 'explicit' needs weights by class name")
+        return dict(message.weights)
+    if message.weights:
+        raise InvalidInputError(f"class_weights mode {_shown(mode)} takes no weights; use mode 'explicit'")
+    return _check_class_weights(mode)
 
 
 def from_message(message: pb.FineTuneConfig) -> FineTuneConfig:
@@ -247,6 +366,8 @@ def from_message(message: pb.FineTuneConfig) -> FineTuneConfig:
         early_stopping_patience=message.early_stopping_patience,
         refit=message.refit if message.HasField("refit") else default.refit,
         replace=message.replace,
+        augmentation=_augmentation_from(message.augmentation),
+        class_weights=_class_weights_from(message.class_weights),
     )
 
 
@@ -265,9 +386,17 @@ def from_dict(data: object) -> FineTuneConfig:
             raise TypeError(f"a config is a JSON object, got {type(data).__name__}")
         fields = dict(data)
         head, optimizer = fields.pop("head"), fields.pop("optimizer")
-        if not isinstance(head, dict) or not isinstance(optimizer, dict):
-            raise TypeError("head and optimizer are JSON objects")
-        return FineTuneConfig(head=HeadConfig(**head), optimizer=OptimizerConfig(**optimizer), **fields)
+        augmentation = fields.pop("augmentation", {})  # records of older servers have none
+        if not isinstance(head, dict) or not isinstance(optimizer, dict) or not isinstance(augmentation, dict):
+            raise TypeError("head, optimizer and augmentation are JSON objects")
+        if isinstance(augmentation.get("crop_scale"), list):  # JSON has no tuples
+            augmentation = {**augmentation, "crop_scale": tuple(augmentation["crop_scale"])}
+        return FineTuneConfig(
+            head=HeadConfig(**head),
+            optimizer=OptimizerConfig(**optimizer),
+            augmentation=AugmentationConfig(**augmentation),
+            **fields,
+        )
     except (KeyError, TypeError) as error:
         raise InvalidInputError(f"not a fine-tuning config: {_shown(str(error))}") from None
 

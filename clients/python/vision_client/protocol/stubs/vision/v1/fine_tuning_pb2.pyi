@@ -23,16 +23,38 @@ FAILED: JobState
 CANCELLED: JobState
 
 class HeadSpec(_message.Message):
-    __slots__ = ("kind", "hidden", "blocks", "dropout")
+    __slots__ = ("kind", "hidden", "blocks", "dropout", "layers")
     KIND_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     hidden: int
     blocks: int
     dropout: float
-    def __init__(self, kind: _Optional[str] = ..., hidden: _Optional[int] = ..., blocks: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[HeadLayer]
+    def __init__(self, kind: _Optional[str] = ..., hidden: _Optional[int] = ..., blocks: _Optional[int] = ..., dropout: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[HeadLayer, _Mapping]]] = ...) -> None: ...
+
+class HeadLayer(_message.Message):
+    __slots__ = ("kind", "width", "p", "branches", "combine")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    P_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    width: int
+    p: float
+    branches: _containers.RepeatedCompositeFieldContainer[HeadBranch]
+    combine: str
+    def __init__(self, kind: _Optional[str] = ..., width: _Optional[int] = ..., p: _Optional[float] = ..., branches: _Optional[_Iterable[_Union[HeadBranch, _Mapping]]] = ..., combine: _Optional[str] = ...) -> None: ...
+
+class HeadBranch(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[HeadLayer]
+    def __init__(self, layers: _Optional[_Iterable[_Union[HeadLayer, _Mapping]]] = ...) -> None: ...
 
 class OptimizerSpec(_message.Message):
     __slots__ = ("kind", "lr", "momentum", "weight_decay", "beta1", "beta2")
@@ -51,7 +73,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ...) -> None: ...
 
 class FineTuneConfig(_message.Message):
-    __slots__ = ("base_model", "output_model", "head", "optimizer", "loss", "epochs", "batch_size", "validation_fraction", "seed", "early_stopping_patience", "replace", "refit")
+    __slots__ = ("base_model", "output_model", "head", "optimizer", "loss", "epochs", "batch_size", "validation_fraction", "seed", "early_stopping_patience", "replace", "refit", "augmentation", "class_weights")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +86,8 @@ class FineTuneConfig(_message.Message):
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     REFIT_FIELD_NUMBER: _ClassVar[int]
+    AUGMENTATION_FIELD_NUMBER: _ClassVar[int]
+    CLASS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     output_model: str
     head: HeadSpec
@@ -76,7 +100,38 @@ class FineTuneConfig(_message.Message):
     early_stopping_patience: int
     replace: bool
     refit: bool
-    def __init__(self, base_model: _Optional[str] = ..., output_model: _Optional[str] = ..., head: _Optional[_Union[HeadSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., loss: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., replace: _Optional[bool] = ..., refit: _Optional[bool] = ...) -> None: ...
+    augmentation: AugmentationSpec
+    class_weights: ClassWeightsSpec
+    def __init__(self, base_model: _Optional[str] = ..., output_model: _Optional[str] = ..., head: _Optional[_Union[HeadSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., loss: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., replace: _Optional[bool] = ..., refit: _Optional[bool] = ..., augmentation: _Optional[_Union[AugmentationSpec, _Mapping]] = ..., class_weights: _Optional[_Union[ClassWeightsSpec, _Mapping]] = ...) -> None: ...
+
+class AugmentationSpec(_message.Message):
+    __slots__ = ("views", "crop", "crop_scale_min", "crop_scale_max", "horizontal_flip")
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    CROP_SCALE_MIN_FIELD_NUMBER: _ClassVar[int]
+    CROP_SCALE_MAX_FIELD_NUMBER: _ClassVar[int]
+    HORIZONTAL_FLIP_FIELD_NUMBER: _ClassVar[int]
+    views: int
+    crop: bool
+    crop_scale_min: float
+    crop_scale_max: float
+    horizontal_flip: bool
+    def __init__(self, views: _Optional[int] = ..., crop: _Optional[bool] = ..., crop_scale_min: _Optional[float] = ..., crop_scale_max: _Optional[float] = ..., horizontal_flip: _Optional[bool] = ...) -> None: ...
+
+class ClassWeightsSpec(_message.Message):
+    __slots__ = ("mode", "weights")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    weights: _containers.ScalarMap[str, float]
+    def __init__(self, mode: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("image", "label", "target")
@@ -103,7 +158,7 @@ class CreateJobRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[FineTuneConfig, _Mapping]] = ..., examples: _Optional[_Union[ExampleBatch, _Mapping]] = ...) -> None: ...
 
 class JobMetrics(_message.Message):
-    __slots__ = ("train_loss", "validation_loss", "validation_accuracy", "best_epoch", "epochs_run", "train_examples", "validation_examples", "train_seconds")
+    __slots__ = ("train_loss", "validation_loss", "validation_accuracy", "best_epoch", "epochs_run", "train_examples", "validation_examples", "train_seconds", "class_metrics", "confusion_matrix")
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +167,8 @@ class JobMetrics(_message.Message):
     TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_METRICS_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_MATRIX_FIELD_NUMBER: _ClassVar[int]
     train_loss: float
     validation_loss: float
     validation_accuracy: float
@@ -120,7 +177,29 @@ class JobMetrics(_message.Message):
     train_examples: int
     validation_examples: int
     train_seconds: float
-    def __init__(self, train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., best_epoch: _Optional[int] = ..., epochs_run: _Optional[int] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ...) -> None: ...
+    class_metrics: _containers.RepeatedCompositeFieldContainer[ClassMetrics]
+    confusion_matrix: _containers.RepeatedCompositeFieldContainer[ConfusionCell]
+    def __init__(self, train_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., best_epoch: _Optional[int] = ..., epochs_run: _Optional[int] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., class_metrics: _Optional[_Iterable[_Union[ClassMetrics, _Mapping]]] = ..., confusion_matrix: _Optional[_Iterable[_Union[ConfusionCell, _Mapping]]] = ...) -> None: ...
+
+class ClassMetrics(_message.Message):
+    __slots__ = ("precision", "recall", "support")
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    precision: float
+    recall: float
+    support: int
+    def __init__(self, precision: _Optional[float] = ..., recall: _Optional[float] = ..., support: _Optional[int] = ...) -> None: ...
+
+class ConfusionCell(_message.Message):
+    __slots__ = ("actual", "predicted", "count")
+    ACTUAL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    actual: int
+    predicted: int
+    count: int
+    def __init__(self, actual: _Optional[int] = ..., predicted: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class EpochMetrics(_message.Message):
     __slots__ = ("epoch", "train_loss", "validation_loss", "validation_accuracy")
