@@ -18,6 +18,7 @@ import numpy as np
 
 from service.config import FineTuneLimits
 from service.errors import InvalidInputError, quote
+from service.finetune.spec import check_classes, examples_limit_message, max_examples
 from service.preprocess import ImageDecoder
 from vision_client.protocol import FineTuneConfig
 from vision_client.protocol.labels import label_problem
@@ -52,8 +53,8 @@ class ExampleCollector:
     def add(self, image: bytes, label: str, target: Sequence[float]) -> None:
         index = len(self._images)
         limits = self._limits
-        if index >= limits.max_examples:
-            raise InvalidInputError(f"a job takes at most {limits.max_examples} examples (--max-job-examples)")
+        if index >= max_examples(self._config, limits):
+            raise InvalidInputError(examples_limit_message(self._config, limits))
         if not image:
             raise InvalidInputError(f"example {index} has no image bytes")
         label_bytes = len(label.encode("utf-8", "surrogatepass"))
@@ -104,6 +105,7 @@ class ExampleCollector:
                 raise InvalidInputError(
                     f"all examples have the label {quote(classes[0])}; a classifier needs at least 2 classes"
                 )
+            check_classes(self._config, classes)
             return TrainingExamples(self._images, labels=self._labels), classes
         targets = np.asarray(self._targets, dtype=np.float32)
         return TrainingExamples(self._images, targets=targets), [f"target_{i}" for i in range(targets.shape[1])]

@@ -21,13 +21,16 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.cpus import usable_cores, use_torch_threads
 from service.dataplane import DataPlane, InferenceInput
 from service.errors import InvalidInputError
+from service.finetune.augment import ViewMaker
 from service.finetune.catalog import FineTunedModels
 from service.finetune.examples import TrainingExamples
 from service.finetune.job import Job, JobEvent, JobState
@@ -36,6 +39,8 @@ from service.finetune.trainer import EpochReport, JobCancelled, TrainResult, tra
 from service.loader import BuiltinModels
 from service.memory import release_memory
 from service.metrics import ServerMetrics
+from service.models import get_model_spec
+from service.served import ServedModel
 from service.storage import store_kind
 from service.tracing import JobTrace, Tracing
 
@@ -114,14 +119,18 @@ class JobPipeline:
         return store_kind(store.objects) if store is not None else "directory"
 
     async def extract_features(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [N, D] (float32, or :data:`FEATURE_DTYPE` past :data:`FEATURE_EXACT_BYTES`) and
-        training targets, and nothing else of the examples.
+        """Features [R * N, D] (float32, or :data:`FEATURE_DTYPE` past :data:`FEATURE_EXACT_BYTES`) and
+        training targets, and nothing else of the examples. R is 1, or with augmentation 1 + its
+        views: rows ``v * N`` to ``(v + 1) * N`` hold view ``v`` of every example, view 0 the image
+        itself (the layout :func:`~service.finetune.trainer.train_head` reads).
 
         The images are taken from the job and preprocessed one chunk at a time, through the
         batched path; each chunk's features go straight into their rows of one tensor made
-        up front, and each chunk's images are let go once its features are in. So the job
-        holds, at most, its encoded images, the features and one chunk's pixels, whatever
-        its example count.
+        up front, and each chunk's images are let go once its features are in. Augmented views
+        go through the same batched path as PIXELS, made in the decode pool a group of at most
+        :data:`FEATURE_CHUNK` views at a time (each image decoded once for all its views), the
+        next group made while the backbone runs the current one. So the job holds, at most, its
+        encoded images, the features and two groups' pixels, whatever its example count.
         """
         examples = job.examples
         assert examples is not None, "a job's examples are extracted once"
@@ -131,9 +140,17 @@ class JobPipeline:
         targets = _targets(examples, job.labels)
         del examples
         model = self._builtin.features_model(job.config.base_model)
-        features: torch.Tensor | None = None  # [N, D], made once the first chunk says D
+        augmentation = job.config.augmentation
+        views = augmentation.views
+        maker = (
+            ViewMaker.of(augmentation, job.config.seed, get_model_spec(job.config.base_model).transforms())
+            if views
+            else None
+        )
+        features: torch.Tensor | None = None  # [R * N, D], made once the first chunk says D
         started = time.monotonic()
         done = 0
+        total = count * (1 + views)
         while pending:
             if job.cancel_requested.is_set():
                 raise JobCancelled("cancelled")
@@ -143,11 +160,14 @@ class JobPipeline:
             except InvalidInputError as exc:
                 raise InvalidInputError(f"examples {done}-{done + len(chunk) - 1}: {exc.message}") from exc
             if features is None:
-                exact = count * rows.shape[1] * 4 <= FEATURE_EXACT_BYTES
-                features = torch.empty((count, rows.shape[1]), dtype=torch.float32 if exact else FEATURE_DTYPE)
+                exact = total * rows.shape[1] * 4 <= FEATURE_EXACT_BYTES
+                features = torch.empty((total, rows.shape[1]), dtype=torch.float32 if exact else FEATURE_DTYPE)
             features = put_rows(features, done, torch.from_numpy(rows))
+            del rows
+            if maker is not None:
+                features = await self._view_features(job, model, maker, chunk, done, count, features)
             done += len(chunk)
-            del chunk, rows
+            del chunk
             elapsed = time.monotonic() - started
             await self._emit(
                 job,
@@ -158,11 +178,58 @@ class JobPipeline:
                     epochs=job.config.epochs,
                     progress=FEATURE_SHARE * done / count,
                     eta_seconds=elapsed / done * (count - done),
-                    message=f"features of {done}/{count} examples",
+                    message=f"features of {done}/{count} examples" + (f" and {views} views of each" if views else ""),
                 ),
             )
         assert features is not None
         return features, targets
+
+    async def _view_features(
+        self,
+        job: Job,
+        model: ServedModel,
+        maker: ViewMaker,
+        chunk: list[bytes],
+        first: int,
+        count: int,
+        features: torch.Tensor,
+    ) -> torch.Tensor:
+        """The features of views 1..V of ``chunk`` (examples ``first``...) into their rows of ``features``."""
+        views = maker.augmentation.views
+        group = max(1, FEATURE_CHUNK // views)  # images whose views make one request of at most FEATURE_CHUNK
+        starts = list(range(0, len(chunk), group))
+        loop = asyncio.get_running_loop()
+        side = model.input_size
+
+        def make(start: int) -> asyncio.Future[np.ndarray]:
+            images = chunk[start : start + group]
+            pixels = np.empty((len(images) * views, 3, side, side), dtype=np.float32)
+            work = partial(maker.views_into, model.decoder, images, first + start, pixels)
+            return loop.run_in_executor(self._dataplane.decode_pool, _filled, work, pixels)
+
+        upcoming = make(starts[0])
+        try:
+            for index, start in enumerate(starts):
+                if job.cancel_requested.is_set():
+                    raise JobCancelled("cancelled")
+                n = min(group, len(chunk) - start)
+                try:
+                    pixels = await upcoming
+                except InvalidInputError as exc:
+                    where = f"examples {first + start}-{first + start + n - 1}"
+                    raise InvalidInputError(f"{where} (augmented views): {exc.message}") from exc
+                if index + 1 < len(starts):
+                    upcoming = make(starts[index + 1])  # made while the backbone runs this group
+                rows = torch.from_numpy(await self._dataplane.infer_model(model, InferenceInput(pixels=pixels)))
+                del pixels
+                for v in range(views):
+                    block = rows[v * n : (v + 1) * n]
+                    features = put_rows(features, (v + 1) * count + first + start, block)
+                del rows
+        finally:
+            if not upcoming.done():
+                upcoming.cancel()
+        return features
 
     async def train(
         self,
@@ -223,6 +290,7 @@ class JobPipeline:
                 targets,
                 job.config,
                 num_outputs=len(job.labels),
+                labels=job.labels,
                 device=device,
                 on_epoch=on_epoch,
                 cancelled=stop,
@@ -256,6 +324,11 @@ def put_rows(features: torch.Tensor, start: int, block: torch.Tensor) -> torch.T
         features = features.float()  # these features need float32's range: all of them from here
     features[start : start + len(block)] = block
     return features
+
+
+def _filled(work: Callable[[], None], pixels: np.ndarray) -> np.ndarray:
+    work()
+    return pixels
 
 
 def _targets(examples: TrainingExamples, labels: list[str]) -> torch.Tensor:

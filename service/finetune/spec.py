@@ -14,10 +14,12 @@ from service.errors import InvalidInputError, quote
 from service.finetune.names import validate_model_name
 from vision_client import errors as client_errors
 from vision_client.protocol import FineTuneConfig, HeadConfig, from_message
+from vision_client.protocol.labels import label_problem
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 
 MAX_LEARNING_RATE = 10.0
 MAX_WEIGHT_DECAY = 1.0
+MAX_AUGMENT_VIEWS = 16  # random views per example whose features a job computes and keeps
 
 
 def config_from_wire(message: pb.FineTuneConfig) -> FineTuneConfig:
@@ -75,7 +77,52 @@ def check_limits(
     _at_most("epochs", config.epochs, limits.max_epochs)
     _at_most("batch_size", config.batch_size, limits.max_batch_size)
     _at_most("early_stopping_patience", config.early_stopping_patience, limits.max_epochs)
+    _at_most("augmentation views", config.augmentation.views, MAX_AUGMENT_VIEWS)
+    if isinstance(config.class_weights, dict):
+        if len(config.class_weights) > limits.max_labels:
+            raise InvalidInputError(
+                f"class_weights name {len(config.class_weights)} classes; a job takes at most {limits.max_labels} "
+                "(--max-labels)"
+            )
+        for name in config.class_weights:
+            problem = label_problem(name, limits.max_label_length)
+            if problem is not None:
+                raise InvalidInputError(f"class_weights names the class {quote(name)}, which {problem}")
     return config
+
+
+def max_examples(config: FineTuneConfig, limits: FineTuneLimits) -> int:
+    """Examples a job of ``config`` may bring: augmentation keeps ``1 + views`` feature rows per
+    example, and a job holds no more rows than an un-augmented job of ``--max-job-examples``."""
+    return limits.max_examples // (1 + config.augmentation.views)
+
+
+def examples_limit_message(config: FineTuneConfig, limits: FineTuneLimits) -> str:
+    views = config.augmentation.views
+    if not views:
+        return f"a job takes at most {limits.max_examples} examples (--max-job-examples)"
+    return (
+        f"with {views} augmented views per example a job takes at most {max_examples(config, limits)} examples "
+        f"(--max-job-examples / (1 + views), as each view's features are kept); send fewer examples or ask "
+        "for fewer views"
+    )
+
+
+def check_classes(config: FineTuneConfig, classes: list[str]) -> None:
+    """The job's classes, once its examples are in (before any image is decoded), against its config:
+    every class named in ``class_weights`` must be one of them."""
+    if not isinstance(config.class_weights, dict):
+        return
+    known = set(classes)
+    unknown = sorted(name for name in config.class_weights if name not in known)
+    if unknown:
+        shown = ", ".join(quote(name) for name in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
+        raise InvalidInputError(
+            f"class_weights name {shown}, which no example has; the job's classes are "
+            f"{', '.join(quote(name) for name in classes[:10])}{' ...' if len(classes) > 10 else ''}"
+        )
 
 
 def _check_sizes(head: HeadConfig, limits: FineTuneLimits) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,9 +34,27 @@ class EpochReport:
     images_seen: int  # training examples processed in this epoch
 
 
+Cell = tuple[int, int, int]  # a confusion matrix cell: (actual class, predicted class, examples)
+
+
+@dataclass(frozen=True)
+class ClassFigures:
+    """How a head did on one class's validation examples (as scikit-learn's ``precision_recall_fscore_support``
+    with ``zero_division=0`` counts them)."""
+
+    precision: float  # of the examples predicted as the class, the share that are (0 when none is)
+    recall: float  # of the class's examples, the share predicted as it (0 when it has none)
+    support: int  # validation examples of the class
+
+
 @dataclass(frozen=True)
 class TrainMetrics:
-    """What a training run measured; kept with the job and written to the manifest."""
+    """What a training run measured; kept with the job and written to the manifest.
+
+    For classification, ``classes`` and ``confusion`` hold the validation split's confusion matrix
+    as its cells that are not zero (a dense matrix of thousands of classes would be mostly zeros):
+    the per-class figures (:meth:`per_class`) are derived from it.
+    """
 
     train_loss: float = math.nan
     validation_loss: float = math.nan  # nan without a validation split
@@ -46,10 +64,42 @@ class TrainMetrics:
     train_examples: int = 0
     validation_examples: int = 0
     train_seconds: float = 0.0
+    classes: int = 0  # classes of the confusion matrix (0: regression, or no validation split)
+    confusion: tuple[Cell, ...] = ()  # sorted by (actual, predicted)
 
-    def to_json(self) -> dict[str, float | int | None]:
-        """JSON has no NaN: figures not measured are null."""
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+    def per_class(self) -> list[ClassFigures]:
+        """Precision, recall and support of each class, in the order of the job's labels."""
+        predicted, actual, right = [0] * self.classes, [0] * self.classes, [0] * self.classes
+        for true, guess, count in self.confusion:
+            actual[true] += count
+            predicted[guess] += count
+            if true == guess:
+                right[true] += count
+        return [
+            ClassFigures(
+                right[c] / predicted[c] if predicted[c] else 0.0, right[c] / actual[c] if actual[c] else 0.0, actual[c]
+            )
+            for c in range(self.classes)
+        ]
+
+    def dense_confusion(self) -> list[list[int]]:
+        """The confusion matrix as rows (actual class) of columns (predicted class)."""
+        rows = [[0] * self.classes for _ in range(self.classes)]
+        for true, guess, count in self.confusion:
+            rows[true][guess] = count
+        return rows
+
+    def to_json(self) -> dict[str, object]:
+        """JSON has no NaN: figures not measured are null. The confusion matrix is a list of cells."""
+        values: dict[str, object] = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in asdict(self).items()
+            if k not in _MATRIX_FIELDS
+        }
+        if self.classes:
+            values["classes"] = self.classes
+            values["confusion"] = [list(cell) for cell in self.confusion]
+        return values
 
     @classmethod
     def from_json(cls, data: object) -> TrainMetrics:
@@ -59,12 +109,38 @@ class TrainMetrics:
         values: dict[str, float | int] = {}
         for name, default in asdict(cls()).items():
             value = data.get(name)
-            if value is None:
+            if value is None or name in _MATRIX_FIELDS:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"metric {name} must be a number, got {type(value).__name__}")
             values[name] = int(value) if isinstance(default, int) else float(value)
-        return cls(**values)  # type: ignore[arg-type]
+        classes, confusion = _read_confusion(data.get("classes"), data.get("confusion"))
+        return cls(**values, classes=classes, confusion=confusion)  # type: ignore[arg-type]
+
+
+_MATRIX_FIELDS = frozenset({"classes", "confusion"})
+MAX_CLASSES = 1 << 20  # of a confusion matrix read back (a job takes far fewer: --max-labels)
+
+
+def _read_confusion(classes: object, cells: object) -> tuple[int, tuple[Cell, ...]]:
+    """A stored confusion matrix, checked cell by cell (a store is read, never trusted)."""
+    if classes is None:
+        return 0, ()
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 0 <= classes <= MAX_CLASSES:
+        raise ValueError(f"metric classes must be a count of classes, got {classes!r}"[:200])
+    if not isinstance(cells, list):
+        raise ValueError("metric confusion must be a list of [actual, predicted, count] cells")
+    read: list[Cell] = []
+    for cell in cells:
+        if (
+            not isinstance(cell, list)
+            or len(cell) != 3
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in cell)
+            or not (0 <= cell[0] < classes and 0 <= cell[1] < classes and cell[2] > 0)
+        ):
+            raise ValueError(f"a confusion cell must be [actual, predicted, count] within {classes} classes")
+        read.append((cell[0], cell[1], cell[2]))
+    return classes, tuple(sorted(read))
 
 
 @dataclass(frozen=True)
@@ -105,11 +181,18 @@ def train_head(
     config: FineTuneConfig,
     *,
     num_outputs: int,
+    labels: Sequence[str] = (),
     device: torch.device = CPU,
     on_epoch: Callable[[EpochReport], None] = lambda report: None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
     """Train ``config.head`` on ``features`` [N, D] -> ``targets`` (class ids [N] or values [N, T]).
+
+    With augmentation, ``features`` holds ``1 + views`` rows per example, view-major: row
+    ``v * N + i`` is view ``v`` of example ``i``, view 0 its own image. Each training step takes
+    one view of each example of its batch, drawn from the seed; statistics, validation and the
+    confusion matrix use view 0 only. ``labels`` (the class names, in the order of the class
+    ids) resolve ``config.class_weights`` given by name.
 
     With a validation split, the epochs run on the training part and the best
     epoch is chosen on the validation part (accuracy, then loss, for classes;
@@ -120,8 +203,13 @@ def train_head(
     """
     started = time.monotonic()
     classification = config.loss == "cross_entropy"
+    examples = int(targets.shape[0])
+    views, rest = divmod(int(features.shape[0]), examples)
+    if rest or views < 1:
+        raise ValueError(f"features have {features.shape[0]} rows, not a multiple of the {examples} examples")
     train_idx, val_idx = split_indices(targets, config.validation_fraction, config.seed, stratify=classification)
-    fit = _Fit(config, num_outputs, classification, device, cancelled)
+    weights = loss_weights(config, targets, num_outputs, labels) if classification else None
+    fit = _Fit(config, num_outputs, classification, device, cancelled, weights, views - 1)
     selection = fit.run(features, targets, train_idx, val_idx, on_epoch)
     model = selection.model
     if config.refit and len(val_idx) and selection.best_epoch:
@@ -138,8 +226,30 @@ def train_head(
             train_examples=len(train_idx) if not (config.refit and len(val_idx)) else len(targets),
             validation_examples=len(val_idx),
             train_seconds=time.monotonic() - started,
+            classes=num_outputs if classification and len(val_idx) else 0,
+            confusion=selection.confusion,
         ),
     )
+
+
+def loss_weights(
+    config: FineTuneConfig, targets: torch.Tensor, classes: int, labels: Sequence[str] = ()
+) -> torch.Tensor | None:
+    """The weight of each class in the loss (``CrossEntropyLoss(weight=...)``), or None: all 1.
+
+    ``auto``: n / (classes x examples of the class), scikit-learn's "balanced", from the counts of
+    every example (so that the selection run and the refit weigh alike); by name: the weights
+    given, 1 for classes not named.
+    """
+    if config.class_weights == "none":
+        return None
+    if config.class_weights == "auto":
+        counts = torch.bincount(targets, minlength=classes).double()
+        return (len(targets) / (classes * counts.clamp(min=1))).float()
+    assert isinstance(config.class_weights, dict)
+    if len(labels) != classes:
+        raise ValueError("class weights by name need the class names")
+    return torch.tensor([config.class_weights.get(name, 1.0) for name in labels], dtype=torch.float32)
 
 
 @dataclass
@@ -150,6 +260,7 @@ class _Outcome:
     validation_accuracy: float
     best_epoch: int
     epochs_run: int
+    confusion: tuple[Cell, ...] = ()  # of the validation rows, classification only
 
 
 class _Fit:
@@ -162,13 +273,17 @@ class _Fit:
         classification: bool,
         device: torch.device,
         cancelled: Callable[[], bool],
+        weights: torch.Tensor | None = None,
+        views: int = 0,
     ) -> None:
         self.config = config
         self.num_outputs = num_outputs
         self.classification = classification
         self.device = device
         self.cancelled = cancelled
-        self.loss_fn: nn.Module = nn.CrossEntropyLoss() if classification else nn.MSELoss()
+        self.weights = None if weights is None else weights.to(device)
+        self.views = views  # augmented views per example beyond its own (rows of x: (1 + views) x examples)
+        self.loss_fn: nn.Module = nn.CrossEntropyLoss(weight=self.weights) if classification else nn.MSELoss()
 
     def run(
         self,
@@ -211,7 +326,7 @@ class _Fit:
             epoch_started = time.monotonic()
             train_loss, seen = self._epoch(model, optimizer, x, y, train_idx, generator)
             epochs_run = epoch
-            val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification)
+            val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification, self.weights)
             if len(val_idx) == 0:
                 score = (train_loss, 0.0)
             elif self.classification:
@@ -232,8 +347,9 @@ class _Fit:
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
-        val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification)
-        return _Outcome(model, train_loss, val_loss, val_acc, best_epoch, epochs_run)
+        val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification, self.weights)
+        confusion = _confusion(model, x, y, val_idx, self.num_outputs) if self.classification else ()
+        return _Outcome(model, train_loss, val_loss, val_acc, best_epoch, epochs_run, confusion)
 
     def _epoch(
         self,
@@ -251,8 +367,12 @@ class _Fit:
             if self.cancelled():
                 raise JobCancelled("the job was cancelled")
             batch = order[start : start + self.config.batch_size]
+            rows = batch
+            if self.views:  # one view of each example, its own image (view 0) among them
+                view = torch.randint(0, self.views + 1, (len(batch),), generator=generator).to(batch.device)
+                rows = batch + view * len(y)
             optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(model.standardized(x[batch].float()), y[batch])
+            loss = self.loss_fn(model.standardized(x[rows].float()), y[batch])
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch)
@@ -302,22 +422,51 @@ def _slices(rows: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def _evaluate(
-    model: StandardizedHead, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, classification: bool
+    model: StandardizedHead,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rows: torch.Tensor,
+    classification: bool,
+    weights: torch.Tensor | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and accuracy on rows ``rows``, :data:`ROWS_AT_ONCE` rows at a time."""
+    """Mean loss and accuracy on rows ``rows``, :data:`ROWS_AT_ONCE` rows at a time. With class
+    ``weights`` the loss is their weighted mean, as ``CrossEntropyLoss(weight=weights)`` takes it."""
     if len(rows) == 0:
         return math.nan, math.nan
     model.eval()
     loss_sum, correct, elements = 0.0, 0, 0
+    weight_sum = 0.0
     with torch.inference_mode():
         for part in _slices(rows):
             outputs, expected = model.standardized(x[part].float()), y[part]
             if classification:
-                loss_sum += float(nn.functional.cross_entropy(outputs, expected, reduction="sum"))
+                loss_sum += float(nn.functional.cross_entropy(outputs, expected, weight=weights, reduction="sum"))
                 correct += int((outputs.argmax(1) == expected).sum())
                 elements += len(part)
+                weight_sum += float(weights[expected].sum()) if weights is not None else len(part)
             else:
                 loss_sum += float(nn.functional.mse_loss(outputs, expected, reduction="sum"))
                 elements += expected.numel()
     accuracy = correct / len(rows) if classification else math.nan
+    if classification:
+        return loss_sum / weight_sum, accuracy
     return loss_sum / elements, accuracy
+
+
+def _confusion(
+    model: StandardizedHead, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, classes: int
+) -> tuple[Cell, ...]:
+    """The confusion matrix of ``model`` on rows ``rows``: its cells that are not zero, sorted.
+
+    Counted a slice at a time as codes ``actual * classes + predicted``, so that it costs
+    the validation rows' predictions, never a dense ``classes x classes`` matrix.
+    """
+    counts: dict[int, int] = {}
+    model.eval()
+    with torch.inference_mode():
+        for part in _slices(rows):
+            predicted = model.standardized(x[part].float()).argmax(1)
+            codes, found = torch.unique(y[part] * classes + predicted, return_counts=True)
+            for code, count in zip(codes.tolist(), found.tolist(), strict=True):
+                counts[code] = counts.get(code, 0) + count
+    return tuple((code // classes, code % classes, count) for code, count in sorted(counts.items()))
