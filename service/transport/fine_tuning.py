@@ -12,6 +12,7 @@ from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.manager import JobManager
 from service.finetune.spec import config_from_wire
 from service.tracing import trace_carrier
+from service.transport.auth import caller_peer
 from service.transport.limits import UploadPace, UploadPeers, paced
 from vision_client.protocol import FineTuneConfig, to_message
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
@@ -42,7 +43,7 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
     ) -> pb.Job:
         messages = paced(request_iterator, self.upload_pace(), "the next CreateJobRequest")
         carrier = trace_carrier(context.invocation_metadata() or ()) if self.tracing_enabled else None
-        return await self.create_job(messages, context.peer(), carrier=carrier)
+        return await self.create_job(messages, caller_peer(context), carrier=carrier)
 
     @property
     def tracing_enabled(self) -> bool:
@@ -122,6 +123,14 @@ def job_to_proto(job: Job) -> pb.Job:
             train_examples=m.train_examples,
             validation_examples=m.validation_examples,
             train_seconds=_number(m.train_seconds),
+            class_metrics=[
+                pb.ClassMetrics(precision=figures.precision, recall=figures.recall, support=figures.support)
+                for figures in m.per_class()
+            ],
+            confusion_matrix=[
+                pb.ConfusionCell(actual=actual, predicted=predicted, count=count)
+                for actual, predicted, count in m.confusion
+            ],
         ),
         created_at=job.created_at,
         started_at=job.started_at,

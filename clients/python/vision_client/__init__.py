@@ -17,6 +17,8 @@ from vision_client._client import USE_CLIENT_DEFAULT, AsyncClient, Client
 from vision_client._images import ImageInput
 from vision_client._retry import Retry
 from vision_client._types import (
+    ClassMetrics,
+    ConfusionCell,
     EpochMetrics,
     FineTuneResult,
     JobEvent,
@@ -46,8 +48,10 @@ __all__ = [
     "AsyncClient",
     "AugmentationConfig",
     "AuthenticationError",
+    "ClassMetrics",
     "Client",
     "ClientClosedError",
+    "ConfusionCell",
     "DeadlineExceededError",
     "EpochMetrics",
     "FailedPreconditionError",

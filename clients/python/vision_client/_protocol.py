@@ -17,7 +17,17 @@ import numpy as np
 from google.protobuf.message import Message
 
 from vision_client._images import encode_image
-from vision_client._types import EpochMetrics, FineTuneResult, JobEvent, JobInfo, JobMetrics, ModelInfo, Prediction
+from vision_client._types import (
+    ClassMetrics,
+    ConfusionCell,
+    EpochMetrics,
+    FineTuneResult,
+    JobEvent,
+    JobInfo,
+    JobMetrics,
+    ModelInfo,
+    Prediction,
+)
 from vision_client.errors import InvalidInputError, VisionClientError
 from vision_client.protocol.fine_tuning import FineTuneConfig, from_message
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
@@ -336,6 +346,11 @@ def job_info(message: ft_pb.Job) -> JobInfo:
             train_examples=m.train_examples,
             validation_examples=m.validation_examples,
             train_seconds=m.train_seconds,
+            class_metrics=tuple(
+                ClassMetrics(label, c.precision, c.recall, c.support)
+                for label, c in zip(message.labels, m.class_metrics, strict=False)
+            ),
+            confusion=tuple(ConfusionCell(c.actual, c.predicted, c.count) for c in m.confusion_matrix),
         ),
         created_at=message.created_at,
         started_at=message.started_at or None,

@@ -77,8 +77,32 @@ class JobEvent:
 
 
 @dataclass(frozen=True)
+class ClassMetrics:
+    """How a finished job's head did on one class's validation examples (cross_entropy)."""
+
+    label: str
+    precision: float  # of the examples predicted as this class, the share that are (0 when none is)
+    recall: float  # of this class's examples, the share predicted as it (0 when it has none)
+    support: int  # validation examples of this class
+
+
+@dataclass(frozen=True)
+class ConfusionCell:
+    """``count`` validation examples of class ``actual`` were predicted as ``predicted`` (indices into labels)."""
+
+    actual: int
+    predicted: int
+    count: int
+
+
+@dataclass(frozen=True)
 class JobMetrics:
-    """How a finished job's head did, at the epoch it kept (``best_epoch``)."""
+    """How a finished job's head did, at the epoch it kept (``best_epoch``).
+
+    For cross_entropy, ``class_metrics`` holds each class's precision, recall and support on the
+    validation split, in the order of the job's labels, and ``confusion`` the validation split's
+    confusion matrix as its cells that are not zero (:meth:`confusion_matrix` makes it dense).
+    """
 
     train_loss: float
     validation_loss: float
@@ -88,6 +112,17 @@ class JobMetrics:
     train_examples: int
     validation_examples: int
     train_seconds: float
+    class_metrics: tuple[ClassMetrics, ...] = ()
+    confusion: tuple[ConfusionCell, ...] = ()
+
+    def confusion_matrix(self) -> list[list[int]]:
+        """Rows (actual class) of columns (predicted class), one per entry of ``class_metrics``."""
+        size = len(self.class_metrics)
+        rows = [[0] * size for _ in range(size)]
+        for cell in self.confusion:
+            if 0 <= cell.actual < size and 0 <= cell.predicted < size:
+                rows[cell.actual][cell.predicted] = cell.count
+        return rows
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@
     vision-client health [--json]
     vision-client fine-tune DIR --base M --output NAME [--head H] [--epochs N] ... [--plot FILE] [--json]
     vision-client jobs [--json]
+    vision-client jobs show JOB_ID [--json]
     vision-client cancel JOB_ID [--json]
     vision-client delete-model NAME
 
@@ -117,7 +118,17 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
     )
     fine_tune.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    jobs = commands.add_parser("jobs", parents=[connection], help="list fine-tuning jobs")
+    jobs = commands.add_parser(
+        "jobs",
+        parents=[connection],
+        help="list fine-tuning jobs, or show one",
+        description=(
+            "List fine-tuning jobs; 'jobs show JOB_ID' shows one: its settings, its figures and, for "
+            "classes, each class's precision and recall and the confusion matrix on the validation split."
+        ),
+    )
+    jobs.add_argument("action", nargs="?", choices=("show",), help="show one job")
+    jobs.add_argument("job_id", nargs="?", metavar="JOB_ID", help="the job to show")
     jobs.add_argument("--json", action="store_true", help="print JSON")
 
     cancel = commands.add_parser("cancel", parents=[connection], help="cancel a fine-tuning job")
@@ -444,6 +455,10 @@ def fine_tune_command(client: Client, args: argparse.Namespace) -> int:
 
 
 def jobs_command(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "show" or args.job_id:
+        if not args.job_id:
+            return _fail("jobs show needs a JOB_ID (vision-client jobs lists them)")
+        return _show_job(client.job(args.job_id), as_json=args.json)
     jobs = client.jobs()
     if args.json:
         _print_json([_job_json(job) for job in jobs])
@@ -464,6 +479,70 @@ def jobs_command(client: Client, args: argparse.Namespace) -> int:
         for job in jobs
     ]
     _print_table(header, rows)
+    return 0
+
+
+SHOWN_MATRIX_CLASSES = 20  # a confusion matrix wider than this is shown as its largest confusions
+SHOWN_CONFUSIONS = 20
+
+
+def _show_job(job: JobInfo, *, as_json: bool) -> int:
+    """``jobs show``: one job's settings and figures; per class and the confusion matrix for classes."""
+    if as_json:
+        _print_json({**_job_json(job), "confusion_matrix": job.metrics.confusion_matrix()})
+        return 0
+    m = job.metrics
+    print(f"job {job.id} {job.state}" + (f": {job.error}" if job.error else ""))
+    rows = [
+        ("base model", job.base_model),
+        ("output model", job.output_model),
+        ("head", f"{job.head}, {job.optimizer}, {job.loss}"),
+        ("classes" if job.loss == "cross_entropy" else "outputs", f"{len(job.labels)}: {' '.join(job.labels)}"),
+        ("examples", str(job.examples)),
+    ]
+    if job.config is not None:
+        augmentation = job.config.augmentation
+        if augmentation.views:
+            parts = [f"{augmentation.views} views"]
+            if augmentation.crop:
+                parts.append("random resized crop {:g}-{:g}".format(*augmentation.crop_scale))
+            if augmentation.horizontal_flip:
+                parts.append("horizontal flip")
+            rows.append(("augmentation", ", ".join(parts)))
+        weights = job.config.class_weights
+        if weights != "none":
+            shown = weights if isinstance(weights, str) else " ".join(f"{k}={v:g}" for k, v in weights.items())
+            rows.append(("class weights", shown))
+    if job.state == "succeeded":
+        rows.append(("epochs", f"{m.epochs_run} of {job.epochs} (best {m.best_epoch})"))
+        rows.append(("train loss", f"{m.train_loss:.4f}"))
+        if m.validation_examples:
+            rows.append(("validation loss", f"{m.validation_loss:.4f} ({m.validation_examples} examples)"))
+        if _has_accuracy(job):
+            rows.append(("validation accuracy", f"{m.validation_accuracy:.3f}"))
+        rows.append(("train seconds", f"{m.train_seconds:.1f}"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    if not m.class_metrics:
+        return 0
+    print("\nper class (validation split):")
+    _print_table(
+        ("CLASS", "PRECISION", "RECALL", "SUPPORT"),
+        [(c.label, f"{c.precision:.3f}", f"{c.recall:.3f}", str(c.support)) for c in m.class_metrics],
+    )
+    labels = [c.label for c in m.class_metrics]
+    if len(labels) <= SHOWN_MATRIX_CLASSES:
+        print("\nconfusion matrix (rows: actual class, columns: predicted):")
+        matrix = m.confusion_matrix()
+        _print_table(("", *labels), [(label, *map(str, row)) for label, row in zip(labels, matrix, strict=True)])
+    else:
+        wrong = sorted((c for c in m.confusion if c.actual != c.predicted), key=lambda c: -c.count)
+        print(f"\nlargest confusions ({min(len(wrong), SHOWN_CONFUSIONS)} of {len(wrong)}; --json has them all):")
+        _print_table(
+            ("ACTUAL", "PREDICTED", "EXAMPLES"),
+            [(labels[c.actual], labels[c.predicted], str(c.count)) for c in wrong[:SHOWN_CONFUSIONS]],
+        )
     return 0
 
 
@@ -598,6 +677,8 @@ def _job_json(job: JobInfo) -> dict[str, object]:
         "examples": job.examples,
         "labels": list(job.labels),
         "metrics": asdict(job.metrics),
+        "augmentation": None if job.config is None else asdict(job.config.augmentation),
+        "class_weights": None if job.config is None else job.config.class_weights,
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
