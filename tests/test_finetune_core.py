@@ -11,7 +11,7 @@ import torch
 from service.config import FineTuneLimits as Limits
 from service.errors import InvalidInputError, ModelNotFoundError, StoreEntryError
 from service.finetune.examples import ExampleCollector
-from service.finetune.heads import ParallelBlock, build_head
+from service.finetune.heads import Parallel, build_head
 from service.finetune.spec import check_limits, config_from_wire
 from service.finetune.store import ModelStore
 from service.finetune.trainer import JobCancelled, TrainMetrics, split_indices, train_head
@@ -36,10 +36,13 @@ def test_heads_have_the_promised_shapes(kind: str) -> None:
 
 
 def test_parallel_block_is_a_clamped_product() -> None:
-    block = ParallelBlock(3, 2)
+    head = build_head(HeadConfig(kind="parallel", hidden=2, blocks=1), 3, 5)
+    block, clamp = head[0], head[1]
+    assert isinstance(block, Parallel)
+    left, right = (branch[0] for branch in block.branches)
     x = torch.randn(4, 3)
-    assert torch.equal(block(x), torch.clamp(block.left(x) * block.right(x), min=0))
-    assert (block(x) >= 0).all()
+    assert torch.equal(clamp(block(x)), torch.clamp(left(x) * right(x), min=0))
+    assert (clamp(block(x)) >= 0).all()
 
 
 @pytest.mark.parametrize(

@@ -1,40 +1,107 @@
-"""Head modules a job can train. Built from a :class:`HeadConfig`; never from client code."""
+"""Head modules a job can train, built from a :class:`HeadConfig`'s layer list (the protocol's one
+vocabulary, :data:`~vision_client.protocol.LAYER_KINDS`) with our own module classes: never from
+client code, never unpickled. The same config always builds the same module, so a manifest's head
+(stored as data) and its safetensors weights make the served model again.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional
 
-from vision_client.protocol import HeadConfig
+from vision_client.protocol import HeadConfig, Layer
 
 
-class ParallelBlock(nn.Module):
-    """Two Linears side by side; their elementwise product, clamped at zero."""
+class Parallel(nn.Module):
+    """Branches run on the same input; their outputs (of one width) multiplied elementwise
+    (``product``) or added (``sum``). Today's ``parallel`` preset is this block of two Linears
+    followed by a ReLU (the product clamped at zero)."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, branches: list[nn.Sequential], combine: str) -> None:
         super().__init__()
-        self.left = nn.Linear(in_features, out_features)
-        self.right = nn.Linear(in_features, out_features)
+        self.branches = nn.ModuleList(branches)
+        self.combine = combine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(self.left(x) * self.right(x), min=0)
+        outputs: list[torch.Tensor] = [branch(x) for branch in self.branches]
+        result = outputs[0]
+        for output in outputs[1:]:
+            result = result * output if self.combine == "product" else result + output
+        return result
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """Batch normalisation that takes a training batch of one example (the last of an epoch may
+    be one) with its running statistics, as serving does, where torch's would raise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        output: torch.Tensor = super().forward(x)
+        return output
+
+
+def build_layers(layers: tuple[Layer, ...], width: int) -> tuple[list[nn.Module], int]:
+    """The modules of ``layers`` on inputs ``width`` wide, and the width of their output.
+
+    The limits (:func:`service.finetune.spec.check_head`) are checked before; a parallel block
+    whose branches end in different widths is a ValueError here too."""
+    modules: list[nn.Module] = []
+    for layer in layers:
+        if layer.kind == "linear":
+            modules.append(nn.Linear(width, layer.width))
+            width = layer.width
+        elif layer.kind == "relu":
+            modules.append(nn.ReLU())
+        elif layer.kind == "gelu":
+            modules.append(nn.GELU())
+        elif layer.kind == "dropout":
+            modules.append(nn.Dropout(layer.p))
+        elif layer.kind == "batch_norm":
+            modules.append(BatchNorm(width))
+        elif layer.kind == "layer_norm":
+            modules.append(nn.LayerNorm(width))
+        elif layer.kind == "parallel":
+            built = [build_layers(branch, width) for branch in layer.branches]
+            widths = {out for _, out in built}
+            if len(widths) != 1:
+                raise ValueError(f"a parallel block's branches end in different widths: {sorted(widths)}")
+            modules.append(Parallel([nn.Sequential(*branch) for branch, _ in built], layer.combine))
+            (width,) = widths
+        else:
+            raise ValueError(f"unknown layer kind {layer.kind!r}")
+    return modules, width
 
 
 def build_head(head: HeadConfig, in_features: int, out_features: int) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Dropout(head.dropout)] if head.dropout > 0 else []
-    if head.kind == "linear":
-        layers.append(nn.Linear(in_features, out_features))
-    elif head.kind == "two_layer":
-        layers += [nn.Linear(in_features, head.hidden), nn.ReLU(), nn.Linear(head.hidden, out_features)]
-    elif head.kind == "parallel":
-        width = in_features
-        for _ in range(head.blocks):
-            layers.append(ParallelBlock(width, head.hidden))
-            width = head.hidden
-        layers.append(nn.Linear(width, out_features))
-    else:
-        raise ValueError(f"unknown head kind {head.kind!r}")
-    return nn.Sequential(*layers)
+    """The head's layers (:meth:`HeadConfig.layer_list`), then a Linear to ``out_features``."""
+    modules, width = build_layers(head.layer_list(), in_features)
+    return nn.Sequential(*modules, nn.Linear(width, out_features))
+
+
+def upgrade_state(head: HeadConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights a server wrote before heads were layer lists, under the names the same head has now.
+
+    Only the ``parallel`` preset's names changed: its blocks were one module each
+    (``head.<i>.left`` and ``.right``); now each is a :class:`Parallel` of two branches and a ReLU.
+    Linear and two_layer heads had the names they have now. Other state is returned as it is.
+    """
+    if head.kind != "parallel" or not any(".left." in key for key in state):
+        return state
+    offset = 1 if head.dropout > 0 else 0  # the input's dropout came first
+    names: dict[str, str] = {}
+    for block in range(head.blocks):
+        for branch, side in enumerate(("left", "right")):
+            for tensor in ("weight", "bias"):
+                names[f"head.{offset + block}.{side}.{tensor}"] = (
+                    f"head.{offset + 2 * block}.branches.{branch}.0.{tensor}"
+                )
+    for tensor in ("weight", "bias"):
+        names[f"head.{offset + head.blocks}.{tensor}"] = f"head.{offset + 2 * head.blocks}.{tensor}"
+    return {names.get(key, key): value for key, value in state.items()}
 
 
 class StandardizedHead(nn.Module):

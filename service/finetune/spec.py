@@ -3,8 +3,10 @@
 The config itself is the protocol's :class:`~vision_client.protocol.FineTuneConfig`: it checks
 kinds, types and ranges when it is made (from Python or from the wire, by the same code). What a
 config cannot know is checked here: how large this server lets a head, an epoch count or a batch
-be, the model name pattern, and that the head fits the base model's features within
-``FineTuneLimits.max_head_parameters``.
+be, the model name pattern, how many layers a head has (:data:`MAX_HEAD_LAYERS`) and how wide
+they are, and that the head fits the base model's features within
+``FineTuneLimits.max_head_parameters``. All of it before any example is read, and without
+building the head: the parameters are counted from the layer list.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from service.config import FineTuneLimits
 from service.errors import InvalidInputError, quote
 from service.finetune.names import validate_model_name
 from vision_client import errors as client_errors
-from vision_client.protocol import FineTuneConfig, HeadConfig, from_message
+from vision_client.protocol import FineTuneConfig, HeadConfig, Layer, from_message
+from vision_client.protocol.fine_tuning import count_layers
 from vision_client.protocol.labels import label_problem
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 
 MAX_LEARNING_RATE = 10.0
 MAX_WEIGHT_DECAY = 1.0
+MAX_HEAD_LAYERS = 64  # layers of a head, those inside parallel blocks counted
 MAX_AUGMENT_VIEWS = 16  # random views per example whose features a job computes and keeps
 
 
@@ -31,13 +35,37 @@ def config_from_wire(message: pb.FineTuneConfig) -> FineTuneConfig:
 
 
 def head_parameters(head: HeadConfig, in_features: int, out_features: int) -> int:
-    """Trainable parameters of ``head`` (weights and biases), without building it."""
-    if head.kind == "two_layer":
-        return (in_features + 1) * head.hidden + (head.hidden + 1) * out_features
-    if head.kind == "parallel":
-        blocks = 2 * (in_features + 1) * head.hidden + (head.blocks - 1) * 2 * (head.hidden + 1) * head.hidden
-        return blocks + (head.hidden + 1) * out_features
-    return in_features * out_features + out_features  # linear (HeadConfig admits no other kind)
+    """Values ``head`` stores (weights, biases, normalisations' scales and shifts, batch_norm's
+    running statistics: its state dict), without building it; :class:`InvalidInputError` where a
+    parallel block's branches end in different widths."""
+    parameters, width = _walk(head.layer_list(), in_features, "head layers")
+    return parameters + (width + 1) * out_features  # the output Linear
+
+
+def _walk(layers: tuple[Layer, ...], width: int, where: str) -> tuple[int, int]:
+    """(values stored, output width) of ``layers`` on inputs ``width`` wide (as heads.build_layers builds them)."""
+    total = 0
+    for position, layer in enumerate(layers):
+        if layer.kind == "linear":
+            total += (width + 1) * layer.width
+            width = layer.width
+        elif layer.kind == "batch_norm":
+            total += 4 * width + 1  # weight, bias, running mean and variance, the batch count
+        elif layer.kind == "layer_norm":
+            total += 2 * width
+        elif layer.kind == "parallel":
+            walked = [
+                _walk(branch, width, f"{where}[{position}].branches[{n}]") for n, branch in enumerate(layer.branches)
+            ]
+            widths = [out for _, out in walked]
+            if len(set(widths)) != 1:
+                raise InvalidInputError(
+                    f"{where}[{position}] (parallel): its branches end in widths {', '.join(map(str, widths))}; "
+                    f"a {layer.combine} needs one width, so end each branch in a linear of the same width"
+                )
+            total += sum(parameters for parameters, _ in walked)
+            width = widths[0]
+    return total, width
 
 
 def check_head(head: HeadConfig, in_features: int, out_features: int, limits: FineTuneLimits) -> HeadConfig:
@@ -45,10 +73,14 @@ def check_head(head: HeadConfig, in_features: int, out_features: int, limits: Fi
     _check_sizes(head, limits)
     parameters = head_parameters(head, in_features, out_features)
     if parameters > limits.max_head_parameters:
+        if head.kind == "custom":
+            shape, fix = f"a head of {count_layers(head.layers)} layers", "choose narrower or fewer linear layers"
+        else:
+            shape = f"a {head.kind} head with hidden={head.hidden}, blocks={head.blocks}"
+            fix = "choose a smaller hidden size or fewer blocks"
         raise InvalidInputError(
-            f"a {head.kind} head with hidden={head.hidden}, blocks={head.blocks} on {in_features} features and "
-            f"{out_features} outputs has {parameters:,} parameters, over the limit of "
-            f"{limits.max_head_parameters:,} (--max-head-parameters); choose a smaller hidden size or fewer blocks"
+            f"{shape} on {in_features} features and {out_features} outputs has {parameters:,} parameters, over the "
+            f"limit of {limits.max_head_parameters:,} (--max-head-parameters); {fix}"
         )
     return head
 
@@ -126,8 +158,28 @@ def check_classes(config: FineTuneConfig, classes: list[str]) -> None:
 
 
 def _check_sizes(head: HeadConfig, limits: FineTuneLimits) -> None:
+    """The sizes a config alone shows: the preset's, the number of layers (first: a list of
+    thousands costs nothing more to refuse), and every linear width."""
     _at_most("head hidden size", head.hidden, limits.max_hidden)
     _at_most("head blocks", head.blocks, limits.max_blocks)
+    layers = count_layers(head.layers)
+    if layers > MAX_HEAD_LAYERS:
+        raise InvalidInputError(
+            f"a head has at most {MAX_HEAD_LAYERS} layers on this server (those inside parallel blocks counted), "
+            f"got {layers:,}"
+        )
+    _check_widths(head.layers, limits, "head layers")
+
+
+def _check_widths(layers: tuple[Layer, ...], limits: FineTuneLimits, where: str) -> None:
+    for position, layer in enumerate(layers):
+        if layer.kind == "linear" and layer.width > limits.max_hidden:
+            raise InvalidInputError(
+                f"{where}[{position}] (linear): width must be at most {limits.max_hidden} on this server, "
+                f"got {layer.width}"
+            )
+        for number, branch in enumerate(layer.branches):
+            _check_widths(branch, limits, f"{where}[{position}].branches[{number}]")
 
 
 def _at_most(name: str, value: int, high: int) -> None:

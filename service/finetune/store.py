@@ -36,7 +36,7 @@ import math
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,7 +55,7 @@ from service.errors import (
     quote,
 )
 from service.files import FileRefused
-from service.finetune.heads import StandardizedHead, build_standardized_head
+from service.finetune.heads import StandardizedHead, build_standardized_head, upgrade_state
 from service.finetune.names import is_model_name
 from service.finetune.spec import check_head
 from service.finetune.trainer import TrainMetrics
@@ -70,6 +70,7 @@ from service.storage import (
 )
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import HEAD_KINDS, LOSSES, HeadConfig
+from vision_client.protocol.fine_tuning import head_from_dict, head_to_dict
 from vision_client.protocol.labels import label_problem
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class Manifest:
             "name": self.name,
             "version": self.version,
             "base_model": self.base_model,
-            "head": asdict(self.head),
+            "head": head_to_dict(self.head),
             "feature_dim": self.feature_dim,
             "labels": self.labels,
             "loss": self.loss,
@@ -174,22 +175,18 @@ class Manifest:
             raise StoreEntryError(
                 StoreReason.BAD_MANIFEST, f"{folder}: the manifest names another model, {quote(name)}"
             )
-        head_fields = _Fields(fields.get("head", dict), f"{folder}: head")
-        kind = head_fields.get("kind", str)
+        head_data = fields.get("head", dict)
+        kind = _Fields(head_data, f"{folder}: head").get("kind", str)
         if kind not in HEAD_KINDS:
             raise StoreEntryError(
                 StoreReason.UNKNOWN_HEAD,
                 f"{folder}: head kind {quote(kind)} is unknown to this server ({', '.join(HEAD_KINDS)})",
             )
-        try:
-            head = HeadConfig(
-                kind=kind,  # one of HEAD_KINDS
-                hidden=head_fields.get("hidden", int),
-                blocks=head_fields.get("blocks", int),
-                dropout=head_fields.get("dropout", float, 0.0),
-            )
+        try:  # the head is data: the protocol's one reading of it (a manifest of before layers has none)
+            head = head_from_dict(head_data)
         except ConfigError as exc:
-            raise StoreEntryError(StoreReason.BAD_DIMENSIONS, f"{folder}: {exc.message}") from None
+            reason = StoreReason.UNKNOWN_HEAD if "is unknown" in exc.message else StoreReason.BAD_DIMENSIONS
+            raise StoreEntryError(reason, f"{folder}: head: {exc.message}") from None
         feature_dim = fields.get("feature_dim", int)
         labels = fields.get("labels", list)
         if not all(isinstance(label, str) for label in labels):
@@ -532,7 +529,7 @@ class ModelStore:
             manifest.head, manifest.feature_dim, len(manifest.labels), regression=manifest.loss == "mse"
         )
         try:
-            tensors = load_safetensors(blob)
+            tensors = upgrade_state(manifest.head, load_safetensors(blob))  # a store of before layers too
             head.load_state_dict(tensors)
         except Exception as exc:  # safetensors raises its own error types on a malformed header
             raise StoreEntryError(

@@ -40,7 +40,7 @@ from vision_client.errors import (
     UnavailableError,
     VisionClientError,
 )
-from vision_client.protocol.fine_tuning import AugmentationConfig, FineTuneConfig, HeadConfig, OptimizerConfig
+from vision_client.protocol.fine_tuning import AugmentationConfig, FineTuneConfig, HeadConfig, Layer, OptimizerConfig
 
 __all__ = [
     "USE_CLIENT_DEFAULT",
@@ -63,6 +63,7 @@ __all__ = [
     "JobEvent",
     "JobInfo",
     "JobMetrics",
+    "Layer",
     "ModelInfo",
     "ModelNotFoundError",
     "OptimizerConfig",

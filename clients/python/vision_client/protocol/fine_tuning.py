@@ -13,26 +13,34 @@ wire means "the server's default", so a zero learning rate would silently become
 0.001). Limits of a server's own (how many epochs it allows, the model name pattern,
 the head's size) are the server's to check.
 
-The kinds (``HEAD_KINDS``, ``OPTIMIZER_KINDS``, ``LOSSES``) are defined here once.
+The kinds (``HEAD_KINDS``, ``OPTIMIZER_KINDS``, ``LOSSES``) and the vocabulary of a head's
+layers (``LAYER_KINDS``, :class:`Layer`) are defined here once; :func:`vocabulary` hands them,
+with every default, to those who cannot import Python (the web console).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NoReturn, get_args
 
 from vision_client.errors import InvalidInputError
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 
-HeadKind = Literal["linear", "two_layer", "parallel"]
+HeadKind = Literal["linear", "two_layer", "parallel", "custom"]
+LayerKind = Literal["linear", "relu", "gelu", "dropout", "batch_norm", "layer_norm", "parallel"]
+Combine = Literal["product", "sum"]
 OptimizerKind = Literal["adam", "sgd"]
 Loss = Literal["cross_entropy", "mse"]
 
 HEAD_KINDS: tuple[str, ...] = get_args(HeadKind)
+HEAD_PRESETS: tuple[str, ...] = HEAD_KINDS[:-1]  # "custom" is the layer list itself
+LAYER_KINDS: tuple[str, ...] = get_args(LayerKind)
+COMBINES: tuple[str, ...] = get_args(Combine)
 OPTIMIZER_KINDS: tuple[str, ...] = get_args(OptimizerKind)
 LOSSES: tuple[str, ...] = get_args(Loss)
 
@@ -42,22 +50,145 @@ _SHOWN_CHARS = 80  # of a bad value in an error message
 _FLOAT32 = struct.Struct("<f")
 
 
+LAYER_HELP: dict[str, str] = {
+    "linear": "a fully connected layer of `width` outputs (weights and biases)",
+    "relu": "max(x, 0)",
+    "gelu": "the Gaussian error linear unit",
+    "dropout": "zeroes each value with probability `p` (in [0, 1)) while training",
+    "batch_norm": "normalises each feature over the batch (running statistics when serving)",
+    "layer_norm": "normalises each example over its features",
+    "parallel": "two or more `branches` (layer lists) on the same input, their outputs combined by "
+    "`combine`: product (elementwise, the default) or sum",
+}
+MAX_NESTING = 8  # parallel blocks inside parallel blocks: a bound of the protocol's, whatever the server
+_LAYER_FIELDS = ("kind", "width", "p", "branches", "combine")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a head, from the fixed vocabulary :data:`LAYER_KINDS` (:data:`LAYER_HELP`).
+
+    ``width`` is a ``linear`` layer's output size; ``p`` a ``dropout`` layer's probability;
+    ``branches`` a ``parallel`` block's layer lists (two or more, run on the same input) and
+    ``combine`` how their outputs meet. A field a kind does not take must be left out.
+
+    >>> Layer("parallel", branches=[[Layer("linear", width=64)], [Layer("linear", width=64)]])  # doctest: +SKIP
+    """
+
+    kind: LayerKind
+    width: int = 0
+    p: float = 0.0
+    branches: tuple[tuple[Layer, ...], ...] = ()
+    combine: Combine = "product"
+
+    def __post_init__(self) -> None:
+        kind = self.kind
+        _check_choice("layer kind", kind, LAYER_KINDS)
+        if kind == "linear":
+            _set(self, "width", _check_count("linear width", self.width))
+        elif self.width != 0:
+            raise InvalidInputError(f"a {kind} layer takes no width (only linear does), got {_shown(self.width)}")
+        if kind == "dropout":
+            _set(self, "p", _check_fraction("dropout p", self.p))
+        elif self.p != 0:
+            raise InvalidInputError(f"a {kind} layer takes no p (only dropout does), got {_shown(self.p)}")
+        if kind == "parallel":
+            _set(self, "branches", _check_branches(self.branches))
+            _check_choice("parallel combine", self.combine, COMBINES)
+            if _nesting(self) > MAX_NESTING:
+                raise InvalidInputError(f"parallel blocks nest at most {MAX_NESTING} deep")
+        elif self.branches or self.combine != "product":
+            raise InvalidInputError(f"a {kind} layer takes no branches or combine (only parallel does)")
+        else:
+            _set(self, "branches", ())  # an empty list from the wire or JSON, as the tuple it stands for
+
+
+def _check_branches(branches: object) -> tuple[tuple[Layer, ...], ...]:
+    if not isinstance(branches, (list, tuple)) or len(branches) < 2:
+        count = len(branches) if isinstance(branches, (list, tuple)) else _shown(branches)
+        raise InvalidInputError(f"a parallel layer needs two or more branches (lists of layers), got {count}")
+    checked = []
+    for number, branch in enumerate(branches):
+        layers = _check_layers(f"parallel branch {number}", branch)
+        if not layers:
+            raise InvalidInputError(f"parallel branch {number} is empty; give it at least one layer")
+        checked.append(layers)
+    return tuple(checked)
+
+
+def _check_layers(name: str, layers: object) -> tuple[Layer, ...]:
+    if not isinstance(layers, (list, tuple)):
+        raise InvalidInputError(f"{name} must be a list of Layer, got {_shown(layers)}")
+    for position, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise InvalidInputError(
+                f"{name}[{position}] must be a Layer, e.g. Layer('linear', width=256), got {_shown(layer)}"
+            )
+    return tuple(layers)
+
+
+def _nesting(layer: Layer) -> int:
+    """How deep parallel blocks nest in ``layer`` (1: a parallel block of plain layers).
+    Its branches were checked when made, so each is at most :data:`MAX_NESTING` deep."""
+    inner = [_nesting(inside) for branch in layer.branches for inside in branch if inside.kind == "parallel"]
+    return 1 + max(inner, default=0)
+
+
+def count_layers(layers: tuple[Layer, ...]) -> int:
+    """Layers in ``layers``, those inside parallel blocks included (each block counts too)."""
+    return sum(1 + sum(count_layers(branch) for branch in layer.branches) for layer in layers)
+
+
 @dataclass(frozen=True)
 class HeadConfig:
-    """The new head: ``linear``; ``two_layer`` (Linear-ReLU-Linear, ``hidden`` wide);
-    ``parallel`` (``blocks`` blocks whose output is the product of two Linears clamped
-    at zero, then a Linear). ``dropout`` applies to the head's input while training."""
+    """The new head, from its input features to a Linear that gives the outputs.
+
+    A preset ``kind``: ``linear`` (that Linear alone); ``two_layer`` (Linear-ReLU-Linear,
+    ``hidden`` wide); ``parallel`` (``blocks`` blocks whose output is the product of two
+    Linears clamped at zero, then a Linear). Or ``layers``, a list of :class:`Layer` (kind
+    ``custom``, set by giving layers): the head is those layers, then the output Linear.
+    ``dropout`` applies to the head's input while training. :meth:`layer_list` says what
+    any head is made of.
+
+    >>> HeadConfig(layers=[Layer("linear", width=512), Layer("batch_norm"), Layer("gelu")])  # doctest: +SKIP
+    """
 
     kind: HeadKind = "linear"
     hidden: int = 256
     blocks: int = 2
     dropout: float = 0.0
+    layers: tuple[Layer, ...] = ()
 
     def __post_init__(self) -> None:
+        layers = _check_layers("head layers", self.layers)
+        _set(self, "layers", layers)
+        if layers and self.kind == "linear":  # the default kind: layers given make a custom head
+            _set(self, "kind", "custom")
         _check_choice("head kind", self.kind, HEAD_KINDS)
+        if layers and self.kind != "custom":
+            raise InvalidInputError(
+                f"a {self.kind} head is a preset and takes no layers; give the layers alone (kind custom)"
+            )
+        if self.kind == "custom" and not layers:
+            raise InvalidInputError(
+                "a custom head needs its layers, e.g. layers=[Layer('linear', width=256), Layer('relu')]"
+            )
         _set(self, "hidden", _check_count("head hidden", self.hidden))
         _set(self, "blocks", _check_count("head blocks", self.blocks))
         _set(self, "dropout", _check_fraction("head dropout", self.dropout))
+
+    def layer_list(self) -> tuple[Layer, ...]:
+        """Every layer of the head before its output Linear: the input's dropout, then the
+        preset's layers or the custom ones. The server builds the head from this alone."""
+        front = (Layer("dropout", p=self.dropout),) if self.dropout > 0 else ()
+        if self.kind == "custom":
+            return front + self.layers
+        if self.kind == "two_layer":
+            return (*front, Layer("linear", width=self.hidden), Layer("relu"))
+        if self.kind == "parallel":
+            gate = (Layer("linear", width=self.hidden),)
+            return front + (Layer("parallel", branches=(gate, gate)), Layer("relu")) * self.blocks
+        return front  # linear
 
 
 @dataclass(frozen=True)
@@ -272,7 +403,13 @@ def to_message(config: FineTuneConfig) -> pb.FineTuneConfig:
     return pb.FineTuneConfig(
         base_model=config.base_model,
         output_model=config.output_model,
-        head=pb.HeadSpec(kind=head.kind, hidden=head.hidden, blocks=head.blocks, dropout=head.dropout),
+        head=pb.HeadSpec(
+            kind=head.kind,
+            hidden=head.hidden,
+            blocks=head.blocks,
+            dropout=head.dropout,
+            layers=[_layer_message(layer) for layer in head.layers],
+        ),
         optimizer=pb.OptimizerSpec(
             kind=optimizer.kind,
             lr=optimizer.lr,
@@ -345,10 +482,11 @@ def from_message(message: pb.FineTuneConfig) -> FineTuneConfig:
         base_model=message.base_model,
         output_model=message.output_model,
         head=HeadConfig(
-            kind=head.kind or head_default.kind,  # type: ignore[arg-type]  # checked by HeadConfig
+            kind=head.kind or ("custom" if head.layers else head_default.kind),  # type: ignore[arg-type]  # checked
             hidden=head.hidden or head_default.hidden,
             blocks=head.blocks or head_default.blocks,
             dropout=head.dropout,
+            layers=_layers_from_message(head.layers, "head layers", 0),
         ),
         optimizer=OptimizerConfig(
             kind=optimizer.kind or optimizer_default.kind,  # type: ignore[arg-type]
@@ -371,12 +509,240 @@ def from_message(message: pb.FineTuneConfig) -> FineTuneConfig:
     )
 
 
+def _layer_message(layer: Layer) -> pb.HeadLayer:
+    return pb.HeadLayer(
+        kind=layer.kind,
+        width=layer.width,
+        p=layer.p,
+        branches=[pb.HeadBranch(layers=[_layer_message(inner) for inner in branch]) for branch in layer.branches],
+        combine=layer.combine if layer.kind == "parallel" else "",
+    )
+
+
+def _layers_from_message(layers: Sequence[pb.HeadLayer], where: str, depth: int) -> tuple[Layer, ...]:
+    """The layers a message carries; an error names the layer (``head layers[3]``). Nesting is
+    bounded before it is followed, so a hostile message cannot make this recurse deep."""
+    if depth > MAX_NESTING:
+        raise InvalidInputError(f"{where}: parallel blocks nest at most {MAX_NESTING} deep")
+    converted = []
+    for position, message in enumerate(layers):
+        at = f"{where}[{position}]"
+        branches = [
+            _layers_from_message(branch.layers, f"{at}.branches[{number}]", depth + 1)
+            for number, branch in enumerate(message.branches)
+        ]
+        converted.append(_layer(at, message.kind, message.width, message.p, branches, message.combine or "product"))
+    return tuple(converted)
+
+
+def _layer(at: str, kind: object, width: object, p: object, branches: object, combine: object) -> Layer:
+    try:
+        return Layer(kind, width, p, branches, combine)  # type: ignore[arg-type]  # checked by Layer
+    except InvalidInputError as error:
+        raise InvalidInputError(f"{at}: {error.message}") from None
+
+
 # -- the one conversion to and from JSON --------------------------------------------------------
 
 
 def to_dict(config: FineTuneConfig) -> dict[str, Any]:
-    """The config as JSON-ready values: the dataclass's fields, nested as the config is."""
-    return asdict(config)
+    """The config as JSON-ready values: the dataclass's fields, nested as the config is (a
+    head as :func:`head_to_dict` writes it)."""
+    fields = asdict(config)
+    fields["head"] = head_to_dict(config.head)
+    return fields
+
+
+def head_to_dict(head: HeadConfig) -> dict[str, Any]:
+    """A head as JSON-ready values (what a model manifest stores): its fields, the layers short."""
+    return {
+        "kind": head.kind,
+        "hidden": head.hidden,
+        "blocks": head.blocks,
+        "dropout": head.dropout,
+        "layers": [layer_to_dict(layer) for layer in head.layers],
+    }
+
+
+def layer_to_dict(layer: Layer) -> dict[str, Any]:
+    """A layer as JSON: its kind and the fields its kind takes (``{"kind": "linear", "width": 64}``)."""
+    data: dict[str, Any] = {"kind": layer.kind}
+    if layer.kind == "linear":
+        data["width"] = layer.width
+    elif layer.kind == "dropout":
+        data["p"] = layer.p
+    elif layer.kind == "parallel":
+        data["branches"] = [[layer_to_dict(inner) for inner in branch] for branch in layer.branches]
+        data["combine"] = layer.combine
+    return data
+
+
+def head_from_dict(data: object) -> HeadConfig:
+    """The head of :func:`head_to_dict`'s output, or of a record written before heads had layers
+    (no ``layers``); :class:`InvalidInputError` for anything else."""
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"a head is a JSON object, got {type(data).__name__}")
+    fields = dict(data)
+    layers = fields.pop("layers", [])
+    unknown = set(fields) - {"kind", "hidden", "blocks", "dropout"}
+    if unknown:
+        raise InvalidInputError(f"a head has no field {_shown(sorted(unknown)[0])}")
+    return HeadConfig(**fields, layers=layers_from_json(layers, "head layers"))
+
+
+def layers_from_json(data: object, where: str = "layers", depth: int = 0) -> tuple[Layer, ...]:
+    """Layers from JSON (:func:`layer_to_dict`'s form); an error names the layer and the field."""
+    if depth > MAX_NESTING:
+        raise InvalidInputError(f"{where}: parallel blocks nest at most {MAX_NESTING} deep")
+    if not isinstance(data, list):
+        raise InvalidInputError(f"{where} must be a list of layers, got {_shown(data)}")
+    converted = []
+    for position, item in enumerate(data):
+        at = f"{where}[{position}]"
+        if not isinstance(item, dict) or "kind" not in item:
+            raise InvalidInputError(f'{at} must be an object with a kind, e.g. {{"kind": "relu"}}, got {_shown(item)}')
+        unknown = set(item) - set(_LAYER_FIELDS)
+        if unknown:
+            raise InvalidInputError(
+                f"{at} has an unknown field {_shown(sorted(unknown)[0])}; a layer has {', '.join(_LAYER_FIELDS)}"
+            )
+        branches = item.get("branches", [])
+        if not isinstance(branches, list):
+            raise InvalidInputError(f"{at}.branches must be a list of layer lists, got {_shown(branches)}")
+        inner = [layers_from_json(b, f"{at}.branches[{n}]", depth + 1) for n, b in enumerate(branches)]
+        converted.append(
+            _layer(at, item["kind"], item.get("width", 0), item.get("p", 0.0), inner, item.get("combine", "product"))
+        )
+    return tuple(converted)
+
+
+# -- layers as one line of text (the command line's --layers) ------------------------------------
+
+
+def format_layers(layers: tuple[Layer, ...]) -> str:
+    """Layers as :func:`parse_layers` reads them: ``linear:512,relu,dropout:0.2,parallel(linear:64|linear:64)``."""
+    return ",".join(_format_layer(layer) for layer in layers)
+
+
+def _format_layer(layer: Layer) -> str:
+    if layer.kind == "linear":
+        return f"linear:{layer.width}"
+    if layer.kind == "dropout":
+        return f"dropout:{layer.p!r}"
+    if layer.kind == "parallel":
+        combine = "" if layer.combine == "product" else f":{layer.combine}"
+        return f"parallel{combine}(" + "|".join(format_layers(branch) for branch in layer.branches) + ")"
+    return layer.kind
+
+
+def parse_layers(text: str) -> tuple[Layer, ...]:
+    """The layers of one line: ``KIND[:VALUE]`` separated by commas, the value a linear's width
+    or a dropout's p; ``parallel[:COMBINE](BRANCH|BRANCH...)`` with each branch such a list.
+    A JSON list (:func:`layer_to_dict`'s form) is read too. :class:`InvalidInputError` says
+    where the text goes wrong."""
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise InvalidInputError(f"layers: not valid JSON: {_shown(str(error))}") from None
+        return layers_from_json(data)
+    parser = _LayerText(text)
+    layers = parser.layers(0)
+    if parser.position != len(text):
+        parser.fail("expected ',' between layers")
+    return layers
+
+
+_WORD = "_.-+"  # characters of a kind or a number, besides letters and digits
+
+
+class _LayerText:
+    """A recursive descent over :func:`parse_layers`'s grammar, nesting bounded as the wire's is."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.position = text, 0
+
+    def fail(self, problem: str) -> NoReturn:
+        before, after = self.text[: self.position], self.text[self.position :]
+        raise InvalidInputError(
+            f"layers: {problem} at character {self.position + 1}: {_shown(before)} <here> {_shown(after)}"
+        )
+
+    def layers(self, depth: int) -> tuple[Layer, ...]:
+        if depth > MAX_NESTING:
+            self.fail(f"parallel blocks nest at most {MAX_NESTING} deep")
+        found = [self.layer(depth)]
+        while self.peek() == ",":
+            self.position += 1
+            found.append(self.layer(depth))
+        return tuple(found)
+
+    def peek(self) -> str:
+        while self.position < len(self.text) and self.text[self.position].isspace():
+            self.position += 1
+        return self.text[self.position : self.position + 1]
+
+    def word(self) -> str:
+        self.peek()
+        start = self.position
+        text = self.text
+        while self.position < len(text) and (text[self.position].isalnum() or text[self.position] in _WORD):
+            self.position += 1
+        return self.text[start : self.position]
+
+    def layer(self, depth: int) -> Layer:
+        at = self.position
+        kind = self.word()
+        if not kind:
+            self.fail(f"expected a layer ({', '.join(LAYER_KINDS)})")
+        value = ""
+        if self.peek() == ":":
+            self.position += 1
+            value = self.word()
+        branches: list[tuple[Layer, ...]] = []
+        if kind == "parallel" and self.peek() == "(":
+            self.position += 1
+            branches.append(self.layers(depth + 1))
+            while self.peek() == "|":
+                self.position += 1
+                branches.append(self.layers(depth + 1))
+            if self.peek() != ")":
+                self.fail("expected '|' or ')' in a parallel block")
+            self.position += 1
+        try:
+            if kind == "linear":
+                return Layer("linear", width=int(value))
+            if kind == "dropout":
+                return Layer("dropout", p=float(value))
+            if kind == "parallel":
+                return Layer("parallel", branches=tuple(branches), combine=value or "product")  # type: ignore[arg-type]
+            if value:
+                raise InvalidInputError(f"a {kind} layer takes no value")
+            return Layer(kind)  # type: ignore[arg-type]  # checked by Layer
+        except ValueError:
+            self.position = at
+            self.fail(f"{kind} needs a number after ':', got {_shown(value)}")
+        except InvalidInputError as error:
+            self.position = at
+            self.fail(error.message)
+
+
+def vocabulary() -> dict[str, Any]:
+    """What a form needs to build a config without restating it: every kind, the layers and the
+    fields each takes, and every default (a config's JSON, :func:`to_dict`, without the names)."""
+    defaults = to_dict(_DEFAULT)
+    del defaults["base_model"], defaults["output_model"]
+    takes = {"linear": ["width"], "dropout": ["p"], "parallel": ["branches", "combine"]}
+    return {
+        "head_kinds": list(HEAD_KINDS),
+        "head_presets": list(HEAD_PRESETS),
+        "layers": {kind: {"help": LAYER_HELP[kind], "fields": takes.get(kind, [])} for kind in LAYER_KINDS},
+        "combines": list(COMBINES),
+        "max_nesting": MAX_NESTING,
+        "optimizer_kinds": list(OPTIMIZER_KINDS),
+        "losses": list(LOSSES),
+        "defaults": defaults,
+    }
 
 
 def from_dict(data: object) -> FineTuneConfig:
@@ -392,7 +758,7 @@ def from_dict(data: object) -> FineTuneConfig:
         if isinstance(augmentation.get("crop_scale"), list):  # JSON has no tuples
             augmentation = {**augmentation, "crop_scale": tuple(augmentation["crop_scale"])}
         return FineTuneConfig(
-            head=HeadConfig(**head),
+            head=head_from_dict(head),
             optimizer=OptimizerConfig(**optimizer),
             augmentation=AugmentationConfig(**augmentation),
             **fields,
