@@ -46,15 +46,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from random import getrandbits
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -67,10 +70,22 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceState
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.errors import FailedPreconditionError, InvalidInputError, quote
+from service.otlp import (
+    KIND_INTERNAL,
+    KIND_SERVER,
+    EncodedExporter,
+    Encoder,
+    LinkRecord,
+    OtlpGrpcExporter,
+    OtlpHttpExporter,
+    SpanRecord,
+    readable,
+)
 from service.storage.objects import ObjectStore
 from service.storage.traced import TracedObjects
 
@@ -94,7 +109,9 @@ SAMPLERS = (
 LEVEL, RATE, COUNT, MODE = "trace_level", "trace_rate", "trace_count", "trace_mode"
 SETTING_KEYS = (LEVEL, RATE, COUNT)
 
+SCOPE = "vision-serving"  # the instrumentation scope of every span
 DroppedCallback = Callable[[str, int], None]  # (reason, spans)
+_TRACE_ID_LIMIT = (1 << 64) - 1  # the bits of a trace id a ratio sampler reads
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
@@ -162,16 +179,12 @@ class ExportConfig:
 
     def exporter(self) -> SpanExporter:
         """The OTLP exporter of :attr:`protocol` (headers, certificates and compression: its own
-        ``OTEL_EXPORTER_OTLP_*`` variables)."""
+        ``OTEL_EXPORTER_OTLP_*`` variables), sending the requests :mod:`service.otlp` encodes."""
         if self.protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-            return GrpcExporter(
+            return OtlpGrpcExporter(
                 endpoint=self.endpoint, insecure=self.endpoint.startswith("http://"), timeout=self.export_timeout_s
             )
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-        return HttpExporter(endpoint=self.endpoint, timeout=self.export_timeout_s)
+        return OtlpHttpExporter(endpoint=self.endpoint, timeout=self.export_timeout_s)
 
     def base_sampler(self) -> Sampler:
         ratio = TraceIdRatioBased(self.sampler_arg)
@@ -226,16 +239,44 @@ class _Sampler(Sampler):
         return f"VisionServe{{{self._base.get_description()}}}"
 
 
+class RequestSampler:
+    """The configured sampler's decision for a request, made without the SDK's span machinery: the
+    same rules as ``ParentBased``, ``ALWAYS_ON``, ``ALWAYS_OFF`` and ``TraceIdRatioBased`` (the 64
+    low-order bits of the trace id under the rate's bound). Only a sampled parent reaches it: a
+    parent that is not sampled has already meant no spans."""
+
+    def __init__(self, config: ExportConfig) -> None:
+        self._parent_based = config.sampler.startswith("parentbased_")
+        root = config.sampler.removeprefix("parentbased_")
+        self._bound = {
+            "always_on": _TRACE_ID_LIMIT + 1,
+            "always_off": 0,
+            "traceidratio": TraceIdRatioBased.get_bound_for_rate(config.sampler_arg),
+        }[root]
+
+    def sampled(self, trace_id: int, parent: bool) -> bool:
+        if parent and self._parent_based:
+            return True
+        return trace_id & _TRACE_ID_LIMIT < self._bound
+
+
 # -- export ------------------------------------------------------------------------------------
 
 
 class BoundedExportProcessor(SpanProcessor):
     """Ended spans into a bounded queue, exported in batches by one daemon thread.
 
-    OpenTelemetry's BatchSpanProcessor does the same but logs a warning for every span it drops
-    and counts nothing we can read: with a collector that is down, that is a line per span. Here
-    a full queue drops the span and counts it (``queue_full``); an export that fails counts its
-    spans (``export_failed``). Nothing here blocks the thread that ends a span.
+    Two kinds of span arrive: the SDK's (a job's, the store's: :meth:`on_end`) and a request's or a
+    batch's recorded spans (:meth:`add`, a group at a time: one lock, one append). The export thread
+    encodes both into one OTLP request (:class:`service.otlp.Encoder` for the records) and sends it
+    as it is where the exporter can (:class:`service.otlp.EncodedExporter`); any other exporter gets
+    ``ReadableSpan`` objects.
+
+    OpenTelemetry's BatchSpanProcessor does the same for the SDK's spans but logs a warning for
+    every span it drops and counts nothing we can read: with a collector that is down, that is a
+    line per span. Here what the queue cannot hold is dropped and counted (``queue_full``: a group
+    whole); an export that fails counts its spans (``export_failed``). Nothing here blocks the
+    thread that ends a span.
     """
 
     def __init__(
@@ -247,14 +288,21 @@ class BoundedExportProcessor(SpanProcessor):
         schedule_delay_s: float = 5.0,
         max_export_batch_size: int = 512,
         on_exported: Callable[[int], None] = lambda count: None,
+        resource: Resource | None = None,
     ) -> None:
         self._exporter = exporter
+        self._encoded = exporter if isinstance(exporter, EncodedExporter) else None
         self._on_dropped = on_dropped
         self._on_exported = on_exported
         self._max_queue = max_queue_size
         self._batch = min(max_export_batch_size, max_queue_size)
         self._delay = schedule_delay_s
-        self._queue: deque[ReadableSpan] = deque()
+        self._resource = resource if resource is not None else Resource.create({})
+        self._scope = InstrumentationScope(SCOPE)
+        self._encoder = Encoder(self._resource, SCOPE)
+        # An SDK span, or a group of recorded spans; ``_spans``: how many spans wait, in all.
+        self._queue: deque[ReadableSpan | Sequence[SpanRecord]] = deque()
+        self._spans = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
@@ -269,20 +317,26 @@ class BoundedExportProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if span.context is None or not span.context.trace_flags.sampled:
             return
+        self._put(span, 1)
+
+    def add(self, spans: Sequence[SpanRecord]) -> None:
+        """Queue a group of ended spans (a request's, a batch's): all of them, or none if they do not fit."""
+        self._put(spans, len(spans))
+
+    def _put(self, entry: ReadableSpan | Sequence[SpanRecord], count: int) -> None:
         with self._lock:
-            if self._stopped or len(self._queue) >= self._max_queue:
-                full = True
-            else:
-                full = False
-                self._queue.append(span)
-                if len(self._queue) >= self._batch:
+            full = self._stopped or self._spans + count > self._max_queue
+            if not full:
+                self._queue.append(entry)
+                self._spans += count
+                if self._spans >= self._batch and not self._wake.is_set():
                     self._wake.set()
         if full:
-            self._on_dropped("queue_full", 1)
+            self._on_dropped("queue_full", count)
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self._spans
 
     def _run(self) -> None:
         while not self._stopped:
@@ -290,28 +344,55 @@ class BoundedExportProcessor(SpanProcessor):
             self._wake.clear()
             self._export_all()
 
+    def _take(self) -> tuple[list[ReadableSpan | Sequence[SpanRecord]], int]:
+        """The oldest entries, up to a batch of spans (a group is never split)."""
+        entries: list[ReadableSpan | Sequence[SpanRecord]] = []
+        count = 0
+        with self._lock:
+            queue = self._queue
+            while queue and count < self._batch:
+                entry = queue.popleft()
+                entries.append(entry)
+                count += 1 if isinstance(entry, ReadableSpan) else len(entry)
+            self._spans -= count
+        return entries, count
+
+    def _send(self, entries: list[ReadableSpan | Sequence[SpanRecord]], count: int) -> SpanExportResult:
+        if self._encoded is not None:
+            records = [span for entry in entries if not isinstance(entry, ReadableSpan) for span in entry]
+            sdk_spans = [entry for entry in entries if isinstance(entry, ReadableSpan)]
+            payload = self._encoder.request(records) if records else b""
+            if sdk_spans:  # two serialised requests, concatenated, are one with both lists of spans
+                payload += encode_spans(sdk_spans).SerializeToString()
+            return self._encoded.export_encoded(payload, count)
+        spans: list[ReadableSpan] = []
+        for entry in entries:
+            if isinstance(entry, ReadableSpan):
+                spans.append(entry)
+            else:
+                spans += (readable(record, self._resource, self._scope) for record in entry)
+        return self._exporter.export(spans)
+
     def _export_all(self, *, until_failure: bool = False) -> None:
         """Export what is queued, batch by batch; ``until_failure``: stop at the first batch that
         fails (at shutdown, a dead collector costs one export's timeout, not one per batch)."""
         with self._export_lock:
             while True:
-                with self._lock:
-                    count = min(self._batch, len(self._queue))
-                    batch = [self._queue.popleft() for _ in range(count)]
-                if not batch:
+                entries, count = self._take()
+                if not entries:
                     return
                 try:
-                    result = self._exporter.export(batch)
+                    result = self._send(entries, count)
                 except Exception as exc:  # an exporter's bug must not end the thread
-                    log.warning("exporting %d spans failed: %s", len(batch), type(exc).__name__)
+                    log.warning("exporting %d spans failed: %s", count, type(exc).__name__)
                     result = SpanExportResult.FAILURE
                 if result is SpanExportResult.SUCCESS:
-                    self._on_exported(len(batch))
+                    self._on_exported(count)
                     if self._failing:
                         self._failing = False
                         log.info("trace export works again")
                 else:
-                    self._on_dropped("export_failed", len(batch))
+                    self._on_dropped("export_failed", count)
                     if until_failure:
                         return
                     if not self._failing:
@@ -335,8 +416,9 @@ class BoundedExportProcessor(SpanProcessor):
         self._export_all(until_failure=True)
         with self._lock:
             self._stopped = True
-            dropped = len(self._queue)
+            dropped = self._spans
             self._queue.clear()
+            self._spans = 0
         if dropped:
             self._on_dropped("shutdown", dropped)
         self._wake.set()
@@ -392,10 +474,16 @@ class _Knobs:
 class Tracing:
     """The server's tracer (or none, when tracing is off) and Triton's run-time trace settings."""
 
-    def __init__(self, provider: TracerProvider | None, processor: BoundedExportProcessor | None = None) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider | None,
+        processor: BoundedExportProcessor | None = None,
+        sampler: RequestSampler | None = None,
+    ) -> None:
         self._provider = provider
         self._processor = processor
-        self._tracer = provider.get_tracer("vision-serving") if provider is not None else None
+        self._sampler = sampler or RequestSampler(ExportConfig())
+        self._tracer = provider.get_tracer(SCOPE) if provider is not None else None
         self._server = _Knobs(TraceSettings() if provider is not None else TraceSettings(level="OFF"))
         self._defaults = self._server.settings
         self._models: dict[str, dict[str, Any]] = {}  # model -> its overridden fields
@@ -416,6 +504,7 @@ class Tracing:
         version: str = "",
         exporter: SpanExporter | None = None,
     ) -> Tracing:
+        resource = Resource.create({"service.name": config.service_name, "service.version": version})
         processor = BoundedExportProcessor(
             exporter or config.exporter(),
             on_dropped=on_dropped,
@@ -423,11 +512,11 @@ class Tracing:
             max_queue_size=config.max_queue_size,
             schedule_delay_s=config.schedule_delay_s,
             max_export_batch_size=config.max_export_batch_size,
+            resource=resource,
         )
         # The exporters log an error for every batch they fail to send: with a collector that is down
         # that is a line every few seconds. This processor says it once, and the metric counts.
         logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)
-        resource = Resource.create({"service.name": config.service_name, "service.version": version})
         provider = TracerProvider(resource=resource, sampler=_Sampler(config.base_sampler()))
         provider.add_span_processor(processor)
         log.info(
@@ -437,7 +526,7 @@ class Tracing:
             config.sampler,
             f" ({config.sampler_arg:g})" if "ratio" in config.sampler else "",
         )
-        return cls(provider, processor)
+        return cls(provider, processor, RequestSampler(config))
 
     @property
     def enabled(self) -> bool:
@@ -515,32 +604,36 @@ class Tracing:
         self, method: str, model: str, carrier: Mapping[str, str] | None, *, protocol: str
     ) -> RequestTrace | None:
         """The trace of one request, or None when it is not traced (see the module docstring)."""
-        tracer = self._tracer
-        if tracer is None:
+        recorder = self._processor
+        if recorder is None:
             return None
         knobs = self._effective(model)
         settings = knobs.settings
         if settings.level == "OFF" or settings.count == 0:
             return None
-        parent = _parent(carrier)
-        if isinstance(parent, _NotSampled):
+        parent = _traceparent(carrier)
+        if parent is NOT_SAMPLED:
             return None  # the caller's decision: no spans
         if parent is None:
             knobs.seen += 1
             if (knobs.seen - 1) % settings.rate:
                 return None
-        span = tracer.start_span(
-            method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.method": method, "vision.protocol": protocol, "vision.model": model},
-        )
-        if not span.is_recording():
+            trace_id = _new_trace_id()
+        else:
+            assert isinstance(parent, _Caller)
+            trace_id = parent.trace_id
+        if not self._sampler.sampled(trace_id, parent is not None):
             return None
         if settings.count > 0:
             with self._lock:
                 knobs.settings = replace(knobs.settings, count=max(0, knobs.settings.count - 1))
-        return RequestTrace(tracer, span)
+        attributes: dict[str, str | int] = {
+            "rpc.system": "grpc",
+            "rpc.method": method,
+            "vision.protocol": protocol,
+            "vision.model": model,
+        }
+        return RequestTrace(recorder, trace_id, parent, method, attributes)
 
     # -- fine-tuning jobs --
 
@@ -597,9 +690,48 @@ class _NotSampled:
 NOT_SAMPLED = _NotSampled()
 
 
+class _Caller(NamedTuple):
+    """The caller's span, from its ``traceparent`` (sampled) and ``tracestate``."""
+
+    trace_id: int
+    span_id: int
+    trace_state: str  # as the OTLP encoding writes it: "k=v,k2=v2" ("" for none)
+
+
+# W3C trace context, as opentelemetry's TraceContextTextMapPropagator reads it.
+_TRACEPARENT_RE = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$")
+_TRACEPARENT_MAX = 512
+_TRACESTATE_MAX = 8192
+
+
+def _traceparent(carrier: Mapping[str, str] | None) -> _Caller | _NotSampled | None:
+    """The caller's span from W3C ``traceparent``/``tracestate`` by the propagator's rules (without
+    its Context objects): None without one (or with a malformed one: the sampler decides, as
+    without one), :data:`NOT_SAMPLED` where its flag says so."""
+    if not carrier:
+        return None
+    header = carrier.get(TRACEPARENT)
+    if not header or len(header) > _TRACEPARENT_MAX:
+        return None
+    match = _TRACEPARENT_RE.match(header)
+    if match is None:
+        return None
+    version, trace_hex, span_hex, flags, rest = match.groups()
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id or version == "ff" or (version == "00" and rest):
+        return None
+    if not int(flags, 16) & TraceFlags.SAMPLED:
+        return NOT_SAMPLED
+    state = carrier.get(TRACESTATE)
+    trace_state = ""
+    if state and len(state) <= _TRACESTATE_MAX:
+        trace_state = ",".join(f"{key}={value}" for key, value in TraceState.from_header([state]).items())
+    return _Caller(trace_id, span_id, trace_state)
+
+
 def _parent(carrier: Mapping[str, str] | None) -> Context | _NotSampled | None:
-    """The caller's context from W3C ``traceparent``/``tracestate``: None without one (or with a
-    malformed one: the sampler decides, as without one), :data:`NOT_SAMPLED` where its flag says so."""
+    """The caller's context (for the SDK's spans: a job's) from W3C ``traceparent``/``tracestate``:
+    None without one (or with a malformed one), :data:`NOT_SAMPLED` where its flag says so."""
     if not carrier or TRACEPARENT not in carrier:
         return None
     parent = _PROPAGATOR.extract(carrier)
@@ -611,10 +743,141 @@ def _parent(carrier: Mapping[str, str] | None) -> Context | _NotSampled | None:
     return parent
 
 
-class RequestTrace:
-    """The spans of one request: its own, and the phases under it."""
+def _new_trace_id() -> int:
+    """A random trace id, as the SDK's RandomIdGenerator makes one (never 0, the invalid id)."""
+    while True:
+        trace_id = getrandbits(128)
+        if trace_id:
+            return trace_id
 
-    current_phases = False  # a phase's span is not made the current span (nothing below looks for one)
+
+def _new_span_id() -> int:
+    while True:
+        span_id = getrandbits(64)
+        if span_id:
+            return span_id
+
+
+class RequestTrace:
+    """The spans of one request: its own, and the phases under it.
+
+    Used on the event loop only. Each phase is recorded as it ends (two clock reads and a tuple);
+    the request's span and its phases go to the export queue together when it finishes, and are
+    encoded, off the event loop, by the export thread (:mod:`service.otlp`).
+    """
+
+    __slots__ = ("_attributes", "_caller", "_done", "_name", "_recorder", "_span_id", "_spans", "_start", "_trace_id")
+
+    def __init__(
+        self,
+        recorder: BoundedExportProcessor,
+        trace_id: int,
+        caller: _Caller | None,
+        name: str,
+        attributes: dict[str, str | int],
+    ) -> None:
+        self._recorder = recorder
+        self._trace_id = trace_id
+        self._span_id = _new_span_id()
+        self._caller = caller
+        self._name = name
+        self._attributes = attributes
+        self._spans: list[SpanRecord] = []
+        self._done = False
+        self._start = time.time_ns()
+
+    @property
+    def trace_id(self) -> str:
+        return f"{self._trace_id:032x}"
+
+    @property
+    def span_id(self) -> str:
+        return f"{self._span_id:016x}"
+
+    @property
+    def _trace_state(self) -> str:
+        return self._caller.trace_state if self._caller is not None else ""
+
+    def phase(self, name: str, attributes: Mapping[str, str | int] | None = None) -> _Phase:
+        """A child span around the block (``with trace.phase("decode"): ...``); an exception marks it failed."""
+        return _Phase(self, name, attributes)
+
+    def _ended(self, span: SpanRecord) -> None:
+        if self._done:  # a phase that outlived its request goes out on its own
+            self._recorder.add((span,))
+        else:
+            self._spans.append(span)
+
+    def item(self) -> ItemTrace:
+        """What a work item of this request carries to the worker."""
+        return ItemTrace(self._recorder, self._trace_id, self._span_id, self._trace_state)
+
+    def set(self, key: str, value: str | int) -> None:
+        self._attributes[key] = value
+
+    def finish(self, status: str) -> None:
+        """End the request's span with its status (the first call only), and queue its spans for export."""
+        if self._done:
+            return
+        self._done = True
+        self._attributes["rpc.grpc.status"] = status
+        caller = self._caller
+        spans = self._spans
+        spans.append(
+            SpanRecord(
+                self._trace_id,
+                self._span_id,
+                caller.span_id if caller is not None else 0,
+                caller is not None,
+                caller.trace_state if caller is not None else "",
+                self._name,
+                KIND_SERVER,
+                self._start,
+                time.time_ns(),
+                self._attributes,
+                None,
+                None if status == "OK" else status,
+            )
+        )
+        self._recorder.add(spans)
+
+
+class _Phase:
+    """One phase of a request, as a context manager: recorded when the block ends."""
+
+    __slots__ = ("_attributes", "_name", "_start", "_trace")
+
+    def __init__(self, trace: RequestTrace, name: str, attributes: Mapping[str, str | int] | None) -> None:
+        self._trace = trace
+        self._name = name
+        self._attributes = attributes
+
+    def __enter__(self) -> None:
+        self._start = time.time_ns()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        parent = self._trace
+        parent._ended(
+            SpanRecord(
+                parent._trace_id,
+                _new_span_id(),
+                parent._span_id,
+                False,
+                parent._trace_state,
+                self._name,
+                KIND_INTERNAL,
+                self._start,
+                time.time_ns(),
+                self._attributes,
+                None,
+                None if kind is None else kind.__name__,
+            )
+        )
+
+
+class JobTrace:
+    """The spans of one fine-tuning job (the SDK's: few, and the store's spans hang under them):
+    its own (``job``), and ``features``, each ``epoch`` and ``publish`` under it."""
 
     def __init__(self, tracer: trace.Tracer, span: trace.Span) -> None:
         self._tracer = tracer
@@ -631,13 +894,12 @@ class RequestTrace:
 
     @contextlib.contextmanager
     def phase(self, name: str, attributes: Mapping[str, str | int] | None = None) -> Iterator[None]:
-        """A child span around the block; an exception marks it failed."""
+        """A child span around the block, current within it: the store operations of ``publish`` (on
+        the worker threads ``asyncio.to_thread`` starts, which carry the context) hang under it. An
+        exception marks it failed."""
         span = self._tracer.start_span(name, context=self._context, attributes=attributes)
         try:
-            if self.current_phases:
-                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
-                    yield
-            else:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
                 yield
         except BaseException as exc:
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
@@ -645,27 +907,8 @@ class RequestTrace:
         finally:
             span.end()
 
-    def item(self) -> ItemTrace:
-        """What a work item of this request carries to the worker."""
-        return ItemTrace(self._tracer, self.span.get_span_context())
-
     def set(self, key: str, value: str | int) -> None:
         self.span.set_attribute(key, value)
-
-    def finish(self, status: str) -> None:
-        self.span.set_attribute("rpc.grpc.status", status)
-        if status != "OK":
-            self.span.set_status(Status(StatusCode.ERROR, status))
-        self.span.end()
-
-
-class JobTrace(RequestTrace):
-    """The spans of one fine-tuning job: its own (``job``), and ``features``, each ``epoch`` and
-    ``publish`` under it."""
-
-    # A job's phases are current spans within their blocks: the store operations of ``publish`` (on the
-    # worker threads ``asyncio.to_thread`` starts, which carry the context) hang under it.
-    current_phases = True
 
     def epoch(
         self,
@@ -701,24 +944,32 @@ class JobTrace(RequestTrace):
         self.span.end()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ItemTrace:
-    """A work item's trace context: the request span it belongs under, and the tracer (of the
-    process that runs it) that records its queue and compute spans."""
+    """A work item's trace context: the request span it belongs under (its trace and span ids, the
+    caller's tracestate), and the recorder (of the process that runs it) that takes its queue and
+    compute spans."""
 
-    tracer: trace.Tracer
-    parent: SpanContext
+    recorder: BoundedExportProcessor
+    trace_id: int
+    span_id: int
+    trace_state: str = ""
 
     @property
     def traceparent(self) -> str:
-        """The W3C form, what crosses a process boundary with the work item."""
-        c = self.parent
-        return f"00-{c.trace_id:032x}-{c.span_id:016x}-{int(c.trace_flags):02x}"
+        """The W3C form (with :attr:`trace_state`, what crosses a process boundary with the work item)."""
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-01"
 
     @classmethod
-    def from_traceparent(cls, tracer: trace.Tracer, traceparent: str) -> ItemTrace | None:
-        context = trace.get_current_span(_PROPAGATOR.extract({TRACEPARENT: traceparent})).get_span_context()
-        return cls(tracer, context) if context.is_valid else None
+    def from_traceparent(
+        cls, recorder: BoundedExportProcessor, traceparent: str, tracestate: str = ""
+    ) -> ItemTrace | None:
+        """The context a ``traceparent`` (and ``tracestate``) carries, or None where it is not a valid,
+        sampled one."""
+        caller = _traceparent({TRACEPARENT: traceparent, TRACESTATE: tracestate})
+        if not isinstance(caller, _Caller):
+            return None
+        return cls(recorder, caller.trace_id, caller.span_id, caller.trace_state)
 
 
 @dataclass(frozen=True)
@@ -726,6 +977,9 @@ class TracedItem:
     trace: ItemTrace
     enqueued_at: float  # monotonic seconds
     images: int
+
+
+_PHASES = ("compute_input", "infer", "compute_output")
 
 
 def record_batch(
@@ -740,43 +994,79 @@ def record_batch(
     requests: int,
 ) -> None:
     """The spans of one batch, after it ran (on the worker thread): the batch's own, and each traced
-    item's queue and compute spans with the compute phases. Times are monotonic seconds."""
+    item's queue and compute spans with the compute phases, queued for export as one group. Times
+    are monotonic seconds."""
     offset = time.time_ns() - time.monotonic_ns()
-
-    def ns(seconds: float) -> int:
-        return int(seconds * 1e9) + offset
-
-    tracer = items[0].trace.tracer
-    batch = tracer.start_span(
-        BATCH_SPAN,
-        context=Context(),  # a root: the batch belongs to all of its requests
-        kind=SpanKind.INTERNAL,
-        start_time=ns(started),
-        attributes={
-            "vision.batch.size": images,
-            "vision.batch.requests": requests,
-            "vision.model": model,
-            "vision.device": device,
-        },
-    )
-    batch.end(end_time=ns(finished))
-    link = Link(batch.get_span_context(), {"vision.batch.size": images})
-    for item in items:
-        parent = trace.set_span_in_context(trace.NonRecordingSpan(item.trace.parent))
-        queue = item.trace.tracer.start_span("queue", context=parent, start_time=ns(item.enqueued_at))
-        queue.end(end_time=ns(started))
-        compute = item.trace.tracer.start_span(
-            "compute",
-            context=parent,
-            start_time=ns(started),
-            links=[link],
-            attributes={"vision.batch.size": images, "vision.images": item.images, "vision.device": device},
+    start, end = int(started * 1e9) + offset, int(finished * 1e9) + offset
+    batch_trace, batch_span = _new_trace_id(), _new_span_id()
+    spans = [
+        SpanRecord(
+            batch_trace,
+            batch_span,
+            0,  # a root, in a trace of its own: the batch belongs to all of its requests
+            False,
+            "",
+            BATCH_SPAN,
+            KIND_INTERNAL,
+            start,
+            end,
+            {
+                "vision.batch.size": images,
+                "vision.batch.requests": requests,
+                "vision.model": model,
+                "vision.device": device,
+            },
+            None,
+            None,
         )
-        if phases is not None:
-            inner = trace.set_span_in_context(compute)
-            at = started
-            for name, seconds in zip(("compute_input", "infer", "compute_output"), phases, strict=True):
-                span = item.trace.tracer.start_span(name, context=inner, start_time=ns(at))
-                at += seconds
-                span.end(end_time=ns(at))
-        compute.end(end_time=ns(finished))
+    ]
+    links = (LinkRecord(batch_trace, batch_span, {"vision.batch.size": images}),)
+    bounds: list[tuple[str, int, int]] = []
+    if phases is not None:
+        at = started
+        for name, seconds in zip(_PHASES, phases, strict=True):
+            bounds.append((name, int(at * 1e9) + offset, int((at + seconds) * 1e9) + offset))
+            at += seconds
+    for item in items:
+        context = item.trace
+        trace_id, state = context.trace_id, context.trace_state
+        spans.append(
+            SpanRecord(
+                trace_id,
+                _new_span_id(),
+                context.span_id,
+                False,
+                state,
+                "queue",
+                KIND_INTERNAL,
+                int(item.enqueued_at * 1e9) + offset,
+                start,
+                None,
+                None,
+                None,
+            )
+        )
+        compute = _new_span_id()
+        spans.append(
+            SpanRecord(
+                trace_id,
+                compute,
+                context.span_id,
+                False,
+                state,
+                "compute",
+                KIND_INTERNAL,
+                start,
+                end,
+                {"vision.batch.size": images, "vision.images": item.images, "vision.device": device},
+                links,
+                None,
+            )
+        )
+        for name, begun, ended in bounds:
+            spans.append(
+                SpanRecord(
+                    trace_id, _new_span_id(), compute, False, state, name, KIND_INTERNAL, begun, ended, None, None, None
+                )
+            )
+    items[0].trace.recorder.add(spans)

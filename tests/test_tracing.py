@@ -30,6 +30,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from tritonclient.utils import InferenceServerException
 
 from service.errors import FailedPreconditionError, InvalidInputError
@@ -541,6 +542,20 @@ def wait_until(condition: Callable[[], bool]) -> None:
 # -- units ----------------------------------------------------------------------------------------
 
 
+class Keeping(SpanExporter):
+    """An exporter that keeps the SDK's span objects it is given (any exporter but OTLP's gets those)."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
 def test_the_otel_variables_configure_the_export() -> None:
     assert ExportConfig.from_environ({}) == ExportConfig()
     config = ExportConfig.from_environ(
@@ -585,16 +600,20 @@ def test_tracing_off_builds_nothing_and_says_how_to_turn_it_on() -> None:
 
 
 def test_a_work_items_trace_context_crosses_as_a_traceparent() -> None:
-    """What a process hop would serialise: the W3C string round-trips the request span's context."""
-    from opentelemetry.sdk.trace import TracerProvider
-
-    tracer = TracerProvider().get_tracer("test")
-    span = tracer.start_span("ModelInfer")
-    item = ItemTrace(tracer, span.get_span_context())
-    again = ItemTrace.from_traceparent(tracer, item.traceparent)
-    assert again is not None and again.parent.trace_id == item.parent.trace_id
-    assert again.parent.span_id == item.parent.span_id and again.parent.trace_flags.sampled
-    assert ItemTrace.from_traceparent(tracer, "garbage") is None
+    """What a process hop would serialise: the W3C strings round-trip the request span's context."""
+    tracing = Tracing.create(ExportConfig(schedule_delay_s=3600), on_dropped=lambda reason, n: None, exporter=Keeping())
+    trace_id, caller = new_trace_id(), os.urandom(8).hex()
+    parent = {"traceparent": traceparent(trace_id, caller), "tracestate": "vendor=1,other=two"}
+    request = tracing.start_request("ModelInfer", MODEL, parent, protocol="grpc")
+    assert request is not None and request.trace_id == trace_id
+    item = request.item()
+    assert item.traceparent == f"00-{trace_id}-{request.span_id}-01"  # sampled: only traced requests have one
+    again = ItemTrace.from_traceparent(item.recorder, item.traceparent, item.trace_state)
+    assert again == item and again.trace_state == "vendor=1,other=two"
+    assert ItemTrace.from_traceparent(item.recorder, "garbage") is None
+    assert ItemTrace.from_traceparent(item.recorder, traceparent(trace_id, sampled=False)) is None
+    request.finish("OK")
+    tracing.shutdown()
 
 
 def test_text_and_json_lines_carry_a_requests_ids_only_within_it() -> None:
@@ -625,7 +644,6 @@ def test_text_and_json_lines_carry_a_requests_ids_only_within_it() -> None:
 
 def test_shutdown_exports_what_is_queued_and_counts_what_a_dead_collector_loses() -> None:
     """What waits in the queue at shutdown gets one export; its failure is counted."""
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     class Refusing(SpanExporter):
         calls = 0
@@ -660,20 +678,8 @@ def test_store_operations_are_spans_under_the_current_span_only(tmp_path) -> Non
     never appear; with no current span (the sync's polls) none is made, and with tracing off the store
     is not wrapped."""
     from opentelemetry import trace as otel
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     from service.storage import DirectoryObjects, ObjectExists
-
-    class Keeping(SpanExporter):
-        def __init__(self) -> None:
-            self.spans: list[Any] = []
-
-        def export(self, spans: Any) -> SpanExportResult:
-            self.spans.extend(spans)
-            return SpanExportResult.SUCCESS
-
-        def shutdown(self) -> None:
-            pass
 
     plain = DirectoryObjects(tmp_path)
     assert Tracing.off().store(plain) is plain
@@ -803,3 +809,216 @@ def test_a_fine_tuning_job_continues_the_callers_trace_and_honours_its_sampled_f
         "vision.store.outcome",
     }
     assert receiver.of_trace(unsampled) == []  # its spans would have ended, and arrived, before these
+
+
+# -- recorded spans: what the SDK would have made, made cheaply ------------------------------------
+
+
+def test_the_encoder_writes_what_the_sdks_otlp_encoder_writes() -> None:
+    """Field for field, the same ExportTraceServiceRequest as opentelemetry's encoder makes of the same
+    spans: ids, the caller's tracestate, remote and local parents' flags, kinds, times, every value
+    type, links with attributes, a failed span's status, the resource and the scope."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from service.otlp import KIND_INTERNAL, KIND_SERVER, Encoder, LinkRecord, SpanRecord, readable
+
+    resource = Resource.create({"service.name": "edge", "service.version": "1.2", "hosts": ("a", "b")})
+    records = [
+        SpanRecord(
+            (1 << 127) + 5,
+            (1 << 63) + 7,
+            0x00F067AA0BA902B7,
+            True,
+            "vendor=1,other=two",
+            "ModelInfer",
+            KIND_SERVER,
+            1_700_000_000_000_000_001,
+            1_700_000_000_123_456_789,
+            {"long": "v" * 100, "short": "alexnet", "negative": -5, "big": 1 << 40, "yes": True, "ratio": 0.25},
+            None,
+            "INVALID_ARGUMENT",
+        ),
+        SpanRecord(3, 4, 0, False, "", "batch", KIND_INTERNAL, 10, 20, {"vision.batch.size": 3}, None, None),
+        SpanRecord(
+            5,
+            6,
+            9,
+            False,
+            "",
+            "compute",
+            KIND_INTERNAL,
+            10,
+            20,
+            None,
+            (LinkRecord(3, 4, {"vision.batch.size": 3}),),
+            None,
+        ),
+    ]
+    ours = trace_service_pb2.ExportTraceServiceRequest.FromString(Encoder(resource, "vision-serving").request(records))
+    theirs = encode_spans([readable(r, resource, InstrumentationScope("vision-serving")) for r in records])
+    for span in theirs.resource_spans[0].scope_spans[0].spans:
+        if span.status.code == 0:  # an unset status: the SDK writes the empty message, we leave it out
+            span.ClearField("status")
+    assert ours == theirs
+    assert ours.resource_spans[0].scope_spans[0].spans[2].links[0].attributes[0].value.int_value == 3
+
+
+def test_request_spans_reach_any_exporter_as_the_sdks_span_objects() -> None:
+    """An exporter that is not OTLP's gets ReadableSpans: the request under its caller, its phases,
+    a failed phase marked, the batch's queue and compute spans and the link to the batch span."""
+    kept = Keeping()
+    tracing = Tracing.create(ExportConfig(schedule_delay_s=3600), on_dropped=lambda reason, n: None, exporter=kept)
+    from service.tracing import TracedItem, record_batch
+
+    trace_id, caller = new_trace_id(), os.urandom(8).hex()
+    request = tracing.start_request(
+        "ModelInfer", MODEL, {"traceparent": traceparent(trace_id, caller)}, protocol="http"
+    )
+    assert request is not None
+    with request.phase("decode"):
+        pass
+    with pytest.raises(ValueError), request.phase("decode", {"vision.images": 2}):
+        raise ValueError("no")
+    record_batch(
+        [TracedItem(request.item(), 1.0, 1)],
+        started=2.0,
+        finished=2.5,
+        phases=(0.1, 0.3, 0.1),
+        model=MODEL,
+        device="cpu",
+        images=4,
+        requests=3,
+    )
+    request.set("vision.model_version", "1")
+    request.finish("INTERNAL")
+    tracing.force_flush()
+    spans = {s.name: s for s in kept.spans}
+    assert len(kept.spans) == 9
+    root = spans["ModelInfer"]
+    assert f"{root.context.trace_id:032x}" == trace_id and f"{root.parent.span_id:016x}" == caller
+    assert root.parent.is_remote and root.kind.name == "SERVER"
+    assert root.attributes["vision.protocol"] == "http" and root.attributes["rpc.grpc.status"] == "INTERNAL"
+    assert root.status.description == "INTERNAL" and root.status.status_code.name == "ERROR"
+    decodes = [s for s in kept.spans if s.name == "decode"]
+    assert [s.status.status_code.name for s in decodes] == ["UNSET", "ERROR"]
+    assert decodes[1].status.description == "ValueError" and decodes[1].attributes == {"vision.images": 2}
+    for name in ("decode", "queue", "compute"):
+        assert spans[name].parent.span_id == root.context.span_id and not spans[name].parent.is_remote
+    compute = spans["compute"]
+    for name in ("compute_input", "infer", "compute_output"):
+        assert spans[name].parent.span_id == compute.context.span_id
+    assert spans["compute_input"].end_time == spans["infer"].start_time
+    assert spans["queue"].end_time == compute.start_time == spans["batch"].start_time
+    (link,) = compute.links
+    assert link.context.span_id == spans["batch"].context.span_id and link.attributes == {"vision.batch.size": 4}
+    assert spans["batch"].parent is None and spans["batch"].context.trace_id != root.context.trace_id
+    assert dict(spans["batch"].attributes) == {
+        "vision.batch.size": 4,
+        "vision.batch.requests": 3,
+        "vision.model": MODEL,
+        "vision.device": "cpu",
+    }
+    tracing.shutdown()
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ],
+)
+def test_requests_are_sampled_by_the_sdks_rules(sampler: str) -> None:
+    """The request sampler decides as the SDK's sampler of OTEL_TRACES_SAMPLER would, with and
+    without a sampled parent."""
+    from opentelemetry import trace as otel
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from service.tracing import RequestSampler
+
+    config = ExportConfig(sampler=sampler, sampler_arg=0.3)
+    ours, theirs = RequestSampler(config), config.base_sampler()
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        trace_id = int.from_bytes(rng.bytes(16), "big") or 1
+        parent = otel.set_span_in_context(
+            NonRecordingSpan(SpanContext(trace_id, 7, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+        )
+        for context, has_parent in ((None, False), (parent, True)):
+            expected = theirs.should_sample(context, trace_id, "ModelInfer").decision.is_sampled()
+            assert ours.sampled(trace_id, has_parent) == expected, (trace_id, has_parent)
+
+
+def test_a_callers_trace_context_is_read_as_the_w3c_propagator_reads_it() -> None:
+    from opentelemetry import trace as otel
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from service.tracing import NOT_SAMPLED, _traceparent
+
+    trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    headers = [
+        f"00-{trace_id}-{span_id}-01",
+        f"00-{trace_id}-{span_id}-00",
+        f"00-{trace_id}-{span_id}-03",
+        f" \t00-{trace_id}-{span_id}-01 ",
+        f"00-{trace_id}-{span_id}-01-extra",
+        f"01-{trace_id}-{span_id}-01-extra",
+        f"ff-{trace_id}-{span_id}-01",
+        f"00-{trace_id.upper()}-{span_id}-01",
+        f"00-{'0' * 32}-{span_id}-01",
+        f"00-{trace_id}-{'0' * 16}-01",
+        f"00-{trace_id}-{span_id}-01" + " " * 600,
+        "00-not-a-trace-01",
+        "",
+    ]
+    states = [None, "vendor=1,other=two", "not a state", "x" * 9000, "a=1,a=2"]
+    for header in headers:
+        for state in states:
+            carrier = {"traceparent": header} if state is None else {"traceparent": header, "tracestate": state}
+            context = otel.get_current_span(TraceContextTextMapPropagator().extract(carrier)).get_span_context()
+            ours = _traceparent(carrier)
+            if not context.is_valid:
+                assert ours is None, carrier
+            elif not context.trace_flags.sampled:
+                assert ours is NOT_SAMPLED, carrier
+            else:
+                assert not isinstance(ours, type(NOT_SAMPLED)) and ours is not None
+                expected_state = ",".join(f"{k}={v}" for k, v in (context.trace_state or {}).items())
+                assert (ours.trace_id, ours.span_id, ours.trace_state) == (
+                    context.trace_id,
+                    context.span_id,
+                    expected_state,
+                ), carrier
+
+
+def test_a_group_of_spans_that_does_not_fit_the_queue_is_dropped_whole_and_counted() -> None:
+    from service.tracing import TracedItem, record_batch
+
+    dropped: dict[str, int] = {}
+
+    def count(reason: str, spans: int) -> None:
+        dropped[reason] = dropped.get(reason, 0) + spans
+
+    kept = Keeping()
+    tracing = Tracing.create(
+        ExportConfig(schedule_delay_s=3600, max_queue_size=4, max_export_batch_size=4), on_dropped=count, exporter=kept
+    )
+    request = tracing.start_request("ModelInfer", MODEL, None, protocol="grpc")
+    assert request is not None
+    with request.phase("decode"):
+        pass
+    items = [TracedItem(request.item(), 1.0, 1)]
+    record_batch(
+        items, started=2.0, finished=3.0, phases=(0.1, 0.1, 0.1), model=MODEL, device="cpu", images=1, requests=1
+    )
+    assert dropped == {"queue_full": 6} and tracing.queued_spans == 0  # batch, queue, compute and its 3 phases
+    request.finish("OK")
+    assert tracing.queued_spans == 2
+    tracing.shutdown()
+    assert sorted(s.name for s in kept.spans) == ["ModelInfer", "decode"]
