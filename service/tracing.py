@@ -25,17 +25,26 @@ HTTP headers) is continued and its sampled flag honoured: a parent that is not s
 spans at all. Without a parent, Triton's ``trace_rate`` (every N-th request) and then the sampler
 of ``OTEL_TRACES_SAMPLER`` decide.
 
+**What a traced request costs.** A request's spans are not the SDK's span objects: the request
+(:class:`RequestTrace`, on the event loop) and the batch's worker (:func:`record_batch`) record
+each span as one tuple when it ends (:class:`service.otlp.SpanRecord`: ids, name, two times,
+attributes), with no sampler call, context object or lock per span; the request's spans go to the
+export queue together when it finishes, a batch's in one group. The export thread writes the OTLP
+protobuf from those tuples (:class:`service.otlp.Encoder`) and the SDK's OTLP exporters send it.
+The sampling rules are the SDK's (:class:`RequestSampler`), the W3C parsing the propagator's
+(:func:`_traceparent`). Fine-tuning jobs and store operations, a few spans each, stay SDK spans.
+
 **Where a request crosses processes.** What a work item carries (:class:`ItemTrace`) is the
-request span's context, which is all the worker needs to hang its spans under it; it has a W3C
-``traceparent`` form (:attr:`ItemTrace.traceparent`, :meth:`ItemTrace.from_traceparent`), so once
-front ends and engines are separate processes, serialising that string with the work item keeps
-one trace across the hop.
+request span's context, which is all the worker needs to hang its spans under it: a trace id, a
+span id and the caller's tracestate. It has a W3C form (:attr:`ItemTrace.traceparent` with
+:attr:`ItemTrace.trace_state`, :meth:`ItemTrace.from_traceparent`), so once front ends and engines
+are separate processes, serialising those strings with the work item keeps one trace across the hop.
 
 **Export.** OTLP over HTTP (``http/protobuf``, the default) or gRPC, configured by the standard
-``OTEL_*`` variables. Spans wait in a bounded queue (``OTEL_BSP_MAX_QUEUE_SIZE``, 2048) and go out
-in batches from one thread; a collector that is down or slow never slows a request: what the queue
-cannot hold, and what an export fails to deliver, is dropped and counted
-(``vision_trace_spans_dropped_total{reason}``).
+``OTEL_*`` variables. Spans wait in a bounded queue (``OTEL_BSP_MAX_QUEUE_SIZE``, 2048 spans; a
+request's or a batch's group enters whole or not at all) and go out in batches from one thread; a
+collector that is down or slow never slows a request: what the queue cannot hold, and what an
+export fails to deliver, is dropped and counted (``vision_trace_spans_dropped_total{reason}``).
 
 **Run-time settings.** Triton's trace extension (``TraceSetting``): ``trace_level`` (OFF or
 TIMESTAMPS), ``trace_rate`` and ``trace_count``, for the server or one model
