@@ -54,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(build_serve_parser(environ).parse_args(argv))
         configure_logging(config.log_level, config.log_format)
         configure_allocator()  # before any model is loaded: see service.memory
+        if config.frontend_count > 1:
+            from service.supervisor import supervise
+
+            return asyncio.run(supervise(config, argv))
         from service.server import serve
 
         return asyncio.run(serve(config))

@@ -16,6 +16,9 @@ FLOAT32 = "float32"
 PRECISIONS: tuple[str, ...] = (FLOAT32, "bfloat16", "float16")
 
 
+FRONTENDS_FROM_CORES = 8  # usable cores from which --frontends auto runs front ends of their own
+
+
 @dataclass(frozen=True)
 class DtypeChoice:
     """``--dtype``: the precision of every model, and per-model exceptions.
@@ -172,6 +175,7 @@ class ServeConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     decode_threads: int = 0  # 0: one per CPU core
+    frontends: int = 0  # protocol processes; 0: auto (frontend_count)
     max_image_pixels: int = 40_000_000  # decoded width*height cap (decompression bombs)
     max_request_images: int | None = None  # images in one request; None: the queue size
     max_stream_in_flight: int = 64  # requests of one ModelStreamInfer call being worked on at once (>= a batch)
@@ -201,6 +205,16 @@ class ServeConfig:
     log_format: str = "text"  # "text" or "json" (service.logs)
     access_log: bool = False  # one line per inference request on logger vision.access
     trace: bool = False  # OpenTelemetry spans exported over OTLP, configured by the OTEL_* variables
+
+    @property
+    def frontend_count(self) -> int:
+        """Protocol processes (``frontends``, else 1 below :data:`FRONTENDS_FROM_CORES` usable cores, where
+        the hop between processes costs more than a second event loop gains, else a quarter of the cores,
+        at most 8). 1: the protocol runs in the engine's own process, as one process."""
+        if self.frontends:
+            return self.frontends
+        cores = usable_cores()
+        return 1 if cores < FRONTENDS_FROM_CORES else min(8, cores // 4)
 
     @property
     def decode_thread_count(self) -> int:

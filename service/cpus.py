@@ -17,8 +17,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-import torch
-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
@@ -120,4 +118,6 @@ def use_torch_threads(threads: int) -> None:
     fine-tuned head started later ran torch's forward passes on a single core). So every thread
     that computes in torch says what it wants when it starts, and none relies on the count.
     """
+    import torch  # here: protocol front ends size their pools by this module and never load torch
+
     torch.set_num_threads(threads)

@@ -100,6 +100,11 @@ class SharedMemoryFullError(VisionServeError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class SlotsFullError(QueueFullError):
+    """A protocol front end's shared memory for requests in flight to the engine is full
+    (``service.hop``): answered as a full queue is."""
+
+
 class DeadlineExceededError(VisionServeError):
     status = "DEADLINE_EXCEEDED"
 
@@ -155,3 +160,12 @@ class StoreWriteError(VisionServeError):
             + ("free space there and run the job again" if full else "check the store and run the job again")
         )
         self.status = "RESOURCE_EXHAUSTED" if full else "UNAVAILABLE"  # type: ignore[misc]
+
+
+class RelayedError(VisionServeError):
+    """An error another process of this server answered (the engine, to a protocol front end),
+    relayed with its gRPC status code's name and message unchanged."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]

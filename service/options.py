@@ -63,6 +63,13 @@ MAX_INSTANCES = 64  # model instances per device: each is a thread, and maybe a 
 instance_count = _checked(
     "instance_count", int, lambda n: 1 <= n <= MAX_INSTANCES, f"must be 1 to {MAX_INSTANCES}, got {{}}"
 )
+MAX_FRONTENDS = 64  # protocol processes: each holds its connections, a decode pool and a transfer arena
+frontend_count = _checked(
+    "frontend_count",
+    lambda text: 0 if text.strip().lower() == "auto" else int(text),
+    lambda n: 0 <= n <= MAX_FRONTENDS,
+    f"must be 'auto' or 1 to {MAX_FRONTENDS}, got {{}}",
+)
 non_negative_int = _checked("non_negative_int", int, lambda n: n >= 0, "must not be negative, got {}")
 port = _checked("port", int, lambda n: 0 <= n <= 65535, "not a port: {}")
 positive_float = _checked("positive_float", float, lambda n: n > 0, "must be positive, got {}")
@@ -254,6 +261,14 @@ OPTIONS: tuple[Option, ...] = (
         positive_int,
     ),
     Option("--decode-threads", "decode_threads", "image decoding threads (0: one per usable core)", int),
+    Option(
+        "--frontends",
+        "frontends",
+        "protocol processes sharing the gRPC and HTTP ports in front of one engine process that owns the models "
+        "('auto': 1 below 8 usable cores, where the protocol runs in the engine's own process, else a quarter "
+        "of the cores, at most 8); 1 runs everything in one process",
+        frontend_count,
+    ),
     Option("--max-image-pixels", "max_image_pixels", "largest decoded image (w*h)", positive_int),
     Option(
         "--max-request-images",

@@ -15,8 +15,12 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.errors import FailedPreconditionError
+
+if TYPE_CHECKING:
+    from service.config import ServeConfig
 
 
 @dataclass(frozen=True)
@@ -91,3 +95,19 @@ def _reason(code: int | None) -> str | None:
     if code == errno.EADDRNOTAVAIL:
         return "is on an address that is not this host's"
     return None
+
+
+def bracketed(host: str) -> str:
+    """``host`` as it goes before ``:port`` in an address: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def listeners(config: ServeConfig) -> list[Listener]:
+    """Every port ``config`` listens on, with the option that sets it."""
+    found = [Listener("--grpc-port", config.host, config.grpc_port)]
+    if config.http_port is not None:
+        found.append(Listener("--http-port", config.host, config.http_port))
+    found.append(Listener("--metrics-port", config.metrics_host or config.host, config.metrics_port))
+    if config.health_port is not None:
+        found.append(Listener("--health-port", config.host, config.health_port))
+    return found

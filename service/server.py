@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -15,10 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 import service
+from service import hop
 from service.config import ServeConfig
 from service.cpus import use_torch_threads
 from service.dataplane import DataPlane
 from service.devices import resolve_devices
+from service.engine.hop_server import HopServer
 from service.factory import ModelFactory
 from service.finetune.catalog import FineTunedModels
 from service.finetune.manager import JobManager
@@ -30,18 +33,19 @@ from service.metrics import ServerMetrics
 from service.metrics_http import MetricsHttpServer
 from service.model_control import ModelControl
 from service.models import WeightsSource
-from service.ports import Listener, bind_error, check_ports
+from service.ports import Listener, bind_error, bracketed, check_ports, listeners
 from service.repository import ModelRepository, ServedModel
 from service.shared_memory import SharedMemoryRegions
 from service.storage import open_objects
 from service.tracing import ExportConfig, Tracing
-from service.transport.auth import AuthorizationInterceptor, policy_from
+from service.transport.auth import AuthorizationInterceptor, policy_from, trust_forwarded_peers
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
 from service.transport.health import NOT_SERVING, SERVING, HealthServicer
-from service.transport.inference import InferenceServicer, inference_parsing_interceptor
+from service.transport.inference import InferenceServicer
 from service.transport.limits import server_options
 from service.transport.models import ModelsServicer
+from service.transport.parsing import inference_parsing_interceptor
 from service.transport.requests import RequestReadingInterceptor
 from service.transport.rest.console import console_routes
 from service.transport.rest.routes import routes
@@ -59,9 +63,18 @@ STOP_GRACE_S = 5.0  # for calls still open once the data plane has drained
 class VisionServer:
     """One server process's worth of state. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, config: ServeConfig, *, environ: Mapping[str, str] | None = None) -> None:
-        """``environ``: where the ``OTEL_*`` variables are read with ``config.trace`` (the process's)."""
+    def __init__(
+        self, config: ServeConfig, *, environ: Mapping[str, str] | None = None, run_dir: Path | None = None
+    ) -> None:
+        """``environ``: where the ``OTEL_*`` variables are read with ``config.trace`` (the process's).
+
+        ``run_dir``: run as the engine behind protocol front ends (``--frontends`` of 2 or more): the
+        gRPC services listen on a Unix socket there (``service.hop.ENGINE_SOCKET``) for the front ends, which
+        have authorized each call and forward its peer; inference comes through the hop
+        (``service.hop.HOP_SOCKET``); no HTTP port (the front ends serve REST over the same
+        services). The metrics and health-only ports stay here, one for the whole server."""
         self.config = config
+        self.run_dir = run_dir
         self.metrics = ServerMetrics()
         self.tracing = _tracing(config, os.environ if environ is None else environ, self.metrics)
         self.weights = WeightsSource.parse(config.weights)
@@ -121,6 +134,7 @@ class VisionServer:
         self._loading: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.load_error: BaseException | None = None
+        self._hop: HopServer | None = None
 
     async def start(self) -> None:
         """Bind the ports and begin loading the models in the background."""
@@ -133,6 +147,9 @@ class VisionServer:
             RequestReadingInterceptor(self.config.first_message_timeout_s),
             inference_parsing_interceptor(self.config.request_images_limit),  # innermost
         ]
+        if self.run_dir is not None:
+            del interceptors[1]  # the front ends authorized every call they forward
+            trust_forwarded_peers()
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -169,18 +186,25 @@ class VisionServer:
             self._grpc,
             pool=_reflection_pool(),
         )
-        address = f"{_host(self.config.host)}:{self.config.grpc_port}"
+        address = f"{bracketed(self.config.host)}:{self.config.grpc_port}"
         try:
-            if self._tls is None:
+            if self.run_dir is not None:
+                self._grpc.add_insecure_port(f"unix:{self.run_dir / hop.ENGINE_SOCKET}")
+                os.chmod(self.run_dir / hop.ENGINE_SOCKET, 0o600)
+            elif self._tls is None:
                 self.grpc_port = self._grpc.add_insecure_port(address)
             else:
                 self.grpc_port = self._grpc.add_secure_port(address, self._tls.credentials())
         except RuntimeError as exc:  # grpc's "Failed to bind to address"
             raise bind_error(Listener("--grpc-port", self.config.host, self.config.grpc_port), exc) from None
         await self._grpc.start()
+        if self.run_dir is not None:
+            self._hop = HopServer(self.run_dir / hop.HOP_SOCKET, self._hop_infer)
+            await self._hop.start()
         if self.config.health_port is not None:
             await self._start_health_port(self.config.health_port)
-        await self._start_http_port()
+        if self.run_dir is None:
+            await self._start_http_port()
         self.health.set(LIVENESS_SERVICE, SERVING)
         self.health.set(SERVER_SERVICE, NOT_SERVING)
         for model in self.repository.all():
@@ -202,6 +226,20 @@ class VisionServer:
         )
         self._loading = asyncio.create_task(self._load())
 
+    async def _hop_infer(self, data: memoryview, infer: hop.Infer) -> bytes:
+        """One inference a front end sent through the hop, as a call on the gRPC port runs it."""
+        request = grpc_service_pb2.ModelInferRequest.FromString(data)  # type: ignore[arg-type]  # any buffer parses
+        carrier = infer.carrier if self._inference.tracing_enabled else None
+        response = await self._inference.infer(
+            request,
+            infer.timeout,
+            local=infer.local,
+            protocol=infer.protocol,
+            carrier=carrier,
+            method=infer.method,
+        )
+        return response.SerializeToString()
+
     async def _start_http_port(self) -> None:
         """The REST binding, over the same servicer, data plane and access policy as gRPC."""
         if self.config.http_port is None:
@@ -221,7 +259,7 @@ class VisionServer:
             pages=console_routes(limits=self.config.fine_tuning),
         )
         try:
-            self.http_port = await self._rest.start(_host(self.config.host), self.config.http_port)
+            self.http_port = await self._rest.start(bracketed(self.config.host), self.config.http_port)
         except OSError as exc:
             raise bind_error(Listener("--http-port", self.config.host, self.config.http_port), exc) from None
         log.info(
@@ -237,7 +275,7 @@ class VisionServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
         try:
-            self.health_port = self._health_grpc.add_insecure_port(f"{_host(self.config.host)}:{port}")
+            self.health_port = self._health_grpc.add_insecure_port(f"{bracketed(self.config.host)}:{port}")
         except RuntimeError as exc:
             raise bind_error(Listener("--health-port", self.config.host, port), exc) from None
         await self._health_grpc.start()
@@ -311,6 +349,8 @@ class VisionServer:
             await self._grpc.stop(grace=STOP_GRACE_S)
         if self._rest is not None:
             await self._rest.stop(STOP_GRACE_S)
+        if self._hop is not None:
+            await self._hop.stop()
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=None)
         await self.repository.stop()
@@ -323,17 +363,6 @@ class VisionServer:
     async def wait_for_termination(self) -> None:
         assert self._grpc is not None
         await self._grpc.wait_for_termination()
-
-
-def listeners(config: ServeConfig) -> list[Listener]:
-    """Every port ``config`` listens on, with the option that sets it."""
-    found = [Listener("--grpc-port", config.host, config.grpc_port)]
-    if config.http_port is not None:
-        found.append(Listener("--http-port", config.host, config.http_port))
-    found.append(Listener("--metrics-port", config.metrics_host or config.host, config.metrics_port))
-    if config.health_port is not None:
-        found.append(Listener("--health-port", config.host, config.health_port))
-    return found
 
 
 async def create_server(config: ServeConfig) -> VisionServer:
@@ -386,10 +415,6 @@ def _single_threaded_torch() -> None:
     """Preprocessing one image needs no intra-op parallelism: keep decode threads from
     starting OpenMP thread teams of their own, which would compete with the forward passes."""
     use_torch_threads(1)
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:

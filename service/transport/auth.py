@@ -155,6 +155,29 @@ def is_loopback_peer(peer: str) -> bool:
     return ip is not None and ip.is_loopback
 
 
+# The peer a protocol front end forwards with each call it passes to the engine (whose own peer
+# is the front end, on a Unix socket). Only the engine reads it, and only on its Unix socket, which
+# front ends alone can reach; front ends never pass a caller's metadata of this name on.
+FORWARDED_PEER = "x-vision-peer"
+_forwarded_peers_trusted = False
+
+
+def trust_forwarded_peers() -> None:
+    """Make this process (the engine) read callers' peers from :data:`FORWARDED_PEER`."""
+    global _forwarded_peers_trusted
+    _forwarded_peers_trusted = True
+
+
+def caller_peer(context: Any) -> str:
+    """The caller of a gRPC call as a peer string: ``context.peer()``, or in the engine the peer
+    the front end that forwarded the call names."""
+    if _forwarded_peers_trusted:
+        for key, value in context.invocation_metadata() or ():
+            if key == FORWARDED_PEER:
+                return value if isinstance(value, str) else value.decode("latin-1")
+    return str(context.peer())
+
+
 # -- host names and browsers ------------------------------------------------------------------
 
 

@@ -21,7 +21,6 @@ from service.statistics import StatisticsCollector
 from service.tracing import RequestTrace, Tracing, trace_carrier
 from service.transport.auth import host_only_message, is_loopback_peer
 from service.transport.codec import InferCall, build_infer_response, parse_infer_request, uses_shared_memory
-from service.transport.errors import status_for
 from service.transport.model_config import (
     input_specs,
     model_config,
@@ -29,7 +28,7 @@ from service.transport.model_config import (
     output_specs,
     tensor_metadata,
 )
-from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEMA, ScreenedParsingInterceptor
+from service.transport.streaming import stream_infer
 from vision_client.protocol import CLASSIFICATION
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
@@ -231,59 +230,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelStreamInferResponse],
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Run each streamed request as it arrives; answer in completion order, with its id.
-
-        At most ``max_stream_in_flight`` requests of a stream are being worked on or waiting
-        to be sent back; while that many are, the stream is not read further, so a client
-        that sends faster than it is answered (or stops reading) meets gRPC flow control
-        instead of growing the server's queues.
-        """
-        slots = asyncio.Semaphore(self._dataplane.config.max_stream_in_flight)
+        """Triton's streaming inference (:func:`~service.transport.streaming.stream_infer`)."""
         local = is_loopback_peer(context.peer())
         carrier = (
             trace_carrier(context.invocation_metadata() or ()) if self._tracing.enabled else None
         )  # each request's parent
-        # Each response holds a slot until it is sent: the queue never holds more than the bound.
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
-            try:
-                result = await self.infer(
-                    request, context.time_remaining(), local=local, carrier=carrier, method="ModelStreamInfer"
-                )
-                responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
-            except Exception as exc:
-                _, message = status_for(exc)
-                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                responses.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+        async def infer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+            return await self.infer(
+                request, context.time_remaining(), local=local, carrier=carrier, method="ModelStreamInfer"
+            )
 
-        async def read() -> None:
-            try:
-                while True:
-                    await slots.acquire()
-                    try:
-                        request = await request_iterator.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    task = asyncio.create_task(answer(request))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                if running:
-                    await asyncio.gather(*running)
-            finally:
-                responses.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (response := await responses.get()) is not None:
-                yield response
-                slots.release()
-            await reader  # re-raise what ended the request stream, if anything
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
+        async for response in stream_infer(request_iterator, infer, self._dataplane.config.max_stream_in_flight):
+            yield response
 
     async def infer(
         self,
@@ -379,19 +338,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _model(self, name: str, version: str) -> ServedModel:
         return self._dataplane.model(require_model_name(name), version)
-
-
-def inference_parsing_interceptor(max_request_images: int) -> ScreenedParsingInterceptor:
-    """Screens inference requests' wire bytes before parsing them (see :mod:`service.transport.parsing`)."""
-    service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-    return ScreenedParsingInterceptor(
-        {
-            f"/{service_name}/ModelInfer": pb.ModelInferRequest.FromString,
-            f"/{service_name}/ModelStreamInfer": pb.ModelInferRequest.FromString,
-        },
-        schema=INFER_REQUEST_SCHEMA,
-        max_fields=max_request_images + FIELDS_BESIDES_IMAGES,
-    )
 
 
 def _control_target(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest) -> str:

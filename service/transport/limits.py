@@ -41,8 +41,10 @@ KEEPALIVE_TIMEOUT_MS = 20_000
 within 20 s: the calls of a peer that vanished (a pulled cable, a killed node) are ended."""
 
 
-def server_options() -> list[tuple[str, int]]:
-    """The grpc.aio server options for the limits above."""
+def server_options(*, share_port: bool = False) -> list[tuple[str, int]]:
+    """The grpc.aio server options for the limits above. ``share_port``: the port is shared with this
+    server's other protocol processes (``SO_REUSEPORT``; the kernel spreads connections over them).
+    A port another program holds is still refused: ``service.ports`` checks each without sharing."""
     return [
         ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
         ("grpc.max_allowed_incoming_connections", MAX_INCOMING_CONNECTIONS),
@@ -50,7 +52,7 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if share_port else 0),
     ]
 
 

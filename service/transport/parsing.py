@@ -31,6 +31,7 @@ from service.transport.handlers import (
     replace,
     responses,
 )
+from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
 Parser = Callable[[bytes], Any]
 Schema = Mapping[int, "Schema"]  # field number -> schema of the sub-message to look into
@@ -162,3 +163,16 @@ def _streaming(behavior: StreamBehavior, parse: ScreenedParser) -> StreamBehavio
             yield response
 
     return wrapper
+
+
+def inference_parsing_interceptor(max_request_images: int) -> ScreenedParsingInterceptor:
+    """Screens inference requests' wire bytes before parsing them (see :mod:`service.transport.parsing`)."""
+    service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    return ScreenedParsingInterceptor(
+        {
+            f"/{service_name}/ModelInfer": pb.ModelInferRequest.FromString,
+            f"/{service_name}/ModelStreamInfer": pb.ModelInferRequest.FromString,
+        },
+        schema=INFER_REQUEST_SCHEMA,
+        max_fields=max_request_images + FIELDS_BESIDES_IMAGES,
+    )

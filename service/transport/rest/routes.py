@@ -19,7 +19,6 @@ from aiohttp import web
 from service.errors import InvalidInputError
 from service.tracing import trace_carrier
 from service.transport import values
-from service.transport.inference import InferenceServicer
 from service.transport.rest.codec import (
     HEADER_LENGTH,
     build_infer_body,
@@ -27,6 +26,7 @@ from service.transport.rest.codec import (
     parse_infer_body,
     parse_json,
 )
+from service.transport.services import InferenceService
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
 _INFERENCE = "/inference.GRPCInferenceService/"
@@ -53,7 +53,7 @@ class Route:
     streams_body: bool = False  # the handler reads the body itself, as it arrives
 
 
-def routes(servicer: InferenceServicer) -> list[Route]:
+def routes(servicer: InferenceService) -> list[Route]:
     """Every REST route, each with the gRPC method it stands for."""
 
     def model_paths(suffix: str = "") -> tuple[str, ...]:

@@ -175,7 +175,9 @@ class RestServer:
         self._server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, share_port: bool = False) -> int:
+        """Listen on ``host:port``; ``share_port``: with this server's other protocol processes
+        (``SO_REUSEPORT``, as the gRPC port's ``server_options``)."""
         await self._runner.setup()
         handlers = self._runner.server
         assert handlers is not None
@@ -189,7 +191,9 @@ class RestServer:
 
         self._host_only = is_loopback_address(host)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(protocol, host or None, port, reuse_address=True)
+        self._server = await loop.create_server(
+            protocol, host or None, port, reuse_address=True, reuse_port=share_port or None
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -39,10 +39,9 @@ from google.protobuf import json_format
 
 from service.errors import InvalidInputError, quote
 from service.tracing import trace_carrier
-from service.transport.fine_tuning import FineTuningServicer
 from service.transport.limits import UploadPace
-from service.transport.models import ModelsServicer
 from service.transport.rest.routes import NO_CONTEXT, Route, peer
+from service.transport.services import FineTuningService, ModelsService
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client.protocol.stubs.vision.v1 import models_pb2
 
@@ -55,7 +54,7 @@ KEEPALIVE_S = 15.0
 
 
 def vision_routes(
-    models: ModelsServicer, fine_tuning: FineTuningServicer, *, max_part_bytes: int, read_timeout_s: float
+    models: ModelsService, fine_tuning: FineTuningService, *, max_part_bytes: int, read_timeout_s: float
 ) -> list[Route]:
     async def list_models(request: web.Request, body: bytes) -> web.StreamResponse:
         without = request.query.get("without_labels", "").lower() in ("1", "true")

@@ -1,0 +1,178 @@
+"""A protocol front end's link to the engine: the hop for inference (``service.hop``) and a gRPC
+channel on the engine's Unix socket for every other call.
+
+The link reconnects by itself: while the engine is down (it died and its supervisor is starting
+it again) every call through the link is answered UNAVAILABLE at once, which clients retry; the
+requests that were in flight when it died are answered the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+
+from service import hop
+from service.errors import RelayedError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+RESPONSE_ROOM = 64 * 1024  # a slot holds at least this: a response of up to this many bytes needs no second copy
+RECONNECT_S = (0.05, 1.0)  # first and longest wait between attempts to reach the engine
+
+
+def engine_down() -> UnavailableError:
+    return UnavailableError("the server's engine is restarting; retry in a moment")
+
+
+class EngineLink:
+    def __init__(self, run_dir: Path, frontend: int, *, arena_bytes: int, max_message_bytes: int) -> None:
+        self._run_dir = run_dir
+        self._frontend = frontend
+        self._arena = hop.Arena(arena_bytes)
+        self.channel = grpc.aio.insecure_channel(
+            f"unix:{run_dir / hop.ENGINE_SOCKET}",
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[bytes], int, int]] = {}  # id -> (answer, offset, capacity)
+        self._writer: asyncio.StreamWriter | None = None
+        self._running: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._running = asyncio.create_task(self._run())
+
+    async def wait_connected(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        return self.connected.is_set()
+
+    async def _run(self) -> None:
+        wait = RECONNECT_S[0]
+        while True:
+            try:
+                reader, writer = await self._connect()
+            except OSError:
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, RECONNECT_S[1])
+                continue
+            wait = RECONNECT_S[0]
+            self._writer = writer
+            self.connected.set()
+            log.info("connected to the engine")
+            try:
+                while (payload := await hop.read_frame(reader)) is not None:
+                    message = hop.decode(payload)
+                    if isinstance(message, hop.Reply):
+                        self._answer(message)
+            except (ConnectionError, ValueError) as exc:
+                log.warning("the connection to the engine failed: %s", exc)
+            finally:
+                self.connected.clear()
+                self._writer = None
+                writer.close()
+                self._fail_pending()
+            log.warning("lost the engine; answering UNAVAILABLE until it is back")
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        hello = hop.Hello(self._frontend, os.getpid(), self._arena.size)
+
+        def connect() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(5.0)
+                sock.connect(str(self._run_dir / hop.HOP_SOCKET))
+                socket.send_fds(sock, [hello.encode()], [self._arena.fd])
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        sock = await asyncio.to_thread(connect)
+        return await asyncio.open_unix_connection(sock=sock)
+
+    def _answer(self, reply: hop.Reply) -> None:
+        entry = self._pending.pop(reply.id, None)
+        if entry is None:
+            return
+        future, offset, capacity = entry
+        try:
+            if future.done():
+                return
+            if reply.code:
+                future.set_exception(RelayedError(reply.code, reply.message))
+            elif reply.inline or not reply.length:
+                future.set_result(reply.inline)
+            else:
+                future.set_result(self._arena.memory[offset : offset + reply.length])
+        finally:
+            self._arena.release(offset, capacity)  # the engine is done with the slot
+
+    def _fail_pending(self) -> None:
+        # The engine that held these slots is gone, and its mapping with it.
+        pending, self._pending = self._pending, {}
+        for future, offset, capacity in pending.values():
+            self._arena.release(offset, capacity)
+            if not future.done():
+                future.set_exception(engine_down())
+
+    async def infer(
+        self,
+        request: bytes,
+        timeout: float | None,
+        *,
+        local: bool,
+        protocol: str,
+        method: str,
+        carrier: Mapping[str, str] | None,
+    ) -> bytes:
+        """The engine's serialized ModelInferResponse for ``request`` (a serialized ModelInferRequest);
+        its errors relayed as :class:`RelayedError`."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise engine_down()
+        offset, capacity = self._arena.allocate(max(len(request), RESPONSE_ROOM))
+        self._arena.memory[offset : offset + len(request)] = request
+        request_id = next(self._ids)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (future, offset, capacity)
+        descriptor = hop.Infer(
+            request_id,
+            offset,
+            len(request),
+            capacity,
+            timeout,
+            local,
+            protocol,
+            method,
+            (carrier or {}).get("traceparent", ""),
+            (carrier or {}).get("tracestate", ""),
+        )
+        writer.write(hop.frame(descriptor.encode()))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away: the engine drops the work if it has not run; the slot stays
+            # held until the engine answers.
+            if self._writer is writer and not writer.is_closing():
+                writer.write(hop.frame(hop.Cancel(request_id).encode()))
+            raise
+
+    async def close(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._running
+        await self.channel.close()

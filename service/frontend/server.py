@@ -1,0 +1,154 @@
+"""One protocol front end: the public gRPC and HTTP ports (shared with the other front ends), their
+limits, TLS and authorization, and servicers that hand every call to the engine
+(``service.frontend.remote``).
+
+A front end holds no model and no state of the server's: what one front end changes (a model
+loaded, a region registered, a job started) is the engine's, so every front end sees it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.config import ServeConfig
+from service.frontend.engine_link import EngineLink
+from service.frontend.remote import Forwarder, RemoteFineTuning, RemoteHealth, RemoteInference, RemoteModels
+from service.ports import Listener, bind_error, bracketed
+from service.transport.auth import AuthorizationInterceptor, policy_from
+from service.transport.errors import ErrorMappingInterceptor
+from service.transport.limits import server_options
+from service.transport.parsing import inference_parsing_interceptor
+from service.transport.requests import RequestReadingInterceptor
+from service.transport.rest.console import console_routes
+from service.transport.rest.routes import routes
+from service.transport.rest.server import RestServer
+from service.transport.rest.vision_routes import vision_routes
+from service.transport.tls import CertificateFiles, TlsFiles
+from vision_client.protocol.stubs.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 5.0
+ARENA_MIN_BYTES = 256 * 1024 * 1024  # backed only as used: the most requests in flight may hold at once
+
+
+class FrontendServer:
+    def __init__(self, config: ServeConfig, run_dir: Path, index: int) -> None:
+        self.config = config
+        self.index = index
+        self.link = EngineLink(
+            run_dir,
+            index,
+            arena_bytes=max(ARENA_MIN_BYTES, 4 * config.max_message_bytes),
+            max_message_bytes=config.max_message_bytes,
+        )
+        forwarder = Forwarder(self.link)
+        self.inference = RemoteInference(
+            forwarder, tracing_enabled=config.trace, max_stream_in_flight=config.max_stream_in_flight
+        )
+        self.models = RemoteModels(forwarder)
+        self.fine_tuning = RemoteFineTuning(forwarder, config.fine_tuning, tracing_enabled=config.trace)
+        self.health = RemoteHealth(forwarder)
+        self._access = policy_from(config.auth_token_file, config.auth_scope, config.allowed_hosts)
+        tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        self._tls = CertificateFiles(tls_files) if tls_files is not None else None
+        self._grpc: grpc.aio.Server | None = None
+        self._rest: RestServer | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+
+    async def start(self) -> None:
+        self.link.start()
+        self._grpc = grpc.aio.server(
+            interceptors=[
+                ErrorMappingInterceptor(),
+                AuthorizationInterceptor(self._access),
+                RequestReadingInterceptor(self.config.first_message_timeout_s),
+                inference_parsing_interceptor(self.config.request_images_limit),
+            ],
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+                *server_options(share_port=True),
+            ],
+        )
+        # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._grpc)  # type: ignore[no-untyped-call]
+        models_pb2_grpc.add_ModelsServicer_to_server(self.models, self._grpc)  # type: ignore[no-untyped-call]
+        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(self.fine_tuning, self._grpc)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            [
+                grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+                fine_tuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self._grpc,
+        )
+        host = bracketed(self.config.host)
+        address = f"{host}:{self.config.grpc_port}"
+        try:
+            if self._tls is None:
+                self.grpc_port = self._grpc.add_insecure_port(address)
+            else:
+                self.grpc_port = self._grpc.add_secure_port(address, self._tls.credentials())
+        except RuntimeError as exc:
+            raise bind_error(Listener("--grpc-port", self.config.host, self.config.grpc_port), exc) from None
+        await self._grpc.start()
+        if self.config.http_port is not None:
+            rest_routes = routes(self.inference) + vision_routes(
+                self.models,
+                self.fine_tuning,
+                max_part_bytes=self.config.max_message_bytes,
+                read_timeout_s=self.config.first_message_timeout_s,
+            )
+            self._rest = RestServer(
+                rest_routes,
+                self._access,
+                max_body_bytes=self.config.max_message_bytes,
+                body_timeout_s=self.config.first_message_timeout_s,
+                tls=self._tls,
+                pages=console_routes(limits=self.config.fine_tuning),
+            )
+            try:
+                self.http_port = await self._rest.start(host, self.config.http_port, share_port=True)
+            except OSError as exc:
+                raise bind_error(Listener("--http-port", self.config.host, self.config.http_port), exc) from None
+        log.info("front end %d serving gRPC on port %d and HTTP on port %s", self.index, self.grpc_port, self.http_port)
+
+    async def stop(self) -> None:
+        """Drain: stop taking connections, answer what is in flight (the engine still runs), stop."""
+        if self._rest is not None:
+            await self._rest.stop(self.config.drain_seconds)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=self.config.drain_seconds)
+        await self.link.close()
+        log.info("front end %d stopped", self.index)
+
+    async def wait_for_termination(self) -> None:
+        assert self._grpc is not None
+        await self._grpc.wait_for_termination()
+
+
+async def serve_frontend(config: ServeConfig, run_dir: Path, index: int) -> int:
+    """Run one front end until SIGTERM, then drain."""
+    import signal
+
+    server = FrontendServer(config, run_dir, index)
+    await server.start()
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopped.set)
+    await stopped.wait()
+    await server.stop()
+    return 0
