@@ -235,21 +235,34 @@ def test_a_view_is_torchvisions_resized_crop_and_flip_of_the_image(decoder: Imag
     weights = AlexNet_Weights.IMAGENET1K_V1.transforms()
     image = decoder.decode(png(320, 180, 3))
     views = maker(crop_scale=(0.2, 0.9))
-    for view in range(1, 6):
+    made = np.empty((3, 224, 224), dtype=np.float32)
+    flips = 0
+    for view in range(1, 9):
         rng = views.generator(0, view)
         top, left, height, width = crop_box(320, 180, (0.2, 0.9), rng)
         assert 0 <= top <= 180 - height and 0 <= left <= 320 - width
-        assert 0.2 * 0.999 <= height * width / (320 * 180) <= 0.9 * 1.001 or (height, width) == (180, 240)
         flip = rng.random() < 0.5
+        flips += flip
         crop = F.resized_crop(image, top, left, height, width, [224, 224], InterpolationMode.BILINEAR, antialias=True)
         expected = F.normalize(F.to_tensor(F.hflip(crop) if flip else crop), weights.mean, weights.std)
-        assert torch.allclose(views.view(image, 0, view), expected, atol=1e-6)
+        views.view_into(image, 0, view, made)
+        assert torch.allclose(torch.from_numpy(made), expected, atol=1e-6)
+    assert 0 < flips < 8, "some views are mirrored, some not"
     # Without crop, a view is the model's own preprocessing, mirrored or not.
-    flips = maker(crop=False)
     served = weights(image)
     for view in range(1, 6):
-        made = flips.view(image, 0, view)
-        assert torch.equal(made, served) or torch.equal(made, served.flip(-1))
+        maker(crop=False).view_into(image, 0, view, made)
+        assert torch.equal(torch.from_numpy(made), served) or torch.equal(torch.from_numpy(made), served.flip(-1))
+
+
+def test_crops_take_the_share_of_the_image_asked_for() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, height, width = crop_box(400, 300, (0.3, 0.6), rng)
+        assert 0 <= top <= 300 - height and 0 <= left <= 400 - width
+        assert 0.3 * 0.98 <= height * width / (400 * 300) <= 0.6 * 1.02
+        assert 3 / 4 * 0.95 <= width / height <= 4 / 3 * 1.05
+    assert crop_box(1000, 10, (0.9, 1.0), rng) == (0, 493, 10, 13), "too wide: the central crop, as torchvision's"
 
 
 def test_augmented_features_train_and_the_result_depends_on_the_seed_only() -> None:

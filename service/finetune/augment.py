@@ -4,8 +4,10 @@ A view is made from the decoded image (the serving decoder's own :meth:`ImageDec
 so that it refuses exactly what serving refuses) into the model's input: a random resized crop
 as torchvision's ``RandomResizedCrop`` takes it (area share within ``crop_scale``, aspect ratio
 3/4 to 4/3, bilinear with antialiasing, to the model's input side), or without crop the model's
-own preprocessing; then, with ``horizontal_flip``, mirrored with probability 1/2; then the
-weights' normalisation.
+own preprocessing; then, with ``horizontal_flip``, mirrored with probability 1/2. A crop's 8-bit
+pixels become the model's normalised floats through a table of the 256 values per channel
+(``(v / 255 - mean) / std`` in float32, as torchvision computes them), written straight into the
+view's row of the request: no float image is made on the way.
 
 Each view draws from a generator of its own, seeded by (job seed, example, view): a view is
 the same whichever chunk, thread or order makes it, and the same on every run of the job.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -54,8 +57,17 @@ class ViewMaker:
         """The random source of view ``view`` (1-based; 0 is the image itself) of example ``example``."""
         return np.random.default_rng([self.seed, example, view])
 
-    def view(self, image: Image.Image, example: int, view: int) -> torch.Tensor:
-        """View ``view`` of ``image`` (example ``example``) as the model's input [3, S, S] float32."""
+    @cached_property
+    def table(self) -> np.ndarray:
+        """[3, 256] float32: each channel's normalised value of each 8-bit value."""
+        values = torch.arange(256, dtype=torch.float32).div_(255).expand(3, 256)
+        table: np.ndarray = (
+            F.normalize(values.reshape(3, 1, 256), list(self.mean), list(self.std)).reshape(3, 256).numpy()
+        )
+        return table
+
+    def view_into(self, image: Image.Image, example: int, view: int, out: np.ndarray) -> None:
+        """View ``view`` of ``image`` (example ``example``) as the model's input, into ``out`` [3, S, S] float32."""
         rng = self.generator(example, view)
         augmentation = self.augmentation
         if augmentation.crop:
@@ -63,14 +75,18 @@ class ViewMaker:
             cropped = F.resized_crop(
                 image, top, left, height, width, [self.side, self.side], InterpolationMode.BILINEAR, antialias=True
             )
-            pixels: torch.Tensor = F.normalize(
-                F.pil_to_tensor(cropped).float().div_(255), list(self.mean), list(self.std)
-            )
-        else:
-            pixels = self.preprocess(image)
+            pixels = np.asarray(cropped)  # [S, S, 3] uint8
+            flip = augmentation.horizontal_flip and rng.random() < 0.5
+            if flip:
+                pixels = pixels[:, ::-1]
+            table = self.table
+            for channel in range(3):
+                np.take(table[channel], pixels[:, :, channel], out=out[channel])
+            return
+        served = self.preprocess(image)
         if augmentation.horizontal_flip and rng.random() < 0.5:
-            pixels = pixels.flip(-1)
-        return pixels
+            served = served.flip(-1)
+        out[...] = served.numpy()
 
     def views_into(self, decoder: ImageDecoder, images: Sequence[bytes], first: int, output: np.ndarray) -> None:
         """Views 1..V of ``images`` (examples ``first``, ``first + 1``, ...) into ``output`` [V * n, 3, S, S],
@@ -80,7 +96,7 @@ class ViewMaker:
             image = decoder.decode(data, first + k)
             try:
                 for v in range(1, views + 1):
-                    output[(v - 1) * count + k] = self.view(image, first + k, v).numpy()
+                    self.view_into(image, first + k, v, output[(v - 1) * count + k])
             finally:
                 image.close()
 
