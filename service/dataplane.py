@@ -23,7 +23,6 @@ import torch
 from service.batching import Reservation, WorkItem
 from service.config import ServeConfig
 from service.errors import (
-    InternalError,
     InvalidInputError,
     ModelNotFoundError,
     QueueClosedError,
@@ -284,7 +283,7 @@ class DataPlane:
         """
         loop = asyncio.get_running_loop()
         side = model.input_size
-        output = torch.empty((len(images), 3, side, side), dtype=torch.float32)
+        output = np.empty((len(images), 3, side, side), dtype=np.float32)
         window = self._config.decode_thread_count
         running: set[asyncio.Future[None]] = set()
         submitted = 0
@@ -300,7 +299,7 @@ class DataPlane:
         finally:
             for future in running:
                 future.cancel()  # decodes not yet started never start
-        return output
+        return torch.from_numpy(output)  # a view: the rows the decodes wrote are the tensor's
 
     def _check_pixels(self, model: ServedModel, pixels: np.ndarray) -> None:
         _, channels, height, width = pixels.shape
@@ -395,12 +394,10 @@ def _check_version(model: ServedModel, version: str) -> None:
         )
 
 
-def _decode_into(decoder: ImageDecoder, data: bytes, index: int, output: torch.Tensor) -> None:
-    """Decode image ``index`` into row ``index`` of ``output`` (a decode pool job)."""
-    tensor = decoder(data, index)
-    if tensor.shape != output.shape[1:]:
-        raise InternalError(f"preprocessing made a {tuple(tensor.shape)} tensor, expected {tuple(output.shape[1:])}")
-    output[index].copy_(tensor)
+def _decode_into(decoder: ImageDecoder, data: bytes, index: int, output: np.ndarray) -> None:
+    """Decode image ``index`` straight into row ``index`` of ``output`` (a decode pool job; the
+    decoder refuses a row of another shape)."""
+    decoder(data, index, output[index])
 
 
 def _pixels_view(pixels: np.ndarray) -> torch.Tensor | None:

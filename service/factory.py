@@ -20,6 +20,7 @@ from service.cpus import usable_cores, use_torch_threads
 from service.devices import resolve_dtype
 from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
+from service.models.preprocessing import preprocessing_of
 from service.precision import Agreement, Precision, check_floor, measure, reference_logits, sample_batch, worst
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
@@ -185,7 +186,7 @@ class ModelFactory:
             input_size=spec.crop_size,
             min_size=spec.min_size,
             platform=platform,
-            decoder=ImageDecoder(spec.transforms(), max_pixels=self._config.max_image_pixels),
+            decoder=ImageDecoder(preprocessing_of(spec.transforms()), max_pixels=self._config.max_image_pixels),
             queue=BatchQueue(
                 capacity_images=self._config.batching.max_queue_size,
                 on_depth_change=self._metrics.queue_depth_recorder(name),

@@ -203,10 +203,10 @@ class CountingDecoder(ImageDecoder):
         self.calls = 0
         self._lock = threading.Lock()
 
-    def __call__(self, data: bytes, index: int = 0) -> torch.Tensor:
+    def __call__(self, data: bytes, index: int = 0, out: np.ndarray | None = None) -> np.ndarray:
         with self._lock:
             self.calls += 1
-        return super().__call__(data, index)
+        return super().__call__(data, index, out)
 
 
 def count_decodes(server) -> CountingDecoder:
@@ -361,9 +361,9 @@ def test_decoding_never_runs_on_the_event_loop(default_server, stub_for) -> None
     decoder = model.decoder
     threads: set[str] = set()
 
-    def recording(data: bytes, index: int = 0) -> torch.Tensor:
+    def recording(data: bytes, index: int = 0, out: np.ndarray | None = None) -> np.ndarray:
         threads.add(threading.current_thread().name)
-        return decoder(data, index)
+        return decoder(data, index, out)
 
     model.decoder = recording  # type: ignore[assignment]
     try:

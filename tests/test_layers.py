@@ -5,6 +5,8 @@ installed packages (no ``tests``, nothing private, no ``sys.path`` edits), and t
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -82,3 +84,18 @@ def test_service_imports_run_downwards_only() -> None:
         if upwards:
             problems.append(f"{module_name(path)} ({LAYERS[own][0]}) imports from above: {upwards}")
     assert not problems
+
+
+def test_decoding_imports_no_torch() -> None:
+    """Processes that never import torch decode IMAGE inputs: ``service.preprocess`` (decoding and
+    the models' exact preprocessing) stands on Pillow and numpy only. A fresh interpreter, since
+    this one has imported torch long ago."""
+    probe = (
+        "import sys, service.preprocess; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"service.preprocess imports {result.stdout.strip()}"
