@@ -212,6 +212,10 @@ MALFORMED = {
         _request(raw=_raw_bytes(encode(Image.new("1", (20000, 20000)), "PNG"))),
         "over the limit",
     ),
+    "extreme-aspect-image": (  # 5,000 pixels that the resize would make 256 x 1,280,000
+        _request(raw=_raw_bytes(encode(Image.new("L", (1, 5000)), "PNG"))),
+        "resizes its shorter side to 256 pixels.*nearer to square",
+    ),
     "image-wrong-datatype": (_request(datatype="FP32", raw=_raw_bytes(JPEG)), "datatype BYTES"),
     "image-wrong-rank": (_request(shape=(1, 1, 1), raw=_raw_bytes(JPEG)), r"shape \[N\] or \[N,1\]"),
     "image-count-mismatch": (_request(shape=(3,), raw=_raw_bytes(JPEG)), "3 elements|but 1 elements"),
