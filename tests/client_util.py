@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import TOKEN
-from vision_client import AsyncClient, Client, FineTuneConfig, HeadConfig, OptimizerConfig
+from vision_client import AsyncClient, AugmentationConfig, Client, FineTuneConfig, HeadConfig, OptimizerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 READMES = (ROOT / "clients" / "python" / "README.md", ROOT / "README.md")
@@ -95,8 +95,11 @@ EVERY_SETTING = FineTuneConfig(
     early_stopping_patience=3,
     refit=False,
     replace=True,
+    augmentation=AugmentationConfig(views=2, crop=False, crop_scale=(0.5, 0.9)),  # a view needs crop or flip
 )
-"""A job's config with no field at its default, so that a field left behind shows."""
+"""A job's config with no field at its default, so that a field left behind shows (but for
+``augmentation.horizontal_flip``, which views without crop need, and ``class_weights``, which mse
+refuses: tests/test_finetune_metrics.py converts those)."""
 
 
 def readme_examples(*, fine_tuning: bool) -> list[str]:

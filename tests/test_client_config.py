@@ -34,10 +34,16 @@ def leaves(message: Any, descriptor: Descriptor, prefix: str = "") -> dict[str, 
     values: dict[str, Any] = {}
     for field in descriptor.fields:
         value = getattr(message, field.name)
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if field.message_type is not None and field.message_type.name == "ClassWeightsSpec":
+            # One setting of the config's: a mode, or weights by name (kept as sorted pairs).
+            weights = tuple(sorted(value.weights.items()))
+            values[prefix + field.name] = weights if value.mode == "explicit" else (value.mode or "none")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated:
             values.update(leaves(value, field.message_type, f"{prefix}{field.name}."))
         else:
             values[prefix + field.name] = value
+    if descriptor.name == "AugmentationSpec":  # the config's crop_scale is the pair (min, max)
+        values[prefix + "crop_scale"] = (values.pop(prefix + "crop_scale_min"), values.pop(prefix + "crop_scale_max"))
     return values
 
 
@@ -66,7 +72,7 @@ def test_every_field_is_converted_as_it_is():
     message = config_message(EVERY)
     sent = leaves(message, ft_pb.FineTuneConfig.DESCRIPTOR)
     for name, value in config_leaves(EVERY).items():
-        if isinstance(value, float):
+        if isinstance(value, float) or (isinstance(value, tuple) and value and all(type(v) is float for v in value)):
             assert sent[name] == pytest.approx(value, rel=1e-6), name  # float32 on the wire
         else:
             assert sent[name] == value, name
@@ -191,7 +197,7 @@ def test_cli_options_make_the_config():
         "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.5", "--weight-decay", "1e-4",
         "--beta1", "0.8", "--beta2", "0.99", "--loss", "mse", "--epochs", "7", "--batch-size", "16",
         "--validation-fraction", "0.3", "--seed", str(2**40), "--early-stopping-patience", "3",
-        "--no-refit", "--replace",
+        "--no-refit", "--replace", "--augment-views", "2", "--no-crop", "--crop-scale", "0.5", "0.9",
     )  # fmt: skip
     assert config_from_args(args) == EVERY
     assert args.directory == Path("photos")

@@ -122,7 +122,7 @@ def test_wire_config_round_trips_and_bad_values_are_refused() -> None:
         class_weights={"ant": 2.0},
     )
     back = config_from_wire(to_message(config))
-    assert back.augmentation == config.augmentation and back.class_weights == {"ant": 2.0}
+    assert back.augmentation == config.augmentation and back.class_weights == (("ant", 2.0),)
     assert config_from_wire(pb.FineTuneConfig(base_model="tiny", output_model="w")).augmentation.views == 0
     for message in (
         pb.FineTuneConfig(augmentation=pb.AugmentationSpec(views=2, crop_scale_min=-0.5)),
@@ -200,7 +200,7 @@ def decoder() -> ImageDecoder:
     """The serving decoder of AlexNet's preprocessing (only its ``decode`` is used here)."""
     transforms: Any = AlexNet_Weights.IMAGENET1K_V1.transforms()
     try:
-        from service.models.preprocessing import preprocessing_of  # type: ignore[import-not-found]
+        from service.models.preprocessing import preprocessing_of
     except ImportError:  # the decoder of a server whose preprocessing is torchvision's transform itself
         return ImageDecoder(transforms, max_pixels=10_000_000)
     return ImageDecoder(preprocessing_of(transforms), max_pixels=10_000_000)

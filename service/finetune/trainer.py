@@ -246,10 +246,10 @@ def loss_weights(
     if config.class_weights == "auto":
         counts = torch.bincount(targets, minlength=classes).double()
         return (len(targets) / (classes * counts.clamp(min=1))).float()
-    assert isinstance(config.class_weights, dict)
     if len(labels) != classes:
         raise ValueError("class weights by name need the class names")
-    return torch.tensor([config.class_weights.get(name, 1.0) for name in labels], dtype=torch.float32)
+    by_name = dict(config.class_weights)
+    return torch.tensor([by_name.get(name, 1.0) for name in labels], dtype=torch.float32)
 
 
 @dataclass

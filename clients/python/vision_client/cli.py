@@ -40,6 +40,7 @@ from vision_client.protocol.fine_tuning import (
     HEAD_KINDS,
     LOSSES,
     OPTIMIZER_KINDS,
+    AugmentationConfig,
     FineTuneConfig,
     HeadConfig,
     OptimizerConfig,
@@ -226,8 +227,8 @@ def _fail(message: str) -> int:
 class ConfigOption:
     """A ``fine-tune`` flag and the :class:`FineTuneConfig` field it sets.
 
-    ``part`` is ``"head"`` or ``"optimizer"`` for a field of the nested dataclass, ``""``
-    for the config's own. The default shown is the dataclass's; an option not given
+    ``part`` is ``"head"``, ``"optimizer"`` or ``"augmentation"`` for a field of the nested
+    dataclass, ``""`` for the config's own. The default shown is the dataclass's; an option not given
     is left out, so the dataclass's default applies and the dataclass checks the value.
     """
 
@@ -247,7 +248,12 @@ class ConfigOption:
         return f"{self.part}.{self.name}" if self.part else self.name
 
     def default(self) -> Any:
-        owner = {"": FineTuneConfig, "head": HeadConfig, "optimizer": OptimizerConfig}[self.part]
+        owner = {
+            "": FineTuneConfig,
+            "head": HeadConfig,
+            "optimizer": OptimizerConfig,
+            "augmentation": AugmentationConfig,
+        }[self.part]
         (spec,) = [f for f in fields(owner) if f.name == self.name]
         return spec.default
 
@@ -257,6 +263,18 @@ class ConfigOption:
         if isinstance(default, bool):
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(self.flag, dest=self.dest, action=action, default=argparse.SUPPRESS, help=text)
+            return
+        if isinstance(default, tuple):  # a pair of numbers: crop_scale
+            text = f"{self.help} ({self.path}; default {' '.join(map(str, default))})"
+            parser.add_argument(
+                self.flag,
+                dest=self.dest,
+                type=type(default[0]),
+                nargs=len(default),
+                default=argparse.SUPPRESS,
+                metavar=("LOW", "HIGH"),
+                help=text,
+            )
             return
         parser.add_argument(
             self.flag,
@@ -290,20 +308,46 @@ FINE_TUNE_OPTIONS = (
     ConfigOption("--seed", "", "seed", "seed of the split and the head's initial weights"),
     ConfigOption("--refit", "", "refit", "train again on every example for the best epoch count"),
     ConfigOption("--replace", "", "replace", "replace a fine-tuned model of that name"),
+    ConfigOption("--augment-views", "augmentation", "views", "random views of each image whose features train too"),
+    ConfigOption("--crop", "augmentation", "crop", "views are random resized crops"),
+    ConfigOption("--crop-scale", "augmentation", "crop_scale", "a crop's share of the image's area"),
+    ConfigOption("--flip", "augmentation", "horizontal_flip", "views are mirrored with probability 1/2"),
+    ConfigOption(
+        "--class-weights", "", "class_weights", "none, auto (balanced from the counts), or CLASS=WEIGHT,CLASS=WEIGHT"
+    ),
 )
+
+
+def _class_weights(text: str) -> object:
+    """``--class-weights``: a mode, or ``CLASS=WEIGHT`` pairs separated by commas (the dataclass checks them)."""
+    if "=" not in text:
+        return text
+    weights: dict[str, object] = {}
+    for pair in text.split(","):
+        name, _, weight = pair.rpartition("=")
+        try:
+            weights[name] = float(weight)
+        except ValueError:
+            raise VisionClientError(f"--class-weights: {pair!r} is not CLASS=WEIGHT with a number") from None
+    return weights
 
 
 def config_from_args(args: argparse.Namespace) -> FineTuneConfig:
     """The job's config: ``--base``, ``--output`` and the options given; the dataclass's defaults for the rest."""
-    given: dict[str, dict[str, Any]] = {"": {}, "head": {}, "optimizer": {}}
+    given: dict[str, dict[str, Any]] = {"": {}, "head": {}, "optimizer": {}, "augmentation": {}}
     for option in FINE_TUNE_OPTIONS:
         if hasattr(args, option.dest):
             given[option.part][option.name] = getattr(args, option.dest)
+    if "crop_scale" in given["augmentation"]:
+        given["augmentation"]["crop_scale"] = tuple(given["augmentation"]["crop_scale"])
+    if "class_weights" in given[""]:
+        given[""]["class_weights"] = _class_weights(given[""]["class_weights"])
     return FineTuneConfig(
         base_model=args.base,
         output_model=args.output,
         head=HeadConfig(**given["head"]),
         optimizer=OptimizerConfig(**given["optimizer"]),
+        augmentation=AugmentationConfig(**given["augmentation"]),
         **given[""],
     )
 
@@ -511,7 +555,7 @@ def _show_job(job: JobInfo, *, as_json: bool) -> int:
             rows.append(("augmentation", ", ".join(parts)))
         weights = job.config.class_weights
         if weights != "none":
-            shown = weights if isinstance(weights, str) else " ".join(f"{k}={v:g}" for k, v in weights.items())
+            shown = weights if isinstance(weights, str) else " ".join(f"{k}={v:g}" for k, v in dict(weights).items())
             rows.append(("class weights", shown))
     if job.state == "succeeded":
         rows.append(("epochs", f"{m.epochs_run} of {job.epochs} (best {m.best_epoch})"))
@@ -663,6 +707,11 @@ def _has_accuracy(job: JobInfo) -> bool:
     return job.state == "succeeded" and job.loss == "cross_entropy" and job.metrics.validation_examples > 0
 
 
+def _weights_json(weights: object) -> object:
+    """A config's class weights as JSON: the mode, or an object of weights by class name."""
+    return weights if isinstance(weights, str) else dict(weights)  # type: ignore[call-overload]
+
+
 def _job_json(job: JobInfo) -> dict[str, object]:
     return {
         "job_id": job.id,
@@ -678,7 +727,7 @@ def _job_json(job: JobInfo) -> dict[str, object]:
         "labels": list(job.labels),
         "metrics": asdict(job.metrics),
         "augmentation": None if job.config is None else asdict(job.config.augmentation),
-        "class_weights": None if job.config is None else job.config.class_weights,
+        "class_weights": None if job.config is None else _weights_json(job.config.class_weights),
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,

@@ -264,15 +264,20 @@ class AugmentationConfig:
         return self.views > 0
 
 
-ClassWeights = Literal["none", "auto"] | dict[str, float]
+# "none", "auto", or weights by class name: given as a dict, kept as (name, weight) pairs sorted
+# by name, so that a config stays hashable and equal configs compare equal.
+ClassWeights = Literal["none", "auto"] | tuple[tuple[str, float], ...]
 CLASS_WEIGHT_MODES: tuple[str, ...] = ("none", "auto")
 
 
 def _check_class_weights(value: object) -> ClassWeights:
-    """``"none"``, ``"auto"`` or a dict of positive finite weights by class name (as a new dict)."""
+    """``"none"``, ``"auto"``, or positive finite weights by class name (a dict, or (name, weight)
+    pairs) as sorted pairs."""
     if isinstance(value, str):
         _check_choice("class_weights", value, CLASS_WEIGHT_MODES)
         return value  # type: ignore[return-value]  # one of the modes
+    if isinstance(value, (tuple, list)) and all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in value):
+        value = dict(value)  # the pairs the config keeps (and JSON's lists of them)
     if not isinstance(value, Mapping):
         raise InvalidInputError(
             f"class_weights must be 'none', 'auto' or a dict of weights by class name, got {_shown(value)}"
@@ -287,7 +292,7 @@ def _check_class_weights(value: object) -> ClassWeights:
         if not sent > 0:
             raise InvalidInputError(f"class weight of {_shown(name)} must be a positive number, got {weight!r}")
         weights[name] = float(weight)
-    return weights
+    return tuple(sorted(weights.items()))
 
 
 @dataclass(frozen=True)
@@ -323,7 +328,7 @@ class FineTuneConfig:
     refit: bool = True
     replace: bool = False
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    class_weights: ClassWeights = "none"
+    class_weights: ClassWeights | Mapping[str, float] = "none"  # kept as ClassWeights
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_model"):
@@ -442,10 +447,10 @@ def _augmentation_message(augmentation: AugmentationConfig) -> pb.AugmentationSp
     )
 
 
-def _class_weights_message(weights: ClassWeights) -> pb.ClassWeightsSpec:
-    if isinstance(weights, dict):
-        return pb.ClassWeightsSpec(mode="explicit", weights=weights)
-    return pb.ClassWeightsSpec(mode=weights)
+def _class_weights_message(weights: ClassWeights | Mapping[str, float]) -> pb.ClassWeightsSpec:
+    if isinstance(weights, str):
+        return pb.ClassWeightsSpec(mode=weights)
+    return pb.ClassWeightsSpec(mode="explicit", weights=dict(weights))
 
 
 def _augmentation_from(message: pb.AugmentationSpec) -> AugmentationConfig:
@@ -463,7 +468,7 @@ def _class_weights_from(message: pb.ClassWeightsSpec) -> ClassWeights:
     if mode == "explicit":
         if not message.weights:
             raise InvalidInputError("class_weights mode 'explicit' needs weights by class name")
-        return dict(message.weights)
+        return _check_class_weights(dict(message.weights))
     if message.weights:
         raise InvalidInputError(f"class_weights mode {_shown(mode)} takes no weights; use mode 'explicit'")
     return _check_class_weights(mode)
@@ -550,6 +555,8 @@ def to_dict(config: FineTuneConfig) -> dict[str, Any]:
     head as :func:`head_to_dict` writes it)."""
     fields = asdict(config)
     fields["head"] = head_to_dict(config.head)
+    if not isinstance(config.class_weights, str):
+        fields["class_weights"] = dict(config.class_weights)  # by name, as a JSON object
     return fields
 
 
