@@ -93,6 +93,13 @@ class ServerMetrics:
         self.store_errors = Counter(
             "vision_store_errors", "Model store entries skipped because they cannot be served.", ["reason"], registry=r
         )
+        self.frontend_requests = Counter(
+            "vision_frontend_requests",
+            "Inference requests the engine took from each protocol front end (--frontends of 2 or more), "
+            "by the front end's index: how evenly the shared ports spread clients.",
+            ["frontend"],
+            registry=r,
+        )
         self.tls_reload_errors = Counter(
             "vision_tls_reload_errors",
             "Rotated TLS files refused (the previous certificate keeps serving), by reason.",
@@ -122,6 +129,9 @@ class ServerMetrics:
 
         # Triton's per model and version statistics (ModelStatistics), from the same events.
         self.statistics = StatisticsCollector()
+
+    def record_frontend_request(self, frontend: int) -> None:
+        self.frontend_requests.labels(str(frontend)).inc()
 
     def record_tls_reload_error(self, reason: str) -> None:
         self.tls_reload_errors.labels(reason).inc()

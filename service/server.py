@@ -226,8 +226,9 @@ class VisionServer:
         )
         self._loading = asyncio.create_task(self._load())
 
-    async def _hop_infer(self, data: memoryview, infer: hop.Infer) -> bytes:
+    async def _hop_infer(self, data: memoryview, infer: hop.Infer, frontend: int) -> bytes:
         """One inference a front end sent through the hop, as a call on the gRPC port runs it."""
+        self.metrics.record_frontend_request(frontend)
         request = grpc_service_pb2.ModelInferRequest.FromString(data)  # type: ignore[arg-type]  # any buffer parses
         carrier = infer.carrier if self._inference.tracing_enabled else None
         response = await self._inference.infer(

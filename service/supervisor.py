@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -34,12 +35,26 @@ RESTART_PAUSE_S = (0.5, 30.0)  # first and longest pause before a young child's 
 START_TIMEOUT_S = 60.0  # for the engine's sockets (models load after)
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_supervisor(supervisor_pid: int) -> None:
+    """In a child: be sent SIGTERM when the supervisor dies, however it dies (even SIGKILL), and
+    exit now if it is already gone: a child never outlives it, holding the ports or the devices."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor_pid:
+        raise SystemExit(1)
+
+
 class Child:
     """One child process and how to start it again."""
 
     def __init__(self, name: str, module: str, run_dir: Path, index: int, argv: Sequence[str]) -> None:
         self.name = name
-        self._command = [sys.executable, "-m", module, str(run_dir), str(index), "--", *argv]
+        self._command = [sys.executable, "-m", module, str(run_dir), str(index), str(os.getpid()), "--", *argv]
         self.process: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self._pause = RESTART_PAUSE_S[0]

@@ -1,9 +1,10 @@
-"""``python -m service.engine RUN_DIR INDEX -- [vision-serve options]``: the engine, started by
+"""``python -m service.engine RUN_DIR INDEX SUPERVISOR_PID -- [vision-serve options]``: the engine, started by
 the supervisor (``service.supervisor``), never by hand."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from service.errors import VisionServeError
 from service.logs import configure_logging
 from service.memory import configure_allocator
 from service.options import build_serve_parser, config_from_args
-from service.supervisor import LOADED_MARK, STARTED_MARK
+from service.supervisor import LOADED_MARK, STARTED_MARK, die_with_supervisor
 
 
 async def run_engine(config: ServeConfig, run_dir: Path) -> int:
@@ -41,9 +42,8 @@ async def run_engine(config: ServeConfig, run_dir: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    run_dir, _, _, *serve_argv = argv
-    import os
-
+    run_dir, _, supervisor, _, *serve_argv = argv
+    die_with_supervisor(int(supervisor))
     config = config_from_args(build_serve_parser(os.environ).parse_args(serve_argv))
     configure_logging(config.log_level, config.log_format)
     configure_allocator()

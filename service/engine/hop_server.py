@@ -26,8 +26,8 @@ from service.transport.errors import status_for
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 5.0
-# Runs one request: its serialized ModelInferRequest and descriptor -> the serialized response.
-Handler = Callable[[memoryview, hop.Infer], Awaitable[bytes]]
+# Runs one request: its serialized ModelInferRequest, descriptor and front end -> the serialized response.
+Handler = Callable[[memoryview, hop.Infer, int], Awaitable[bytes]]
 
 
 class HopServer:
@@ -73,7 +73,7 @@ class HopServer:
             while (payload := await hop.read_frame(reader)) is not None:
                 message = hop.decode(payload)
                 if isinstance(message, hop.Infer):
-                    task = asyncio.create_task(self._run(message, memory, writer))
+                    task = asyncio.create_task(self._run(message, hello.frontend, memory, writer))
                     running[message.id] = task
                     task.add_done_callback(partial(_forget, running, message.id))
                 elif isinstance(message, hop.Cancel):
@@ -89,10 +89,10 @@ class HopServer:
             log.info("front end %d (pid %d) disconnected", hello.frontend, hello.pid)
         # The mapping closes when the last view of it (a request still being read) is gone.
 
-    async def _run(self, infer: hop.Infer, memory: mmap.mmap, writer: asyncio.StreamWriter) -> None:
+    async def _run(self, infer: hop.Infer, frontend: int, memory: mmap.mmap, writer: asyncio.StreamWriter) -> None:
         slot = memoryview(memory)[infer.offset : infer.offset + infer.capacity]
         try:
-            response = await self._handler(slot[: infer.length], infer)
+            response = await self._handler(slot[: infer.length], infer, frontend)
         except asyncio.CancelledError:
             reply = hop.Reply(infer.id, "CANCELLED", "the request was cancelled")
         except Exception as exc:  # mapped as the gRPC port maps it; a bug is logged there

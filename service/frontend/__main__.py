@@ -1,4 +1,4 @@
-"""``python -m service.frontend RUN_DIR INDEX -- [vision-serve options]``: one protocol front end,
+"""``python -m service.frontend RUN_DIR INDEX SUPERVISOR_PID -- [vision-serve options]``: one protocol front end,
 started by the supervisor (``service.supervisor``), never by hand."""
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from service.errors import VisionServeError
 from service.frontend.server import serve_frontend
 from service.logs import configure_logging
 from service.options import build_serve_parser, config_from_args
+from service.supervisor import die_with_supervisor
 
 
 def main(argv: list[str]) -> int:
-    run_dir, index, _, *serve_argv = argv
+    run_dir, index, supervisor, _, *serve_argv = argv
+    die_with_supervisor(int(supervisor))
     config = config_from_args(build_serve_parser(os.environ).parse_args(serve_argv))
     configure_logging(config.log_level, config.log_format)
     try:

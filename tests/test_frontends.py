@@ -1,0 +1,334 @@
+"""``--frontends 2``: two protocol processes sharing the gRPC and HTTP ports in front of one engine
+process, seen by real clients as one server.
+
+Every client here opens connections of its own, enough of them that the kernel spreads them over
+both front ends (``vision_frontend_requests_total`` says each served); each coherence case makes
+its change through one connection and checks it through all of them. The fault cases kill a
+front end and the engine with SIGKILL under load.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.http as triton_http
+import tritonclient.utils.shared_memory as shm
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import ServerProcess, start_server
+from tests.finetune_data import digits
+from vision_client import Client, FineTuneConfig
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "alexnet"
+CONNECTIONS = 12  # each its own channel: with two front ends, all on one has odds of 1 in 2**11
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[ServerProcess]:
+    proc = start_server(
+        tmp_path_factory.mktemp("frontends"),
+        "--frontends",
+        "2",
+        "--models",
+        MODEL,
+        "--weights",
+        str(weights_dir),
+        "--max-batch-size",
+        "8",
+    )
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        assert proc.stop() == 0
+        assert "Traceback" not in proc.log()
+
+
+def clients(server: ServerProcess) -> list[triton.InferenceServerClient]:
+    return [triton.InferenceServerClient(server.target) for _ in range(CONNECTIONS)]
+
+
+def http_clients(server: ServerProcess) -> list[triton_http.InferenceServerClient]:
+    return [triton_http.InferenceServerClient(f"127.0.0.1:{server.http_port}") for _ in range(CONNECTIONS)]
+
+
+def jpeg(seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def image_input(data: bytes) -> triton.InferInput:
+    tensor = triton.InferInput("IMAGE", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=object))
+    return tensor
+
+
+def pixels_input(values: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput("PIXELS", list(values.shape), "FP32")
+    tensor.set_data_from_numpy(values)
+    return tensor
+
+
+def metric(server: ServerProcess, name: str, labels: str = "") -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def frontend_counts(server: ServerProcess) -> dict[str, float]:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return {
+        match.group(1): float(match.group(2))
+        for match in re.finditer(r'^vision_frontend_requests_total\{frontend="(\d+)"\} (\S+)$', text, re.M)
+    }
+
+
+def children(server: ServerProcess) -> dict[str, int]:
+    """The supervisor's children: ``engine`` and ``frontend <i>`` -> pid."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) != server.process.pid:
+            continue
+        if b"service.engine" in cmdline:
+            found["engine"] = int(entry.name)
+        elif b"service.frontend" in cmdline:
+            found[f"frontend {cmdline[cmdline.index(b'service.frontend') + 2].decode()}"] = int(entry.name)
+    return found
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.1)
+
+
+# -- one server ----------------------------------------------------------------------------------
+
+
+def test_every_frontend_serves_both_bindings(server):
+    before = frontend_counts(server)
+    expected = None
+    for client in clients(server):
+        logits = client.infer(MODEL, [image_input(jpeg())]).as_numpy("LOGITS")
+        expected = logits if expected is None else expected
+        np.testing.assert_allclose(logits, expected, rtol=1e-5)  # the one engine's answer, whichever front end
+    values = np.random.default_rng(1).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    for client in http_clients(server):
+        assert client.infer(MODEL, [_http_pixels(values)]).as_numpy("LOGITS").shape == (2, 1000)
+    after = frontend_counts(server)
+    served = {frontend: after[frontend] - before.get(frontend, 0.0) for frontend in after}
+    assert sorted(served) == ["0", "1"] and all(count > 0 for count in served.values()), served
+    assert sum(served.values()) == 2 * CONNECTIONS
+
+
+def _http_pixels(values: np.ndarray) -> triton_http.InferInput:
+    tensor = triton_http.InferInput("PIXELS", list(values.shape), "FP32")
+    tensor.set_data_from_numpy(values, binary_data=True)
+    return tensor
+
+
+def test_errors_keep_their_codes_through_the_hop(server):
+    for client in clients(server)[:4]:
+        with pytest.raises(InferenceServerException) as missing:
+            client.infer("no-such-model", [image_input(jpeg())])
+        assert missing.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException) as bad:
+            client.infer(MODEL, [image_input(b"not an image")])
+        assert bad.value.status() == "StatusCode.INVALID_ARGUMENT" and "not a decodable image" in bad.value.message()
+
+
+def test_unload_and_load_are_seen_by_every_frontend_before_the_call_returns(server):
+    connections = clients(server)
+    try:
+        connections[0].unload_model(MODEL)
+        assert not any(client.is_model_ready(MODEL) for client in connections)
+        for client in connections:
+            with pytest.raises(InferenceServerException) as unloaded:
+                client.infer(MODEL, [image_input(jpeg())])
+            assert unloaded.value.status() == "StatusCode.UNAVAILABLE"
+    finally:
+        connections[1].load_model(MODEL)
+    assert all(client.is_model_ready(MODEL) for client in connections)
+    assert all(client.is_server_ready() for client in connections)
+
+
+def test_statistics_and_metrics_count_each_request_once(server):
+    connections = clients(server)
+    count = lambda: connections[0].get_inference_statistics(MODEL).model_stats[0].inference_count  # noqa: E731
+    requests = lambda: metric(server, "vision_requests_total", f'model="{MODEL}",protocol="grpc",status="OK"')  # noqa: E731
+    before_stats, before_metric = count(), requests()
+    for client in connections:
+        client.infer(MODEL, [image_input(jpeg())])
+    assert count() - before_stats == CONNECTIONS
+    assert requests() - before_metric == CONNECTIONS
+    for client in connections:  # every front end tells the same numbers
+        assert client.get_inference_statistics(MODEL).model_stats[0].inference_count == count()
+
+
+def test_a_region_registered_through_one_connection_serves_every_other(server):
+    values = np.random.default_rng(2).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    connections = clients(server)
+    name = f"frontends-{os.getpid()}"
+    region = shm.create_shared_memory_region(name, f"/{name}", values.nbytes + 4000)
+    try:
+        shm.set_shared_memory_region(region, [values])
+        connections[0].register_system_shared_memory(name, f"/{name}", values.nbytes + 4000)
+        expected = connections[0].infer(MODEL, [pixels_input(values)]).as_numpy("LOGITS")
+        for client in connections:
+            assert name in client.get_system_shared_memory_status(as_json=True)["regions"]
+            tensor = triton.InferInput("PIXELS", list(values.shape), "FP32")
+            tensor.set_shared_memory(name, values.nbytes)
+            output = triton.InferRequestedOutput("LOGITS")
+            output.set_shared_memory(name, 4000, offset=values.nbytes)
+            client.infer(MODEL, [tensor], outputs=[output])  # the engine writes into the client's region
+            written = shm.get_contents_as_numpy(region, np.float32, [1, 1000], offset=values.nbytes)
+            np.testing.assert_allclose(written, expected, rtol=1e-5)
+        connections[-1].unregister_system_shared_memory(name)
+        assert all(client.get_system_shared_memory_status(as_json=True) == {} for client in connections)
+    finally:
+        shm.destroy_shared_memory_region(region)
+
+
+def test_a_job_started_through_one_frontend_is_watched_and_cancelled_through_others(server):
+    images, labels = digits()
+    examples = [(images[i], str(labels[i])) for i in range(60)]
+    config = FineTuneConfig(base_model=MODEL, output_model=f"frontends-job-{os.getpid()}", epochs=1000, batch_size=1)
+    with Client(server.target) as starter:
+        job = starter.create_job(config, examples)
+    watchers = [Client(server.target) for _ in range(4)]
+    try:
+        for event in watchers[0].watch_job(job.id):
+            if event.kind == "epoch":
+                watchers[1].cancel_job(job.id)
+                break
+        wait_for(lambda: watchers[2].job(job.id).state == "cancelled")
+        assert {w.job(job.id).state for w in watchers} == {"cancelled"}
+    finally:
+        for watcher in watchers:
+            watcher.close()
+
+
+def test_health_is_the_same_everywhere(server):
+    for _ in range(CONNECTIONS):
+        with grpc.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", MODEL, "liveness"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fault_server(tmp_path: Path, weights_dir: Path) -> Iterator[ServerProcess]:
+    proc = start_server(
+        tmp_path, "--frontends", "2", "--models", MODEL, "--weights", str(weights_dir), "--max-batch-size", "8"
+    )
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        assert proc.stop() == 0
+
+
+class Load:
+    """Clients on connections of their own sending requests until stopped; every status they met."""
+
+    def __init__(self, server: ServerProcess, threads: int = 6) -> None:
+        self.statuses: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(server,)) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, server: ServerProcess) -> None:
+        data = jpeg()
+        while not self._stop.is_set():
+            client = triton.InferenceServerClient(server.target)  # a new connection each time
+            try:
+                client.infer(MODEL, [image_input(data)], client_timeout=30)
+                self.statuses.append("OK")
+            except InferenceServerException as exc:
+                self.statuses.append(str(exc.status()))
+            finally:
+                client.close()
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        return self.statuses
+
+
+def test_a_killed_frontend_is_restarted_and_its_clients_see_only_unavailable(fault_server):
+    before = children(fault_server)
+    load = Load(fault_server)
+    wait_for(lambda: len(load.statuses) > 20)
+    os.kill(before["frontend 0"], signal.SIGKILL)
+    wait_for(lambda: children(fault_server).get("frontend 0", before["frontend 0"]) != before["frontend 0"])
+    counts = frontend_counts(fault_server)
+    wait_for(lambda: len(load.statuses) > 40)
+    statuses = load.stop()
+    assert set(statuses) <= {"OK", "StatusCode.UNAVAILABLE"}, set(statuses)
+    assert statuses.count("OK") > 30
+    assert children(fault_server)["engine"] == before["engine"]  # the engine never noticed
+    assert counts  # the engine still counts both
+
+
+def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
+    before = children(fault_server)
+    load = Load(fault_server, threads=3)
+    wait_for(lambda: len(load.statuses) > 10)
+    client = triton.InferenceServerClient(fault_server.target)
+    os.kill(before["engine"], signal.SIGKILL)
+    wait_for(lambda: not client.is_server_ready(), timeout=30)
+    assert client.is_server_live()
+    wait_for(lambda: client.is_server_ready() and client.is_model_ready(MODEL))
+    after = children(fault_server)
+    assert after["engine"] != before["engine"]
+    assert {key: after[key] for key in after if key != "engine"} == {
+        key: before[key] for key in before if key != "engine"
+    }  # the front ends lived on
+    ok_before = load.statuses.count("OK")
+    wait_for(lambda: load.statuses.count("OK") > ok_before + 5)
+    statuses = load.stop()
+    assert set(statuses) <= {"OK", "StatusCode.UNAVAILABLE"}, set(statuses)
+
+
+def test_a_second_server_on_the_same_ports_does_not_start(server, tmp_path):
+    proc = start_server(
+        tmp_path, "--frontends", "2", "--models", MODEL, "--weights", "random", grpc_port=server.grpc_port
+    )
+    assert proc.process.wait(120) != 0
+    assert "--grpc-port" in proc.log()
