@@ -474,3 +474,38 @@ def test_each_preset_and_a_long_list_survive_publish_a_replica_and_a_restart(
     again = tiny_server(store)  # a restart on the same store
     for model, logits in expected.items():
         assert_close(served_logits(again, model, batch), logits)
+
+
+def _wire_field(tag: int, payload: bytes) -> bytes:
+    size, length = len(payload), b""
+    while True:
+        length += bytes([(size & 0x7F) | (0x80 if size > 0x7F else 0)])
+        size >>= 7
+        if not size:
+            return bytes([tag]) + length + payload
+
+
+def _nested_request(depth: int) -> bytes:
+    """A CreateJobRequest whose head nests parallel blocks ``depth`` deep, written byte by byte (protobuf's
+    Python library refuses to build one past its recursion limit; a hostile client is not so kind)."""
+    relu = _wire_field(0x0A, b"relu")  # HeadLayer.kind
+    layer = relu
+    for _ in range(depth):
+        branches = _wire_field(0x22, _wire_field(0x0A, layer)) + _wire_field(0x22, _wire_field(0x0A, relu))
+        layer = _wire_field(0x0A, b"parallel") + branches
+    config = _wire_field(0x0A, TINY.encode()) + _wire_field(0x12, b"deep") + _wire_field(0x1A, _wire_field(0x2A, layer))
+    return _wire_field(0x0A, config)
+
+
+@pytest.mark.parametrize("depth, message", [(9, "parallel blocks nest at most 8 deep"), (60, "not a valid protobuf")])
+def test_nesting_past_any_bound_is_invalid_argument(hostile_server, depth: int, message: str) -> None:
+    server, store = hostile_server
+    with grpc.insecure_channel(server.target) as channel:
+        create = channel.stream_unary(
+            "/vision.v1.FineTuning/CreateJob", request_serializer=bytes, response_deserializer=pb.Job.FromString
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            create(iter([_nested_request(depth)]), timeout=60)
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT, error.value
+    assert message in error.value.details()
+    nothing_written(store)
