@@ -555,6 +555,7 @@ def to_dict(config: FineTuneConfig) -> dict[str, Any]:
     head as :func:`head_to_dict` writes it)."""
     fields = asdict(config)
     fields["head"] = head_to_dict(config.head)
+    fields["augmentation"]["crop_scale"] = list(config.augmentation.crop_scale)  # as JSON reads it back
     if not isinstance(config.class_weights, str):
         fields["class_weights"] = dict(config.class_weights)  # by name, as a JSON object
     return fields
