@@ -40,6 +40,8 @@ def leaves(message: Any, descriptor: Descriptor, prefix: str = "") -> dict[str, 
             values[prefix + field.name] = weights if value.mode == "explicit" else (value.mode or "none")
         elif field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated:
             values.update(leaves(value, field.message_type, f"{prefix}{field.name}."))
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:  # a head's layers (tests/test_head_layers.py converts them)
+            values[prefix + field.name] = tuple(value)
         else:
             values[prefix + field.name] = value
     if descriptor.name == "AugmentationSpec":  # the config's crop_scale is the pair (min, max)
@@ -101,7 +103,7 @@ def test_the_defaults_are_the_servers():
 def test_kinds_have_one_definition_that_the_server_uses():
     assert server_store.HEAD_KINDS is HEAD_KINDS and server_store.LOSSES is LOSSES
     assert OPTIMIZER_KINDS == ("adam", "sgd")
-    assert HEAD_KINDS == ("linear", "two_layer", "parallel") and LOSSES == ("cross_entropy", "mse")
+    assert HEAD_KINDS == ("linear", "two_layer", "parallel", "custom") and LOSSES == ("cross_entropy", "mse")
 
 
 def test_the_config_is_frozen_and_replace_checks_again():

@@ -509,3 +509,31 @@ def test_nesting_past_any_bound_is_invalid_argument(hostile_server, depth: int, 
     assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT, error.value
     assert message in error.value.details()
     nothing_written(store)
+
+
+# -- the command line reads the same vocabulary -----------------------------------------------------------
+
+
+def _cli_config(*options: str) -> FineTuneConfig:
+    from vision_client.cli import Defaults, build_parser
+    from vision_client.cli import config_from_args as client_config
+
+    args = build_parser(Defaults()).parse_args(["fine-tune", "images", "--base", TINY, "--output", "x", *options])
+    return client_config(args)
+
+
+def test_the_command_line_takes_a_layer_list_and_the_presets() -> None:
+    assert _cli_config("--layers", format_layers(LONG.layers)).head == LONG
+    assert _cli_config("--head", "parallel", "--hidden", "8", "--blocks", "3").head == HEADS["parallel"]
+    assert _cli_config("--layers", '[{"kind": "linear", "width": 4}, {"kind": "gelu"}]').head == HeadConfig(
+        layers=(Layer("linear", width=4), Layer("gelu"))
+    )
+
+
+def test_a_bad_layer_list_on_the_command_line_says_where(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _cli_config("--layers", "linear:64,relu,dropout:1.5")
+    error = capsys.readouterr().err
+    assert "argument --layers: layers: dropout p must be in [0, 1), got 1.5 at character 16" in error, error
+    with pytest.raises(ConfigError, match="a two_layer head is a preset and takes no layers"):
+        _cli_config("--head", "two_layer", "--layers", "relu")

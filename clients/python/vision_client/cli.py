@@ -38,12 +38,15 @@ from vision_client._version import __version__
 from vision_client.errors import UnavailableError, VisionClientError
 from vision_client.protocol.fine_tuning import (
     HEAD_KINDS,
+    LAYER_KINDS,
     LOSSES,
     OPTIMIZER_KINDS,
     AugmentationConfig,
     FineTuneConfig,
     HeadConfig,
+    Layer,
     OptimizerConfig,
+    parse_layers,
 )
 
 PROG = "vision-client"
@@ -260,6 +263,11 @@ class ConfigOption:
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         default = self.default()
         text = f"{self.help} ({self.path}; default {default})"
+        if self.path == "head.layers":  # one line of the protocol's layer syntax
+            parser.add_argument(
+                self.flag, dest=self.dest, type=_layers, default=argparse.SUPPRESS, metavar="LAYERS", help=self.help
+            )
+            return
         if isinstance(default, bool):
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(self.flag, dest=self.dest, action=action, default=argparse.SUPPRESS, help=text)
@@ -292,6 +300,14 @@ FINE_TUNE_OPTIONS = (
     ConfigOption("--hidden", "head", "hidden", "hidden width of two_layer and parallel heads"),
     ConfigOption("--blocks", "head", "blocks", "blocks of a parallel head"),
     ConfigOption("--dropout", "head", "dropout", "dropout on the head's input while training"),
+    ConfigOption(
+        "--layers",
+        "head",
+        "layers",
+        f"a custom head, its layers in one line ({', '.join(LAYER_KINDS)}), the output Linear added after them: "
+        "e.g. 'linear:512,batch_norm,relu,dropout:0.25' or 'parallel(linear:64|linear:64),relu' "
+        "(or a JSON list of layers)",
+    ),
     ConfigOption("--optimizer", "optimizer", "kind", "optimizer", OPTIMIZER_KINDS),
     ConfigOption("--lr", "optimizer", "lr", "learning rate"),
     ConfigOption("--momentum", "optimizer", "momentum", "SGD momentum"),
@@ -330,6 +346,14 @@ def _class_weights(text: str) -> object:
         except ValueError:
             raise VisionClientError(f"--class-weights: {pair!r} is not CLASS=WEIGHT with a number") from None
     return weights
+
+
+def _layers(text: str) -> tuple[Layer, ...]:
+    """``--layers``: the protocol's one reading of a layer list; argparse reports its error."""
+    try:
+        return parse_layers(text)
+    except VisionClientError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> FineTuneConfig:
