@@ -41,10 +41,10 @@ span id and the caller's tracestate. It has a W3C form (:attr:`ItemTrace.tracepa
 are separate processes, serialising those strings with the work item keeps one trace across the hop.
 
 **Export.** OTLP over HTTP (``http/protobuf``, the default) or gRPC, configured by the standard
-``OTEL_*`` variables. Spans wait in a bounded queue (``OTEL_BSP_MAX_QUEUE_SIZE``, 2048 spans; a
-request's or a batch's group enters whole or not at all) and go out in batches from one thread; a
-collector that is down or slow never slows a request: what the queue cannot hold, and what an
-export fails to deliver, is dropped and counted (``vision_trace_spans_dropped_total{reason}``).
+``OTEL_*`` variables. Spans wait in a bounded queue (``OTEL_BSP_MAX_QUEUE_SIZE``, 2048 spans) and
+go out in batches from one thread; a collector that is down or slow never slows a request: what
+the queue cannot hold, and what an export fails to deliver, is dropped and counted
+(``vision_trace_spans_dropped_total{reason}``).
 
 **Run-time settings.** Triton's trace extension (``TraceSetting``): ``trace_level`` (OFF or
 TIMESTAMPS), ``trace_rate`` and ``trace_count``, for the server or one model
@@ -283,8 +283,8 @@ class BoundedExportProcessor(SpanProcessor):
 
     OpenTelemetry's BatchSpanProcessor does the same for the SDK's spans but logs a warning for
     every span it drops and counts nothing we can read: with a collector that is down, that is a
-    line per span. Here what the queue cannot hold is dropped and counted (``queue_full``: a group
-    whole); an export that fails counts its spans (``export_failed``). Nothing here blocks the
+    line per span. Here what the queue cannot hold is dropped and counted (``queue_full``); an
+    export that fails counts its spans (``export_failed``). Nothing here blocks the
     thread that ends a span.
     """
 
@@ -329,19 +329,25 @@ class BoundedExportProcessor(SpanProcessor):
         self._put(span, 1)
 
     def add(self, spans: Sequence[SpanRecord]) -> None:
-        """Queue a group of ended spans (a request's, a batch's): all of them, or none if they do not fit."""
+        """Queue a group of ended spans (a request's, a batch's): as many as the queue has room for."""
         self._put(spans, len(spans))
 
     def _put(self, entry: ReadableSpan | Sequence[SpanRecord], count: int) -> None:
         with self._lock:
-            full = self._stopped or self._spans + count > self._max_queue
-            if not full:
+            room = 0 if self._stopped else self._max_queue - self._spans
+            if count <= room:
+                taken = count
+            elif room > 0 and not isinstance(entry, ReadableSpan):
+                entry, taken = entry[:room], room  # a group's first spans (a batch's own span among them)
+            else:
+                taken = 0
+            if taken:
                 self._queue.append(entry)
-                self._spans += count
+                self._spans += taken
                 if self._spans >= self._batch and not self._wake.is_set():
                     self._wake.set()
-        if full:
-            self._on_dropped("queue_full", count)
+        if taken < count:
+            self._on_dropped("queue_full", count - taken)
 
     @property
     def queued(self) -> int:

@@ -997,7 +997,9 @@ def test_a_callers_trace_context_is_read_as_the_w3c_propagator_reads_it() -> Non
                 ), carrier
 
 
-def test_a_group_of_spans_that_does_not_fit_the_queue_is_dropped_whole_and_counted() -> None:
+def test_spans_that_do_not_fit_the_queue_are_dropped_and_counted() -> None:
+    """A group of spans (a batch's) takes the room the queue has, its first spans first; the rest is
+    counted, and nothing more enters until an export makes room."""
     from service.tracing import TracedItem, record_batch
 
     dropped: dict[str, int] = {}
@@ -1014,11 +1016,13 @@ def test_a_group_of_spans_that_does_not_fit_the_queue_is_dropped_whole_and_count
     with request.phase("decode"):
         pass
     items = [TracedItem(request.item(), 1.0, 1)]
-    record_batch(
-        items, started=2.0, finished=3.0, phases=(0.1, 0.1, 0.1), model=MODEL, device="cpu", images=1, requests=1
-    )
-    assert dropped == {"queue_full": 6} and tracing.queued_spans == 0  # batch, queue, compute and its 3 phases
+    phases = (0.1, 0.1, 0.1)
+    record_batch(items, started=2.0, finished=3.0, phases=phases, model=MODEL, device="cpu", images=1, requests=1)
+    # batch, queue, compute and its 3 phases: the first 4 wait, 2 are dropped
+    assert dropped == {"queue_full": 2} and tracing.queued_spans == 4
     request.finish("OK")
-    assert tracing.queued_spans == 2
+    assert dropped == {"queue_full": 4} and tracing.queued_spans == 4
+    tracing.force_flush()
+    assert sorted(s.name for s in kept.spans) == ["batch", "compute", "compute_input", "queue"]
+    assert tracing.queued_spans == 0
     tracing.shutdown()
-    assert sorted(s.name for s in kept.spans) == ["ModelInfer", "decode"]
