@@ -32,8 +32,10 @@ from service.finetune.history import JobHistory
 from service.finetune.spec import MAX_AUGMENT_VIEWS, check_limits, config_from_wire
 from service.finetune.trainer import EpochReport, TrainMetrics, split_indices, train_head
 from service.preprocess import ImageDecoder
+from tests import test_console
 from tests.finetune_data import digits
 from tests.inprocess import InProcessServer, running, tiny_config
+from tests.test_console import Page, cell
 from tests.tiny import TINY
 from vision_client import AugmentationConfig, Client, FineTuneConfig, OptimizerConfig
 from vision_client import cli as client_cli
@@ -43,6 +45,7 @@ from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
 LABELS = ["ant", "bee", "cat"]
+chromium = test_console.browser  # the console tests' headless Chromium, as the fixture "chromium"
 
 
 def uneven(n: int = 240, dim: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,3 +375,31 @@ def test_bad_settings_are_refused_before_any_image_is_read(server: InProcessServ
             assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert words in str(caught.value.details())
             assert "not a decodable image" not in str(caught.value.details())  # no image was read
+
+
+def test_the_consoles_jobs_view_shows_the_figures(
+    server: InProcessServer, chromium: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The Jobs view of the web console, in Chromium: a job's per-class table and confusion matrix."""
+    config = FineTuneConfig(TINY, "digits-console-figures", epochs=2, validation_fraction=0.25, class_weights="auto")
+    with Client(server.target, timeout=60) as client:
+        result = client.fine_tune(config, digit_examples())
+    assert result.succeeded, result.job.error
+    page = Page(chromium, server, tmp_path_factory.mktemp("screenshots"))
+    page.open("jobs")
+    page.wait(lambda d: result.job.id in d.find_element("id", "jobs-body").text)
+    row = next(r for r in page.all("#jobs-body tr") if r.get_attribute("data-job") == result.job.id)
+    row.find_element("css selector", "button").click()
+    page.wait(lambda d: d.find_element("id", "jobs-detail").is_displayed())
+    rows = page.all("#jobs-class-table tbody tr")
+    assert [cell(r, "th") for r in rows] == ["d0", "d1", "d7"]
+    shown = [[c.text for c in r.find_elements("css selector", "td")] for r in rows]
+    figures = result.job.metrics.class_metrics
+    expected = [[f"{c.precision * 100:.1f}%", f"{c.recall * 100:.1f}%", str(c.support)] for c in figures]
+    assert shown == expected
+    cells = page.all("#jobs-confusion td.confusion")
+    matrix = result.job.metrics.confusion_matrix()
+    assert [int(c.text) for c in cells] == [count for line in matrix for count in line]
+    assert sum(map(sum, matrix)) == 15
+    assert "Class weights: auto" in page.text("jobs-classes")
+    page.no_alert()
