@@ -8,6 +8,7 @@ gRPC, REST, the SDK, the CLI and in the job's record in the store.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -323,6 +324,11 @@ def test_a_jobs_figures_over_grpc_rest_the_sdk_the_cli_and_its_record(
         assert result.succeeded, result.job.error
         job_id = result.job.id
         sdk = client.job(job_id)
+        if views:  # the same job again: the same views, so the same figures
+            again = client.fine_tune(dataclasses.replace(config, replace=True), digit_examples())
+            assert dataclasses.replace(again.job.metrics, train_seconds=0) == dataclasses.replace(
+                sdk.metrics, train_seconds=0
+            )
     extracted = [event.message for event in result.events if event.kind == "features"]
     assert extracted[-1] == "features of 60/60 examples" + (f" and {views} views of each" if views else "")
     assert [c.label for c in sdk.metrics.class_metrics] == ["d0", "d1", "d7"]
