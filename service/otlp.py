@@ -84,6 +84,12 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _utf8(text: str) -> bytes:
+    """A protobuf string's bytes: UTF-8, a lone surrogate (JSON can carry one) written as "?" rather
+    than failing the export of every span in its batch."""
+    return text.encode("utf-8", "replace")
+
+
 def _field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: its tag byte(s), the length, the bytes."""
     return tag + _varint(len(payload)) + payload
@@ -92,7 +98,7 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 def _any_value(value: object) -> bytes:
     """``AnyValue``: string_value 1, bool_value 2, int_value 3, double_value 4, array_value 5."""
     if isinstance(value, str):
-        return _field(b"\x0a", value.encode())
+        return _field(b"\x0a", _utf8(value))
     if isinstance(value, bool):
         return b"\x10\x01" if value else b"\x10\x00"
     if isinstance(value, int):
@@ -101,7 +107,7 @@ def _any_value(value: object) -> bytes:
         return b"\x21" + _F64.pack(value)
     if isinstance(value, (list, tuple)):  # ArrayValue (5) of AnyValue (1): a resource's sequences
         return _field(b"\x2a", b"".join(_field(b"\x0a", _any_value(item)) for item in value))
-    return _field(b"\x0a", str(value).encode())
+    return _field(b"\x0a", _utf8(str(value)))
 
 
 class Encoder:
@@ -125,7 +131,7 @@ class Encoder:
             if part is None:
                 encoded_key = keys.get(key)
                 if encoded_key is None:
-                    encoded_key = _field(b"\x0a", key.encode())
+                    encoded_key = _field(b"\x0a", _utf8(key))
                     if len(keys) < 1024:
                         keys[key] = encoded_key
                 part = _field(tag, encoded_key + _field(b"\x12", _any_value(value)))
@@ -138,11 +144,11 @@ class Encoder:
         """One ``Span`` message (without its tag)."""
         parts = [b"\x0a\x10", span.trace_id.to_bytes(16, "big"), b"\x12\x08", span.span_id.to_bytes(8, "big")]
         if span.trace_state:
-            parts.append(_field(b"\x1a", span.trace_state.encode()))
+            parts.append(_field(b"\x1a", _utf8(span.trace_state)))
         if span.parent_id:
             parts += (b"\x22\x08", span.parent_id.to_bytes(8, "big"))
         parts += (
-            _field(b"\x2a", span.name.encode()),
+            _field(b"\x2a", _utf8(span.name)),
             b"\x30",
             _ONE_BYTE[span.kind],
             b"\x39",
@@ -159,7 +165,7 @@ class Encoder:
                     body += self._attributes(b"\x22", link.attributes)
                 parts.append(_field(b"\x6a", body + b"\x35" + _U32.pack(_FLAGS_LOCAL)))
         if span.error is not None:  # Status: message 2, code 3 (STATUS_CODE_ERROR = 2)
-            parts.append(_field(b"\x7a", _field(b"\x12", span.error.encode()) + b"\x18\x02"))
+            parts.append(_field(b"\x7a", _field(b"\x12", _utf8(span.error)) + b"\x18\x02"))
         parts += (b"\x85\x01", _U32.pack(_FLAGS_REMOTE if span.remote_parent else _FLAGS_LOCAL))
         return b"".join(parts)
 

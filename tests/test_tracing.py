@@ -1026,3 +1026,23 @@ def test_spans_that_do_not_fit_the_queue_are_dropped_and_counted() -> None:
     assert sorted(s.name for s in kept.spans) == ["batch", "compute", "compute_input", "queue"]
     assert tracing.queued_spans == 0
     tracing.shutdown()
+
+
+def test_a_string_utf8_cannot_hold_is_written_with_a_replacement_not_a_failed_export() -> None:
+    """A lone surrogate (JSON can carry one) in an attribute, a name or a status: "?" in its span,
+    and the other spans of its batch still go out."""
+    from opentelemetry.sdk.resources import Resource
+
+    from service.otlp import KIND_INTERNAL, Encoder, SpanRecord
+
+    odd = "id-\ud800"
+    spans = [
+        SpanRecord(1, 2, 0, False, "", odd, KIND_INTERNAL, 1, 2, {"vision.request_id": odd}, None, odd),
+        SpanRecord(1, 3, 2, False, "", "decode", KIND_INTERNAL, 1, 2, None, None, None),
+    ]
+    message = trace_service_pb2.ExportTraceServiceRequest.FromString(
+        Encoder(Resource.create({}), "vision-serving").request(spans)
+    )
+    first, second = message.resource_spans[0].scope_spans[0].spans
+    assert first.name == first.status.message == first.attributes[0].value.string_value == "id-?"
+    assert second.name == "decode"
