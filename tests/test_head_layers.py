@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
+from google.protobuf import json_format
 from PIL import Image
 from torch import nn
 
@@ -31,6 +32,7 @@ from service.finetune.store import MANIFEST, ModelStore
 from service.finetune.trainer import train_head
 from service.models import WeightsSource, build_model, get_model_spec
 from tests.conftest import session_runtime_cache
+from tests.test_console import browser, console_server, screenshots  # noqa: F401  (fixtures of the console's tests)
 from tests.test_orphans import examples, poll, ready
 from tests.tiny import TINY, TINY_FEATURE_DIM
 from vision_client import Client, FineTuneConfig, HeadConfig, Layer
@@ -537,3 +539,85 @@ def test_a_bad_layer_list_on_the_command_line_says_where(capsys) -> None:
     assert "argument --layers: layers: dropout p must be in [0, 1), got 1.5 at character 16" in error, error
     with pytest.raises(ConfigError, match="a two_layer head is a preset and takes no layers"):
         _cli_config("--head", "two_layer", "--layers", "relu")
+
+
+# -- the console builds its form from the served vocabulary ---------------------------------------------
+
+
+def test_the_page_carries_the_vocabulary_and_this_servers_head_limits() -> None:
+    import html as markup
+    import re
+
+    from service.transport.rest.console import CONSOLE_FOLDER, INDEX, fill_page
+    from tests.conftest import ROOT
+
+    page = fill_page((ROOT / "service" / CONSOLE_FOLDER / INDEX).read_bytes(), FineTuneLimits(max_hidden=512))
+    found = re.search(rb'data-fine-tuning="([^"]*)"', page)
+    assert found is not None
+    carried = json.loads(markup.unescape(found.group(1).decode("ascii")))
+    assert carried == {**vocabulary(), "limits": {"max_layers": MAX_HEAD_LAYERS, "max_width": 512}}
+    source = (ROOT / "service" / CONSOLE_FOLDER / INDEX).read_text()
+    form = source[source.index('id="ft-form"') : source.index('id="ft-start"')]
+    assert "two_layer" not in form and "<option" not in form  # no kind restated
+    assert not re.search(r'<input id="ft-[a-z-]+" type="number"[^>]* value=', form)
+
+
+def test_the_console_trains_a_layer_list_and_says_what_is_wrong_with_one(console_page, tmp_path: Path) -> None:
+    from tests.conftest import TOKEN
+    from tests.test_console import digit_images
+
+    page = console_page
+    page.open("finetune")
+    page.set_token(TOKEN)
+    defaults = vocabulary()["defaults"]
+    assert [o.get_attribute("value") for o in page.all("#ft-head option")] == list(vocabulary()["head_kinds"])
+    assert page.find("#ft-epochs").get_attribute("value") == str(defaults["epochs"])
+    assert float(page.find("#ft-lr").get_attribute("value")) == defaults["optimizer"]["lr"]
+    assert page.find("#ft-refit").is_selected() is defaults["refit"]
+    assert not page.find("#ft-layers-field").is_displayed()
+
+    classes = digit_images(6, (0, 1))
+    for label, images in classes.items():
+        page.type("ft-class-name", label)
+        for number, image in enumerate(images):
+            (tmp_path / f"{label}-{number}.png").write_bytes(image)
+        page.upload("ft-class-files", *[tmp_path / f"{label}-{n}.png" for n in range(len(images))])
+    page.wait(lambda d: d.find_element("id", "ft-summary").text == "12 images in 2 classes")
+    page.type("ft-output", "console-layers")
+    page.find("#ft-head option[value=custom]").click()
+    assert page.find("#ft-layers-field").is_displayed() and not page.find("#ft-hidden-field").is_displayed()
+    assert "batch_norm" in page.text("ft-layers-hint") and f"At most {MAX_HEAD_LAYERS} layers" in page.text(
+        "ft-layers-hint"
+    )
+
+    page.type("ft-layers", "[{kind: linear}")
+    page.find("#ft-start").click()
+    page.wait(lambda d: "Layers: not valid JSON" in d.find_element("id", "ft-status").text)
+    assert page.text("ft-job") == ""  # nothing was sent
+
+    page.type("ft-layers", '[{"kind": "linear", "width": 16}, {"kind": "dropout", "p": 1.5}]')
+    page.find("#ft-start").click()
+    page.wait(lambda d: "head layers[1]: dropout p must be in [0, 1)" in d.find_element("id", "ft-status").text)
+
+    layers = parse_layers("linear:16,batch_norm,gelu,dropout:0.25,parallel(linear:8|linear:8,relu)")
+    wire = [json.loads(json_format.MessageToJson(layer)) for layer in to_message(
+        FineTuneConfig(TINY, "x", head=HeadConfig(layers=layers))
+    ).head.layers]  # fmt: skip
+    page.type("ft-layers", json.dumps(wire))
+    page.type("ft-epochs", "2")
+    page.find("#ft-start").click()
+    page.wait_for_job()
+    assert "succeeded: console-layers is served" in page.text("ft-status"), page.text("ft-status")
+    store = page.server.config.model_store
+    assert ModelStore(store).read_manifest("console-layers").head == HeadConfig(layers=layers)
+    page.no_alert()
+
+
+@pytest.fixture
+def console_page(browser, console_server, screenshots):  # noqa: F811  (the imported fixtures)
+    from tests.test_console import Page
+
+    page = Page(browser, console_server, screenshots)
+    page.server = console_server
+    yield page
+    browser.execute_script("sessionStorage.clear()")

@@ -3,7 +3,9 @@
 // POST /v1/jobs (with upload progress), then follow the job's Server-Sent Events and chart
 // each epoch. When it succeeds, the new model can be tried right there. Class names are held to
 // the server's rule (labels.js) as they are added: a refused one is listed with the rule it
-// breaks and blocks the upload until it is removed.
+// breaks and blocks the upload until it is removed. The form's kinds, layers and defaults are the
+// server's (<form id="ft-form" data-fine-tuning>, from vision_client.protocol.vocabulary), never
+// restated here.
 
 import { api, num } from "./api.js";
 import { trainingChart } from "./charts.js";
@@ -167,10 +169,35 @@ function number(id) {
   return text === "" ? undefined : Number(text);
 }
 
-/** The FineTuneConfig as protobuf's JSON (the form's blank fields take the server's defaults). */
+/** The fine-tuning vocabulary the server wrote into the page: kinds, layers, defaults, its limits. */
+function vocabulary() {
+  return JSON.parse(byId("ft-form").dataset.fineTuning || "null");
+}
+
+/** A setting of the form that cannot be sent as it is; its message says how to fix it. */
+class FormError extends Error {}
+
+/** A custom head's layers: the JSON list the REST API takes (HeadLayer messages). */
+function layers() {
+  const text = value("ft-layers");
+  const example = JSON.stringify((vocabulary() || {}).layers_example || []);
+  if (!text) throw new FormError(`A custom head needs its layers: a JSON list such as ${example}`);
+  let parsed;
+  try {
+    parsed = JSON.parse(text);
+  } catch (error) {
+    throw new FormError(`Layers: not valid JSON (${error.message}); write a list such as ${example}`);
+  }
+  if (!Array.isArray(parsed)) throw new FormError(`Layers: a JSON list of layers is needed, such as ${example}`);
+  return parsed;
+}
+
+/** The FineTuneConfig as protobuf's JSON (the form's blank fields take the server's defaults);
+ * a FormError for a setting that cannot be sent. */
 export function config() {
   const head = { kind: value("ft-head") };
-  if (head.kind !== "linear") head.hidden = number("ft-hidden");
+  if (head.kind === "custom") head.layers = layers();
+  if (head.kind === "two_layer" || head.kind === "parallel") head.hidden = number("ft-hidden");
   if (head.kind === "parallel") head.blocks = number("ft-blocks");
   head.dropout = number("ft-dropout");
   const optimizer = { kind: value("ft-optimizer"), lr: number("ft-lr"), weightDecay: number("ft-weight-decay") };
@@ -192,10 +219,46 @@ export function config() {
   };
 }
 
+/** Builds the form's choices and defaults from the server's vocabulary. */
+function setUpSettings() {
+  const known = vocabulary();
+  if (!known) return;
+  const plain = (text) => String(text || "").replaceAll("`", "");
+  const head = byId("ft-head");
+  for (const kind of known.head_kinds) head.append(el("option", { value: kind }, `${kind} (${plain(known.head_help[kind])})`));
+  const optimizer = byId("ft-optimizer");
+  for (const kind of known.optimizer_kinds) optimizer.append(el("option", { value: kind }, kind));
+  const d = known.defaults;
+  head.value = d.head.kind;
+  optimizer.value = d.optimizer.kind;
+  const values = {
+    "ft-hidden": d.head.hidden, "ft-blocks": d.head.blocks, "ft-dropout": d.head.dropout,
+    "ft-lr": d.optimizer.lr, "ft-weight-decay": d.optimizer.weight_decay, "ft-momentum": d.optimizer.momentum,
+    "ft-beta1": d.optimizer.beta1, "ft-beta2": d.optimizer.beta2, "ft-epochs": d.epochs, "ft-batch-size": d.batch_size,
+    "ft-validation": d.validation_fraction, "ft-patience": d.early_stopping_patience, "ft-seed": d.seed,
+  };
+  for (const [id, setting] of Object.entries(values)) byId(id).value = String(setting);
+  byId("ft-refit").checked = d.refit;
+  byId("ft-replace").checked = d.replace;
+  byId("ft-layers").placeholder = JSON.stringify(known.layers_example, null, 1);
+  const kinds = el("ul", { class: "layer-kinds" });
+  for (const [kind, about] of Object.entries(known.layers)) {
+    const fields = about.fields.length ? ` (${about.fields.join(", ")})` : "";
+    kinds.append(el("li", {}, el("code", {}, kind), `${fields}: ${plain(about.help)}`));
+  }
+  const { max_layers: most, max_width: widest } = known.limits || {};
+  append(
+    clear(byId("ft-layers-hint")),
+    `A list of layers, then a Linear to the outputs. At most ${most} layers (those in parallel branches counted), widths up to ${widest}. Kinds:`,
+    kinds,
+  );
+}
+
 function showFields() {
   const head = value("ft-head");
-  byId("ft-hidden-field").hidden = head === "linear";
+  byId("ft-hidden-field").hidden = head !== "two_layer" && head !== "parallel";
   byId("ft-blocks-field").hidden = head !== "parallel";
+  byId("ft-layers-field").hidden = head !== "custom";
   const sgd = value("ft-optimizer") === "sgd";
   byId("ft-momentum-field").hidden = !sgd;
   byId("ft-beta1-field").hidden = sgd;
@@ -224,7 +287,16 @@ function resetJob() {
 async function start(event) {
   event.preventDefault();
   const status = byId("ft-status");
-  const settings = config();
+  let settings;
+  try {
+    settings = config();
+  } catch (error) {
+    if (!(error instanceof FormError)) throw error;
+    resetJob();
+    say(status, error.message, "error");
+    byId("ft-layers").focus();
+    return;
+  }
   resetJob();
   if (refused.size) {
     say(status, `${refused.size} class${refused.size === 1 ? " has a name" : "es have names"} the server would refuse: rename ${refused.size === 1 ? "it" : "them"} and add ${refused.size === 1 ? "it" : "them"} again, or remove ${refused.size === 1 ? "it" : "them"} from the list.`, "error");
@@ -367,6 +439,7 @@ export function setUpFineTune() {
     render();
     say(byId("ft-examples-status"), "Examples cleared.");
   });
+  setUpSettings();
   byId("ft-head").addEventListener("change", showFields);
   byId("ft-optimizer").addEventListener("change", showFields);
   byId("ft-form").addEventListener("submit", start);

@@ -16,7 +16,9 @@ The page needs no authorization (it holds no data); what it fetches meets the AP
 - **The server's rules, from their one definition**: the page's ``<html data-label-rule>`` is
   filled when the port starts with the rule for class names (``vision_client.protocol.labels``)
   and this server's ``--max-label-length``, so the console refuses a class name the server would
-  refuse before it uploads anything, without restating the rule in JavaScript.
+  refuse before it uploads anything, without restating the rule in JavaScript. The fine-tuning
+  form's ``data-fine-tuning`` holds the fine-tuning vocabulary (``vision_client.protocol.vocabulary``:
+  head kinds, layers, every default) and this server's head limits, from which the form is built.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from importlib import resources
 from aiohttp import web
 
 from service.config import FineTuneLimits
+from service.finetune.spec import MAX_HEAD_LAYERS
+from vision_client.protocol import vocabulary
 from vision_client.protocol.labels import label_rule
 
 CONSOLE_PACKAGE = "service"
@@ -38,6 +42,7 @@ CONSOLE_FOLDER = "console"
 INDEX = "index.html"
 FILE_PATH = "/console/{name}"
 LABEL_RULE_SLOT = b'data-label-rule=""'  # in index.html; filled by load_console
+FINE_TUNING_SLOT = b'data-fine-tuning=""'  # in index.html; filled by load_console
 
 _JS = "text/javascript; charset=utf-8"
 FILES: Mapping[str, str] = {
@@ -105,7 +110,12 @@ def fill_page(page: bytes, limits: FineTuneLimits) -> bytes:
     if page.count(LABEL_RULE_SLOT) != 1:
         raise RuntimeError(f"the console's {INDEX} must hold {LABEL_RULE_SLOT.decode()} once (a broken install?)")
     rule = html.escape(json.dumps(label_rule(limits.max_label_length), ensure_ascii=True), quote=True)
-    return page.replace(LABEL_RULE_SLOT, f'data-label-rule="{rule}"'.encode("ascii"))
+    page = page.replace(LABEL_RULE_SLOT, f'data-label-rule="{rule}"'.encode("ascii"))
+    if page.count(FINE_TUNING_SLOT) != 1:
+        raise RuntimeError(f"the console's {INDEX} must hold {FINE_TUNING_SLOT.decode()} once (a broken install?)")
+    form = {**vocabulary(), "limits": {"max_layers": MAX_HEAD_LAYERS, "max_width": limits.max_hidden}}
+    settings = html.escape(json.dumps(form, ensure_ascii=True), quote=True)
+    return page.replace(FINE_TUNING_SLOT, f'data-fine-tuning="{settings}"'.encode("ascii"))
 
 
 def console_routes(

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NoReturn, get_args
 
+from google.protobuf import json_format
+
 from vision_client.errors import InvalidInputError
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 
@@ -50,6 +52,12 @@ _SHOWN_CHARS = 80  # of a bad value in an error message
 _FLOAT32 = struct.Struct("<f")
 
 
+HEAD_HELP: dict[str, str] = {
+    "linear": "one Linear from the features to the outputs",
+    "two_layer": "Linear-ReLU-Linear, `hidden` wide",
+    "parallel": "`blocks` gated blocks (the product of two Linears, clamped at zero), then a Linear",
+    "custom": "the `layers` given, then a Linear to the outputs",
+}
 LAYER_HELP: dict[str, str] = {
     "linear": "a fully connected layer of `width` outputs (weights and biases)",
     "relu": "max(x, 0)",
@@ -737,12 +745,16 @@ class _LayerText:
 
 def vocabulary() -> dict[str, Any]:
     """What a form needs to build a config without restating it: every kind, the layers and the
-    fields each takes, and every default (a config's JSON, :func:`to_dict`, without the names)."""
+    fields each takes, an example of layers as the wire's JSON (what the REST API takes), and
+    every default (a config's JSON, :func:`to_dict`, without the names)."""
     defaults = to_dict(_DEFAULT)
     del defaults["base_model"], defaults["output_model"]
     takes = {"linear": ["width"], "dropout": ["p"], "parallel": ["branches", "combine"]}
+    example = parse_layers("linear:256,batch_norm,relu,dropout:0.25,parallel(linear:64|linear:64),relu")
     return {
         "head_kinds": list(HEAD_KINDS),
+        "head_help": dict(HEAD_HELP),
+        "layers_example": [json_format.MessageToDict(_layer_message(layer)) for layer in example],  # the wire's JSON
         "head_presets": list(HEAD_PRESETS),
         "layers": {kind: {"help": LAYER_HELP[kind], "fields": takes.get(kind, [])} for kind in LAYER_KINDS},
         "combines": list(COMBINES),
