@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,30 @@ AUTH_SCOPES: tuple[str, ...] = ("management", "all")
 # What a network may compute in (--dtype): float32 is exact; the others where the device has them natively.
 FLOAT32 = "float32"
 PRECISIONS: tuple[str, ...] = (FLOAT32, "bfloat16", "float16")
+
+
+TORCH = "torch"
+ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
+RUNTIMES: tuple[str, ...] = (TORCH, ONNXRUNTIME, OPENVINO)
+# What --runtime accepts: a runtime, or a rule that picks one per model and device kind.
+AUTO = "auto"
+FASTEST = "fastest"
+RUNTIME_CHOICES: tuple[str, ...] = (AUTO, *RUNTIMES, FASTEST)
+
+# When ONNX Runtime's intra-op threads busy-wait for their next piece of work: during a forward pass
+# only (the server's default), also between passes (the runtime's own default), or never.
+SPIN_RUN = "run"
+SPIN_ALWAYS = "always"
+SPIN_NEVER = "never"
+SPIN_CHOICES: tuple[str, ...] = (SPIN_RUN, SPIN_ALWAYS, SPIN_NEVER)
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CACHE_HOME/vision-serving/runtimes``, or ``~/.cache/vision-serving/runtimes``."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(base) / "vision-serving" / "runtimes"
 
 
 FRONTENDS_FROM_CORES = 8  # usable cores from which --frontends auto runs front ends of their own

@@ -13,7 +13,6 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,6 +29,7 @@ from service.errors import (
     VisionServeError,
     quote,
 )
+from service.inference_io import InferenceInput, InferenceResult, too_many_images
 from service.metrics import ServerMetrics
 from service.preprocess import ImageDecoder
 from service.repository import ModelRepository, ServedModel
@@ -39,31 +39,6 @@ from service.tracing import RequestTrace
 # them: torch's warning about such arrays says nothing here. A filter set once, not a
 # catch_warnings() per request, which swaps process-wide state under the other threads.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-
-
-@dataclass(frozen=True)
-class InferenceInput:
-    """Exactly one of: encoded images, or preprocessed pixels [N, 3, H, W]."""
-
-    images: Sequence[bytes] | None = None
-    pixels: np.ndarray | None = None
-
-    @property
-    def batch_size(self) -> int:
-        if self.images is not None:
-            return len(self.images)
-        assert self.pixels is not None
-        return int(self.pixels.shape[0])
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    """What one request got, all from the one model that ran it."""
-
-    model_name: str
-    model_version: str
-    logits: np.ndarray  # [N, C] float32
-    labels: Sequence[str]  # that model's class names, C of them
 
 
 class RequestRecord:
@@ -376,14 +351,6 @@ class DataPlane:
         except asyncio.TimeoutError:
             return False
         return True
-
-
-def too_many_images(count: int, limit: int) -> InvalidInputError:
-    """The error for a request carrying more than ``limit`` images."""
-    return InvalidInputError(
-        f"the request has {count} images, over the limit of {limit} per request "
-        "(--max-request-images); split it into smaller requests"
-    )
 
 
 def _check_version(model: ServedModel, version: str) -> None:

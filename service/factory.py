@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from service.batching import BatchQueue, min_split_images
-from service.config import FLOAT32, ServeConfig
+from service.config import FASTEST, FLOAT32, ServeConfig
 from service.cpus import usable_cores, use_torch_threads
 from service.devices import resolve_dtype
 from service.metrics import ServerMetrics
@@ -24,7 +24,7 @@ from service.models.preprocessing import preprocessing_of
 from service.precision import Agreement, Precision, check_floor, measure, reference_logits, sample_batch, worst
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
-from service.runtimes.base import FASTEST, Backend
+from service.runtimes.base import Backend
 from service.runtimes.export import default_cache_dir
 from service.runtimes.select import BackendLoader, RuntimeOptions, candidates, time_backend
 from service.served import BUILTIN_PLATFORM, FEATURES_SUFFIX, FINETUNED_PLATFORM, ServedModel

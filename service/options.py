@@ -17,11 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import AUTH_SCOPES, BatchingConfig, DtypeChoice, FineTuneLimits, RuntimeConfig, ServeConfig
+from service.config import (
+    AUTH_SCOPES,
+    RUNTIME_CHOICES,
+    SPIN_CHOICES,
+    BatchingConfig,
+    DtypeChoice,
+    FineTuneLimits,
+    RuntimeConfig,
+    ServeConfig,
+    default_cache_dir,
+)
 from service.logs import LOG_FORMATS
-from service.models import list_models
-from service.runtimes.base import RUNTIME_CHOICES, SPIN_CHOICES
-from service.runtimes.export import default_cache_dir
 from service.storage.location import StoreLocation, parse_store_location
 
 ENV_PREFIX = "VISION_SERVE_"
@@ -85,6 +92,8 @@ def dtype_choice(value: str) -> DtypeChoice:
         choice = DtypeChoice.parse(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    from service.models import list_models  # torch: only for a --dtype that names models
+
     unknown = [model for model, _ in choice.models if model not in list_models()]
     if unknown:
         raise argparse.ArgumentTypeError(

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from service.batching import BatchQueue, WorkItem
+from service.config import TORCH
 from service.cpus import use_torch_threads
 from service.devices import device_label
 from service.errors import DeadlineExceededError, InternalError
-from service.runtimes.base import FEATURES, LOGITS, TORCH, Backend, Output
+from service.runtimes.base import FEATURES, LOGITS, Backend, Output
 from service.tracing import TracedItem, record_batch
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,19 @@ def test_bench_stands_on_the_installed_packages() -> None:
 
 # service/'s layers, top to bottom: a module imports from its own layer and the ones below only.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("entry points", ("service.cli", "service.__main__", "service.options", "service.server", "service.testing")),
+    (
+        "entry points and processes",
+        (
+            "service.cli",
+            "service.__main__",
+            "service.options",
+            "service.server",
+            "service.testing",
+            "service.supervisor",
+            "service.engine",
+            "service.frontend",
+        ),
+    ),
     ("transport", ("service.transport",)),
     ("model control and fine-tuning", ("service.model_control", "service.finetune")),
     ("core", ("service",)),  # data plane, registry, loaders, batching, runtimes, models, metrics, files...
@@ -99,3 +111,21 @@ def test_decoding_imports_no_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"service.preprocess imports {result.stdout.strip()}"
+
+
+def test_frontends_import_no_torch_and_no_runtime() -> None:
+    """Protocol front ends (``service.frontend``) and the supervisor load neither torch nor a runtime:
+    each costs a few tens of megabytes and starts at once, however many a node runs. A fresh
+    interpreter, importing what ``python -m service.frontend`` does and parsing the options."""
+    probe = (
+        "import sys, service.frontend.__main__, service.supervisor, service.cli; "
+        "from service.options import build_serve_parser, config_from_args; "
+        "config_from_args(build_serve_parser({}).parse_args(['--frontends', '2'])); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torch', 'torchvision', 'onnxruntime', 'openvino'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"a front end imports {result.stdout.strip()}"

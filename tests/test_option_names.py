@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from torchvision import transforms
 
 from service.config import RuntimeConfig, ServeConfig
 from service.errors import InvalidInputError
 from service.options import OPTIONS, build_serve_parser
-from service.preprocess import ImageDecoder
+from service.preprocess import ImageDecoder, Preprocessing
 from tests.conftest import ROOT, session_runtime_cache
 from tests.tiny import TINY
 from vision_client.cli import Defaults, build_parser
@@ -36,7 +35,7 @@ SERVICE = ROOT / "service"
 SDK = ROOT / "clients" / "python" / "vision_client"
 GENERATED = SDK / "protocol" / "stubs"
 MESSAGE_BYTES = 100_000
-TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+TRANSFORM = Preprocessing(resize_size=32, crop_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(-\*)?(?:[ =]([a-z][a-z0-9_.:-]*[a-z0-9]))?")
 

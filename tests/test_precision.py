@@ -23,13 +23,12 @@ import torch
 import tritonclient.grpc as triton
 from PIL import Image
 
-from service.config import DtypeChoice, RuntimeConfig, ServeConfig
+from service.config import ONNXRUNTIME, OPENVINO, TORCH, DtypeChoice, RuntimeConfig, ServeConfig
 from service.devices import CPU_FLAGS_ENV, native_precisions, resolve_dtype
 from service.errors import FailedPreconditionError
 from service.models import WeightsSource, build_model, get_model_spec
 from service.options import build_serve_parser, config_from_args
 from service.precision import SKLEARN_SOURCE, sample_batch
-from service.runtimes.base import ONNXRUNTIME, OPENVINO, TORCH
 from service.runtimes.select import candidates
 from tests.conftest import ROOT, cosine, session_runtime_cache
 from tests.tiny import TINY

@@ -23,11 +23,7 @@ import torch
 import tritonclient.grpc as triton
 from PIL import Image
 
-from service.config import RuntimeConfig, ServeConfig
-from service.errors import FailedPreconditionError
-from service.models import WeightsSource, build_model, get_model_spec
-from service.runtime import ModelInstance
-from service.runtimes.base import (
+from service.config import (
     ONNXRUNTIME,
     OPENVINO,
     RUNTIMES,
@@ -36,7 +32,12 @@ from service.runtimes.base import (
     SPIN_NEVER,
     SPIN_RUN,
     TORCH,
+    RuntimeConfig,
+    ServeConfig,
 )
+from service.errors import FailedPreconditionError
+from service.models import WeightsSource, build_model, get_model_spec
+from service.runtime import ModelInstance
 from service.runtimes.export import ENTRY_FILE, ENTRY_FILES, MODEL_FILE, WEIGHTS_FILE, ExportCache, state_digest
 from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from service.runtimes.openvino_backend import OpenVinoBackend

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from service.cpus import usable_cores, use_torch_threads
-from service.dataplane import DataPlane, InferenceInput
+from service.dataplane import DataPlane
 from service.errors import InvalidInputError
 from service.finetune.augment import ViewMaker
 from service.finetune.catalog import FineTunedModels
@@ -36,6 +36,7 @@ from service.finetune.examples import TrainingExamples
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.store import Manifest
 from service.finetune.trainer import EpochReport, JobCancelled, TrainResult, train_head
+from service.inference_io import InferenceInput
 from service.loader import BuiltinModels
 from service.memory import release_memory
 from service.metrics import ServerMetrics

@@ -5,6 +5,7 @@ runtime implements it; ``export`` turns a network into a cached ONNX file; ``sel
 the runtime for a model and device and builds its backend.
 """
 
-from service.runtimes.base import RUNTIME_CHOICES, RUNTIMES, Backend
+from service.config import RUNTIME_CHOICES, RUNTIMES
+from service.runtimes.base import Backend
 
 __all__ = ["RUNTIMES", "RUNTIME_CHOICES", "Backend"]

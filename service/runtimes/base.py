@@ -18,22 +18,6 @@ Output = Literal["logits", "features"]
 LOGITS: Output = "logits"
 FEATURES: Output = "features"
 
-TORCH = "torch"
-ONNXRUNTIME = "onnxruntime"
-OPENVINO = "openvino"
-RUNTIMES: tuple[str, ...] = (TORCH, ONNXRUNTIME, OPENVINO)
-# What --runtime accepts: a runtime, or a rule that picks one per model and device kind.
-AUTO = "auto"
-FASTEST = "fastest"
-RUNTIME_CHOICES: tuple[str, ...] = (AUTO, *RUNTIMES, FASTEST)
-
-# When ONNX Runtime's intra-op threads busy-wait for their next piece of work: during a forward pass
-# only (the server's default), also between passes (the runtime's own default), or never.
-SPIN_RUN = "run"
-SPIN_ALWAYS = "always"
-SPIN_NEVER = "never"
-SPIN_CHOICES: tuple[str, ...] = (SPIN_RUN, SPIN_ALWAYS, SPIN_NEVER)
-
 
 class Backend(Protocol):
     """One model's network on one device, as one runtime runs it."""

@@ -25,12 +25,12 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
+from service.config import default_cache_dir as default_cache_dir
 from service.errors import FailedPreconditionError
 from service.files import MAX_CACHE_ENTRY_BYTES, MAX_NETWORK_FILE_BYTES, FileRefused, open_regular, read_bounded
 from service.models import ModelSpec
@@ -45,13 +45,6 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.bin"  # the graph's initializers, named by MODEL_FILE as external data
 ENTRY_FILES = (MODEL_FILE, WEIGHTS_FILE)
 ENTRY_FILE = "entry.json"
-
-
-def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_CACHE_HOME/vision-serving/runtimes``, or ``~/.cache/vision-serving/runtimes``."""
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
-    return Path(base) / "vision-serving" / "runtimes"
 
 
 def state_digest(net: torch.nn.Module) -> str:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from service.config import ONNXRUNTIME, SPIN_ALWAYS, SPIN_NEVER, SPIN_RUN
 from service.cpus import usable_cores
 from service.errors import FailedPreconditionError
-from service.runtimes.base import ONNXRUNTIME, SPIN_ALWAYS, SPIN_NEVER, SPIN_RUN, Output, gather_on_host
+from service.runtimes.base import Output, gather_on_host
 from service.runtimes.export import INPUT
 
 # The session options behind --runtime-spin: busy-wait at all ("1") or sleep ("0"), and, when they

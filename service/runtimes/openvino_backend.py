@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.config import OPENVINO
 from service.cpus import usable_cores
 from service.errors import FailedPreconditionError
-from service.runtimes.base import OPENVINO, Output, gather_on_host
+from service.runtimes.base import Output, gather_on_host
 
 # --dtype -> OpenVINO's INFERENCE_PRECISION_HINT on the CPU (whether the CPU has bf16 is devices' to say).
 INFERENCE_PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}

@@ -22,22 +22,12 @@ from pathlib import Path
 
 import torch
 
-from service.config import FLOAT32
+from service.config import AUTO, FASTEST, FLOAT32, ONNXRUNTIME, OPENVINO, RUNTIME_CHOICES, SPIN_ALWAYS, TORCH
 from service.devices import DTYPES, NAMES
 from service.errors import FailedPreconditionError
 from service.models import ModelSpec
 from service.runtimes import onnxruntime_backend, openvino_backend
-from service.runtimes.base import (
-    AUTO,
-    FASTEST,
-    LOGITS,
-    ONNXRUNTIME,
-    OPENVINO,
-    RUNTIME_CHOICES,
-    SPIN_ALWAYS,
-    TORCH,
-    Backend,
-)
+from service.runtimes.base import LOGITS, Backend
 from service.runtimes.export import ExportCache, state_digest
 from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from service.runtimes.openvino_backend import OpenVinoBackend

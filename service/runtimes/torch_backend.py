@@ -7,10 +7,11 @@ import copy
 
 import torch
 
+from service.config import TORCH
 from service.cpus import use_torch_threads
 from service.devices import NAMES
 from service.models import ModelSpec
-from service.runtimes.base import FEATURES, TORCH, Output
+from service.runtimes.base import FEATURES, Output
 
 
 class TorchBackend:

@@ -24,8 +24,8 @@ from math import prod
 import numpy as np
 
 from service.classification import top_k
-from service.dataplane import InferenceInput, InferenceResult, too_many_images
 from service.errors import FailedPreconditionError, InvalidInputError, quote
+from service.inference_io import InferenceInput, InferenceResult, too_many_images
 from service.shared_memory import RegionLeases, SharedTensor
 from service.transport import values
 from vision_client import protocol
