@@ -6,9 +6,9 @@ built in Python: about 600 us of CPU per request on a small machine, shared with
 Here the request's code records each span as one :class:`SpanRecord` (ids, name, times, attributes,
 links, an error), and the export thread writes the protobuf wire format of
 ``ExportTraceServiceRequest`` (``opentelemetry/proto/collector/trace/v1``) from those tuples
-directly (:class:`Encoder`), which the OTLP exporters below send as it is
-(:meth:`OtlpHttpExporter.export_encoded`, :meth:`OtlpGrpcExporter.export_encoded`). Any other
-``SpanExporter`` gets ``ReadableSpan`` objects made from the records (:func:`readable`).
+directly (:class:`Encoder`), which the OTLP exporters of :mod:`service.otlp_exporters` send as
+it is (:class:`EncodedExporter`). Any other ``SpanExporter`` gets ``ReadableSpan`` objects made
+from the records (:func:`readable`).
 
 The encoding is the one the SDK's encoder (``opentelemetry.exporter.otlp.proto.common``) makes of
 the same spans, field for field: ids big-endian, the parent's tracestate on every span of its
@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
@@ -46,6 +43,14 @@ class LinkRecord(NamedTuple):
     trace_id: int
     span_id: int
     attributes: Attributes | None
+
+
+@runtime_checkable
+class EncodedExporter(Protocol):
+    """An exporter that sends a serialised ``ExportTraceServiceRequest`` as it is (the OTLP ones of
+    :mod:`service.otlp_exporters`, imported only where tracing is on)."""
+
+    def export_encoded(self, payload: bytes, spans: int) -> SpanExportResult: ...
 
 
 class SpanRecord(NamedTuple):
@@ -205,47 +210,3 @@ def readable(span: SpanRecord, resource: Resource, scope: InstrumentationScope) 
         end_time=span.end,
         instrumentation_scope=scope,
     )
-
-
-# -- exporters that send an encoded request ---------------------------------------------------------
-
-
-@runtime_checkable
-class EncodedExporter(Protocol):
-    """An exporter that sends a serialised ``ExportTraceServiceRequest`` as it is."""
-
-    def export_encoded(self, payload: bytes, spans: int) -> SpanExportResult: ...
-
-
-class _Encoded(NamedTuple):
-    payload: bytes
-    spans: int
-
-
-class OtlpHttpExporter(HttpExporter):
-    """The SDK's OTLP/HTTP exporter (its endpoint, headers, certificates, compression, retries and
-    timeout, from its ``OTEL_EXPORTER_OTLP_*`` variables), sending encoded requests as they are."""
-
-    def export_encoded(self, payload: bytes, spans: int) -> SpanExportResult:
-        if self._shutdown:
-            return SpanExportResult.FAILURE
-        # The SDK's HTTP client (opentelemetry-exporter-otlp-proto-http, pinned): compression, retries,
-        # the deadline. Its export() does the same after encoding ReadableSpans.
-        result = self._client.export(payload)
-        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
-
-
-class OtlpGrpcExporter(GrpcExporter):
-    """The SDK's OTLP/gRPC exporter (channel, credentials, headers, compression, retries, timeout),
-    sending encoded requests: its request hook parses the bytes (in C) instead of encoding spans."""
-
-    def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
-        if isinstance(data, _Encoded):
-            return ExportTraceServiceRequest.FromString(data.payload)
-        return super()._translate_data(data)
-
-    def _count_data(self, data: Any) -> int:
-        return data.spans if isinstance(data, _Encoded) else len(data)
-
-    def export_encoded(self, payload: bytes, spans: int) -> SpanExportResult:
-        return self._export(_Encoded(payload, spans))  # type: ignore[arg-type]

@@ -66,7 +66,6 @@ from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -84,17 +83,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TraceFlags, 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.errors import FailedPreconditionError, InvalidInputError, quote
-from service.otlp import (
-    KIND_INTERNAL,
-    KIND_SERVER,
-    EncodedExporter,
-    Encoder,
-    LinkRecord,
-    OtlpGrpcExporter,
-    OtlpHttpExporter,
-    SpanRecord,
-    readable,
-)
+from service.otlp import KIND_INTERNAL, KIND_SERVER, EncodedExporter, Encoder, LinkRecord, SpanRecord, readable
 from service.storage.objects import ObjectStore
 from service.storage.traced import TracedObjects
 
@@ -189,6 +178,8 @@ class ExportConfig:
     def exporter(self) -> SpanExporter:
         """The OTLP exporter of :attr:`protocol` (headers, certificates and compression: its own
         ``OTEL_EXPORTER_OTLP_*`` variables), sending the requests :mod:`service.otlp` encodes."""
+        from service.otlp_exporters import OtlpGrpcExporter, OtlpHttpExporter
+
         if self.protocol == "grpc":
             return OtlpGrpcExporter(
                 endpoint=self.endpoint, insecure=self.endpoint.startswith("http://"), timeout=self.export_timeout_s
@@ -378,6 +369,8 @@ class BoundedExportProcessor(SpanProcessor):
             sdk_spans = [entry for entry in entries if isinstance(entry, ReadableSpan)]
             payload = self._encoder.request(records) if records else b""
             if sdk_spans:  # two serialised requests, concatenated, are one with both lists of spans
+                from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
                 payload += encode_spans(sdk_spans).SerializeToString()
             return self._encoded.export_encoded(payload, count)
         spans: list[ReadableSpan] = []
