@@ -143,7 +143,7 @@ class JobInfo:
     state: str  # one of JOB_STATES
     base_model: str
     output_model: str
-    head: str  # linear, two_layer or parallel
+    head: str  # linear, two_layer, parallel, or custom (a list of layers)
     optimizer: str  # adam or sgd
     loss: str  # cross_entropy or mse
     epochs: int
