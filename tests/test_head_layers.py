@@ -621,3 +621,37 @@ def console_page(browser, console_server, screenshots):  # noqa: F811  (the impo
     page.server = console_server
     yield page
     browser.execute_script("sessionStorage.clear()")
+
+
+@pytest.mark.parametrize(
+    "layers, reason, message",
+    [
+        ([{"kind": "relu"}] * 10_000, "bad_dimensions", "at most 64 layers"),
+        ([{"kind": "conv2d"}], "unknown_head", "layer kind 'conv2d' is unknown"),
+        ([{"kind": "linear", "width": 2**31}], "bad_dimensions", "linear width must be a positive integer"),
+        ([{"kind": "linear", "width": 9000}], "bad_dimensions", "width must be at most 8192"),
+        ([{"kind": "dropout", "p": 1.0}], "bad_dimensions", r"dropout p must be in \[0, 1\)"),
+        ([{"kind": "relu", "code": "import os"}], "bad_dimensions", "unknown field 'code'"),
+        ([{"kind": "parallel", "branches": [[{"kind": "relu"}]] * 2}], None, None),  # a good one, for contrast
+    ],
+)
+def test_a_manifest_with_a_hostile_head_is_skipped_with_its_reason(tmp_path: Path, layers, reason, message) -> None:
+    from service.errors import StoreEntryError
+
+    store = tmp_path / "store"
+    torch.manual_seed(0)
+    head = HeadConfig(layers=[Layer("relu")])
+    module = StandardizedHead(build_head(head, TINY_FEATURE_DIM, 2), torch.zeros(TINY_FEATURE_DIM), torch.ones(16))
+    ModelStore(store).save(
+        name="hostile", base_model=TINY, head_spec=head, head=module, labels=["a", "b"], loss="cross_entropy",
+        job_id="test",
+    )  # fmt: skip
+    manifest = json.loads((store / "hostile" / MANIFEST).read_text())
+    manifest["head"]["layers"] = layers
+    (store / "hostile" / MANIFEST).write_text(json.dumps(manifest))
+    if reason is None:
+        assert ModelStore(store).read_manifest("hostile").head.layers[0].kind == "parallel"
+        return
+    with pytest.raises(StoreEntryError, match=message) as error:
+        ModelStore(store).read_manifest("hostile")
+    assert error.value.reason.value == reason
