@@ -20,11 +20,15 @@ encode or decode, and no dependency.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import math
 import mmap
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from service.errors import SlotsFullError
 
@@ -41,6 +45,15 @@ class Kind:
     INFER = 2
     CANCEL = 3
     REPLY = 4
+    DESCRIBE = 5
+
+
+STALE = "STALE"  # a reply's code (never a client's): the images were decoded for another preprocessing
+
+
+class StalePreprocessing(Exception):
+    """The engine's model preprocesses differently from what the front end decoded with (it was
+    replaced meanwhile): answered :data:`STALE`, and the front end sends the encoded images instead."""
 
 
 @dataclass(frozen=True)
@@ -78,18 +91,23 @@ class Infer:
     method: str  # ModelInfer or ModelStreamInfer
     traceparent: str = ""
     tracestate: str = ""
+    # The preprocessing (:func:`preprocessing_key`) the front end decoded the request's images with,
+    # into PIXELS; empty if it did not. The engine answers STALE if the model's differs now.
+    preprocessing: str = ""
 
     _LAYOUT = struct.Struct(">QQQQd?")
 
     def encode(self) -> bytes:
         timeout = math.nan if self.timeout is None else self.timeout
         head = self._LAYOUT.pack(self.id, self.offset, self.length, self.capacity, timeout, self.local)
-        return _KIND.pack(Kind.INFER) + head + _strings(self.protocol, self.method, self.traceparent, self.tracestate)
+        strings = _strings(self.protocol, self.method, self.traceparent, self.tracestate, self.preprocessing)
+        return _KIND.pack(Kind.INFER) + head + strings
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Infer:
         id_, offset, length, capacity, timeout, local = cls._LAYOUT.unpack_from(data, 1)
-        (protocol, method, traceparent, tracestate), _ = _read_strings(data, 1 + cls._LAYOUT.size, 4)
+        strings, _ = _read_strings(data, 1 + cls._LAYOUT.size, 5)
+        protocol, method, traceparent, tracestate, preprocessing = strings
         return cls(
             id_,
             offset,
@@ -101,6 +119,7 @@ class Infer:
             method,
             traceparent,
             tracestate,
+            preprocessing,
         )
 
     @property
@@ -112,6 +131,26 @@ class Infer:
         if self.tracestate:
             carrier["tracestate"] = self.tracestate
         return carrier
+
+
+@dataclass(frozen=True)
+class Describe:
+    """What a front end needs to decode a model's IMAGE inputs itself: answered by a reply whose
+    inline bytes are the JSON of :class:`~service.preprocess.Preprocessing` (``to_dict``), or an error."""
+
+    id: int
+    model: str
+
+    _LAYOUT = struct.Struct(">Q")
+
+    def encode(self) -> bytes:
+        return _KIND.pack(Kind.DESCRIBE) + self._LAYOUT.pack(self.id) + _strings(self.model)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Describe:
+        (id_,) = cls._LAYOUT.unpack_from(data, 1)
+        (model,), _ = _read_strings(data, 1 + cls._LAYOUT.size, 1)
+        return cls(id_, model)
 
 
 @dataclass(frozen=True)
@@ -158,7 +197,7 @@ class Reply:
         return cls(id_, code, message, length, bytes(data[end:]))
 
 
-Message = Infer | Cancel | Reply
+Message = Infer | Describe | Cancel | Reply
 
 
 def decode(data: bytes | memoryview) -> Message:
@@ -170,9 +209,17 @@ def decode(data: bytes | memoryview) -> Message:
         return Infer.decode(data)
     if kind == Kind.CANCEL:
         return Cancel.decode(data)
+    if kind == Kind.DESCRIBE:
+        return Describe.decode(data)
     if kind == Kind.REPLY:
         return Reply.decode(data)
     raise ValueError(f"unknown message kind {kind}")
+
+
+def preprocessing_key(preprocessing: Mapping[str, Any]) -> str:
+    """A short name for one preprocessing (``Preprocessing.to_dict()``): equal for equal ones."""
+    canonical = json.dumps(preprocessing, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def frame(payload: bytes) -> bytes:

@@ -96,8 +96,9 @@ class ServerMetrics:
         self.frontend_requests = Counter(
             "vision_frontend_requests",
             "Inference requests the engine took from each protocol front end (--frontends of 2 or more), "
-            "by the front end's index: how evenly the shared ports spread clients.",
-            ["frontend"],
+            "by the front end's index (how evenly the shared ports spread clients) and by whether the front "
+            "end decoded their IMAGE inputs (decoded: true) or sent them as they came.",
+            ["frontend", "decoded"],
             registry=r,
         )
         self.tls_reload_errors = Counter(
@@ -130,8 +131,8 @@ class ServerMetrics:
         # Triton's per model and version statistics (ModelStatistics), from the same events.
         self.statistics = StatisticsCollector()
 
-    def record_frontend_request(self, frontend: int) -> None:
-        self.frontend_requests.labels(str(frontend)).inc()
+    def record_frontend_request(self, frontend: int, *, decoded: bool) -> None:
+        self.frontend_requests.labels(str(frontend), "true" if decoded else "false").inc()
 
     def record_tls_reload_error(self, reason: str) -> None:
         self.tls_reload_errors.labels(reason).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -199,7 +200,7 @@ class VisionServer:
             raise bind_error(Listener("--grpc-port", self.config.host, self.config.grpc_port), exc) from None
         await self._grpc.start()
         if self.run_dir is not None:
-            self._hop = HopServer(self.run_dir / hop.HOP_SOCKET, self._hop_infer)
+            self._hop = HopServer(self.run_dir / hop.HOP_SOCKET, self._hop_infer, self._preprocessing_of)
             await self._hop.start()
         if self.config.health_port is not None:
             await self._start_health_port(self.config.health_port)
@@ -228,8 +229,12 @@ class VisionServer:
 
     async def _hop_infer(self, data: memoryview, infer: hop.Infer, frontend: int) -> bytes:
         """One inference a front end sent through the hop, as a call on the gRPC port runs it."""
-        self.metrics.record_frontend_request(frontend)
+        self.metrics.record_frontend_request(frontend, decoded=bool(infer.preprocessing))
         request = grpc_service_pb2.ModelInferRequest.FromString(data)  # type: ignore[arg-type]  # any buffer parses
+        if infer.preprocessing and request.model_name in self.repository:
+            current = hop.preprocessing_key(self.repository.get(request.model_name).decoder.preprocessing.to_dict())
+            if current != infer.preprocessing:
+                raise hop.StalePreprocessing(f"{request.model_name} preprocesses differently now")
         carrier = infer.carrier if self._inference.tracing_enabled else None
         response = await self._inference.infer(
             request,
@@ -240,6 +245,11 @@ class VisionServer:
             method=infer.method,
         )
         return response.SerializeToString()
+
+    def _preprocessing_of(self, name: str) -> bytes:
+        """How ``name`` decodes its images, for a front end that decodes them (``hop.Describe``)."""
+        model = self.repository.get(name)  # NOT_FOUND for a model this server does not know
+        return json.dumps(model.decoder.preprocessing.to_dict()).encode()
 
     async def _start_http_port(self) -> None:
         """The REST binding, over the same servicer, data plane and access policy as gRPC."""

@@ -96,12 +96,15 @@ def metric(server: ServerProcess, name: str, labels: str = "") -> float:
     return total
 
 
-def frontend_counts(server: ServerProcess) -> dict[str, float]:
+def frontend_counts(server: ServerProcess, decoded: str = "") -> dict[str, float]:
+    """Requests the engine took from each front end (those whose images it decoded: ``decoded="true"``)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return {
-        match.group(1): float(match.group(2))
-        for match in re.finditer(r'^vision_frontend_requests_total\{frontend="(\d+)"\} (\S+)$', text, re.M)
-    }
+    counts: dict[str, float] = {}
+    pattern = r'^vision_frontend_requests_total\{decoded="(\w+)",frontend="(\d+)"\} (\S+)$'
+    for match in re.finditer(pattern, text, re.M):
+        if decoded in ("", match.group(1)):
+            counts[match.group(2)] = counts.get(match.group(2), 0.0) + float(match.group(3))
+    return counts
 
 
 def children(server: ServerProcess) -> dict[str, int]:
@@ -155,6 +158,26 @@ def _http_pixels(values: np.ndarray) -> triton_http.InferInput:
     tensor = triton_http.InferInput("PIXELS", list(values.shape), "FP32")
     tensor.set_data_from_numpy(values, binary_data=True)
     return tensor
+
+
+def test_images_are_decoded_by_the_frontends_exactly(server):
+    """IMAGE requests reach the engine as PIXELS decoded by a front end, with the engine's own
+    answer: the same logits as the same image decoded by the server's preprocessing and sent as PIXELS."""
+    from service.preprocess import ImageDecoder, Preprocessing
+
+    weights_preprocessing = Preprocessing(
+        resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    )
+    data = [jpeg(seed) for seed in range(3)]
+    expected_pixels = np.stack([ImageDecoder(weights_preprocessing, max_pixels=10**8)(d) for d in data])
+    before = sum(frontend_counts(server, decoded="true").values())
+    for client in clients(server)[:4]:
+        tensor = triton.InferInput("IMAGE", [3], "BYTES")
+        tensor.set_data_from_numpy(np.array(data, dtype=object))
+        decoded = client.infer(MODEL, [tensor]).as_numpy("LOGITS")
+        reference = client.infer(MODEL, [pixels_input(expected_pixels)]).as_numpy("LOGITS")
+        np.testing.assert_allclose(decoded, reference, rtol=1e-5, atol=1e-5)
+    assert sum(frontend_counts(server, decoded="true").values()) - before == 4
 
 
 def test_errors_keep_their_codes_through_the_hop(server):

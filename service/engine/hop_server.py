@@ -28,12 +28,15 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 5.0
 # Runs one request: its serialized ModelInferRequest, descriptor and front end -> the serialized response.
 Handler = Callable[[memoryview, hop.Infer, int], Awaitable[bytes]]
+# A model's preprocessing for front ends that decode its images (JSON of Preprocessing.to_dict()).
+Describer = Callable[[str], bytes]
 
 
 class HopServer:
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, describe: Describer) -> None:
         self._path = path
         self._handler = handler
+        self._describe = describe
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -76,6 +79,8 @@ class HopServer:
                     task = asyncio.create_task(self._run(message, hello.frontend, memory, writer))
                     running[message.id] = task
                     task.add_done_callback(partial(_forget, running, message.id))
+                elif isinstance(message, hop.Describe):
+                    writer.write(hop.frame(self._description(message).encode()))
                 elif isinstance(message, hop.Cancel):
                     cancelled = running.get(message.id)
                     if cancelled is not None:
@@ -95,6 +100,8 @@ class HopServer:
             response = await self._handler(slot[: infer.length], infer, frontend)
         except asyncio.CancelledError:
             reply = hop.Reply(infer.id, "CANCELLED", "the request was cancelled")
+        except hop.StalePreprocessing as exc:
+            reply = hop.Reply(infer.id, hop.STALE, str(exc))
         except Exception as exc:  # mapped as the gRPC port maps it; a bug is logged there
             code, message = status_for(exc)
             reply = hop.Reply(infer.id, code.name, message)
@@ -108,6 +115,13 @@ class HopServer:
             slot.release()
         if not writer.is_closing():
             writer.write(hop.frame(reply.encode()))
+
+    def _description(self, describe: hop.Describe) -> hop.Reply:
+        try:
+            return hop.Reply(describe.id, inline=self._describe(describe.model))
+        except Exception as exc:
+            code, message = status_for(exc)
+            return hop.Reply(describe.id, code.name, message)
 
     async def stop(self) -> None:
         if self._accepting is not None:

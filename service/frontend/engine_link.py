@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,16 @@ log = logging.getLogger(__name__)
 
 RESPONSE_ROOM = 64 * 1024  # a slot holds at least this: a response of up to this many bytes needs no second copy
 RECONNECT_S = (0.05, 1.0)  # first and longest wait between attempts to reach the engine
+NO_SLOT = -1  # the offset of a pending answer that holds no slot (a description)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Part of the front end's arena, held for one request."""
+
+    offset: int
+    capacity: int
+    view: memoryview  # the slot's bytes, to write the request into
 
 
 def engine_down() -> UnavailableError:
@@ -118,15 +129,73 @@ class EngineLink:
             else:
                 future.set_result(self._arena.memory[offset : offset + reply.length])
         finally:
-            self._arena.release(offset, capacity)  # the engine is done with the slot
+            if offset != NO_SLOT:
+                self._arena.release(offset, capacity)  # the engine is done with the slot
 
     def _fail_pending(self) -> None:
         # The engine that held these slots is gone, and its mapping with it.
         pending, self._pending = self._pending, {}
         for future, offset, capacity in pending.values():
-            self._arena.release(offset, capacity)
+            if offset != NO_SLOT:
+                self._arena.release(offset, capacity)
             if not future.done():
                 future.set_exception(engine_down())
+
+    def reserve(self, size: int) -> Slot:
+        """A slot of at least ``size`` bytes for a request; give it to :meth:`send`, or :meth:`release` it."""
+        if self._writer is None:
+            raise engine_down()
+        offset, capacity = self._arena.allocate(max(size, RESPONSE_ROOM))
+        return Slot(offset, capacity, memoryview(self._arena.memory)[offset : offset + capacity])
+
+    def release(self, slot: Slot) -> None:
+        """Give back a slot that was never sent."""
+        self._arena.release(slot.offset, slot.capacity)
+
+    async def send(
+        self,
+        slot: Slot,
+        length: int,
+        timeout: float | None,
+        *,
+        local: bool,
+        protocol: str,
+        method: str,
+        carrier: Mapping[str, str] | None,
+        preprocessing: str = "",
+    ) -> bytes:
+        """The engine's serialized ModelInferResponse for the serialized ModelInferRequest in the
+        first ``length`` bytes of ``slot``; its errors relayed as :class:`RelayedError`. The slot is
+        the engine's until it answers (or dies), then free again."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            self._arena.release(slot.offset, slot.capacity)
+            raise engine_down()
+        request_id = next(self._ids)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (future, slot.offset, slot.capacity)
+        descriptor = hop.Infer(
+            request_id,
+            slot.offset,
+            length,
+            slot.capacity,
+            timeout,
+            local,
+            protocol,
+            method,
+            (carrier or {}).get("traceparent", ""),
+            (carrier or {}).get("tracestate", ""),
+            preprocessing,
+        )
+        writer.write(hop.frame(descriptor.encode()))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away: the engine drops the work if it has not run; the slot stays
+            # held until the engine answers.
+            if self._writer is writer and not writer.is_closing():
+                writer.write(hop.frame(hop.Cancel(request_id).encode()))
+            raise
 
     async def infer(
         self,
@@ -138,37 +207,23 @@ class EngineLink:
         method: str,
         carrier: Mapping[str, str] | None,
     ) -> bytes:
-        """The engine's serialized ModelInferResponse for ``request`` (a serialized ModelInferRequest);
-        its errors relayed as :class:`RelayedError`."""
+        """:meth:`send` of ``request`` (a serialized ModelInferRequest), copied into a slot."""
+        slot = self.reserve(len(request))
+        slot.view[: len(request)] = request
+        return await self.send(
+            slot, len(request), timeout, local=local, protocol=protocol, method=method, carrier=carrier
+        )
+
+    async def describe(self, model: str) -> bytes:
+        """The engine's JSON of ``model``'s preprocessing (``hop.Describe``); its errors relayed."""
         writer = self._writer
         if writer is None or writer.is_closing():
             raise engine_down()
-        offset, capacity = self._arena.allocate(max(len(request), RESPONSE_ROOM))
-        self._arena.memory[offset : offset + len(request)] = request
         request_id = next(self._ids)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = (future, offset, capacity)
-        descriptor = hop.Infer(
-            request_id,
-            offset,
-            len(request),
-            capacity,
-            timeout,
-            local,
-            protocol,
-            method,
-            (carrier or {}).get("traceparent", ""),
-            (carrier or {}).get("tracestate", ""),
-        )
-        writer.write(hop.frame(descriptor.encode()))
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # The caller went away: the engine drops the work if it has not run; the slot stays
-            # held until the engine answers.
-            if self._writer is writer and not writer.is_closing():
-                writer.write(hop.frame(hop.Cancel(request_id).encode()))
-            raise
+        self._pending[request_id] = (future, NO_SLOT, 0)
+        writer.write(hop.frame(hop.Describe(request_id, model).encode()))
+        return await future
 
     async def close(self) -> None:
         if self._running is not None:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.config import FineTuneLimits
 from service.errors import RelayedError, VisionServeError
 from service.finetune.names import LIVENESS_SERVICE
+from service.frontend.decoding import FrontendDecoding
 from service.frontend.engine_link import EngineLink, engine_down
 from service.tracing import trace_carrier
 from service.transport.auth import FORWARDED_PEER, is_loopback_peer
@@ -87,9 +88,11 @@ def _unavailable(exc: VisionServeError) -> bool:
 class RemoteInference:
     """``inference.GRPCInferenceService``, run by the engine."""
 
-    def __init__(self, forwarder: Forwarder, *, tracing_enabled: bool, max_stream_in_flight: int) -> None:
+    def __init__(
+        self, forwarder: Forwarder, decoding: FrontendDecoding, *, tracing_enabled: bool, max_stream_in_flight: int
+    ) -> None:
         self._forward = forwarder
-        self._link = forwarder.link
+        self._decoding = decoding
         self._stub = pb_grpc.GRPCInferenceServiceStub(forwarder.link.channel)  # type: ignore[no-untyped-call]
         self._tracing_enabled = tracing_enabled
         self._max_stream_in_flight = max_stream_in_flight
@@ -128,8 +131,8 @@ class RemoteInference:
         carrier: Mapping[str, str] | None = None,
         method: str = "ModelInfer",
     ) -> pb.ModelInferResponse:
-        data = await self._link.infer(
-            request.SerializeToString(), timeout, local=local, protocol=protocol, method=method, carrier=carrier
+        data = await self._decoding.infer(
+            request, timeout, local=local, protocol=protocol, method=method, carrier=carrier
         )
         return pb.ModelInferResponse.FromString(data)
 

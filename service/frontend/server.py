@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.config import ServeConfig
+from service.frontend.decoding import FrontendDecoding
 from service.frontend.engine_link import EngineLink
 from service.frontend.remote import Forwarder, RemoteFineTuning, RemoteHealth, RemoteInference, RemoteModels
 from service.ports import Listener, bind_error, bracketed
@@ -50,8 +52,12 @@ class FrontendServer:
             max_message_bytes=config.max_message_bytes,
         )
         forwarder = Forwarder(self.link)
+        self._decode_pool = ThreadPoolExecutor(max_workers=config.decode_thread_count, thread_name_prefix="decode")
         self.inference = RemoteInference(
-            forwarder, tracing_enabled=config.trace, max_stream_in_flight=config.max_stream_in_flight
+            forwarder,
+            FrontendDecoding(self.link, config, self._decode_pool),
+            tracing_enabled=config.trace,
+            max_stream_in_flight=config.max_stream_in_flight,
         )
         self.models = RemoteModels(forwarder)
         self.fine_tuning = RemoteFineTuning(forwarder, config.fine_tuning, tracing_enabled=config.trace)
@@ -132,6 +138,7 @@ class FrontendServer:
         if self._grpc is not None:
             await self._grpc.stop(grace=self.config.drain_seconds)
         await self.link.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
         log.info("front end %d stopped", self.index)
 
     async def wait_for_termination(self) -> None:
