@@ -115,6 +115,8 @@ def test_presets_are_layer_lists() -> None:
         (lambda: HeadConfig("two_layer", layers=[Layer("relu")]), "is a preset and takes no layers"),
         (lambda: HeadConfig("custom"), "a custom head needs its layers"),
         (lambda: HeadConfig(layers=["relu"]), r"head layers\[0\] must be a Layer"),
+        (lambda: HeadConfig(layers=[Layer("relu")] * 10_000), "a head has at most 256 layers"),
+        (lambda: parse_layers(json.dumps([{"kind": "relu"}] * 10_000)), "a head has at most 256 layers"),
         (lambda: parse_layers("linear:64,softmax"), "layer kind 'softmax' is unknown"),
         (lambda: parse_layers("parallel(linear:4|linear:4"), "expected '|' or '\\)'"),
         (lambda: parse_layers("(" * 20), "expected a layer"),
@@ -144,7 +146,7 @@ def test_a_wire_message_names_the_bad_layer() -> None:
 @pytest.mark.parametrize(
     "head, message",
     [
-        (HeadConfig(layers=[Layer("relu")] * 10_000), f"at most {MAX_HEAD_LAYERS} layers on this server.*got 10,000"),
+        (HeadConfig(layers=[Layer("relu")] * 100), f"at most {MAX_HEAD_LAYERS} layers on this server.*got 100"),
         (
             HeadConfig(layers=[Layer("linear", width=2**31 - 1)]),
             r"head layers\[0\] \(linear\): width must be at most 8192",
@@ -306,6 +308,7 @@ def hostile_heads() -> dict[str, pb.HeadSpec]:
     return {
         "10,000 layers": pb.HeadSpec(layers=[pb.HeadLayer(kind="relu")] * 10_000),
         "1,000 layers": pb.HeadSpec(layers=[pb.HeadLayer(kind="relu")] * 1_000),
+        "100 layers": pb.HeadSpec(layers=[pb.HeadLayer(kind="relu")] * 100),
         "a width of 2^31": pb.HeadSpec(layers=[wide]),
         "a width of 2^31 - 1": pb.HeadSpec(layers=[pb.HeadLayer(kind="linear", width=2**31 - 1)]),
         "parameters over the limit": pb.HeadSpec(layers=[pb.HeadLayer(kind="linear", width=8192)] * 2),
@@ -325,8 +328,9 @@ def nested(depth: int) -> pb.HeadLayer:
 
 
 EXPECTED = {
-    "10,000 layers": "a head has at most 64 layers on this server (those inside parallel blocks counted), got 10,000",
-    "1,000 layers": "a head has at most 64 layers on this server (those inside parallel blocks counted), got 1,000",
+    "10,000 layers": "head layers: a head has at most 256 layers",  # the protocol's bound: 256 made at most
+    "1,000 layers": "head layers: a head has at most 256 layers",
+    "100 layers": "a head has at most 64 layers on this server (those inside parallel blocks counted), got 100",
     "a width of 2^31": "head layers[0]: linear width must be a positive integer (at most 2147483647), got -2147483648",
     "a width of 2^31 - 1": "head layers[0] (linear): width must be at most 8192 on this server, got 2147483647",
     "parameters over the limit": "has 67,272,706 parameters, over the limit of 50,000,000 (--max-head-parameters)",
@@ -626,7 +630,8 @@ def console_page(browser, console_server, screenshots):  # noqa: F811  (the impo
 @pytest.mark.parametrize(
     "layers, reason, message",
     [
-        ([{"kind": "relu"}] * 10_000, "bad_dimensions", "at most 64 layers"),
+        ([{"kind": "relu"}] * 10_000, "bad_dimensions", "at most 256 layers"),
+        ([{"kind": "relu"}] * 100, "bad_dimensions", "at most 64 layers on this server"),
         ([{"kind": "conv2d"}], "unknown_head", "layer kind 'conv2d' is unknown"),
         ([{"kind": "linear", "width": 2**31}], "bad_dimensions", "linear width must be a positive integer"),
         ([{"kind": "linear", "width": 9000}], "bad_dimensions", "width must be at most 8192"),

@@ -69,6 +69,7 @@ LAYER_HELP: dict[str, str] = {
     "`combine`: product (elementwise, the default) or sum",
 }
 MAX_NESTING = 8  # parallel blocks inside parallel blocks: a bound of the protocol's, whatever the server
+MAX_LAYERS = 256  # layers of a head, those in parallel blocks counted: the protocol's bound (a server's is lower)
 _LAYER_FIELDS = ("kind", "width", "p", "branches", "combine")
 
 
@@ -177,6 +178,8 @@ class HeadConfig:
             raise InvalidInputError(
                 f"a {self.kind} head is a preset and takes no layers; give the layers alone (kind custom)"
             )
+        if count_layers(layers) > MAX_LAYERS:
+            raise InvalidInputError(_too_many_layers("head layers"))
         if self.kind == "custom" and not layers:
             raise InvalidInputError(
                 "a custom head needs its layers, e.g. layers=[Layer('linear', width=256), Layer('relu')]"
@@ -532,16 +535,39 @@ def _layer_message(layer: Layer) -> pb.HeadLayer:
     )
 
 
-def _layers_from_message(layers: Sequence[pb.HeadLayer], where: str, depth: int) -> tuple[Layer, ...]:
-    """The layers a message carries; an error names the layer (``head layers[3]``). Nesting is
-    bounded before it is followed, so a hostile message cannot make this recurse deep."""
+def _too_many_layers(where: str) -> str:
+    return (
+        f"{where}: a head has at most {MAX_LAYERS} layers, those inside parallel blocks counted (a server allows fewer)"
+    )
+
+
+class _Budget:
+    """Layers a conversion may still make: a hostile list costs at most :data:`MAX_LAYERS` of them."""
+
+    def __init__(self) -> None:
+        self.left = MAX_LAYERS
+
+    def take(self, where: str) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise InvalidInputError(_too_many_layers(where))
+
+
+def _layers_from_message(
+    layers: Sequence[pb.HeadLayer], where: str, depth: int, budget: _Budget | None = None
+) -> tuple[Layer, ...]:
+    """The layers a message carries; an error names the layer (``head layers[3]``). Nesting and
+    the number of layers are bounded before they are followed, so a hostile message costs
+    little: never more than :data:`MAX_LAYERS` layers made, never deeper than :data:`MAX_NESTING`."""
     if depth > MAX_NESTING:
         raise InvalidInputError(f"{where}: parallel blocks nest at most {MAX_NESTING} deep")
+    budget = budget or _Budget()
     converted = []
     for position, message in enumerate(layers):
         at = f"{where}[{position}]"
+        budget.take(where)
         branches = [
-            _layers_from_message(branch.layers, f"{at}.branches[{number}]", depth + 1)
+            _layers_from_message(branch.layers, f"{at}.branches[{number}]", depth + 1, budget)
             for number, branch in enumerate(message.branches)
         ]
         converted.append(_layer(at, message.kind, message.width, message.p, branches, message.combine or "product"))
@@ -606,15 +632,20 @@ def head_from_dict(data: object) -> HeadConfig:
     return HeadConfig(**fields, layers=layers_from_json(layers, "head layers"))
 
 
-def layers_from_json(data: object, where: str = "layers", depth: int = 0) -> tuple[Layer, ...]:
-    """Layers from JSON (:func:`layer_to_dict`'s form); an error names the layer and the field."""
+def layers_from_json(
+    data: object, where: str = "layers", depth: int = 0, budget: _Budget | None = None
+) -> tuple[Layer, ...]:
+    """Layers from JSON (:func:`layer_to_dict`'s form); an error names the layer and the field.
+    Bounded as :func:`from_message` is."""
     if depth > MAX_NESTING:
         raise InvalidInputError(f"{where}: parallel blocks nest at most {MAX_NESTING} deep")
     if not isinstance(data, list):
         raise InvalidInputError(f"{where} must be a list of layers, got {_shown(data)}")
+    budget = budget or _Budget()
     converted = []
     for position, item in enumerate(data):
         at = f"{where}[{position}]"
+        budget.take(where)
         if not isinstance(item, dict) or "kind" not in item:
             raise InvalidInputError(f'{at} must be an object with a kind, e.g. {{"kind": "relu"}}, got {_shown(item)}')
         unknown = set(item) - set(_LAYER_FIELDS)
@@ -625,7 +656,7 @@ def layers_from_json(data: object, where: str = "layers", depth: int = 0) -> tup
         branches = item.get("branches", [])
         if not isinstance(branches, list):
             raise InvalidInputError(f"{at}.branches must be a list of layer lists, got {_shown(branches)}")
-        inner = [layers_from_json(b, f"{at}.branches[{n}]", depth + 1) for n, b in enumerate(branches)]
+        inner = [layers_from_json(b, f"{at}.branches[{n}]", depth + 1, budget) for n, b in enumerate(branches)]
         converted.append(
             _layer(at, item["kind"], item.get("width", 0), item.get("p", 0.0), inner, item.get("combine", "product"))
         )
@@ -759,6 +790,7 @@ def vocabulary() -> dict[str, Any]:
         "layers": {kind: {"help": LAYER_HELP[kind], "fields": takes.get(kind, [])} for kind in LAYER_KINDS},
         "combines": list(COMBINES),
         "max_nesting": MAX_NESTING,
+        "max_layers": MAX_LAYERS,
         "optimizer_kinds": list(OPTIMIZER_KINDS),
         "losses": list(LOSSES),
         "defaults": defaults,
