@@ -38,7 +38,8 @@ def head_parameters(head: HeadConfig, in_features: int, out_features: int) -> in
     """Values ``head`` stores (weights, biases, normalisations' scales and shifts, batch_norm's
     running statistics: its state dict), without building it; :class:`InvalidInputError` where a
     parallel block's branches end in different widths."""
-    parameters, width = _walk(head.layer_list(), in_features, "head layers")
+    layers = head.layers if head.kind == "custom" else head.layer_list()  # a dropout first adds nothing
+    parameters, width = _walk(layers, in_features, "head layers")  # and errors name the layers as given
     return parameters + (width + 1) * out_features  # the output Linear
 
 
