@@ -111,13 +111,13 @@ def check_limits(
     _at_most("batch_size", config.batch_size, limits.max_batch_size)
     _at_most("early_stopping_patience", config.early_stopping_patience, limits.max_epochs)
     _at_most("augmentation views", config.augmentation.views, MAX_AUGMENT_VIEWS)
-    if not isinstance(config.class_weights, str):  # weights by name: (name, weight) pairs
-        if len(config.class_weights) > limits.max_labels:
+    if not isinstance(config.class_weights, str):  # weights by name
+        weights = dict(config.class_weights)
+        if len(weights) > limits.max_labels:
             raise InvalidInputError(
-                f"class_weights name {len(config.class_weights)} classes; a job takes at most {limits.max_labels} "
-                "(--max-labels)"
+                f"class_weights name {len(weights)} classes; a job takes at most {limits.max_labels} (--max-labels)"
             )
-        for name, _ in config.class_weights:
+        for name in weights:
             problem = label_problem(name, limits.max_label_length)
             if problem is not None:
                 raise InvalidInputError(f"class_weights names the class {quote(name)}, which {problem}")
@@ -147,7 +147,7 @@ def check_classes(config: FineTuneConfig, classes: list[str]) -> None:
     if isinstance(config.class_weights, str):
         return
     known = set(classes)
-    unknown = sorted(name for name, _ in config.class_weights if name not in known)
+    unknown = sorted(name for name in dict(config.class_weights) if name not in known)
     if unknown:
         shown = ", ".join(quote(name) for name in unknown[:5]) + (
             f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
