@@ -200,7 +200,7 @@ class JobPipeline:
         group = max(1, FEATURE_CHUNK // views)  # images whose views make one request of at most FEATURE_CHUNK
         starts = list(range(0, len(chunk), group))
         loop = asyncio.get_running_loop()
-        side = model.input_size
+        side = maker.side
 
         def make(start: int) -> asyncio.Future[np.ndarray]:
             images = chunk[start : start + group]
@@ -230,6 +230,8 @@ class JobPipeline:
         finally:
             if not upcoming.done():
                 upcoming.cancel()
+            elif not upcoming.cancelled():
+                upcoming.exception()  # read: a failure of views never used is not logged as unretrieved
         return features
 
     async def train(
