@@ -237,8 +237,7 @@ def write_todays_entry(store: Path, name: str, head: HeadConfig, seed: int) -> S
         job_id="before",
     )  # fmt: skip
     manifest = json.loads((store / name / MANIFEST).read_text())
-    del manifest["head"]["layers"]
-    assert set(manifest["head"]) == {"kind", "hidden", "blocks", "dropout"}
+    manifest["head"] = {key: manifest["head"][key] for key in ("kind", "hidden", "blocks", "dropout")}
     (store / name / MANIFEST).write_text(json.dumps(manifest))
     return module
 

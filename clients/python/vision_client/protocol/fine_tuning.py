@@ -596,14 +596,13 @@ def to_dict(config: FineTuneConfig) -> dict[str, Any]:
 
 
 def head_to_dict(head: HeadConfig) -> dict[str, Any]:
-    """A head as JSON-ready values (what a model manifest stores): its fields, the layers short."""
-    return {
-        "kind": head.kind,
-        "hidden": head.hidden,
-        "blocks": head.blocks,
-        "dropout": head.dropout,
-        "layers": [layer_to_dict(layer) for layer in head.layers],
-    }
+    """A head as JSON-ready values (what a model manifest stores): its fields, and a custom head's
+    layers (:func:`layer_to_dict`). A preset is written as it was before heads had layers, so a
+    server of before reads it."""
+    data: dict[str, Any] = {"kind": head.kind, "hidden": head.hidden, "blocks": head.blocks, "dropout": head.dropout}
+    if head.layers:
+        data["layers"] = [layer_to_dict(layer) for layer in head.layers]
+    return data
 
 
 def layer_to_dict(layer: Layer) -> dict[str, Any]:
