@@ -33,7 +33,7 @@ from service.finetune.trainer import train_head
 from service.models import WeightsSource, build_model, get_model_spec
 from tests.conftest import session_runtime_cache
 from tests.test_console import browser, console_server, screenshots  # noqa: F401  (fixtures of the console's tests)
-from tests.test_orphans import examples, poll, ready
+from tests.test_orphans import examples, no_tracebacks, poll, ready
 from tests.tiny import TINY, TINY_FEATURE_DIM
 from vision_client import Client, FineTuneConfig, HeadConfig, Layer
 from vision_client.errors import InvalidInputError as ConfigError
@@ -364,7 +364,7 @@ def hostile_server(tmp_path_factory) -> Iterator:
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
-def test_a_hostile_head_is_invalid_argument_over_grpc_before_any_image(hostile_server, case: str) -> None:
+def test_a_hostile_head_is_invalid_argument_over_grpc_before_any_image(hostile_server, case: str, caplog) -> None:
     """The stream holds the config and then waits: the answer comes while no example has been sent."""
     server, store = hostile_server
     sent_example = threading.Event()
@@ -390,6 +390,7 @@ def test_a_hostile_head_is_invalid_argument_over_grpc_before_any_image(hostile_s
     assert EXPECTED[case] in error.value.details(), error.value.details()
     assert list(jobs) == []
     nothing_written(store)
+    no_tracebacks(caplog)
 
 
 async def _post_config_then_wait(url: str, config: str) -> tuple[int, dict]:
@@ -431,7 +432,7 @@ async def _post_config_then_wait(url: str, config: str) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
-def test_a_hostile_head_is_invalid_argument_over_rest_before_any_image(hostile_server, case: str) -> None:
+def test_a_hostile_head_is_invalid_argument_over_rest_before_any_image(hostile_server, case: str, caplog) -> None:
     from google.protobuf import json_format
 
     server, store = hostile_server
@@ -442,6 +443,7 @@ def test_a_hostile_head_is_invalid_argument_over_rest_before_any_image(hostile_s
     assert status == 400, (status, answer)
     assert REST_EXPECTED[case] in answer["error"], answer
     nothing_written(store)
+    no_tracebacks(caplog)
 
 
 # -- each preset and a long list: publish, a second replica, a restart; logits equal torch's -------------
@@ -503,7 +505,7 @@ def _nested_request(depth: int) -> bytes:
 
 
 @pytest.mark.parametrize("depth, message", [(9, "parallel blocks nest at most 8 deep"), (60, "not a valid protobuf")])
-def test_nesting_past_any_bound_is_invalid_argument(hostile_server, depth: int, message: str) -> None:
+def test_nesting_past_any_bound_is_invalid_argument(hostile_server, depth: int, message: str, caplog) -> None:
     server, store = hostile_server
     with grpc.insecure_channel(server.target) as channel:
         create = channel.stream_unary(
@@ -514,6 +516,7 @@ def test_nesting_past_any_bound_is_invalid_argument(hostile_server, depth: int, 
     assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT, error.value
     assert message in error.value.details()
     nothing_written(store)
+    no_tracebacks(caplog)
 
 
 # -- the command line reads the same vocabulary -----------------------------------------------------------
