@@ -47,12 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pixels_of(model: str, jpegs: list[bytes]) -> list[object]:
     """Each photograph as the server itself preprocesses it (what a PIXELS client sends)."""
+    import torch
+
     from service.config import ServeConfig
     from service.models import get_model_spec
+    from service.models.preprocessing import preprocessing_of
     from service.preprocess import ImageDecoder
 
-    decode = ImageDecoder(get_model_spec(model).transforms(), max_pixels=ServeConfig().max_image_pixels)
-    return [decode(data) for data in jpegs]
+    transform = get_model_spec(model).transforms()
+    decode = ImageDecoder(preprocessing_of(transform), max_pixels=ServeConfig().max_image_pixels)
+    return [torch.from_numpy(decode(data)) for data in jpegs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,12 @@ SHM_MODE = "pixels-shm"
 OUTPUT_ROOM = 64 * 1024  # bytes of each client's region for LOGITS (one image's are 4 KB for 1000 classes)
 
 
+# Each client its own TCP connection, as clients in processes of their own have: gRPC's global
+# subchannel pool would otherwise carry every channel to one address over one connection (and the
+# kernel spreads connections, not requests, over a server's protocol processes).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 @dataclass
 class Call:
     """One request of a client: its inputs, and where its LOGITS come back."""
@@ -127,7 +133,7 @@ class ClosedLoopClient:
 def _drive_sync(client: ClosedLoopClient, url: str, model: str, ready: threading.Barrier) -> None:
     import tritonclient.grpc as grpcclient
 
-    with grpcclient.InferenceServerClient(url) as triton:
+    with grpcclient.InferenceServerClient(url, channel_args=OWN_CONNECTION) as triton:
         ready.wait()
         while (call := client.next_input()) is not None:
             try:
@@ -143,7 +149,7 @@ async def _drive_async(clients: list[ClosedLoopClient], url: str, model: str, go
     import tritonclient.grpc.aio as aioclient
 
     async def one(client: ClosedLoopClient) -> None:
-        triton = aioclient.InferenceServerClient(url)
+        triton = aioclient.InferenceServerClient(url, channel_args=OWN_CONNECTION)
         try:
             while (call := client.next_input()) is not None:
                 try:

@@ -83,11 +83,33 @@ def system_busy_seconds() -> float:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) from /proc."""
+    """User + system CPU seconds of process ``pid`` and the processes it started (all their
+    threads; a ``vision-serve`` with ``--frontends`` runs its engine and front ends as children) from /proc."""
+    return sum(own_cpu_seconds(process) for process in process_tree(pid))
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` alone (all its threads); 0 once it is gone."""
     fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
     if len(fields) < 13:
-        return float("nan")
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _read(f"/proc/{entry}/stat").rsplit(")", 1)[-1].split()
+            if len(fields) > 1:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        tree.append(current)
+        queue += children.get(current, [])
+    return tree
 
 
 def process_memory_mib(pid: int) -> dict[str, float]:

@@ -302,7 +302,7 @@ def test_preprocessing_survives_json(preset: str) -> None:
 
 
 def test_every_served_model_has_the_imagenet_preset_it_should() -> None:
-    expected = {"alexnet": (256, 224), "vgg16": (256, 224), "resnet101": (232, 224)}
+    expected = {"alexnet": (256, 224), "vgg16": (256, 224), "resnet101": (232, 224), "tiny": (256, 224)}
     for model in list_models():
         preprocessing = preprocessing_of(get_model_spec(model).transforms())
         assert (preprocessing.resize_size, preprocessing.crop_size) == expected[model]
