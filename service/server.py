@@ -59,6 +59,7 @@ from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2, fine_tuning_
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0  # for calls still open once the data plane has drained
+REGIONS_JOURNAL = "regions.json"  # in the engine's run directory: its shared memory registrations
 
 
 class VisionServer:
@@ -99,7 +100,9 @@ class VisionServer:
             config, self.repository, self.metrics, self._decode_pool, models_known=lambda: self.finetuned.store_read
         )
         self.shared_memory = SharedMemoryRegions(
-            max_regions=config.max_shared_memory_regions, max_bytes=config.max_shared_memory_bytes
+            max_regions=config.max_shared_memory_regions,
+            max_bytes=config.max_shared_memory_bytes,
+            journal=None if run_dir is None else run_dir / REGIONS_JOURNAL,
         )
         self.jobs = JobManager(
             self.dataplane, self.repository, self.builtin, self.finetuned, self.metrics, limits, tracing=self.tracing
@@ -200,6 +203,7 @@ class VisionServer:
             raise bind_error(Listener("--grpc-port", self.config.host, self.config.grpc_port), exc) from None
         await self._grpc.start()
         if self.run_dir is not None:
+            self.shared_memory.restore()  # what clients registered with an engine that died
             self._hop = HopServer(self.run_dir / hop.HOP_SOCKET, self._hop_infer, self._preprocessing_of)
             await self._hop.start()
         if self.config.health_port is not None:

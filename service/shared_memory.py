@@ -29,7 +29,9 @@ docs/security.md has the threat model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
 import logging
 import os
 import re
@@ -47,8 +49,10 @@ from service.errors import (
     InvalidInputError,
     RegionNotFoundError,
     SharedMemoryFullError,
+    VisionServeError,
     quote,
 )
+from service.files import atomic_write, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ SHM_DIRECTORY = Path("/dev/shm")
 # filename characters (no slash, no NUL), at most NAME_MAX bytes, not "." or "..".
 _KEY = re.compile(r"/?([A-Za-z0-9_.-]{1,255})")
 MAX_REGION_NAME_CHARS = 256
+MAX_JOURNAL_BYTES = 16 * 1024 * 1024  # the registrations' journal (a few hundred bytes a region)
 _OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _MAX_OFFSET = 2**62  # well within off_t: anything larger is no region of a real file
 
@@ -167,10 +172,16 @@ class SharedMemoryRegions:
     Thread-safe: registration runs on the event loop, reads and writes in worker threads.
     """
 
-    def __init__(self, *, max_regions: int, max_bytes: int, directory: Path = SHM_DIRECTORY) -> None:
+    def __init__(
+        self, *, max_regions: int, max_bytes: int, directory: Path = SHM_DIRECTORY, journal: Path | None = None
+    ) -> None:
+        """``journal``: a file that lists the registrations after each change (the engine's, in its run
+        directory), so that an engine started again after a crash serves its clients' regions
+        (:meth:`restore`) as if nothing had happened."""
         self.max_regions = max_regions
         self.max_bytes = max_bytes
         self._directory = directory
+        self._journal = journal
         self._lock = threading.Lock()
         self._regions: dict[str, Region] = {}
         self._open: set[Region] = set()  # registered, or unregistered and still leased: what the caps count
@@ -216,6 +227,7 @@ class SharedMemoryRegions:
             os.close(fd)
             raise
         log.info("registered shared memory region %s: %d bytes at %d of %s", quote(name), byte_size, offset, key)
+        self._save()
         return status
 
     def _check_room(self, name: str, byte_size: int) -> None:
@@ -257,6 +269,29 @@ class SharedMemoryRegions:
             region.close()
         for region in regions:
             log.info("unregistered shared memory region %s", quote(region.name))
+        self._save()
+
+    def _save(self) -> None:
+        if self._journal is None:
+            return
+        with self._lock:
+            entries = [dataclasses.asdict(region.status) for region in self._regions.values()]
+        atomic_write(self._journal, json.dumps(entries).encode())
+
+    def restore(self) -> None:
+        """Register again what the journal lists (a region whose file is gone is logged and left out)."""
+        if self._journal is None or not self._journal.exists():
+            return
+        try:
+            entries = json.loads(read_bounded(self._journal, MAX_JOURNAL_BYTES))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the shared memory regions of the engine before: %s", exc)
+            return
+        for entry in entries:
+            try:
+                self.register(entry["name"], entry["key"], entry["offset"], entry["byte_size"])
+            except (VisionServeError, KeyError, TypeError) as exc:
+                log.warning("shared memory region %s not registered again: %s", entry, exc)
 
     def status(self, name: str) -> list[RegionStatus]:
         """The region ``name`` (empty: every region)."""

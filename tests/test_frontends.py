@@ -334,6 +334,11 @@ def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
     load = Load(fault_server, threads=3)
     wait_for(lambda: len(load.statuses) > 10)
     client = triton.InferenceServerClient(fault_server.target)
+    values = np.random.default_rng(3).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    name = f"engine-restart-{os.getpid()}"
+    region = shm.create_shared_memory_region(name, f"/{name}", values.nbytes)
+    shm.set_shared_memory_region(region, [values])
+    client.register_system_shared_memory(name, f"/{name}", values.nbytes)
     os.kill(before["engine"], signal.SIGKILL)
     wait_for(lambda: not client.is_server_ready(), timeout=30)
     assert client.is_server_live()
@@ -347,6 +352,15 @@ def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
     wait_for(lambda: load.statuses.count("OK") > ok_before + 5)
     statuses = load.stop()
     assert set(statuses) <= {"OK", "StatusCode.UNAVAILABLE"}, set(statuses)
+    try:  # the region its client registered before is the new engine's too
+        assert name in client.get_system_shared_memory_status(as_json=True)["regions"]
+        tensor = triton.InferInput("PIXELS", list(values.shape), "FP32")
+        tensor.set_shared_memory(name, values.nbytes)
+        expected = client.infer(MODEL, [pixels_input(values)]).as_numpy("LOGITS")
+        np.testing.assert_allclose(client.infer(MODEL, [tensor]).as_numpy("LOGITS"), expected, rtol=1e-5)
+    finally:
+        client.unregister_system_shared_memory(name)
+        shm.destroy_shared_memory_region(region)
 
 
 def test_a_second_server_on_the_same_ports_does_not_start(server, tmp_path):
