@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.models import AlexNet_Weights
 
 from service.errors import InvalidInputError
+from service.models.preprocessing import preprocessing_of
 from service.preprocess import ACCEPTED_MODES, ImageDecoder, to_rgb
 from tests.conftest import encode
 
@@ -19,7 +20,7 @@ TRANSFORM = AlexNet_Weights.DEFAULT.transforms()
 
 @pytest.fixture()
 def decoder() -> ImageDecoder:
-    return ImageDecoder(TRANSFORM, max_pixels=4_000_000)
+    return ImageDecoder(preprocessing_of(TRANSFORM), max_pixels=4_000_000)
 
 
 def grey8() -> np.ndarray:

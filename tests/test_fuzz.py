@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision.models import AlexNet_Weights
 
 from service.errors import VisionServeError
+from service.models.preprocessing import preprocessing_of
 from service.preprocess import ImageDecoder
 from service.transport.codec import InferCall, parse_infer_request
 from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEMA, ScreenedParser, screen
@@ -199,7 +200,7 @@ PARSE = {
 }
 
 
-DECODER = ImageDecoder(AlexNet_Weights.DEFAULT.transforms(), max_pixels=1_000_000)
+DECODER = ImageDecoder(preprocessing_of(AlexNet_Weights.DEFAULT.transforms()), max_pixels=1_000_000)
 
 
 @FUZZ
