@@ -55,7 +55,7 @@ def test_16_bit_png_is_read_as_its_8_bit_rendering(decoder: ImageDecoder) -> Non
     decoded = decoder.decode(data)
     assert decoded.getpixel((0, 0)) == (128, 128, 128)  # 50 % grey stays grey (it was clipped to white)
     assert_close(decoded, Image.fromarray(levels, "L"), tolerance=0)
-    assert torch.equal(decoder(data), TRANSFORM(Image.fromarray(levels, "L").convert("RGB")))
+    assert torch.equal(torch.from_numpy(decoder(data)), TRANSFORM(Image.fromarray(levels, "L").convert("RGB")))
 
 
 def test_16_bit_big_endian_png_is_read_as_its_8_bit_rendering(decoder: ImageDecoder) -> None:
