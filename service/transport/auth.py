@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -118,6 +119,7 @@ def scope_of(method: str) -> Scope:
     return RPC_SCOPES.get(method, Scope.MANAGEMENT)
 
 
+@functools.lru_cache(maxsize=4096)  # each call's peer is parsed; a client's calls share one string
 def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP address of a gRPC peer string (``ServicerContext.peer()``, or the HTTP port's
     :func:`~service.transport.rest.routes.peer`), or None for a Unix socket or anything unparsable.
