@@ -94,18 +94,35 @@ class Infer:
     # The preprocessing (:func:`preprocessing_key`) the front end decoded the request's images with,
     # into PIXELS; empty if it did not. The engine answers STALE if the model's differs now.
     preprocessing: str = ""
+    # The front end's clock (time.time_ns): when the request arrived, and when decoding its images
+    # began and ended (0: not decoded there), for the request's trace.
+    received_ns: int = 0
+    decode_start_ns: int = 0
+    decode_end_ns: int = 0
 
-    _LAYOUT = struct.Struct(">QQQQd?")
+    _LAYOUT = struct.Struct(">QQQQd?QQQ")
 
     def encode(self) -> bytes:
         timeout = math.nan if self.timeout is None else self.timeout
-        head = self._LAYOUT.pack(self.id, self.offset, self.length, self.capacity, timeout, self.local)
+        head = self._LAYOUT.pack(
+            self.id,
+            self.offset,
+            self.length,
+            self.capacity,
+            timeout,
+            self.local,
+            self.received_ns,
+            self.decode_start_ns,
+            self.decode_end_ns,
+        )
         strings = _strings(self.protocol, self.method, self.traceparent, self.tracestate, self.preprocessing)
         return _KIND.pack(Kind.INFER) + head + strings
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Infer:
-        id_, offset, length, capacity, timeout, local = cls._LAYOUT.unpack_from(data, 1)
+        id_, offset, length, capacity, timeout, local, received, decode_start, decode_end = cls._LAYOUT.unpack_from(
+            data, 1
+        )
         strings, _ = _read_strings(data, 1 + cls._LAYOUT.size, 5)
         protocol, method, traceparent, tracestate, preprocessing = strings
         return cls(
@@ -120,6 +137,9 @@ class Infer:
             traceparent,
             tracestate,
             preprocessing,
+            received,
+            decode_start,
+            decode_end,
         )
 
     @property

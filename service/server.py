@@ -247,6 +247,8 @@ class VisionServer:
             protocol=infer.protocol,
             carrier=carrier,
             method=infer.method,
+            received_ns=infer.received_ns,
+            decoded_ns=(infer.decode_start_ns, infer.decode_end_ns) if infer.decode_start_ns else None,
         )
         return response.SerializeToString()
 

@@ -810,6 +810,30 @@ class RequestTrace:
         """A child span around the block (``with trace.phase("decode"): ...``); an exception marks it failed."""
         return _Phase(self, name, attributes)
 
+    def began_at(self, time_ns: int) -> None:
+        """Start the request's span earlier: when another process of the server (a protocol front
+        end, whose clock is this host's) received the request."""
+        self._start = min(self._start, time_ns)
+
+    def ran(self, name: str, start_ns: int, end_ns: int) -> None:
+        """A phase that ran elsewhere (a front end's ``decode``), from its clock readings."""
+        self._ended(
+            SpanRecord(
+                self._trace_id,
+                _new_span_id(),
+                self._span_id,
+                False,
+                self._trace_state,
+                name,
+                KIND_INTERNAL,
+                start_ns,
+                end_ns,
+                None,
+                None,
+                None,
+            )
+        )
+
     def _ended(self, span: SpanRecord) -> None:
         if self._done:  # a phase that outlived its request goes out on its own
             self._recorder.add((span,))

@@ -32,11 +32,14 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import ServerProcess, start_server
 from tests.finetune_data import digits
 from vision_client import Client, FineTuneConfig
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "alexnet"
 CONNECTIONS = 12  # each its own channel: with two front ends, all on one has odds of 1 in 2**11
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels to one address share no connection
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Itera
 
 
 def clients(server: ServerProcess) -> list[triton.InferenceServerClient]:
-    return [triton.InferenceServerClient(server.target) for _ in range(CONNECTIONS)]
+    return [triton.InferenceServerClient(server.target, channel_args=OWN_CONNECTION) for _ in range(CONNECTIONS)]
 
 
 def http_clients(server: ServerProcess) -> list[triton_http.InferenceServerClient]:
@@ -369,3 +372,70 @@ def test_a_second_server_on_the_same_ports_does_not_start(server, tmp_path):
     )
     assert proc.process.wait(120) != 0
     assert "--grpc-port" in proc.log()
+
+
+# -- what every front end reads itself, and traces across the hop -------------------------------
+
+
+def test_token_rotation_reaches_every_frontend(tmp_path: Path, weights_dir: Path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token\n")
+    proc = start_server(
+        tmp_path, "--frontends", "2", "--models", MODEL, "--weights", str(weights_dir), "--auth-token-file", str(tokens)
+    )
+    try:
+        proc.wait_serving()
+        channels = [grpc.insecure_channel(proc.target, options=OWN_CONNECTION) for _ in range(CONNECTIONS)]
+
+        def codes(token: str) -> set[grpc.StatusCode]:
+            found = set()
+            for channel in channels:
+                jobs = ft_grpc.FineTuningStub(channel)
+                try:
+                    jobs.ListJobs(ft_pb.ListJobsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=10)
+                    found.add(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    found.add(error.code())
+            return found
+
+        assert codes("old-token") == {grpc.StatusCode.OK}
+        assert codes("new-token") == {grpc.StatusCode.UNAUTHENTICATED}
+        tokens.write_text("new-token\n")
+        wait_for(lambda: codes("new-token") == {grpc.StatusCode.OK}, timeout=60)
+        assert codes("old-token") == {grpc.StatusCode.UNAUTHENTICATED}
+        counts = frontend_counts(proc)  # no inference here: the calls spread as connections do
+        assert counts == {} or set(counts) <= {"0", "1"}
+        for channel in channels:
+            channel.close()
+    finally:
+        assert proc.stop() == 0
+
+
+def test_one_trace_covers_a_request_through_a_frontend_and_the_engine(tmp_path: Path, weights_dir: Path):
+    from tests.test_tracing import http_receiver, new_trace_id, traceparent
+
+    with http_receiver() as (receiver, endpoint):
+        environ = {
+            **os.environ,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "20",
+        }
+        proc = start_server(
+            tmp_path, "--frontends", "2", "--models", MODEL, "--weights", str(weights_dir), "--trace", env=environ
+        )
+        try:
+            proc.wait_serving()
+            for client in clients(proc)[:4]:
+                trace_id = new_trace_id()
+                headers = {"traceparent": traceparent(trace_id)}
+                client.infer(MODEL, [image_input(jpeg())], headers=headers)
+                spans = receiver.wait_trace(trace_id, {"ModelInfer", "decode", "queue", "infer"})
+                by_name = {span.name: span for span in spans}
+                request = by_name["ModelInfer"]
+                assert request.parent_id == "00f067aa0ba902b7"  # the caller's span
+                decode = by_name["decode"]  # run by the front end, recorded by the engine
+                assert decode.parent_id == request.span_id
+                assert request.start <= decode.start <= decode.end <= by_name["queue"].start
+                assert by_name["queue"].parent_id == request.span_id
+        finally:
+            assert proc.stop() == 0

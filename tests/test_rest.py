@@ -195,6 +195,18 @@ def test_callers_mistakes_get_json_errors_with_the_specs_statuses(rest_server, c
             400,
             "not base64",
         ),
+        # Half a surrogate pair is valid JSON but no text: in the id, a parameter, a key, a name.
+        "lone surrogate id": ("POST", infer, b'{"id": "\\ud800", "inputs": []}', 400, "surrogate"),
+        "lone surrogate parameter": (
+            "POST", infer, b'{"parameters": {"p": "a\\udfffb"}, "inputs": []}', 400, "surrogate"
+        ),
+        "lone surrogate key": ("POST", infer, b'{"\\uDBFF": 1, "inputs": []}', 400, "surrogate"),
+        "lone surrogate name": (
+            "POST", infer, b'{"inputs": [{"name": "\\ud800", "shape": [1], "datatype": "BYTES"}]}', 400, "surrogate"
+        ),
+        "load parameter": (
+            "POST", f"/v2/repository/models/{MODEL}/load", b'{"parameters": {"x": "\\ud800"}}', 400, "surrogate"
+        ),
     }  # fmt: skip
     for name, (method, path, body, status, message) in cases.items():
         got, answer = raw(rest_server, method, path, body, {"Content-Type": "application/json"})

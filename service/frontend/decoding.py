@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -77,11 +78,21 @@ class FrontendDecoding:
         carrier: Mapping[str, str] | None,
     ) -> bytes:
         """The engine's serialized response to ``request``, its images decoded here where they can be."""
+        received = time.time_ns()
         slot, length, key = await self._decoded(request)
-        send = partial(self._link.send, timeout=timeout, local=local, protocol=protocol, method=method, carrier=carrier)
+        decoded = (received, time.time_ns())  # when decoding, if it was done, began and ended
+        send = partial(
+            self._link.send,
+            timeout=timeout,
+            local=local,
+            protocol=protocol,
+            method=method,
+            carrier=carrier,
+            received_ns=received,
+        )
         if slot is not None:
             try:
-                return await send(slot, length, preprocessing=key)
+                return await send(slot, length, preprocessing=key, decoded_ns=decoded)
             except RelayedError as exc:
                 if exc.status != hop.STALE:
                     raise

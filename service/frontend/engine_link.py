@@ -163,6 +163,8 @@ class EngineLink:
         method: str,
         carrier: Mapping[str, str] | None,
         preprocessing: str = "",
+        received_ns: int = 0,
+        decoded_ns: tuple[int, int] = (0, 0),
     ) -> bytes:
         """The engine's serialized ModelInferResponse for the serialized ModelInferRequest in the
         first ``length`` bytes of ``slot``; its errors relayed as :class:`RelayedError`. The slot is
@@ -186,6 +188,8 @@ class EngineLink:
             (carrier or {}).get("traceparent", ""),
             (carrier or {}).get("tracestate", ""),
             preprocessing,
+            received_ns,
+            *decoded_ns,
         )
         writer.write(hop.frame(descriptor.encode()))
         try:

@@ -253,6 +253,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         protocol: str = "grpc",
         carrier: Mapping[str, str] | None = None,
         method: str = "ModelInfer",
+        received_ns: int = 0,
+        decoded_ns: tuple[int, int] | None = None,
     ) -> pb.ModelInferResponse:
         """One inference, whichever port it came in by (``protocol``: grpc or http): counted, run, answered.
 
@@ -260,12 +262,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         requests may name system shared memory regions: the regions are files of this host, and a
         remote caller could only read or overwrite another client's. ``carrier``: the caller's
         ``traceparent`` and ``tracestate`` (gRPC metadata or HTTP headers), when tracing is on.
+        ``received_ns`` and ``decoded_ns``: from the protocol front end that sent the request (its
+        arrival, and when its images were decoded there), for the request's trace.
         """
         trace = (
             self._tracing.start_request(method, request.model_name, carrier, protocol=protocol)
             if self._tracing.enabled
             else None
         )
+        if trace is not None:
+            if received_ns:
+                trace.began_at(received_ns)
+            if decoded_ns is not None:
+                trace.ran("decode", *decoded_ns)
         if not self._request_log_ids:
             if trace is not None and request.id:
                 trace.set("vision.request_id", request.id)

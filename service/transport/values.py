@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -81,13 +82,43 @@ def _parse_int(text: str) -> int | Oversized:
 
 
 def loads(body: bytes | str, what: str) -> Any:
-    """JSON of a request body (``what`` names it in errors); InvalidInputError for anything else."""
+    """JSON of a request body (``what`` names it in errors); InvalidInputError for anything else.
+
+    A string escaping half of a UTF-16 surrogate pair (``"\\ud800"``) is refused here: JSON lets it
+    through, but it is no Unicode text, and protobuf's string fields (ids, names, parameters) and
+    UTF-8 itself refuse it later, where it would be a bug rather than the caller's mistake."""
     try:
-        return json.loads(body, parse_int=_parse_int)
+        value = json.loads(body, parse_int=_parse_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidInputError(f"{what} is not valid JSON: {error}") from None
     except RecursionError:
         raise InvalidInputError(f"{what} nests JSON too deeply; a request needs a few levels") from None
+    if _SURROGATE_ESCAPE.search(body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")):
+        _refuse_surrogates(value, what)
+    return value
+
+
+# A \\uD800-\\uDFFF escape: what can put a lone surrogate into a decoded string (UTF-8 input cannot).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_surrogates(value: Any, what: str) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInputError(
+                    f"{what} holds a string with an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); "
+                    "send Unicode text"
+                ) from None
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
 
 
 def describe(value: Any) -> str:
