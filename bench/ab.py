@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import load, servers, throughput
     from bench.inputs import photographs, request_payloads
     from bench.machine import machine_info
-    from bench.records import to_json
+    from bench.records import write_document
 
     variants = {"A": (args.a_args, args.a_root), "B": (args.b_args, args.b_root)}
     jpegs = [data for _, data in photographs()]
@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"B/A per round {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     document = {"machine": machine_info(), "command": sys.argv, "args": settings, "rounds": rounds}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(to_json(document))
-    print(f"wrote {args.output}")
+    write_document(args.output, document)
     return 0
 
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from bench import load, servers, throughput
     from bench.machine import machine_info, own_cpu_seconds, process_tree
-    from bench.records import to_json
+    from bench.records import write_document
 
     inputs = [name.strip() for name in args.inputs.split(",") if name.strip()]
     if not set(inputs) <= {"pixels-shm", "small"}:
@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.process.stop()
     document = {"machine": machine_info(), "command": sys.argv, "points": points}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(to_json(document))
-    print(f"wrote {args.output}")
+    write_document(args.output, document)
     return 0
 
 

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.inputs import photographs, request_payloads
     from bench.machine import machine_info
     from bench.raw import RawModel, RawThread, RawWindow, load_raw_models, measure_raw
-    from bench.records import to_json
+    from bench.records import write_document
     from service.devices import native_precisions
     from service.models import WeightsSource, build_model, get_model_spec
     from service.precision import measure, reference_logits, sample_batch
@@ -183,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(to_json(document))
-    print(f"wrote {args.output}")
+    write_document(args.output, document)
     return 0
 
 

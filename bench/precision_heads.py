@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import servers, throughput
     from bench.machine import machine_info
     from bench.precision import served_precision
-    from bench.records import to_json
+    from bench.records import write_document
     from service.models import WeightsSource, build_model, get_model_spec
     from vision_client import Client, FineTuneConfig, HeadConfig
 
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "result": found,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(to_json(document))
-    print(f"wrote {args.output}")
+    write_document(args.output, document)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 EAGER = "eager"  # the raw baseline every run has: torchvision in eager PyTorch
@@ -117,3 +118,10 @@ def to_json(document: dict[str, Any]) -> str:
         return value
 
     return json.dumps(convert(document), indent=2) + "\n"
+
+
+def write_document(path: Path, document: dict[str, Any]) -> None:
+    """Write a benchmark's JSON ``document`` to ``path`` (its folder made if need be) and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(document))
+    print(f"wrote {path}")

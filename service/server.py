@@ -48,10 +48,8 @@ from service.transport.limits import server_options
 from service.transport.models import ModelsServicer
 from service.transport.parsing import inference_parsing_interceptor
 from service.transport.requests import RequestReadingInterceptor
-from service.transport.rest.console import console_routes
-from service.transport.rest.routes import routes
+from service.transport.rest.port import start_rest_port
 from service.transport.rest.server import RestServer
-from service.transport.rest.vision_routes import vision_routes
 from service.transport.tls import CertificateFiles, TlsFiles
 from vision_client.protocol.stubs.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
@@ -261,24 +259,10 @@ class VisionServer:
         """The REST binding, over the same servicer, data plane and access policy as gRPC."""
         if self.config.http_port is None:
             return
-        rest_routes = routes(self._inference) + vision_routes(
-            self._models,
-            self._fine_tuning,
-            max_part_bytes=self.config.max_message_bytes,
-            read_timeout_s=self.config.first_message_timeout_s,
+        self._rest = await start_rest_port(
+            self.config, self._access, self._tls, self._inference, self._models, self._fine_tuning
         )
-        self._rest = RestServer(
-            rest_routes,
-            self._access,
-            max_body_bytes=self.config.max_message_bytes,
-            body_timeout_s=self.config.first_message_timeout_s,
-            tls=self._tls,
-            pages=console_routes(limits=self.config.fine_tuning),
-        )
-        try:
-            self.http_port = await self._rest.start(bracketed(self.config.host), self.config.http_port)
-        except OSError as exc:
-            raise bind_error(Listener("--http-port", self.config.host, self.config.http_port), exc) from None
+        self.http_port = self._rest.port
         log.info(
             "serving %s on %s:%d", "HTTP/REST" if self._tls is None else "HTTPS/REST", self.config.host, self.http_port
         )

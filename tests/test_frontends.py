@@ -17,7 +17,9 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -181,6 +183,31 @@ def test_images_are_decoded_by_the_frontends_exactly(server):
         reference = client.infer(MODEL, [pixels_input(expected_pixels)]).as_numpy("LOGITS")
         np.testing.assert_allclose(decoded, reference, rtol=1e-5, atol=1e-5)
     assert sum(frontend_counts(server, decoded="true").values()) - before == 4
+
+
+def _put(results: Any, result: Any, error: Any) -> None:
+    results.put((result, error))
+
+
+def test_streamed_requests_through_every_frontend(server):
+    """Triton's ModelStreamInfer through the front ends: each answer under its request's id, a bad
+    image's error in the stream, the stream going on after it."""
+    import queue
+
+    for client in clients(server)[:4]:
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=partial(_put, results))
+        try:
+            for index in range(3):
+                client.async_stream_infer(MODEL, [image_input(jpeg(index))], request_id=f"req-{index}")
+            client.async_stream_infer(MODEL, [image_input(b"garbage")], request_id="bad")
+            answers = [results.get(timeout=60) for _ in range(4)]
+        finally:
+            client.stop_stream()
+        good = {result.get_response().id for result, error in answers if error is None}
+        assert good == {"req-0", "req-1", "req-2"}
+        errors = [str(error) for _, error in answers if error is not None]
+        assert len(errors) == 1 and "not a decodable image" in errors[0]
 
 
 def test_errors_keep_their_codes_through_the_hop(server):

@@ -25,7 +25,7 @@ from service.frontend.engine_link import EngineLink, engine_down
 from service.tracing import trace_carrier
 from service.transport.auth import FORWARDED_PEER, is_loopback_peer
 from service.transport.limits import UploadPace
-from service.transport.streaming import stream_infer
+from service.transport.streaming import stream_call
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -110,15 +110,13 @@ class RemoteInference:
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        local = is_loopback_peer(context.peer())
-        carrier = trace_carrier(context.invocation_metadata() or ()) if self._tracing_enabled else None
-
-        async def infer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-            return await self.infer(
-                request, context.time_remaining(), local=local, carrier=carrier, method="ModelStreamInfer"
-            )
-
-        async for response in stream_infer(request_iterator, infer, self._max_stream_in_flight):
+        async for response in stream_call(
+            request_iterator,
+            context,
+            self.infer,
+            tracing=self._tracing_enabled,
+            max_in_flight=self._max_stream_in_flight,
+        ):
             yield response
 
     async def infer(

@@ -28,7 +28,7 @@ from service.transport.model_config import (
     output_specs,
     tensor_metadata,
 )
-from service.transport.streaming import stream_infer
+from service.transport.streaming import stream_call
 from vision_client.protocol import CLASSIFICATION
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
@@ -230,18 +230,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelStreamInferResponse],
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Triton's streaming inference (:func:`~service.transport.streaming.stream_infer`)."""
-        local = is_loopback_peer(context.peer())
-        carrier = (
-            trace_carrier(context.invocation_metadata() or ()) if self._tracing.enabled else None
-        )  # each request's parent
-
-        async def infer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-            return await self.infer(
-                request, context.time_remaining(), local=local, carrier=carrier, method="ModelStreamInfer"
-            )
-
-        async for response in stream_infer(request_iterator, infer, self._dataplane.config.max_stream_in_flight):
+        """Triton's streaming inference (:func:`~service.transport.streaming.stream_call`)."""
+        async for response in stream_call(
+            request_iterator,
+            context,
+            self.infer,
+            tracing=self._tracing.enabled,
+            max_in_flight=self._dataplane.config.max_stream_in_flight,
+        ):
             yield response
 
     async def infer(
