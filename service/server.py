@@ -217,17 +217,24 @@ class VisionServer:
             self.metrics_port = await self._metrics_http.start(metrics_host, self.config.metrics_port)
         except OSError as exc:
             raise bind_error(Listener("--metrics-port", metrics_host, self.config.metrics_port), exc) from None
+        where = (
+            f"the front ends (run directory {self.run_dir})"
+            if self.run_dir is not None
+            else f"gRPC ({self._tls_kind}) on {self.config.host}:{self.grpc_port}"
+        )
         log.info(
-            "serving gRPC (%s) on %s:%d and metrics on http://%s:%d/metrics; loading %s on %s",
-            "plaintext" if self._tls is None else "mutual TLS" if self._tls.mutual else "TLS",
-            self.config.host,
-            self.grpc_port,
+            "serving %s and metrics on http://%s:%d/metrics; loading %s on %s",
+            where,
             metrics_host,
             self.metrics_port,
             ", ".join(self.config.models),
             ", ".join(str(d) for d in self.devices),
         )
         self._loading = asyncio.create_task(self._load())
+
+    @property
+    def _tls_kind(self) -> str:
+        return "plaintext" if self._tls is None else "mutual TLS" if self._tls.mutual else "TLS"
 
     async def _hop_infer(self, data: memoryview, infer: hop.Infer, frontend: int) -> bytes:
         """One inference a front end sent through the hop, as a call on the gRPC port runs it."""
