@@ -12,9 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_health.v1 import health_pb2_grpc
 
 import service
 from service import hop
@@ -47,12 +45,12 @@ from service.transport.inference import InferenceServicer
 from service.transport.limits import server_options
 from service.transport.models import ModelsServicer
 from service.transport.parsing import inference_parsing_interceptor
+from service.transport.registration import add_services
 from service.transport.requests import RequestReadingInterceptor
 from service.transport.rest.port import start_rest_port
 from service.transport.rest.server import RestServer
 from service.transport.tls import CertificateFiles, TlsFiles
-from vision_client.protocol.stubs.inference import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
-from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
+from vision_client.protocol.stubs.inference import grpc_service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -170,24 +168,9 @@ class VisionServer:
             request_log_ids=self.config.log_format == "json",
             access_log=self.config.access_log,
         )
-        # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)  # type: ignore[no-untyped-call]
         self._models = ModelsServicer(self.dataplane, self.metrics)
         self._fine_tuning = FineTuningServicer(self.jobs)
-        models_pb2_grpc.add_ModelsServicer_to_server(self._models, self._grpc)  # type: ignore[no-untyped-call]
-        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(self._fine_tuning, self._grpc)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            [
-                grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
-                fine_tuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self._grpc,
-            pool=_reflection_pool(),
-        )
+        add_services(self._grpc, inference, self._models, self._fine_tuning, self.health)
         address = f"{bracketed(self.config.host)}:{self.config.grpc_port}"
         try:
             if self.run_dir is not None:
@@ -423,21 +406,3 @@ def _single_threaded_torch() -> None:
     """Preprocessing one image needs no intra-op parallelism: keep decode threads from
     starting OpenMP thread teams of their own, which would compete with the forward passes."""
     use_torch_threads(1)
-
-
-def _reflection_pool() -> descriptor_pool.DescriptorPool:
-    """Descriptors of every service we expose, for reflection clients (grpcurl)."""
-    pool = descriptor_pool.DescriptorPool()
-    files = (
-        model_config_pb2.DESCRIPTOR,  # before grpc_service, which imports it
-        grpc_service_pb2.DESCRIPTOR,
-        models_pb2.DESCRIPTOR,
-        fine_tuning_pb2.DESCRIPTOR,
-        health_pb2.DESCRIPTOR,
-        reflection_pb2.DESCRIPTOR,
-    )
-    for file in files:
-        proto = descriptor_pb2.FileDescriptorProto()
-        file.CopyToProto(proto)
-        pool.Add(proto)  # type: ignore[no-untyped-call]  # types-protobuf leaves DescriptorPool.Add unannotated
-    return pool

@@ -291,13 +291,23 @@ def test_a_job_started_through_one_frontend_is_watched_and_cancelled_through_oth
             watcher.close()
 
 
-def test_health_is_the_same_everywhere(server):
+def test_health_and_reflection_are_the_same_everywhere(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
     for _ in range(CONNECTIONS):
-        with grpc.insecure_channel(server.target) as channel:
+        with grpc.insecure_channel(server.target, options=OWN_CONNECTION) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for service in ("", MODEL, "liveness"):
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            listing = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = {service.name for service in next(listing).list_services_response.service}
+            assert {"inference.GRPCInferenceService", "vision.v1.FineTuning", "grpc.health.v1.Health"} <= names
+            found = reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="vision.v1.Models")])
+            )
+            assert next(found).file_descriptor_response.file_descriptor_proto
 
 
 # -- faults --------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service.config import ServeConfig
 from service.frontend.decoding import FrontendDecoding
@@ -26,12 +24,11 @@ from service.transport.auth import AuthorizationInterceptor, policy_from
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.limits import server_options
 from service.transport.parsing import inference_parsing_interceptor
+from service.transport.registration import add_services
 from service.transport.requests import RequestReadingInterceptor
 from service.transport.rest.port import start_rest_port
 from service.transport.rest.server import RestServer
 from service.transport.tls import CertificateFiles, TlsFiles
-from vision_client.protocol.stubs.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2, fine_tuning_pb2_grpc, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +80,7 @@ class FrontendServer:
                 *server_options(share_port=True),
             ],
         )
-        # grpc_tools generates the *_pb2_grpc modules without annotations (and without .pyi stubs).
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._grpc)  # type: ignore[no-untyped-call]
-        models_pb2_grpc.add_ModelsServicer_to_server(self.models, self._grpc)  # type: ignore[no-untyped-call]
-        fine_tuning_pb2_grpc.add_FineTuningServicer_to_server(self.fine_tuning, self._grpc)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            [
-                grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
-                fine_tuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self._grpc,
-        )
+        add_services(self._grpc, self.inference, self.models, self.fine_tuning, self.health)
         host = bracketed(self.config.host)
         address = f"{host}:{self.config.grpc_port}"
         try:
