@@ -182,7 +182,11 @@ def test_images_are_decoded_by_the_frontends_exactly(server):
         decoded = client.infer(MODEL, [tensor]).as_numpy("LOGITS")
         reference = client.infer(MODEL, [pixels_input(expected_pixels)]).as_numpy("LOGITS")
         np.testing.assert_allclose(decoded, reference, rtol=1e-5, atol=1e-5)
-    assert sum(frontend_counts(server, decoded="true").values()) - before == 4
+        top = triton.InferRequestedOutput("LOGITS", class_count=3)  # the request's outputs travel too
+        classified = client.infer(MODEL, [tensor], outputs=[top], request_id="ids-travel")
+        assert classified.get_response().id == "ids-travel"
+        assert classified.as_numpy("LOGITS").shape == (3, 3)
+    assert sum(frontend_counts(server, decoded="true").values()) - before == 8
 
 
 def _put(results: Any, result: Any, error: Any) -> None:

@@ -117,10 +117,11 @@ class FrontendDecoding:
         if model is None:
             return None, 0, ""
         images = call.inputs.images
-        header = pb.ModelInferRequest()
-        header.CopyFrom(request)
-        del header.inputs[:]
-        del header.raw_input_contents[:]
+        # Every field of the request but its input and the input's bytes (not copied, however large).
+        header = pb.ModelInferRequest(model_name=request.model_name, model_version=request.model_version, id=request.id)
+        for key, value in request.parameters.items():
+            header.parameters[key].CopyFrom(value)
+        header.outputs.extend(request.outputs)
         channels, height, width = model.decoder.shape
         header.inputs.add(name=PIXELS, datatype="FP32", shape=[len(images), channels, height, width])
         head = header.SerializeToString()
