@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -349,7 +350,12 @@ def test_a_jobs_figures_over_grpc_rest_the_sdk_the_cli_and_its_record(
         assert rest.job(job_id).metrics == sdk.metrics  # the REST binding carries the same figures
 
     assert server.server is not None
-    record = JobHistory(server.config.model_store, 100).get(job_id)  # the record in the store
+    history = JobHistory(server.config.model_store, 100)
+    record = history.get(job_id)  # the record in the store, written as the job ends (maybe just after)
+    deadline = time.monotonic() + 60
+    while record is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        record = history.get(job_id)
     assert record is not None
     assert [(a, p, n) for a, p, n in record.metrics.confusion] == cells
     assert record.config.augmentation.views == views
