@@ -58,6 +58,25 @@ def test_every_method_the_server_exposes_has_a_scope() -> None:
     assert not missing, f"give these RPCs a scope in service/transport/auth.py RPC_SCOPES: {sorted(missing)}"
 
 
+def test_every_rest_route_stands_for_a_method_of_the_scope_table() -> None:
+    """The HTTP port authorizes a route by the gRPC method it names: a name the table lacks would
+    fall to the management scope unseen, and a method without a route is a gap in the binding."""
+    from typing import Any, cast
+
+    from service.transport.rest.routes import routes
+    from service.transport.rest.vision_routes import vision_routes
+
+    table = routes(cast(Any, None)) + vision_routes(
+        cast(Any, None), cast(Any, None), max_part_bytes=1, read_timeout_s=1.0
+    )
+    named = {route.rpc for route in table}
+    assert not named - set(RPC_SCOPES), sorted(named - set(RPC_SCOPES))
+    served = _methods(infer_pb.DESCRIPTOR, "GRPCInferenceService") | _methods(models_pb2.DESCRIPTOR, "Models")
+    served |= _methods(ft_pb.DESCRIPTOR, "FineTuning")
+    streaming_only = {"/inference.GRPCInferenceService/ModelStreamInfer"}  # no REST form in KServe's spec
+    assert served - named == streaming_only
+
+
 def test_management_is_fine_tuning_and_model_load_unload() -> None:
     management = {method for method, scope in RPC_SCOPES.items() if scope is Scope.MANAGEMENT}
     assert management == _methods(ft_pb.DESCRIPTOR, "FineTuning") | {
