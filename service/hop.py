@@ -20,17 +20,18 @@ encode or decode, and no dependency.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import functools
 import hashlib
 import json
 import math
 import mmap
 import os
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from service.errors import SlotsFullError
+from service.preprocess import Preprocessing
 
 ENGINE_SOCKET = "engine.sock"  # in the run directory: the engine's gRPC services, for front ends
 HOP_SOCKET = "hop.sock"  # in the run directory: the engine's end of the hop
@@ -236,9 +237,10 @@ def decode(data: bytes | memoryview) -> Message:
     raise ValueError(f"unknown message kind {kind}")
 
 
-def preprocessing_key(preprocessing: Mapping[str, Any]) -> str:
-    """A short name for one preprocessing (``Preprocessing.to_dict()``): equal for equal ones."""
-    canonical = json.dumps(preprocessing, sort_keys=True, separators=(",", ":"))
+@functools.lru_cache(maxsize=256)  # a few presets: each is named once, not once per request
+def preprocessing_key(preprocessing: Preprocessing) -> str:
+    """A short name for one preprocessing: equal for equal ones, in every process."""
+    canonical = json.dumps(preprocessing.to_dict(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -314,21 +316,15 @@ class Arena:
     def release(self, offset: int, capacity: int) -> None:
         self.in_use -= capacity
         free = self._free
-        low, high = 0, len(free)
-        while low < high:
-            mid = (low + high) // 2
-            if free[mid][0] < offset:
-                low = mid + 1
-            else:
-                high = mid
-        free.insert(low, (offset, capacity))
+        index = bisect.bisect_left(free, (offset,))
+        free.insert(index, (offset, capacity))
         # Join with the neighbours it touches.
-        if low + 1 < len(free) and free[low][0] + free[low][1] == free[low + 1][0]:
-            free[low] = (free[low][0], free[low][1] + free[low + 1][1])
-            del free[low + 1]
-        if low > 0 and free[low - 1][0] + free[low - 1][1] == free[low][0]:
-            free[low - 1] = (free[low - 1][0], free[low - 1][1] + free[low][1])
-            del free[low]
+        if index + 1 < len(free) and offset + capacity == free[index + 1][0]:
+            free[index] = (offset, capacity + free[index + 1][1])
+            del free[index + 1]
+        if index > 0 and free[index - 1][0] + free[index - 1][1] == offset:
+            free[index - 1] = (free[index - 1][0], free[index - 1][1] + free[index][1])
+            del free[index]
 
     def close(self) -> None:
         self.memory.close()

@@ -224,7 +224,7 @@ class VisionServer:
         self.metrics.record_frontend_request(frontend, decoded=bool(infer.preprocessing))
         request = grpc_service_pb2.ModelInferRequest.FromString(data)  # type: ignore[arg-type]  # any buffer parses
         if infer.preprocessing and request.model_name in self.repository:
-            current = hop.preprocessing_key(self.repository.get(request.model_name).decoder.preprocessing.to_dict())
+            current = hop.preprocessing_key(self.repository.get(request.model_name).decoder.preprocessing)
             if current != infer.preprocessing:
                 raise hop.StalePreprocessing(f"{request.model_name} preprocesses differently now")
         carrier = infer.carrier if self._inference.tracing_enabled else None

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -29,10 +27,12 @@ import tritonclient.http as triton_http
 import tritonclient.utils.shared_memory as shm
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess, start_server
 from tests.finetune_data import digits
+from tests.metrics_util import sample_value, scrape
 from vision_client import Client, FineTuneConfig
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
@@ -92,23 +92,14 @@ def pixels_input(values: np.ndarray) -> triton.InferInput:
     return tensor
 
 
-def metric(server: ServerProcess, name: str, labels: str = "") -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and labels in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def frontend_counts(server: ServerProcess, decoded: str = "") -> dict[str, float]:
     """Requests the engine took from each front end (those whose images it decoded: ``decoded="true"``)."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     counts: dict[str, float] = {}
-    pattern = r'^vision_frontend_requests_total\{decoded="(\w+)",frontend="(\d+)"\} (\S+)$'
-    for match in re.finditer(pattern, text, re.M):
-        if decoded in ("", match.group(1)):
-            counts[match.group(2)] = counts.get(match.group(2), 0.0) + float(match.group(3))
+    for family in text_string_to_metric_families(scrape(server.metrics_url)):
+        for sample in family.samples:
+            if sample.name == "vision_frontend_requests_total" and decoded in ("", sample.labels["decoded"]):
+                frontend = sample.labels["frontend"]
+                counts[frontend] = counts.get(frontend, 0.0) + sample.value
     return counts
 
 
@@ -242,7 +233,9 @@ def test_unload_and_load_are_seen_by_every_frontend_before_the_call_returns(serv
 def test_statistics_and_metrics_count_each_request_once(server):
     connections = clients(server)
     count = lambda: connections[0].get_inference_statistics(MODEL).model_stats[0].inference_count  # noqa: E731
-    requests = lambda: metric(server, "vision_requests_total", f'model="{MODEL}",protocol="grpc",status="OK"')  # noqa: E731
+    requests = lambda: sample_value(  # noqa: E731
+        scrape(server.metrics_url), "vision_requests_total", model=MODEL, protocol="grpc", status="OK"
+    )
     before_stats, before_metric = count(), requests()
     for client in connections:
         client.infer(MODEL, [image_input(jpeg())])

@@ -97,10 +97,15 @@ class FrontendDecoding:
                 if exc.status != hop.STALE:
                     raise
                 self._models.pop(request.model_name, None)  # replaced meanwhile: send it as it came
-        data = request.SerializeToString()
-        slot = self._link.reserve(len(data))
-        slot.view[: len(data)] = data
-        return await send(slot, len(data))
+        return await self._link.infer(
+            request.SerializeToString(),
+            timeout,
+            local=local,
+            protocol=protocol,
+            method=method,
+            carrier=carrier,
+            received_ns=received,
+        )
 
     async def _decoded(self, request: pb.ModelInferRequest) -> tuple[Slot | None, int, str]:
         """The request with PIXELS decoded into a slot, its length and preprocessing key; (None, 0, "")
@@ -152,9 +157,7 @@ class FrontendDecoding:
         except VisionServeError:
             return None  # an unknown model, or the engine away: the engine's answer says which
         preprocessing = Preprocessing.from_dict(json.loads(description))
-        model = _Model(
-            ImageDecoder(preprocessing, max_pixels=self._max_pixels), hop.preprocessing_key(preprocessing.to_dict())
-        )
+        model = _Model(ImageDecoder(preprocessing, max_pixels=self._max_pixels), hop.preprocessing_key(preprocessing))
         self._models[name] = model
         return model
 

@@ -64,11 +64,6 @@ class EngineLink:
     def start(self) -> None:
         self._running = asyncio.create_task(self._run())
 
-    async def wait_connected(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.connected.wait(), timeout)
-        return self.connected.is_set()
-
     async def _run(self) -> None:
         wait = RECONNECT_S[0]
         while True:
@@ -210,12 +205,20 @@ class EngineLink:
         protocol: str,
         method: str,
         carrier: Mapping[str, str] | None,
+        received_ns: int = 0,
     ) -> bytes:
         """:meth:`send` of ``request`` (a serialized ModelInferRequest), copied into a slot."""
         slot = self.reserve(len(request))
         slot.view[: len(request)] = request
         return await self.send(
-            slot, len(request), timeout, local=local, protocol=protocol, method=method, carrier=carrier
+            slot,
+            len(request),
+            timeout,
+            local=local,
+            protocol=protocol,
+            method=method,
+            carrier=carrier,
+            received_ns=received_ns,
         )
 
     async def describe(self, model: str) -> bytes:
