@@ -31,7 +31,7 @@ from service.errors import (
 )
 from service.inference_io import InferenceInput, InferenceResult, too_many_images
 from service.metrics import ServerMetrics
-from service.preprocess import ImageDecoder
+from service.preprocess import decode_rows
 from service.repository import ModelRepository, ServedModel
 from service.tracing import RequestTrace
 
@@ -251,29 +251,11 @@ class DataPlane:
     async def _decode(self, model: ServedModel, images: Sequence[bytes]) -> torch.Tensor:
         """Decode ``images`` into one [N, 3, S, S] tensor in the decode pool.
 
-        A request has at most as many decodes queued in the pool as the pool has threads,
-        so that one large request cannot hold every other request's images behind all of
-        its own; each job decodes one image straight into its row of the output. The first
-        image that fails ends the request: its decodes not yet started are cancelled.
+        At most as many at a time as the pool has threads (``preprocess.decode_rows``).
         """
-        loop = asyncio.get_running_loop()
         side = model.input_size
         output = np.empty((len(images), 3, side, side), dtype=np.float32)
-        window = self._config.decode_thread_count
-        running: set[asyncio.Future[None]] = set()
-        submitted = 0
-        try:
-            while submitted < len(images) or running:
-                while submitted < len(images) and len(running) < window:
-                    job = partial(_decode_into, model.decoder, images[submitted], submitted, output)
-                    running.add(loop.run_in_executor(self._decode_pool, job))
-                    submitted += 1
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    future.result()  # the first failure ends the request
-        finally:
-            for future in running:
-                future.cancel()  # decodes not yet started never start
+        await decode_rows(model.decoder, images, output, self._decode_pool, self._config.decode_thread_count)
         return torch.from_numpy(output)  # a view: the rows the decodes wrote are the tensor's
 
     def _check_pixels(self, model: ServedModel, pixels: np.ndarray) -> None:
@@ -360,12 +342,6 @@ def _check_version(model: ServedModel, version: str) -> None:
             f"model {quote(model.name)} has no version {quote(version)}; it serves version {quote(model.version)}: "
             "ask for that one or leave model_version empty"
         )
-
-
-def _decode_into(decoder: ImageDecoder, data: bytes, index: int, output: np.ndarray) -> None:
-    """Decode image ``index`` straight into row ``index`` of ``output`` (a decode pool job; the
-    decoder refuses a row of another shape)."""
-    decoder(data, index, output[index])
 
 
 def _pixels_view(pixels: np.ndarray) -> torch.Tensor | None:

@@ -9,11 +9,13 @@ float32 array it is given. Runs in a thread pool (Pillow and numpy release the G
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import io
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,3 +308,38 @@ def pil_reason(exc: BaseException) -> str:
     text = _PYTHON_REPR.sub("the image", str(exc))
     text = _ADDRESS.sub("(address)", text).strip()
     return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
+
+
+async def decode_rows(
+    decoder: ImageDecoder,
+    images: Sequence[bytes],
+    output: np.ndarray,
+    pool: concurrent.futures.Executor,
+    window: int,
+) -> None:
+    """Decode ``images`` into the rows of ``output`` ([N, 3, S, S]) in ``pool``, at most ``window``
+    at a time, so that one large request cannot hold every other request's images behind all of its
+    own; each job decodes one image straight into its row. The first image that fails ends it:
+    decodes not yet started never start, and those running are waited for, since they write into
+    ``output``, which the caller may hand to another request next."""
+    loop = asyncio.get_running_loop()
+    started: list[concurrent.futures.Future[np.ndarray]] = []
+    running: set[asyncio.Future[np.ndarray]] = set()
+    submitted = 0
+    try:
+        while submitted < len(images) or running:
+            while submitted < len(images) and len(running) < window:
+                job = pool.submit(decoder, images[submitted], submitted, output[submitted])
+                started.append(job)
+                running.add(asyncio.wrap_future(job))
+                submitted += 1
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                future.result()
+    except BaseException:
+        for job in started:
+            job.cancel()
+        busy = [job for job in started if not job.done()]
+        if busy:
+            await asyncio.shield(loop.run_in_executor(None, concurrent.futures.wait, busy))
+        raise

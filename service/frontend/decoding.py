@@ -13,12 +13,11 @@ exactly as it would have.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,7 +27,7 @@ from service import hop
 from service.config import ServeConfig
 from service.errors import RelayedError, VisionServeError
 from service.frontend.engine_link import EngineLink, Slot
-from service.preprocess import ImageDecoder, Preprocessing
+from service.preprocess import ImageDecoder, Preprocessing, decode_rows
 from service.transport.codec import parse_infer_request, uses_shared_memory
 from vision_client.protocol import PIXELS
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
@@ -139,7 +138,8 @@ class FrontendDecoding:
             start = len(head) + len(field)
             slot.view[len(head) : start] = field
             pixels = np.frombuffer(slot.view, np.float32, len(images) * channels * height * width, start)
-            await self._decode(model.decoder, images, pixels.reshape(len(images), channels, height, width))
+            rows = pixels.reshape(len(images), channels, height, width)
+            await decode_rows(model.decoder, images, rows, self._pool, self._window)
         except VisionServeError:
             self._link.release(slot)
             return None, 0, ""  # a bad image: the engine refuses it with the same words, and counts it
@@ -160,30 +160,3 @@ class FrontendDecoding:
         model = _Model(ImageDecoder(preprocessing, max_pixels=self._max_pixels), hop.preprocessing_key(preprocessing))
         self._models[name] = model
         return model
-
-    async def _decode(self, decoder: ImageDecoder, images: Sequence[bytes], output: np.ndarray) -> None:
-        """Decode ``images`` into the rows of ``output`` in the pool, at most a window at a time
-        (one large request does not hold every other behind all of its images). The first failure
-        ends it: decodes not yet started never start, and those running are waited for, since they
-        write into the slot that is given back next."""
-        loop = asyncio.get_running_loop()
-        started: list[concurrent.futures.Future[np.ndarray]] = []
-        running: set[asyncio.Future[np.ndarray]] = set()
-        submitted = 0
-        try:
-            while submitted < len(images) or running:
-                while submitted < len(images) and len(running) < self._window:
-                    job = self._pool.submit(decoder, images[submitted], submitted, output[submitted])
-                    started.append(job)
-                    running.add(asyncio.wrap_future(job))
-                    submitted += 1
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-        except BaseException:
-            for job in started:
-                job.cancel()
-            busy = [job for job in started if not job.done()]
-            if busy:
-                await asyncio.shield(loop.run_in_executor(None, concurrent.futures.wait, busy))
-            raise
