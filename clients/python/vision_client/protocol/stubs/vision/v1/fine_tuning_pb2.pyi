@@ -73,7 +73,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ...) -> None: ...
 
 class FineTuneConfig(_message.Message):
-    __slots__ = ("base_model", "output_model", "head", "optimizer", "loss", "epochs", "batch_size", "validation_fraction", "seed", "early_stopping_patience", "replace", "refit", "augmentation", "class_weights", "dataset")
+    __slots__ = ("base_model", "output_model", "head", "optimizer", "loss", "epochs", "batch_size", "validation_fraction", "seed", "early_stopping_patience", "replace", "refit", "augmentation", "class_weights", "dataset", "train_backbone_blocks", "backbone_lr_factor")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,8 @@ class FineTuneConfig(_message.Message):
     AUGMENTATION_FIELD_NUMBER: _ClassVar[int]
     CLASS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_BACKBONE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_LR_FACTOR_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     output_model: str
     head: HeadSpec
@@ -104,7 +106,9 @@ class FineTuneConfig(_message.Message):
     augmentation: AugmentationSpec
     class_weights: ClassWeightsSpec
     dataset: str
-    def __init__(self, base_model: _Optional[str] = ..., output_model: _Optional[str] = ..., head: _Optional[_Union[HeadSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., loss: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., replace: _Optional[bool] = ..., refit: _Optional[bool] = ..., augmentation: _Optional[_Union[AugmentationSpec, _Mapping]] = ..., class_weights: _Optional[_Union[ClassWeightsSpec, _Mapping]] = ..., dataset: _Optional[str] = ...) -> None: ...
+    train_backbone_blocks: int
+    backbone_lr_factor: float
+    def __init__(self, base_model: _Optional[str] = ..., output_model: _Optional[str] = ..., head: _Optional[_Union[HeadSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., loss: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., replace: _Optional[bool] = ..., refit: _Optional[bool] = ..., augmentation: _Optional[_Union[AugmentationSpec, _Mapping]] = ..., class_weights: _Optional[_Union[ClassWeightsSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., train_backbone_blocks: _Optional[int] = ..., backbone_lr_factor: _Optional[float] = ...) -> None: ...
 
 class AugmentationSpec(_message.Message):
     __slots__ = ("views", "crop", "crop_scale_min", "crop_scale_max", "horizontal_flip")
