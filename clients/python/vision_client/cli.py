@@ -331,6 +331,13 @@ FINE_TUNE_OPTIONS = (
     ConfigOption(
         "--class-weights", "", "class_weights", "none, auto (balanced from the counts), or CLASS=WEIGHT,CLASS=WEIGHT"
     ),
+    ConfigOption(
+        "--train-backbone-blocks",
+        "",
+        "train_backbone_blocks",
+        "train that many of the last blocks of the base model's backbone with the head; 0: a frozen backbone",
+    ),
+    ConfigOption("--backbone-lr-factor", "", "backbone_lr_factor", "the trained blocks' lr as a factor of --lr"),
 )
 
 
@@ -581,6 +588,9 @@ def _show_job(job: JobInfo, *, as_json: bool) -> int:
         if weights != "none":
             shown = weights if isinstance(weights, str) else " ".join(f"{k}={v:g}" for k, v in dict(weights).items())
             rows.append(("class weights", shown))
+        if job.config.train_backbone_blocks:
+            blocks = job.config.train_backbone_blocks
+            rows.append(("trained backbone", f"last {blocks} block(s), lr x {job.config.backbone_lr_factor:g}"))
     if job.state == "succeeded":
         rows.append(("epochs", f"{m.epochs_run} of {job.epochs} (best {m.best_epoch})"))
         rows.append(("train loss", f"{m.train_loss:.4f}"))

@@ -322,6 +322,9 @@ class FineTuneConfig:
     ``class_weights`` (cross_entropy): ``"none"``, ``"auto"`` (each class weighs
     n / (classes x its examples), scikit-learn's "balanced") or a dict of weights by class
     name (classes not named weigh 1), as ``torch.nn.CrossEntropyLoss(weight=...)`` applies them.
+    ``train_backbone_blocks``: train the last k blocks of the base model's backbone with the head
+    (0: the backbone stays frozen; each model has its own number of blocks), at ``backbone_lr_factor``
+    times the optimizer's learning rate; the served model is then the whole new network.
 
     >>> FineTuneConfig("resnet101", "pets", head=HeadConfig("two_layer", hidden=128), epochs=20)  # doctest: +SKIP
     """
@@ -340,6 +343,8 @@ class FineTuneConfig:
     replace: bool = False
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     class_weights: ClassWeights | Mapping[str, float] = "none"  # kept as ClassWeights
+    train_backbone_blocks: int = 0
+    backbone_lr_factor: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_model"):
@@ -364,6 +369,20 @@ class FineTuneConfig:
         _set(self, "class_weights", _check_class_weights(self.class_weights))
         if self.class_weights != "none" and self.loss != "cross_entropy":
             raise InvalidInputError(f"class_weights apply to cross_entropy only; with {self.loss} leave them 'none'")
+        blocks = _check_integer(
+            "train_backbone_blocks",
+            self.train_backbone_blocks,
+            0,
+            _INT32_MAX,
+            f"an integer from 0 (a frozen backbone) to the base model's number of blocks (at most {_INT32_MAX})",
+        )
+        _set(self, "train_backbone_blocks", blocks)
+        if not _sent("backbone_lr_factor", self.backbone_lr_factor) > 0:
+            raise InvalidInputError(
+                f"backbone_lr_factor must be a positive number (the trained blocks' lr is the optimizer's lr "
+                f"times it), got {self.backbone_lr_factor!r}"
+            )
+        _set(self, "backbone_lr_factor", float(self.backbone_lr_factor))
 
 
 def _set(config: object, name: str, value: object) -> None:
@@ -444,6 +463,8 @@ def to_message(config: FineTuneConfig) -> pb.FineTuneConfig:
         replace=config.replace,
         augmentation=_augmentation_message(config.augmentation),
         class_weights=_class_weights_message(config.class_weights),
+        train_backbone_blocks=config.train_backbone_blocks,
+        backbone_lr_factor=config.backbone_lr_factor,
     )
 
 
@@ -489,7 +510,7 @@ def from_message(message: pb.FineTuneConfig) -> FineTuneConfig:
     """The config a message carries, checked as a config made in Python is.
 
     Proto3 cannot tell a zero from an absent field: a zero kind, size, learning rate, beta,
-    loss, epoch count or batch size is the default. ``momentum`` and ``refit`` have presence
+    loss, epoch count, batch size or backbone lr factor is the default. ``momentum`` and ``refit`` have presence
     (zero and false are values of theirs). :class:`InvalidInputError` for a value out of range.
     """
     head_default, optimizer_default, default = HeadConfig(), OptimizerConfig(), _DEFAULT
@@ -522,6 +543,8 @@ def from_message(message: pb.FineTuneConfig) -> FineTuneConfig:
         replace=message.replace,
         augmentation=_augmentation_from(message.augmentation),
         class_weights=_class_weights_from(message.class_weights),
+        train_backbone_blocks=message.train_backbone_blocks,
+        backbone_lr_factor=message.backbone_lr_factor or default.backbone_lr_factor,
     )
 
 
