@@ -325,6 +325,9 @@ class FineTuneConfig:
     ``train_backbone_blocks``: train the last k blocks of the base model's backbone with the head
     (0: the backbone stays frozen; each model has its own number of blocks), at ``backbone_lr_factor``
     times the optimizer's learning rate; the served model is then the whole new network.
+    ``dataset`` (cross_entropy): the images named instead of uploaded, ``s3://bucket/prefix/`` or a
+    directory on the server under one of its ``--dataset-roots``, in torchvision's ImageFolder layout
+    (:func:`image_folder_class`); a job with a dataset sends no examples.
 
     >>> FineTuneConfig("resnet101", "pets", head=HeadConfig("two_layer", hidden=128), epochs=20)  # doctest: +SKIP
     """
@@ -345,6 +348,7 @@ class FineTuneConfig:
     class_weights: ClassWeights | Mapping[str, float] = "none"  # kept as ClassWeights
     train_backbone_blocks: int = 0
     backbone_lr_factor: float = 0.1
+    dataset: str = ""
 
     def __post_init__(self) -> None:
         for name in ("base_model", "output_model"):
@@ -383,6 +387,41 @@ class FineTuneConfig:
                 f"times it), got {self.backbone_lr_factor!r}"
             )
         _set(self, "backbone_lr_factor", float(self.backbone_lr_factor))
+        _check_dataset(self.dataset, self.loss)
+
+
+MAX_DATASET_CHARS = 1024  # of a dataset's name (a URL or a path)
+IMAGE_SUFFIXES: tuple[str, ...] = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")  # what the server decodes
+
+
+def _check_dataset(dataset: object, loss: str) -> None:
+    if not isinstance(dataset, str):
+        raise InvalidInputError(f"dataset must be a str (s3://bucket/prefix/ or a directory), got {_shown(dataset)}")
+    if not dataset:
+        return
+    if len(dataset) > MAX_DATASET_CHARS or not dataset.isprintable():
+        raise InvalidInputError(
+            f"dataset must be one line of at most {MAX_DATASET_CHARS} characters, got {_shown(dataset)}"
+        )
+    if not (dataset.startswith("/") or "://" in dataset):
+        raise InvalidInputError(
+            f"dataset {_shown(dataset)} is neither s3://bucket/prefix/ nor an absolute directory path on the server"
+        )
+    if loss != "cross_entropy":
+        raise InvalidInputError(
+            f"a dataset's classes are its folders (ImageFolder's layout): it takes loss cross_entropy, not {loss}"
+        )
+
+
+def image_folder_class(key: str) -> str | None:
+    """The class of the file at ``key`` ('/'-separated, relative to a data set's root) in torchvision's
+    ImageFolder layout, the name of the first folder, or None where the layout leaves the file out: a
+    file at the top level, anything hidden (a part that starts with '.'), or a name without one of
+    :data:`IMAGE_SUFFIXES` (in any case). The images of a class may lie at any depth below its folder."""
+    parts = key.split("/")
+    if len(parts) < 2 or any(not part or part.startswith(".") for part in parts):
+        return None
+    return parts[0] if parts[-1].lower().endswith(IMAGE_SUFFIXES) else None
 
 
 def _set(config: object, name: str, value: object) -> None:
@@ -465,6 +504,7 @@ def to_message(config: FineTuneConfig) -> pb.FineTuneConfig:
         class_weights=_class_weights_message(config.class_weights),
         train_backbone_blocks=config.train_backbone_blocks,
         backbone_lr_factor=config.backbone_lr_factor,
+        dataset=config.dataset,
     )
 
 
@@ -545,6 +585,7 @@ def from_message(message: pb.FineTuneConfig) -> FineTuneConfig:
         class_weights=_class_weights_from(message.class_weights),
         train_backbone_blocks=message.train_backbone_blocks,
         backbone_lr_factor=message.backbone_lr_factor or default.backbone_lr_factor,
+        dataset=message.dataset,
     )
 
 
