@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,6 +154,27 @@ class JobCancelled(UnavailableError):
     """Raised inside training when the job was cancelled."""
 
 
+@dataclass(frozen=True)
+class FitState:
+    """Where the selection run stands after an epoch: all it needs to go on from there exactly (a
+    job's checkpoint, :mod:`service.finetune.durable`). The tensors are the run's own (not copies):
+    read them before the run goes on."""
+
+    epoch: int  # epochs done
+    model: dict[str, torch.Tensor]  # the model's state_dict now
+    optimizer: dict[str, Any]  # the optimizer's state_dict now
+    generator: torch.Tensor  # the batch order's (and views') generator state
+    rng: torch.Tensor  # the CPU's global generator state (dropout draws from it)
+    best_score: tuple[float, float]
+    best_epoch: int
+    best_model: dict[str, torch.Tensor] | None
+    stale: int  # epochs since the best one
+    stopped: bool  # early stopping ended the run at this epoch
+    train_loss: float
+    validation_loss: float
+    validation_accuracy: float
+
+
 def split_indices(
     targets: torch.Tensor, fraction: float, seed: int, *, stratify: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +207,8 @@ def train_head(
     device: torch.device = CPU,
     on_epoch: Callable[[EpochReport], None] = lambda report: None,
     cancelled: Callable[[], bool] = lambda: False,
+    resume: FitState | None = None,
+    on_checkpoint: Callable[[FitState], None] | None = None,
 ) -> TrainResult:
     """Train ``config.head`` on ``features`` [N, D] -> ``targets`` (class ids [N] or values [N, T]).
 
@@ -200,6 +224,10 @@ def train_head(
     from the same seed, on every example for that many epochs, so that no
     labelled example is left unused; the reported validation figures are
     those of the selection run.
+
+    ``on_checkpoint`` is called with the selection run's state after each epoch, before its
+    ``on_epoch``; ``resume``, such a state, makes the run go on after that epoch as if it had
+    never stopped (the same figures and random streams from the same inputs).
     """
     started = time.monotonic()
     classification = config.loss == "cross_entropy"
@@ -210,7 +238,7 @@ def train_head(
     train_idx, val_idx = split_indices(targets, config.validation_fraction, config.seed, stratify=classification)
     weights = loss_weights(config, targets, num_outputs, labels) if classification else None
     fit = _Fit(config, num_outputs, classification, device, cancelled, weights, views - 1)
-    selection = fit.run(features, targets, train_idx, val_idx, on_epoch)
+    selection = fit.run(features, targets, train_idx, val_idx, on_epoch, resume=resume, on_checkpoint=on_checkpoint)
     model = selection.model
     if config.refit and len(val_idx) and selection.best_epoch:
         every = torch.arange(len(targets))
@@ -294,6 +322,8 @@ class _Fit:
         on_epoch: Callable[[EpochReport], None] | None,
         *,
         epochs: int | None = None,
+        resume: FitState | None = None,
+        on_checkpoint: Callable[[FitState], None] | None = None,
     ) -> _Outcome:
         """Train on rows ``train_idx`` of ``x`` and ``y``, choosing the epoch on rows ``val_idx``.
 
@@ -322,7 +352,19 @@ class _Fit:
         best_epoch, best_state, stale = 0, None, 0
         train_loss = val_loss = val_acc = math.nan
         epochs_run = 0
-        for epoch in range(1, epochs + 1):
+        outside_rng = torch.get_rng_state()  # dropout's draws come from a seeded stream, kept in checkpoints
+        torch.manual_seed((config.seed + 2) % 2**64)
+        first = 1
+        if resume is not None:  # go on after the checkpoint's epoch
+            model.load_state_dict(resume.model)
+            optimizer.load_state_dict(resume.optimizer)
+            generator.set_state(resume.generator)
+            torch.set_rng_state(resume.rng)
+            best, best_epoch, stale, best_state = resume.best_score, resume.best_epoch, resume.stale, resume.best_model
+            train_loss, val_loss, val_acc = resume.train_loss, resume.validation_loss, resume.validation_accuracy
+            epochs_run = resume.epoch
+            first = epochs + 1 if resume.stopped else resume.epoch + 1
+        for epoch in range(first, epochs + 1):
             epoch_started = time.monotonic()
             train_loss, seen = self._epoch(model, optimizer, x, y, train_idx, generator)
             epochs_run = epoch
@@ -339,12 +381,20 @@ class _Fit:
             else:
                 stale += 1
             stopping = bool(config.early_stopping_patience) and stale >= config.early_stopping_patience
+            if on_checkpoint is not None:
+                on_checkpoint(
+                    FitState(
+                        epoch, model.state_dict(), optimizer.state_dict(), generator.get_state(), torch.get_rng_state(),
+                        best, best_epoch, best_state, stale, stopping, train_loss, val_loss, val_acc,
+                    )
+                )  # fmt: skip
             if on_epoch is not None:
                 remaining = 0 if stopping else epochs - epoch
                 eta = remaining * (time.monotonic() - epoch_started) * (1 + config.refit * config.validation_fraction)
                 on_epoch(EpochReport(epoch, epochs, train_loss, val_loss, val_acc, eta, seen))
             if stopping:
                 break
+        torch.set_rng_state(outside_rng)
         if best_state is not None:
             model.load_state_dict(best_state)
         val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification, self.weights)
