@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import fcntl
 import functools
 import hashlib
 import json
@@ -291,8 +292,10 @@ class Arena:
 
     def __init__(self, size: int) -> None:
         self.size = size - size % PAGE
-        self.fd = os.memfd_create("vision-serve-hop", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("vision-serve-hop", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.size)
+        # Its size is fixed for good: the engine maps it, and refuses an arena that could shrink under it.
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.memory = mmap.mmap(self.fd, self.size)
         self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, size), sorted by offset
         self.in_use = 0
