@@ -134,6 +134,20 @@ def store_location(value: str) -> StoreLocation | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def dataset_roots(value: str) -> tuple[StoreLocation, ...]:
+    """``--dataset-roots``: directories and ``s3://bucket/prefix`` URLs, comma-separated (may be empty)."""
+    roots: list[StoreLocation] = []
+    for text in (part.strip() for part in value.split(",")):
+        if not text or text.lower() in STORE_OFF:
+            continue
+        try:
+            root = parse_store_location(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("the model store", "a dataset root")) from None
+        roots.append(root.absolute() if isinstance(root, Path) else root)
+    return tuple(roots)
+
+
 def default_store_dir(environ: Mapping[str, str]) -> Path:
     """``$XDG_DATA_HOME/vision-serving/models``, or ``~/.local/share/vision-serving/models``."""
     base = environ.get("XDG_DATA_HOME") or str(Path("~/.local/share").expanduser())
@@ -322,6 +336,15 @@ OPTIONS: tuple[Option, ...] = (
         positive_float,
     ),
     _limit("--max-finished-jobs", "max_finished_jobs", "finished fine-tuning job records kept in the model store"),
+    Option(
+        "--dataset-roots",
+        "fine_tuning.dataset_roots",
+        "comma-separated directories and s3://bucket/prefix URLs under which a fine-tuning job may name its "
+        "images (FineTuneConfig.dataset) instead of uploading them; S3 with the model store's credentials "
+        "(the AWS chain); none: datasets are refused",
+        dataset_roots,
+        documented_default="none",
+    ),
     _limit("--max-queued-jobs", "max_queued_jobs", "fine-tuning jobs queued or running before RESOURCE_EXHAUSTED"),
     _limit(
         "--max-job-uploads", "max_uploads", "CreateJob streams receiving examples at once before RESOURCE_EXHAUSTED"

@@ -71,6 +71,8 @@ def test_every_variable_reaches_its_field(option) -> None:
         text = "elsewhere"
     elif option.flag == "--allowed-hosts":
         text = "vision.example.com,localhost.example"
+    elif option.flag == "--dataset-roots":
+        text = "/data/sets,s3://bucket/sets"
     elif default is None and option.type is not Path:
         text = "9"  # a port or a count
     elif option.flag == "--min-precision-agreement":
