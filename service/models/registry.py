@@ -18,6 +18,15 @@ from torchvision import models as tv_models
 from torchvision.models import AlexNet_Weights, ResNet101_Weights, VGG16_Weights, WeightsEnum
 
 from service.errors import ModelNotFoundError
+from service.models.blocks import (
+    ALEXNET_BLOCKS,
+    RESNET_BLOCKS,
+    VGG_BLOCKS,
+    BlockSplitter,
+    alexnet_blocks,
+    resnet_blocks,
+    vgg_blocks,
+)
 
 Builder = Callable[..., torch.nn.Module]
 FeatureExtractor = Callable[[torch.nn.Module], torch.nn.Module]
@@ -33,6 +42,8 @@ class ModelSpec:
     features: FeatureExtractor  # the network minus its last layer, sharing its parameters
     feature_dim: int
     classifier: FeatureExtractor  # the last layer: logits = classifier(features(x))
+    blocks: BlockSplitter | None = None  # the backbone as a stem and blocks (service.models.blocks)
+    block_names: tuple[str, ...] = ()  # the blocks', first to last
 
     @property
     def categories(self) -> list[str]:
@@ -72,9 +83,17 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(
-    name: str, *, weights: WeightsEnum, features: FeatureExtractor, feature_dim: int, classifier: FeatureExtractor
+    name: str,
+    *,
+    weights: WeightsEnum,
+    features: FeatureExtractor,
+    feature_dim: int,
+    classifier: FeatureExtractor,
+    blocks: BlockSplitter | None = None,
+    block_names: tuple[str, ...] = (),
 ) -> Callable[[Builder], Builder]:
-    """Register ``builder`` as a built-in model served under ``name``."""
+    """Register ``builder`` as a built-in model served under ``name``; ``blocks`` splits its backbone
+    into the blocks a fine-tuning job may train (named ``block_names``)."""
 
     def wrap(builder: Builder) -> Builder:
         if name in _REGISTRY:
@@ -86,6 +105,8 @@ def register_model(
             features=features,
             feature_dim=feature_dim,
             classifier=classifier,
+            blocks=blocks,
+            block_names=block_names,
         )
         return builder
 
@@ -143,6 +164,8 @@ def resnet_features(net: torch.nn.Module) -> torch.nn.Module:
     features=classifier_features,
     feature_dim=4096,
     classifier=last_classifier_layer,
+    blocks=alexnet_blocks,
+    block_names=ALEXNET_BLOCKS,
 )
 def alexnet(**kwargs: Any) -> torch.nn.Module:
     net: torch.nn.Module = tv_models.alexnet(**kwargs)  # torchvision's builders are untyped
@@ -155,6 +178,8 @@ def alexnet(**kwargs: Any) -> torch.nn.Module:
     features=classifier_features,
     feature_dim=4096,
     classifier=last_classifier_layer,
+    blocks=vgg_blocks,
+    block_names=VGG_BLOCKS,
 )
 def vgg16(**kwargs: Any) -> torch.nn.Module:
     net: torch.nn.Module = tv_models.vgg16(**kwargs)  # torchvision's builders are untyped
@@ -162,7 +187,13 @@ def vgg16(**kwargs: Any) -> torch.nn.Module:
 
 
 @register_model(
-    "resnet101", weights=ResNet101_Weights.DEFAULT, features=resnet_features, feature_dim=2048, classifier=resnet_fc
+    "resnet101",
+    weights=ResNet101_Weights.DEFAULT,
+    features=resnet_features,
+    feature_dim=2048,
+    classifier=resnet_fc,
+    blocks=resnet_blocks,
+    block_names=RESNET_BLOCKS,
 )
 def resnet101(**kwargs: Any) -> torch.nn.Module:
     net: torch.nn.Module = tv_models.resnet101(**kwargs)  # torchvision's builders are untyped

@@ -15,6 +15,7 @@ import torch
 from torchvision.models import AlexNet_Weights
 
 from service.errors import WeightsUnavailableError
+from service.models.blocks import TINY_BLOCKS, tiny_blocks
 from service.models.registry import classifier_features, last_classifier_layer, register_model
 
 TINY = "tiny"
@@ -41,6 +42,8 @@ class TinyNet(torch.nn.Module):
     features=classifier_features,
     feature_dim=TINY_FEATURE_DIM,
     classifier=last_classifier_layer,
+    blocks=tiny_blocks,
+    block_names=TINY_BLOCKS,
 )
 def tiny(**kwargs: Any) -> torch.nn.Module:
     if kwargs.get("weights") is not None:
