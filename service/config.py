@@ -150,6 +150,9 @@ class FineTuneLimits:
     max_watchers: int = 64  # WatchJob streams open at once, all jobs together
     max_queued_jobs: int = 8  # jobs queued or running (each holds its examples until features are extracted)
     max_finished_jobs: int = 100  # finished job records kept in the store
+    # Versions of each fine-tuned model kept in the store (each publish of a name makes one; the oldest
+    # beyond these are collected): what a request's model_version and a rollback may name.
+    keep_versions: int = 3
     # Where a job may name its images instead of uploading them (directories and s3://bucket/prefix);
     # none: datasets are refused (service.finetune.datasets).
     dataset_roots: tuple[StoreLocation, ...] = ()

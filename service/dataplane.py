@@ -23,11 +23,9 @@ from service.batching import Reservation, WorkItem
 from service.config import ServeConfig
 from service.errors import (
     InvalidInputError,
-    ModelNotFoundError,
     QueueClosedError,
     UnavailableError,
     VisionServeError,
-    quote,
 )
 from service.inference_io import InferenceInput, InferenceResult, too_many_images
 from service.metrics import ServerMetrics
@@ -185,14 +183,13 @@ class DataPlane:
         ``version``: empty for whatever version is served, else the one that must run.
         """
         self.check_request_images(inputs.batch_size)
-        model = self.repository.get_ready(model_name)
+        model = await self.repository.get_version_ready(model_name, version)  # another kept one loads on demand
         while True:
-            _check_version(model, version)
             try:
                 logits = await self.infer_model(model, inputs, timeout=timeout, trace=trace)
             except QueueClosedError:
                 # A new version replaced the model between lookup and queueing: use that one.
-                current = self.repository.get_ready(model_name)
+                current = await self.repository.get_version_ready(model_name, version)
                 if current is model:
                     raise
                 model = current
@@ -202,10 +199,13 @@ class DataPlane:
             )
 
     def model(self, name: str, version: str = "") -> ServedModel:
-        """The model served as ``name``; NOT_FOUND unless ``version`` is empty or the one served."""
-        model = self.repository.get(name)
-        _check_version(model, version)
-        return model
+        """The model that answers for ``version`` of ``name`` now (empty: the one served; another
+        kept version: its model if resident, else the one served); NOT_FOUND for a version not kept."""
+        return self.repository.check_version(name, version)
+
+    async def model_version(self, name: str, version: str = "") -> ServedModel:
+        """The model of ``version`` of ``name`` (empty: the one served), loaded if it is another kept one."""
+        return await self.repository.get_version_ready(name, version)
 
     @property
     def max_request_images(self) -> int:
@@ -334,14 +334,6 @@ class DataPlane:
         except asyncio.TimeoutError:
             return False
         return True
-
-
-def _check_version(model: ServedModel, version: str) -> None:
-    if version and version != model.version:
-        raise ModelNotFoundError(
-            f"model {quote(model.name)} has no version {quote(version)}; it serves version {quote(model.version)}: "
-            "ask for that one or leave model_version empty"
-        )
 
 
 def _pixels_view(pixels: np.ndarray) -> torch.Tensor | None:

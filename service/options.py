@@ -77,6 +77,10 @@ frontend_count = _checked(
     lambda n: 0 <= n <= MAX_FRONTENDS,
     f"must be 'auto' or 1 to {MAX_FRONTENDS}, got {{}}",
 )
+MAX_KEEP_VERSIONS = 100  # versions kept per fine-tuned model: each is a head (and its manifest) in the store
+keep_count = _checked(
+    "keep_count", int, lambda n: 1 <= n <= MAX_KEEP_VERSIONS, f"must be 1 to {MAX_KEEP_VERSIONS}, got {{}}"
+)
 non_negative_int = _checked("non_negative_int", int, lambda n: n >= 0, "must not be negative, got {}")
 port = _checked("port", int, lambda n: 0 <= n <= 65535, "not a port: {}")
 positive_float = _checked("positive_float", float, lambda n: n > 0, "must be positive, got {}")
@@ -336,6 +340,13 @@ OPTIONS: tuple[Option, ...] = (
         positive_float,
     ),
     _limit("--max-finished-jobs", "max_finished_jobs", "finished fine-tuning job records kept in the model store"),
+    Option(
+        "--keep-versions",
+        "fine_tuning.keep_versions",
+        "versions of each fine-tuned model kept in the model store (each publish of a name makes one; the "
+        "oldest beyond these are collected): those a request's model_version and RollbackModel may name",
+        keep_count,
+    ),
     Option(
         "--dataset-roots",
         "fine_tuning.dataset_roots",

@@ -8,13 +8,20 @@ is the loaders' job (:mod:`service.loader` for built-in models and their feature
 Three kinds of served model share one shape (:class:`ServedModel`): built-in models
 (``alexnet``...), internal feature extractors (``alexnet:features``, not listed, not reachable
 over the wire) and fine-tuned models (a base model's features followed by a trained head).
+
+**Versions.** A name serves one version (the one a request without ``model_version`` gets).
+A fine-tuned model may keep others in the store (:attr:`ServedModel.versions`); a request that
+names one of those is run by a model of that version that the catalog loads on demand
+(:meth:`on_version_request`); at most one such other version per name is resident
+(:meth:`keep_resident`), the one asked for last, so that the memory a name holds is at most two
+versions whatever ``--keep-versions`` is (docs/fine-tuning.md says why).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import torch
 
@@ -37,6 +44,7 @@ __all__ = [
     "ServedModel",
     "StateListener",
     "UnknownModelHandler",
+    "VersionLoader",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,8 @@ log = logging.getLogger(__name__)
 StateListener = Callable[[ServedModel], None]
 # What to raise for a name nothing is served under, instead of NOT_FOUND (None: NOT_FOUND).
 UnknownModelHandler = Callable[[str], VisionServeError | None]
+# Loads kept version ``version`` of the model served (given), not served: the model that runs it.
+VersionLoader = Callable[[ServedModel, str], Awaitable[ServedModel]]
 
 
 class ModelRepository:
@@ -58,6 +68,8 @@ class ModelRepository:
         self._withdrawals: dict[str, int] = {}  # name -> how often a model of that name was removed or unloaded
         self._listeners: list[StateListener] = []
         self._unknown: UnknownModelHandler = lambda name: None
+        self._resident: dict[str, ServedModel] = {}  # name -> the one other version resident, loaded on demand
+        self._load_version: VersionLoader | None = None
 
     # -- reading -----------------------------------------------------------
 
@@ -106,6 +118,62 @@ class ModelRepository:
     def internal(self, name: str) -> ServedModel | None:
         return self._internal.get(name)
 
+    # -- versions ------------------------------------------------------------
+
+    def on_version_request(self, loader: VersionLoader) -> None:
+        """``loader`` builds a kept version that is not resident when a request names it."""
+        self._load_version = loader
+
+    def check_version(self, name: str, version: str) -> ServedModel:
+        """The model that answers for ``version`` of ``name`` now: the one served when ``version``
+        is empty or its own, the resident model of another kept version, else the one served
+        (the version loads when a request runs it). NOT_FOUND for a version that is not kept."""
+        model = self.get(name)
+        if not version or version == model.version:
+            return model
+        _require_kept(model, version)
+        resident = self._resident.get(name)
+        return resident if resident is not None and resident.version == version else model
+
+    async def get_version_ready(self, name: str, version: str) -> ServedModel:
+        """The ready model that runs ``version`` of ``name`` (empty: the one served), a kept
+        version loaded on demand; NOT_FOUND for a version that is not kept."""
+        model = self.get_ready(name)
+        if not version or version == model.version:
+            return model
+        _require_kept(model, version)
+        resident = self._resident.get(name)
+        if resident is not None and resident.version == version:
+            return resident
+        if self._load_version is None:
+            raise ModelNotFoundError(f"model {quote(name)} has no version {quote(version)} loaded here")
+        return await self._load_version(model, version)
+
+    def keep_resident(self, model: ServedModel) -> None:
+        """Keep ``model``, a version of a served name other than the one served, ready for the
+        requests that name it; the other version resident before it stops taking work."""
+        previous = self._resident.get(model.name)
+        model.state = ModelState.READY
+        self._resident[model.name] = model
+        if previous is not None and previous is not model:
+            self.retire(previous)
+
+    def resident(self, name: str) -> ServedModel | None:
+        """The other version of ``name`` resident now, if any."""
+        return self._resident.get(name)
+
+    def _drop_resident(self, name: str, served: ServedModel | None = None) -> None:
+        """Retire the other version of ``name`` resident, unless it is still another version that
+        ``served``, the model now served under ``name``, keeps."""
+        resident = self._resident.get(name)
+        if resident is None:
+            return
+        if served is not None and resident.version != served.version and resident.version in served.versions:
+            return
+        del self._resident[name]
+        if resident is not served:  # a rollback to it makes it the one served
+            self.retire(resident)
+
     # -- writing (by the loaders) -------------------------------------------
 
     def declare(self, model: ServedModel) -> None:
@@ -121,6 +189,7 @@ class ModelRepository:
         self.set_state(model, ModelState.READY)
         if previous is not None and previous is not model:
             self.retire(previous)
+        self._drop_resident(model.name, served=model)
 
     def add_internal(self, model: ServedModel) -> None:
         model.state = ModelState.READY
@@ -129,6 +198,7 @@ class ModelRepository:
     def remove(self, name: str, reason: str) -> ServedModel:
         """Stop listing ``name``; what it queued is still answered."""
         model = self._models.pop(name)
+        self._drop_resident(name)
         self.withdraw(name)
         self.set_state(model, ModelState.UNAVAILABLE, reason)
         self.retire(model)
@@ -149,6 +219,9 @@ class ModelRepository:
         model.unloaded = True
         self.set_state(model, ModelState.UNAVAILABLE, reason)
         stopping = [model]
+        resident = self._resident.pop(name, None)
+        if resident is not None:
+            stopping.append(resident)
         if model.base_model is None:
             features = self._internal.pop(name + FEATURES_SUFFIX, None)
             if features is not None:
@@ -188,12 +261,21 @@ class ModelRepository:
 
     async def stop(self) -> None:
         """Close every queue and wait for the workers to finish what was queued."""
-        models = [*self._models.values(), *self._internal.values(), *self._retired]
+        models = [*self._models.values(), *self._internal.values(), *self._resident.values(), *self._retired]
         for model in models:
             model.queue.close()
         for model in models:
             for worker in model.workers:
                 await asyncio.to_thread(worker.join)
+
+
+def _require_kept(model: ServedModel, version: str) -> None:
+    if version not in model.available_versions:
+        versions = ", ".join(model.available_versions)
+        raise ModelNotFoundError(
+            f"model {quote(model.name)} has no version {quote(version)}: its versions are {versions} "
+            f"(version {model.version} is served); ask for one of them or leave model_version empty"
+        )
 
 
 def _require_ready(model: ServedModel) -> ServedModel:

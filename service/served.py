@@ -32,7 +32,11 @@ class ServedModel:
     decoder: ImageDecoder
     queue: BatchQueue
     base_model: str | None = None
-    version: str = "1"
+    version: str = "1"  # Triton's version: built-in models "1", fine-tuned ones their number in the store
+    # A fine-tuned model's versions that requests and rollbacks may name (those the store keeps,
+    # this one included), and this version's id in the store (service.finetune.store).
+    versions: tuple[str, ...] = ()
+    revision: str = ""
     state: ModelState = ModelState.LOADING
     reason: str = ""
     workers: list[InferenceWorker] = field(default_factory=list)
@@ -41,6 +45,11 @@ class ServedModel:
     unloaded: bool = False
     # What it computes in (--dtype) and that precision's agreement with float32; set when it is built.
     precision: Precision = field(default_factory=Precision)
+
+    @property
+    def available_versions(self) -> list[str]:
+        """The versions a request may ask for, oldest first: the kept ones, or this one."""
+        return list(self.versions or (self.version,))
 
     @property
     def ready(self) -> bool:

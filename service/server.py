@@ -168,7 +168,7 @@ class VisionServer:
             request_log_ids=self.config.log_format == "json",
             access_log=self.config.access_log,
         )
-        self._models = ModelsServicer(self.dataplane, self.metrics)
+        self._models = ModelsServicer(self.dataplane, self.metrics, self.finetuned)
         self._fine_tuning = FineTuningServicer(self.jobs)
         add_services(self._grpc, inference, self._models, self._fine_tuning, self.health)
         address = f"{bracketed(self.config.host)}:{self.config.grpc_port}"

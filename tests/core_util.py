@@ -46,8 +46,9 @@ class Core:
     metrics: ServerMetrics
 
     def served(self, name: str = "pets") -> str | None:
-        """The version served under ``name`` (the tests' usual fine-tuned name; None: not listed, or unloaded)."""
-        return self.repository.served_version(name)
+        """The store id of the version served under ``name`` (the tests' usual fine-tuned name; None: not
+        listed, or unloaded)."""
+        return self.catalog.served_revision(name)
 
     async def sync_once(self) -> None:
         assert self.sync is not None, "no model store"

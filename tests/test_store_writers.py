@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.config import FineTuneLimits
 from service.errors import AlreadyExistsError, ConflictError
 from service.finetune.heads import build_standardized_head
-from service.finetune.store import ModelStore
+from service.finetune.store import ModelStore, version_manifest_file
 from service.finetune.trainer import TrainMetrics
 from service.storage import StoreLocation
 from tests.store_util import aws_environment, race_to_create
@@ -40,7 +41,8 @@ def _stage(store: ModelStore, name: str, seed: int):
 
 
 def test_interleaved_replacements_leave_a_loadable_model(location: StoreLocation) -> None:
-    first, second = ModelStore(location), ModelStore(location)  # two replicas on one store
+    one = FineTuneLimits(keep_versions=1)  # a replaced version is not kept (tests/test_model_versions.py keeps them)
+    first, second = ModelStore(location, one), ModelStore(location, one)  # two replicas on one store
     a = _stage(first, "pets", 1)
     b = _stage(second, "pets", 2)
     second.commit(b, replace=True)  # B lands first and collects garbage...
@@ -50,7 +52,7 @@ def test_interleaved_replacements_leave_a_loadable_model(location: StoreLocation
     assert manifest.version == a.version
     # B's weights, no longer named, survive the grace period (a reader may hold B's manifest).
     assert _exists(first, "pets", b.weights_file)
-    assert first.collect_garbage("pets", grace_s=0) == [b.weights_file]
+    assert sorted(first.collect_garbage("pets", grace_s=0)) == [b.weights_file, version_manifest_file(b.version)]
     assert first.load("pets")[0].version == a.version
 
 

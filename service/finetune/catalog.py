@@ -7,7 +7,15 @@ Four ways change it, each through the same checks and the same error accounting:
   ``RepositoryModelLoad`` asked for one;
 - **withdraw**: ``RepositoryModelUnload`` (or its base model's unload) stops serving it, keeping
   it in the store; a poll that finds it gone from the store stops serving it too;
-- **delete**: ``DeleteModel`` takes it out of the store and stops serving it.
+- **delete**: ``DeleteModel`` takes it out of the store and stops serving it;
+- **roll back**: ``RollbackModel`` serves an older version the store keeps, and points the store
+  at it (one conditional write, as a publish's), so that every replica follows on its next poll.
+
+Versions: the store numbers each publish of a name (1, 2, 3...) and keeps the last
+``--keep-versions``; the served model carries its number (Triton's version), its id in the store
+(``revision``) and the numbers kept. A request that names another kept version gets it loaded on
+demand (:meth:`load_version`, one load per version however many ask at once), kept resident
+as the name's one other version (:meth:`ModelRepository.keep_resident`).
 
 The rule: what is in the store and whose base model is served, is served; a job that fails leaves
 nothing behind; and when requests race, the end state is what the last one asked for. Loading from
@@ -24,10 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from service.errors import (
     BuiltinModelError,
     FailedPreconditionError,
+    InvalidInputError,
     ModelNotFoundError,
     StoreEntryError,
     StoreWriteError,
@@ -47,6 +58,7 @@ from service.repository import ModelRepository, ServedModel
 from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 READ_TIMEOUT_S = 10.0  # one entry (manifest and weights); a healthy store answers in ms
 FINE_TUNING_OFF = "fine-tuning is off: the server was started with --model-store none; start it with --model-store DIR"
@@ -72,7 +84,9 @@ class FineTunedModels:
         self._store_read = store is None
         self._reading: set[str] = set()  # entries being read (a read that timed out may still be running)
         self._reported: dict[str, tuple[str, Fingerprint | None]] = {}  # (reason, fingerprint) last logged
+        self._version_loads: dict[tuple[str, str, str], asyncio.Task[ServedModel]] = {}  # on-demand loads
         repository.on_unknown_model(self._unknown)
+        repository.on_version_request(self.load_version)
 
     # -- the store's first reading -------------------------------------------
 
@@ -129,7 +143,7 @@ class FineTunedModels:
             raise StoreWriteError(store.location, exc) from exc
         try:
             self.require_base(config.base_model)
-            model = await self._install(name, config.base_model, head, labels, manifest.version)
+            model = await self._install(manifest, head)
         except VisionServeError:
             if not config.replace:
                 with contextlib.suppress(VisionServeError, OSError):
@@ -171,8 +185,8 @@ class FineTunedModels:
             )
         withdrawals = self._repository.withdrawals(name)
         manifest, head = await self._read(name)
-        if self._repository.served_version(name) == manifest.version:
-            return manifest.version  # already served (this server wrote it, or only the file's time changed)
+        if self.served_revision(name) == manifest.version:
+            return manifest.version  # served already (written or rolled back to here, or only its time changed)
         if manifest.base_model not in builtin:
             raise StoreEntryError(
                 StoreReason.BASE_NOT_SERVED,
@@ -190,7 +204,7 @@ class FineTunedModels:
                 f"{name}: the head takes {manifest.feature_dim} features but {manifest.base_model} gives {expected}",
             )
         try:
-            model = await self._install(name, manifest.base_model, head, manifest.labels, manifest.version)
+            model = await self._install(manifest, head)
         except BuiltinModelError as exc:
             raise StoreEntryError(StoreReason.BUILTIN_NAME, exc.message) from exc
         except VisionServeError as exc:
@@ -198,15 +212,25 @@ class FineTunedModels:
         except Exception as exc:
             log.exception("installing %s from the store failed", name)
             raise StoreEntryError(StoreReason.INSTALL_FAILED, f"{name}: {type(exc).__name__}: {exc}"[:500]) from exc
-        if self._repository.served_version(name) == manifest.version:  # the job that wrote it got there first
+        if self.served_revision(name) == manifest.version:  # the job that wrote it got there first
             self._repository.retire(model)
             return manifest.version
         if self._repository.withdrawals(name) != withdrawals:  # DeleteModel or an unload came first
             self._repository.retire(model)
             raise StoreEntryError(StoreReason.WITHDRAWN, f"{name}: deleted or unloaded while it was read")
         self._repository.activate(model)
-        log.info("serving fine-tuned model %s (version %s, base %s)", name, manifest.version, manifest.base_model)
+        log.info(
+            "serving fine-tuned model %s (version %d, %s in the store, base %s)",
+            name, manifest.number, manifest.version, manifest.base_model,
+        )  # fmt: skip
         return manifest.version
+
+    def served_revision(self, name: str) -> str | None:
+        """The store id of the version served under ``name``; None when none is."""
+        if name not in self._repository:
+            return None
+        model = self._repository.get(name)
+        return None if model.unloaded else model.revision
 
     async def load(self, name: str) -> None:
         """``RepositoryModelLoad`` of a fine-tuned model that was unloaded: read it from the store
@@ -230,14 +254,124 @@ class FineTunedModels:
             raise UnavailableError(f"cannot load {quote(name)} from the model store: {exc}") from exc
         log.info("model %s loaded (version %s, base %s)", name, version, base)
 
-    async def _install(
-        self, name: str, base: str, head: StandardizedHead, labels: list[str], version: str
-    ) -> ServedModel:
-        """Build (and warm up, in a worker thread) ``head`` on ``base``'s backbone; not yet served."""
+    async def _install(self, manifest: Manifest, head: StandardizedHead) -> ServedModel:
+        """Build (and warm up, in a worker thread) the version ``manifest`` describes with its
+        ``head`` on its base model's backbone; not yet served."""
+        name = manifest.name
         if name in self._repository.builtin_names():
             raise BuiltinModelError(name, "replaced by a fine-tuned model")
-        base_model = self._repository.get_ready(base)
-        return await asyncio.to_thread(self._factory.start_finetuned, name, base_model, head, labels, version)
+        base_model = self._repository.get_ready(manifest.base_model)
+        model = await asyncio.to_thread(
+            self._factory.start_finetuned, name, base_model, head, manifest.labels, str(manifest.number)
+        )
+        model.revision = manifest.version
+        model.versions = tuple(str(ref.number) for ref in manifest.kept)
+        return model
+
+    # -- versions -------------------------------------------------------------
+
+    async def load_version(self, served: ServedModel, version: str) -> ServedModel:
+        """The model of kept version ``version`` of the model ``served`` (not the one served),
+        read from the store and built on demand, then kept resident as the name's other version.
+        Requests that ask for it at once share one load."""
+        key = (served.name, served.revision, version)
+        task = self._version_loads.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._build_version(served, version))
+            self._version_loads[key] = task
+            task.add_done_callback(lambda _: self._version_loads.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _build_version(self, served: ServedModel, version: str) -> ServedModel:
+        name = served.name
+        withdrawals = self._repository.withdrawals(name)
+        _, _, (manifest, head) = await self._read_version(name, version)
+        if manifest.version == self.served_revision(name):  # rolled back to it meanwhile
+            return self._repository.get_ready(name)
+        try:
+            model = await self._install(manifest, head)
+        except VisionServeError as exc:
+            raise UnavailableError(f"cannot load version {version} of {quote(name)}: {exc.message}") from exc
+        if self._repository.withdrawals(name) != withdrawals or name not in self._repository:
+            self._repository.retire(model)
+            raise UnavailableError(f"{quote(name)} was deleted or unloaded while its version {version} loaded")
+        now = self._repository.get(name)
+        if version == now.version or version not in now.available_versions:  # a rollback or a publish came
+            self._repository.retire(model)
+            return await self._repository.get_version_ready(name, version)
+        self._repository.keep_resident(model)
+        log.info("loaded version %s of %s on demand (%s in the store)", version, name, manifest.version)
+        return model
+
+    async def rollback(self, name: str, version: str) -> ServedModel:
+        """``RollbackModel``: serve kept version ``version`` of ``name`` and point the store at it.
+
+        The version is read and built before the store is written, so a version that cannot be
+        served is refused with the store untouched; the write is conditional on the manifest read,
+        so a publish or rollback of another replica in between wins and this one is ABORTED.
+        """
+        if name in self._repository.builtin_names():
+            raise BuiltinModelError(name, "rolled back: it has one version")
+        validate_model_name(name, "name")
+        store = self.require_store()
+        withdrawals = self._repository.withdrawals(name)
+        etag, current, (manifest, head) = await self._read_version(name, version)
+        served = self._repository.get(name) if name in self._repository else None
+        if served is not None and served.unloaded:
+            raise UnavailableError(f"{quote(name)} is unloaded; load it (RepositoryModelLoad) before rolling it back")
+        resident = self._repository.resident(name)
+        if served is not None and served.revision == manifest.version:
+            model = served
+        elif resident is not None and resident.revision == manifest.version:
+            model = resident
+        else:
+            self.require_base(manifest.base_model)
+            model = await self._install(manifest, head)
+        if manifest.version != current.version:
+            try:
+                await self._store_call(lambda: store.roll_back(name, etag, manifest), f"roll back {quote(name)}")
+            except VisionServeError:
+                if model is not served and model is not resident:
+                    self._repository.retire(model)
+                raise
+        if self._repository.withdrawals(name) != withdrawals:  # DeleteModel or an unload came first
+            if model is not served and model is not resident:
+                self._repository.retire(model)
+            raise UnavailableError(f"{quote(name)} was deleted or unloaded while it was rolled back")
+        if model is not served:
+            self._repository.activate(model)
+        log.info("model %s rolled back to version %s (%s in the store)", name, version, manifest.version)
+        return model
+
+    async def _read_version(self, name: str, version: str) -> tuple[str, Manifest, tuple[Manifest, StandardizedHead]]:
+        """The store's manifest of ``name`` (its ETag, itself) and kept version ``version`` with its head."""
+        number = _version_number(version)
+        store = self.require_store()
+
+        def read() -> tuple[str, Manifest, tuple[Manifest, StandardizedHead]]:
+            etag, current = store.current(name)
+            return etag, current, store.load_version(current, number)
+
+        try:
+            return await self._store_call(read, f"read version {version} of {quote(name)}")
+        except StoreEntryError as exc:
+            raise UnavailableError(
+                f"version {version} of {quote(name)} cannot be served from the store: {exc}"
+            ) from exc
+
+    async def _store_call(self, function: Callable[[], T], what: str) -> T:
+        """``function`` on the store in a thread with the read time limit; its failures as errors to answer."""
+        store = self.require_store()
+        try:
+            return await call_with_timeout(function, self._read_timeout_s, "store-version")
+        except TimedOut as exc:
+            raise UnavailableError(
+                f"cannot {what}: the model store {store.location} gave no answer within {exc.timeout_s:g}s; retry"
+            ) from None
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(f"cannot {what}: {exc} is gone from the store (deleted meanwhile?)") from None
+        except OSError as exc:
+            raise UnavailableError(f"cannot {what}: the model store {store.location} failed: {exc}; retry") from exc
 
     async def _read(self, name: str) -> tuple[Manifest, StandardizedHead]:
         store = self.require_store()
@@ -307,3 +441,13 @@ class FineTunedModels:
     def forget_report(self, name: str) -> None:
         """``name`` is served or gone: its next error is news again."""
         self._reported.pop(name, None)
+
+
+def _version_number(version: str) -> int:
+    """A fine-tuned model's version as the store numbers it: INVALID_ARGUMENT unless a positive integer."""
+    if not (version.isascii() and version.isdigit()) or len(version) > 18 or int(version) < 1:
+        raise InvalidInputError(
+            f"version {quote(version)} is not a version number: fine-tuned models' versions are 1, 2, 3... "
+            "(ModelMetadata's versions, GetModel's versions list them)"
+        )
+    return int(version)

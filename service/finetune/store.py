@@ -2,10 +2,21 @@
 
 Layout, in a directory or under an ``s3://bucket/prefix`` (:mod:`service.storage`)::
 
-    <name>/manifest.json              base model, head spec, labels, metrics, time,
-                                      and the weights file it names (+ sha256)
-    <name>/head-<version>.safetensors the head's tensors, one object per version
+    <name>/manifest.json              the version served: base model, head spec, labels, metrics,
+                                      time, the weights file it names (+ sha256); its number and
+                                      the numbers of the versions kept
+    <name>/manifest-<id>.json         one version's own manifest (the same fields, no numbers)
+    <name>/head-<id>.safetensors      that version's head tensors
     .jobs/                            records of finished jobs (:mod:`.history`)
+
+**Versions.** Each publish of a name makes a version, numbered 1, 2, 3... as Triton numbers
+them; ``manifest.json`` lists the last ``keep_versions`` (the ``--keep-versions`` option) by
+number and store id (``<id>``: the write's time and a random part, unique across replicas) and
+says which one is served. A rollback points ``manifest.json`` at an older kept version. Every
+change of a name (a publish, a rollback) is one conditional write of ``manifest.json``, so the
+rules below cover them all. An object belongs to the version whose id its name carries
+(``<kind>-<id>.<ext>``): the garbage collection keeps every object of a kept version, whatever
+its kind. A ``manifest.json`` written before versions (no numbers) is version 1, alone.
 
 Writing is two steps, so that two writers of one name (two replicas) never destroy
 each other's model: :meth:`ModelStore.stage` writes the weights under a key of their
@@ -13,7 +24,7 @@ own, :meth:`ModelStore.commit` then makes the version exist by putting its manif
 place: create-only for a new name (the write fails if any process created the manifest
 first, so ``replace=False`` holds across replicas), conditional on the version it replaces
 otherwise. A reader never sees half a model: the manifest, written last, names weights that
-are whole. A weights object is deleted only when no current manifest names it and it is
+are whole. An object is deleted only when the current manifest keeps no version of it and it is
 older than :data:`GC_GRACE_S`, so a writer whose manifest has not landed yet, and a reader
 that read the previous manifest a moment ago, both still find their object; the leftovers of
 a writer that died between the two steps are collected by the poll (:meth:`collect_orphans`).
@@ -28,6 +39,7 @@ entry raises :class:`StoreEntryError` with a short ``reason`` for the metric.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import json
@@ -80,8 +92,11 @@ FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_FEATURE_DIM = 65_536
 GC_GRACE_S = 600.0  # unreferenced weights younger than this are kept: a writer or reader may still need them
-_VERSION = re.compile(r"[0-9]{13}-[0-9a-f]{8}")
-_WEIGHTS_FILE = re.compile(r"head-[0-9]{13}-[0-9a-f]{8}\.safetensors")
+MAX_KEPT_VERSIONS = 1_000  # versions a manifest may list (--keep-versions is bounded far below)
+_VERSION_ID = r"[0-9]{13}-[0-9a-f]{8}"
+_VERSION = re.compile(_VERSION_ID)
+_WEIGHTS_FILE = re.compile(rf"head-{_VERSION_ID}\.safetensors")
+_VERSION_FILE = re.compile(rf"[a-z]+-({_VERSION_ID})\.[a-z]+")  # any object of one version: its kind, its id
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _WEIGHTS_SLACK = 1 << 20  # safetensors header and the standardization buffers
 
@@ -129,6 +144,23 @@ class StoreReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class VersionRef:
+    """One kept version of a model: its number (Triton's version) and its id in the store."""
+
+    number: int
+    version: str
+
+    @property
+    def manifest_file(self) -> str:
+        return version_manifest_file(self.version)
+
+
+def version_manifest_file(version: str) -> str:
+    """The object holding version ``version``'s own manifest."""
+    return f"manifest-{version}.json"
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
@@ -142,6 +174,26 @@ class Manifest:
     job_id: str
     weights_file: str
     sha256: str
+    # Read from manifest.json: this version's number and the versions kept (served included), by
+    # number. A version's own manifest object carries neither (its number is given when committed).
+    number: int = 1
+    versions: tuple[VersionRef, ...] = ()
+
+    @property
+    def kept(self) -> tuple[VersionRef, ...]:
+        """The versions kept in the store, oldest first (this one alone if none are listed)."""
+        return self.versions or (VersionRef(self.number, self.version),)
+
+    def ref(self, number: int) -> VersionRef | None:
+        return next((ref for ref in self.kept if ref.number == number), None)
+
+    def current_json(self) -> dict[str, Any]:
+        """``manifest.json``: this version's fields, its number and the versions kept."""
+        return {
+            **self.to_json(),
+            "number": self.number,
+            "versions": [{"number": ref.number, "version": ref.version} for ref in self.kept],
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -222,6 +274,7 @@ class Manifest:
             metrics = TrainMetrics.from_json(data.get("metrics", {}) if isinstance(data, dict) else {})
         except (ValueError, OverflowError) as exc:
             raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{folder}: {exc}") from exc
+        number, versions = _versions(fields, folder, version)
         return cls(
             name=name,
             version=version,
@@ -235,7 +288,31 @@ class Manifest:
             job_id=fields.get("job_id", str, ""),
             weights_file=weights_file,
             sha256=sha256,
+            number=number,
+            versions=versions,
         )
+
+
+def _versions(fields: _Fields, folder: str, version: str) -> tuple[int, tuple[VersionRef, ...]]:
+    """The number and the kept versions of a manifest (one written before versions: 1, alone)."""
+    number = fields.get("number", int, 1)
+    listed = fields.get("versions", list, [{"number": number, "version": version}])
+    if not 1 <= len(listed) <= MAX_KEPT_VERSIONS:
+        raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{folder}: versions must list 1 to {MAX_KEPT_VERSIONS}")
+    refs = []
+    for position, entry in enumerate(listed):
+        item = _Fields(entry, f"{folder}: versions[{position}]")
+        ref = VersionRef(item.get("number", int), item.get("version", str))
+        if ref.number < 1 or not _VERSION.fullmatch(ref.version):
+            raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{folder}: versions[{position}] is malformed")
+        refs.append(ref)
+    numbers = [ref.number for ref in refs]
+    if numbers != sorted(set(numbers)) or VersionRef(number, version) not in refs:
+        raise StoreEntryError(
+            StoreReason.BAD_MANIFEST,
+            f"{folder}: versions must be in increasing order, each once, and list the served version {number}",
+        )
+    return number, tuple(refs)
 
 
 class _Fields:
@@ -276,15 +353,21 @@ def parse_json(data: bytes, where: str) -> object:
 
 @dataclass
 class StoredModel:
-    """What one listing shows of a model: its manifest (None while being written or deleted) and weights."""
+    """What one listing shows of a model: its manifest (None while being written or deleted) and files."""
 
     manifest: ObjectInfo | None = None
-    weights: list[ObjectInfo] = field(default_factory=list)  # head files and leftover temporary files
+    files: list[ObjectInfo] = field(default_factory=list)  # every version's objects and leftover temporary files
     error: str = ""  # the entry could not be listed (a directory store's unreadable folder)
 
 
+def _version_of(file: str) -> str | None:
+    """The version id an object of a model's folder belongs to (None: a temporary file)."""
+    match = _VERSION_FILE.fullmatch(file)
+    return match.group(1) if match else None
+
+
 class ModelStore:
-    """The fine-tuned models of a store: checked reads, two-step writes, garbage collection.
+    """The fine-tuned models of a store: checked reads, two-step writes, versions, garbage collection.
 
     ``location`` is a directory, an ``s3://`` location or an :class:`ObjectStore`; every
     guarantee below holds for each (:mod:`service.storage`).
@@ -294,10 +377,15 @@ class ModelStore:
         self.objects = open_objects(location)
         self.limits = limits or FineTuneLimits()
         self.max_weights_bytes = 4 * self.limits.max_head_parameters + _WEIGHTS_SLACK
+        self._kept_ids: dict[str, tuple[str, frozenset[str]]] = {}  # name -> (manifest ETag, version ids it keeps)
 
     @property
     def location(self) -> str:
         return self.objects.location
+
+    @property
+    def keep_versions(self) -> int:
+        return self.limits.keep_versions
 
     # -- writing -----------------------------------------------------------
 
@@ -314,7 +402,7 @@ class ModelStore:
         job_id: str,
         replace: bool = True,
     ) -> Manifest:
-        """Write a new version of ``name``: :meth:`stage`, then :meth:`commit`.
+        """Write a new version of ``name``: :meth:`stage`, then :meth:`commit`; the committed manifest.
 
         A write that fails (a full disk, an unreachable bucket) leaves nothing of its own behind.
         """
@@ -324,28 +412,31 @@ class ModelStore:
                 name=name, base_model=base_model, head_spec=head_spec, head=head, labels=labels, loss=loss,
                 metrics=metrics or TrainMetrics(), job_id=job_id,
             )  # fmt: skip
-            self.commit(manifest, replace=replace)
+            return self.commit(manifest, replace=replace)
         except BaseException:
             if manifest is not None:
                 self._discard(manifest)
             raise
-        return manifest
 
     def _discard(self, staged: Manifest) -> None:
-        """Delete a staged version's weights unless the current manifest names them.
+        """Delete a staged version's objects unless the current manifest keeps that version.
 
         When that cannot be known (the store stopped answering: the manifest's write may have
         landed without its answer reaching us), they stay, for :meth:`collect_orphans`.
         """
         try:
-            current: str | None = self.read_manifest(staged.name).weights_file
+            kept = {ref.version for ref in self.read_manifest(staged.name).kept}
         except (FileNotFoundError, FileRefused, StoreEntryError):
-            current = None
+            kept = set()
         except OSError:
             return
-        if current != staged.weights_file:
+        if staged.version not in kept:
+            self._delete_version(staged)
+
+    def _delete_version(self, staged: Manifest) -> None:
+        for file in (staged.weights_file, version_manifest_file(staged.version)):
             with contextlib.suppress(OSError):
-                self.objects.delete(_key(staged.name, staged.weights_file))  # ours, and named by no manifest
+                self.objects.delete(_key(staged.name, file))  # ours, and kept by no manifest
 
     def stage(
         self,
@@ -359,14 +450,15 @@ class ModelStore:
         metrics: TrainMetrics,
         job_id: str,
     ) -> Manifest:
-        """Write the weights of a new version under a key of their own; nothing serves it yet."""
+        """Write the objects of a new version under keys of their own (its weights, then its own
+        manifest); nothing serves it yet, and it has no number until :meth:`commit`."""
         _check_name(name)
         version = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
         state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
         blob = save_safetensors(state, metadata={"format": "pt", "model": name, "version": version})
         weights_file = f"head-{version}.safetensors"
         self.objects.write(_key(name, weights_file), blob)
-        return Manifest(
+        manifest = Manifest(
             name=name,
             version=version,
             base_model=base_model,
@@ -380,27 +472,36 @@ class ModelStore:
             weights_file=weights_file,
             sha256=hashlib.sha256(blob).hexdigest(),
         )
+        self.objects.write(_key(name, version_manifest_file(version)), _encode(manifest.to_json()))
+        return manifest
 
-    def commit(self, manifest: Manifest, *, replace: bool) -> None:
-        """Make a staged version the one that exists.
+    def commit(self, manifest: Manifest, *, replace: bool) -> Manifest:
+        """Make a staged version the one served, numbered after the newest kept; the manifest as
+        committed (its number and the versions kept).
 
         ``replace=False`` claims the name with a create-only write: ALREADY_EXISTS if another
-        writer (another replica) got there first. ``replace=True`` replaces the version it finds
-        with a write conditional on that version: ABORTED if another writer replaced or deleted it
-        in between, so of two replacing at once exactly one wins. Either way the loser's weights
-        go and the winner's model stays whole.
+        writer (another replica) got there first. ``replace=True`` adds a version to the ones it
+        finds (keeping the last :attr:`keep_versions`) with a write conditional on the manifest it
+        read: ABORTED if another writer published, rolled back or deleted in between, so of two
+        replacing at once exactly one wins. Either way the loser's objects go and the winner's
+        model stays whole; the versions beyond the last ones kept are collected after the grace.
         """
         key = _key(manifest.name, MANIFEST)
-        data = json.dumps(manifest.to_json(), indent=2).encode()
         current = self.objects.head(key) if replace else None
+        kept: tuple[VersionRef, ...] = ()
+        if current is not None:
+            kept = self._kept_for_commit(manifest.name)
+        number = max((ref.number for ref in kept), default=0) + 1
+        kept = (*kept, VersionRef(number, manifest.version))[-self.keep_versions :]
+        committed = dataclasses.replace(manifest, number=number, versions=kept)
+        data = _encode(committed.current_json())
         try:
             if current is None:
                 self.objects.create(key, data)
             else:
                 self.objects.replace(key, data, current.etag)
         except (ObjectExists, ObjectChanged) as exc:
-            with contextlib.suppress(OSError):
-                self.objects.delete(_key(manifest.name, manifest.weights_file))  # ours, and named by no manifest
+            self._delete_version(manifest)
             if isinstance(exc, ObjectExists) and not replace:
                 raise AlreadyExistsError(
                     f"a model named {quote(manifest.name)} appeared in the store while this job ran "
@@ -411,46 +512,97 @@ class ModelStore:
                 "published it; its version stands: run the job again to replace it"
             ) from None
         self.collect_garbage(manifest.name)
+        return committed
+
+    def _kept_for_commit(self, name: str) -> tuple[VersionRef, ...]:
+        """The versions a new one joins: those of the current manifest (a damaged one: none; one
+        written before versions: itself as version 1, whose own manifest is written here)."""
+        try:
+            current = self.read_manifest(name)
+        except FileNotFoundError:
+            return ()  # deleted since: the conditional write fails
+        except (FileRefused, StoreEntryError) as exc:
+            log.warning("model store: %s's manifest cannot be read (%s); its versions start again", name, exc)
+            return ()
+        if not current.versions or self.objects.head(_key(name, version_manifest_file(current.version))) is None:
+            with contextlib.suppress(ObjectExists):
+                self.objects.create(_key(name, version_manifest_file(current.version)), _encode(current.to_json()))
+        return current.kept
+
+    def roll_back(self, name: str, etag: str, target: Manifest) -> Manifest:
+        """Serve kept version ``target`` (read with :meth:`load_version`) instead of the one in the
+        manifest whose ETag is ``etag``, with a write conditional on that manifest: ABORTED if
+        another writer changed the name since it was read. The versions kept stay as they are."""
+        key = _key(name, MANIFEST)
+        try:
+            self.objects.replace(key, _encode(target.current_json()), etag)
+        except ObjectChanged:
+            raise ConflictError(
+                f"another writer (another replica?) published, rolled back or deleted {quote(name)} while this "
+                "rollback read it; read its versions again and retry"
+            ) from None
+        return target
 
     def collect_garbage(
         self, name: str, *, grace_s: float = GC_GRACE_S, listing: StoredModel | None = None
     ) -> list[str]:
-        """Delete weights and temporary files of ``name`` that the current manifest does not name
-        and that are older than ``grace_s``; the names deleted."""
-        keep = set()
-        with contextlib.suppress(OSError, FileRefused, StoreEntryError):
-            keep.add(self.read_manifest(name).weights_file)
+        """Delete the objects of ``name`` of no version the current manifest keeps (versions beyond
+        the last ones kept, a loser's or a dead writer's, temporary files) that are older than
+        ``grace_s``; the names deleted. Nothing when the manifest cannot be read for want of an
+        answer (the store may be failing: never delete on a guess)."""
+        info = self.objects.head(_key(name, MANIFEST))
+        keep: frozenset[str] = frozenset()
+        if info is not None:
+            try:
+                keep = frozenset(ref.version for ref in self.read_manifest(name).kept)
+            except FileNotFoundError:
+                pass
+            except (FileRefused, StoreEntryError):
+                pass  # a damaged entry's objects go
+            except OSError:
+                return []
+            self._kept_ids[name] = (info.etag, keep)
         stored = listing if listing is not None else self._listing(f"{_check_name(name)}/").get(name, StoredModel())
         cutoff = time.time() - grace_s
         deleted: list[str] = []
-        for info in stored.weights:
+        for info in stored.files:
             file = info.key.rsplit("/", 1)[-1]
-            if file not in keep and info.modified < cutoff:
+            if _version_of(file) not in keep and info.modified < cutoff:
                 self.objects.delete(info.key)
                 deleted.append(file)
         return deleted
 
     def collect_orphans(self, listing: dict[str, StoredModel], *, grace_s: float = GC_GRACE_S) -> list[str]:
         """Collect the leftovers of every model whose listing shows some (a writer that died between
-        its weights and its manifest, a replaced version): keys deleted. Costs nothing for a model
-        with one weights object and a manifest."""
+        its weights and its manifest, a version beyond the last ones kept): keys deleted. Costs
+        nothing for a model whose objects all belong to the versions its manifest keeps (known
+        from the last read of that manifest, read again only when it changes)."""
         cutoff = time.time() - grace_s
         deleted: list[str] = []
         for name, stored in listing.items():
-            old = [info for info in stored.weights if info.modified < cutoff]
-            if not old or (stored.manifest is not None and len(stored.weights) == 1):
+            old = [info for info in stored.files if info.modified < cutoff]
+            if not old:
+                continue
+            known = self._kept_ids.get(name)
+            if (
+                stored.manifest is not None
+                and known is not None
+                and known[0] == stored.manifest.etag
+                and all(_version_of(info.key.rsplit("/", 1)[-1]) in known[1] for info in old)
+            ):
                 continue
             deleted += [f"{name}/{file}" for file in self.collect_garbage(name, grace_s=grace_s, listing=stored)]
         return deleted
 
     def delete(self, name: str) -> None:
+        """Delete ``name`` and every version of it (the objects go at once, or after the grace)."""
         key = _key(name, MANIFEST)
         try:
-            weights_file: str | None = self.read_manifest(name).weights_file
+            current: Manifest | None = self.read_manifest(name)
         except FileNotFoundError:
             raise ModelNotFoundError(f"no fine-tuned model {quote(name)} in the store") from None
         except (FileRefused, StoreEntryError):
-            weights_file = None  # a damaged entry can be deleted too
+            current = None  # a damaged entry can be deleted too
         except StoreUnreachable as exc:
             raise UnavailableError(f"cannot reach the model store to delete {quote(name)}: {exc}; retry") from exc
         try:
@@ -459,14 +611,14 @@ class ModelStore:
             raise UnavailableError(f"cannot reach the model store to delete {quote(name)}: {exc}; retry") from exc
         except OSError as exc:
             raise InternalError(f"cannot delete {quote(name)} from the model store {self.location}: {exc}") from exc
-        if weights_file is not None:
-            self.objects.delete(_key(name, weights_file))
+        if current is not None:
+            self.objects.delete(_key(name, current.weights_file))
         self.collect_garbage(name)
 
     # -- reading -----------------------------------------------------------
 
     def listing(self) -> tuple[dict[str, StoredModel], dict[str, StoreEntryError]]:
-        """``({name: its manifest and weights}, {entry: error})``: one listing of the whole store.
+        """``({name: its manifest and files}, {entry: error})``: one listing of the whole store.
 
         A model without a manifest (being written or deleted, or left by a writer that died) is
         listed with ``manifest=None``; hidden entries (job records, temporary files at the top)
@@ -488,7 +640,8 @@ class ModelStore:
     def entries(self) -> tuple[dict[str, str], dict[str, StoreEntryError]]:
         """``({name: fingerprint of its manifest}, {entry: error})`` of every model with a manifest.
 
-        The fingerprint (the manifest's ETag) changes whenever a manifest is replaced.
+        The fingerprint (the manifest's ETag) changes whenever a manifest is replaced (a publish, a
+        rollback).
         """
         stored, errors = self.listing()
         return {name: s.manifest.etag for name, s in stored.items() if s.manifest is not None}, errors
@@ -504,21 +657,64 @@ class ModelStore:
                 model.error = info.error
             if rest == MANIFEST:
                 model.manifest = info
-            elif _WEIGHTS_FILE.fullmatch(rest) or (rest.startswith(".") and rest.endswith(".tmp")):
-                model.weights.append(info)
+            elif _version_of(rest) is not None or (rest.startswith(".") and rest.endswith(".tmp")):
+                model.files.append(info)
         return stored
 
     def exists(self, name: str) -> bool:
         return self.objects.head(_key(name, MANIFEST)) is not None
 
     def read_manifest(self, name: str) -> Manifest:
-        """The checked manifest of ``name``; FileNotFoundError if there is none."""
+        """The checked manifest of ``name`` (the version served); FileNotFoundError if there is none."""
         data = self._read(_key(name, MANIFEST), MAX_MANIFEST_BYTES)
         return Manifest.from_json(parse_json(data, f"{name}/{MANIFEST}"), name, self.limits)
 
+    def current(self, name: str) -> tuple[str, Manifest]:
+        """The ETag of ``name``'s manifest and the manifest (NOT_FOUND if there is none): what a
+        rollback writes conditionally on. Read after the ETag, so a manifest replaced in between
+        makes that write fail, never succeed on stale versions."""
+        info = self.objects.head(_key(name, MANIFEST))
+        try:
+            if info is None:
+                raise FileNotFoundError(name)
+            return info.etag, self.read_manifest(name)
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"no fine-tuned model {quote(name)} in the store") from None
+
     def load(self, name: str) -> tuple[Manifest, StandardizedHead]:
-        """The manifest and the head with its trained weights (on the CPU)."""
+        """The manifest and the head with its trained weights (on the CPU): the version served."""
         manifest = self.read_manifest(name)
+        return manifest, self._load_head(manifest)
+
+    def load_version(self, current: Manifest, number: int) -> tuple[Manifest, StandardizedHead]:
+        """Kept version ``number`` of the model whose manifest is ``current``, with its head:
+        NOT_FOUND, naming the kept versions, if it keeps no such version."""
+        ref = current.ref(number)
+        if ref is None:
+            kept = ", ".join(str(r.number) for r in current.kept)
+            raise ModelNotFoundError(
+                f"model {quote(current.name)} has no version {number}: the store keeps versions {kept} "
+                f"(version {current.number} is served; --keep-versions sets how many are kept)"
+            )
+        if ref.version == current.version:
+            return current, self._load_head(current)
+        name = current.name
+        try:
+            data = self._read(_key(name, ref.manifest_file), MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise StoreEntryError(
+                StoreReason.MISSING_WEIGHTS, f"{name}: version {number}'s manifest {ref.manifest_file} is missing"
+            ) from None
+        own = Manifest.from_json(parse_json(data, f"{name}/{ref.manifest_file}"), name, self.limits)
+        if own.version != ref.version:
+            raise StoreEntryError(
+                StoreReason.BAD_MANIFEST, f"{name}: {ref.manifest_file} describes another version, {own.version}"
+            )
+        manifest = dataclasses.replace(own, number=number, versions=current.kept)
+        return manifest, self._load_head(manifest)
+
+    def _load_head(self, manifest: Manifest) -> StandardizedHead:
+        name = manifest.name
         try:
             blob = self._read(_key(name, manifest.weights_file), self.max_weights_bytes)
         except FileNotFoundError:
@@ -537,13 +733,17 @@ class ModelStore:
             ) from exc
         if not all(bool(torch.isfinite(t).all()) for t in head.state_dict().values()):
             raise StoreEntryError(StoreReason.BAD_WEIGHTS, f"{name}: weights hold NaN or infinite values")
-        return manifest, head.eval()
+        return head.eval()
 
     def _read(self, key: str, max_bytes: int) -> bytes:
         try:
             return self.objects.read(key, max_bytes)
         except FileRefused as exc:
             raise StoreEntryError(StoreReason(exc.reason), str(exc)) from exc
+
+
+def _encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=2).encode()
 
 
 def _check_name(name: str) -> str:

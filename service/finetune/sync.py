@@ -1,7 +1,8 @@
 """Keeps the served fine-tuned models in step with the model store, by polling.
 
-Replicas sharing one store see each other's heads (new, replaced, deleted) within one poll
-interval. Each pass lists the store once (one request per thousand objects on S3; the cost
+Replicas sharing one store see each other's heads (new, replaced, rolled back, deleted) within
+one poll interval: a publish and a rollback both replace the model's manifest, whose fingerprint
+the listing shows. Each pass lists the store once (one request per thousand objects on S3; the cost
 does not grow with the weights), in a daemon thread with a time limit; each new or changed entry
 is handed to the catalog (:class:`FineTunedModels`), which reads, checks and serves it. An entry
 that cannot be served is logged and counted once (the catalog's :meth:`~FineTunedModels.report`)
@@ -124,6 +125,7 @@ class StoreSync:
             log.info("model store: deleted %d leftover objects: %s", len(deleted), ", ".join(deleted[:10]))
 
     def _current(self, name: str, version: str | None) -> bool:
-        """Whether what is served under ``name`` is what the store held when last read
-        (a job of this server may have activated another version meanwhile)."""
-        return version is None or self._repository.version_of(name) == version
+        """Whether what is served under ``name`` is what the store held when last read (a job or a
+        rollback of this server may have activated another version meanwhile); ``version`` is the
+        store's id of the version read."""
+        return version is None or self._catalog.served_revision(name) == version

@@ -213,6 +213,9 @@ class RemoteModels:
     async def GetThroughput(self, request: models_pb2.GetThroughputRequest, context: Any) -> models_pb2.Throughput:
         return await self._forward.unary(self._stub.GetThroughput, request, context)
 
+    async def RollbackModel(self, request: models_pb2.RollbackModelRequest, context: Any) -> models_pb2.ModelInfo:
+        return await self._forward.unary(self._stub.RollbackModel, request, context)
+
 
 class RemoteFineTuning:
     """``vision.v1.FineTuning``, run by the engine: a job started through one front end is the

@@ -108,6 +108,8 @@ RPC_SCOPES: Mapping[str, Scope] = {
     _FINE_TUNING_SERVICE + "ListJobs": Scope.MANAGEMENT,
     _FINE_TUNING_SERVICE + "CancelJob": Scope.MANAGEMENT,
     _FINE_TUNING_SERVICE + "DeleteModel": Scope.MANAGEMENT,
+    # Rolling a model back changes what every replica serves, as a publish or a delete does.
+    "/vision.v1.Models/RollbackModel": Scope.MANAGEMENT,
     # Reflection describes the API (what grpcurl needs); it reveals no model or data.
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Scope.INFERENCE,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Scope.INFERENCE,

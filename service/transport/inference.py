@@ -102,10 +102,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelMetadataRequest,
         context: grpc.aio.ServicerContext[pb.ModelMetadataRequest, pb.ModelMetadataResponse],
     ) -> pb.ModelMetadataResponse:
-        model = self._model(request.name, request.version)
+        model = await self._model_version(request.name, request.version)
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[model.version],
+            versions=model.available_versions,
             platform=model.platform,
             inputs=[tensor_metadata(spec) for spec in input_specs(model)],
             outputs=[tensor_metadata(spec) for spec in output_specs(model)],
@@ -116,7 +116,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelConfigRequest,
         context: grpc.aio.ServicerContext[pb.ModelConfigRequest, pb.ModelConfigResponse],
     ) -> pb.ModelConfigResponse:
-        model = self._model(request.name, request.version)
+        model = await self._model_version(request.name, request.version)
         config = model_config(
             model, self._batching, self._dataplane.repository.devices, self._dataplane.config.runtime.instances
         )
@@ -132,7 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             models = [m for m in self._dataplane.repository.all() if request.version in ("", m.version)]
         return pb.ModelStatisticsResponse(
-            model_stats=[model_statistics(self._statistics.get(m.name, m.version)) for m in models]
+            model_stats=[model_statistics(self._statistics.get(m.name, request.version or m.version)) for m in models]
         )
 
     async def RepositoryIndex(
@@ -343,6 +343,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _model(self, name: str, version: str) -> ServedModel:
         return self._dataplane.model(require_model_name(name), version)
+
+    async def _model_version(self, name: str, version: str) -> ServedModel:
+        """The model of ``version`` itself: another kept version of a fine-tuned model loads (as a
+        request naming it would), so that what is described is what would run."""
+        model = self._model(name, version)
+        if version and model.version != version:
+            model = await self._dataplane.model_version(model.name, version)
+        return model
 
 
 def _control_target(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest) -> str:

@@ -56,6 +56,7 @@ def model_config(
     return config_pb.ModelConfig(
         name=model.name,
         platform=model.platform,
+        version_policy=version_policy(model),
         max_batch_size=batching.max_batch_size,
         input=[
             config_pb.ModelInput(
@@ -77,6 +78,17 @@ def model_config(
         ),
         instance_group=_instance_groups(model.name, devices, instances),
         parameters=precision_parameters(model),
+    )
+
+
+def version_policy(model: ServedModel) -> config_pb.ModelVersionPolicy:
+    """Which versions are served, as Triton says it: a built-in model's one version is ``latest``
+    (1); a fine-tuned model serves the versions its store keeps, whichever is the default (the
+    newest, or the one rolled back to), so it lists them (``specific``)."""
+    if model.base_model is None:
+        return config_pb.ModelVersionPolicy(latest=config_pb.ModelVersionPolicy.Latest(num_versions=1))
+    return config_pb.ModelVersionPolicy(
+        specific=config_pb.ModelVersionPolicy.Specific(versions=[int(v) for v in model.available_versions])
     )
 
 

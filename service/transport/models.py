@@ -1,4 +1,5 @@
-"""``vision.v1.Models``: what a client needs to know about each model, and how busy each is."""
+"""``vision.v1.Models``: what a client needs to know about each model, how busy each is, and the
+rollback of a fine-tuned model to a version its store keeps."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 import grpc
 
 from service.dataplane import DataPlane
+from service.errors import InvalidInputError, quote
+from service.finetune.catalog import FineTunedModels
 from service.metrics import ServerMetrics
 from service.precision import Agreement
 from service.repository import ServedModel
@@ -16,9 +19,10 @@ from vision_client.protocol.stubs.vision.v1 import models_pb2_grpc as pb_grpc
 
 
 class ModelsServicer(pb_grpc.ModelsServicer):
-    def __init__(self, dataplane: DataPlane, metrics: ServerMetrics) -> None:
+    def __init__(self, dataplane: DataPlane, metrics: ServerMetrics, finetuned: FineTunedModels) -> None:
         self._dataplane = dataplane
         self._metrics = metrics
+        self._finetuned = finetuned
 
     async def ListModels(
         self,
@@ -49,6 +53,16 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         ]
         return pb.Throughput(time=now, images=images, queues=queues)
 
+    async def RollbackModel(
+        self, request: pb.RollbackModelRequest, context: grpc.aio.ServicerContext[pb.RollbackModelRequest, pb.ModelInfo]
+    ) -> pb.ModelInfo:
+        name = require_model_name(request.name)
+        if not request.version:
+            raise InvalidInputError(
+                f"name the version of {quote(name)} to roll back to (GetModel's versions list those kept)"
+            )
+        return model_info(await self._finetuned.rollback(name, request.version), labels=True)
+
 
 def model_info(model: ServedModel, *, labels: bool) -> pb.ModelInfo:
     return pb.ModelInfo(
@@ -64,6 +78,7 @@ def model_info(model: ServedModel, *, labels: bool) -> pb.ModelInfo:
         min_width=model.min_size[1],
         runtime=model.runtime,
         version=model.version,
+        versions=model.available_versions,
         devices=list(model.runtimes),
         pending_images=model.queue.pending_images,
         precision=model.precision.dtype,

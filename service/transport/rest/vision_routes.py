@@ -6,6 +6,7 @@
 | ``GET /v1/models/{name}`` | ``Models/GetModel`` |
 | ``GET /v1/throughput`` | ``Models/GetThroughput`` |
 | ``DELETE /v1/models/{name}`` | ``FineTuning/DeleteModel`` |
+| ``POST /v1/models/{name}/versions/{version}/rollback`` | ``Models/RollbackModel`` |
 | ``POST /v1/jobs`` (``multipart/form-data``) | ``FineTuning/CreateJob`` |
 | ``GET /v1/jobs`` | ``FineTuning/ListJobs`` |
 | ``GET /v1/jobs/{id}`` | ``FineTuning/GetJob`` |
@@ -68,6 +69,12 @@ def vision_routes(
     async def throughput(request: web.Request, body: bytes) -> web.StreamResponse:
         return _canonical(await models.GetThroughput(models_pb2.GetThroughputRequest(), NO_CONTEXT))
 
+    async def rollback_model(request: web.Request, body: bytes) -> web.StreamResponse:
+        message = models_pb2.RollbackModelRequest(
+            name=request.match_info["name"], version=request.match_info["version"]
+        )
+        return _canonical(await models.RollbackModel(message, NO_CONTEXT))
+
     async def delete_model(request: web.Request, body: bytes) -> web.StreamResponse:
         message = ft_pb.DeleteModelRequest(name=request.match_info["name"])
         return _canonical(await fine_tuning.DeleteModel(message, NO_CONTEXT))
@@ -122,6 +129,13 @@ def vision_routes(
         Route("GET", ("/v1/models/{name}",), _MODELS + "GetModel", get_model),
         Route("GET", ("/v1/throughput",), _MODELS + "GetThroughput", throughput),
         Route("DELETE", ("/v1/models/{name}",), _FINE_TUNING + "DeleteModel", delete_model),
+        Route(
+            "POST",
+            ("/v1/models/{name}/versions/{version}/rollback",),
+            _MODELS + "RollbackModel",
+            rollback_model,
+            has_body=True,
+        ),
         Route("POST", ("/v1/jobs",), _FINE_TUNING + "CreateJob", create_job, streams_body=True),
         Route("GET", ("/v1/jobs",), _FINE_TUNING + "ListJobs", list_jobs),
         Route("GET", ("/v1/jobs/{job}",), _FINE_TUNING + "GetJob", get_job),

@@ -21,6 +21,7 @@ gRPC methods; this module is how they travel over HTTP, so both bindings give eq
 | ``vision.v1.Models/ListModels`` | ``GET /v1/models`` (``?without_labels=true``) |
 | ``vision.v1.Models/GetModel`` | ``GET /v1/models/{name}`` |
 | ``vision.v1.Models/GetThroughput`` | ``GET /v1/throughput`` |
+| ``vision.v1.Models/RollbackModel`` | ``POST /v1/models/{name}/versions/{version}/rollback`` |
 | ``vision.v1.FineTuning/DeleteModel`` | ``DELETE /v1/models/{name}`` |
 | ``vision.v1.FineTuning/CreateJob`` | ``POST /v1/jobs`` (``multipart/form-data``: :func:`job_parts`) |
 | ``vision.v1.FineTuning/ListJobs`` | ``GET /v1/jobs`` |
@@ -197,6 +198,12 @@ ROUTES: dict[str, RestRoute] = {
     ),
     _MODELS + "GetModel": RestRoute("GET", lambda r: f"/v1/models/{_segment(r.name)}", models_pb.ModelInfo),
     _MODELS + "GetThroughput": RestRoute("GET", lambda r: "/v1/throughput", models_pb.Throughput),
+    _MODELS + "RollbackModel": RestRoute(
+        "POST",
+        lambda r: f"/v1/models/{_segment(r.name)}/versions/{_segment(r.version)}/rollback",
+        models_pb.ModelInfo,
+        body=lambda r: b"",
+    ),
     _FINE_TUNING + "DeleteModel": RestRoute(
         "DELETE", lambda r: f"/v1/models/{_segment(r.name)}", ft_pb.DeleteModelResponse
     ),

@@ -25,7 +25,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "state", "reason", "platform", "base_model", "input_size", "num_outputs", "labels", "min_height", "min_width", "runtime", "version", "devices", "pending_images", "precision", "precision_agreement")
+    __slots__ = ("name", "state", "reason", "platform", "base_model", "input_size", "num_outputs", "labels", "min_height", "min_width", "runtime", "version", "devices", "pending_images", "precision", "precision_agreement", "versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class ModelInfo(_message.Message):
     PENDING_IMAGES_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     reason: str
@@ -58,7 +59,16 @@ class ModelInfo(_message.Message):
     pending_images: int
     precision: str
     precision_agreement: PrecisionAgreement
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., base_model: _Optional[str] = ..., input_size: _Optional[int] = ..., num_outputs: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_height: _Optional[int] = ..., min_width: _Optional[int] = ..., runtime: _Optional[str] = ..., version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., pending_images: _Optional[int] = ..., precision: _Optional[str] = ..., precision_agreement: _Optional[_Union[PrecisionAgreement, _Mapping]] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., base_model: _Optional[str] = ..., input_size: _Optional[int] = ..., num_outputs: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_height: _Optional[int] = ..., min_width: _Optional[int] = ..., runtime: _Optional[str] = ..., version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., pending_images: _Optional[int] = ..., precision: _Optional[str] = ..., precision_agreement: _Optional[_Union[PrecisionAgreement, _Mapping]] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RollbackModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class PrecisionAgreement(_message.Message):
     __slots__ = ("images", "images_source", "min_cosine", "mean_cosine", "top1", "max_relative_error")

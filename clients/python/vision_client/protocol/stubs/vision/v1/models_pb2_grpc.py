@@ -49,6 +49,11 @@ class ModelsStub:
                 request_serializer=vision_dot_v1_dot_models__pb2.GetThroughputRequest.SerializeToString,
                 response_deserializer=vision_dot_v1_dot_models__pb2.Throughput.FromString,
                 _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/vision.v1.Models/RollbackModel',
+                request_serializer=vision_dot_v1_dot_models__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=vision_dot_v1_dot_models__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -77,6 +82,17 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RollbackModel(self, request, context):
+        """Serves an older version of a fine-tuned model, one that the store keeps (ModelInfo.versions),
+        and makes it the store's served version, so that every replica follows on its next poll.
+        The model as now served; NOT_FOUND for a version the store does not keep, INVALID_ARGUMENT
+        for a built-in model (one version), ABORTED if another replica changed the model meanwhile.
+        A management call, like FineTuning.DeleteModel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +110,11 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.GetThroughput,
                     request_deserializer=vision_dot_v1_dot_models__pb2.GetThroughputRequest.FromString,
                     response_serializer=vision_dot_v1_dot_models__pb2.Throughput.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=vision_dot_v1_dot_models__pb2.RollbackModelRequest.FromString,
+                    response_serializer=vision_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +198,33 @@ class Models:
             '/vision.v1.Models/GetThroughput',
             vision_dot_v1_dot_models__pb2.GetThroughputRequest.SerializeToString,
             vision_dot_v1_dot_models__pb2.Throughput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vision.v1.Models/RollbackModel',
+            vision_dot_v1_dot_models__pb2.RollbackModelRequest.SerializeToString,
+            vision_dot_v1_dot_models__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
