@@ -400,6 +400,79 @@ def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
         shm.destroy_shared_memory_region(region)
 
 
+class Watch:
+    """A grpc.health.v1 Watch call on a connection of its own; its statuses as they arrive."""
+
+    def __init__(self, target: str, service: str) -> None:
+        import queue
+
+        self.channel = grpc.insecure_channel(target, options=OWN_CONNECTION)
+        self.call = health_pb2_grpc.HealthStub(self.channel).Watch(health_pb2.HealthCheckRequest(service=service))
+        self.statuses: queue.Queue[int | grpc.RpcError] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self.statuses.put(response.status)
+        except grpc.RpcError as exc:
+            self.statuses.put(exc)
+
+    def wait_for(self, *wanted: int) -> int:
+        """Statuses until one of ``wanted`` (a watcher may skip intermediate ones, never the last)."""
+        while True:
+            got = self.statuses.get(timeout=120)
+            assert not isinstance(got, grpc.RpcError), f"the watch ended: {got.code()} {got.details()}"
+            if got in wanted:
+                return got
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._thread.join(60)
+        self.channel.close()
+
+
+def test_health_watch_through_every_frontend_follows_models_and_an_engine_restart(tmp_path: Path):
+    """Watch through each front end: a model's unload and load, then the engine's death and return
+    (SERVING, NOT_SERVING, SERVING), the same stream all along."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    proc = start_server(tmp_path, "--frontends", "2", "--models", "tiny", "--weights", "random")
+    watches: list[Watch] = []
+    try:
+        proc.wait_serving()
+        models = [Watch(proc.target, "tiny") for _ in range(CONNECTIONS)]
+        watches += models
+        for watch in models:
+            assert watch.wait_for(serving, not_serving, unknown) == serving
+        client = triton.InferenceServerClient(proc.target)
+        client.unload_model("tiny")
+        for watch in models:
+            watch.wait_for(not_serving, unknown)
+        client.load_model("tiny")
+        for watch in models:
+            watch.wait_for(serving)
+        servers = [Watch(proc.target, "") for _ in range(CONNECTIONS)]
+        watches += servers
+        for watch in servers:
+            assert watch.wait_for(serving, not_serving, unknown) == serving
+        before = children(proc)
+        os.kill(before["engine"], signal.SIGKILL)
+        for watch in watches:
+            watch.wait_for(not_serving)
+        for watch in watches:
+            watch.wait_for(serving)
+        assert children(proc)["engine"] != before["engine"]
+        assert client.is_server_ready() and client.is_model_ready("tiny")
+        client.close()
+    finally:
+        for watch in watches:
+            watch.close()
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.log()
+
+
 def test_a_second_server_on_the_same_ports_does_not_start(server, tmp_path):
     proc = start_server(
         tmp_path, "--frontends", "2", "--models", MODEL, "--weights", "random", grpc_port=server.grpc_port
