@@ -150,6 +150,11 @@ class FineTuneLimits:
     max_watchers: int = 64  # WatchJob streams open at once, all jobs together
     max_queued_jobs: int = 8  # jobs queued or running (each holds its examples until features are extracted)
     max_finished_jobs: int = 100  # finished job records kept in the store
+    # Jobs that survive a restart (service.finetune.durable): bytes of running jobs' kept inputs and
+    # checkpoints in the store, all jobs together (0: no job is kept); how long a job's lease holds
+    # after its server last renewed it (a server that dies leaves its jobs to others after this).
+    max_kept_job_bytes: int = 4 * 1024**3
+    job_lease_s: float = 30.0
     # Versions of each fine-tuned model kept in the store (each publish of a name makes one; the oldest
     # beyond these are collected): what a request's model_version and a rollback may name.
     keep_versions: int = 3

@@ -341,6 +341,20 @@ OPTIONS: tuple[Option, ...] = (
     ),
     _limit("--max-finished-jobs", "max_finished_jobs", "finished fine-tuning job records kept in the model store"),
     Option(
+        "--max-kept-job-bytes",
+        "fine_tuning.max_kept_job_bytes",
+        "bytes of running jobs' kept features and checkpoints in the model store, all jobs together, so that "
+        "a job goes on after a restart (a job beyond it runs without; 0: no job survives a restart)",
+        non_negative_int,
+    ),
+    Option(
+        "--job-lease-seconds",
+        "fine_tuning.job_lease_s",
+        "how long a running job stays its server's after the server last renewed its lease: a job whose "
+        "server died goes on at another replica (or the next start) after this",
+        positive_float,
+    ),
+    Option(
         "--keep-versions",
         "fine_tuning.keep_versions",
         "versions of each fine-tuned model kept in the model store (each publish of a name makes one; the "

@@ -297,6 +297,7 @@ class VisionServer:
         self.finetuned.mark_store_read()
         self._store_read.set()
         self._update_server_health()
+        self.jobs.resume_jobs()  # jobs that servers which stopped left in the store go on (finetune/durable.py)
 
     def _on_model_state(self, model: ServedModel) -> None:
         status = SERVING if model.ready and not self.dataplane.draining else NOT_SERVING

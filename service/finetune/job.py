@@ -8,10 +8,14 @@ import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from service.finetune.examples import TrainingExamples
 from service.finetune.trainer import TrainMetrics
 from vision_client.protocol import FineTuneConfig
+
+if TYPE_CHECKING:
+    from service.finetune.durable import Resumed
 
 
 class JobState(enum.Enum):
@@ -30,7 +34,7 @@ class JobState(enum.Enum):
 class JobEvent:
     job_id: str
     state: JobState
-    kind: str  # queued, features, epoch, succeeded, failed, cancelled
+    kind: str  # queued, resumed, features, epoch, suspended, succeeded, failed, cancelled
     epoch: int = 0
     epochs: int = 0
     train_loss: float = math.nan
@@ -95,6 +99,14 @@ class Job:
     curve: list[EpochMetrics] = field(default_factory=list)  # one per epoch event, in order
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # Surviving a restart (service.finetune.durable): whether the store holds the job (kept) and its
+    # training inputs (inputs_kept); where a job claimed from the store goes on from (resumed); why
+    # it stops without ending here: its server stops (suspending) or another replica took it (lost).
+    kept: bool = False
+    inputs_kept: bool = False
+    resumed: Resumed | None = None
+    suspending: bool = False
+    lost: bool = False
 
     def final_event(self) -> JobEvent:
         """The event that ends the job (for records read back without their events)."""

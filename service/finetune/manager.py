@@ -12,6 +12,12 @@ Caps (``FineTuneLimits``), each answered at once:
 A finished job keeps no images. Its record goes to the store (:mod:`.history`), so that
 GetJob and ListJobs answer after a restart and on every replica sharing the store; the
 last ``max_finished_jobs`` finished jobs also stay in memory with their events.
+
+A running job survives a restart (:mod:`.durable`): it is kept in the store with a lease this
+server renews; on SIGTERM a job whose features are kept stops after its current batch (event
+``suspended``) and hands its lease back; every server sharing the store claims jobs whose lease
+is gone or expired (at start and then every third of ``job_lease_s``) and goes on with them from
+their last checkpoint (event ``resumed``), or ends them ``failed`` where their inputs are gone.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from service.errors import (
 )
 from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels
+from service.finetune.durable import JobKeeper, LeaseLost
 from service.finetune.examples import ExampleCollector, check_images
 from service.finetune.history import JOBS_FOLDER, JobHistory
 from service.finetune.job import EpochMetrics, Job, JobEvent, JobState
@@ -53,6 +60,7 @@ from service.metrics import ServerMetrics
 from service.models import get_model_spec
 from service.repository import ModelRepository
 from service.tracing import Tracing
+from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)
@@ -80,9 +88,18 @@ class JobManager:
         self._finished: OrderedDict[str, Job] = OrderedDict()  # the most recent, with their events
         self._history = JobHistory(store.objects, self.limits.max_finished_jobs) if store is not None else None
         self._tracing = tracing or Tracing.off()
-        self._pipeline = (
-            JobPipeline(dataplane, builtin, catalog, metrics, self._emit, self._tracing) if store is not None else None
+        self._keeper = (
+            JobKeeper(store.objects, quota_bytes=self.limits.max_kept_job_bytes, lease_s=self.limits.job_lease_s)
+            if store is not None and self.limits.max_kept_job_bytes > 0
+            else None
         )
+        self._pipeline = (
+            JobPipeline(dataplane, builtin, catalog, metrics, self._emit, self._tracing, keeper=self._keeper)
+            if store is not None
+            else None
+        )
+        self._keeping: asyncio.Task[None] | None = None  # renews leases, claims jobs other servers left
+        self._stopping = False
         self._uploads = 0
         self._watchers: dict[str, int] = {}  # job id -> its watchers now (see watch)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -163,13 +180,22 @@ class JobManager:
         job = Job(
             id=uuid.uuid4().hex[:12], config=config, labels=labels, example_count=len(examples), examples=examples
         )
+        if self._keeper is not None:
+            try:
+                await self._ask_store(partial(self._keeper.begin, job), "keep a job in")
+                job.kept = True
+            except UnavailableError as exc:  # the job runs; it will not survive a restart
+                log.warning("job %s is not kept in the store and will not survive a restart: %s", job.id, exc)
         self._live[job.id] = job
         await self._emit(job, JobEvent(job.id, JobState.QUEUED, "queued", epochs=config.epochs))
         self._update_state_gauge()
+        self._start(job, carrier)
+        return job
+
+    def _start(self, job: Job, carrier: Mapping[str, str] | None = None) -> None:
         task = asyncio.create_task(self._run(job, carrier), name=f"finetune-{job.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return job
 
     def _check_queue(self) -> None:
         if len(self._live) >= self.limits.max_queued_jobs:
@@ -184,6 +210,8 @@ class JobManager:
         job = self._live.get(job_id) or self._finished.get(job_id)
         if job is None and self._history is not None:
             job = await self._ask_store(partial(self._history.get, job_id), "read the job history of")
+        if job is None and self._keeper is not None:  # running on another replica, or waiting to go on
+            job = await self._ask_store(partial(self._keeper.find, job_id), "read the jobs kept in")
         if job is None:
             raise ModelNotFoundError(f"no fine-tuning job {quote(job_id)} (finished jobs are kept up to a limit)")
         return job
@@ -226,6 +254,11 @@ class JobManager:
         if job.state.terminal and not job.events:  # a record from the store: only its end is known
             yield job.final_event()
             return
+        if not job.state.terminal and job.id not in self._live:
+            raise UnavailableError(
+                f"job {quote(job_id)} runs on another server sharing the model store, or waits to go on there or "
+                "here after its server stopped; watch it through that server, or retry"
+            )
         with self._watching(job.id):
             async for event in self._follow(job):
                 yield event
@@ -267,7 +300,7 @@ class JobManager:
             for event in fresh:
                 yield event
             sent += len(fresh)
-            if fresh[-1].state.terminal:
+            if fresh[-1].state.terminal or fresh[-1].kind == "suspended":
                 return
 
     # -- cancelling --------------------------------------------------------
@@ -281,12 +314,132 @@ class JobManager:
         return job
 
     async def shutdown(self) -> None:
-        """Cancel every job that has not ended and wait for them to stop."""
+        """Stop every job that has not ended and wait for them: a job whose inputs are kept in the
+        store stops after its current batch and goes on at the next start of a server sharing the
+        store; any other is cancelled."""
+        self._stopping = True
+        if self._keeping is not None:
+            self._keeping.cancel()
         for job in list(self._live.values()):
-            if not job.state.terminal:
+            if job.state.terminal:
+                continue
+            if job.kept and job.inputs_kept:
+                job.suspending = True
+                job.cancel_requested.set()
+            else:
                 await self.cancel(job.id)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- surviving a restart ------------------------------------------------
+
+    def resume_jobs(self) -> None:
+        """Start keeping jobs: renew this server's leases, and claim the jobs that servers which
+        stopped or died left in the store (call once the base models are loaded; idempotent)."""
+        if self._keeper is not None and self._keeping is None and not self._stopping:
+            self._keeping = asyncio.create_task(self._keep_jobs(self._keeper), name="finetune-keeping")
+
+    async def _keep_jobs(self, keeper: JobKeeper) -> None:
+        while not self._stopping:
+            for job in list(self._live.values()):
+                if job.kept and keeper.holds(job.id) and not job.state.terminal:
+                    try:
+                        await self._ask_store(partial(keeper.renew, job.id), "renew a job's lease in")
+                    except LeaseLost:
+                        log.warning("job %s was taken over by another server; it stops here", job.id)
+                        job.lost = True
+                        job.cancel_requested.set()
+                    except UnavailableError as exc:
+                        log.warning("cannot renew the lease of job %s: %s", job.id, exc)
+            try:
+                await self.claim_jobs()
+            except UnavailableError as exc:
+                log.warning("cannot look for jobs to go on with: %s", exc)
+            await asyncio.sleep(keeper.lease_s / 3)
+
+    async def claim_jobs(self) -> tuple[Job, ...]:
+        """Claim every job of the store that no live server holds, within this server's queue, and go
+        on with it; the jobs claimed."""
+        keeper = self._keeper
+        if keeper is None:
+            return ()
+        claimed: tuple[Job, ...] = ()
+        for job_id in await self._ask_store(lambda: list(keeper.unheld()), "look for jobs in"):
+            if self._stopping or len(self._live) >= self.limits.max_queued_jobs:
+                break
+            if job_id in self._live or not await self._ask_store(partial(keeper.claim, job_id), "claim a job in"):
+                continue
+            try:
+                job = await self._ask_store(partial(keeper.read_job, job_id), "read a kept job from")
+            except (ConfigError, KeyError, TypeError, ValueError, OverflowError, VisionServeError, OSError) as exc:
+                log.error("kept job %s cannot be read; deleting what it kept: %s", job_id, exc)
+                await self._ask_store(partial(keeper.end, job_id), "delete a kept job from")
+                continue
+            base = job.config.base_model
+            if base not in self._repository or not self._catalog.base_served(base):
+                log.info("job %s builds on %s, which this server does not serve; leaving it to another", job_id, base)
+                await self._ask_store(partial(keeper.release, job_id), "release a job in")
+                continue
+            job.state, job.kept, job.inputs_kept = JobState.QUEUED, True, True
+            job.resumed = resumed = await self._ask_store(
+                partial(keeper.resume_point, job_id), "read a checkpoint from"
+            )
+            self._live[job.id] = job
+            await self._emit(job, JobEvent(job.id, JobState.QUEUED, "queued", epochs=job.config.epochs))
+            for point in resumed.curve:
+                await self._emit(
+                    job,
+                    JobEvent(
+                        job.id,
+                        JobState.QUEUED,
+                        "epoch",
+                        epoch=point.epoch,
+                        epochs=job.config.epochs,
+                        train_loss=point.train_loss,
+                        validation_loss=point.validation_loss,
+                        validation_accuracy=point.validation_accuracy,
+                    ),
+                )
+            after = f"after epoch {resumed.curve[-1].epoch}" if resumed.curve else "from its first epoch"
+            log.info("job %s goes on here %s (its server stopped)", job.id, after)
+            await self._emit(
+                job,
+                JobEvent(
+                    job.id,
+                    JobState.QUEUED,
+                    "resumed",
+                    epoch=len(resumed.curve),
+                    epochs=job.config.epochs,
+                    message=f"its server stopped; it goes on here {after}",
+                ),
+            )
+            self._update_state_gauge()
+            self._start(job)
+            claimed += (job,)
+        return claimed
+
+    async def _suspend(self, job: Job, message: str) -> None:
+        """Let ``job`` go without ending it: what it kept stays in the store for a server to go on with."""
+        self._live.pop(job.id, None)
+        self._update_state_gauge()
+        last = job.events[-1] if job.events else None
+        await self._emit(
+            job,
+            JobEvent(
+                job.id,
+                job.state,
+                "suspended",
+                epoch=last.epoch if last else 0,
+                epochs=job.config.epochs,
+                progress=last.progress if last else 0.0,
+                message=message,
+            ),
+        )
+        if self._keeper is not None and not job.lost:
+            try:
+                await asyncio.to_thread(self._keeper.release, job.id)
+            except OSError as exc:  # it goes on once its lease expires
+                log.warning("cannot hand back the lease of job %s: %s", job.id, exc)
 
     def delete_model(self, name: str) -> None:
         self._catalog.delete(name)
@@ -298,14 +451,26 @@ class JobManager:
         try:
             if job.state.terminal:
                 return
+            if job.suspending:
+                raise JobCancelled("the server is stopping")
             job.state = JobState.RUNNING
             job.started_at = time.time()
             self._update_state_gauge()
             assert self._pipeline is not None
             await self._pipeline.run(job, device, carrier)
             await self._finish(job, JobState.SUCCEEDED, f"serving {job.config.output_model}")
+        except LeaseLost:
+            job.lost = True
+            await self._suspend(job, "another server took this job over; it goes on there")
         except JobCancelled:
-            await self._finish(job, JobState.CANCELLED, "cancelled")
+            if job.lost:
+                await self._suspend(job, "another server took this job over; it goes on there")
+            elif job.suspending:
+                await self._suspend(
+                    job, "the server stopped; the job goes on at the next start of a server sharing the store"
+                )
+            else:
+                await self._finish(job, JobState.CANCELLED, "cancelled")
         except VisionServeError as exc:
             await self._finish(job, JobState.FAILED, exc.message)
         except Exception as exc:
@@ -349,6 +514,11 @@ class JobManager:
                 await asyncio.to_thread(self._history.save, job)
             except OSError as exc:
                 log.error("cannot write the record of job %s to the store: %s", job.id, exc)
+        if job.kept and self._keeper is not None:
+            try:
+                await asyncio.to_thread(self._keeper.end, job.id)
+            except OSError as exc:
+                log.error("cannot delete what job %s kept in the store: %s", job.id, exc)
 
     async def _emit(self, job: Job, event: JobEvent) -> None:
         async with job.changed:

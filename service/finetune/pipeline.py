@@ -32,6 +32,7 @@ from service.dataplane import DataPlane
 from service.errors import InvalidInputError
 from service.finetune.augment import ViewMaker
 from service.finetune.catalog import FineTunedModels
+from service.finetune.durable import JobKeeper
 from service.finetune.examples import TrainingExamples
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.store import Manifest
@@ -67,7 +68,9 @@ class JobPipeline:
         metrics: ServerMetrics,
         emit: Emit,
         tracing: Tracing | None = None,
+        keeper: JobKeeper | None = None,
     ) -> None:
+        self._keeper = keeper  # keeps jobs in the store so that they survive a restart
         self._dataplane = dataplane
         self._builtin = builtin
         self._catalog = catalog
@@ -95,8 +98,15 @@ class JobPipeline:
         )
         state = JobState.FAILED
         try:
-            with _phase(spans, "features", {"vision.examples": job.example_count}):
-                features, targets = await self.extract_features(job)
+            kept = await self._keeper.kept_inputs(job) if self._keeper is not None else None  # a resumed job's
+            if kept is None:
+                with _phase(spans, "features", {"vision.examples": job.example_count}):
+                    features, targets = await self.extract_features(job)
+                if self._keeper is not None:
+                    await self._keeper.keep(job, features, targets)
+            else:
+                features, targets = kept
+                del kept
             try:
                 result = await self.train(job, features, targets, device, spans)
             finally:
@@ -288,6 +298,7 @@ class JobPipeline:
             use_torch_threads(usable_cores())  # this pool thread's own count (see use_torch_threads)
             if spans is not None:
                 epoch_started[0] = time.time_ns()  # the first epoch's span includes the split and statistics
+            resume, on_checkpoint = self._keeper.training_hooks(job) if self._keeper is not None else (None, None)
             return train_head(
                 features,
                 targets,
@@ -297,6 +308,8 @@ class JobPipeline:
                 device=device,
                 on_epoch=on_epoch,
                 cancelled=stop,
+                resume=resume,
+                on_checkpoint=on_checkpoint,
             )
 
         try:

@@ -1,0 +1,501 @@
+"""Jobs that survive a restart: what a running job keeps in the model store, and who runs it.
+
+A job accepted by a server with a store writes, under ``.jobs/live/<job id>/``::
+
+    job.json                what the job is: its config, labels, example count, times
+    lease.json              who runs it and until when: {"holder": ..., "expires": unix seconds}
+    inputs.safetensors      what training reads (the extracted features and the targets), once extracted
+    checkpoint.safetensors  the training run's state after its last finished epoch, and each epoch's figures
+
+The job's holder renews its lease (a conditional replace on the ETag it last wrote) a few times per
+``lease_s``; a server that stops on SIGTERM hands its leases back at once; one that dies keeps them
+until they expire. Every replica sharing the store looks for jobs whose lease is gone or expired
+and claims one with a conditional write (a create where there is no lease, a replace on the ETag of
+the expired one it read), so two replicas never both take a job. The new holder goes on from the
+checkpoint's epoch with the kept inputs: features and targets exactly as extracted, the validation
+split made again from the same targets and seed, the model, optimizer and random generators as they
+were (:class:`~service.finetune.trainer.FitState`), so the resumed job's figures are those an
+uninterrupted run would have had. Each checkpoint replaces the last one conditionally on the ETag
+its writer last saw: a holder that lost its job to another replica finds out at its next epoch and
+stops, never overwriting the new holder's work.
+
+What is kept: the features, not the uploaded images (smaller, exactly what training reads, and no
+extraction to run again). A job stopped before its features were kept (during its upload's
+extraction), or whose inputs are gone from the store, ends ``failed`` with that reason on the
+next start; so does one whose inputs were over the quota. ``quota_bytes`` bounds the inputs and
+checkpoints of all running jobs of the store together (checked, from a listing, when a job's
+inputs are about to be written; replicas writing at the same moment can each pass it once). A job
+over it runs as before, without surviving a restart. When a job ends, however it ends, its folder
+is deleted (its record goes to ``.jobs/`` as before, :mod:`.history`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from service.errors import StoreEntryError, UnavailableError
+from service.files import FileRefused
+from service.finetune.history import JOB_ID, JOBS_FOLDER
+from service.finetune.job import EpochMetrics, Job, JobState
+from service.finetune.store import parse_json
+from service.finetune.trainer import FitState
+from service.storage import ObjectChanged, ObjectExists, ObjectStore
+from vision_client.errors import InvalidInputError as ConfigError
+from vision_client.protocol import from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+LIVE_FOLDER = f"{JOBS_FOLDER}/live"
+JOB_FILE = "job.json"
+LEASE_FILE = "lease.json"
+INPUTS_FILE = "inputs.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+MAX_JSON_BYTES = 1024 * 1024
+FORMAT_VERSION = 1
+KEPT = "kept"  # a kept job's "inputs" once they are in the store
+
+
+class LeaseLost(UnavailableError):
+    """Another replica holds the job now (this one's lease expired and was taken): stop, keep nothing."""
+
+
+class InputsGone(UnavailableError):
+    """A resumed job's inputs are not in the store: it cannot go on."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a claimed job goes on from: the checkpoint (None: the first epoch) and the figures of the
+    epochs before it."""
+
+    state: FitState | None
+    curve: list[EpochMetrics]
+
+
+def default_holder() -> str:
+    """This process among the replicas: host, process id and a random part (a pid is reused)."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class JobKeeper:
+    """The store side of jobs that survive a restart (blocking; the manager calls it in threads,
+    the training thread calls :meth:`checkpoint`)."""
+
+    def __init__(self, objects: ObjectStore, *, quota_bytes: int, lease_s: float, holder: str | None = None) -> None:
+        self.objects = objects
+        self.quota_bytes = quota_bytes
+        self.lease_s = lease_s
+        self.holder = holder or default_holder()
+        self._leases: dict[str, str] = {}  # job id -> ETag of the lease this process last wrote
+        self._checkpoints: dict[str, str] = {}  # job id -> ETag of the checkpoint this process last wrote
+        self._curves: dict[str, list[EpochMetrics]] = {}  # job id -> figures of its epochs so far
+
+    @property
+    def enabled(self) -> bool:
+        return self.quota_bytes > 0
+
+    def holds(self, job_id: str) -> bool:
+        return job_id in self._leases
+
+    # -- a job's life -----------------------------------------------------
+
+    def begin(self, job: Job) -> None:
+        """Keep ``job`` (accepted here): its description and this process's lease."""
+        self._write_job(job, inputs="")
+        self._leases[job.id] = self.objects.create(_key(job.id, LEASE_FILE), self._lease_bytes()).etag
+        self._curves[job.id] = []
+
+    def renew(self, job_id: str) -> None:
+        """Push the lease's expiry on; :class:`LeaseLost` if another replica took it."""
+        etag = self._leases.get(job_id)
+        if etag is None:
+            raise LeaseLost(f"job {job_id} is not held here")
+        try:
+            self._leases[job_id] = self.objects.replace(_key(job_id, LEASE_FILE), self._lease_bytes(), etag).etag
+        except (ObjectChanged, FileNotFoundError):
+            self.forget(job_id)
+            raise LeaseLost(f"job {job_id} was taken over by another replica") from None
+
+    def release(self, job_id: str) -> None:
+        """Hand the lease back (this server stops; the job goes on at the next start of any replica)."""
+        etag = self._leases.get(job_id)
+        self.forget(job_id)
+        info = self.objects.head(_key(job_id, LEASE_FILE))
+        if etag is not None and info is not None and info.etag == etag:
+            self.objects.delete(_key(job_id, LEASE_FILE))
+
+    def forget(self, job_id: str) -> None:
+        self._leases.pop(job_id, None)
+        self._checkpoints.pop(job_id, None)
+        self._curves.pop(job_id, None)
+
+    def end(self, job_id: str) -> None:
+        """Delete everything ``job_id`` kept (it has ended and its record is written); the lease last."""
+        self.forget(job_id)
+        for name in (CHECKPOINT_FILE, INPUTS_FILE, JOB_FILE, LEASE_FILE):
+            self.objects.delete(_key(job_id, name))
+
+    # -- inputs -------------------------------------------------------------
+
+    def keep_inputs(self, job: Job, features: torch.Tensor, targets: torch.Tensor) -> bool:
+        """Write the job's training inputs if the quota has room for them; False (and why, in the
+        job's description) if not."""
+        size = features.nelement() * features.element_size() + targets.nelement() * targets.element_size()
+        used = self.used_bytes()
+        if used + size > self.quota_bytes:
+            note = (
+                f"its features ({_mib(size)}) were not kept: the store held {_mib(used)} of running jobs' "
+                f"inputs and checkpoints, and --max-kept-job-bytes is {_mib(self.quota_bytes)}"
+            )
+            log.warning("job %s will not survive a restart: %s", job.id, note)
+            self._write_job(job, inputs=note)
+            return False
+        data = safetensors.torch.save(
+            {"features": features.contiguous(), "targets": targets.contiguous()},
+            metadata={"job": job.id, "format_version": str(FORMAT_VERSION)},
+        )
+        self.objects.write(_key(job.id, INPUTS_FILE), data)
+        self._write_job(job, inputs=KEPT)
+        return True
+
+    def inputs(self, job_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept features and targets; :class:`InputsGone` if they are not there (or not readable)."""
+        key = _key(job_id, INPUTS_FILE)
+        try:
+            tensors = safetensors.torch.load(self.objects.read(key, self.quota_bytes))
+            features, targets = tensors["features"], tensors["targets"]
+        except FileNotFoundError:
+            note = self._note(job_id)
+            raise InputsGone(
+                f"the server running this job stopped and its inputs are not in the store ({note}); "
+                "create the job again"
+            ) from None
+        except (FileRefused, KeyError, ValueError, RuntimeError, safetensors.SafetensorError) as exc:
+            raise InputsGone(f"the job's kept inputs cannot be read ({exc}); create the job again") from None
+        if features.ndim < 2 or len(features) % max(len(targets), 1) or not len(targets):
+            raise InputsGone("the job's kept inputs do not fit together; create the job again")
+        return features, targets
+
+    def used_bytes(self) -> int:
+        return sum(info.size for info in self.objects.list(f"{LIVE_FOLDER}/") if not info.error)
+
+    # -- checkpoints --------------------------------------------------------
+
+    def checkpoint(self, job_id: str, state: FitState) -> None:
+        """Write the training run's state after an epoch, replacing the last checkpoint only if it is
+        still the one this process wrote (:class:`LeaseLost` if not). Called in the training thread."""
+        curve = self._curves.setdefault(job_id, [])
+        del curve[state.epoch - 1 :]
+        curve.append(EpochMetrics(state.epoch, state.train_loss, state.validation_loss, state.validation_accuracy))
+        data = _checkpoint_bytes(job_id, state, curve)
+        key = _key(job_id, CHECKPOINT_FILE)
+        etag = self._checkpoints.get(job_id)
+        try:
+            info = self.objects.create(key, data) if etag is None else self.objects.replace(key, data, etag)
+        except (ObjectExists, ObjectChanged):
+            self.forget(job_id)
+            raise LeaseLost(f"job {job_id} was taken over by another replica") from None
+        self._checkpoints[job_id] = info.etag
+
+    def resume_point(self, job_id: str) -> Resumed:
+        """The checkpoint of a claimed job (read once, when it starts here)."""
+        key = _key(job_id, CHECKPOINT_FILE)
+        info = self.objects.head(key)
+        if info is None:
+            self._curves[job_id] = []
+            return Resumed(None, [])
+        try:
+            state, curve = _read_checkpoint(self.objects.read(key, self.quota_bytes), job_id)
+        except (FileNotFoundError, FileRefused, KeyError, TypeError, ValueError, RuntimeError, StoreEntryError,
+                safetensors.SafetensorError) as exc:  # fmt: skip
+            log.warning(
+                "the checkpoint of job %s cannot be read; it starts again from its first epoch: %s", job_id, exc
+            )
+            state, curve = None, []
+        self._checkpoints[job_id] = info.etag
+        self._curves[job_id] = list(curve)
+        return Resumed(state, curve)
+
+    # -- what the pipeline asks ---------------------------------------------------
+
+    async def kept_inputs(self, job: Job) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A resumed job's features and targets from the store (None: the job extracts its own)."""
+        if job.resumed is None:
+            return None
+        return await asyncio.to_thread(self.inputs, job.id)
+
+    async def keep(self, job: Job, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """Keep a job's freshly extracted inputs, if it is kept; a store that fails costs the job its
+        survival of a restart, never the job."""
+        if not job.kept or job.inputs_kept:
+            return
+        try:
+            job.inputs_kept = await asyncio.to_thread(self.keep_inputs, job, features, targets)
+        except OSError as exc:
+            log.warning(
+                "the inputs of job %s cannot be kept in the store; it will not survive a restart: %s", job.id, exc
+            )
+
+    def training_hooks(self, job: Job) -> tuple[FitState | None, Callable[[FitState], None] | None]:
+        """The state a resumed job's training goes on from, and what to do with each epoch's."""
+        if not job.kept:
+            return None, None
+
+        def on_checkpoint(state: FitState) -> None:
+            if not job.inputs_kept:
+                return  # nothing to go on from without them
+            try:
+                self.checkpoint(job.id, state)
+            except OSError as exc:
+                log.warning("checkpoint %d of job %s cannot be written: %s", state.epoch, job.id, exc)
+
+        return (job.resumed.state if job.resumed is not None else None), on_checkpoint
+
+    # -- other replicas' jobs ---------------------------------------------------
+
+    def unheld(self) -> Iterator[str]:
+        """Ids of kept jobs that no live lease holds (their holder died or stopped), oldest lease first."""
+        objects: dict[str, dict[str, Any]] = {}
+        for info in self.objects.list(f"{LIVE_FOLDER}/"):
+            job_id, _, name = info.key.removeprefix(f"{LIVE_FOLDER}/").partition("/")
+            if JOB_ID.fullmatch(job_id) and not info.error:
+                objects.setdefault(job_id, {})[name] = info
+        now = time.time()
+        for job_id, files in objects.items():
+            if job_id in self._leases or JOB_FILE not in files:
+                continue
+            lease = files.get(LEASE_FILE)
+            if lease is None or self._expired(job_id, now):
+                yield job_id
+
+    def claim(self, job_id: str) -> bool:
+        """Take ``job_id``'s lease if it is gone or expired, with a conditional write: True if this
+        process holds the job now."""
+        key = _key(job_id, LEASE_FILE)
+        info = self.objects.head(key)
+        try:
+            if info is None:
+                self._leases[job_id] = self.objects.create(key, self._lease_bytes()).etag
+                return True
+            if not self._expired(job_id, time.time()):
+                return False
+            self._leases[job_id] = self.objects.replace(key, self._lease_bytes(), info.etag).etag
+            return True
+        except (ObjectExists, ObjectChanged, FileNotFoundError):
+            return False
+
+    def read_job(self, job_id: str) -> Job:
+        """The kept description of ``job_id`` (ValueError and the like if it is not one)."""
+        data = parse_json(self.objects.read(_key(job_id, JOB_FILE), MAX_JSON_BYTES), f"job {job_id}")
+        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION or data.get("id") != job_id:
+            raise ValueError("not a kept job of a known format_version")
+        return Job(
+            id=job_id,
+            config=from_dict(data["config"]),
+            labels=[str(label) for label in data["labels"]],
+            example_count=int(data["examples"]),
+            state=JobState.RUNNING,
+            created_at=float(data["created_at"]),
+        )
+
+    def find(self, job_id: str) -> Job | None:
+        """A job kept in the store that runs elsewhere, or waits to go on (for GetJob), if any."""
+        try:
+            return self.read_job(job_id)
+        except FileNotFoundError:
+            return None
+        except (FileRefused, StoreEntryError, ConfigError, KeyError, TypeError, ValueError) as exc:
+            log.warning("kept job %s cannot be read: %s", job_id, exc)
+            return None
+
+    # -- internals ----------------------------------------------------------
+
+    def _expired(self, job_id: str, now: float) -> bool:
+        try:
+            data = parse_json(self.objects.read(_key(job_id, LEASE_FILE), MAX_JSON_BYTES), f"lease of {job_id}")
+            expires = data["expires"] if isinstance(data, dict) else None
+            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+                return True  # an unreadable lease holds nothing
+            return float(expires) < now
+        except FileNotFoundError:
+            return True
+        except (FileRefused, StoreEntryError):
+            return True
+
+    def _lease_bytes(self) -> bytes:
+        return json.dumps({"holder": self.holder, "expires": time.time() + self.lease_s}).encode()
+
+    def _write_job(self, job: Job, *, inputs: str) -> None:
+        record = {
+            "format_version": FORMAT_VERSION,
+            "id": job.id,
+            "config": to_dict(job.config),
+            "labels": job.labels,
+            "examples": job.example_count,
+            "created_at": job.created_at,
+            "inputs": inputs,  # "kept", "" (not yet), or why they were not kept
+        }
+        self.objects.write(_key(job.id, JOB_FILE), json.dumps(record).encode())
+
+    def _note(self, job_id: str) -> str:
+        try:
+            data = parse_json(self.objects.read(_key(job_id, JOB_FILE), MAX_JSON_BYTES), f"job {job_id}")
+        except (OSError, FileRefused, StoreEntryError):
+            return ""
+        note = data.get("inputs") if isinstance(data, dict) else None
+        if note == KEPT:
+            return "they were deleted from it"
+        return note if isinstance(note, str) and note else "the server stopped before its features were kept"
+
+
+def _key(job_id: str, name: str) -> str:
+    if not JOB_ID.fullmatch(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return f"{LIVE_FOLDER}/{job_id}/{name}"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+# -- a checkpoint as one safetensors object: tensors by name, the rest as JSON in its metadata ----------
+
+
+def _checkpoint_bytes(job_id: str, state: FitState, curve: list[EpochMetrics]) -> bytes:
+    tensors: dict[str, torch.Tensor] = {"generator": state.generator, "rng": state.rng}
+    tensors.update({f"model/{name}": value for name, value in state.model.items()})
+    if state.best_model is not None:
+        tensors.update({f"best/{name}": value for name, value in state.best_model.items()})
+    values: dict[str, dict[str, object]] = {}
+    for param, slots in state.optimizer["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{param}/{name}"] = value
+            else:
+                values.setdefault(str(param), {})[name] = _number(value)
+    document = {
+        "format_version": FORMAT_VERSION,
+        "job": job_id,
+        "epoch": state.epoch,
+        "best_score": [_number(v) for v in state.best_score],
+        "best_epoch": state.best_epoch,
+        "has_best": state.best_model is not None,
+        "stale": state.stale,
+        "stopped": state.stopped,
+        "figures": [_number(v) for v in (state.train_loss, state.validation_loss, state.validation_accuracy)],
+        "param_groups": state.optimizer["param_groups"],
+        "optimizer_values": values,
+        "curve": [[p.epoch, *(_number(v) for v in (p.train_loss, p.validation_loss, p.validation_accuracy))]
+                  for p in curve],
+    }  # fmt: skip
+    tensors = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
+    return safetensors.torch.save(tensors, metadata={"checkpoint": json.dumps(document)})
+
+
+def _read_checkpoint(data: bytes, job_id: str) -> tuple[FitState, list[EpochMetrics]]:
+    """A checkpoint read back, checked as far as its types go (the model's own load checks its names)."""
+    tensors = safetensors.torch.load(data)
+    header = _metadata(data)
+    document = parse_json(header.get("checkpoint", "").encode(), f"checkpoint of {job_id}")
+    if not isinstance(document, dict) or document.get("format_version") != FORMAT_VERSION:
+        raise ValueError("not a checkpoint of a known format_version")
+    if document.get("job") != job_id:
+        raise ValueError("a checkpoint of another job")
+    model = _prefixed(tensors, "model/")
+    best = _prefixed(tensors, "best/") if document["has_best"] is True else None
+    state: dict[Any, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            param, slot = name.removeprefix("optimizer/").split("/", 1)
+            state.setdefault(int(param), {})[slot] = value
+    values = document["optimizer_values"]
+    if not isinstance(values, dict):
+        raise ValueError("optimizer values must be an object")
+    for param, slots in values.items():
+        if not isinstance(slots, dict):
+            raise ValueError("optimizer values must be objects")
+        state.setdefault(int(param), {}).update({name: _value(v) for name, v in slots.items()})
+    groups = document["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        raise ValueError("param_groups must be a list of objects")
+    figures = [_float(v) for v in document["figures"]]
+    score = [_float(v) for v in document["best_score"]]
+    curve = [EpochMetrics(int(p[0]), *(_float(v) for v in p[1:4])) for p in document["curve"]]
+    epoch, best_epoch, stale = (_integer(document[name]) for name in ("epoch", "best_epoch", "stale"))
+    if not 1 <= epoch == len(curve) or not 0 <= best_epoch <= epoch or len(figures) != 3 or len(score) != 2:
+        raise ValueError("a checkpoint's epochs do not fit together")
+    fit = FitState(
+        epoch=epoch,
+        model=model,
+        optimizer={"state": state, "param_groups": groups},
+        generator=tensors["generator"],
+        rng=tensors["rng"],
+        best_score=(score[0], score[1]),
+        best_epoch=best_epoch,
+        best_model=best,
+        stale=stale,
+        stopped=document["stopped"] is True,
+        train_loss=figures[0],
+        validation_loss=figures[1],
+        validation_accuracy=figures[2],
+    )
+    return fit, curve
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """A safetensors object's metadata (its JSON header's ``__metadata__``)."""
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors object")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, MAX_JSON_BYTES * 16):
+        raise ValueError("a safetensors header larger than the object")
+    header = parse_json(data[8 : 8 + size], "a checkpoint's header")
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("a checkpoint's metadata must be text")
+    return metadata
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name.removeprefix(prefix): value for name, value in tensors.items() if name.startswith(prefix)}
+
+
+def _number(value: object) -> object:
+    """JSON has no NaN or infinity: those travel as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _float(value: object) -> float:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"not a number: {value!r}"[:100])
+    return float(value)
+
+
+def _value(value: object) -> float | int | None:
+    """An optimizer's value that is not a tensor: a number or None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return _float(value)
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not an integer: {value!r}"[:100])
+    return value

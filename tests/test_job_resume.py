@@ -1,0 +1,213 @@
+"""Jobs that survive a restart: a real server process killed (SIGKILL) or stopped (SIGTERM) during a
+job's third epoch of six; the next start of a server sharing the store goes on from the last
+checkpoint and finishes with the very figures of an uninterrupted run, and serves the model; a job
+whose kept inputs were removed from the store ends ``failed`` with that reason. A directory store
+and an S3 one (moto)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from tests.conftest import ServerProcess, start_server
+from tests.finetune_data import digits
+from tests.test_finetune import config, job_requests
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
+from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = 300
+EPOCHS = 6
+LEASE_S = "2"  # a killed server's jobs go on after this
+RESUMED_WITHIN_S = 240.0
+
+
+def job_config(name: str) -> pb.FineTuneConfig:
+    # Batches of 2 through a 512-wide hidden layer: epochs long enough to kill a server in the third;
+    # dropout draws from the random stream a resumed job must go on with.
+    return config(
+        name,
+        epochs=EPOCHS,
+        batch_size=2,
+        head=pb.HeadSpec(kind="two_layer", hidden=512, dropout=0.2),
+        optimizer=pb.OptimizerSpec(kind="adam", lr=1e-3),
+    )
+
+
+def examples() -> tuple[list[bytes], list[str]]:
+    images, targets = digits()
+    return images[:EXAMPLES], [str(t) for t in targets[:EXAMPLES]]
+
+
+@dataclass
+class Store:
+    args: tuple[str, ...]
+    env: dict[str, str]
+    folder: Path | None  # a directory store's folder
+    s3: object | None = None  # a boto3 client of the S3 store
+    bucket: str = ""
+
+    def kept(self, job_id: str) -> list[str]:
+        """Keys of what ``job_id`` keeps in the store."""
+        prefix = f".jobs/live/{job_id}/"
+        if self.folder is not None:
+            folder = self.folder / prefix
+            return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+        listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=f"models/{prefix}")  # type: ignore[attr-defined]
+        return sorted(item["Key"].rsplit("/", 1)[1] for item in listing.get("Contents", []))
+
+    def remove(self, job_id: str, name: str) -> None:
+        if self.folder is not None:
+            (self.folder / ".jobs" / "live" / job_id / name).unlink()
+        else:
+            self.s3.delete_object(Bucket=self.bucket, Key=f"models/.jobs/live/{job_id}/{name}")  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["directory", "s3"])
+def store(request, tmp_path) -> Store:
+    if request.param == "directory":
+        folder = tmp_path / "store"
+        return Store(("--model-store", str(folder)), {}, folder)
+    moto = request.getfixturevalue("moto_server")
+    bucket = moto.new_bucket()
+    return Store(("--model-store", f"s3://{bucket}/models"), moto.environment(), None, moto.client(), bucket)
+
+
+@pytest.fixture
+def serve(tmp_path, weights_dir, store) -> Iterator:
+    started: list[ServerProcess] = []
+
+    def start() -> ServerProcess:
+        proc = start_server(
+            tmp_path,
+            "--models", "alexnet", "--weights", str(weights_dir), *store.args,
+            "--store-poll-seconds", "1", "--job-lease-seconds", LEASE_S,
+            env=store.env,
+        )  # fmt: skip
+        started.append(proc)
+        proc.wait_serving()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, weights_dir) -> tuple[list[tuple], np.ndarray]:
+    """An uninterrupted run of the job: its curve, and the logits its model gives the held-out images."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = start_server(
+        tmp, "--models", "alexnet", "--weights", str(weights_dir), "--model-store", str(tmp / "store")
+    )
+    try:
+        proc.wait_serving()
+        images, labels = examples()
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.FineTuningStub(channel)
+            job = stub.CreateJob(job_requests(job_config("reference"), images, labels), timeout=300)
+            events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600))
+            assert events[-1].kind == "succeeded", events[-1].message
+            done = stub.GetJob(pb.GetJobRequest(job_id=job.id))
+        return curve(done), logits(proc.target, "reference")
+    finally:
+        proc.stop()
+
+
+def curve(job: pb.Job) -> list[tuple]:
+    return [(p.epoch, p.train_loss, p.validation_loss, p.validation_accuracy) for p in job.epoch_metrics]
+
+
+def logits(target: str, model: str) -> np.ndarray:
+    images, _ = digits()
+    with triton.InferenceServerClient(target) as client:
+        tensor = triton.InferInput("IMAGE", [16], "BYTES")
+        tensor.set_data_from_numpy(np.array(images[1500:1516], dtype=np.object_))
+        return client.infer(model, [tensor], client_timeout=120).as_numpy("LOGITS")
+
+
+def start_job_and_stop_in_epoch_3(proc: ServerProcess, name: str, how: signal.Signals) -> tuple[str, list[pb.JobEvent]]:
+    """Create the job, and send ``how`` to the server once epoch 2's event (its checkpoint is written
+    before it) has come: the server stops in epoch 3. The events seen, up to the stream's end."""
+    images, labels = examples()
+    seen: list[pb.JobEvent] = []
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = pb_grpc.FineTuningStub(channel)
+        job = stub.CreateJob(job_requests(job_config(name), images, labels), timeout=300)
+        try:
+            for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600):
+                seen.append(event)
+                if event.kind == "epoch" and event.epoch == 2:
+                    proc.process.send_signal(how)
+        except grpc.RpcError as exc:
+            assert how == signal.SIGKILL, exc  # a killed server's stream breaks; a stopping one's ends
+    assert proc.process.wait(120) == (-signal.SIGKILL if how == signal.SIGKILL else 0), proc.log()
+    assert not any(e.kind in ("succeeded", "failed", "cancelled") for e in seen), [e.kind for e in seen]
+    return job.id, seen
+
+
+def follow(proc: ServerProcess, job_id: str) -> tuple[list[pb.JobEvent], pb.Job]:
+    """The events of ``job_id`` on ``proc`` once it has claimed the job, to its end, and the job then.
+    Until it has (a killed server's lease must expire first), WatchJob answers UNAVAILABLE."""
+    deadline = time.monotonic() + RESUMED_WITHIN_S
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = pb_grpc.FineTuningStub(channel)
+        while True:
+            try:
+                events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=600))
+                return events, stub.GetJob(pb.GetJobRequest(job_id=job_id))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert time.monotonic() < deadline, f"job {job_id} did not go on: {proc.log()[-3000:]}"
+                time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_job_goes_on_after_its_server_stops_with_the_same_figures(serve, store, reference, how) -> None:
+    if how == signal.SIGTERM and store.folder is None:
+        pytest.skip("SIGTERM is the same on both stores; the S3 store is covered by kill -9")
+    expected_curve, expected_logits = reference
+    first = serve()
+    job_id, before = start_job_and_stop_in_epoch_3(first, "resumed", how)
+    if how == signal.SIGTERM:
+        assert before[-1].kind == "suspended", before[-1]
+    kept = {"job.json", "inputs.safetensors", "checkpoint.safetensors"}
+    # A killed server's lease stays until it expires; a stopping server hands it back.
+    assert set(store.kept(job_id)) == (kept | {"lease.json"} if how == signal.SIGKILL else kept)
+
+    second = serve()
+    events, job = follow(second, job_id)
+    assert job.state == pb.SUCCEEDED, job.error
+    resumed = next(e for e in events if e.kind == "resumed")
+    assert 2 <= resumed.epoch < EPOCHS, resumed
+    # Epochs before the stop come from the checkpoint, the rest from going on: all equal to the
+    # uninterrupted run's, to the last bit (the same inputs, model, optimizer and random streams).
+    assert curve(job) == expected_curve
+    assert [e.epoch for e in events if e.kind == "epoch"] == list(range(1, EPOCHS + 1))
+    np.testing.assert_array_equal(logits(second.target, "resumed"), expected_logits)
+    assert store.kept(job_id) == []  # what the job kept is deleted once it has ended
+
+
+def test_a_job_whose_inputs_are_gone_ends_failed_with_the_reason(serve, store) -> None:
+    first = serve()
+    job_id, _ = start_job_and_stop_in_epoch_3(first, "inputs-gone", signal.SIGKILL)
+    store.remove(job_id, "inputs.safetensors")
+
+    second = serve()
+    events, job = follow(second, job_id)
+    assert job.state == pb.FAILED
+    assert "inputs are not in the store" in job.error and "deleted" in job.error, job.error
+    assert events[-1].kind == "failed"
+    assert store.kept(job_id) == []
+    with triton.InferenceServerClient(second.target) as client:
+        assert "inputs-gone" not in [m.name for m in client.get_model_repository_index().models]
+    assert "Traceback" not in second.log()
