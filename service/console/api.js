@@ -143,6 +143,8 @@ export const api = {
   load: (name) => call("POST", `/v2/repository/models/${encodeURIComponent(name)}/load`, {}),
   unload: (name) => call("POST", `/v2/repository/models/${encodeURIComponent(name)}/unload`, {}),
   deleteModel: (name) => call("DELETE", `/v1/models/${encodeURIComponent(name)}`),
+  rollback: (name, version) =>
+    call("POST", `/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}/rollback`, {}),
   infer: (name, body) => call("POST", `/v2/models/${encodeURIComponent(name)}/infer`, body),
   jobs: () => call("GET", "/v1/jobs"),
   job: (id) => call("GET", `/v1/jobs/${encodeURIComponent(id)}`),

@@ -1,5 +1,6 @@
-// Models: every model the server knows, its state and where it runs; load, unload and delete
-// (management calls: they need the token when the server has a token file).
+// Models: every model the server knows, its state, its versions and where it runs; load, unload,
+// delete and roll back to a kept version (management calls: they need the token when the server
+// has a token file).
 
 import { api } from "./api.js";
 import { bdi, byId, clear, el, errorParts, say } from "./dom.js";
@@ -59,6 +60,17 @@ function render(list) {
     };
     if (model.state === "READY") act("Unload", api.unload);
     else act("Load", api.load);
+    const versions = model.versions || [];
+    if (model.platform === "vision_finetuned" && versions.length > 1) {
+      const older = versions.filter((v) => v !== model.version);
+      const picker = el(
+        "select",
+        { "aria-label": `Version of ${model.name} to roll back to` },
+        ...older.map((v) => el("option", { value: v }, `version ${v}`)),
+      );
+      actions.append(picker);
+      act("Roll back", (name) => api.rollback(name, picker.value));
+    }
     if (model.platform === "vision_finetuned") {
       act("Delete", api.deleteModel, `Delete the fine-tuned model ${model.name} from the store? This cannot be undone.`);
     }
@@ -68,7 +80,7 @@ function render(list) {
         {},
         el("th", { scope: "row" }, bdi(model.name)),
         el("td", {}, state, model.reason ? el("small", { class: "reason" }, bdi(model.reason)) : null),
-        el("td", {}, bdi(model.version || "–")),
+        el("td", {}, versionCell(model)),
         el("td", {}, bdi(model.runtime || "–")),
         el("td", {}, bdi((model.devices || []).join(", ") || "–")),
         el("td", { class: "number" }, String(model.numOutputs ?? "–")),
@@ -78,6 +90,17 @@ function render(list) {
       ),
     );
   }
+}
+
+/** The versions a request may name, the one served in bold (it answers requests without a version). */
+function versionCell(model) {
+  const versions = model.versions && model.versions.length ? model.versions : [model.version || "–"];
+  const cell = el("span", { class: "versions", title: `version ${model.version || "–"} is served` });
+  versions.forEach((v, i) => {
+    if (i) cell.append(" ");
+    cell.append(v === model.version ? el("strong", {}, bdi(v)) : bdi(v));
+  });
+  return cell;
 }
 
 export function setUpModels() {

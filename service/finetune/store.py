@@ -595,7 +595,9 @@ class ModelStore:
         return deleted
 
     def delete(self, name: str) -> None:
-        """Delete ``name`` and every version of it (the objects go at once, or after the grace)."""
+        """Delete ``name`` and every version it keeps: its manifest first (from then on the model
+        does not exist for any reader), then each kept version's objects; what no manifest named
+        (a writer's staged objects) goes after the grace."""
         key = _key(name, MANIFEST)
         try:
             current: Manifest | None = self.read_manifest(name)
@@ -613,6 +615,9 @@ class ModelStore:
             raise InternalError(f"cannot delete {quote(name)} from the model store {self.location}: {exc}") from exc
         if current is not None:
             self.objects.delete(_key(name, current.weights_file))
+            for ref in current.kept:
+                for file in (f"head-{ref.version}.safetensors", ref.manifest_file):
+                    self.objects.delete(_key(name, file))
         self.collect_garbage(name)
 
     # -- reading -----------------------------------------------------------

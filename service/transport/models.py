@@ -35,7 +35,13 @@ class ModelsServicer(pb_grpc.ModelsServicer):
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[pb.GetModelRequest, pb.ModelInfo]
     ) -> pb.ModelInfo:
-        return model_info(self._dataplane.repository.get(require_model_name(request.name)), labels=True)
+        name = require_model_name(request.name)
+        if request.version:  # that version itself (another kept one loads, as a request naming it would)
+            model = self._dataplane.model(name, request.version)
+            if model.version != request.version:
+                model = await self._dataplane.model_version(name, request.version)
+            return model_info(model, labels=True)
+        return model_info(self._dataplane.repository.get(name), labels=True)
 
     async def GetThroughput(
         self,

@@ -159,6 +159,7 @@ class BaseClient:
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._options = _channel_options(max_message_bytes, options)
         self._labels: dict[str, tuple[str, ...]] = {}
+        self._version_labels: dict[tuple[str, str], tuple[str, ...]] = {}  # (model, version) named by a call
         self._channel: Any = None
         self._methods: dict[proto.Rpc, Any] = {}
         self._lock = threading.Lock()  # a Client may be shared by threads
@@ -253,35 +254,39 @@ class BaseClient:
                 self._labels[info.name] = info.labels
         return infos
 
-    def _model_plan(self, name: str) -> Plan[ModelInfo]:
-        (response,) = yield [proto.Call(proto.GET_MODEL, models_pb.GetModelRequest(name=name))]
+    def _model_plan(self, name: str, version: str = "") -> Plan[ModelInfo]:
+        (response,) = yield [proto.Call(proto.GET_MODEL, models_pb.GetModelRequest(name=name, version=version))]
         info = proto.model_info(response)
-        self._labels[info.name] = info.labels
+        if version:
+            self._version_labels[(info.name, version)] = info.labels
+        else:
+            self._labels[info.name] = info.labels
         return info
 
-    def _labels_plan(self, model: str) -> Plan[tuple[str, ...]]:
-        labels = self._labels.get(model)
+    def _labels_plan(self, model: str, version: str = "") -> Plan[tuple[str, ...]]:
+        labels = self._version_labels.get((model, version)) if version else self._labels.get(model)
         if labels is None:
-            labels = (yield from self._model_plan(model)).labels
+            labels = (yield from self._model_plan(model, version)).labels
         return labels
 
-    def _logits_plan(self, images: ImageInput | Iterable[ImageInput], model: str) -> Plan[np.ndarray]:
-        logits, _ = yield from self._scored_plan(images, model)
+    def _logits_plan(self, images: ImageInput | Iterable[ImageInput], model: str, version: str) -> Plan[np.ndarray]:
+        logits, _ = yield from self._scored_plan(images, model, version)
         return logits
 
     def _classify_plan(
-        self, images: ImageInput | Iterable[ImageInput], model: str, top_k: int
+        self, images: ImageInput | Iterable[ImageInput], model: str, top_k: int, version: str
     ) -> Plan[list[list[Prediction]]]:
         top_k = proto.check_top_k(top_k)
-        logits, labels = yield from self._scored_plan(images, model)
+        logits, labels = yield from self._scored_plan(images, model, version)
         return proto.top_predictions(logits, labels, top_k)
 
     def _scored_plan(
-        self, images: ImageInput | Iterable[ImageInput], model: str
+        self, images: ImageInput | Iterable[ImageInput], model: str, version: str = ""
     ) -> Plan[tuple[np.ndarray, tuple[str, ...]]]:
-        """Logits [N, C] of every image, and the model's labels (cached per model)."""
+        """Logits [N, C] of every image, and the labels of the model's version (cached per model and
+        version named; empty: the version served)."""
         encoded = encode_images(images)  # before any call: a bad image fails fast
-        labels = yield from self._labels_plan(model)
+        labels = yield from self._labels_plan(model, version)
         chunks = proto.split_images(
             encoded,
             num_classes=len(labels),
@@ -290,10 +295,12 @@ class BaseClient:
         )
         if not chunks:
             return np.zeros((0, len(labels)), dtype=np.float32), labels
-        responses = yield [proto.Call(proto.MODEL_INFER, proto.infer_request(model, chunk)) for chunk in chunks]
+        responses = yield [
+            proto.Call(proto.MODEL_INFER, proto.infer_request(model, chunk, version)) for chunk in chunks
+        ]
         logits = np.concatenate([proto.parse_logits(r, len(c)) for r, c in zip(responses, chunks, strict=True)])
         if logits.shape[1] != len(labels):  # the model was replaced since its labels were cached
-            labels = (yield from self._model_plan(model)).labels
+            labels = (yield from self._model_plan(model, version)).labels
         return logits, labels
 
     # -- fine-tuning plans ---------------------------------------------------------------
@@ -356,7 +363,20 @@ class BaseClient:
 
     def _delete_model_plan(self, name: str) -> Plan[None]:
         yield [proto.Call(proto.DELETE_MODEL, ft_pb.DeleteModelRequest(name=name))]
+        self._forget_labels(name)
+
+    def _rollback_model_plan(self, name: str, version: int | str) -> Plan[ModelInfo]:
+        request = models_pb.RollbackModelRequest(name=name, version=str(version))
+        (response,) = yield [proto.Call(proto.ROLLBACK_MODEL, request)]
+        info = proto.model_info(response)
+        self._labels[info.name] = info.labels  # the version now served
+        return info
+
+    def _forget_labels(self, name: str) -> None:
+        """A deleted name may come back with other versions and labels."""
         self._labels.pop(name, None)
+        for key in [key for key in self._version_labels if key[0] == name]:
+            del self._version_labels[key]
 
 
 class _ResponseStream:
@@ -433,9 +453,10 @@ class Client(BaseClient):
         """Every model the server knows, loaded or not."""
         return self._run(self._models_plan(labels), timeout)
 
-    def model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
-        """One model; :class:`ModelNotFoundError` if the server does not know it."""
-        return self._run(self._model_plan(name), timeout)
+    def model(self, name: str, *, version: int | str = "", timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """One model (``version``: one of its versions; empty: the one served); :class:`ModelNotFoundError`
+        if the server does not know it, or keeps no such version."""
+        return self._run(self._model_plan(name, str(version)), timeout)
 
     def classify(
         self,
@@ -443,20 +464,24 @@ class Client(BaseClient):
         model: str = DEFAULT_MODEL,
         top_k: int = 5,
         *,
+        version: int | str = "",
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> list[list[Prediction]]:
-        """The ``top_k`` most probable classes of each image, best first: one list per image."""
-        return self._run(self._classify_plan(images, model, top_k), timeout)
+        """The ``top_k`` most probable classes of each image, best first: one list per image.
+        ``version``: one of the model's versions (:attr:`ModelInfo.versions`); empty: the one served."""
+        return self._run(self._classify_plan(images, model, top_k, str(version)), timeout)
 
     def logits(
         self,
         images: ImageInput | Iterable[ImageInput],
         model: str = DEFAULT_MODEL,
         *,
+        version: int | str = "",
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> np.ndarray:
-        """The model's raw outputs, float32 ``[N, C]``, one row per image."""
-        return self._run(self._logits_plan(images, model), timeout)
+        """The model's raw outputs, float32 ``[N, C]``, one row per image (of ``version``, as
+        :meth:`classify` has it)."""
+        return self._run(self._logits_plan(images, model, str(version)), timeout)
 
     def fine_tune(
         self,
@@ -500,6 +525,11 @@ class Client(BaseClient):
     def delete_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Delete a fine-tuned model from the server's store and stop serving it."""
         return self._run(self._delete_model_plan(name), timeout)
+
+    def rollback_model(self, name: str, version: int | str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """Serve ``version`` of fine-tuned model ``name`` again, one its store keeps
+        (:attr:`ModelInfo.versions`); every replica follows on its next poll. The model as now served."""
+        return self._run(self._rollback_model_plan(name, version), timeout)
 
     def load_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Load (or load again) a model the server knows; returns once it serves. Large models
@@ -625,9 +655,9 @@ class AsyncClient(BaseClient):
         """Every model the server knows, loaded or not."""
         return await self._run(self._models_plan(labels), timeout)
 
-    async def model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
-        """One model; :class:`ModelNotFoundError` if the server does not know it."""
-        return await self._run(self._model_plan(name), timeout)
+    async def model(self, name: str, *, version: int | str = "", timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """:meth:`Client.model`."""
+        return await self._run(self._model_plan(name, str(version)), timeout)
 
     async def classify(
         self,
@@ -635,20 +665,22 @@ class AsyncClient(BaseClient):
         model: str = DEFAULT_MODEL,
         top_k: int = 5,
         *,
+        version: int | str = "",
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> list[list[Prediction]]:
-        """The ``top_k`` most probable classes of each image, best first: one list per image."""
-        return await self._run(self._classify_plan(images, model, top_k), timeout)
+        """:meth:`Client.classify`."""
+        return await self._run(self._classify_plan(images, model, top_k, str(version)), timeout)
 
     async def logits(
         self,
         images: ImageInput | Iterable[ImageInput],
         model: str = DEFAULT_MODEL,
         *,
+        version: int | str = "",
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> np.ndarray:
-        """The model's raw outputs, float32 ``[N, C]``, one row per image."""
-        return await self._run(self._logits_plan(images, model), timeout)
+        """:meth:`Client.logits`."""
+        return await self._run(self._logits_plan(images, model, str(version)), timeout)
 
     async def fine_tune(
         self,
@@ -686,6 +718,12 @@ class AsyncClient(BaseClient):
     async def delete_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Delete a fine-tuned model from the server's store and stop serving it."""
         return await self._run(self._delete_model_plan(name), timeout)
+
+    async def rollback_model(
+        self, name: str, version: int | str, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> ModelInfo:
+        """:meth:`Client.rollback_model`."""
+        return await self._run(self._rollback_model_plan(name, version), timeout)
 
     async def load_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """:meth:`Client.load_model`."""

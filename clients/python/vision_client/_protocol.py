@@ -90,6 +90,8 @@ REPOSITORY_UNLOAD = Rpc(
 )
 LIST_MODELS = Rpc(_MODELS + "ListModels", models_pb.ListModelsRequest, models_pb.ListModelsResponse)
 GET_MODEL = Rpc(_MODELS + "GetModel", models_pb.GetModelRequest, models_pb.ModelInfo)
+# Rolling back to the version served already is harmless: it may be retried.
+ROLLBACK_MODEL = Rpc(_MODELS + "RollbackModel", models_pb.RollbackModelRequest, models_pb.ModelInfo)
 
 _FINE_TUNING = "/vision.v1.FineTuning/"
 CREATE_JOB = Rpc(_FINE_TUNING + "CreateJob", ft_pb.CreateJobRequest, ft_pb.Job, idempotent=False, kind="stream_unary")
@@ -105,9 +107,10 @@ DELETE_MODEL = Rpc(_FINE_TUNING + "DeleteModel", ft_pb.DeleteModelRequest, ft_pb
 # -- requests ------------------------------------------------------------------
 
 
-def infer_request(model: str, images: Sequence[bytes]) -> infer_pb.ModelInferRequest:
-    """A ``ModelInfer`` request of encoded images (raw, length-prefixed BYTES) asking for LOGITS."""
-    request = infer_pb.ModelInferRequest(model_name=model)
+def infer_request(model: str, images: Sequence[bytes], version: str = "") -> infer_pb.ModelInferRequest:
+    """A ``ModelInfer`` request of encoded images (raw, length-prefixed BYTES) asking for LOGITS
+    (of ``version`` of the model; empty: the version it serves)."""
+    request = infer_pb.ModelInferRequest(model_name=model, model_version=version)
     request.inputs.add(name=IMAGE, datatype="BYTES", shape=[len(images)])
     request.outputs.add(name=LOGITS)
     request.raw_input_contents.append(encode_bytes_elements(images))
@@ -304,6 +307,7 @@ def model_info(message: models_pb.ModelInfo) -> ModelInfo:
         version=message.version,
         devices=tuple(message.devices),
         pending_images=message.pending_images,
+        versions=tuple(message.versions),
     )
 
 

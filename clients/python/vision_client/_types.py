@@ -34,6 +34,9 @@ class ModelInfo:
     version: str = ""  # the version that answers requests ("1" for built-in models)
     devices: tuple[str, ...] = ()  # where its instances run: "cpu", "cuda:0", ...
     pending_images: int = 0  # images waiting in its queue
+    # The versions a request may name, oldest first ("1" for built-in models; a fine-tuned model's
+    # versions kept in the store, the served one included): Client.rollback_model and version= take them.
+    versions: tuple[str, ...] = ()
 
     @property
     def ready(self) -> bool:

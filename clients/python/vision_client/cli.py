@@ -5,6 +5,7 @@
 
     vision-client classify IMAGE... [--model M] [--top-k K] [--json]
     vision-client models [--json]
+    vision-client models rollback NAME VERSION [--json]
     vision-client health [--json]
     vision-client fine-tune DIR --base M --output NAME [--head H] [--epochs N] ... [--plot FILE] [--json]
     vision-client jobs [--json]
@@ -89,7 +90,18 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
     classify.add_argument("--top-k", "-k", type=_positive_int, default=5, help="classes per image (default 5)")
     classify.add_argument("--json", action="store_true", help="print JSON")
 
-    models = commands.add_parser("models", parents=[connection], help="list the server's models")
+    models = commands.add_parser(
+        "models",
+        parents=[connection],
+        help="list the server's models, or roll one back",
+        description=(
+            "List the server's models and their versions (the served one marked *); 'models rollback NAME "
+            "VERSION' serves an older version of a fine-tuned model, one its store keeps, on every replica."
+        ),
+    )
+    models.add_argument("action", nargs="?", choices=("rollback",), help="roll a fine-tuned model back")
+    models.add_argument("name", nargs="?", metavar="NAME", help="the fine-tuned model to roll back")
+    models.add_argument("version", nargs="?", metavar="VERSION", help="the version to serve again (1, 2, ...)")
     models.add_argument("--json", action="store_true", help="print JSON")
 
     health = commands.add_parser(
@@ -419,13 +431,30 @@ def classify_command(client: Client, args: argparse.Namespace) -> int:
 
 
 def models_command(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "rollback" or args.name:
+        if args.action != "rollback" or not args.name or not args.version:
+            return _fail("models rollback needs a NAME and a VERSION (vision-client models lists them)")
+        model = client.rollback_model(args.name, args.version)
+        if args.json:
+            _print_json(_model_json(model))
+        else:
+            print(f"{model.name} serves version {model.version} (versions kept: {_versions(model)})")
+        return 0
     models = client.models(labels=False)
     if args.json:
         _print_json([_model_json(m) for m in models])
         return 0
-    header = ("NAME", "STATE", "CLASSES", "INPUT", "BASE MODEL", "REASON")
+    header = ("NAME", "STATE", "CLASSES", "INPUT", "BASE MODEL", "VERSIONS", "REASON")
     rows = [
-        (m.name, m.state, str(m.num_classes), f"{m.input_size}x{m.input_size}", m.base_model or "-", m.reason)
+        (
+            m.name,
+            m.state,
+            str(m.num_classes),
+            f"{m.input_size}x{m.input_size}",
+            m.base_model or "-",
+            _versions(m),
+            m.reason,
+        )
         for m in models
     ]
     _print_table(header, rows)
@@ -722,6 +751,11 @@ def _prediction_json(rank: int, prediction: Prediction) -> dict[str, object]:
     return {"rank": rank, "label": prediction.label, "index": prediction.index, "score": prediction.score}
 
 
+def _versions(model: ModelInfo) -> str:
+    """A model's versions, the one served marked: ``1 2 3*``."""
+    return " ".join(v + ("*" if v == model.version else "") for v in model.versions or (model.version,))
+
+
 def _model_json(model: ModelInfo) -> dict[str, object]:
     return {
         "name": model.name,
@@ -734,6 +768,8 @@ def _model_json(model: ModelInfo) -> dict[str, object]:
         "input_size": model.input_size,
         "min_height": model.min_height,
         "min_width": model.min_width,
+        "version": model.version,
+        "versions": list(model.versions),
     }
 
 

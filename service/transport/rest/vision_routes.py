@@ -3,7 +3,7 @@
 | method and path | RPC |
 |---|---|
 | ``GET /v1/models`` (``?without_labels=true``) | ``Models/ListModels`` |
-| ``GET /v1/models/{name}`` | ``Models/GetModel`` |
+| ``GET /v1/models/{name}[/versions/{version}]`` | ``Models/GetModel`` |
 | ``GET /v1/throughput`` | ``Models/GetThroughput`` |
 | ``DELETE /v1/models/{name}`` | ``FineTuning/DeleteModel`` |
 | ``POST /v1/models/{name}/versions/{version}/rollback`` | ``Models/RollbackModel`` |
@@ -63,7 +63,9 @@ def vision_routes(
         return _canonical(reply)
 
     async def get_model(request: web.Request, body: bytes) -> web.StreamResponse:
-        message = models_pb2.GetModelRequest(name=request.match_info["name"])
+        message = models_pb2.GetModelRequest(
+            name=request.match_info["name"], version=request.match_info.get("version", "")
+        )
         return _canonical(await models.GetModel(message, NO_CONTEXT))
 
     async def throughput(request: web.Request, body: bytes) -> web.StreamResponse:
@@ -126,7 +128,7 @@ def vision_routes(
 
     return [
         Route("GET", ("/v1/models",), _MODELS + "ListModels", list_models),
-        Route("GET", ("/v1/models/{name}",), _MODELS + "GetModel", get_model),
+        Route("GET", ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"), _MODELS + "GetModel", get_model),
         Route("GET", ("/v1/throughput",), _MODELS + "GetThroughput", throughput),
         Route("DELETE", ("/v1/models/{name}",), _FINE_TUNING + "DeleteModel", delete_model),
         Route(

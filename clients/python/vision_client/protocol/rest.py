@@ -19,7 +19,7 @@ gRPC methods; this module is how they travel over HTTP, so both bindings give eq
 | ``GRPCInferenceService/RepositoryModelLoad`` | ``POST /v2/repository/models/{name}/load`` |
 | ``GRPCInferenceService/RepositoryModelUnload`` | ``POST /v2/repository/models/{name}/unload`` |
 | ``vision.v1.Models/ListModels`` | ``GET /v1/models`` (``?without_labels=true``) |
-| ``vision.v1.Models/GetModel`` | ``GET /v1/models/{name}`` |
+| ``vision.v1.Models/GetModel`` | ``GET /v1/models/{name}[/versions/{version}]`` |
 | ``vision.v1.Models/GetThroughput`` | ``GET /v1/throughput`` |
 | ``vision.v1.Models/RollbackModel`` | ``POST /v1/models/{name}/versions/{version}/rollback`` |
 | ``vision.v1.FineTuning/DeleteModel`` | ``DELETE /v1/models/{name}`` |
@@ -196,7 +196,11 @@ ROUTES: dict[str, RestRoute] = {
         lambda r: "/v1/models?without_labels=true" if r.without_labels else "/v1/models",
         models_pb.ListModelsResponse,
     ),
-    _MODELS + "GetModel": RestRoute("GET", lambda r: f"/v1/models/{_segment(r.name)}", models_pb.ModelInfo),
+    _MODELS + "GetModel": RestRoute(
+        "GET",
+        lambda r: f"/v1/models/{_segment(r.name)}" + (f"/versions/{_segment(r.version)}" if r.version else ""),
+        models_pb.ModelInfo,
+    ),
     _MODELS + "GetThroughput": RestRoute("GET", lambda r: "/v1/throughput", models_pb.Throughput),
     _MODELS + "RollbackModel": RestRoute(
         "POST",

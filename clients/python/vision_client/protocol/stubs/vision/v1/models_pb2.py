@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x16vision/v1/models.proto\x12\tvision.v1\"+\n\x11ListModelsRequest\x12\x16\n\x0ewithout_labels\x18\x01 \x01(\x08\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.vision.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xea\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x12\n\ninput_size\x18\x06 \x01(\x05\x12\x13\n\x0bnum_outputs\x18\x07 \x01(\x05\x12\x0e\n\x06labels\x18\x08 \x03(\t\x12\x12\n\nmin_height\x18\t \x01(\x05\x12\x11\n\tmin_width\x18\n \x01(\x05\x12\x0f\n\x07runtime\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\r \x03(\t\x12\x16\n\x0epending_images\x18\x0e \x01(\x03\x12\x11\n\tprecision\x18\x0f \x01(\t\x12:\n\x13precision_agreement\x18\x10 \x01(\x0b\x32\x1d.vision.v1.PrecisionAgreement\x12\x10\n\x08versions\x18\x11 \x03(\t\"5\n\x14RollbackModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x8e\x01\n\x12PrecisionAgreement\x12\x0e\n\x06images\x18\x01 \x01(\x05\x12\x15\n\rimages_source\x18\x02 \x01(\t\x12\x12\n\nmin_cosine\x18\x03 \x01(\x01\x12\x13\n\x0bmean_cosine\x18\x04 \x01(\x01\x12\x0c\n\x04top1\x18\x05 \x01(\x01\x12\x1a\n\x12max_relative_error\x18\x06 \x01(\x01\"\x16\n\x14GetThroughputRequest\"=\n\x0c\x44\x65viceImages\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x03\"3\n\nQueueDepth\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0epending_images\x18\x02 \x01(\x03\"j\n\nThroughput\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\'\n\x06images\x18\x02 \x03(\x0b\x32\x17.vision.v1.DeviceImages\x12%\n\x06queues\x18\x03 \x03(\x0b\x32\x15.vision.v1.QueueDepth2\xaa\x02\n\x06Models\x12K\n\nListModels\x12\x1c.vision.v1.ListModelsRequest\x1a\x1d.vision.v1.ListModelsResponse\"\x00\x12>\n\x08GetModel\x12\x1a.vision.v1.GetModelRequest\x1a\x14.vision.v1.ModelInfo\"\x00\x12I\n\rGetThroughput\x12\x1f.vision.v1.GetThroughputRequest\x1a\x15.vision.v1.Throughput\"\x00\x12H\n\rRollbackModel\x12\x1f.vision.v1.RollbackModelRequest\x1a\x14.vision.v1.ModelInfo\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x16vision/v1/models.proto\x12\tvision.v1\"+\n\x11ListModelsRequest\x12\x16\n\x0ewithout_labels\x18\x01 \x01(\x08\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.vision.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xea\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x12\n\ninput_size\x18\x06 \x01(\x05\x12\x13\n\x0bnum_outputs\x18\x07 \x01(\x05\x12\x0e\n\x06labels\x18\x08 \x03(\t\x12\x12\n\nmin_height\x18\t \x01(\x05\x12\x11\n\tmin_width\x18\n \x01(\x05\x12\x0f\n\x07runtime\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\r \x03(\t\x12\x16\n\x0epending_images\x18\x0e \x01(\x03\x12\x11\n\tprecision\x18\x0f \x01(\t\x12:\n\x13precision_agreement\x18\x10 \x01(\x0b\x32\x1d.vision.v1.PrecisionAgreement\x12\x10\n\x08versions\x18\x11 \x03(\t\"5\n\x14RollbackModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x8e\x01\n\x12PrecisionAgreement\x12\x0e\n\x06images\x18\x01 \x01(\x05\x12\x15\n\rimages_source\x18\x02 \x01(\t\x12\x12\n\nmin_cosine\x18\x03 \x01(\x01\x12\x13\n\x0bmean_cosine\x18\x04 \x01(\x01\x12\x0c\n\x04top1\x18\x05 \x01(\x01\x12\x1a\n\x12max_relative_error\x18\x06 \x01(\x01\"\x16\n\x14GetThroughputRequest\"=\n\x0c\x44\x65viceImages\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x03\"3\n\nQueueDepth\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0epending_images\x18\x02 \x01(\x03\"j\n\nThroughput\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\'\n\x06images\x18\x02 \x03(\x0b\x32\x17.vision.v1.DeviceImages\x12%\n\x06queues\x18\x03 \x03(\x0b\x32\x15.vision.v1.QueueDepth2\xaa\x02\n\x06Models\x12K\n\nListModels\x12\x1c.vision.v1.ListModelsRequest\x1a\x1d.vision.v1.ListModelsResponse\"\x00\x12>\n\x08GetModel\x12\x1a.vision.v1.GetModelRequest\x1a\x14.vision.v1.ModelInfo\"\x00\x12I\n\rGetThroughput\x12\x1f.vision.v1.GetThroughputRequest\x1a\x15.vision.v1.Throughput\"\x00\x12H\n\rRollbackModel\x12\x1f.vision.v1.RollbackModelRequest\x1a\x14.vision.v1.ModelInfo\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=82
   _globals['_LISTMODELSRESPONSE']._serialized_end=140
   _globals['_GETMODELREQUEST']._serialized_start=142
-  _globals['_GETMODELREQUEST']._serialized_end=173
-  _globals['_MODELINFO']._serialized_start=176
-  _globals['_MODELINFO']._serialized_end=538
-  _globals['_ROLLBACKMODELREQUEST']._serialized_start=540
-  _globals['_ROLLBACKMODELREQUEST']._serialized_end=593
-  _globals['_PRECISIONAGREEMENT']._serialized_start=596
-  _globals['_PRECISIONAGREEMENT']._serialized_end=738
-  _globals['_GETTHROUGHPUTREQUEST']._serialized_start=740
-  _globals['_GETTHROUGHPUTREQUEST']._serialized_end=762
-  _globals['_DEVICEIMAGES']._serialized_start=764
-  _globals['_DEVICEIMAGES']._serialized_end=825
-  _globals['_QUEUEDEPTH']._serialized_start=827
-  _globals['_QUEUEDEPTH']._serialized_end=878
-  _globals['_THROUGHPUT']._serialized_start=880
-  _globals['_THROUGHPUT']._serialized_end=986
-  _globals['_MODELS']._serialized_start=989
-  _globals['_MODELS']._serialized_end=1287
+  _globals['_GETMODELREQUEST']._serialized_end=190
+  _globals['_MODELINFO']._serialized_start=193
+  _globals['_MODELINFO']._serialized_end=555
+  _globals['_ROLLBACKMODELREQUEST']._serialized_start=557
+  _globals['_ROLLBACKMODELREQUEST']._serialized_end=610
+  _globals['_PRECISIONAGREEMENT']._serialized_start=613
+  _globals['_PRECISIONAGREEMENT']._serialized_end=755
+  _globals['_GETTHROUGHPUTREQUEST']._serialized_start=757
+  _globals['_GETTHROUGHPUTREQUEST']._serialized_end=779
+  _globals['_DEVICEIMAGES']._serialized_start=781
+  _globals['_DEVICEIMAGES']._serialized_end=842
+  _globals['_QUEUEDEPTH']._serialized_start=844
+  _globals['_QUEUEDEPTH']._serialized_end=895
+  _globals['_THROUGHPUT']._serialized_start=897
+  _globals['_THROUGHPUT']._serialized_end=1003
+  _globals['_MODELS']._serialized_start=1006
+  _globals['_MODELS']._serialized_end=1304
 # @@protoc_insertion_point(module_scope)
