@@ -9,6 +9,7 @@ heads) are built from a built-in model's instances and share its weights.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from functools import partial
 
@@ -18,16 +19,20 @@ from service.batching import BatchQueue, min_split_images
 from service.config import FASTEST, FLOAT32, ServeConfig
 from service.cpus import usable_cores, use_torch_threads
 from service.devices import resolve_dtype
+from service.errors import FailedPreconditionError, quote
 from service.metrics import ServerMetrics
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
 from service.models.preprocessing import preprocessing_of
 from service.precision import Agreement, Precision, check_floor, measure, reference_logits, sample_batch, worst
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
-from service.runtimes.base import Backend
+from service.runtimes.base import FEATURES, Backend
 from service.runtimes.export import default_cache_dir
 from service.runtimes.select import BackendLoader, RuntimeOptions, candidates, time_backend
+from service.runtimes.torch_backend import TorchBackend
 from service.served import BUILTIN_PLATFORM, FEATURES_SUFFIX, FINETUNED_PLATFORM, ServedModel
+
+ACTIVATIONS_SUFFIX = ":activations"  # a fine-tuning job's internal model of a backbone's frozen prefix
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ class ModelFactory:
         self._config = config
         self._devices = devices
         self._metrics = metrics
+        self._weights: dict[str, WeightsSource] = {}  # each built-in model's, once it is built
         runtime = config.runtime
         self._options = RuntimeOptions(
             runtime=runtime.name,
@@ -72,6 +78,7 @@ class ModelFactory:
         workers, warmed up. The torch copy of the weights is dropped when the runtime does not
         need it."""
         spec = get_model_spec(model.name)
+        self._weights[model.name] = weights
         instances, precision = await asyncio.to_thread(self.build_instances, spec, weights)
         model.precision = precision
         self._metrics.set_precision_agreement(model.name, precision.dtype, precision.agreement)
@@ -82,11 +89,16 @@ class ModelFactory:
         and that precision's agreement with float32 where it is reduced (blocking: seconds).
         FailedPreconditionError where the agreement is under ``--min-precision-agreement``."""
         use_torch_threads(usable_cores())  # building, exporting, timing, measuring: this thread's own count
-        net = build_model(spec, weights)
+        return self._build_instances(spec, build_model(spec, weights), spec.name)
+
+    def _build_instances(
+        self, spec: ModelSpec, net: torch.nn.Module, dtype_of: str
+    ) -> tuple[list[ModelInstance], Precision]:
+        """:meth:`build_instances` of network ``net``, in the ``--dtype`` of model ``dtype_of``."""
         loader = BackendLoader(spec, net, self._options)
         count = self._config.runtime.instances
-        precision = self._config.dtype.for_model(spec.name)
-        asked = self._config.dtype.option_text(spec.name)
+        precision = self._config.dtype.for_model(dtype_of)
+        asked = self._config.dtype.option_text(dtype_of)
         # Measured before any backend is built: a torch backend on the CPU in float32 is this very network.
         batch = reference = None
         if precision != FLOAT32:
@@ -95,7 +107,7 @@ class ModelFactory:
         agreement: Agreement | None = None
         instances: list[ModelInstance] = []
         for device in self._devices:
-            dtype = self._precision_on(spec.name, device)
+            dtype = self._precision_on(dtype_of, device)
             names = candidates(self._options.runtime, device, precision, asked=asked)
             if self._options.runtime == FASTEST and len(names) > 1:
                 backend = self._fastest(spec, loader, names, device, dtype)
@@ -141,6 +153,44 @@ class ModelFactory:
         model.base_model = base.name
         model.precision = Precision(base.precision.dtype)
         self._start_workers(model, [i.features() for i in base.instances], warm_up=False)
+        return model
+
+    def base_network(self, name: str) -> torch.nn.Module:
+        """A new float32 CPU copy of built-in ``name``'s network, with the weights it is served with
+        (blocking: seconds); for fine-tuning jobs that train its last blocks, and their models."""
+        weights = self._weights.get(name)
+        if weights is None:
+            raise FailedPreconditionError(f"{quote(name)} has not been loaded; load it first")
+        return build_model(get_model_spec(name), weights)
+
+    def start_activations(self, base: ServedModel, prefix: torch.nn.Module) -> ServedModel:
+        """An internal model of built-in ``base``'s input preprocessing whose output is ``prefix``'s
+        (a backbone's frozen first part, float32, eager torch: the activations a job keeps), on
+        every device, running (blocking: starts threads). Its queue's owner closes it when done."""
+        spec = get_model_spec(base.name)
+        model = self._new_served(base.name + ACTIVATIONS_SUFFIX, spec, [], 0, platform=BUILTIN_PLATFORM)
+        model.base_model = base.name
+        instances = []
+        for device in self._devices:
+            module = prefix.eval() if device.type == "cpu" else copy.deepcopy(prefix).to(device).eval()
+            backend = TorchBackend(module, torch.nn.Identity(), device, threads=self._options.threads or None)
+            instances.append(ModelInstance(backend, output=FEATURES))
+        self._start_workers(model, instances, warm_up=False)
+        return model
+
+    def start_network(
+        self, name: str, base: ServedModel, spec: ModelSpec, net: torch.nn.Module, labels: list[str], version: str
+    ) -> ServedModel:
+        """A fine-tuned whole network ``net`` (``spec`` says how it splits into features and
+        classifier) served as ``name`` in the runtime and ``--dtype`` of its base, exported as a
+        built-in model is (the runtime cache keyed by its weights); blocking: export, warm-up."""
+        use_torch_threads(usable_cores())
+        instances, precision = self._build_instances(spec, net, base.name)
+        model = self._new_served(name, spec, labels, len(labels), platform=FINETUNED_PLATFORM)
+        model.base_model = base.name
+        model.version = version
+        model.precision = precision
+        self._start_workers(model, instances)
         return model
 
     def start_finetuned(

@@ -11,6 +11,8 @@ import asyncio
 import logging
 import threading
 
+import torch
+
 from service.errors import InvalidInputError, ModelNotFoundError, quote
 from service.factory import ModelFactory
 from service.models import WeightsSource, get_model_spec
@@ -84,6 +86,15 @@ class BuiltinModels:
                 model = self._factory.start_features(base_model)
                 self._repository.add_internal(model)
         return model
+
+    def network(self, base: str) -> torch.nn.Module:
+        """A new float32 CPU copy of built-in ``base``'s network with its served weights (blocking)."""
+        return self._factory.base_network(self._repository.get_ready(base).name)
+
+    def start_activations(self, base: str, prefix: torch.nn.Module) -> ServedModel:
+        """An internal model running ``prefix`` (the frozen part of ``base``'s backbone) on ``base``'s
+        preprocessed images, for one job; the job closes its queue when done (blocking)."""
+        return self._factory.start_activations(self._repository.get_ready(base), prefix)
 
     async def _start(self, model: ServedModel) -> None:
         try:

@@ -48,7 +48,8 @@ from service.errors import (
 )
 from service.factory import ModelFactory
 from service.files import TimedOut, call_with_timeout
-from service.finetune.heads import StandardizedHead
+from service.finetune.backbone import start_network
+from service.finetune.heads import StandardizedHead, TrainedPart
 from service.finetune.names import is_model_name, validate_model_name
 from service.finetune.store import Manifest, ModelStore, StoreReason
 from service.finetune.trainer import TrainMetrics
@@ -261,9 +262,11 @@ class FineTunedModels:
         if name in self._repository.builtin_names():
             raise BuiltinModelError(name, "replaced by a fine-tuned model")
         base_model = self._repository.get_ready(manifest.base_model)
-        model = await asyncio.to_thread(
-            self._factory.start_finetuned, name, base_model, head, manifest.labels, str(manifest.number)
-        )
+        labels, number = manifest.labels, str(manifest.number)
+        if isinstance(head, TrainedPart):  # its backbone's last blocks were trained: the whole new network
+            model = await asyncio.to_thread(start_network, self._factory, name, base_model, head, labels, number)
+        else:
+            model = await asyncio.to_thread(self._factory.start_finetuned, name, base_model, head, labels, number)
         model.revision = manifest.version
         model.versions = tuple(str(ref.number) for ref in manifest.kept)
         return model

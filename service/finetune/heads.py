@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from service.models import get_model_spec
+from service.models.blocks import Backbone, empty_trained_part
 from vision_client.protocol import HeadConfig, Layer
 
 
@@ -142,6 +144,35 @@ class StandardizedHead(nn.Module):
         return self.standardized(features) * self.target_std + self.target_mean
 
 
+class TrainedPart(StandardizedHead):
+    """What a job with trained backbone blocks trains: those blocks (``blocks``, a
+    :class:`~service.models.blocks.Backbone` of them), then the head on their standardized output.
+
+    Its input is the activations where the blocks were cut off from the frozen prefix; its state is
+    the head's, under the names a head's has, and the blocks' under ``blocks.``. :meth:`top` is the
+    head alone, which a served whole network runs after its backbone.
+    """
+
+    def __init__(
+        self,
+        blocks: nn.Module,
+        head: nn.Module,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        target_mean: torch.Tensor | None = None,
+        target_std: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(head, mean, std, target_mean, target_std)
+        self.blocks = blocks
+
+    def standardized(self, activations: torch.Tensor) -> torch.Tensor:
+        return super().standardized(self.blocks(activations))
+
+    def top(self) -> StandardizedHead:
+        """The head and its statistics without the blocks (sharing the head's parameters)."""
+        return StandardizedHead(self.head, self.mean, self.std, self.target_mean, self.target_std).eval()
+
+
 def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
     return (default if value is None else value).detach().clone().float()
 
@@ -154,3 +185,23 @@ def build_standardized_head(
     return StandardizedHead(
         build_head(head, in_features, out_features), torch.zeros(in_features), torch.ones(in_features), *targets
     )
+
+
+def trained_blocks(head: StandardizedHead) -> int:
+    """How many backbone blocks ``head`` trained with it (0: a head on a frozen backbone)."""
+    if isinstance(head, TrainedPart) and isinstance(head.blocks, Backbone):
+        return len(head.blocks.blocks)
+    return 0
+
+
+def build_trained_part(
+    base: str, trained: int, head: HeadConfig, in_features: int, out_features: int, *, regression: bool = False
+) -> TrainedPart:
+    """An untrained :class:`TrainedPart`: built-in ``base``'s last ``trained`` blocks (their tensors
+    allocated, not set) and ``head`` with identity statistics, ready for ``load_state_dict``."""
+    plain = build_standardized_head(head, in_features, out_features, regression=regression)
+    part = TrainedPart(
+        empty_trained_part(get_model_spec(base), trained), plain.head, plain.mean, plain.std,
+        plain.target_mean, plain.target_std,
+    )  # fmt: skip
+    return part.eval()

@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from service.cpus import usable_cores, use_torch_threads
 from service.dataplane import DataPlane
 from service.errors import InvalidInputError
 from service.finetune.augment import ViewMaker
+from service.finetune.backbone import activations_limit_message, max_examples_at_cut, trained_part
 from service.finetune.catalog import FineTunedModels
 from service.finetune.durable import JobKeeper
 from service.finetune.examples import TrainingExamples
@@ -77,6 +79,7 @@ class JobPipeline:
         self._metrics = metrics
         self._emit = emit
         self._tracing = tracing or Tracing.off()
+        self._blocks: dict[str, nn.Module] = {}  # by job: backbone blocks to train, from extraction to training
 
     async def run(self, job: Job, device: torch.device, carrier: Mapping[str, str] | None = None) -> None:
         """Run ``job`` to its published head; raises JobCancelled or a VisionServeError to end it otherwise.
@@ -121,6 +124,7 @@ class JobPipeline:
             raise
         finally:
             job.examples = None
+            self._blocks.pop(job.id, None)
             if spans is not None:
                 spans.end(state.value)
             await release_memory()
@@ -130,7 +134,39 @@ class JobPipeline:
         return store_kind(store.objects) if store is not None else "directory"
 
     async def extract_features(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [R * N, D] (float32, or :data:`FEATURE_DTYPE` past :data:`FEATURE_EXACT_BYTES`) and
+        """The base model's features of the job's examples (:meth:`_extract`), or, where the job trains
+        the last blocks of its backbone, the activations those blocks take (:meth:`_extract_activations`)."""
+        if job.config.train_backbone_blocks:
+            return await self._extract_activations(job)
+        return await self._extract(job, self._builtin.features_model(job.config.base_model))
+
+    async def _extract_activations(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_extract` of the frozen prefix's activations [R * N, ...] at the cut before the job's
+        trained blocks (:mod:`service.finetune.backbone`): the prefix runs in inference mode, once per
+        image and view, as an internal model of this job's (the same batched path as features), which
+        is stopped once they are in. The blocks to train are kept for :meth:`train`. A job whose
+        activations would pass :data:`~service.finetune.backbone.MAX_ACTIVATION_BYTES` is refused
+        before any image is decoded."""
+        limit = max_examples_at_cut(job.config)
+        if limit is not None and job.example_count > limit:
+            raise InvalidInputError(activations_limit_message(job.config))
+        prefix, blocks = await asyncio.to_thread(self._split, job)
+        self._blocks[job.id] = blocks
+        model = await asyncio.to_thread(self._builtin.start_activations, job.config.base_model, prefix)
+        del prefix
+        try:
+            return await self._extract(job, model)
+        finally:
+            model.queue.close()
+            for worker in model.workers:
+                await asyncio.to_thread(worker.join)
+
+    def _split(self, job: Job) -> tuple[nn.Module, nn.Module]:
+        """(frozen prefix, blocks to train) of a new copy of the job's base network (blocking: seconds)."""
+        return trained_part(job.config, self._builtin.network(job.config.base_model))
+
+    async def _extract(self, job: Job, model: ServedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs of ``model`` [R * N, D] (float32, or :data:`FEATURE_DTYPE` past :data:`FEATURE_EXACT_BYTES`) and
         training targets, and nothing else of the examples. R is 1, or with augmentation 1 + its
         views: rows ``v * N`` to ``(v + 1) * N`` hold view ``v`` of every example, view 0 the image
         itself (the layout :func:`~service.finetune.trainer.train_head` reads).
@@ -150,7 +186,6 @@ class JobPipeline:
         pending = deque(examples.images)
         targets = _targets(examples, job.labels)
         del examples
-        model = self._builtin.features_model(job.config.base_model)
         augmentation = job.config.augmentation
         views = augmentation.views
         maker = (
@@ -170,9 +205,9 @@ class JobPipeline:
                 rows = await self._dataplane.infer_model(model, InferenceInput(images=chunk))
             except InvalidInputError as exc:
                 raise InvalidInputError(f"examples {done}-{done + len(chunk) - 1}: {exc.message}") from exc
-            if features is None:
-                exact = total * rows.shape[1] * 4 <= FEATURE_EXACT_BYTES
-                features = torch.empty((total, rows.shape[1]), dtype=torch.float32 if exact else FEATURE_DTYPE)
+            if features is None:  # (activations at a cut have more dimensions than features)
+                exact = total * rows[0].size * 4 <= FEATURE_EXACT_BYTES
+                features = torch.empty((total, *rows.shape[1:]), dtype=torch.float32 if exact else FEATURE_DTYPE)
             features = put_rows(features, done, torch.from_numpy(rows))
             del rows
             if maker is not None:
@@ -295,6 +330,7 @@ class JobPipeline:
         def train(inputs: list[torch.Tensor]) -> TrainResult:
             features, targets = inputs
             inputs.clear()
+            trunk = trained.pop() if trained else None
             use_torch_threads(usable_cores())  # this pool thread's own count (see use_torch_threads)
             if spans is not None:
                 epoch_started[0] = time.time_ns()  # the first epoch's span includes the split and statistics
@@ -310,8 +346,13 @@ class JobPipeline:
                 cancelled=stop,
                 resume=resume,
                 on_checkpoint=on_checkpoint,
+                trunk=trunk,
             )
 
+        trained: list[nn.Module] = []  # the backbone blocks the job trains, if any (emptied as the inputs are)
+        if job.config.train_backbone_blocks:  # kept by the extraction; a resumed job's are made again
+            kept = self._blocks.pop(job.id) if job.id in self._blocks else None
+            trained.append(kept if kept is not None else (await asyncio.to_thread(self._split, job))[1])
         try:
             return await asyncio.to_thread(train, [features, targets])
         except JobCancelled:

@@ -67,10 +67,18 @@ from service.errors import (
     quote,
 )
 from service.files import FileRefused
-from service.finetune.heads import StandardizedHead, build_standardized_head, upgrade_state
+from service.finetune.heads import (
+    StandardizedHead,
+    build_standardized_head,
+    build_trained_part,
+    trained_blocks,
+    upgrade_state,
+)
 from service.finetune.names import is_model_name
 from service.finetune.spec import check_head
 from service.finetune.trainer import TrainMetrics
+from service.models import get_model_spec, list_models
+from service.models.blocks import check_trained_blocks, trained_state_bytes
 from service.storage import (
     ObjectChanged,
     ObjectExists,
@@ -89,6 +97,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# A model whose backbone's last blocks were trained (its weights hold them): servers of before would
+# serve its head on the frozen backbone, so they are told it is newer (they skip it, logged).
+TRAINED_BLOCKS_FORMAT = 2
+MAX_TRAINED_BLOCKS = 64  # of any model's backbone; each base model's own count is checked too
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_FEATURE_DIM = 65_536
 GC_GRACE_S = 600.0  # unreferenced weights younger than this are kept: a writer or reader may still need them
@@ -178,6 +190,7 @@ class Manifest:
     # number. A version's own manifest object carries neither (its number is given when committed).
     number: int = 1
     versions: tuple[VersionRef, ...] = ()
+    train_backbone_blocks: int = 0  # backbone blocks trained with the head (their weights are in the file)
 
     @property
     def kept(self) -> tuple[VersionRef, ...]:
@@ -196,8 +209,10 @@ class Manifest:
         }
 
     def to_json(self) -> dict[str, Any]:
+        blocks = {"train_backbone_blocks": self.train_backbone_blocks} if self.train_backbone_blocks else {}
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": TRAINED_BLOCKS_FORMAT if blocks else FORMAT_VERSION,
+            **blocks,
             "name": self.name,
             "version": self.version,
             "base_model": self.base_model,
@@ -216,7 +231,7 @@ class Manifest:
         """A manifest read from folder ``folder``, every field checked; :class:`StoreEntryError` if not."""
         fields = _Fields(data, folder)
         version = fields.get("format_version", int)
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, TRAINED_BLOCKS_FORMAT):
             raise StoreEntryError(
                 StoreReason.FORMAT_VERSION,
                 f"{folder}: manifest format_version {version} is not {FORMAT_VERSION}, the one this server reads "
@@ -275,6 +290,8 @@ class Manifest:
         except (ValueError, OverflowError) as exc:
             raise StoreEntryError(StoreReason.BAD_MANIFEST, f"{folder}: {exc}") from exc
         number, versions = _versions(fields, folder, version)
+        trained_format = fields.get("format_version", int) == TRAINED_BLOCKS_FORMAT
+        blocks = _trained_blocks(fields, folder, fields.get("base_model", str), trained_format)
         return cls(
             name=name,
             version=version,
@@ -290,7 +307,26 @@ class Manifest:
             sha256=sha256,
             number=number,
             versions=versions,
+            train_backbone_blocks=blocks,
         )
+
+
+def _trained_blocks(fields: _Fields, folder: str, base: str, trained_format: bool) -> int:
+    """A manifest's ``train_backbone_blocks`` (absent: 0, a frozen backbone), within its base model's
+    blocks when this server knows the base, and given exactly when the format says so."""
+    blocks: int = fields.get("train_backbone_blocks", int, 0)
+    if not 0 <= blocks <= MAX_TRAINED_BLOCKS or (blocks > 0) != trained_format:
+        raise StoreEntryError(
+            StoreReason.BAD_MANIFEST,
+            f"{folder}: train_backbone_blocks {blocks} must be 1 to {MAX_TRAINED_BLOCKS} with format_version "
+            f"{TRAINED_BLOCKS_FORMAT}, and absent with {FORMAT_VERSION}",
+        )
+    if blocks and base in list_models():
+        try:
+            check_trained_blocks(get_model_spec(base), blocks)
+        except InvalidInputError as exc:
+            raise StoreEntryError(StoreReason.BAD_DIMENSIONS, f"{folder}: {exc.message}") from exc
+    return blocks
 
 
 def _versions(fields: _Fields, folder: str, version: str) -> tuple[int, tuple[VersionRef, ...]]:
@@ -471,6 +507,7 @@ class ModelStore:
             job_id=job_id,
             weights_file=weights_file,
             sha256=hashlib.sha256(blob).hexdigest(),
+            train_backbone_blocks=trained_blocks(head),
         )
         self.objects.write(_key(name, version_manifest_file(version)), _encode(manifest.to_json()))
         return manifest
@@ -719,15 +756,29 @@ class ModelStore:
         return manifest, self._load_head(manifest)
 
     def _load_head(self, manifest: Manifest) -> StandardizedHead:
-        name = manifest.name
+        name, blocks = manifest.name, manifest.train_backbone_blocks
+        if blocks and manifest.base_model not in list_models():
+            raise StoreEntryError(
+                StoreReason.BASE_NOT_SERVED,
+                f"{name}: its trained blocks are of base model {quote(manifest.base_model)}, unknown to this server",
+            )
+        largest = self.max_weights_bytes + (
+            trained_state_bytes(get_model_spec(manifest.base_model), blocks) if blocks else 0
+        )
         try:
-            blob = self._read(_key(name, manifest.weights_file), self.max_weights_bytes)
+            blob = self._read(_key(name, manifest.weights_file), largest)
         except FileNotFoundError:
             raise StoreEntryError(StoreReason.MISSING_WEIGHTS, f"{name}: {manifest.weights_file} is missing") from None
         if hashlib.sha256(blob).hexdigest() != manifest.sha256:
             raise StoreEntryError(StoreReason.DIGEST_MISMATCH, f"{name}: weights do not match the manifest's sha256")
-        head = build_standardized_head(
-            manifest.head, manifest.feature_dim, len(manifest.labels), regression=manifest.loss == "mse"
+        regression = manifest.loss == "mse"
+        outputs = len(manifest.labels)
+        head = (
+            build_trained_part(
+                manifest.base_model, blocks, manifest.head, manifest.feature_dim, outputs, regression=regression
+            )
+            if blocks
+            else build_standardized_head(manifest.head, manifest.feature_dim, outputs, regression=regression)
         )
         try:
             tensors = upgrade_state(manifest.head, load_safetensors(blob))  # a store of before layers too

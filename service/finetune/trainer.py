@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from service.errors import UnavailableError
-from service.finetune.heads import StandardizedHead, build_head
+from service.finetune.heads import StandardizedHead, TrainedPart, build_head
 from vision_client.protocol import FineTuneConfig
 
 CPU = torch.device("cpu")
@@ -209,6 +209,7 @@ def train_head(
     cancelled: Callable[[], bool] = lambda: False,
     resume: FitState | None = None,
     on_checkpoint: Callable[[FitState], None] | None = None,
+    trunk: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``config.head`` on ``features`` [N, D] -> ``targets`` (class ids [N] or values [N, T]).
 
@@ -225,6 +226,12 @@ def train_head(
     labelled example is left unused; the reported validation figures are
     those of the selection run.
 
+    ``trunk``: backbone blocks trained with the head (their lr is ``config.backbone_lr_factor`` times
+    the head's). Then ``features`` are the activations [R * N, ...] those blocks take, and the
+    result's head is a :class:`TrainedPart` (a copy of the blocks, trained, then the head); the
+    blocks given are left as they are. Features are standardized as the blocks give them before
+    training.
+
     ``on_checkpoint`` is called with the selection run's state after each epoch, before its
     ``on_epoch``; ``resume``, such a state, makes the run go on after that epoch as if it had
     never stopped (the same figures and random streams from the same inputs).
@@ -237,7 +244,7 @@ def train_head(
         raise ValueError(f"features have {features.shape[0]} rows, not a multiple of the {examples} examples")
     train_idx, val_idx = split_indices(targets, config.validation_fraction, config.seed, stratify=classification)
     weights = loss_weights(config, targets, num_outputs, labels) if classification else None
-    fit = _Fit(config, num_outputs, classification, device, cancelled, weights, views - 1)
+    fit = _Fit(config, num_outputs, classification, device, cancelled, weights, views - 1, trunk=trunk)
     selection = fit.run(features, targets, train_idx, val_idx, on_epoch, resume=resume, on_checkpoint=on_checkpoint)
     model = selection.model
     if config.refit and len(val_idx) and selection.best_epoch:
@@ -303,6 +310,8 @@ class _Fit:
         cancelled: Callable[[], bool],
         weights: torch.Tensor | None = None,
         views: int = 0,
+        *,
+        trunk: nn.Module | None = None,
     ) -> None:
         self.config = config
         self.num_outputs = num_outputs
@@ -311,6 +320,7 @@ class _Fit:
         self.cancelled = cancelled
         self.weights = None if weights is None else weights.to(device)
         self.views = views  # augmented views per example beyond its own (rows of x: (1 + views) x examples)
+        self.trunk = trunk  # backbone blocks trained with the head (x: their input activations)
         self.loss_fn: nn.Module = nn.CrossEntropyLoss(weight=self.weights) if classification else nn.MSELoss()
 
     def run(
@@ -335,7 +345,7 @@ class _Fit:
         config, device = self.config, self.device
         epochs = epochs or config.epochs
         x, y, train_idx, val_idx = (t.to(device) for t in (x, y, train_idx, val_idx))
-        mean, std = _statistics(x, train_idx)
+        mean, std = _statistics(x, train_idx) if self.trunk is None else _trunk_statistics(self.trunk, x, train_idx)
         target_stats: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         if not self.classification:
             target_mean, target_std = _statistics(y, train_idx)
@@ -343,8 +353,11 @@ class _Fit:
             y = (y - target_mean) / target_std  # a copy of the targets only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            head = build_head(config.head, x.shape[1], self.num_outputs)
-            model = StandardizedHead(head, mean, std, *target_stats).to(device)
+            head = build_head(config.head, int(mean.shape[0]), self.num_outputs)
+            if self.trunk is None:
+                model = StandardizedHead(head, mean, std, *target_stats).to(device)
+            else:  # a fresh copy of the blocks as they were given: the refit starts where selection did
+                model = TrainedPart(copy.deepcopy(self.trunk), head, mean, std, *target_stats).to(device)
         optimizer = _optimizer(config, model)
         generator = torch.Generator().manual_seed((config.seed + 1) % 2**64)  # any uint64 seed
 
@@ -433,9 +446,17 @@ class _Fit:
 
 def _optimizer(config: FineTuneConfig, model: nn.Module) -> torch.optim.Optimizer:
     opt = config.optimizer
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    if isinstance(model, TrainedPart):  # the blocks learn at their own rate
+        blocks = list(model.blocks.parameters())
+        taken = {id(parameter) for parameter in blocks}
+        groups = [
+            {"params": [parameter for parameter in model.parameters() if id(parameter) not in taken]},
+            {"params": blocks, "lr": opt.lr * config.backbone_lr_factor},
+        ]
     if opt.kind == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.Adam(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
 
 
 def _statistics(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,7 +483,33 @@ def _statistics(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
         mean, std = mean64.float(), (squares / len(rows)).sqrt().float()
     if std is None:
         return mean, torch.ones_like(mean)
-    return mean, torch.where(std < 1e-6 * (1 + mean.abs()), torch.ones_like(std), std)
+    return mean, _usable(std, mean)
+
+
+def _usable(std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``std``, with 1 for columns constant in training (see :func:`_statistics`)."""
+    return torch.where(std < 1e-6 * (1 + mean.abs()), torch.ones_like(std), std)
+
+
+def _trunk_statistics(trunk: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_statistics` of ``trunk``'s outputs on rows ``rows`` of ``x``, the blocks as they are
+    before training: run in inference mode :data:`ROWS_AT_ONCE` rows at a time, their sums kept in
+    float64 (the outputs are never held together)."""
+    trunk = trunk.to(x.device).eval()
+    total = squares = None
+    with torch.inference_mode():
+        for part in _slices(rows):
+            outputs = trunk(x[part].float()).double()
+            total = outputs.sum(0) if total is None else total + outputs.sum(0)
+            squares = (outputs**2).sum(0) if squares is None else squares + (outputs**2).sum(0)
+    if total is None or squares is None:
+        raise ValueError("no training rows to standardize the blocks' output on")
+    mean64 = total / len(rows)
+    mean = mean64.float()
+    if len(rows) < 2:
+        return mean, torch.ones_like(mean)
+    std = (squares / len(rows) - mean64**2).clamp(min=0).sqrt().float()
+    return mean, _usable(std, mean)
 
 
 def _slices(rows: torch.Tensor) -> Iterator[torch.Tensor]:
