@@ -101,7 +101,14 @@ class VisionServer:
             journal=None if run_dir is None else run_dir / REGIONS_JOURNAL,
         )
         self.jobs = JobManager(
-            self.dataplane, self.repository, self.builtin, self.finetuned, self.metrics, limits, tracing=self.tracing
+            self.dataplane,
+            self.repository,
+            self.builtin,
+            self.finetuned,
+            self.metrics,
+            limits,
+            tracing=self.tracing,
+            max_image_bytes=config.max_message_bytes,
         )
         self._access = policy_from(config.auth_token_file, config.auth_scope, config.allowed_hosts)
         tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)

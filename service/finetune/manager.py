@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import torch
 
-from service.config import FineTuneLimits
+from service.config import FineTuneLimits, ServeConfig
 from service.dataplane import DataPlane
 from service.errors import (
     AlreadyExistsError,
@@ -48,6 +48,7 @@ from service.errors import (
 )
 from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels
+from service.finetune.datasets import check_name, list_dataset
 from service.finetune.durable import JobKeeper, LeaseLost
 from service.finetune.examples import ExampleCollector, check_images
 from service.finetune.history import JOBS_FOLDER, JobHistory
@@ -77,7 +78,9 @@ class JobManager:
         metrics: ServerMetrics,
         limits: FineTuneLimits | None = None,
         tracing: Tracing | None = None,
+        max_image_bytes: int = ServeConfig.max_message_bytes,  # one image of a dataset (an upload's: one message)
     ) -> None:
+        self._max_image_bytes = max_image_bytes
         self._dataplane = dataplane
         self._repository = repository
         self._catalog = catalog
@@ -133,6 +136,8 @@ class JobManager:
         """Refuse a job before its examples are streamed, where the config alone says it is bad."""
         self._catalog.require_store()
         check_limits(config, self.limits)
+        if config.dataset:
+            check_name(config.dataset, self.limits.dataset_roots)  # before anything is read
         base = self._repository.get(config.base_model)  # NOT_FOUND for unknown models
         if base.base_model is not None:
             raise InvalidInputError(
@@ -160,7 +165,11 @@ class JobManager:
     ) -> Job:
         """Queue a job; fails at once with INVALID_ARGUMENT if an example is not a decodable image.
         ``carrier``: the caller's W3C trace context, which the job's spans continue."""
-        examples, labels = collector.finish()
+        examples, labels = (
+            await list_dataset(config, collector, self.limits, self._max_image_bytes)
+            if config.dataset
+            else collector.finish()
+        )
         self.check_config(config, outputs=len(labels))  # again: the name may have been taken meanwhile
         if self._dataplane.draining:
             raise UnavailableError("the server is shutting down and takes no new jobs")

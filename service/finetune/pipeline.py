@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any
@@ -183,7 +182,7 @@ class JobPipeline:
         assert examples is not None, "a job's examples are extracted once"
         job.examples = None  # from here the images are the extraction's, and go chunk by chunk
         count = len(examples)
-        pending = deque(examples.images)
+        images = examples.source()  # an upload's images, let go chunk by chunk; or a dataset's, read so
         targets = _targets(examples, job.labels)
         del examples
         augmentation = job.config.augmentation
@@ -197,14 +196,13 @@ class JobPipeline:
         started = time.monotonic()
         done = 0
         total = count * (1 + views)
-        while pending:
+        async for chunk in images.chunks(FEATURE_CHUNK):
             if job.cancel_requested.is_set():
                 raise JobCancelled("cancelled")
-            chunk = [pending.popleft() for _ in range(min(FEATURE_CHUNK, len(pending)))]
             try:
                 rows = await self._dataplane.infer_model(model, InferenceInput(images=chunk))
-            except InvalidInputError as exc:
-                raise InvalidInputError(f"examples {done}-{done + len(chunk) - 1}: {exc.message}") from exc
+            except InvalidInputError as exc:  # the source names the image (a dataset's by its file)
+                raise await images.refused(done, chunk, exc, model.decoder, self._dataplane.decode_pool) from exc
             if features is None:  # (activations at a cut have more dimensions than features)
                 exact = total * rows[0].size * 4 <= FEATURE_EXACT_BYTES
                 features = torch.empty((total, *rows.shape[1:]), dtype=torch.float32 if exact else FEATURE_DTYPE)

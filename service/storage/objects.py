@@ -53,6 +53,8 @@ class ObjectChanged(Exception):
 class StoreUnreachable(OSError):
     """The store did not answer, or answered with an error that is not about one object."""
 
+    code = ""  # the object store's error code where it gave one (S3: NoSuchBucket, AccessDenied...)
+
 
 def store_kind(objects: ObjectStore) -> str:
     """What kind of store ``objects`` is, for traces and logs: ``directory``, or the scheme of an

@@ -85,8 +85,16 @@ class S3Objects:
         return ObjectInfo(key, int(answer["ContentLength"]), answer["ETag"], answer["LastModified"].timestamp())
 
     def read(self, key: str, max_bytes: int) -> bytes:
+        return self._read(self._full(key), key, max_bytes)
+
+    def read_listed(self, key: str, max_bytes: int) -> bytes:
+        """:meth:`read` of a key as :meth:`list` gave it, whatever its characters: a data set's keys
+        (service.finetune.datasets) are other programs' names, not store keys."""
+        return self._read(f"{self._location.prefix}/{key}" if self._location.prefix else key, key, max_bytes)
+
+    def _read(self, full: str, key: str, max_bytes: int) -> bytes:
         try:
-            answer = self._client.get_object(Bucket=self._location.bucket, Key=self._full(key))
+            answer = self._client.get_object(Bucket=self._location.bucket, Key=full)
             body = answer["Body"]
             try:
                 size = int(answer["ContentLength"])
@@ -143,7 +151,9 @@ class S3Objects:
     def _unreachable(self, action: str, key: str, exc: Exception) -> StoreUnreachable:
         code = _code(exc)
         detail = f"{code}: {_message(exc)}" if code else str(exc)
-        return StoreUnreachable(f"cannot {action} {self._name(key)}: {detail}"[:500])
+        unreachable = StoreUnreachable(f"cannot {action} {self._name(key)}: {detail}"[:500])
+        unreachable.code = code
+        return unreachable
 
 
 def _code(exc: Exception) -> str:

@@ -69,6 +69,11 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
                     raise InvalidInputError("send the config once, in the first CreateJobRequest")
                 elif payload == "examples":
                     assert collector is not None
+                    if config.dataset and message.examples.examples:
+                        raise InvalidInputError(
+                            "a job that names a dataset sends no examples: its images are the dataset's; send the "
+                            "config alone, or leave dataset empty and upload the images"
+                        )
                     for example in message.examples.examples:
                         collector.add(example.image, example.label, list(example.target))
             if config is None or collector is None:
