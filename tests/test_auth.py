@@ -83,6 +83,7 @@ def test_management_is_fine_tuning_and_model_load_unload() -> None:
         "/inference.GRPCInferenceService/RepositoryModelLoad",
         "/inference.GRPCInferenceService/RepositoryModelUnload",
         "/inference.GRPCInferenceService/TraceSetting",
+        "/vision.v1.Models/RollbackModel",  # changes what every replica serves, as a publish does
     }
     assert "/vision.v1.FineTuning/DeleteModel" in management
     assert {m for m, s in RPC_SCOPES.items() if s is Scope.OPEN} == {
