@@ -475,3 +475,22 @@ def test_the_listing_reads_no_image(tmp_path: Path, monkeypatch) -> None:
     assert len(examples) == 40 and labels == ["a", "b"] and examples.images == []
     with pytest.raises(AssertionError, match="was read while listing"):
         read_all(examples.dataset, 32)  # reading is what reads
+
+
+def test_the_command_line_trains_on_a_dataset_and_takes_a_folder_or_a_dataset_not_both(
+    serve, tmp_path: Path, capsys
+) -> None:
+    from vision_client.cli import main
+
+    sets = tmp_path / "sets"
+    root = write_folder(sets / "pets", {"a": 3, "b": 3})
+    server = serve((sets,))
+    common = ["--target", server.target, "fine-tune", "--base", TINY, "--epochs", "1", "--json"]
+    assert main([*common, "--output", "cli-pets", "--dataset", str(root)]) == 0
+    out = capsys.readouterr()
+    assert f"training on the dataset {root} (read by the server)" in out.err
+    assert json.loads(out.out)["state"] == "succeeded"
+    assert main([*common, "--output", "both", "--dataset", str(root), str(root)]) == 1
+    assert "give DIR (images to upload) or --dataset (images the server reads), one of them" in capsys.readouterr().err
+    assert main([*common, "--output", "outside", "--dataset", str(tmp_path)]) == 1
+    assert "outside the places this server reads datasets from" in capsys.readouterr().err

@@ -39,6 +39,7 @@ from vision_client._version import __version__
 from vision_client.errors import UnavailableError, VisionClientError
 from vision_client.protocol.fine_tuning import (
     HEAD_KINDS,
+    IMAGE_SUFFIXES,
     LAYER_KINDS,
     LOSSES,
     OPTIMIZER_KINDS,
@@ -122,7 +123,13 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
             "field of vision_client.FineTuneConfig named in its help."
         ),
     )
-    fine_tune.add_argument("directory", type=Path, metavar="DIR", help="DIR/<class>/<image> files")
+    fine_tune.add_argument(
+        "directory",
+        type=Path,
+        nargs="?",
+        metavar="DIR",
+        help="DIR/<class>/<image> files, uploaded (or --dataset: images the server reads itself)",
+    )
     fine_tune.add_argument("--base", required=True, metavar="MODEL", help="served model to build on (base_model)")
     fine_tune.add_argument(
         "--output", required=True, metavar="NAME", help="name to serve the new model under (output_model)"
@@ -344,6 +351,13 @@ FINE_TUNE_OPTIONS = (
         "--class-weights", "", "class_weights", "none, auto (balanced from the counts), or CLASS=WEIGHT,CLASS=WEIGHT"
     ),
     ConfigOption(
+        "--dataset",
+        "",
+        "dataset",
+        "train on images the server reads itself instead of DIR: s3://bucket/prefix/ or a directory on the "
+        "server under its --dataset-roots, one folder (prefix) per class",
+    ),
+    ConfigOption(
         "--train-backbone-blocks",
         "",
         "train_backbone_blocks",
@@ -488,9 +502,6 @@ def health_command(client: Client, args: argparse.Namespace) -> int:
     return 0 if live and ready else 1
 
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})  # what the server decodes
-
-
 def image_folder(root: Path) -> tuple[list[tuple[Path, str]], int]:
     """The ``(image, class)`` pairs of an ImageFolder tree, and how many other files were skipped.
 
@@ -521,6 +532,11 @@ def fine_tune_command(client: Client, args: argparse.Namespace) -> int:
     config = config_from_args(args)  # before reading the folder: a bad option fails fast
     if args.plot is not None:
         _plot.check_available()  # before the job, not after it
+    if (args.directory is None) == (not config.dataset):
+        raise VisionClientError("give DIR (images to upload) or --dataset (images the server reads), one of them")
+    if config.dataset:
+        print(f"training on the dataset {config.dataset} (read by the server)", file=sys.stderr)
+        return _run_fine_tune(client, args, config, ())
     examples, skipped = image_folder(args.directory)
     classes = sorted({label for _, label in examples})
     note = ""
@@ -530,6 +546,10 @@ def fine_tune_command(client: Client, args: argparse.Namespace) -> int:
     counts = f"{_count(len(examples), 'image')} of {_count(len(classes), noun)}"
     labelled = examples if config.loss == "cross_entropy" else _regression_examples(examples)
     print(f"uploading {counts} from {args.directory}{note}", file=sys.stderr)
+    return _run_fine_tune(client, args, config, labelled)
+
+
+def _run_fine_tune(client: Client, args: argparse.Namespace, config: FineTuneConfig, labelled: Any) -> int:
     progress = Progress(sys.stderr)
     try:
         # The job takes what it takes (no deadline); Ctrl-C cancels it.
