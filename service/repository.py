@@ -169,6 +169,7 @@ class ModelRepository:
         if resident is None:
             return
         if served is not None and resident.version != served.version and resident.version in served.versions:
+            resident.versions = served.versions  # what it lists is the name's, as the model served has it
             return
         del self._resident[name]
         if resident is not served:  # a rollback to it makes it the one served

@@ -590,6 +590,30 @@ def test_the_models_view_manages_models_with_the_token_only(page: Page, tmp_path
     assert "to-delete" not in page.text("models-body")
 
 
+def test_the_models_view_rolls_a_fine_tuned_model_back(page: Page, console_server: Any) -> None:
+    """A fine-tuned model's versions, the served one in bold; Roll back serves the one picked."""
+    from vision_client import Client
+
+    for seed in (1, 2):  # two publishes of one name: versions 1 and 2
+        save_head(console_server.config.model_store, "to-roll", seed=seed)
+    console_server.call(console_server.server.store_sync.sync_once())
+    page.open("models")
+    page.set_token(TOKEN)
+    page.wait(lambda d: d.find_elements("css selector", "button[aria-label='Roll back to-roll']"))
+    row = next(r for r in page.all("#models-body tr") if cell(r, "th") == "to-roll")
+    assert cell(row, "td:nth-of-type(2)") == "1 2" and cell(row, "td:nth-of-type(2) strong") == "2"
+    picker = page.find("select[aria-label='Version of to-roll to roll back to']")
+    assert [option.text for option in picker.find_elements("css selector", "option")] == ["version 1"]
+    page.find("button[aria-label='Roll back to-roll']").click()
+    page.wait(lambda d: "Roll back to-roll: done" in d.find_element("id", "models-status").text)
+    row = next(r for r in page.all("#models-body tr") if cell(r, "th") == "to-roll")
+    assert cell(row, "td:nth-of-type(2) strong") == "1"
+    with Client(console_server.target, token=TOKEN) as client:
+        assert client.model("to-roll").version == "1"
+        client.delete_model("to-roll")
+    page.no_alert()
+
+
 def test_the_throughput_view_charts_what_the_server_counts(page: Page, console_server: Any, tmp_path: Path) -> None:
     from vision_client import Client
 

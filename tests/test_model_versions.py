@@ -393,3 +393,41 @@ def test_replacing_on_two_replicas_at_once_over_the_api(replicas) -> None:
     for ref in current.kept:
         np.testing.assert_allclose(_grpc(first, str(ref.number))[1], _grpc(second, str(ref.number))[1], rtol=1e-6)
     assert store.collect_garbage(NAME, grace_s=0) == []  # the loser's objects went with its write
+
+
+def test_one_other_version_is_resident_and_requests_for_it_share_one_load(tmp_path: Path) -> None:
+    """The served version and at most one other are in memory: the one asked for last; requests
+    for a version at once get one model (one read and warm-up); a rollback to the resident version
+    serves that very model."""
+    import asyncio
+
+    from tests.core_util import Core, run_with_core
+    from tests.store_util import save_head
+    from tests.tiny import TINY_FEATURE_DIM
+
+    for seed in (1, 2, 3):
+        save_head(tmp_path, NAME, seed=seed, features=TINY_FEATURE_DIM, base=TINY)
+
+    async def scenario(core: Core) -> None:
+        await core.sync_once()
+        repository = core.repository
+        served = repository.get_ready(NAME)
+        assert (served.version, served.available_versions) == ("3", ["1", "2", "3"])
+        assert await repository.get_version_ready(NAME, "") is served
+        assert await repository.get_version_ready(NAME, "3") is served
+        ones = await asyncio.gather(*(repository.get_version_ready(NAME, "1") for _ in range(4)))
+        assert all(model is ones[0] for model in ones) and ones[0].version == "1"
+        assert repository.resident(NAME) is ones[0] and repository.check_version(NAME, "1") is ones[0]
+        two = await repository.get_version_ready(NAME, "2")
+        assert repository.resident(NAME) is two
+        for worker in ones[0].workers:  # version 1's model stopped taking work: its workers end
+            await asyncio.wait_for(asyncio.to_thread(worker.join), 60)
+        with pytest.raises(ModelNotFoundError, match="its versions are 1, 2, 3"):
+            await repository.get_version_ready(NAME, "9")
+        assert await core.catalog.rollback(NAME, "2") is two  # the resident one, not a second copy
+        assert repository.get_ready(NAME) is two and repository.resident(NAME) is None
+        assert core.store is not None and core.store.read_manifest(NAME).number == 2
+        await core.sync_once()  # the poll finds the store as this server left it: nothing changes
+        assert repository.get_ready(NAME) is two
+
+    run_with_core(tmp_path, scenario)

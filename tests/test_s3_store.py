@@ -239,8 +239,13 @@ def test_writers_killed_during_publish_never_leave_a_half_model_listed_or_served
         assert errors == {}
         # The killed writer's last version: its newest new weights; killed between its weights and its
         # manifest if no manifest names them.
-        named = {f"{n}/{reader.read_manifest(n).weights_file}" for n, s in listing.items() if s.manifest}
-        keys = {w.key for s in listing.values() for w in s.weights}
+        named = {
+            f"{n}/head-{ref.version}.safetensors"
+            for n, s in listing.items()
+            if s.manifest
+            for ref in reader.read_manifest(n).kept
+        }
+        keys = {w.key for s in listing.values() for w in s.files if w.key.endswith(".safetensors")}
         new = keys - seen
         if new:
             last = max(new, key=lambda key: key.rsplit("head-", 1)[-1])  # versions start with the time in ms
@@ -255,11 +260,13 @@ def test_writers_killed_during_publish_never_leave_a_half_model_listed_or_served
         with triton.InferenceServerClient(replica.target) as client:
             served = {m.name for m in client.get_model_repository_index().models if m.state == "READY"} - {TINY}
         assert served == set(listed)
-    # The killed writers' leftovers (weights no manifest names) go once the grace period is over.
+    # The killed writers' leftovers (objects of no kept version) go once the grace period is over.
     listing, _ = reader.listing()
     reader.collect_orphans(listing, grace_s=0)
     listing, _ = reader.listing()
     for name, stored in listing.items():
         assert stored.manifest is not None
-        assert [w.key for w in stored.weights] == [f"{name}/{reader.read_manifest(name).weights_file}"]
+        kept = reader.read_manifest(name).kept
+        files = (f"{name}/{file}" for ref in kept for file in (f"head-{ref.version}.safetensors", ref.manifest_file))
+        assert sorted(w.key for w in stored.files) == sorted(files)
     print(f"kills between a version's weights and its manifest: {staged_without_manifest} of 10")
