@@ -35,6 +35,7 @@ from service.finetune.datasets import DatasetImages, check_name, list_dataset
 from service.finetune.examples import ExampleCollector
 from service.preprocess import ImageDecoder
 from service.storage import S3Location
+from tests.test_console import browser, screenshots  # noqa: F401  (fixtures of the console's tests)
 from tests.test_orphans import no_tracebacks, ready
 from tests.tiny import TINY
 from vision_client import Client, FineTuneConfig
@@ -357,7 +358,7 @@ def serve(tmp_path: Path) -> Iterator:
 
 def train(server, job: FineTuneConfig):
     with Client(server.target) as sdk:
-        return sdk.fine_tune(job, (), timeout=180)
+        return sdk.fine_tune(job, timeout=180)
 
 
 def test_a_directory_dataset_trains_and_is_served(serve, tmp_path: Path, caplog) -> None:
@@ -494,3 +495,42 @@ def test_the_command_line_trains_on_a_dataset_and_takes_a_folder_or_a_dataset_no
     assert "give DIR (images to upload) or --dataset (images the server reads), one of them" in capsys.readouterr().err
     assert main([*common, "--output", "outside", "--dataset", str(tmp_path)]) == 1
     assert "outside the places this server reads datasets from" in capsys.readouterr().err
+
+
+# -- the console names a dataset instead of uploading images -------------------------------------
+
+
+@pytest.fixture
+def dataset_console(tmp_path: Path) -> Iterator:
+    from tests.conftest import TOKEN
+    from tests.inprocess import InProcessServer, tiny_config
+
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    limits = FineTuneLimits(dataset_roots=(tmp_path / "sets",))
+    config = tiny_config(
+        tmp_path / "store", fine_tuning=limits, http_port=0, auth_token_file=tmp_path / "token", store_poll_seconds=3600
+    )
+    with InProcessServer(config) as server:
+        yield server
+
+
+def test_the_console_trains_on_a_dataset_it_names(browser, dataset_console, screenshots, tmp_path: Path) -> None:  # noqa: F811
+    from tests.conftest import TOKEN
+    from tests.test_console import Page
+
+    root = write_folder(tmp_path / "sets" / "pets", {"dark": 4, "light": 4})
+    page = Page(browser, dataset_console, screenshots)
+    page.open("finetune")
+    page.set_token(TOKEN)
+    page.type("ft-output", "console-dataset")
+    page.type("ft-epochs", "1")
+    page.type("ft-dataset", str(tmp_path / "private"))
+    page.find("#ft-start").click()
+    page.wait(lambda d: "outside the places this server reads datasets from" in d.find_element("id", "ft-status").text)
+    page.type("ft-dataset", str(root))
+    page.find("#ft-start").click()
+    page.wait_for_job()
+    assert "succeeded: console-dataset is served" in page.text("ft-status"), page.text("ft-status")
+    assert ready(dataset_console, "console-dataset")
+    page.no_alert()
+    browser.execute_script("sessionStorage.clear()")

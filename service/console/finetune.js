@@ -216,6 +216,7 @@ export function config() {
     seed: value("ft-seed") || undefined, // uint64: a string in protobuf's JSON
     replace: byId("ft-replace").checked,
     refit: byId("ft-refit").checked,
+    dataset: value("ft-dataset") || undefined, // images the server reads instead of uploaded ones
   };
 }
 
@@ -302,8 +303,12 @@ async function start(event) {
     say(status, `${refused.size} class${refused.size === 1 ? " has a name" : "es have names"} the server would refuse: rename ${refused.size === 1 ? "it" : "them"} and add ${refused.size === 1 ? "it" : "them"} again, or remove ${refused.size === 1 ? "it" : "them"} from the list.`, "error");
     return;
   }
-  if (!examples.size) {
-    say(status, "Add examples first: a folder, a zip, or images under a class name.", "error");
+  if (!examples.size && !settings.dataset) {
+    say(status, "Add examples first: a folder, a zip, or images under a class name; or name a dataset.", "error");
+    return;
+  }
+  if (examples.size && settings.dataset) {
+    say(status, "Either upload examples or name a dataset, not both: clear the examples or the dataset.", "error");
     return;
   }
   if (!settings.outputModel) {
@@ -313,7 +318,7 @@ async function start(event) {
   }
   const form = new FormData();
   form.append("config", new Blob([JSON.stringify(settings)], { type: "application/json" }), "config.json");
-  for (const [label, files] of examples) for (const file of files) form.append(label, file, file.name);
+  for (const [label, files] of examples) for (const file of files) form.append(label, file, file.name); // none with a dataset
   const controller = new AbortController();
   running = { controller, jobId: "" };
   setRunning(true);

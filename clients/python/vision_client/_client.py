@@ -486,13 +486,13 @@ class Client(BaseClient):
     def fine_tune(
         self,
         config: FineTuneConfig,
-        examples: Iterable[Example],
+        examples: Iterable[Example] = (),
         *,
         on_event: Callable[[JobEvent], object] | None = None,
         timeout: float | None = None,
     ) -> FineTuneResult:
-        """Train a new head on ``config.base_model``'s features of ``examples``; served as
-        ``config.output_model`` once done.
+        """Train a new head on ``config.base_model``'s features of ``examples`` (none where
+        ``config.dataset`` names the images); served as ``config.output_model`` once done.
 
         Streams the examples, then waits for the job to end, calling ``on_event`` with each
         :class:`JobEvent`. Returns however the job ended (``result.state``); raises for a job
@@ -501,7 +501,7 @@ class Client(BaseClient):
         return self._run(self._fine_tune_plan(config, examples, timeout), None, on_event)
 
     def create_job(
-        self, config: FineTuneConfig, examples: Iterable[Example], *, timeout: Timeout = USE_CLIENT_DEFAULT
+        self, config: FineTuneConfig, examples: Iterable[Example] = (), *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> JobInfo:
         """Stream the examples and return the queued job at once (``fine_tune`` without the wait)."""
         return self._run(self._create_job_plan(config, examples), timeout)
@@ -685,7 +685,7 @@ class AsyncClient(BaseClient):
     async def fine_tune(
         self,
         config: FineTuneConfig,
-        examples: Iterable[Example],
+        examples: Iterable[Example] = (),
         *,
         on_event: Callable[[JobEvent], object] | None = None,
         timeout: float | None = None,
@@ -694,7 +694,7 @@ class AsyncClient(BaseClient):
         return await self._run(self._fine_tune_plan(config, examples, timeout), None, on_event)
 
     async def create_job(
-        self, config: FineTuneConfig, examples: Iterable[Example], *, timeout: Timeout = USE_CLIENT_DEFAULT
+        self, config: FineTuneConfig, examples: Iterable[Example] = (), *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> JobInfo:
         """Stream the examples and return the queued job at once (``fine_tune`` without the wait)."""
         return await self._run(self._create_job_plan(config, examples), timeout)
