@@ -38,6 +38,7 @@ from service.shared_memory import SharedMemoryRegions
 from service.storage import open_objects
 from service.tracing import ExportConfig, Tracing
 from service.transport.auth import AuthorizationInterceptor, policy_from, trust_forwarded_peers
+from service.transport.call import Call
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.fine_tuning import FineTuningServicer
 from service.transport.health import NOT_SERVING, SERVING, HealthServicer
@@ -234,13 +235,15 @@ class VisionServer:
             current = hop.preprocessing_key(self.repository.get(request.model_name).decoder.preprocessing)
             if current != infer.preprocessing:
                 raise hop.StalePreprocessing(f"{request.model_name} preprocesses differently now")
-        carrier = infer.carrier if self._inference.tracing_enabled else None
+        call = Call(
+            "http" if infer.protocol == "http" else "grpc",
+            local=infer.local,
+            deadline=Call.deadline_in(infer.timeout),
+            carrier=infer.carrier,
+        )
         response = await self._inference.infer(
             request,
-            infer.timeout,
-            local=infer.local,
-            protocol=infer.protocol,
-            carrier=carrier,
+            call,
             method=infer.method,
             received_ns=infer.received_ns,
             decoded_ns=(infer.decode_start_ns, infer.decode_end_ns) if infer.decode_start_ns else None,

@@ -30,6 +30,7 @@ from service.errors import (
     SharedMemoryFullError,
 )
 from service.shared_memory import SHM_DIRECTORY, SharedMemoryRegions, SharedTensor, shm_file_name
+from service.transport.call import Call
 from tests.client_util import inprocess_server
 from tests.inprocess import InProcessServer
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
@@ -386,8 +387,8 @@ def test_requests_from_other_hosts_may_not_name_regions(shm_server, client, regi
     tensor.parameters["shared_memory_byte_size"].int64_param = values.nbytes
     servicer = shm_server.server._inference
     with pytest.raises(PermissionDeniedError, match="this host only"):
-        shm_server.call(servicer.infer(request, None, local=False))
-    assert shm_server.call(servicer.infer(request, None, local=True)).outputs[0].shape == [1, 1000]
+        shm_server.call(servicer.infer(request, Call("grpc", peer="ipv4:192.0.2.7:5000", local=False)))
+    assert shm_server.call(servicer.infer(request, Call("http", local=True))).outputs[0].shape == [1, 1000]
 
 
 def test_unregister_while_requests_use_the_region(shm_server, client, regions) -> None:

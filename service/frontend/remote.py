@@ -1,5 +1,6 @@
 """A protocol front end's servicers: the same services as the single process's, each call handed
-to the engine, which owns every model, queue, job and region.
+to the engine, which owns every model, queue, job and region. Like those, each method takes the
+request and its :class:`~service.transport.call.Call`, whichever binding (gRPC or REST) brought it.
 
 Inference goes through the hop (``service.hop``); every other call is forwarded on the engine's
 gRPC socket with the caller's peer (``auth.FORWARDED_PEER``) and trace context: the front end has
@@ -11,7 +12,7 @@ is UNAVAILABLE, which clients retry.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -22,8 +23,9 @@ from service.errors import RelayedError, VisionServeError
 from service.finetune.names import LIVENESS_SERVICE
 from service.frontend.decoding import FrontendDecoding
 from service.frontend.engine_link import EngineLink, engine_down
-from service.tracing import trace_carrier
-from service.transport.auth import FORWARDED_PEER, is_loopback_peer
+from service.transport.auth import FORWARDED_PEER
+from service.transport.call import Call, grpc_call
+from service.transport.handlers import AioContext
 from service.transport.limits import UploadPace
 from service.transport.streaming import stream_call
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
@@ -34,7 +36,6 @@ from vision_client.protocol.stubs.vision.v1 import models_pb2, models_pb2_grpc
 
 Resp = TypeVar("Resp")
 WATCH_RETRY_S = 0.2  # between a Watch stream the engine ended and the next
-_TRACE_KEYS = ("traceparent", "tracestate")
 
 
 class Forwarder:
@@ -43,16 +44,11 @@ class Forwarder:
     def __init__(self, link: EngineLink) -> None:
         self.link = link
 
-    def metadata(self, context: Any, peer: str | None = None) -> list[tuple[str, str]]:
+    def metadata(self, call: Call) -> list[tuple[str, str]]:
         """What the engine needs of the caller: its peer and trace context (its token was checked here)."""
-        entries: list[tuple[str, str]] = []
-        if context is not None:
-            peer = peer or str(context.peer())
-            for key, value in context.invocation_metadata() or ():
-                if key in _TRACE_KEYS:
-                    entries.append((key, value if isinstance(value, str) else value.decode("latin-1")))
-        if peer:
-            entries.append((FORWARDED_PEER, peer))
+        entries = list((call.carrier or {}).items())
+        if call.peer:
+            entries.append((FORWARDED_PEER, call.peer))
         return entries
 
     def error(self, exc: grpc.aio.AioRpcError) -> VisionServeError:
@@ -60,25 +56,21 @@ class Forwarder:
             return engine_down()
         return RelayedError(exc.code().name, exc.details() or exc.code().name)
 
-    async def unary(
-        self, method: Callable[..., Awaitable[Resp]], request: Any, context: Any, *, peer: str | None = None
-    ) -> Resp:
-        timeout = context.time_remaining() if context is not None else None
+    async def unary(self, method: Callable[..., Awaitable[Resp]], request: Any, call: Call) -> Resp:
         try:
-            return await method(request, metadata=self.metadata(context, peer), timeout=timeout)
+            return await method(request, metadata=self.metadata(call), timeout=call.time_remaining())
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
 
-    async def stream(self, method: Callable[..., Any], request: Any, context: Any) -> AsyncIterator[Any]:
-        timeout = context.time_remaining() if context is not None else None
-        call = method(request, metadata=self.metadata(context), timeout=timeout)
+    async def stream(self, method: Callable[..., Any], request: Any, call: Call) -> AsyncIterator[Any]:
+        stream = method(request, metadata=self.metadata(call), timeout=call.time_remaining())
         try:
-            async for response in call:
+            async for response in stream:
                 yield response
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
         finally:
-            call.cancel()
+            stream.cancel()
 
 
 def _unavailable(exc: VisionServeError) -> bool:
@@ -101,100 +93,89 @@ class RemoteInference:
     def tracing_enabled(self) -> bool:
         return self._tracing_enabled
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        carrier = trace_carrier(context.invocation_metadata() or ()) if self._tracing_enabled else None
-        return await self.infer(
-            request, context.time_remaining(), local=is_loopback_peer(context.peer()), carrier=carrier
-        )
+    async def ModelInfer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
+        return await self.infer(request, call)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], call: Call
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for response in stream_call(
-            request_iterator,
-            context,
-            self.infer,
-            tracing=self._tracing_enabled,
-            max_in_flight=self._max_stream_in_flight,
-        ):
+        async for response in stream_call(request_iterator, call, self.infer, max_in_flight=self._max_stream_in_flight):
             yield response
 
     async def infer(
         self,
         request: pb.ModelInferRequest,
-        timeout: float | None,
+        call: Call,
         *,
-        local: bool,
-        protocol: str = "grpc",
-        carrier: Mapping[str, str] | None = None,
         method: str = "ModelInfer",
     ) -> pb.ModelInferResponse:
+        carrier = call.carrier if self._tracing_enabled else None
         data = await self._decoding.infer(
-            request, timeout, local=local, protocol=protocol, method=method, carrier=carrier
+            request, call.time_remaining(), local=call.local, protocol=call.protocol, method=method, carrier=carrier
         )
         return pb.ModelInferResponse.FromString(data)
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: pb.ServerLiveRequest, call: Call) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)  # this process answers; the engine restarts by itself
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest, call: Call) -> pb.ServerReadyResponse:
         try:
-            return await self._forward.unary(self._stub.ServerReady, request, context)
+            return await self._forward.unary(self._stub.ServerReady, request, call)
         except VisionServeError as exc:
             if _unavailable(exc):
                 return pb.ServerReadyResponse(ready=False)
             raise
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, call: Call) -> pb.ModelReadyResponse:
         try:
-            return await self._forward.unary(self._stub.ModelReady, request, context)
+            return await self._forward.unary(self._stub.ModelReady, request, call)
         except VisionServeError as exc:
             if _unavailable(exc):
                 return pb.ModelReadyResponse(ready=False)
             raise
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return await self._forward.unary(self._stub.ServerMetadata, request, context)
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, call: Call) -> pb.ServerMetadataResponse:
+        return await self._forward.unary(self._stub.ServerMetadata, request, call)
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        return await self._forward.unary(self._stub.ModelMetadata, request, context)
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, call: Call) -> pb.ModelMetadataResponse:
+        return await self._forward.unary(self._stub.ModelMetadata, request, call)
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        return await self._forward.unary(self._stub.ModelConfig, request, context)
+    async def ModelConfig(self, request: pb.ModelConfigRequest, call: Call) -> pb.ModelConfigResponse:
+        return await self._forward.unary(self._stub.ModelConfig, request, call)
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        return await self._forward.unary(self._stub.ModelStatistics, request, context)
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: Call) -> pb.ModelStatisticsResponse:
+        return await self._forward.unary(self._stub.ModelStatistics, request, call)
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
-        return await self._forward.unary(self._stub.RepositoryIndex, request, context)
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, call: Call) -> pb.RepositoryIndexResponse:
+        return await self._forward.unary(self._stub.RepositoryIndex, request, call)
 
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: Any
+        self, request: pb.RepositoryModelLoadRequest, call: Call
     ) -> pb.RepositoryModelLoadResponse:
-        return await self._forward.unary(self._stub.RepositoryModelLoad, request, context)
+        return await self._forward.unary(self._stub.RepositoryModelLoad, request, call)
 
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: Any
+        self, request: pb.RepositoryModelUnloadRequest, call: Call
     ) -> pb.RepositoryModelUnloadResponse:
-        return await self._forward.unary(self._stub.RepositoryModelUnload, request, context)
+        return await self._forward.unary(self._stub.RepositoryModelUnload, request, call)
 
     async def SystemSharedMemoryStatus(
-        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+        self, request: pb.SystemSharedMemoryStatusRequest, call: Call
     ) -> pb.SystemSharedMemoryStatusResponse:
-        return await self._forward.unary(self._stub.SystemSharedMemoryStatus, request, context)
+        return await self._forward.unary(self._stub.SystemSharedMemoryStatus, request, call)
 
     async def SystemSharedMemoryRegister(
-        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+        self, request: pb.SystemSharedMemoryRegisterRequest, call: Call
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        return await self._forward.unary(self._stub.SystemSharedMemoryRegister, request, context)
+        return await self._forward.unary(self._stub.SystemSharedMemoryRegister, request, call)
 
     async def SystemSharedMemoryUnregister(
-        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+        self, request: pb.SystemSharedMemoryUnregisterRequest, call: Call
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        return await self._forward.unary(self._stub.SystemSharedMemoryUnregister, request, context)
+        return await self._forward.unary(self._stub.SystemSharedMemoryUnregister, request, call)
 
-    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Any) -> pb.TraceSettingResponse:
-        return await self._forward.unary(self._stub.TraceSetting, request, context)
+    async def TraceSetting(self, request: pb.TraceSettingRequest, call: Call) -> pb.TraceSettingResponse:
+        return await self._forward.unary(self._stub.TraceSetting, request, call)
 
 
 class RemoteModels:
@@ -204,17 +185,17 @@ class RemoteModels:
         self._forward = forwarder
         self._stub = models_pb2_grpc.ModelsStub(forwarder.link.channel)  # type: ignore[no-untyped-call]
 
-    async def ListModels(self, request: models_pb2.ListModelsRequest, context: Any) -> models_pb2.ListModelsResponse:
-        return await self._forward.unary(self._stub.ListModels, request, context)
+    async def ListModels(self, request: models_pb2.ListModelsRequest, call: Call) -> models_pb2.ListModelsResponse:
+        return await self._forward.unary(self._stub.ListModels, request, call)
 
-    async def GetModel(self, request: models_pb2.GetModelRequest, context: Any) -> models_pb2.ModelInfo:
-        return await self._forward.unary(self._stub.GetModel, request, context)
+    async def GetModel(self, request: models_pb2.GetModelRequest, call: Call) -> models_pb2.ModelInfo:
+        return await self._forward.unary(self._stub.GetModel, request, call)
 
-    async def GetThroughput(self, request: models_pb2.GetThroughputRequest, context: Any) -> models_pb2.Throughput:
-        return await self._forward.unary(self._stub.GetThroughput, request, context)
+    async def GetThroughput(self, request: models_pb2.GetThroughputRequest, call: Call) -> models_pb2.Throughput:
+        return await self._forward.unary(self._stub.GetThroughput, request, call)
 
-    async def RollbackModel(self, request: models_pb2.RollbackModelRequest, context: Any) -> models_pb2.ModelInfo:
-        return await self._forward.unary(self._stub.RollbackModel, request, context)
+    async def RollbackModel(self, request: models_pb2.RollbackModelRequest, call: Call) -> models_pb2.ModelInfo:
+        return await self._forward.unary(self._stub.RollbackModel, request, call)
 
 
 class RemoteFineTuning:
@@ -234,9 +215,9 @@ class RemoteFineTuning:
     def upload_pace(self) -> UploadPace:
         return UploadPace(self._limits.upload_idle_s, self._limits.max_upload_s)
 
-    async def CreateJob(self, request_iterator: AsyncIterator[ft_pb.CreateJobRequest], context: Any) -> ft_pb.Job:
+    async def CreateJob(self, request_iterator: AsyncIterator[ft_pb.CreateJobRequest], call: Call) -> ft_pb.Job:
         # The engine paces the upload and counts it against the caller's address.
-        return await self._forward.unary(self._stub.CreateJob, request_iterator, context)
+        return await self._forward.unary(self._stub.CreateJob, request_iterator, call)
 
     async def create_job(
         self, messages: AsyncIterator[ft_pb.CreateJobRequest], peer: str, *, carrier: dict[str, str] | None = None
@@ -247,20 +228,20 @@ class RemoteFineTuning:
         except grpc.aio.AioRpcError as exc:
             raise self._forward.error(exc) from None
 
-    def WatchJob(self, request: ft_pb.WatchJobRequest, context: Any) -> AsyncIterator[ft_pb.JobEvent]:
-        return self._forward.stream(self._stub.WatchJob, request, context)
+    def WatchJob(self, request: ft_pb.WatchJobRequest, call: Call) -> AsyncIterator[ft_pb.JobEvent]:
+        return self._forward.stream(self._stub.WatchJob, request, call)
 
-    async def GetJob(self, request: ft_pb.GetJobRequest, context: Any) -> ft_pb.Job:
-        return await self._forward.unary(self._stub.GetJob, request, context)
+    async def GetJob(self, request: ft_pb.GetJobRequest, call: Call) -> ft_pb.Job:
+        return await self._forward.unary(self._stub.GetJob, request, call)
 
-    async def ListJobs(self, request: ft_pb.ListJobsRequest, context: Any) -> ft_pb.ListJobsResponse:
-        return await self._forward.unary(self._stub.ListJobs, request, context)
+    async def ListJobs(self, request: ft_pb.ListJobsRequest, call: Call) -> ft_pb.ListJobsResponse:
+        return await self._forward.unary(self._stub.ListJobs, request, call)
 
-    async def CancelJob(self, request: ft_pb.CancelJobRequest, context: Any) -> ft_pb.Job:
-        return await self._forward.unary(self._stub.CancelJob, request, context)
+    async def CancelJob(self, request: ft_pb.CancelJobRequest, call: Call) -> ft_pb.Job:
+        return await self._forward.unary(self._stub.CancelJob, request, call)
 
-    async def DeleteModel(self, request: ft_pb.DeleteModelRequest, context: Any) -> ft_pb.DeleteModelResponse:
-        return await self._forward.unary(self._stub.DeleteModel, request, context)
+    async def DeleteModel(self, request: ft_pb.DeleteModelRequest, call: Call) -> ft_pb.DeleteModelResponse:
+        return await self._forward.unary(self._stub.DeleteModel, request, call)
 
 
 class RemoteHealth:
@@ -277,21 +258,26 @@ class RemoteHealth:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
+    # gRPC's own servicer (health is never served over REST): it reads its call from the gRPC context.
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: AioContext
+    ) -> health_pb2.HealthCheckResponse:
         try:
-            return await self._forward.unary(self._stub.Check, request, context)
+            return await self._forward.unary(self._stub.Check, request, grpc_call(context))
         except VisionServeError as exc:
             if _unavailable(exc):
                 return self._while_down(request.service)
             raise
 
     async def Watch(
-        self, request: health_pb2.HealthCheckRequest, context: Any
+        self, request: health_pb2.HealthCheckRequest, context: AioContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        call = grpc_call(context)
         last: int | None = None
         while True:
             try:
-                async for response in self._forward.stream(self._stub.Watch, request, context):
+                async for response in self._forward.stream(self._stub.Watch, request, call):
                     if response.status != last:
                         last = response.status
                         yield response

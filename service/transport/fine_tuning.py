@@ -5,14 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 
-import grpc
-
 from service.errors import InvalidInputError
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.manager import JobManager
 from service.finetune.spec import config_from_wire
-from service.tracing import trace_carrier
-from service.transport.auth import caller_peer
+from service.transport.call import Call
 from service.transport.limits import UploadPace, UploadPeers, paced
 from vision_client.protocol import FineTuneConfig, to_message
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
@@ -39,11 +36,11 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
     async def CreateJob(
         self,
         request_iterator: AsyncIterator[pb.CreateJobRequest],
-        context: grpc.aio.ServicerContext[pb.CreateJobRequest, pb.Job],
+        call: Call,
     ) -> pb.Job:
         messages = paced(request_iterator, self.upload_pace(), "the next CreateJobRequest")
-        carrier = trace_carrier(context.invocation_metadata() or ()) if self.tracing_enabled else None
-        return await self.create_job(messages, caller_peer(context), carrier=carrier)
+        carrier = dict(call.carrier or {}) if self.tracing_enabled else None
+        return await self.create_job(messages, call.peer, carrier=carrier)
 
     @property
     def tracing_enabled(self) -> bool:
@@ -80,31 +77,23 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
                 raise InvalidInputError("no config was sent: the first CreateJobRequest must carry it")
             return job_to_proto(await self._jobs.submit(config, collector, carrier=carrier))
 
-    async def WatchJob(
-        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext[pb.WatchJobRequest, pb.JobEvent]
-    ) -> AsyncIterator[pb.JobEvent]:
+    async def WatchJob(self, request: pb.WatchJobRequest, call: Call) -> AsyncIterator[pb.JobEvent]:
         async for event in self._jobs.watch(request.job_id):
             yield event_to_proto(event)
 
-    async def GetJob(
-        self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext[pb.GetJobRequest, pb.Job]
-    ) -> pb.Job:
+    async def GetJob(self, request: pb.GetJobRequest, call: Call) -> pb.Job:
         return job_to_proto(await self._jobs.get(request.job_id))
 
-    async def ListJobs(
-        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext[pb.ListJobsRequest, pb.ListJobsResponse]
-    ) -> pb.ListJobsResponse:
+    async def ListJobs(self, request: pb.ListJobsRequest, call: Call) -> pb.ListJobsResponse:
         return pb.ListJobsResponse(jobs=[job_to_proto(job) for job in await self._jobs.list()])
 
-    async def CancelJob(
-        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext[pb.CancelJobRequest, pb.Job]
-    ) -> pb.Job:
+    async def CancelJob(self, request: pb.CancelJobRequest, call: Call) -> pb.Job:
         return job_to_proto(await self._jobs.cancel(request.job_id))
 
     async def DeleteModel(
         self,
         request: pb.DeleteModelRequest,
-        context: grpc.aio.ServicerContext[pb.DeleteModelRequest, pb.DeleteModelResponse],
+        call: Call,
     ) -> pb.DeleteModelResponse:
         self._jobs.delete_model(request.name)
         return pb.DeleteModelResponse(deleted=True)

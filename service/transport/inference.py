@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-
-import grpc
+from collections.abc import AsyncIterator
 
 import service
 from service.config import BatchingConfig
@@ -18,8 +16,9 @@ from service.model_control import ModelControl
 from service.repository import ServedModel
 from service.shared_memory import RegionLeases, SharedMemoryRegions
 from service.statistics import StatisticsCollector
-from service.tracing import RequestTrace, Tracing, trace_carrier
-from service.transport.auth import host_only_message, is_loopback_peer
+from service.tracing import RequestTrace, Tracing
+from service.transport.auth import host_only_message
+from service.transport.call import Call
 from service.transport.codec import InferCall, build_infer_response, parse_infer_request, uses_shared_memory
 from service.transport.model_config import (
     input_specs,
@@ -31,7 +30,6 @@ from service.transport.model_config import (
 from service.transport.streaming import stream_call
 from vision_client.protocol import CLASSIFICATION
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
-from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,11 @@ EXTENSIONS = (CLASSIFICATION, "model_configuration", "statistics", "model_reposi
 SYSTEM_SHARED_MEMORY = "system_shared_memory"  # listed as Triton lists it, when --max-shared-memory-regions > 0
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
+    """``inference.GRPCInferenceService`` for any binding: each method takes the request and the call's
+    :class:`~service.transport.call.Call` (the gRPC port's :class:`~service.transport.call.GrpcAdapter`
+    builds it from the gRPC context, the REST routes from the HTTP request)."""
+
     def __init__(
         self,
         dataplane: DataPlane,
@@ -72,35 +74,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerLive(
         self,
         request: pb.ServerLiveRequest,
-        context: grpc.aio.ServicerContext[pb.ServerLiveRequest, pb.ServerLiveResponse],
+        call: Call,
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._dataplane.live())
 
     async def ServerReady(
         self,
         request: pb.ServerReadyRequest,
-        context: grpc.aio.ServicerContext[pb.ServerReadyRequest, pb.ServerReadyResponse],
+        call: Call,
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._dataplane.ready())
 
     async def ModelReady(
         self,
         request: pb.ModelReadyRequest,
-        context: grpc.aio.ServicerContext[pb.ModelReadyRequest, pb.ModelReadyResponse],
+        call: Call,
     ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._dataplane.model_ready(require_model_name(request.name)))
 
     async def ServerMetadata(
         self,
         request: pb.ServerMetadataRequest,
-        context: grpc.aio.ServicerContext[pb.ServerMetadataRequest, pb.ServerMetadataResponse],
+        call: Call,
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=service.__version__, extensions=self._extensions)
 
     async def ModelMetadata(
         self,
         request: pb.ModelMetadataRequest,
-        context: grpc.aio.ServicerContext[pb.ModelMetadataRequest, pb.ModelMetadataResponse],
+        call: Call,
     ) -> pb.ModelMetadataResponse:
         model = await self._model_version(request.name, request.version)
         return pb.ModelMetadataResponse(
@@ -114,7 +116,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self,
         request: pb.ModelConfigRequest,
-        context: grpc.aio.ServicerContext[pb.ModelConfigRequest, pb.ModelConfigResponse],
+        call: Call,
     ) -> pb.ModelConfigResponse:
         model = await self._model_version(request.name, request.version)
         config = model_config(
@@ -125,7 +127,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self,
         request: pb.ModelStatisticsRequest,
-        context: grpc.aio.ServicerContext[pb.ModelStatisticsRequest, pb.ModelStatisticsResponse],
+        call: Call,
     ) -> pb.ModelStatisticsResponse:
         if request.name:
             models = [self._model(request.name, request.version)]
@@ -138,7 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self,
         request: pb.RepositoryIndexRequest,
-        context: grpc.aio.ServicerContext[pb.RepositoryIndexRequest, pb.RepositoryIndexResponse],
+        call: Call,
     ) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
         for model in self._dataplane.repository.all():
@@ -150,7 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self,
         request: pb.RepositoryModelLoadRequest,
-        context: grpc.aio.ServicerContext[pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse],
+        call: Call,
     ) -> pb.RepositoryModelLoadResponse:
         await self._control.load(_control_target(request))
         return pb.RepositoryModelLoadResponse()
@@ -158,7 +160,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self,
         request: pb.RepositoryModelUnloadRequest,
-        context: grpc.aio.ServicerContext[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse],
+        call: Call,
     ) -> pb.RepositoryModelUnloadResponse:
         await self._control.unload(_control_target(request))
         return pb.RepositoryModelUnloadResponse()
@@ -166,7 +168,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(
         self,
         request: pb.SystemSharedMemoryStatusRequest,
-        context: grpc.aio.ServicerContext[pb.SystemSharedMemoryStatusRequest, pb.SystemSharedMemoryStatusResponse],
+        call: Call,
     ) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
         for region in self._regions.status(request.name):
@@ -182,7 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryRegister(
         self,
         request: pb.SystemSharedMemoryRegisterRequest,
-        context: grpc.aio.ServicerContext[pb.SystemSharedMemoryRegisterRequest, pb.SystemSharedMemoryRegisterResponse],
+        call: Call,
     ) -> pb.SystemSharedMemoryRegisterResponse:
         self._regions.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
@@ -190,9 +192,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(
         self,
         request: pb.SystemSharedMemoryUnregisterRequest,
-        context: grpc.aio.ServicerContext[
-            pb.SystemSharedMemoryUnregisterRequest, pb.SystemSharedMemoryUnregisterResponse
-        ],
+        call: Call,
     ) -> pb.SystemSharedMemoryUnregisterResponse:
         self._regions.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
@@ -200,7 +200,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def TraceSetting(
         self,
         request: pb.TraceSettingRequest,
-        context: grpc.aio.ServicerContext[pb.TraceSettingRequest, pb.TraceSettingResponse],
+        call: Call,
     ) -> pb.TraceSettingResponse:
         """Triton's trace extension: the settings of the server or of one model, after any change."""
         if request.model_name:
@@ -218,51 +218,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self,
         request: pb.ModelInferRequest,
-        context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
+        call: Call,
     ) -> pb.ModelInferResponse:
-        carrier = trace_carrier(context.invocation_metadata() or ()) if self._tracing.enabled else None
-        return await self.infer(
-            request, context.time_remaining(), local=is_loopback_peer(context.peer()), carrier=carrier
-        )
+        return await self.infer(request, call)
 
     async def ModelStreamInfer(
         self,
         request_iterator: AsyncIterator[pb.ModelInferRequest],
-        context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelStreamInferResponse],
+        call: Call,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming inference (:func:`~service.transport.streaming.stream_call`)."""
         async for response in stream_call(
-            request_iterator,
-            context,
-            self.infer,
-            tracing=self._tracing.enabled,
-            max_in_flight=self._dataplane.config.max_stream_in_flight,
+            request_iterator, call, self.infer, max_in_flight=self._dataplane.config.max_stream_in_flight
         ):
             yield response
 
     async def infer(
         self,
         request: pb.ModelInferRequest,
-        timeout: float | None,
+        call: Call,
         *,
-        local: bool,
-        protocol: str = "grpc",
-        carrier: Mapping[str, str] | None = None,
         method: str = "ModelInfer",
         received_ns: int = 0,
         decoded_ns: tuple[int, int] | None = None,
     ) -> pb.ModelInferResponse:
-        """One inference, whichever port it came in by (``protocol``: grpc or http): counted, run, answered.
+        """One inference, whichever binding brought it (``call.protocol``): counted, run, answered.
 
-        ``local``: whether the caller is on this host (a loopback peer), the only callers whose
-        requests may name system shared memory regions: the regions are files of this host, and a
-        remote caller could only read or overwrite another client's. ``carrier``: the caller's
-        ``traceparent`` and ``tracestate`` (gRPC metadata or HTTP headers), when tracing is on.
+        ``call.local``: whether the caller is on this host, the only callers whose requests may
+        name system shared memory regions: the regions are files of this host, and a remote caller
+        could only read or overwrite another client's. ``call.carrier``: the caller's
+        ``traceparent`` and ``tracestate`` (gRPC metadata or HTTP headers), read when tracing is on.
         ``received_ns`` and ``decoded_ns``: from the protocol front end that sent the request (its
         arrival, and when its images were decoded there), for the request's trace.
         """
+        protocol, local = call.protocol, call.local
+        timeout = call.time_remaining()
         trace = (
-            self._tracing.start_request(method, request.model_name, carrier, protocol=protocol)
+            self._tracing.start_request(method, request.model_name, call.carrier, protocol=protocol)
             if self._tracing.enabled
             else None
         )

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 
-import grpc
-
 from service.dataplane import DataPlane
 from service.errors import InvalidInputError, quote
 from service.finetune.catalog import FineTunedModels
 from service.metrics import ServerMetrics
 from service.precision import Agreement
 from service.repository import ServedModel
+from service.transport.call import Call
 from service.transport.inference import require_model_name
 from vision_client.protocol.stubs.vision.v1 import models_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import models_pb2_grpc as pb_grpc
@@ -27,14 +26,12 @@ class ModelsServicer(pb_grpc.ModelsServicer):
     async def ListModels(
         self,
         request: pb.ListModelsRequest,
-        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
+        call: Call,
     ) -> pb.ListModelsResponse:
         models = self._dataplane.repository.all()
         return pb.ListModelsResponse(models=[model_info(m, labels=not request.without_labels) for m in models])
 
-    async def GetModel(
-        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[pb.GetModelRequest, pb.ModelInfo]
-    ) -> pb.ModelInfo:
+    async def GetModel(self, request: pb.GetModelRequest, call: Call) -> pb.ModelInfo:
         name = require_model_name(request.name)
         if request.version:  # that version itself (another kept one loads, as a request naming it would)
             model = self._dataplane.model(name, request.version)
@@ -46,7 +43,7 @@ class ModelsServicer(pb_grpc.ModelsServicer):
     async def GetThroughput(
         self,
         request: pb.GetThroughputRequest,
-        context: grpc.aio.ServicerContext[pb.GetThroughputRequest, pb.Throughput],
+        call: Call,
     ) -> pb.Throughput:
         now = time.time()
         images = [
@@ -59,9 +56,7 @@ class ModelsServicer(pb_grpc.ModelsServicer):
         ]
         return pb.Throughput(time=now, images=images, queues=queues)
 
-    async def RollbackModel(
-        self, request: pb.RollbackModelRequest, context: grpc.aio.ServicerContext[pb.RollbackModelRequest, pb.ModelInfo]
-    ) -> pb.ModelInfo:
+    async def RollbackModel(self, request: pb.RollbackModelRequest, call: Call) -> pb.ModelInfo:
         name = require_model_name(request.name)
         if not request.version:
             raise InvalidInputError(

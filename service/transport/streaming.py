@@ -6,29 +6,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
-from service.tracing import trace_carrier
-from service.transport.auth import is_loopback_peer
+from service.transport.call import Call
 from service.transport.errors import status_for
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
 
 async def stream_call(
     requests: AsyncIterator[pb.ModelInferRequest],
-    context: Any,
+    call: Call,
     infer: Callable[..., Awaitable[pb.ModelInferResponse]],
     *,
-    tracing: bool,
     max_in_flight: int,
 ) -> AsyncIterator[pb.ModelStreamInferResponse]:
     """A ``ModelStreamInfer`` call: each request run by ``infer`` (a servicer's ``infer``) with the
-    call's deadline, locality and trace context, as :func:`stream_infer` orders them."""
-    local = is_loopback_peer(context.peer())
-    carrier = trace_carrier(context.invocation_metadata() or ()) if tracing else None  # each request's parent
+    call's deadline, locality and trace context (each request's parent), as :func:`stream_infer`
+    orders them."""
 
     async def one(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        return await infer(request, context.time_remaining(), local=local, carrier=carrier, method="ModelStreamInfer")
+        return await infer(request, call, method="ModelStreamInfer")
 
     async for response in stream_infer(requests, one, max_in_flight):
         yield response

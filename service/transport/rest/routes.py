@@ -1,9 +1,10 @@
 """The REST binding of the Open Inference Protocol (KServe v2) and Triton's extensions.
 
 Each route names the gRPC method it is the REST form of: the handler builds that method's
-request message, calls the very servicer method gRPC calls, and answers protobuf's JSON of its
-response. So both ports share one implementation, one set of checks and one authorization scope
-per operation (``transport/auth.py``'s table, looked up by the method's name).
+request message and the call's information from the HTTP request (:func:`call_of`), calls the
+very servicer method gRPC calls, and answers protobuf's JSON of its response. So both ports share
+one implementation, one set of checks and one authorization scope per operation
+(``transport/auth.py``'s table, looked up by the method's name).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 from service.errors import InvalidInputError
 from service.tracing import trace_carrier
 from service.transport import values
+from service.transport.call import Call
 from service.transport.rest.codec import (
     HEADER_LENGTH,
     build_infer_body,
@@ -33,7 +35,6 @@ _INFERENCE = "/inference.GRPCInferenceService/"
 _REPOSITORY = "/v2/repository/models/{model}"
 _SHM = "/v2/systemsharedmemory"
 _TRACE_PATHS = ("/v2/trace/setting", "/v2/models/{model}/trace/setting")
-NO_CONTEXT: Any = None  # the servicer's methods take a gRPC context they do not use here
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
 T = TypeVar("T")
 # Set by the server (``server.py``) once a request is let in: whether its caller counts as this host
@@ -60,62 +61,62 @@ def routes(servicer: InferenceService) -> list[Route]:
         return (f"/v2/models/{{model}}{suffix}", f"/v2/models/{{model}}/versions/{{version}}{suffix}")
 
     async def live(request: web.Request, body: bytes) -> web.StreamResponse:
-        reply = await servicer.ServerLive(pb.ServerLiveRequest(), NO_CONTEXT)
+        reply = await servicer.ServerLive(pb.ServerLiveRequest(), call_of(request))
         return _health({"live": reply.live})
 
     async def ready(request: web.Request, body: bytes) -> web.StreamResponse:
-        reply = await servicer.ServerReady(pb.ServerReadyRequest(), NO_CONTEXT)
+        reply = await servicer.ServerReady(pb.ServerReadyRequest(), call_of(request))
         return _health({"ready": reply.ready})
 
     async def server_metadata(request: web.Request, body: bytes) -> web.StreamResponse:
-        return _json(await servicer.ServerMetadata(pb.ServerMetadataRequest(), NO_CONTEXT))
+        return _json(await servicer.ServerMetadata(pb.ServerMetadataRequest(), call_of(request)))
 
     async def model_metadata(request: web.Request, body: bytes) -> web.StreamResponse:
         name, version = _model(request)
-        return _json(await servicer.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), NO_CONTEXT))
+        return _json(
+            await servicer.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), call_of(request))
+        )
 
     async def model_ready(request: web.Request, body: bytes) -> web.StreamResponse:
         name, version = _model(request)
-        reply = await servicer.ModelReady(pb.ModelReadyRequest(name=name, version=version), NO_CONTEXT)
+        reply = await servicer.ModelReady(pb.ModelReadyRequest(name=name, version=version), call_of(request))
         return _health({"name": name, "ready": reply.ready})
 
     async def model_config(request: web.Request, body: bytes) -> web.StreamResponse:
         name, version = _model(request)
-        reply = await servicer.ModelConfig(pb.ModelConfigRequest(name=name, version=version), NO_CONTEXT)
+        reply = await servicer.ModelConfig(pb.ModelConfigRequest(name=name, version=version), call_of(request))
         return _json(reply.config)  # Triton's REST API answers the config itself
 
     async def statistics(request: web.Request, body: bytes) -> web.StreamResponse:
         name, version = _model(request) if "model" in request.match_info else ("", "")
         message = pb.ModelStatisticsRequest(name=name, version=version)
-        return _json(await servicer.ModelStatistics(message, NO_CONTEXT))
+        return _json(await servicer.ModelStatistics(message, call_of(request)))
 
     async def repository_index(request: web.Request, body: bytes) -> web.StreamResponse:
         options = await _object(body, "the repository index request")
         reply = await servicer.RepositoryIndex(
-            pb.RepositoryIndexRequest(ready=options.get("ready") is True), NO_CONTEXT
+            pb.RepositoryIndexRequest(ready=options.get("ready") is True), call_of(request)
         )
         return web.json_response([message_to_json(model) for model in reply.models])
 
     async def load(request: web.Request, body: bytes) -> web.StreamResponse:
         message = pb.RepositoryModelLoadRequest(model_name=request.match_info["model"])
         _control_parameters(message, await _object(body, "the load request"))
-        await servicer.RepositoryModelLoad(message, NO_CONTEXT)
+        await servicer.RepositoryModelLoad(message, call_of(request))
         return web.json_response({})
 
     async def unload(request: web.Request, body: bytes) -> web.StreamResponse:
         message = pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
         _control_parameters(message, await _object(body, "the unload request"))
-        await servicer.RepositoryModelUnload(message, NO_CONTEXT)
+        await servicer.RepositoryModelUnload(message, call_of(request))
         return web.json_response({})
 
     async def infer(request: web.Request, body: bytes) -> web.StreamResponse:
         name, version = _model(request)
         header_length = request.headers.get(HEADER_LENGTH)
-        call = await parse_off_loop(body, parse_infer_body, body, header_length, name, version)
-        local = request.get(LOCAL_CALLER) is True
-        carrier = trace_carrier(request.headers.items()) if servicer.tracing_enabled else None
-        reply = await servicer.infer(call.message, call.timeout_s, local=local, protocol="http", carrier=carrier)
-        payload, json_length = build_infer_body(reply, call)
+        parsed = await parse_off_loop(body, parse_infer_body, body, header_length, name, version)
+        reply = await servicer.infer(parsed.message, call_of(request, timeout=parsed.timeout_s))
+        payload, json_length = build_infer_body(reply, parsed)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(
@@ -124,7 +125,7 @@ def routes(servicer: InferenceService) -> list[Route]:
 
     async def shm_status(request: web.Request, body: bytes) -> web.StreamResponse:
         message = pb.SystemSharedMemoryStatusRequest(name=request.match_info.get("region", ""))
-        reply = await servicer.SystemSharedMemoryStatus(message, NO_CONTEXT)
+        reply = await servicer.SystemSharedMemoryStatus(message, call_of(request))
         # Triton's list, every field written (protobuf's JSON would leave out an offset of 0).
         fields = ("name", "key", "offset", "byte_size")
         return web.json_response([{f: getattr(region, f) for f in fields} for region in reply.regions.values()])
@@ -137,12 +138,12 @@ def routes(servicer: InferenceService) -> list[Route]:
             offset=_byte_count(options.get("offset", 0), "offset"),
             byte_size=_byte_count(options.get("byte_size"), "byte_size"),
         )
-        await servicer.SystemSharedMemoryRegister(message, NO_CONTEXT)
+        await servicer.SystemSharedMemoryRegister(message, call_of(request))
         return web.json_response({})
 
     async def shm_unregister(request: web.Request, body: bytes) -> web.StreamResponse:
         message = pb.SystemSharedMemoryUnregisterRequest(name=request.match_info.get("region", ""))
-        await servicer.SystemSharedMemoryUnregister(message, NO_CONTEXT)
+        await servicer.SystemSharedMemoryUnregister(message, call_of(request))
         return web.json_response({})
 
     async def trace_setting(request: web.Request, body: bytes) -> web.StreamResponse:
@@ -150,7 +151,7 @@ def routes(servicer: InferenceService) -> list[Route]:
         if request.method == "POST":
             for key, value in (await _object(body, "the trace settings")).items():
                 message.settings[key].value.extend(_setting_values(key, value))
-        reply = await servicer.TraceSetting(message, NO_CONTEXT)
+        reply = await servicer.TraceSetting(message, call_of(request))
         # Triton's JSON: trace_level a list, every other setting one string.
         return web.json_response(
             {
@@ -204,6 +205,19 @@ def _setting_values(key: str, value: Any) -> list[str]:
 
 def _model(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
+
+
+def call_of(request: web.Request, *, timeout: float | None = None) -> Call:
+    """What the services read of an HTTP request: its peer, whether it counts as this host (set by
+    the port once the request is let in: ``LOCAL_CALLER``), its trace context, and a deadline where
+    the request gives one (an inference's ``timeout`` parameter)."""
+    return Call(
+        "http",
+        peer=peer(request),
+        local=request.get(LOCAL_CALLER) is True,
+        deadline=Call.deadline_in(timeout),
+        carrier=trace_carrier(request.headers.items()) or None,
+    )
 
 
 def peer(request: web.Request) -> str:

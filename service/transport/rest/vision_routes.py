@@ -39,9 +39,8 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from google.protobuf import json_format
 
 from service.errors import InvalidInputError, quote
-from service.tracing import trace_carrier
 from service.transport.limits import UploadPace
-from service.transport.rest.routes import NO_CONTEXT, Route, peer
+from service.transport.rest.routes import Route, call_of
 from service.transport.services import FineTuningService, ModelsService
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client.protocol.stubs.vision.v1 import models_pb2
@@ -59,27 +58,27 @@ def vision_routes(
 ) -> list[Route]:
     async def list_models(request: web.Request, body: bytes) -> web.StreamResponse:
         without = request.query.get("without_labels", "").lower() in ("1", "true")
-        reply = await models.ListModels(models_pb2.ListModelsRequest(without_labels=without), NO_CONTEXT)
+        reply = await models.ListModels(models_pb2.ListModelsRequest(without_labels=without), call_of(request))
         return _canonical(reply)
 
     async def get_model(request: web.Request, body: bytes) -> web.StreamResponse:
         message = models_pb2.GetModelRequest(
             name=request.match_info["name"], version=request.match_info.get("version", "")
         )
-        return _canonical(await models.GetModel(message, NO_CONTEXT))
+        return _canonical(await models.GetModel(message, call_of(request)))
 
     async def throughput(request: web.Request, body: bytes) -> web.StreamResponse:
-        return _canonical(await models.GetThroughput(models_pb2.GetThroughputRequest(), NO_CONTEXT))
+        return _canonical(await models.GetThroughput(models_pb2.GetThroughputRequest(), call_of(request)))
 
     async def rollback_model(request: web.Request, body: bytes) -> web.StreamResponse:
         message = models_pb2.RollbackModelRequest(
             name=request.match_info["name"], version=request.match_info["version"]
         )
-        return _canonical(await models.RollbackModel(message, NO_CONTEXT))
+        return _canonical(await models.RollbackModel(message, call_of(request)))
 
     async def delete_model(request: web.Request, body: bytes) -> web.StreamResponse:
         message = ft_pb.DeleteModelRequest(name=request.match_info["name"])
-        return _canonical(await fine_tuning.DeleteModel(message, NO_CONTEXT))
+        return _canonical(await fine_tuning.DeleteModel(message, call_of(request)))
 
     async def create_job(request: web.Request, body: bytes) -> web.StreamResponse:
         if not request.content_type.startswith("multipart/"):
@@ -95,24 +94,25 @@ def vision_routes(
                 "multipart/form-data with its boundary parameter (curl -F and browsers do)"
             ) from None
         messages = _job_messages(reader, max_part_bytes, fine_tuning.upload_pace())
-        carrier = trace_carrier(request.headers.items()) if fine_tuning.tracing_enabled else None
-        return _canonical(await fine_tuning.create_job(messages, peer(request), carrier=carrier))
+        call = call_of(request)
+        carrier = dict(call.carrier or {}) if fine_tuning.tracing_enabled else None
+        return _canonical(await fine_tuning.create_job(messages, call.peer, carrier=carrier))
 
     async def list_jobs(request: web.Request, body: bytes) -> web.StreamResponse:
-        return _canonical(await fine_tuning.ListJobs(ft_pb.ListJobsRequest(), NO_CONTEXT))
+        return _canonical(await fine_tuning.ListJobs(ft_pb.ListJobsRequest(), call_of(request)))
 
     async def get_job(request: web.Request, body: bytes) -> web.StreamResponse:
         message = ft_pb.GetJobRequest(job_id=request.match_info["job"])
-        return _canonical(await fine_tuning.GetJob(message, NO_CONTEXT))
+        return _canonical(await fine_tuning.GetJob(message, call_of(request)))
 
     async def cancel_job(request: web.Request, body: bytes) -> web.StreamResponse:
         message = ft_pb.CancelJobRequest(job_id=request.match_info["job"])
-        return _canonical(await fine_tuning.CancelJob(message, NO_CONTEXT))
+        return _canonical(await fine_tuning.CancelJob(message, call_of(request)))
 
     async def watch_job(request: web.Request, body: bytes) -> web.StreamResponse:
         events = cast(
             AsyncGenerator[ft_pb.JobEvent, None],
-            fine_tuning.WatchJob(ft_pb.WatchJobRequest(job_id=request.match_info["job"]), NO_CONTEXT),
+            fine_tuning.WatchJob(ft_pb.WatchJobRequest(job_id=request.match_info["job"]), call_of(request)),
         )
         try:
             # An unknown job, or one with its watchers' cap reached, is an error status, not an empty stream.
