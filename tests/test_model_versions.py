@@ -431,3 +431,36 @@ def test_one_other_version_is_resident_and_requests_for_it_share_one_load(tmp_pa
         assert repository.get_ready(NAME) is two
 
     run_with_core(tmp_path, scenario)
+
+
+def test_versions_and_a_rollback_through_the_frontends(tmp_path: Path) -> None:
+    """``--frontends 2``: a version named in a request crosses the hop, RollbackModel and GetModel
+    with a version are forwarded to the engine, and every front end sees the rollback at once."""
+    from tests.conftest import start_server
+    from tests.store_util import save_head
+    from tests.tiny import TINY_FEATURE_DIM
+
+    store = tmp_path / "store"
+    for seed in (1, 2):
+        save_head(store, NAME, seed=seed, features=TINY_FEATURE_DIM, base=TINY)
+    images = [png for png, _ in examples(2)]
+    proc = start_server(
+        tmp_path, "--frontends", "2", "--models", TINY, "--weights", "random", "--model-store", str(store)
+    )
+    try:
+        proc.wait_serving()
+        with Client(proc.target) as sdk:
+            assert sdk.model(NAME).versions == ("1", "2") and sdk.model(NAME, version=1).version == "1"
+            first = sdk.logits(images, NAME, version=1)
+            assert not np.allclose(first, sdk.logits(images, NAME))
+            assert sdk.rollback_model(NAME, 1).version == "1"
+        for _ in range(4):  # new connections: the kernel spreads them over the front ends
+            with triton.InferenceServerClient(proc.target) as client:
+                assert client.get_model_metadata(NAME).versions == ["1", "2"]
+                result = client.infer(NAME, [_pixels()], client_timeout=60)
+                assert result.get_response().model_version == "1"
+            with Client(proc.target) as sdk:
+                np.testing.assert_allclose(sdk.logits(images, NAME), first, rtol=1e-6)
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.log()
