@@ -616,6 +616,8 @@ class ModelStore:
         from the last read of that manifest, read again only when it changes)."""
         cutoff = time.time() - grace_s
         deleted: list[str] = []
+        for gone in [name for name in self._kept_ids if name not in listing]:
+            del self._kept_ids[gone]
         for name, stored in listing.items():
             old = [info for info in stored.files if info.modified < cutoff]
             if not old:
