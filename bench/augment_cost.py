@@ -78,7 +78,7 @@ def digits(count: int) -> tuple[list[bytes], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.testing import start_server
+    from tests.support.servers import start_server
     from vision_client import AugmentationConfig, Client, FineTuneConfig
 
     load_before = os.getloadavg()

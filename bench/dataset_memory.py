@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from bench.machine import machine_info
-from service.testing import MotoServer, ServerProcess, start_server
+from tests.support.servers import MotoServer, ServerProcess, start_server
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from bench.inputs import photographs
 from bench.machine import machine_info
-from service.testing import start_server
+from tests.support.servers import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "alexnet"

@@ -1,5 +1,5 @@
 """The servers a benchmark run measures: ``vision-serve`` child processes started through the
-tests' own harness (:mod:`service.testing`), one per model and ``--runtime``."""
+tests' own harness (:mod:`tests.support.servers`), one per model and ``--runtime``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 from bench.inputs import infer_input
 from bench.load import Target
 from bench.records import EAGER, ServerRecord
-from service.testing import ROOT, ServerProcess, start_server
+from tests.support.servers import ROOT, ServerProcess, start_server
 
 STARTUP_TIMEOUT_S = 900.0  # an empty runtime cache means exporting first
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.inputs import infer_input, photographs
 from bench.machine import machine_info, process_memory_mib
-from service.testing import start_server
+from tests.support.servers import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

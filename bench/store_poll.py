@@ -33,7 +33,7 @@ from service.finetune.heads import build_standardized_head
 from service.finetune.store import ModelStore
 from service.finetune.trainer import TrainMetrics
 from service.storage import S3Location
-from service.testing import MotoServer, start_server
+from tests.support.servers import MotoServer, start_server
 from vision_client import Client, FineTuneConfig, HeadConfig
 
 ROOT = Path(__file__).resolve().parent.parent

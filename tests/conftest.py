@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers (service.testing, tests.inprocess), real images, one runtime cache per session."""
+"""Shared fixtures: real servers (tests.support.servers, tests.inprocess), real images, one runtime
+cache per session."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.testing import ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port, start_server
+from tests.support.servers import ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port, start_server
 
 __all__ = ["ROOT", "STARTUP_TIMEOUT_S", "ServerProcess", "free_port", "start_server"]
 
@@ -93,9 +94,9 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory):  # -> service.testing.MotoServer
+def moto_server(tmp_path_factory: pytest.TempPathFactory):  # -> tests.support.servers.MotoServer
     """An S3-compatible server (moto) for this test worker, started when a test first needs it."""
-    from service.testing import MotoServer
+    from tests.support.servers import MotoServer
 
     server = MotoServer(tmp_path_factory.mktemp("moto")).start()
     yield server

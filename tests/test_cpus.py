@@ -16,7 +16,7 @@ import tritonclient.grpc as triton
 
 from service.config import RuntimeConfig
 from service.cpus import cgroup_cpu_quota, usable_cores
-from service.testing import start_server
+from tests.support.servers import start_server
 from tests.test_instances import pixels_input
 
 T = TypeVar("T")

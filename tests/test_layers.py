@@ -1,6 +1,7 @@
 """Who may import what: the server uses the SDK's public protocol only, ``bench/`` stands on the
-installed packages (no ``tests``, nothing private, no ``sys.path`` edits), and the layers of
-``service/`` import downwards only."""
+installed packages and the harness it shares with the tests (``tests/support/``; nothing else of
+``tests``, nothing private, no ``sys.path`` edits), the package ships no test support, and the
+layers of ``service/`` import downwards only."""
 
 from __future__ import annotations
 
@@ -46,13 +47,32 @@ def test_bench_stands_on_the_installed_packages() -> None:
     problems = []
     for path in sources("bench"):
         modules = imported_modules(path)
-        if [m for m in modules if m == "tests" or m.startswith("tests.")]:
-            problems.append(f"{path.name} imports tests/")
+        if [m for m in modules if (m == "tests" or m.startswith("tests.")) and not m.startswith("tests.support")]:
+            problems.append(f"{path.name} imports tests/ beyond the support both share (tests/support/)")
         if [m for m in modules if m.split(".")[0] in ours and is_private(m)]:
             problems.append(f"{path.name} imports private names")
         if "sys.path" in path.read_text(encoding="utf-8"):
             problems.append(f"{path.name} edits sys.path")
     assert not problems
+
+
+def test_test_support_is_not_shipped() -> None:
+    """The harness tests and bench/ share (tests/support/: server processes, moto) is no module of
+    the package: nothing in service/ imports tests/, and the wheel's packages (pyproject's
+    ``packages.find``) are service's alone."""
+    import tomllib
+    from setuptools import find_packages
+
+    importing = [
+        str(path.relative_to(ROOT))
+        for path in sources("service")
+        if any(m == "tests" or m.startswith("tests.") for m in imported_modules(path))
+    ]
+    assert not importing, f"service/ imports tests/: {importing}"
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    shipped = find_packages(str(ROOT), include=find["find"]["include"])
+    assert "service" in shipped and all(name.split(".")[0] == "service" for name in shipped), shipped
+    assert not (ROOT / "service" / "testing.py").exists()
 
 
 # service/'s layers, top to bottom: a module imports from its own layer and the ones below only.
@@ -64,7 +84,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "service.__main__",
             "service.options",
             "service.server",
-            "service.testing",
             "service.supervisor",
             "service.engine",
             "service.frontend",

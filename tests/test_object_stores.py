@@ -205,8 +205,8 @@ def test_a_server_on_an_unreachable_store_logs_it_without_secrets_and_no_traceba
 def test_an_https_endpoint_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server whose certificate no trusted CA signed is refused; trusting its CA
     (``AWS_CA_BUNDLE``, the standard variable) lets the same store work."""
-    from service.testing import MotoServer
     from tests.certs import CertificateAuthority, write_pair
+    from tests.support.servers import MotoServer
 
     authority = CertificateAuthority("test S3 CA")
     cert, key = write_pair(tmp_path / "tls", authority.issue("127.0.0.1", server=True), "server")

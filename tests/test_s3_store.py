@@ -1,5 +1,5 @@
 """The model store on S3-compatible object storage, with replicas: in-process servers of the tiny
-model (tests/tiny.py) sharing one bucket of a real S3-compatible server (moto, service.testing.MotoServer).
+model (tests/tiny.py) sharing one bucket of a real S3-compatible server (moto, tests.support.servers.MotoServer).
 
 Polls are run by the tests (``store_poll_seconds`` is an hour) wherever "within one poll" is
 what a test shows, so nothing waits on the wall clock but the outage test, whose point is time.

@@ -17,7 +17,7 @@ from service.config import ServeConfig
 from service.errors import FailedPreconditionError
 from service.ports import Listener, check_ports
 from service.server import create_server
-from service.testing import ROOT, free_port
+from tests.support.servers import ROOT, free_port
 from tests.tiny import TINY
 
 HOLDER = """

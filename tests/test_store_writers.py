@@ -1,7 +1,7 @@
 """Two writers of one name (two replicas sharing a store) never leave a model that cannot
 be loaded, and ``replace=False`` holds across processes. The interleavings are forced
 with the two steps of a save: ``stage`` (weights) and ``commit`` (manifest). Every test runs
-on both stores: a directory, and a bucket of a real S3-compatible server (service.testing.MotoServer)."""
+on both stores: a directory, and a bucket of a real S3-compatible server (tests.support.servers.MotoServer)."""
 
 from __future__ import annotations
 

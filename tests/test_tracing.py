@@ -524,7 +524,7 @@ def test_a_collector_that_is_down_drops_and_counts_spans(tmp_path, weights_dir, 
 
 
 def free_port() -> int:
-    from service.testing import free_port as pick
+    from tests.support.servers import free_port as pick
 
     return pick()
 

@@ -1,8 +1,9 @@
 """A real ``vision-serve`` child process on loopback ports, and a real S3-compatible server
 (moto), for the tests and ``bench/`` alike.
 
-The server never imports it. Tests use it where a process boundary is the point (signals,
-restarts, replicas, the CLI, RSS); elsewhere ``tests/inprocess.py`` is faster. No pytest here.
+It lives with the tests, outside the shipped package: the server never imports it. Tests use it
+where a process boundary is the point (signals, restarts, replicas, the CLI, RSS); elsewhere
+``tests/inprocess.py`` is faster. No pytest here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: tests/support/servers.py
 STARTUP_TIMEOUT_S = 240.0
 
 
