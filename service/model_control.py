@@ -5,7 +5,7 @@ served model:
 
 - a built-in model (one of ``--models``) is built again from its weights source, warmed up,
   and served (:class:`BuiltinModels`);
-- a fine-tuned model is read again from the model store (its newest version) and put on its
+- a fine-tuned model is read again from the model store (the version it serves) and put on its
   base model's backbone, which must be loaded (:class:`FineTunedModels`).
 
 Fine-tuned models share their base model's backbone, so unloading a built-in model unloads the

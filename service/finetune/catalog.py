@@ -235,7 +235,7 @@ class FineTunedModels:
 
     async def load(self, name: str) -> None:
         """``RepositoryModelLoad`` of a fine-tuned model that was unloaded: read it from the store
-        again (its newest version) and serve it; the same checks and accounting as a poll's."""
+        again (the version its store serves) and serve it; the same checks and accounting as a poll's."""
         model = self._repository.get(name)
         if not model.unloaded:
             return
