@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from service.config import FineTuneLimits
 from service.errors import InvalidInputError, quote
-from service.finetune.backbone import activations_limit_message, check_backbone, max_examples_at_cut
 from service.finetune.names import validate_model_name
 from vision_client import errors as client_errors
 from vision_client.protocol import FineTuneConfig, HeadConfig, Layer, from_message
@@ -112,7 +111,10 @@ def check_limits(
     _at_most("batch_size", config.batch_size, limits.max_batch_size)
     _at_most("early_stopping_patience", config.early_stopping_patience, limits.max_epochs)
     _at_most("augmentation views", config.augmentation.views, MAX_AUGMENT_VIEWS)
-    check_backbone(config)  # train_backbone_blocks within the base model's blocks
+    if config.train_backbone_blocks:  # within the base model's blocks (.backbone: torch, which front ends lack)
+        from service.finetune.backbone import check_backbone
+
+        check_backbone(config)
     if not isinstance(config.class_weights, str):  # weights by name
         weights = dict(config.class_weights)
         if len(weights) > limits.max_labels:
@@ -131,14 +133,16 @@ def max_examples(config: FineTuneConfig, limits: FineTuneLimits) -> int:
     example, and a job holds no more rows than an un-augmented job of ``--max-job-examples``; a job
     that trains backbone blocks keeps activations, within their own bound (:mod:`.backbone`)."""
     rows = limits.max_examples // (1 + config.augmentation.views)
-    at_cut = max_examples_at_cut(config)
+    at_cut = _examples_at_cut(config)
     return rows if at_cut is None else min(rows, at_cut)
 
 
 def examples_limit_message(config: FineTuneConfig, limits: FineTuneLimits) -> str:
     views = config.augmentation.views
-    at_cut = max_examples_at_cut(config)
+    at_cut = _examples_at_cut(config)
     if at_cut is not None and at_cut < limits.max_examples // (1 + views):
+        from service.finetune.backbone import activations_limit_message
+
         return activations_limit_message(config)
     if not views:
         return f"a job takes at most {limits.max_examples} examples (--max-job-examples)"
@@ -189,6 +193,17 @@ def _check_widths(layers: tuple[Layer, ...], limits: FineTuneLimits, where: str)
             )
         for number, branch in enumerate(layer.branches):
             _check_widths(branch, limits, f"{where}[{position}].branches[{number}]")
+
+
+def _examples_at_cut(config: FineTuneConfig) -> int | None:
+    """The bound on examples that a job's kept activations set (None for a frozen backbone). :mod:`.backbone`
+    is imported only for such a job: it needs torch, and the front ends (no torch) import this module
+    for its limits (the console's page)."""
+    if not config.train_backbone_blocks:
+        return None
+    from service.finetune.backbone import max_examples_at_cut
+
+    return max_examples_at_cut(config)
 
 
 def _at_most(name: str, value: int, high: int) -> None:
