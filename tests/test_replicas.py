@@ -97,7 +97,9 @@ def test_a_head_trained_on_one_replica_is_served_by_the_other(replicas) -> None:
         assert "shared-digits" not in [m.name for m in client.get_model_repository_index().models]
 
 
-def test_sigterm_cancels_a_running_job_cleanly_and_exits_zero(tmp_path, weights_dir) -> None:
+def test_sigterm_stops_a_running_job_cleanly_for_the_next_start_and_exits_zero(tmp_path, weights_dir) -> None:
+    """The job stops after its batch with its features and last checkpoint kept in the store, where the
+    next start of a server sharing it goes on with it (tests/test_job_resume.py)."""
     proc = start_server(
         tmp_path, "--models", "alexnet", "--weights", str(weights_dir), "--model-store", str(tmp_path / "store")
     )
@@ -113,6 +115,8 @@ def test_sigterm_cancels_a_running_job_cleanly_and_exits_zero(tmp_path, weights_
             kinds.append(event.kind)
             if event.kind == "epoch" and event.epoch == 1:
                 proc.process.terminate()
-    assert kinds[-1] == "cancelled"
+    assert kinds[-1] == "suspended"
     assert proc.process.wait(60) == 0, proc.log()
     assert not (tmp_path / "store" / "endless").exists()
+    kept = tmp_path / "store" / ".jobs" / "live" / job.id
+    assert {"job.json", "inputs.safetensors", "checkpoint.safetensors"} <= {p.name for p in kept.iterdir()}

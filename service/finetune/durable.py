@@ -262,7 +262,10 @@ class JobKeeper:
             except OSError as exc:
                 log.warning("checkpoint %d of job %s cannot be written: %s", state.epoch, job.id, exc)
 
-        return (job.resumed.state if job.resumed is not None else None), on_checkpoint
+        resume = job.resumed.state if job.resumed is not None else None
+        if job.resumed is not None:  # the training run holds the state from here
+            job.resumed = Resumed(None, job.resumed.curve)
+        return resume, on_checkpoint
 
     # -- other replicas' jobs ---------------------------------------------------
 

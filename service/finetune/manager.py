@@ -66,6 +66,7 @@ from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CHECKPOINT_READ_S = 300.0  # a checkpoint holds about four copies of a head (up to --max-head-parameters)
 
 
 class JobManager:
@@ -238,14 +239,14 @@ class JobManager:
         jobs.update(self._live)
         return sorted(jobs.values(), key=lambda j: j.created_at)
 
-    async def _ask_store(self, question: Callable[[], T], action: str) -> T:
+    async def _ask_store(self, question: Callable[[], T], action: str, timeout: float = READ_TIMEOUT_S) -> T:
         """``question()`` in a thread with the store's read time limit; UNAVAILABLE if the store fails it."""
         assert self._store is not None
         try:
-            return await call_with_timeout(question, READ_TIMEOUT_S, "store-jobs")
+            return await call_with_timeout(question, timeout, "store-jobs")
         except TimedOut as exc:
             raise UnavailableError(
-                f"cannot {action} the model store {self._store.location}: no answer within {READ_TIMEOUT_S:g}s; retry"
+                f"cannot {action} the model store {self._store.location}: no answer within {timeout:g}s; retry"
             ) from exc
         except OSError as exc:
             raise UnavailableError(f"cannot {action} the model store {self._store.location}: {exc}; retry") from exc
@@ -263,6 +264,7 @@ class JobManager:
         if job.state.terminal and not job.events:  # a record from the store: only its end is known
             yield job.final_event()
             return
+        job = self._live.get(job.id) or self._finished.get(job.id) or job  # claimed while the store was read
         if not job.state.terminal and job.id not in self._live:
             raise UnavailableError(
                 f"job {quote(job_id)} runs on another server sharing the model store, or waits to go on there or "
@@ -364,6 +366,8 @@ class JobManager:
                 await self.claim_jobs()
             except UnavailableError as exc:
                 log.warning("cannot look for jobs to go on with: %s", exc)
+            except Exception:  # the next round tries again: this loop must outlive any one job
+                log.exception("looking for jobs to go on with failed")
             await asyncio.sleep(keeper.lease_s / 3)
 
     async def claim_jobs(self) -> tuple[Job, ...]:
@@ -391,7 +395,7 @@ class JobManager:
                 continue
             job.state, job.kept, job.inputs_kept = JobState.QUEUED, True, True
             job.resumed = resumed = await self._ask_store(
-                partial(keeper.resume_point, job_id), "read a checkpoint from"
+                partial(keeper.resume_point, job_id), "read a checkpoint from", CHECKPOINT_READ_S
             )
             self._live[job.id] = job
             await self._emit(job, JobEvent(job.id, JobState.QUEUED, "queued", epochs=job.config.epochs))
@@ -430,6 +434,7 @@ class JobManager:
     async def _suspend(self, job: Job, message: str) -> None:
         """Let ``job`` go without ending it: what it kept stays in the store for a server to go on with."""
         self._live.pop(job.id, None)
+        job.resumed = None
         self._update_state_gauge()
         last = job.events[-1] if job.events else None
         await self._emit(
@@ -495,6 +500,7 @@ class JobManager:
         job.state = state
         job.finished_at = time.time()
         job.examples = None
+        job.resumed = None  # a checkpoint's tensors
         if state is JobState.FAILED:
             job.error = message
         self._live.pop(job.id, None)
