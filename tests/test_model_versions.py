@@ -464,3 +464,28 @@ def test_versions_and_a_rollback_through_the_frontends(tmp_path: Path) -> None:
     finally:
         assert proc.stop() == 0
     assert "Traceback" not in proc.log()
+
+
+def test_a_kept_version_that_cannot_be_read_is_unavailable_and_nothing_else_changes(tmp_path: Path, caplog) -> None:
+    """Its weights gone from the store (a damaged store): a request for it, and a rollback to it, are
+    UNAVAILABLE saying why; the served version and the store stay as they were."""
+    from service.errors import UnavailableError
+    from tests.core_util import Core, run_with_core
+    from tests.store_util import save_head
+    from tests.tiny import TINY_FEATURE_DIM
+
+    first = save_head(tmp_path, NAME, seed=1, features=TINY_FEATURE_DIM, base=TINY)
+    save_head(tmp_path, NAME, seed=2, features=TINY_FEATURE_DIM, base=TINY)
+    (tmp_path / NAME / first.weights_file).unlink()
+
+    async def scenario(core: Core) -> None:
+        await core.sync_once()
+        served = core.repository.get_ready(NAME)
+        for attempt in (core.repository.get_version_ready(NAME, "1"), core.catalog.rollback(NAME, "1")):
+            with pytest.raises(UnavailableError, match=f"{first.weights_file} is missing"):
+                await attempt
+        assert core.repository.get_ready(NAME) is served and core.repository.resident(NAME) is None
+        assert core.store is not None and core.store.read_manifest(NAME).number == 2
+
+    run_with_core(tmp_path, scenario)
+    no_tracebacks(caplog)

@@ -282,8 +282,15 @@ class FineTunedModels:
         if task is None:
             task = asyncio.ensure_future(self._build_version(served, version))
             self._version_loads[key] = task
-            task.add_done_callback(lambda _: self._version_loads.pop(key, None))
+            task.add_done_callback(lambda done: self._version_loaded(key, done))
         return await asyncio.shield(task)
+
+    def _version_loaded(self, key: tuple[str, str, str], task: asyncio.Task[ServedModel]) -> None:
+        """A load is over: the next request for the version starts another if it failed (its error
+        is read here, so that a load whose requesters all gave up leaves no log of it)."""
+        self._version_loads.pop(key, None)
+        if not task.cancelled():
+            task.exception()
 
     async def _build_version(self, served: ServedModel, version: str) -> ServedModel:
         name = served.name
