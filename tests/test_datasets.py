@@ -19,8 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import torchvision
+from google.protobuf import json_format
 from PIL import Image
 
 from service.config import FineTuneLimits
@@ -376,6 +378,19 @@ def test_a_directory_dataset_trains_and_is_served(serve, tmp_path: Path, caplog)
     no_tracebacks(caplog)
 
 
+def test_an_image_over_the_pixel_limit_fails_the_job_by_its_name(serve, tmp_path: Path, caplog) -> None:
+    sets = tmp_path / "sets"
+    root = write_folder(sets / "pets", {"dark": 4, "light": 4})
+    (root / "light" / "poster.png").write_bytes(png(200, side=600))
+    server = serve((sets,), max_image_pixels=100_000)
+    failed = train(server, config(str(root), output_model="too-many-pixels"))
+    assert failed.job.state == "failed"
+    assert f"'{root}/light/poster.png': IMAGE element" in failed.job.error, failed.job.error
+    assert "600x600 = 360000 pixels, over the limit of 100000 (--max-image-pixels)" in failed.job.error
+    assert not ready(server, "too-many-pixels")
+    no_tracebacks(caplog)
+
+
 def put_folder(client, bucket: str, prefix: str, classes: dict[str, int], bad: str | None = None) -> None:
     for number, (name, count) in enumerate(sorted(classes.items())):
         for i in range(count):
@@ -459,6 +474,11 @@ def test_over_rest_a_dataset_job_is_its_config_alone_and_its_record_keeps_the_na
     with Client(server.http_url) as sdk:  # the REST binding: a multipart body of the config alone
         result = sdk.fine_tune(config(str(root), output_model="over-rest", epochs=1), (), timeout=120)
     assert result.job.state == "succeeded", result.job.error
+    wire = json_format.MessageToJson(to_message(config(str(root), output_model="with-parts")))
+    files = [("config", ("config.json", wire, "application/json")), ("a", ("a.png", png(1), "image/png"))]
+    answer = httpx.post(f"{server.http_url}/v1/jobs", files=files, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert "a job that names a dataset sends no examples" in answer.json()["error"]
     server.stop()  # its jobs' records are written once it has stopped
     (record,) = (tmp_path / "store-0" / ".jobs").glob(f"*{result.job.id}*.json")
     assert json.loads(record.read_text())["config"]["dataset"] == str(root)
