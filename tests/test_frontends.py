@@ -435,7 +435,8 @@ class Watch:
 
 def test_health_watch_through_every_frontend_follows_models_and_an_engine_restart(tmp_path: Path):
     """Watch through each front end: a model's unload and load, then the engine's death and return
-    (SERVING, NOT_SERVING, SERVING), the same stream all along."""
+    (SERVING, NOT_SERVING, SERVING), the same stream all along; then the server's drain (NOT_SERVING
+    before the front ends go)."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
     proc = start_server(tmp_path, "--frontends", "2", "--models", "tiny", "--weights", "random")
@@ -466,6 +467,9 @@ def test_health_watch_through_every_frontend_follows_models_and_an_engine_restar
         assert children(proc)["engine"] != before["engine"]
         assert client.is_server_ready() and client.is_model_ready("tiny")
         client.close()
+        proc.process.send_signal(signal.SIGTERM)  # the front ends drain first: they say so before they go
+        for watch in watches:
+            watch.wait_for(not_serving)
     finally:
         for watch in watches:
             watch.close()

@@ -245,13 +245,20 @@ class RemoteFineTuning:
 
 
 class RemoteHealth:
-    """``grpc.health.v1.Health`` as the engine tells it; while the engine is down, every service but
-    liveness is NOT_SERVING, and a Watch stream says so and follows the engine once it is back."""
+    """``grpc.health.v1.Health`` as the engine tells it; while the engine is down, or once this front
+    end drains, every service but liveness is NOT_SERVING, and a Watch stream says so (and follows
+    the engine once it is back; a draining front end's Watch streams end after saying it, so that
+    their clients watch again through a front end that stays)."""
 
     def __init__(self, forwarder: Forwarder) -> None:
         self._forward = forwarder
         self._link = forwarder.link
         self._stub = health_pb2_grpc.HealthStub(forwarder.link.channel)
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """This front end is stopping: NOT_SERVING from now on, to Check and every Watch."""
+        self._draining.set()
 
     def _while_down(self, service: str) -> health_pb2.HealthCheckResponse:
         serving = service == LIVENESS_SERVICE
@@ -263,6 +270,8 @@ class RemoteHealth:
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: AioContext
     ) -> health_pb2.HealthCheckResponse:
+        if self._draining.is_set():
+            return self._while_down(request.service)
         try:
             return await self._forward.unary(self._stub.Check, request, grpc_call(context))
         except VisionServeError as exc:
@@ -273,20 +282,43 @@ class RemoteHealth:
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: AioContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        call = grpc_call(context)
+        statuses: asyncio.Queue[health_pb2.HealthCheckResponse] = asyncio.Queue()
+        following = asyncio.create_task(self._follow(request.service, grpc_call(context), statuses))
+        draining = asyncio.create_task(self._draining.wait())
         last: int | None = None
+        getting: asyncio.Task[health_pb2.HealthCheckResponse] | None = None
+        try:
+            while True:
+                getting = asyncio.create_task(statuses.get())
+                done, _ = await asyncio.wait({getting, following, draining}, return_when=asyncio.FIRST_COMPLETED)
+                if getting not in done:
+                    getting.cancel()
+                if draining in done:
+                    down = self._while_down(request.service)
+                    if down.status != last:
+                        yield down
+                    return
+                if following in done:
+                    following.result()  # the engine's error that is not its absence
+                response = getting.result()
+                if response.status != last:
+                    last = response.status
+                    yield response
+        finally:
+            for task in (getting, following, draining):
+                if task is not None:
+                    task.cancel()
+
+    async def _follow(self, service: str, call: Call, statuses: asyncio.Queue[health_pb2.HealthCheckResponse]) -> None:
+        """Every status of ``service`` the engine tells, and NOT_SERVING whenever it is gone."""
+        request = health_pb2.HealthCheckRequest(service=service)
         while True:
             try:
                 async for response in self._forward.stream(self._stub.Watch, request, call):
-                    if response.status != last:
-                        last = response.status
-                        yield response
+                    statuses.put_nowait(response)
             except VisionServeError as exc:
                 if not _unavailable(exc):
                     raise
-            down = self._while_down(request.service)
-            if down.status != last:
-                last = down.status
-                yield down
+            statuses.put_nowait(self._while_down(service))
             await asyncio.sleep(WATCH_RETRY_S)
             await self._link.connected.wait()

@@ -100,6 +100,7 @@ class FrontendServer:
 
     async def stop(self) -> None:
         """Drain: stop taking connections, answer what is in flight (the engine still runs), stop."""
+        self.health.drain()  # before the ports close: watchers hear NOT_SERVING and go elsewhere
         if self._rest is not None:
             await self._rest.stop(self.config.drain_seconds)
         if self._grpc is not None:
