@@ -213,17 +213,24 @@ def test_a_dataset_that_is_no_directory_or_is_missing_is_a_clear_error(tmp_path:
     assert "is not a directory" in refusal(str(sets / "file.png"), (sets,)).message
 
 
-def test_an_unreadable_folder_is_failed_precondition(tmp_path: Path) -> None:
+def test_an_unreadable_folder_is_failed_precondition(tmp_path: Path, monkeypatch) -> None:
     root = write_folder(tmp_path / "sets" / "pets", {"a": 2, "b": 2})
     (root / "b").chmod(0)
+    if os.access(root / "b", os.R_OK):  # root reads any folder: the kernel's refusal, as it would come
+        scandir = os.scandir
+
+        def refusing(path: str) -> Iterator[os.DirEntry[str]]:
+            if Path(path) == root / "b":
+                raise PermissionError(13, "Permission denied", str(path))
+            return scandir(path)
+
+        monkeypatch.setattr(datasets.os, "scandir", refusing)
     try:
-        if os.access(root / "b", os.R_OK):
-            pytest.skip("this user reads any folder (root)")
         error = refusal(str(root), (tmp_path / "sets",))
     finally:
         (root / "b").chmod(0o755)
     assert isinstance(error, FailedPreconditionError)
-    assert "cannot list 'b/'" in error.message or "cannot list" in error.message
+    assert f"this server cannot list '{root}/b/': Permission denied" in error.message, error.message
 
 
 @pytest.mark.parametrize(
