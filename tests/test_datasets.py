@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -517,7 +518,10 @@ def test_the_command_line_trains_on_a_dataset_and_takes_a_folder_or_a_dataset_no
     assert main([*common, "--output", "cli-pets", "--dataset", str(root)]) == 0
     out = capsys.readouterr()
     assert f"training on the dataset {root} (read by the server)" in out.err
-    assert json.loads(out.out)["state"] == "succeeded"
+    shown = json.loads(out.out)
+    assert shown["state"] == "succeeded" and shown["dataset"] == str(root)
+    assert main(["--target", server.target, "jobs", "show", shown["job_id"]]) == 0
+    assert re.search(rf"^\s+dataset\s+{re.escape(str(root))}$", capsys.readouterr().out, re.M)
     assert main([*common, "--output", "both", "--dataset", str(root), str(root)]) == 1
     assert "give DIR (images to upload) or --dataset (images the server reads), one of them" in capsys.readouterr().err
     assert main([*common, "--output", "outside", "--dataset", str(tmp_path)]) == 1

@@ -640,6 +640,8 @@ def _show_job(job: JobInfo, *, as_json: bool) -> int:
         if job.config.train_backbone_blocks:
             blocks = job.config.train_backbone_blocks
             rows.append(("trained backbone", f"last {blocks} block(s), lr x {job.config.backbone_lr_factor:g}"))
+        if job.config.dataset:
+            rows.append(("dataset", job.config.dataset))
     if job.state == "succeeded":
         rows.append(("epochs", f"{m.epochs_run} of {job.epochs} (best {m.best_epoch})"))
         rows.append(("train loss", f"{m.train_loss:.4f}"))
@@ -818,6 +820,7 @@ def _job_json(job: JobInfo) -> dict[str, object]:
         "metrics": asdict(job.metrics),
         "augmentation": None if job.config is None else asdict(job.config.augmentation),
         "class_weights": None if job.config is None else _weights_json(job.config.class_weights),
+        "dataset": None if job.config is None else job.config.dataset,
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
