@@ -160,7 +160,7 @@ def _trained_head():
 
 
 def test_store_round_trip_replace_and_delete(tmp_path) -> None:
-    store = ModelStore(tmp_path)
+    store = ModelStore(tmp_path, Limits(keep_versions=1))  # a replaced version is not kept (test_model_versions)
     head = _trained_head()
     saved = store.save(
         name="pets", base_model="alexnet", head_spec=HeadConfig(), head=head, labels=["a", "b", "c"],
@@ -181,7 +181,7 @@ def test_store_round_trip_replace_and_delete(tmp_path) -> None:
     # The old weights stay for a grace period (a reader may have read the old manifest)...
     assert sorted(p.name for p in (tmp_path / "pets").glob("*.safetensors")) == [saved.weights_file, again.weights_file]
     # ...and go once it has passed.
-    assert store.collect_garbage("pets", grace_s=0) == [saved.weights_file]
+    assert sorted(store.collect_garbage("pets", grace_s=0)) == [saved.weights_file, f"manifest-{saved.version}.json"]
     store.delete("pets")
     assert store.entries() == ({}, {}) and not (tmp_path / "pets").exists()
     with pytest.raises(ModelNotFoundError):
