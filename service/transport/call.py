@@ -20,7 +20,7 @@ from service.tracing import trace_carrier
 from service.transport.auth import caller_peer, is_loopback_peer
 from service.transport.handlers import AioContext
 
-Protocol = Literal["grpc", "http"]
+Binding = Literal["grpc", "http"]  # which port brought the call
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Call:
     """One call's information: who sent it, by which binding, until when it is awaited, and the
     caller's trace context."""
 
-    protocol: Protocol
+    protocol: Binding
     peer: str = ""  # the caller as a gRPC peer string ("ipv4:10.0.0.7:5000"); "" where unknown
     local: bool = False  # the caller is on this host: the only callers that may name system shared memory
     deadline: float | None = None  # time.monotonic() when the caller stops waiting; None: never

@@ -19,9 +19,6 @@ from vision_client.protocol.stubs.vision.v1 import models_pb2
 
 
 class InferenceService(Protocol):
-    @property
-    def tracing_enabled(self) -> bool: ...
-
     async def infer(
         self,
         request: pb.ModelInferRequest,
