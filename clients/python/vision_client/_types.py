@@ -58,7 +58,10 @@ class JobEvent:
 
     ``kind`` is ``queued``, ``features`` (the backbone's features of a chunk of the
     examples are computed), ``epoch`` (one per training epoch, with its losses), or the
-    terminal ``succeeded``, ``failed`` or ``cancelled`` (``message`` says why).
+    terminal ``succeeded``, ``failed`` or ``cancelled`` (``message`` says why). A job whose
+    server stops ends its stream with ``suspended`` (watch it again: it goes on at the next
+    start of a server sharing the store, whose stream replays the epochs before the stop,
+    then ``resumed``).
     """
 
     job_id: str
