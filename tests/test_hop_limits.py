@@ -1,12 +1,14 @@
 """The hop's engine end against a front end that breaks its rules: one that stops reading its
 answers, one that names memory outside its arena, one whose arena could shrink. Each is a raw
 peer on the engine's hop socket of a real ``--frontends 2`` server, speaking the hop's own
-messages (``service.hop``); the real front ends keep serving real clients meanwhile.
+messages (``service.hop``); the real front ends keep serving real clients meanwhile. And a real
+front end stopped outright (SIGSTOP) stalls its own clients only.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,15 +61,8 @@ def connect(server: ServerProcess, arena: hop.Arena, *, arena_fd: int | None = N
 
 def serve_everywhere(server: ServerProcess) -> None:
     """Inference through both real front ends (enough connections that each serves some)."""
-    pixels = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
     for _ in range(CONNECTIONS):
-        client = triton.InferenceServerClient(server.target, channel_args=OWN_CONNECTION)
-        try:
-            tensor = triton.InferInput("PIXELS", list(pixels.shape), "FP32")
-            tensor.set_data_from_numpy(pixels)
-            assert client.infer(MODEL, [tensor], client_timeout=60).as_numpy("LOGITS").shape == (1, 1000)
-        finally:
-            client.close()
+        assert serve_once(server) == (1, 1000)
 
 
 def ended(peer: socket.socket) -> bool:
@@ -105,6 +100,38 @@ def test_a_frontend_that_stops_reading_is_cut_off_and_the_others_keep_serving(se
     assert "closing the link of front end 7" in server.log() and "stopped reading its answers" in server.log()
     serve_everywhere(server)
     assert children(server)["engine"] == engine
+
+
+def test_a_stopped_frontend_stalls_only_its_own_clients(server):
+    """A real front end stopped (SIGSTOP) with connections of its own: the other front end serves
+    meanwhile, and once it runs again its clients are answered too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_frontends import frontend_counts
+
+    pids = children(server)
+    served_before = frontend_counts(server).get("1", 0.0)
+    os.kill(pids["frontend 0"], signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(CONNECTIONS) as pool:
+            answers = [pool.submit(serve_once, server) for _ in range(CONNECTIONS)]
+            wait_for(lambda: frontend_counts(server).get("1", 0.0) > served_before)
+            os.kill(pids["frontend 0"], signal.SIGCONT)
+            assert [answer.result() for answer in answers] == [(1, 1000)] * CONNECTIONS
+    finally:
+        os.kill(pids["frontend 0"], signal.SIGCONT)
+    assert children(server) == pids
+
+
+def serve_once(server: ServerProcess) -> tuple[int, ...]:
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    client = triton.InferenceServerClient(server.target, channel_args=OWN_CONNECTION)
+    try:
+        tensor = triton.InferInput("PIXELS", list(pixels.shape), "FP32")
+        tensor.set_data_from_numpy(pixels)
+        return tuple(client.infer(MODEL, [tensor], client_timeout=120).as_numpy("LOGITS").shape)
+    finally:
+        client.close()
 
 
 def test_a_descriptor_outside_the_arena_ends_that_link_only(server):
