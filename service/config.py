@@ -155,6 +155,7 @@ class FineTuneLimits:
     # after its server last renewed it (a server that dies leaves its jobs to others after this).
     max_kept_job_bytes: int = 4 * 1024**3
     job_lease_s: float = 30.0
+    job_checkpoint_s: float = 0.0  # least time between two checkpoints of a job (0: after every epoch)
     # Versions of each fine-tuned model kept in the store (each publish of a name makes one; the oldest
     # beyond these are collected): what a request's model_version and a rollback may name.
     keep_versions: int = 3

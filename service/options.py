@@ -355,6 +355,13 @@ OPTIONS: tuple[Option, ...] = (
         positive_float,
     ),
     Option(
+        "--job-checkpoint-seconds",
+        "fine_tuning.job_checkpoint_s",
+        "least time between two checkpoints of a running job (0: after every epoch; the last epoch's is always "
+        "written): fewer writes of a large head, more epochs run again after a restart",
+        non_negative_float,
+    ),
+    Option(
         "--keep-versions",
         "fine_tuning.keep_versions",
         "versions of each fine-tuned model kept in the model store (each publish of a name makes one; the "

@@ -373,3 +373,33 @@ def test_a_damaged_checkpoint_makes_the_job_start_over_and_damaged_inputs_end_it
     objects.write(f".jobs/live/{job.id}/inputs.safetensors", b"\x00" * 100)
     with pytest.raises(InputsGone, match="cannot be read"):
         holder.inputs(job.id)
+
+
+@pytest.mark.parametrize("checkpoint_s", [0.0, float("inf")], ids=["every-epoch", "last-only"])
+def test_checkpoints_are_written_after_every_epoch_or_at_most_every_so_often(tmp_path, checkpoint_s) -> None:
+    import torch
+
+    from service.finetune.trainer import train_head
+    from service.storage import open_objects
+
+    objects = open_objects(tmp_path / "store")
+    holder = keeper(objects, holder="one")
+    holder.checkpoint_s = checkpoint_s
+    job = kept_job()
+    holder.begin(job)
+    features, targets = torch.randn(20, 8), torch.arange(20) % 2
+    job.kept = job.inputs_kept = holder.keep_inputs(job, features, targets)
+    resume, on_checkpoint = holder.training_hooks(job)
+    assert resume is None and on_checkpoint is not None
+    written = []  # after each epoch (its event follows its checkpoint): the epoch the store's checkpoint is of
+
+    reader = keeper(objects, holder="reader")  # as a server that claims the job would read it
+
+    def on_epoch(report) -> None:  # -> None
+        point = reader.resume_point(job.id)
+        written.append(point.state.epoch if point.state is not None else 0)
+
+    train_head(features, targets, job.config, num_outputs=2, on_epoch=on_epoch, on_checkpoint=on_checkpoint)
+    epochs = job.config.epochs
+    assert written == (list(range(1, epochs + 1)) if checkpoint_s == 0 else [0] * (epochs - 1) + [epochs])
+    assert len(reader.resume_point(job.id).curve) == epochs  # every epoch's figures, written or not

@@ -94,10 +94,19 @@ class JobKeeper:
     """The store side of jobs that survive a restart (blocking; the manager calls it in threads,
     the training thread calls :meth:`checkpoint`)."""
 
-    def __init__(self, objects: ObjectStore, *, quota_bytes: int, lease_s: float, holder: str | None = None) -> None:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        *,
+        quota_bytes: int,
+        lease_s: float,
+        holder: str | None = None,
+        checkpoint_s: float = 0.0,
+    ) -> None:
         self.objects = objects
         self.quota_bytes = quota_bytes
         self.lease_s = lease_s
+        self.checkpoint_s = checkpoint_s  # least time between two checkpoints of a job (0: every epoch)
         self.holder = holder or default_holder()
         self._leases: dict[str, str] = {}  # job id -> ETag of the lease this process last wrote
         self._checkpoints: dict[str, str] = {}  # job id -> ETag of the checkpoint this process last wrote
@@ -194,12 +203,15 @@ class JobKeeper:
 
     # -- checkpoints --------------------------------------------------------
 
-    def checkpoint(self, job_id: str, state: FitState) -> None:
-        """Write the training run's state after an epoch, replacing the last checkpoint only if it is
-        still the one this process wrote (:class:`LeaseLost` if not). Called in the training thread."""
+    def checkpoint(self, job_id: str, state: FitState, *, write: bool = True) -> None:
+        """Note the epoch's figures and, with ``write``, write the training run's state after it,
+        replacing the last checkpoint only if it is still the one this process wrote
+        (:class:`LeaseLost` if not). Called in the training thread."""
         curve = self._curves.setdefault(job_id, [])
         del curve[state.epoch - 1 :]
         curve.append(EpochMetrics(state.epoch, state.train_loss, state.validation_loss, state.validation_accuracy))
+        if not write:
+            return
         data = _checkpoint_bytes(job_id, state, curve)
         key = _key(job_id, CHECKPOINT_FILE)
         etag = self._checkpoints.get(job_id)
@@ -254,13 +266,19 @@ class JobKeeper:
         if not job.kept:
             return None, None
 
+        written = [time.monotonic()]  # when the last checkpoint was written (or training began)
+
         def on_checkpoint(state: FitState) -> None:
             if not job.inputs_kept:
                 return  # nothing to go on from without them
+            last = state.stopped or state.epoch >= job.config.epochs  # a resume then skips the whole run
+            due = last or time.monotonic() - written[0] >= self.checkpoint_s
             try:
-                self.checkpoint(job.id, state)
+                self.checkpoint(job.id, state, write=due)
             except OSError as exc:
                 log.warning("checkpoint %d of job %s cannot be written: %s", state.epoch, job.id, exc)
+            if due:
+                written[0] = time.monotonic()
 
         resume = job.resumed.state if job.resumed is not None else None
         if job.resumed is not None:  # the training run holds the state from here

@@ -93,7 +93,12 @@ class JobManager:
         self._history = JobHistory(store.objects, self.limits.max_finished_jobs) if store is not None else None
         self._tracing = tracing or Tracing.off()
         self._keeper = (
-            JobKeeper(store.objects, quota_bytes=self.limits.max_kept_job_bytes, lease_s=self.limits.job_lease_s)
+            JobKeeper(
+                store.objects,
+                quota_bytes=self.limits.max_kept_job_bytes,
+                lease_s=self.limits.job_lease_s,
+                checkpoint_s=self.limits.job_checkpoint_s,
+            )
             if store is not None and self.limits.max_kept_job_bytes > 0
             else None
         )
