@@ -193,6 +193,9 @@ def test_a_job_goes_on_after_its_server_stops_with_the_same_figures(serve, store
     assert set(store.kept(job_id)) == (kept | {"lease.json"} if how == signal.SIGKILL else kept)
 
     second = serve()
+    with grpc.insecure_channel(second.target) as channel:  # listed, claimed yet or not
+        listed = pb_grpc.FineTuningStub(channel).ListJobs(pb.ListJobsRequest()).jobs
+        assert job_id in [j.id for j in listed if j.state in (pb.QUEUED, pb.RUNNING, pb.SUCCEEDED)]
     events, job = follow(second, job_id)
     assert job.state == pb.SUCCEEDED, job.error
     resumed = next(e for e in events if e.kind == "resumed")
@@ -269,6 +272,7 @@ def test_one_replica_of_several_claims_a_job_whose_lease_expired_and_the_old_hol
 
     live = keeper(objects, holder="live")
     assert [job.id] == list(live.unheld())
+    assert [(kept.id, kept.state.value, kept.config) for kept in live.kept_jobs()] == [(job.id, "running", job.config)]
     replicas = [keeper(objects, holder=f"replica-{i}") for i in range(4)]
     start = threading.Barrier(len(replicas))
     won: list[bool] = [False] * len(replicas)

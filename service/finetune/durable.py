@@ -332,6 +332,16 @@ class JobKeeper:
             created_at=float(data["created_at"]),
         )
 
+    def kept_jobs(self) -> list[Job]:
+        """Every job kept in the store that can be read (for ListJobs)."""
+        ids = {
+            info.key.split("/")[2]
+            for info in self.objects.list(f"{LIVE_FOLDER}/")
+            if not info.error and info.key.endswith(f"/{JOB_FILE}") and info.key.count("/") == 3
+        }
+        jobs = (self.find(job_id) for job_id in sorted(ids) if JOB_ID.fullmatch(job_id))
+        return [job for job in jobs if job is not None]
+
     def find(self, job_id: str) -> Job | None:
         """A job kept in the store that runs elsewhere, or waits to go on (for GetJob), if any."""
         try:

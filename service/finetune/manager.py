@@ -107,7 +107,7 @@ class JobManager:
             if store is not None
             else None
         )
-        self._keeping: asyncio.Task[None] | None = None  # renews leases, claims jobs other servers left
+        self._keeping: list[asyncio.Task[None]] = []  # renewing leases; claiming jobs other servers left
         self._stopping = False
         self._uploads = 0
         self._watchers: dict[str, int] = {}  # job id -> its watchers now (see watch)
@@ -232,13 +232,19 @@ class JobManager:
         return job
 
     async def list(self) -> list[Job]:
-        """Jobs running here, and finished jobs of every replica sharing the store."""
+        """Jobs running here, finished jobs of every replica sharing the store, and the jobs kept in
+        the store that run on another replica or wait to go on (``running``)."""
         stored: list[Job] = []
         if self._history is not None:
             try:
                 stored = await self._ask_store(self._history.recent, "read the job history of")
             except UnavailableError as exc:  # the jobs this server knows are still worth listing
                 log.warning("listing jobs without the store's history: %s", exc)
+        if self._keeper is not None:
+            try:
+                stored[:0] = await self._ask_store(self._keeper.kept_jobs, "read the jobs kept in")  # records win
+            except UnavailableError as exc:
+                log.warning("listing jobs without those kept in the store: %s", exc)
         jobs = {job.id: job for job in stored}
         jobs.update(self._finished)
         jobs.update(self._live)
@@ -334,8 +340,8 @@ class JobManager:
         store stops after its current batch and goes on at the next start of a server sharing the
         store; any other is cancelled."""
         self._stopping = True
-        if self._keeping is not None:
-            self._keeping.cancel()
+        for task in self._keeping:
+            task.cancel()
         for job in list(self._live.values()):
             if job.state.terminal:
                 continue
@@ -352,10 +358,14 @@ class JobManager:
     def resume_jobs(self) -> None:
         """Start keeping jobs: renew this server's leases, and claim the jobs that servers which
         stopped or died left in the store (call once the base models are loaded; idempotent)."""
-        if self._keeper is not None and self._keeping is None and not self._stopping:
-            self._keeping = asyncio.create_task(self._keep_jobs(self._keeper), name="finetune-keeping")
+        if self._keeper is not None and not self._keeping and not self._stopping:
+            # Two loops: a slow claim (a large checkpoint read) never holds up the renewals.
+            self._keeping = [
+                asyncio.create_task(self._renew_leases(self._keeper), name="finetune-leases"),
+                asyncio.create_task(self._claim_forever(self._keeper), name="finetune-claims"),
+            ]
 
-    async def _keep_jobs(self, keeper: JobKeeper) -> None:
+    async def _renew_leases(self, keeper: JobKeeper) -> None:
         while not self._stopping:
             for job in list(self._live.values()):
                 if job.kept and keeper.holds(job.id) and not job.state.terminal:
@@ -367,6 +377,12 @@ class JobManager:
                         job.cancel_requested.set()
                     except UnavailableError as exc:
                         log.warning("cannot renew the lease of job %s: %s", job.id, exc)
+                    except Exception:  # the next round tries again: this loop must outlive any one job
+                        log.exception("renewing the lease of job %s failed", job.id)
+            await asyncio.sleep(keeper.lease_s / 3)
+
+    async def _claim_forever(self, keeper: JobKeeper) -> None:
+        while not self._stopping:
             try:
                 await self.claim_jobs()
             except UnavailableError as exc:
