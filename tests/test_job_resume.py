@@ -407,3 +407,73 @@ def test_checkpoints_are_written_after_every_epoch_or_at_most_every_so_often(tmp
     epochs = job.config.epochs
     assert written == (list(range(1, epochs + 1)) if checkpoint_s == 0 else [0] * (epochs - 1) + [epochs])
     assert len(reader.resume_point(job.id).curve) == epochs  # every epoch's figures, written or not
+
+
+def test_an_uploads_images_are_kept_until_its_features_are_and_read_back_checked(tmp_path) -> None:
+    import numpy as np
+    import torch
+
+    from service.finetune.durable import InputsGone
+    from service.finetune.examples import TrainingExamples
+    from service.storage import open_objects
+
+    objects = open_objects(tmp_path / "store")
+    holder = keeper(objects)
+    images, labels = examples()
+    for job, given in (
+        (kept_job(), TrainingExamples(images[:20], labels=labels[:20])),
+        (kept_job("ba9876543210"), TrainingExamples(images[:5], targets=np.arange(10, dtype=np.float32).reshape(5, 2))),
+    ):
+        holder.begin(job)
+        assert holder.keep_images(job, given)
+        back = holder.kept_examples(job.id)
+        assert back is not None and back.images == given.images and back.labels == given.labels
+        assert (back.targets is None) == (given.targets is None)
+        if given.targets is not None:
+            np.testing.assert_array_equal(back.targets, given.targets)
+    # Damaged images end the job with a reason; once its features are kept, they are not read.
+    key = ".jobs/live/0123456789ab/images.bin"
+    whole = objects.read(key, 1 << 30)
+    for damage in (whole[:-1], whole + b"x", b"\x00" * 8, (10**6).to_bytes(8, "little") + b"{}"):
+        objects.write(key, damage)
+        with pytest.raises(InputsGone, match="cannot be read"):
+            holder.kept_examples("0123456789ab")
+    assert holder.keep_inputs(kept_job(), torch.zeros(20, 8), torch.zeros(20, dtype=torch.long))
+    assert holder.kept_examples("0123456789ab") is None
+    # Over the quota they are not kept.
+    small = keeper(objects, quota=holder.used_bytes() + 100)
+    other = kept_job("00000000000a")
+    small.begin(other)
+    assert not small.keep_images(other, TrainingExamples(images[:20], labels=labels[:20]))
+    assert small.kept_examples(other.id) is None
+    with pytest.raises(InputsGone, match=r"its images \(.*\) were not kept.*--max-kept-job-bytes"):
+        small.inputs(other.id)
+
+
+@pytest.mark.e2e
+def test_a_job_stopped_while_its_features_are_extracted_goes_on_from_its_kept_images(serve, store, reference) -> None:
+    if store.folder is None:
+        pytest.skip("one store is enough: the kept images are one more object")
+    expected_curve, expected_logits = reference
+    first = serve()
+    images, labels = examples()
+    with grpc.insecure_channel(first.target) as channel:
+        stub = pb_grpc.FineTuningStub(channel)
+        job_id = stub.CreateJob(job_requests(job_config("from-images"), images, labels), timeout=300).id
+        assert "images.bin" in store.kept(job_id)  # kept before CreateJob answers
+        with pytest.raises(grpc.RpcError):
+            for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=600):
+                assert event.kind in ("queued", "features"), event  # killed at its first chunk of features
+                if event.kind == "features":
+                    first.process.kill()
+    first.process.wait(60)
+    assert "inputs.safetensors" not in store.kept(job_id)
+
+    second = serve()
+    events, job = follow(second, job_id)
+    assert job.state == pb.SUCCEEDED, job.error
+    resumed = next(e for e in events if e.kind == "resumed")
+    assert resumed.epoch == 0 and "first epoch" in resumed.message
+    assert curve(job) == expected_curve
+    np.testing.assert_array_equal(logits(second.target, "from-images"), expected_logits)
+    store.wait_emptied(job_id)

@@ -4,6 +4,7 @@ A job accepted by a server with a store writes, under ``.jobs/live/<job id>/``::
 
     job.json                what the job is: its config, labels, example count, times
     lease.json              who runs it and until when: {"holder": ..., "expires": unix seconds}
+    images.bin              an upload's images, labels and targets, until its features are kept
     inputs.safetensors      what training reads (the extracted features and the targets), once extracted
     checkpoint.safetensors  the training run's state after its last finished epoch, and each epoch's figures
 
@@ -19,13 +20,14 @@ uninterrupted run would have had. Each checkpoint replaces the last one conditio
 its writer last saw: a holder that lost its job to another replica finds out at its next epoch and
 stops, never overwriting the new holder's work.
 
-What is kept: the features, not the uploaded images (smaller, exactly what training reads, and no
-extraction to run again). A job stopped before its features were kept (during its upload's
-extraction), or whose inputs are gone from the store, ends ``failed`` with that reason on the
-next start; so does one whose inputs were over the quota. ``quota_bytes`` bounds the inputs and
-checkpoints of all running jobs of the store together (checked, from a listing, when a job's
-inputs are about to be written; replicas writing at the same moment can each pass it once). A job
-over it runs as before, without surviving a restart. When a job ends, however it ends, its folder
+What training goes on from is the features (smaller than the images, exactly what training reads,
+no extraction to run again); until they are kept, an upload's images are (a dataset job lists its
+dataset again), so a job stopped during extraction starts it again. A job whose inputs are gone
+from the store, or cannot be read, ends ``failed`` with that reason on the next start; so does one
+whose inputs were over the quota. ``quota_bytes`` bounds the images, features and checkpoints of
+all running jobs of the store together (checked, from a listing, when a job's images or features
+are about to be written; replicas writing at the same moment can each pass it once). A job over it
+runs as before, without surviving a restart. When a job ends, however it ends, its folder
 is deleted (its record goes to ``.jobs/`` as before, :mod:`.history`).
 """
 
@@ -43,11 +45,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 
 from service.errors import StoreEntryError, UnavailableError
 from service.files import FileRefused
+from service.finetune.examples import TrainingExamples
 from service.finetune.history import JOB_ID, JOBS_FOLDER
 from service.finetune.job import EpochMetrics, Job, JobState
 from service.finetune.store import parse_json
@@ -62,6 +66,7 @@ LIVE_FOLDER = f"{JOBS_FOLDER}/live"
 JOB_FILE = "job.json"
 LEASE_FILE = "lease.json"
 INPUTS_FILE = "inputs.safetensors"
+IMAGES_FILE = "images.bin"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 MAX_JSON_BYTES = 1024 * 1024
 FORMAT_VERSION = 1
@@ -154,7 +159,7 @@ class JobKeeper:
     def end(self, job_id: str) -> None:
         """Delete everything ``job_id`` kept (it has ended and its record is written); the lease last."""
         self.forget(job_id)
-        for name in (CHECKPOINT_FILE, INPUTS_FILE, JOB_FILE, LEASE_FILE):
+        for name in (CHECKPOINT_FILE, INPUTS_FILE, IMAGES_FILE, JOB_FILE, LEASE_FILE):
             self.objects.delete(_key(job_id, name))
 
     # -- inputs -------------------------------------------------------------
@@ -197,6 +202,56 @@ class JobKeeper:
         if features.ndim < 2 or len(features) % max(len(targets), 1) or not len(targets):
             raise InputsGone("the job's kept inputs do not fit together; create the job again")
         return features, targets
+
+    def keep_images(self, job: Job, examples: TrainingExamples) -> bool:
+        """Write an upload's images, labels and targets (so that a job stopped before its features are
+        kept can go on) if the quota has room for them; False if not (or if they are a dataset's)."""
+        if examples.dataset is not None or not examples.images:
+            return False
+        sizes = [len(image) for image in examples.images]
+        targets = examples.targets
+        size = sum(sizes) + (targets.nbytes if targets is not None else 0)
+        used = self.used_bytes()
+        if used + size > self.quota_bytes:
+            note = (
+                f"its images ({_mib(size)}) were not kept: the store held {_mib(used)} of running jobs' inputs "
+                f"and checkpoints, and --max-kept-job-bytes is {_mib(self.quota_bytes)}"
+            )
+            log.warning("job %s: %s", job.id, note)
+            self._write_job(job, inputs=note)
+            return False
+        header = {
+            "format_version": FORMAT_VERSION,
+            "job": job.id,
+            "sizes": sizes,
+            "labels": examples.labels,
+            "targets": list(targets.shape) if targets is not None else None,
+        }
+        head = json.dumps(header).encode()
+        parts = [len(head).to_bytes(8, "little"), head, *examples.images]
+        if targets is not None:
+            parts.append(np.ascontiguousarray(targets, dtype="<f4").tobytes())
+        self.objects.write(_key(job.id, IMAGES_FILE), b"".join(parts))
+        return True
+
+    def kept_examples(self, job_id: str) -> TrainingExamples | None:
+        """A kept upload's examples, where the job's features are not kept (None: they are, or there
+        are no images either)."""
+        if self.objects.head(_key(job_id, INPUTS_FILE)) is not None:
+            return None
+        try:
+            data = memoryview(self.objects.read(_key(job_id, IMAGES_FILE), self.quota_bytes))
+        except FileNotFoundError:
+            return None
+        except FileRefused as exc:
+            raise InputsGone(f"the job's kept images cannot be read ({exc}); create the job again") from None
+        try:
+            return _examples(data, job_id)
+        except (KeyError, TypeError, ValueError, StoreEntryError) as exc:
+            raise InputsGone(f"the job's kept images cannot be read ({exc}); create the job again") from None
+
+    def has_features(self, job_id: str) -> bool:
+        return self.objects.head(_key(job_id, INPUTS_FILE)) is not None
 
     def used_bytes(self) -> int:
         return sum(info.size for info in self.objects.list(f"{LIVE_FOLDER}/") if not info.error)
@@ -244,18 +299,21 @@ class JobKeeper:
     # -- what the pipeline asks ---------------------------------------------------
 
     async def kept_inputs(self, job: Job) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A resumed job's features and targets from the store (None: the job extracts its own)."""
-        if job.resumed is None:
+        """A resumed job's features and targets from the store (None: the job extracts its own, from
+        its examples: an upload's kept images, or its dataset listed again)."""
+        if job.resumed is None or job.examples is not None:
             return None
         return await asyncio.to_thread(self.inputs, job.id)
 
     async def keep(self, job: Job, features: torch.Tensor, targets: torch.Tensor) -> None:
-        """Keep a job's freshly extracted inputs, if it is kept; a store that fails costs the job its
-        survival of a restart, never the job."""
-        if not job.kept or job.inputs_kept:
+        """Keep a job's freshly extracted inputs, if it is kept (its images, if kept, are then deleted); a
+        store that fails costs the job its survival of a restart, never the job."""
+        if not job.kept:
             return
         try:
-            job.inputs_kept = await asyncio.to_thread(self.keep_inputs, job, features, targets)
+            if await asyncio.to_thread(self.keep_inputs, job, features, targets):
+                job.inputs_kept = True
+                await asyncio.to_thread(self.objects.delete, _key(job.id, IMAGES_FILE))
         except OSError as exc:
             log.warning(
                 "the inputs of job %s cannot be kept in the store; it will not survive a restart: %s", job.id, exc
@@ -390,6 +448,36 @@ class JobKeeper:
         if note == KEPT:
             return "they were deleted from it"
         return note if isinstance(note, str) and note else "the server stopped before its features were kept"
+
+
+def _examples(data: memoryview, job_id: str) -> TrainingExamples:
+    """:meth:`JobKeeper.keep_images`' object read back, checked (a store is read, never trusted)."""
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > min(len(data) - 8, MAX_JSON_BYTES * 64):
+        raise ValueError("a header larger than the object")
+    header = parse_json(bytes(data[8 : 8 + size]), f"images of job {job_id}")
+    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION or header["job"] != job_id:
+        raise ValueError("not the kept images of this job")
+    sizes, labels, shape = header["sizes"], header["labels"], header["targets"]
+    if not isinstance(sizes, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
+        raise ValueError("the images' sizes must be a list of counts")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != len(sizes)
+                               or not all(isinstance(label, str) for label in labels)):  # fmt: skip
+        raise ValueError("the labels must be one class name per image")
+    images, offset = [], 8 + size
+    for n in sizes:
+        images.append(bytes(data[offset : offset + n]))
+        offset += n
+    targets = None
+    if shape is not None:
+        if (not isinstance(shape, list) or len(shape) != 2 or shape[0] != len(sizes)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):  # fmt: skip
+            raise ValueError("the targets must be [images, values]")
+        targets = np.frombuffer(data[offset : offset + 4 * shape[0] * shape[1]], dtype="<f4").reshape(shape).copy()
+        offset += targets.nbytes
+    if offset != len(data) or (labels is None) == (targets is None):
+        raise ValueError("the images, labels and targets do not fit together")
+    return TrainingExamples(images, labels=labels, targets=targets)
 
 
 def _key(job_id: str, name: str) -> str:

@@ -49,8 +49,8 @@ from service.errors import (
 from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels
 from service.finetune.datasets import check_name, list_dataset
-from service.finetune.durable import JobKeeper, LeaseLost
-from service.finetune.examples import ExampleCollector, check_images
+from service.finetune.durable import InputsGone, JobKeeper, LeaseLost
+from service.finetune.examples import ExampleCollector, TrainingExamples, check_images
 from service.finetune.history import JOBS_FOLDER, JobHistory
 from service.finetune.job import EpochMetrics, Job, JobEvent, JobState
 from service.finetune.pipeline import JobPipeline
@@ -199,6 +199,10 @@ class JobManager:
             try:
                 await self._ask_store(partial(self._keeper.begin, job), "keep a job in")
                 job.kept = True
+                # Until its features are kept: an upload's images (a dataset is listed again).
+                job.inputs_kept = examples.dataset is not None or await self._ask_store(
+                    partial(self._keeper.keep_images, job, examples), "keep a job's images in", CHECKPOINT_READ_S
+                )
             except UnavailableError as exc:  # the job runs; it will not survive a restart
                 log.warning("job %s is not kept in the store and will not survive a restart: %s", job.id, exc)
         self._live[job.id] = job
@@ -415,6 +419,11 @@ class JobManager:
                 await self._ask_store(partial(keeper.release, job_id), "release a job in")
                 continue
             job.state, job.kept, job.inputs_kept = JobState.QUEUED, True, True
+            refused = ""
+            try:
+                job.examples = await self._examples_again(keeper, job)
+            except VisionServeError as exc:
+                refused = exc.message
             job.resumed = resumed = await self._ask_store(
                 partial(keeper.resume_point, job_id), "read a checkpoint from", CHECKPOINT_READ_S
             )
@@ -448,9 +457,31 @@ class JobManager:
                 ),
             )
             self._update_state_gauge()
-            self._start(job)
+            if refused:
+                await self._finish(job, JobState.FAILED, refused)
+            else:
+                self._start(job)
             claimed += (job,)
         return claimed
+
+    async def _examples_again(self, keeper: JobKeeper, job: Job) -> TrainingExamples | None:
+        """A claimed job's examples, to extract its features from again where they are not kept (None:
+        they are): its dataset listed again, or an upload's kept images."""
+        if await self._ask_store(partial(keeper.has_features, job.id), "read a kept job from"):
+            return None
+        if job.config.dataset:
+            examples, labels = await list_dataset(
+                job.config, self.collector(job.config), self.limits, self._max_image_bytes
+            )
+            if labels != job.labels:
+                raise InputsGone(
+                    f"its dataset's classes changed after it began ({len(job.labels)} then, {len(labels)} now); "
+                    "create the job again"
+                )
+            return examples
+        return await self._ask_store(
+            partial(keeper.kept_examples, job.id), "read a job's images from", CHECKPOINT_READ_S
+        )
 
     async def _suspend(self, job: Job, message: str) -> None:
         """Let ``job`` go without ending it: what it kept stays in the store for a server to go on with."""
