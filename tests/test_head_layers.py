@@ -30,7 +30,7 @@ from service.finetune.heads import StandardizedHead, build_head
 from service.finetune.spec import MAX_HEAD_LAYERS, check_head, check_limits, head_parameters
 from service.finetune.store import MANIFEST, ModelStore
 from service.finetune.trainer import train_head
-from service.models import WeightsSource, build_model, get_model_spec
+from service.models import WeightsSource, build_model, get_model_spec, list_models
 from tests.conftest import session_runtime_cache
 from tests.test_console import browser, console_server, screenshots  # noqa: F401  (fixtures of the console's tests)
 from tests.test_orphans import examples, no_tracebacks, poll, ready
@@ -561,7 +561,12 @@ def test_the_page_carries_the_vocabulary_and_this_servers_head_limits() -> None:
     found = re.search(rb'data-fine-tuning="([^"]*)"', page)
     assert found is not None
     carried = json.loads(markup.unescape(found.group(1).decode("ascii")))
-    assert carried == {**vocabulary(), "limits": {"max_layers": MAX_HEAD_LAYERS, "max_width": 512}}
+    blocks = {name: list(get_model_spec(name).block_names) for name in list_models()}  # each backbone's
+    assert carried == {
+        **vocabulary(),
+        "limits": {"max_layers": MAX_HEAD_LAYERS, "max_width": 512},
+        "backbone_blocks": blocks,
+    }
     source = (ROOT / "service" / CONSOLE_FOLDER / INDEX).read_text()
     form = source[source.index('id="ft-form"') : source.index('id="ft-start"')]
     assert "two_layer" not in form and "<option" not in form  # no kind restated

@@ -214,6 +214,8 @@ export function config() {
     validationFraction: number("ft-validation"),
     earlyStoppingPatience: number("ft-patience"),
     seed: value("ft-seed") || undefined, // uint64: a string in protobuf's JSON
+    trainBackboneBlocks: number("ft-backbone-blocks"),
+    backboneLrFactor: number("ft-backbone-lr-factor"),
     replace: byId("ft-replace").checked,
     refit: byId("ft-refit").checked,
     dataset: value("ft-dataset") || undefined, // images the server reads instead of uploaded ones
@@ -237,6 +239,7 @@ function setUpSettings() {
     "ft-lr": d.optimizer.lr, "ft-weight-decay": d.optimizer.weight_decay, "ft-momentum": d.optimizer.momentum,
     "ft-beta1": d.optimizer.beta1, "ft-beta2": d.optimizer.beta2, "ft-epochs": d.epochs, "ft-batch-size": d.batch_size,
     "ft-validation": d.validation_fraction, "ft-patience": d.early_stopping_patience, "ft-seed": d.seed,
+    "ft-backbone-blocks": d.train_backbone_blocks, "ft-backbone-lr-factor": d.backbone_lr_factor,
   };
   for (const [id, setting] of Object.entries(values)) byId(id).value = String(setting);
   byId("ft-refit").checked = d.refit;
@@ -247,6 +250,8 @@ function setUpSettings() {
     const fields = about.fields.length ? ` (${about.fields.join(", ")})` : "";
     kinds.append(el("li", {}, el("code", {}, kind), `${fields}: ${plain(about.help)}`));
   }
+  const blocks = Object.entries(known.backbone_blocks || {}).map(([model, names]) => `${model}: ${names.length} (${names.join(", ")})`);
+  if (blocks.length) byId("ft-backbone-blocks-hint").textContent = `The last blocks of the base model's backbone trained with the head; 0 keeps it frozen. Blocks, first to last: ${blocks.join("; ")}.`;
   const { max_layers: most, max_width: widest } = known.limits || {};
   append(
     clear(byId("ft-layers-hint")),

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from service.config import FineTuneLimits
 from service.finetune.spec import MAX_HEAD_LAYERS
+from service.models import get_model_spec, list_models
 from vision_client.protocol import vocabulary
 from vision_client.protocol.labels import label_rule
 
@@ -113,7 +114,11 @@ def fill_page(page: bytes, limits: FineTuneLimits) -> bytes:
     page = page.replace(LABEL_RULE_SLOT, f'data-label-rule="{rule}"'.encode("ascii"))
     if page.count(FINE_TUNING_SLOT) != 1:
         raise RuntimeError(f"the console's {INDEX} must hold {FINE_TUNING_SLOT.decode()} once (a broken install?)")
-    form = {**vocabulary(), "limits": {"max_layers": MAX_HEAD_LAYERS, "max_width": limits.max_hidden}}
+    form = {
+        **vocabulary(),
+        "limits": {"max_layers": MAX_HEAD_LAYERS, "max_width": limits.max_hidden},
+        "backbone_blocks": {name: list(get_model_spec(name).block_names) for name in list_models()},
+    }
     settings = html.escape(json.dumps(form, ensure_ascii=True), quote=True)
     return page.replace(FINE_TUNING_SLOT, f'data-fine-tuning="{settings}"'.encode("ascii"))
 
