@@ -9,6 +9,7 @@ each gRPC code with the HTTP status of :data:`HTTP_STATUS` (Google's mapping of
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -100,7 +101,7 @@ def _wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await context.abort(*status_for(exc))
+            await _abort(context, exc)
 
     return wrapper
 
@@ -113,6 +114,20 @@ def _wrap_stream(behavior: StreamBehavior) -> StreamBehavior:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await context.abort(*status_for(exc))
+            await _abort(context, exc)
 
     return wrapper
+
+
+async def _abort(context: AioContext, exc: Exception) -> None:
+    """End the call with ``exc``'s status. A call that ended meanwhile (its deadline passed while
+    the error was on its way, as when a call forwarded with the same deadline fails at it) cannot
+    be answered: grpc refuses to send the status, which is the call's end and not a fault of ours,
+    so it ends as a cancelled call does, without a traceback in the log."""
+    code, message = status_for(exc)
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except grpc.aio.InternalError as refused:  # grpc core's "execute_batch" failed: the call is over
+        raise asyncio.CancelledError(f"the call ended before its {code.name} status could be sent") from refused
