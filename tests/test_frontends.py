@@ -269,11 +269,16 @@ def test_a_region_registered_through_one_connection_serves_every_other(server):
         shm.destroy_shared_memory_region(region)
 
 
-def test_a_job_started_through_one_frontend_is_watched_and_cancelled_through_others(server):
+@pytest.mark.parametrize("binding", ["grpc", "http"])
+def test_a_job_started_through_one_frontend_is_watched_and_cancelled_through_others(server, binding):
+    """Started over either binding (REST's multipart upload reaches the engine with the caller's
+    peer and trace, as gRPC's stream does), watched and cancelled over gRPC through other connections."""
     images, labels = digits()
     examples = [(images[i], str(labels[i])) for i in range(60)]
-    config = FineTuneConfig(base_model=MODEL, output_model=f"frontends-job-{os.getpid()}", epochs=1000, batch_size=1)
-    with Client(server.target) as starter:
+    name = f"frontends-job-{binding}-{os.getpid()}"
+    config = FineTuneConfig(base_model=MODEL, output_model=name, epochs=1000, batch_size=1)
+    target = server.target if binding == "grpc" else f"http://127.0.0.1:{server.http_port}"
+    with Client(target) as starter:
         job = starter.create_job(config, examples)
     watchers = [Client(server.target) for _ in range(4)]
     try:

@@ -202,15 +202,10 @@ class RemoteFineTuning:
     """``vision.v1.FineTuning``, run by the engine: a job started through one front end is the
     engine's, so any front end watches or cancels it."""
 
-    def __init__(self, forwarder: Forwarder, limits: FineTuneLimits, *, tracing_enabled: bool) -> None:
+    def __init__(self, forwarder: Forwarder, limits: FineTuneLimits) -> None:
         self._forward = forwarder
         self._stub = ft_grpc.FineTuningStub(forwarder.link.channel)  # type: ignore[no-untyped-call]
         self._limits = limits
-        self._tracing_enabled = tracing_enabled
-
-    @property
-    def tracing_enabled(self) -> bool:
-        return self._tracing_enabled
 
     def upload_pace(self) -> UploadPace:
         return UploadPace(self._limits.upload_idle_s, self._limits.max_upload_s)
@@ -219,14 +214,9 @@ class RemoteFineTuning:
         # The engine paces the upload and counts it against the caller's address.
         return await self._forward.unary(self._stub.CreateJob, request_iterator, call)
 
-    async def create_job(
-        self, messages: AsyncIterator[ft_pb.CreateJobRequest], peer: str, *, carrier: dict[str, str] | None = None
-    ) -> ft_pb.Job:
-        metadata = [*(carrier or {}).items(), (FORWARDED_PEER, peer)]
-        try:
-            return await self._stub.CreateJob(messages, metadata=metadata)  # type: ignore[no-any-return]
-        except grpc.aio.AioRpcError as exc:
-            raise self._forward.error(exc) from None
+    async def create_job(self, messages: AsyncIterator[ft_pb.CreateJobRequest], call: Call) -> ft_pb.Job:
+        """CreateJob of messages the REST binding reads (and paces) itself."""
+        return await self._forward.unary(self._stub.CreateJob, messages, call)
 
     def WatchJob(self, request: ft_pb.WatchJobRequest, call: Call) -> AsyncIterator[ft_pb.JobEvent]:
         return self._forward.stream(self._stub.WatchJob, request, call)

@@ -55,7 +55,7 @@ class FrontendServer:
             max_stream_in_flight=config.max_stream_in_flight,
         )
         self.models = RemoteModels(forwarder)
-        self.fine_tuning = RemoteFineTuning(forwarder, config.fine_tuning, tracing_enabled=config.trace)
+        self.fine_tuning = RemoteFineTuning(forwarder, config.fine_tuning)
         self.health = RemoteHealth(forwarder)
         self._access = policy_from(config.auth_token_file, config.auth_scope, config.allowed_hosts)
         tls_files = TlsFiles.from_options(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)

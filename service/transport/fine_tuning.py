@@ -39,20 +39,18 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
         call: Call,
     ) -> pb.Job:
         messages = paced(request_iterator, self.upload_pace(), "the next CreateJobRequest")
-        carrier = dict(call.carrier or {}) if self.tracing_enabled else None
-        return await self.create_job(messages, call.peer, carrier=carrier)
+        return await self.create_job(messages, call)
 
     @property
     def tracing_enabled(self) -> bool:
         return self._jobs.tracing_enabled
 
-    async def create_job(
-        self, messages: AsyncIterator[pb.CreateJobRequest], peer: str, *, carrier: dict[str, str] | None = None
-    ) -> pb.Job:
-        """A job from its messages, which the caller reads within an :class:`UploadPace`; ``peer``:
-        the client, as gRPC names it, whose uploads at once are bounded; ``carrier``: the caller's
-        W3C trace context (gRPC metadata or HTTP headers), which the job's trace continues."""
-        with self._peers.hold(peer), self._jobs.upload():
+    async def create_job(self, messages: AsyncIterator[pb.CreateJobRequest], call: Call) -> pb.Job:
+        """A job from its messages, which the caller reads within an :class:`UploadPace`; ``call``:
+        its peer, whose uploads at once are bounded, and its W3C trace context, which the job's
+        trace continues."""
+        carrier = dict(call.carrier or {}) if self.tracing_enabled else None
+        with self._peers.hold(call.peer), self._jobs.upload():
             config: FineTuneConfig | None = None
             collector = None
             async for message in messages:

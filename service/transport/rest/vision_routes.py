@@ -94,9 +94,7 @@ def vision_routes(
                 "multipart/form-data with its boundary parameter (curl -F and browsers do)"
             ) from None
         messages = _job_messages(reader, max_part_bytes, fine_tuning.upload_pace())
-        call = call_of(request)
-        carrier = dict(call.carrier or {}) if fine_tuning.tracing_enabled else None
-        return _canonical(await fine_tuning.create_job(messages, call.peer, carrier=carrier))
+        return _canonical(await fine_tuning.create_job(messages, call_of(request)))
 
     async def list_jobs(request: web.Request, body: bytes) -> web.StreamResponse:
         return _canonical(await fine_tuning.ListJobs(ft_pb.ListJobsRequest(), call_of(request)))
