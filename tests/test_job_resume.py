@@ -179,10 +179,13 @@ def follow(proc: ServerProcess, job_id: str) -> tuple[list[pb.JobEvent], pb.Job]
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize(
+    ("store", "how"),
+    [("directory", signal.SIGKILL), ("s3", signal.SIGKILL), ("directory", signal.SIGTERM)],
+    ids=["directory-kill-9", "s3-kill-9", "directory-sigterm"],  # SIGTERM is the same on both stores
+    indirect=["store"],
+)
 def test_a_job_goes_on_after_its_server_stops_with_the_same_figures(serve, store, reference, how) -> None:
-    if how == signal.SIGTERM and store.folder is None:
-        pytest.skip("SIGTERM is the same on both stores; the S3 store is covered by kill -9")
     expected_curve, expected_logits = reference
     first = serve()
     job_id, before = start_job_and_stop_in_epoch_3(first, "resumed", how)
@@ -451,9 +454,8 @@ def test_an_uploads_images_are_kept_until_its_features_are_and_read_back_checked
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("store", ["directory"], indirect=True)  # the kept images are one more object
 def test_a_job_stopped_while_its_features_are_extracted_goes_on_from_its_kept_images(serve, store, reference) -> None:
-    if store.folder is None:
-        pytest.skip("one store is enough: the kept images are one more object")
     expected_curve, expected_logits = reference
     first = serve()
     images, labels = examples()
