@@ -479,3 +479,32 @@ def test_a_job_stopped_while_its_features_are_extracted_goes_on_from_its_kept_im
     assert curve(job) == expected_curve
     np.testing.assert_array_equal(logits(second.target, "from-images"), expected_logits)
     store.wait_emptied(job_id)
+
+
+def test_a_run_that_stopped_early_goes_on_to_its_end_without_another_epoch(tmp_path) -> None:
+    import torch
+
+    from service.finetune.trainer import train_head
+    from service.storage import open_objects
+    from vision_client.protocol import FineTuneConfig
+
+    objects = open_objects(tmp_path / "store")
+    torch.manual_seed(1)
+    features, targets = torch.randn(60, 8), torch.randint(0, 3, (60,))  # noise: validation stops improving soon
+    config = FineTuneConfig(
+        base_model="alexnet", output_model="m", epochs=50, batch_size=8, seed=2, early_stopping_patience=1
+    )
+    job = kept_job()
+    job.config = config
+    holder = keeper(objects, holder="first")
+    holder.begin(job)
+    whole = train_head(features, targets, config, num_outputs=3, on_checkpoint=lambda s: holder.checkpoint(job.id, s))
+    assert whole.metrics.epochs_run < 50  # it stopped early
+
+    resumed = keeper(objects, holder="second").resume_point(job.id)
+    assert resumed.state is not None and resumed.state.stopped
+    more = []
+    again = train_head(features, targets, config, num_outputs=3, on_epoch=more.append, resume=resumed.state)
+    assert more == []
+    assert again.metrics.epochs_run == whole.metrics.epochs_run and again.metrics.best_epoch == whole.metrics.best_epoch
+    assert again.metrics.validation_loss == whole.metrics.validation_loss
