@@ -508,3 +508,39 @@ def test_a_run_that_stopped_early_goes_on_to_its_end_without_another_epoch(tmp_p
     assert more == []
     assert again.metrics.epochs_run == whole.metrics.epochs_run and again.metrics.best_epoch == whole.metrics.best_epoch
     assert again.metrics.validation_loss == whole.metrics.validation_loss
+
+
+def test_backbone_blocks_trained_with_the_head_go_on_from_a_checkpoint_too(tmp_path) -> None:
+    import torch
+    from torch import nn
+
+    from service.finetune.trainer import train_head
+    from service.storage import open_objects
+    from vision_client.protocol import FineTuneConfig
+
+    objects = open_objects(tmp_path / "store")
+    torch.manual_seed(0)
+    # A stand-in for the last blocks of a backbone: their input activations are the features.
+    trunk = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    activations, targets = torch.randn(80, 4, 6, 6), torch.arange(80) % 3
+    config = FineTuneConfig(base_model="alexnet", output_model="m", epochs=5, batch_size=8, seed=1)
+    job = kept_job()
+    job.config = config
+    holder = keeper(objects, holder="first")
+    holder.begin(job)
+    curve = []
+    whole = train_head(
+        activations, targets, config, num_outputs=3, trunk=trunk, on_epoch=lambda r: curve.append(r.train_loss),
+        on_checkpoint=lambda s: holder.checkpoint(job.id, s) if s.epoch <= 2 else None,
+    )  # fmt: skip
+
+    resumed = keeper(objects, holder="second").resume_point(job.id)
+    assert resumed.state is not None and resumed.state.epoch == 2
+    rest = []
+    again = train_head(
+        activations, targets, config, num_outputs=3, trunk=trunk, on_epoch=lambda r: rest.append(r.train_loss),
+        resume=resumed.state,
+    )  # fmt: skip
+    assert rest == curve[2:]
+    for name, value in whole.head.state_dict().items():  # the blocks' weights and the head's
+        assert torch.equal(again.head.state_dict()[name], value), name
