@@ -22,7 +22,7 @@ import torch
 from google.protobuf import json_format
 
 from service.config import FineTuneLimits, RuntimeConfig
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, StoreEntryError
 from service.finetune.backbone import (
     MAX_ACTIVATION_BYTES,
     FineTunedNetwork,
@@ -30,17 +30,18 @@ from service.finetune.backbone import (
     max_examples_at_cut,
     whole_network,
 )
-from service.finetune.heads import TrainedPart
+from service.finetune.heads import TrainedPart, build_trained_part
 from service.finetune.spec import check_limits, max_examples
 from service.finetune.store import MANIFEST, TRAINED_BLOCKS_FORMAT, ModelStore
 from service.finetune.trainer import _optimizer, train_head
 from service.models import WeightsSource, build_model, get_model_spec, list_models
 from service.models.blocks import Backbone, cut_shape, split_at
 from tests.conftest import session_runtime_cache
+from tests.store_util import manifest_of, save_head, write_manifest
 from tests.test_head_layers import _post_config_then_wait, assert_close, nothing_written, pixels, served_logits
 from tests.test_orphans import examples, no_tracebacks, poll, ready
-from tests.tiny import TINY
-from vision_client import Client, FineTuneConfig
+from tests.tiny import TINY, TINY_FEATURE_DIM
+from vision_client import Client, FineTuneConfig, HeadConfig
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol.fine_tuning import from_dict, from_message, to_dict, to_message
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
@@ -309,3 +310,69 @@ def test_a_job_training_the_last_block_publishes_the_whole_network_served_by_onn
     assert ready(again, "deeper")
     assert_close(served_logits(again, "deeper", batch), expected)
     no_tracebacks(caplog)
+
+
+# -- the store: trained blocks as data, checked as they are read ------------------------------------
+
+
+def save_trained(store: Path, name: str, *, seed: int = 0) -> TrainedPart:
+    """A tiny model with its last block trained (random values), saved as ``name``."""
+    torch.manual_seed(seed)
+    part = build_trained_part(TINY, 1, HeadConfig(), TINY_FEATURE_DIM, 3)
+    with torch.no_grad():
+        for tensor in part.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.normal_()
+        part.std.abs_().add_(0.5)
+    ModelStore(store).save(
+        name=name, base_model=TINY, head_spec=HeadConfig(), head=part, labels=["a", "b", "c"],
+        loss="cross_entropy", job_id="test",
+    )  # fmt: skip
+    return part
+
+
+def test_trained_blocks_round_trip_the_store_and_a_frozen_head_is_written_as_before(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    part = save_trained(store, "deep")
+    manifest, loaded = ModelStore(store).load("deep")
+    assert manifest.train_backbone_blocks == 1 and isinstance(loaded, TrainedPart)
+    assert all(torch.equal(part.state_dict()[k], v) for k, v in loaded.state_dict().items())
+    assert any(key.startswith("blocks.") for key in loaded.state_dict())
+    save_head(store, "flat", base=TINY, features=TINY_FEATURE_DIM)
+    flat = manifest_of(store, "flat")
+    assert flat["format_version"] == 1 and "train_backbone_blocks" not in flat  # as servers of before wrote it
+    assert not isinstance(ModelStore(store).load("flat")[1], TrainedPart)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "message"),
+    [
+        ({"format_version": 1}, "bad_manifest", "train_backbone_blocks 1 must be 1 to 64 with format_version 2"),
+        (
+            {"train_backbone_blocks": None},
+            "bad_manifest",
+            "train_backbone_blocks 0 must be 1 to 64 with format_version 2",
+        ),
+        ({"train_backbone_blocks": 3}, "bad_dimensions", "tiny's backbone has 2 blocks"),
+        ({"train_backbone_blocks": 2}, "bad_weights", "weights do not fit"),  # the file holds one block
+        ({"train_backbone_blocks": -1}, "bad_manifest", "must be 1 to 64"),
+        ({"train_backbone_blocks": 1.5}, "bad_manifest", "train_backbone_blocks must be a int"),
+        ({"base_model": "elsewhere"}, "base_not_served", "unknown to this server"),
+    ],
+)
+def test_a_manifest_with_hostile_trained_blocks_is_refused_with_its_reason(
+    tmp_path: Path, change: dict[str, object], reason: str, message: str
+) -> None:
+    store = tmp_path / "store"
+    save_trained(store, "deep")
+    data = manifest_of(store, "deep")
+    for key, value in change.items():  # None: the field left out
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    write_manifest(store, "deep", data)
+    with pytest.raises(StoreEntryError) as error:
+        ModelStore(store).load("deep")
+    assert error.value.reason == reason, error.value
+    assert message in str(error.value), error.value

@@ -65,7 +65,7 @@ def bad_store(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     expected["lying-dims"] = "bad_weights"
     _copy(store, "template", "huge-head", **{"head.kind": "parallel", "head.hidden": 8192, "head.blocks": 8})
     expected["huge-head"] = "bad_dimensions"
-    _copy(store, "template", "future-format", format_version=2)
+    _copy(store, "template", "future-format", format_version=3)  # 2: a model with trained backbone blocks
     expected["future-format"] = "format_version"
     _copy(store, "template", "wrong-types", labels="abc")
     expected["wrong-types"] = "bad_manifest"

@@ -234,8 +234,8 @@ class Manifest:
         if version not in (FORMAT_VERSION, TRAINED_BLOCKS_FORMAT):
             raise StoreEntryError(
                 StoreReason.FORMAT_VERSION,
-                f"{folder}: manifest format_version {version} is not {FORMAT_VERSION}, the one this server reads "
-                "(written by a newer or older server?)",
+                f"{folder}: manifest format_version {version} is not {FORMAT_VERSION} (or {TRAINED_BLOCKS_FORMAT}, "
+                "with trained backbone blocks), the ones this server reads (written by a newer or older server?)",
             )
         name = fields.get("name", str)
         if name != folder:
