@@ -41,7 +41,7 @@ from tests.store_util import manifest_of, save_head, write_manifest
 from tests.test_head_layers import _post_config_then_wait, assert_close, nothing_written, pixels, served_logits
 from tests.test_orphans import examples, no_tracebacks, poll, ready
 from tests.tiny import TINY, TINY_FEATURE_DIM
-from vision_client import Client, FineTuneConfig, HeadConfig
+from vision_client import AugmentationConfig, Client, FineTuneConfig, HeadConfig
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol.fine_tuning import from_dict, from_message, to_dict, to_message
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
@@ -144,7 +144,7 @@ def test_the_activations_kept_bound_the_examples_of_a_job() -> None:
     per_image = 1024 * 14 * 14 * 2  # float16
     assert max_examples_at_cut(resnet) == MAX_ACTIVATION_BYTES // per_image
     assert max_examples(resnet, LIMITS) == MAX_ACTIVATION_BYTES // per_image < LIMITS.max_examples
-    viewed = FineTuneConfig("resnet101", "k", train_backbone_blocks=1, augmentation=resnet.augmentation.__class__(2))
+    viewed = FineTuneConfig("resnet101", "k", train_backbone_blocks=1, augmentation=AugmentationConfig(2))
     assert max_examples(viewed, LIMITS) == MAX_ACTIVATION_BYTES // (3 * per_image)
     assert max_examples(FineTuneConfig("alexnet", "k", train_backbone_blocks=1), LIMITS) == LIMITS.max_examples
     assert max_examples_at_cut(FineTuneConfig("alexnet", "k")) is None
@@ -284,7 +284,9 @@ def test_a_job_training_the_last_block_publishes_the_whole_network_served_by_onn
 ) -> None:
     store = tmp_path / "shared"
     first, second = onnx_server(store), onnx_server(store)
-    config = FineTuneConfig(TINY, "deeper", train_backbone_blocks=1, epochs=3, batch_size=4, seed=5)
+    config = FineTuneConfig(
+        TINY, "deeper", train_backbone_blocks=1, epochs=3, batch_size=4, seed=5, augmentation=AugmentationConfig(1)
+    )  # one augmented view: its activations through the same internal model, as PIXELS
     with Client(first.target) as sdk:
         job = sdk.fine_tune(config, examples(16), timeout=180)
         assert job.state == "succeeded", job.error
