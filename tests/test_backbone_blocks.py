@@ -111,7 +111,7 @@ def test_k_and_its_factor_travel_on_the_wire_and_in_json() -> None:
     assert (sent.train_backbone_blocks, sent.backbone_lr_factor) == (2, 0.5)
     assert from_dict(json.loads(json.dumps(to_dict(config)))) == config
     unset = from_message(pb.FineTuneConfig(base_model=TINY, output_model="k"))  # proto3's zero: the defaults
-    assert (unset.train_backbone_blocks, round(unset.backbone_lr_factor, 6)) == (0, 0.1)
+    assert (unset.train_backbone_blocks, round(unset.backbone_lr_factor, 6)) == (0, 0.01)
     older = to_dict(FineTuneConfig(TINY, "k"))
     del older["train_backbone_blocks"], older["backbone_lr_factor"]  # a record of a server of before
     assert from_dict(older).train_backbone_blocks == 0

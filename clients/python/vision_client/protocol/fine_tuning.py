@@ -347,7 +347,7 @@ class FineTuneConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     class_weights: ClassWeights | Mapping[str, float] = "none"  # kept as ClassWeights
     train_backbone_blocks: int = 0
-    backbone_lr_factor: float = 0.1
+    backbone_lr_factor: float = 0.01
     dataset: str = ""
 
     def __post_init__(self) -> None:
