@@ -1,10 +1,11 @@
-"""What serving an older version of a fine-tuned model costs: the first request that names a kept
-version that is not resident (read from the store, built on the base model's backbone, warmed up),
-a request for it once resident, and rollbacks (to the resident version, to one not resident).
+"""What serving an older version of a fine-tuned model costs, seen by a client of a real server:
+the first request that names a kept version that is not resident (read from the store, built on
+the base model's backbone, warmed up), a request for it once resident, and rollbacks (to the
+resident version, to one not resident), each one SDK call.
 
-The server's core (registry, catalog, store) in this process on a directory store, the base model
-with seeded random weights and the torch runtime; three linear heads of 10 classes published under
-one name. The median of ``--rounds`` rounds, each on a fresh store.
+Each round starts ``vision-serve`` (the base model with seeded random weights, the torch runtime)
+on a fresh directory store where three linear heads of 10 classes were published under one name.
+The median of ``--rounds`` rounds.
 
     .venv/bin/python -m bench.version_load --models tiny,alexnet --rounds 5
 """
@@ -12,45 +13,60 @@ one name. The median of ``--rounds`` rounds, each on a fresh store.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
+import numpy as np
+import torch
+
+from service.finetune.heads import build_standardized_head
+from service.finetune.store import ModelStore
 from service.models import get_model_spec
+from tests.support.servers import start_server
+from vision_client import Client, HeadConfig
+
+NAME = "pets"
 
 
-def _round(model: str) -> dict[str, float]:
-    from tests.core_util import run_with_core
-    from tests.store_util import save_head
-
-    store = Path(tempfile.mkdtemp(prefix="version-load-"))
-    labels = tuple(f"class-{i}" for i in range(10))
+def _publish_three(store: Path, model: str) -> None:
+    labels = [f"class-{i}" for i in range(10)]
     for seed in (1, 2, 3):
-        save_head(store, "pets", seed=seed, labels=labels, features=get_model_spec(model).feature_dim, base=model)
+        torch.manual_seed(seed)
+        head = build_standardized_head(HeadConfig(), get_model_spec(model).feature_dim, len(labels))
+        ModelStore(store).save(
+            name=NAME, base_model=model, head_spec=HeadConfig(), head=head, labels=labels,
+            loss="cross_entropy", job_id=f"bench-{seed}",
+        )  # fmt: skip
 
-    async def scenario(core: Any) -> dict[str, float]:
-        await core.sync_once()
-        repository, catalog = core.repository, core.catalog
+
+def _round(model: str, folder: Path) -> dict[str, float]:
+    store = folder / "store"
+    _publish_three(store, model)
+    server = start_server(
+        folder, "--models", model, "--weights", "random", "--runtime", "torch", "--model-store", str(store),
+        "--runtime-cache", str(folder / "cache"),
+    )  # fmt: skip
+    try:
+        server.wait_serving(NAME)
+        pixels = np.full((256, 256, 3), 128, dtype=np.uint8)  # one image, encoded by the SDK
         times: dict[str, float] = {}
-        started = time.perf_counter()
-        await repository.get_version_ready("pets", "1")
-        times["first request for version 1 (load)"] = time.perf_counter() - started
-        started = time.perf_counter()
-        await repository.get_version_ready("pets", "1")
-        times["request for version 1, resident"] = time.perf_counter() - started
-        started = time.perf_counter()
-        await catalog.rollback("pets", "1")
-        times["rollback to the resident version"] = time.perf_counter() - started
-        started = time.perf_counter()
-        await catalog.rollback("pets", "2")
-        times["rollback to a version not resident"] = time.perf_counter() - started
-        return times
+        with Client(server.target, timeout=300) as client:
+            client.logits(pixels, NAME)  # the connection and the served version's first request
 
-    result: dict[str, float] = run_with_core(store, scenario, models=(model,))
-    return result
+            def timed(what: str, call: object) -> None:
+                started = time.perf_counter()
+                call()  # type: ignore[operator]
+                times[what] = time.perf_counter() - started
+
+            timed("first request for version 1 (load)", lambda: client.logits(pixels, NAME, version=1))
+            timed("request for version 1, resident", lambda: client.logits(pixels, NAME, version=1))
+            timed("rollback to the resident version", lambda: client.rollback_model(NAME, 1))
+            timed("rollback to a version not resident", lambda: client.rollback_model(NAME, 2))
+        return times
+    finally:
+        server.stop()
 
 
 def main() -> None:
@@ -58,9 +74,11 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,alexnet", help="base models, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    os.environ.setdefault("VISION_SERVE_RUNTIME_CACHE", tempfile.mkdtemp(prefix="version-load-cache-"))
     for model in args.models.split(","):
-        rounds = [_round(model) for _ in range(args.rounds)]
+        rounds = []
+        for _ in range(args.rounds):
+            with tempfile.TemporaryDirectory(prefix="version-load-") as folder:
+                rounds.append(_round(model, Path(folder)))
         for what in rounds[0]:
             median = statistics.median(r[what] for r in rounds)
             print(f"{model:<10} {what:<40} {median * 1000:9.3f} ms")

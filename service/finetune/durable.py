@@ -49,7 +49,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from service.errors import StoreEntryError, UnavailableError
+from service.errors import StoreEntryError, UnavailableError, quote
 from service.files import FileRefused
 from service.finetune.examples import TrainingExamples
 from service.finetune.history import JOB_ID, JOBS_FOLDER
@@ -402,12 +402,14 @@ class JobKeeper:
 
     def find(self, job_id: str) -> Job | None:
         """A job kept in the store that runs elsewhere, or waits to go on (for GetJob), if any."""
+        if not JOB_ID.fullmatch(job_id):
+            return None  # never a kept job's name: not worth a read of the store, nor a log line
         try:
             return self.read_job(job_id)
         except FileNotFoundError:
             return None
         except (FileRefused, StoreEntryError, ConfigError, KeyError, TypeError, ValueError) as exc:
-            log.warning("kept job %s cannot be read: %s", job_id, exc)
+            log.warning("kept job %s cannot be read: %s", quote(job_id), exc)
             return None
 
     # -- internals ----------------------------------------------------------
