@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from service.backbone_blocks import BLOCK_NAMES
 from service.errors import InvalidInputError, quote
 
 if TYPE_CHECKING:
@@ -39,10 +40,10 @@ if TYPE_CHECKING:
 Split = tuple[nn.Module, list[nn.Module]]  # (stem, blocks)
 BlockSplitter = Callable[[nn.Module], Split]
 
-ALEXNET_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
-VGG_BLOCKS = ("stage1", "stage2", "stage3", "stage4", "stage5", "fc6", "fc7")
-RESNET_BLOCKS = ("layer1", "layer2", "layer3", "layer4")
-TINY_BLOCKS = ("conv", "fc")
+ALEXNET_BLOCKS = BLOCK_NAMES["alexnet"]
+VGG_BLOCKS = BLOCK_NAMES["vgg16"]
+RESNET_BLOCKS = BLOCK_NAMES["resnet101"]
+TINY_BLOCKS = BLOCK_NAMES["tiny"]
 
 
 def _child(net: nn.Module, name: str) -> nn.Sequential:

@@ -32,9 +32,9 @@ from importlib import resources
 
 from aiohttp import web
 
+from service.backbone_blocks import BLOCK_NAMES
 from service.config import FineTuneLimits
 from service.finetune.spec import MAX_HEAD_LAYERS
-from service.models import get_model_spec, list_models
 from vision_client.protocol import vocabulary
 from vision_client.protocol.labels import label_rule
 
@@ -117,7 +117,7 @@ def fill_page(page: bytes, limits: FineTuneLimits) -> bytes:
     form = {
         **vocabulary(),
         "limits": {"max_layers": MAX_HEAD_LAYERS, "max_width": limits.max_hidden},
-        "backbone_blocks": {name: list(get_model_spec(name).block_names) for name in list_models()},
+        "backbone_blocks": {name: list(names) for name, names in BLOCK_NAMES.items()},
     }
     settings = html.escape(json.dumps(form, ensure_ascii=True), quote=True)
     return page.replace(FINE_TUNING_SLOT, f'data-fine-tuning="{settings}"'.encode("ascii"))
