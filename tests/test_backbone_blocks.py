@@ -253,7 +253,7 @@ def test_a_hostile_k_is_invalid_argument_over_rest_before_any_image(
 
 @pytest.fixture
 def onnx_server(serve_inprocess):
-    def start(store: Path):
+    def start(store: object):
         return serve_inprocess(
             models=(TINY,),
             weights="random",
@@ -265,9 +265,9 @@ def onnx_server(serve_inprocess):
     return start
 
 
-def reference_network(store: Path, name: str) -> FineTunedNetwork:
+def reference_network(store: object, name: str) -> FineTunedNetwork:
     """The whole network as torch builds it here: tiny's seeded weights, the stored blocks and head."""
-    manifest, part = ModelStore(store).load(name)
+    manifest, part = ModelStore(store).load(name)  # type: ignore[arg-type]  # a directory or an S3Location
     assert isinstance(part, TrainedPart) and manifest.train_backbone_blocks == 1
     spec = get_model_spec(TINY)
     _, net = whole_network(name, TINY, build_model(spec, WeightsSource.parse("random")), part)
@@ -279,10 +279,11 @@ def torch_logits(net: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
         return net(torch.from_numpy(batch)).numpy()
 
 
+@pytest.mark.parametrize("kind", ["directory", "s3"])
 def test_a_job_training_the_last_block_publishes_the_whole_network_served_by_onnxruntime(
-    onnx_server, tmp_path: Path, caplog
+    kind: str, onnx_server, tmp_path: Path, request, caplog
 ) -> None:
-    store = tmp_path / "shared"
+    store = tmp_path / "shared" if kind == "directory" else request.getfixturevalue("s3_store")
     first, second = onnx_server(store), onnx_server(store)
     config = FineTuneConfig(
         TINY, "deeper", train_backbone_blocks=1, epochs=3, batch_size=4, seed=5, augmentation=AugmentationConfig(1)
@@ -292,10 +293,11 @@ def test_a_job_training_the_last_block_publishes_the_whole_network_served_by_onn
         assert job.state == "succeeded", job.error
         models = {model.name: model for model in sdk.models()}
     assert models["deeper"].runtime == "onnxruntime"
-    written = json.loads((store / "deeper" / MANIFEST).read_text())
+    objects = ModelStore(store).objects
+    written = json.loads(objects.read(f"deeper/{MANIFEST}", 1 << 20))
     assert (written["format_version"], written["train_backbone_blocks"]) == (TRAINED_BLOCKS_FORMAT, 1)
-    weights = {p.name for p in (store / "deeper").iterdir() if p.suffix == ".safetensors"}
-    assert len(weights) == 1 and not list((store / "deeper").glob("*.pt*"))  # safetensors, never pickle
+    files = {info.key.rsplit("/", 1)[-1] for info in objects.list("deeper/")}
+    assert {file.rsplit(".", 1)[-1] for file in files} == {"json", "safetensors"}, files  # never a pickle
     net = reference_network(store, "deeper")
     assert isinstance(net.features, torch.nn.Sequential) and isinstance(net.features[1], Backbone)
     batch = pixels(4, seed=7)
