@@ -115,9 +115,7 @@ def _classifier(net: nn.Module) -> nn.Module:
     return net.get_submodule("classifier")
 
 
-def whole_network(
-    name: str, base: str, network: nn.Module, part: TrainedPart
-) -> tuple[ModelSpec, FineTunedNetwork]:
+def whole_network(name: str, base: str, network: nn.Module, part: TrainedPart) -> tuple[ModelSpec, FineTunedNetwork]:
     """The network served as ``name``: ``part`` (trained blocks and head) on built-in ``base``'s
     ``network`` (a copy of its own, with its served weights, whose own last blocks are dropped),
     and the spec it is built and exported by."""
@@ -134,9 +132,7 @@ def served_spec(base: ModelSpec, name: str) -> ModelSpec:
     """``base``'s spec (its preprocessing and sizes) for a :class:`FineTunedNetwork` on it served as
     ``name`` (the name its exports are cached under, by their weights): its features and classifier
     are the network's own, and it has no blocks to train."""
-    return dataclasses.replace(
-        base, name=name, features=_features, classifier=_classifier, blocks=None, block_names=()
-    )
+    return dataclasses.replace(base, name=name, features=_features, classifier=_classifier, blocks=None, block_names=())
 
 
 def start_network(
