@@ -27,7 +27,6 @@ server records it) and its training's part (the trainer's clock). The figures an
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -37,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from bench.inputs import digits
 from bench.records import write_document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,19 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "finetune_depth.json",
                    help="JSON output [default: bench/results/finetune_depth.json]")  # fmt: skip
     return p
-
-
-def digits() -> tuple[list[bytes], list[str]]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = []
-    for pixels in data.images:
-        image = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((64, 64), Image.BILINEAR)
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    return images, [str(int(label)) for label in data.target]
 
 
 def held_out_accuracy(client: Any, model: str, images: list[bytes], labels: list[str]) -> float:

@@ -17,7 +17,6 @@ accuracy. The figures and the command go to ``--output`` as JSON.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 300.0
@@ -41,19 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "precision_heads.json",
                    help="JSON output [default: bench/results/precision_heads.json]")  # fmt: skip
     return p
-
-
-def digits() -> tuple[list[bytes], list[str]]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = []
-    for pixels in data.images:
-        image = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((64, 64), Image.BILINEAR)
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    return images, [str(int(label)) for label in data.target]
 
 
 def predictions(url: str, model: str, images: list[bytes]) -> list[str]:
@@ -80,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import servers, throughput
+    from bench.inputs import digits
     from bench.machine import machine_info
     from bench.precision import served_precision
     from bench.records import write_document
