@@ -308,6 +308,36 @@ def test_one_replica_of_several_claims_a_job_whose_lease_expired_and_the_old_hol
     assert list(objects.list(".jobs/live/")) == []
 
 
+def test_a_checkpoint_whose_last_write_landed_unseen_is_written_while_the_lease_is_held(objects) -> None:
+    """A store client that retries a conditional write whose answer was lost sees its condition fail
+    on its own write: while the job's lease is this process's, the checkpoint is written anyway;
+    once another holds the lease, it is not."""
+    import torch
+
+    from service.finetune.durable import LeaseLost
+    from service.finetune.trainer import train_head
+
+    job = kept_job()
+    holder = keeper(objects, holder="holder")
+    holder.begin(job)
+    features, targets = torch.randn(20, 8), torch.arange(20) % 2
+    assert holder.keep_inputs(job, features, targets)
+    states = []
+    train_head(features, targets, job.config, num_outputs=2, on_checkpoint=states.append)
+    key = f".jobs/live/{job.id}/checkpoint.safetensors"
+    holder.checkpoint(job.id, states[0])
+    objects.replace(key, b"the same write, landed a second time", objects.head(key).etag)  # its etag moves on
+    holder.checkpoint(job.id, states[1])  # the lease is still the holder's: no LeaseLost
+    assert holder.resume_point(job.id).state.epoch == 2
+
+    lease = f".jobs/live/{job.id}/lease.json"
+    objects.replace(lease, b'{"holder": "another", "expires": 1e12}', objects.head(lease).etag)  # taken over
+    objects.replace(key, b"the new holder's checkpoint", objects.head(key).etag)
+    with pytest.raises(LeaseLost):
+        holder.checkpoint(job.id, states[2])
+    assert objects.read(key, 1 << 20) == b"the new holder's checkpoint"
+
+
 def test_a_resumed_run_goes_on_with_the_same_figures_and_random_streams(tmp_path) -> None:
     import torch
 

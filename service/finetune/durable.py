@@ -56,7 +56,7 @@ from service.finetune.history import JOB_ID, JOBS_FOLDER
 from service.finetune.job import EpochMetrics, Job, JobState
 from service.finetune.store import parse_json
 from service.finetune.trainer import FitState
-from service.storage import ObjectChanged, ObjectExists, ObjectStore
+from service.storage import ObjectChanged, ObjectExists, ObjectInfo, ObjectStore
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import from_dict, to_dict
 
@@ -269,13 +269,32 @@ class JobKeeper:
             return
         data = _checkpoint_bytes(job_id, state, curve)
         key = _key(job_id, CHECKPOINT_FILE)
-        etag = self._checkpoints.get(job_id)
         try:
-            info = self.objects.create(key, data) if etag is None else self.objects.replace(key, data, etag)
+            info = self._write(key, data, self._checkpoints.get(job_id))
         except (ObjectExists, ObjectChanged):
-            self.forget(job_id)
-            raise LeaseLost(f"job {job_id} was taken over by another replica") from None
+            if not self._lease_is_mine(job_id):
+                self.forget(job_id)
+                raise LeaseLost(f"job {job_id} was taken over by another replica") from None
+            # The lease is still this process's, so the checkpoint that differs is its own last write,
+            # retried by the store's client after its answer was lost (the retry's condition then fails),
+            # or a former holder's late write: either way this process's state is the one to keep.
+            current = self.objects.head(key)
+            try:
+                info = self._write(key, data, None if current is None else current.etag)
+            except (ObjectExists, ObjectChanged):
+                self.forget(job_id)
+                raise LeaseLost(f"job {job_id} was taken over by another replica") from None
         self._checkpoints[job_id] = info.etag
+
+    def _write(self, key: str, data: bytes, etag: str | None) -> ObjectInfo:
+        """Create ``key``, or replace it only if it is still ``etag``."""
+        return self.objects.create(key, data) if etag is None else self.objects.replace(key, data, etag)
+
+    def _lease_is_mine(self, job_id: str) -> bool:
+        """Whether the job's lease in the store is the one this process last wrote."""
+        etag = self._leases.get(job_id)
+        info = self.objects.head(_key(job_id, LEASE_FILE))
+        return etag is not None and info is not None and info.etag == etag
 
     def resume_point(self, job_id: str) -> Resumed:
         """The checkpoint of a claimed job (read once, when it starts here)."""

@@ -525,7 +525,8 @@ class JobManager:
             assert self._pipeline is not None
             await self._pipeline.run(job, device, carrier)
             await self._finish(job, JobState.SUCCEEDED, f"serving {job.config.output_model}")
-        except LeaseLost:
+        except LeaseLost as exc:
+            log.warning("job %s stops here: %s", job.id, exc)
             job.lost = True
             await self._suspend(job, "another server took this job over; it goes on there")
         except JobCancelled:
