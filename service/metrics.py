@@ -101,6 +101,14 @@ class ServerMetrics:
             ["frontend", "decoded"],
             registry=r,
         )
+        self.hop_links_closed = Counter(
+            "vision_hop_links_closed",
+            "Front ends' links the engine ended (--frontends of 2 or more) because the front end broke the "
+            "hop's rules, by reason: unread_answers (it stopped reading its answers), in_flight (too many "
+            "requests at once), bad_descriptor (a slot outside its arena, a reused id), bad_hello.",
+            ["reason"],
+            registry=r,
+        )
         self.tls_reload_errors = Counter(
             "vision_tls_reload_errors",
             "Rotated TLS files refused (the previous certificate keeps serving), by reason.",
@@ -133,6 +141,9 @@ class ServerMetrics:
 
     def record_frontend_request(self, frontend: int, *, decoded: bool) -> None:
         self.frontend_requests.labels(str(frontend), "true" if decoded else "false").inc()
+
+    def record_hop_link_closed(self, reason: str) -> None:
+        self.hop_links_closed.labels(reason).inc()
 
     def record_tls_reload_error(self, reason: str) -> None:
         self.tls_reload_errors.labels(reason).inc()

@@ -193,7 +193,12 @@ class VisionServer:
         await self._grpc.start()
         if self.run_dir is not None:
             self.shared_memory.restore()  # what clients registered with an engine that died
-            self._hop = HopServer(self.run_dir / hop.HOP_SOCKET, self._hop_infer, self._preprocessing_of)
+            self._hop = HopServer(
+                self.run_dir / hop.HOP_SOCKET,
+                self._hop_infer,
+                self._preprocessing_of,
+                self.metrics.record_hop_link_closed,
+            )
             await self._hop.start()
         if self.config.health_port is not None:
             await self._start_health_port(self.config.health_port)

@@ -20,6 +20,7 @@ import tritonclient.grpc as triton
 from service import hop
 from service.engine.hop_server import UNSENT_BYTES
 from tests.conftest import ServerProcess, start_server
+from tests.metrics_util import sample_value, scrape
 from tests.test_frontends import CONNECTIONS, OWN_CONNECTION, children, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -57,6 +58,10 @@ def connect(server: ServerProcess, arena: hop.Arena, *, arena_fd: int | None = N
     hello = hop.Hello(PEER, os.getpid(), arena.size)
     socket.send_fds(peer, [hello.encode()], [arena.fd if arena_fd is None else arena_fd])
     return peer
+
+
+def links_closed(server: ServerProcess, reason: str) -> float:
+    return sample_value(scrape(server.metrics_url), "vision_hop_links_closed_total", reason=reason)
 
 
 def serve_everywhere(server: ServerProcess) -> None:
@@ -98,6 +103,7 @@ def test_a_frontend_that_stops_reading_is_cut_off_and_the_others_keep_serving(se
     peer.close()
     arena.close()
     assert "closing the link of front end 7" in server.log() and "stopped reading its answers" in server.log()
+    assert links_closed(server, "unread_answers") == 1
     serve_everywhere(server)
     assert children(server)["engine"] == engine
 
@@ -143,6 +149,7 @@ def test_a_descriptor_outside_the_arena_ends_that_link_only(server):
     peer.close()
     arena.close()
     wait_for(lambda: "outside its arena" in server.log())
+    assert links_closed(server, "bad_descriptor") == 1
     serve_everywhere(server)
 
 
@@ -158,4 +165,5 @@ def test_an_arena_that_could_shrink_is_refused(server):
         os.close(unsealed)
         arena.close()
     wait_for(lambda: "not sealed against shrinking" in server.log())
+    assert links_closed(server, "bad_hello") == 1
     serve_everywhere(server)

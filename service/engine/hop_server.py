@@ -42,6 +42,10 @@ UNSENT_BYTES = 8 * 1024 * 1024
 # Requests of one front end running at once. Its arena bounds a front end's own (a slot is at least
 # 64 KiB of a 256 MiB arena: 4,096); more is a peer that does not wait for its answers.
 MAX_IN_FLIGHT = 16_384
+# Why the engine ended a front end's link (the label of vision_hop_links_closed_total).
+UNREAD_ANSWERS, IN_FLIGHT, BAD_DESCRIPTOR, BAD_HELLO = "unread_answers", "in_flight", "bad_descriptor", "bad_hello"
+# Counts a link the engine ended, by one of the reasons above.
+LinkClosedCounter = Callable[[str], None]
 # Runs one request: its serialized ModelInferRequest, descriptor and front end -> the serialized response.
 Handler = Callable[[memoryview, hop.Infer, int], Awaitable[bytes]]
 # A model's preprocessing for front ends that decode its images (JSON of Preprocessing.to_dict()).
@@ -49,16 +53,24 @@ Describer = Callable[[str], bytes]
 
 
 class LinkClosed(Exception):
-    """The engine ends a front end's link (it broke the hop's rules); the message says why."""
+    """The engine ends a front end's link (it broke the hop's rules); the message says why, ``kind``
+    names the rule."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class _Link:
     """One front end's connection: its arena, its running requests, and the one way answers go out."""
 
-    def __init__(self, hello: hop.Hello, memory: mmap.mmap, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, hello: hop.Hello, memory: mmap.mmap, writer: asyncio.StreamWriter, counted: LinkClosedCounter
+    ) -> None:
         self.hello = hello
         self.memory = memory
         self.writer = writer
+        self.counted = counted
         self.running: dict[int, asyncio.Task[None]] = {}
         self.closed = False
 
@@ -72,7 +84,9 @@ class _Link:
             return
         unsent = self.writer.transport.get_write_buffer_size()
         if unsent > UNSENT_BYTES:
-            self.close(f"it stopped reading its answers ({unsent} bytes wait to be sent, over {UNSENT_BYTES})")
+            self.close(
+                UNREAD_ANSWERS, f"it stopped reading its answers ({unsent} bytes wait to be sent, over {UNSENT_BYTES})"
+            )
             return
         self.writer.write(hop.frame(reply.encode()))
 
@@ -80,20 +94,22 @@ class _Link:
         """Refuse a descriptor no front end of ours sends: a slot outside its arena, a reused id, too many."""
         if not (infer.length <= infer.capacity and infer.offset + infer.capacity <= len(self.memory)):
             raise LinkClosed(
+                BAD_DESCRIPTOR,
                 f"request {infer.id} names bytes {infer.offset}+{infer.length} (slot of {infer.capacity}) "
-                f"outside its arena of {len(self.memory)}"
+                f"outside its arena of {len(self.memory)}",
             )
         if infer.id in self.running:
-            raise LinkClosed(f"request {infer.id} was sent while its namesake still runs")
+            raise LinkClosed(BAD_DESCRIPTOR, f"request {infer.id} was sent while its namesake still runs")
         if len(self.running) >= MAX_IN_FLIGHT:
-            raise LinkClosed(f"over {MAX_IN_FLIGHT} requests in flight without waiting for their answers")
+            raise LinkClosed(IN_FLIGHT, f"over {MAX_IN_FLIGHT} requests in flight without waiting for their answers")
 
-    def close(self, reason: str) -> None:
+    def close(self, kind: str, reason: str) -> None:
         """End the link now: its requests are dropped (nobody would read their answers), its unsent
         answers discarded; the front end connects again."""
         if self.closed:
             return
         self.closed = True
+        self.counted(kind)
         log.warning(
             "closing the link of %s: %s; %d of its requests in flight are dropped",
             self.name,
@@ -106,10 +122,13 @@ class _Link:
 
 
 class HopServer:
-    def __init__(self, path: Path, handler: Handler, describe: Describer) -> None:
+    def __init__(
+        self, path: Path, handler: Handler, describe: Describer, counted: LinkClosedCounter = lambda _: None
+    ) -> None:
         self._path = path
         self._handler = handler
         self._describe = describe
+        self._counted = counted
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -139,11 +158,13 @@ class HopServer:
             hello, memory = await asyncio.wait_for(asyncio.to_thread(_receive_hello, conn), HELLO_TIMEOUT_S)
         except (OSError, ValueError, struct.error, TimeoutError) as exc:
             log.warning("a front end's connection ended before its hello: %s", exc)
+            if isinstance(exc, (ValueError, struct.error)):  # a hello refused (OSError, TimeoutError: a peer gone)
+                self._counted(BAD_HELLO)
             conn.close()
             return
         conn.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=conn)
-        link = _Link(hello, memory, writer)
+        link = _Link(hello, memory, writer, self._counted)
         log.info("%s connected", link.name)
         try:
             while not link.closed and (payload := await hop.read_frame(reader)) is not None:
@@ -160,7 +181,7 @@ class HopServer:
                     if cancelled is not None:
                         cancelled.cancel()
         except LinkClosed as exc:
-            link.close(str(exc))
+            link.close(exc.kind, str(exc))
         except (ConnectionError, ValueError, struct.error) as exc:
             log.warning("%s's connection failed: %s", link.name, exc)
         finally:
