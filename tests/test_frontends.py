@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import ServerProcess, start_server
 from tests.finetune_data import digits
 from tests.metrics_util import sample_value, scrape
+from tests.test_health_watch import Watch
 from vision_client import Client, FineTuneConfig
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
@@ -405,39 +406,6 @@ def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
         shm.destroy_shared_memory_region(region)
 
 
-class Watch:
-    """A grpc.health.v1 Watch call on a connection of its own; its statuses as they arrive."""
-
-    def __init__(self, target: str, service: str) -> None:
-        import queue
-
-        self.channel = grpc.insecure_channel(target, options=OWN_CONNECTION)
-        self.call = health_pb2_grpc.HealthStub(self.channel).Watch(health_pb2.HealthCheckRequest(service=service))
-        self.statuses: queue.Queue[int | grpc.RpcError] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                self.statuses.put(response.status)
-        except grpc.RpcError as exc:
-            self.statuses.put(exc)
-
-    def wait_for(self, *wanted: int) -> int:
-        """Statuses until one of ``wanted`` (a watcher may skip intermediate ones, never the last)."""
-        while True:
-            got = self.statuses.get(timeout=120)
-            assert not isinstance(got, grpc.RpcError), f"the watch ended: {got.code()} {got.details()}"
-            if got in wanted:
-                return got
-
-    def close(self) -> None:
-        self.call.cancel()
-        self._thread.join(60)
-        self.channel.close()
-
-
 def test_health_watch_through_every_frontend_follows_models_and_an_engine_restart(tmp_path: Path):
     """Watch through each front end: a model's unload and load, then the engine's death and return
     (SERVING, NOT_SERVING, SERVING), the same stream all along; then the server's drain (NOT_SERVING
@@ -448,7 +416,7 @@ def test_health_watch_through_every_frontend_follows_models_and_an_engine_restar
     watches: list[Watch] = []
     try:
         proc.wait_serving()
-        models = [Watch(proc.target, "tiny") for _ in range(CONNECTIONS)]
+        models = [Watch(proc.target, "tiny", OWN_CONNECTION) for _ in range(CONNECTIONS)]
         watches += models
         for watch in models:
             assert watch.wait_for(serving, not_serving, unknown) == serving
@@ -459,7 +427,7 @@ def test_health_watch_through_every_frontend_follows_models_and_an_engine_restar
         client.load_model("tiny")
         for watch in models:
             watch.wait_for(serving)
-        servers = [Watch(proc.target, "") for _ in range(CONNECTIONS)]
+        servers = [Watch(proc.target, "", OWN_CONNECTION) for _ in range(CONNECTIONS)]
         watches += servers
         for watch in servers:
             assert watch.wait_for(serving, not_serving, unknown) == serving

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 import pytest
@@ -24,14 +24,15 @@ from tests.tiny import TINY
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-WAIT_S = 60.0
+WAIT_S = 120.0  # an engine's restart through front ends included
 
 
 class Watch:
-    """One Watch call on its own channel; statuses arrive in ``statuses`` as they are sent."""
+    """One Watch call on its own channel (``options``: the channel's, such as a connection of its
+    own); statuses arrive in ``statuses`` as they are sent."""
 
-    def __init__(self, target: str, service: str) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, service: str, options: Sequence[tuple[str, object]] = ()) -> None:
+        self.channel = grpc.insecure_channel(target, options=options)
         self.call = health_pb2_grpc.HealthStub(self.channel).Watch(health_pb2.HealthCheckRequest(service=service))
         self.statuses: queue.Queue[int | grpc.RpcError] = queue.Queue()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -47,13 +48,13 @@ class Watch:
     def next(self) -> int | grpc.RpcError:
         return self.statuses.get(timeout=WAIT_S)
 
-    def wait_for(self, status: int) -> None:
-        """Statuses until ``status`` (a watcher may skip intermediate ones, never the last)."""
+    def wait_for(self, *wanted: int) -> int:
+        """Statuses until one of ``wanted`` (a watcher may skip intermediate ones, never the last)."""
         while True:
             got = self.next()
             assert not isinstance(got, grpc.RpcError), f"watch ended: {got.code()} {got.details()}"
-            if got == status:
-                return
+            if got in wanted:
+                return got
 
     def close(self) -> None:
         self.call.cancel()
