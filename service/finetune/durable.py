@@ -168,12 +168,8 @@ class JobKeeper:
         """Write the job's training inputs if the quota has room for them; False (and why, in the
         job's description) if not."""
         size = features.nelement() * features.element_size() + targets.nelement() * targets.element_size()
-        used = self.used_bytes()
-        if used + size > self.quota_bytes:
-            note = (
-                f"its features ({_mib(size)}) were not kept: the store held {_mib(used)} of running jobs' "
-                f"inputs and checkpoints, and --max-kept-job-bytes is {_mib(self.quota_bytes)}"
-            )
+        note = self._over_quota("features", size)
+        if note is not None:
             log.warning("job %s will not survive a restart: %s", job.id, note)
             self._write_job(job, inputs=note)
             return False
@@ -184,6 +180,17 @@ class JobKeeper:
         self.objects.write(_key(job.id, INPUTS_FILE), data)
         self._write_job(job, inputs=KEPT)
         return True
+
+    def _over_quota(self, what: str, size: int) -> str | None:
+        """Why ``size`` more bytes of a job's ``what`` are not kept (the quota of running jobs' inputs
+        and checkpoints has no room for them), or None where it has."""
+        used = self.used_bytes()
+        if used + size <= self.quota_bytes:
+            return None
+        return (
+            f"its {what} ({_mib(size)}) were not kept: the store held {_mib(used)} of running jobs' inputs "
+            f"and checkpoints, and --max-kept-job-bytes is {_mib(self.quota_bytes)}"
+        )
 
     def inputs(self, job_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept features and targets; :class:`InputsGone` if they are not there (or not readable)."""
@@ -211,12 +218,8 @@ class JobKeeper:
         sizes = [len(image) for image in examples.images]
         targets = examples.targets
         size = sum(sizes) + (targets.nbytes if targets is not None else 0)
-        used = self.used_bytes()
-        if used + size > self.quota_bytes:
-            note = (
-                f"its images ({_mib(size)}) were not kept: the store held {_mib(used)} of running jobs' inputs "
-                f"and checkpoints, and --max-kept-job-bytes is {_mib(self.quota_bytes)}"
-            )
+        note = self._over_quota("images", size)
+        if note is not None:
             log.warning("job %s: %s", job.id, note)
             self._write_job(job, inputs=note)
             return False
