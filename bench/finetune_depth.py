@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.inputs import digits
 from bench.records import write_document
+from tests.support.finetune_data import digits
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 300.0
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from vision_client import Client, FineTuneConfig, OptimizerConfig
 
     load_before = os.getloadavg()
-    images, labels = digits()
+    images, targets = digits()
+    labels = [str(int(target)) for target in targets]
     if args.split == "shuffled":
         order = np.random.default_rng(0).permutation(len(images))
         images, labels = [images[i] for i in order], [labels[i] for i in order]

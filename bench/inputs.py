@@ -48,17 +48,3 @@ def infer_input(module: object, mode: str, payload: np.ndarray) -> object:
         tensor = module.InferInput("PIXELS", list(payload.shape), "FP32")  # type: ignore[attr-defined]
     tensor.set_data_from_numpy(payload)
     return tensor
-
-
-def digits() -> tuple[list[bytes], list[str]]:
-    """scikit-learn's 1,797 scanned 8x8 digits, upscaled to 64x64 RGB PNGs, and their classes."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = []
-    for pixels in data.images:
-        image = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((64, 64), Image.BILINEAR)
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    return images, [str(int(label)) for label in data.target]

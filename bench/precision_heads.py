@@ -65,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import servers, throughput
-    from bench.inputs import digits
     from bench.machine import machine_info
     from bench.precision import served_precision
     from bench.records import write_document
     from service.models import WeightsSource, build_model, get_model_spec
+    from tests.support.finetune_data import digits
     from vision_client import Client, FineTuneConfig, HeadConfig
 
-    images, labels = digits()
+    images, targets = digits()
+    labels = [str(int(target)) for target in targets]
     train = list(zip(images[: args.train], labels[: args.train], strict=True))
     held_images, held_labels = images[args.train :], labels[args.train :]
     print(f"# load average {os.getloadavg()}; {len(train)} digits trained on, {len(held_images)} held out", flush=True)

@@ -37,8 +37,8 @@ from tests.client_util import (
     vision_client,
 )
 from tests.conftest import TOKEN
-from tests.finetune_data import digits
 from tests.inprocess import InProcessServer
+from tests.support.finetune_data import digits
 from vision_client import (
     AlreadyExistsError,
     AuthenticationError,

@@ -26,8 +26,8 @@ from service.config import BatchingConfig
 from tests import client_util
 from tests.client_util import collect, connect, inprocess_server, result, run, vision_client
 from tests.conftest import TOKEN, free_port
-from tests.finetune_data import digits
 from tests.inprocess import InProcessServer
+from tests.support.finetune_data import digits
 from vision_client import (
     AuthenticationError,
     Client,

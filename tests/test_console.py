@@ -34,8 +34,8 @@ from PIL import Image
 from service.config import FineTuneLimits
 from service.transport.rest.console import CONSOLE_FOLDER, FILES, INDEX, console_routes, fill_page
 from tests.conftest import ROOT, TOKEN, encode
-from tests.finetune_data import digits
 from tests.store_util import save_head
+from tests.support.finetune_data import digits
 from tests.test_finetune_limits import ALLOWED_LABELS, REFUSED_LABELS
 from vision_client.protocol.labels import label_problem, label_rule
 

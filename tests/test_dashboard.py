@@ -26,7 +26,7 @@ from PIL import Image
 
 from service.config import BatchingConfig
 from tests.conftest import ROOT, encode, free_port
-from tests.finetune_data import digits
+from tests.support.finetune_data import digits
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
 

@@ -13,8 +13,8 @@ import tritonclient.grpc as triton
 
 from service.models import get_model_spec
 from tests.conftest import load_reference, start_server, store_server_args
-from tests.finetune_data import digits
 from tests.metrics_util import sample_value, scrape
+from tests.support.finetune_data import digits
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 

@@ -16,7 +16,7 @@ from service.finetune.examples import ExampleCollector
 from service.finetune.heads import build_head
 from service.finetune.names import MODEL_NAME_PATTERN, is_model_name, validate_model_name
 from service.finetune.spec import check_limits, config_from_wire, head_parameters
-from tests.finetune_data import digits
+from tests.support.finetune_data import digits
 from vision_client.errors import InvalidInputError as ClientInvalidInputError
 from vision_client.protocol import FineTuneConfig, HeadConfig, OptimizerConfig
 from vision_client.protocol.labels import label_problem, label_rule

@@ -35,8 +35,8 @@ from service.finetune.spec import MAX_AUGMENT_VIEWS, check_limits, config_from_w
 from service.finetune.trainer import EpochReport, TrainMetrics, split_indices, train_head
 from service.preprocess import ImageDecoder
 from tests import test_console
-from tests.finetune_data import digits
 from tests.inprocess import InProcessServer, running, tiny_config
+from tests.support.finetune_data import digits
 from tests.test_console import Page, cell
 from tests.tiny import TINY
 from vision_client import AugmentationConfig, Client, FineTuneConfig, OptimizerConfig

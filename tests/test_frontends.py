@@ -31,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess, start_server
-from tests.finetune_data import digits
 from tests.metrics_util import sample_value, scrape
+from tests.support.finetune_data import digits
 from tests.test_health_watch import Watch
 from vision_client import Client, FineTuneConfig
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb

@@ -13,7 +13,7 @@ import pytest
 from service.finetune.history import JobHistory
 from service.finetune.job import EpochMetrics, Job, JobState
 from service.finetune.trainer import TrainMetrics
-from tests.finetune_data import digits
+from tests.support.finetune_data import digits
 from vision_client.protocol import FineTuneConfig
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc

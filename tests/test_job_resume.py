@@ -22,7 +22,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from tests.conftest import ServerProcess, start_server
-from tests.finetune_data import digits
+from tests.support.finetune_data import digits
 from tests.test_finetune import config, job_requests
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc

@@ -313,7 +313,7 @@ def test_a_model_under_the_floor_is_not_served_in_that_precision(serve_inprocess
 def test_a_fine_tuned_head_is_served_in_its_base_models_precision(serve_inprocess) -> None:
     """Trained in float32 as every head is, served on the base's bfloat16 backbone; its answers
     match the same head run in float32 on float32 features for most held-out digits."""
-    from tests.finetune_data import digits
+    from tests.support.finetune_data import digits
     from vision_client import Client, FineTuneConfig
 
     server = serve_inprocess(

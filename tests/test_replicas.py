@@ -9,7 +9,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import start_server, store_server_args
-from tests.finetune_data import digits
+from tests.support.finetune_data import digits
 from tests.test_finetune import config, job_requests, run_job
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc

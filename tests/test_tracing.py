@@ -735,7 +735,7 @@ def test_store_operations_are_spans_under_the_current_span_only(tmp_path) -> Non
 
 
 def test_a_fine_tuning_job_continues_the_callers_trace_and_honours_its_sampled_flag(http_export) -> None:
-    from tests.finetune_data import digits
+    from tests.support.finetune_data import digits
     from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
     from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
 
