@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -72,6 +73,7 @@ class DataPlane:
         self._idle.set()
         self._requests: set[asyncio.Task[object]] = set()  # the tasks of requests in flight
         self._abandoning = False
+        self._answers: LoopAnswers | None = None  # how workers hand results to the event loop
 
     @property
     def config(self) -> ServeConfig:
@@ -287,6 +289,9 @@ class DataPlane:
         trace: RequestTrace | None = None,
     ) -> np.ndarray:
         loop = asyncio.get_running_loop()
+        answers = self._answers
+        if answers is None or answers.loop is not loop:
+            answers = self._answers = LoopAnswers(loop)
         futures: list[asyncio.Future[np.ndarray]] = []
         items: list[WorkItem] = []
         limit = self._config.batching.max_batch_size
@@ -298,7 +303,7 @@ class DataPlane:
             items.append(
                 WorkItem(
                     pixels=chunk,
-                    on_result=partial(_resolve_from_thread, loop, future),
+                    on_result=partial(answers.put, future),
                     deadline=deadline,
                     is_cancelled=future.cancelled,
                     completes_request=index == len(chunks) - 1,
@@ -307,7 +312,7 @@ class DataPlane:
             )
         reservation.put(items)
         try:
-            outputs = await asyncio.gather(*futures)
+            outputs = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
         except BaseException:
             for future in futures:
                 future.cancel()  # queued siblings are dropped before compute
@@ -353,19 +358,36 @@ def _pixels_copy(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
 
 
-def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: object) -> None:
-    """Hand a worker thread's result (an array, or the exception that stands for it) to the event loop."""
+class LoopAnswers:
+    """Hands worker threads' results (an array, or the exception that stands for it) to one event
+    loop's futures, with one wake-up of the loop for all the results handed over while it has not
+    run yet: a batch of N requests is answered with one ``call_soon_threadsafe`` (a write to the
+    loop's self-pipe and a wake-up each), not N."""
 
-    def resolve() -> None:
-        if future.done():
-            return
-        if isinstance(value, BaseException):
-            future.set_exception(value)
-        else:
-            future.set_result(value)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[asyncio.Future[Any], object]] = []
 
-    with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
-        loop.call_soon_threadsafe(resolve)
+    def put(self, future: asyncio.Future[Any], value: object) -> None:
+        """From any thread: resolve ``future`` with ``value`` on the loop."""
+        with self._lock:
+            self._waiting.append((future, value))
+            if len(self._waiting) > 1:
+                return  # a wake-up is on its way and takes this one too
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        for future, value in waiting:
+            if future.done():
+                continue
+            if isinstance(value, BaseException):
+                future.set_exception(value)
+            else:
+                future.set_result(value)
 
 
 def _all_finite(values: np.ndarray) -> bool:

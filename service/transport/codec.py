@@ -55,8 +55,26 @@ class InferCall:
 
 def uses_shared_memory(request: pb.ModelInferRequest) -> bool:
     """Whether any input or output of ``request`` names a system shared memory parameter."""
-    inputs = any(key in tensor.parameters for tensor in request.inputs for key in SHM_PARAMETERS)
-    return inputs or any(key in tensor.parameters for tensor in request.outputs for key in SHM_PARAMETERS)
+    for tensors in (request.inputs, request.outputs):
+        for tensor in tensors:
+            parameters = tensor.parameters
+            if parameters and (SHM_REGION in parameters or SHM_BYTE_SIZE in parameters or SHM_OFFSET in parameters):
+                return True
+    return False
+
+
+def shared_input_bytes(request: pb.ModelInferRequest) -> int | None:
+    """How many bytes parsing ``request`` reads from shared memory regions, as its inputs' parameters
+    say (before any check: parsing refuses what is wrong); None where a byte count is not an integer."""
+    total = 0
+    for tensor in request.inputs:
+        if SHM_BYTE_SIZE in tensor.parameters:
+            parameter = tensor.parameters[SHM_BYTE_SIZE]
+            kind = parameter.WhichOneof("parameter_choice")
+            if kind not in ("int64_param", "uint64_param"):
+                return None
+            total += max(0, getattr(parameter, kind))
+    return total
 
 
 def parse_infer_request(

@@ -19,7 +19,13 @@ from service.statistics import StatisticsCollector
 from service.tracing import RequestTrace, Tracing
 from service.transport.auth import host_only_message
 from service.transport.call import Call
-from service.transport.codec import InferCall, build_infer_response, parse_infer_request, uses_shared_memory
+from service.transport.codec import (
+    InferCall,
+    build_infer_response,
+    parse_infer_request,
+    shared_input_bytes,
+    uses_shared_memory,
+)
 from service.transport.model_config import (
     input_specs,
     model_config,
@@ -36,6 +42,11 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "vision-serving"
 EXTENSIONS = (CLASSIFICATION, "model_configuration", "statistics", "model_repository", "trace")
 SYSTEM_SHARED_MEMORY = "system_shared_memory"  # listed as Triton lists it, when --max-shared-memory-regions > 0
+# Inputs of up to this many bytes in shared memory are read on the event loop: a copy from a tmpfs
+# page cache (60-100 us for a [1,3,224,224] FP32 image) costs less than handing the read to a
+# thread and its result back, which took a pool thread's wake-up, two futures and a wake-up of the
+# loop for every request (bench/README.md, "The protocol's own ceiling"). Larger reads go to a thread.
+INLINE_SHARED_READ_BYTES = 1024 * 1024
 
 
 class InferenceServicer:
@@ -315,7 +326,11 @@ class InferenceServicer:
                 if uses_shared_memory(request):
                     if not local:
                         raise PermissionDeniedError(host_only_message("requests that use system shared memory"))
-                    call = await asyncio.to_thread(self._parse, request, shared)  # reads the region
+                    size = shared_input_bytes(request)
+                    if size is not None and size <= INLINE_SHARED_READ_BYTES:
+                        call = self._parse(request, shared)  # reads the region, briefly
+                    else:
+                        call = await asyncio.to_thread(self._parse, request, shared)  # reads the region
                 else:
                     call = self._parse(request, None)
                 if call.timeout_s is not None:  # the request's timeout parameter, beside the call's deadline
