@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from service.batching import BatchQueue, min_split_images
-from service.config import FASTEST, FLOAT32, ServeConfig
+from service.config import FASTEST, FLOAT32, TORCH, ServeConfig
 from service.cpus import usable_cores, use_torch_threads
 from service.devices import resolve_dtype
 from service.errors import FailedPreconditionError, quote
@@ -27,7 +29,7 @@ from service.precision import Agreement, Precision, check_floor, measure, refere
 from service.preprocess import ImageDecoder
 from service.runtime import InferenceWorker, ModelInstance
 from service.runtimes.base import FEATURES, Backend
-from service.runtimes.export import default_cache_dir
+from service.runtimes.export import Collected, ExportCache, ExportLeases, default_cache_dir
 from service.runtimes.select import BackendLoader, RuntimeOptions, candidates, time_backend
 from service.runtimes.torch_backend import TorchBackend
 from service.served import BUILTIN_PLATFORM, FEATURES_SUFFIX, FINETUNED_PLATFORM, ServedModel
@@ -52,6 +54,9 @@ class ModelFactory:
             spin=runtime.spin,
             channels_last=config.channels_last,
         )
+        self._leases = ExportLeases()  # on the runtime cache's entries of the models built, while served
+        self._builds = 0  # networks being built now (their entries are not yet any model's)
+        self._builds_lock = threading.Lock()
         # Every runtime, device and precision must be usable before anything is built: fail at start-up, clearly.
         for device in devices:
             candidates(runtime.name, device)
@@ -79,23 +84,41 @@ class ModelFactory:
         need it."""
         spec = get_model_spec(model.name)
         self._weights[model.name] = weights
-        instances, precision = await asyncio.to_thread(self.build_instances, spec, weights)
+        instances, precision, exports = await asyncio.to_thread(self.build_instances, spec, weights)
         model.precision = precision
+        model.exports = exports
         self._metrics.set_precision_agreement(model.name, precision.dtype, precision.agreement)
         await asyncio.to_thread(self._start_workers, model, instances)
 
-    def build_instances(self, spec: ModelSpec, weights: WeightsSource) -> tuple[list[ModelInstance], Precision]:
+    def build_instances(
+        self, spec: ModelSpec, weights: WeightsSource
+    ) -> tuple[list[ModelInstance], Precision, tuple[Path, ...]]:
         """``spec``'s network with ``weights``, ``--instances`` instances per device, in its ``--dtype``,
-        and that precision's agreement with float32 where it is reduced (blocking: seconds).
-        FailedPreconditionError where the agreement is under ``--min-precision-agreement``."""
+        that precision's agreement with float32 where it is reduced, and the runtime cache's entries
+        they run from, leased (blocking: seconds). FailedPreconditionError where the agreement is
+        under ``--min-precision-agreement``."""
         use_torch_threads(usable_cores())  # building, exporting, timing, measuring: this thread's own count
         return self._build_instances(spec, build_model(spec, weights), spec.name)
 
     def _build_instances(
         self, spec: ModelSpec, net: torch.nn.Module, dtype_of: str
-    ) -> tuple[list[ModelInstance], Precision]:
+    ) -> tuple[list[ModelInstance], Precision, tuple[Path, ...]]:
         """:meth:`build_instances` of network ``net``, in the ``--dtype`` of model ``dtype_of``."""
-        loader = BackendLoader(spec, net, self._options)
+        with self._builds_lock:
+            self._builds += 1
+        try:
+            loader = BackendLoader(spec, net, self._options)
+            instances, precision = self._build_with(loader, spec, net, dtype_of)
+            exports = () if loader.export_entry is None else (loader.export_entry,)
+            self._leases.hold(exports)
+            return instances, precision, exports
+        finally:
+            with self._builds_lock:
+                self._builds -= 1
+
+    def _build_with(
+        self, loader: BackendLoader, spec: ModelSpec, net: torch.nn.Module, dtype_of: str
+    ) -> tuple[list[ModelInstance], Precision]:
         count = self._config.runtime.instances
         precision = self._config.dtype.for_model(dtype_of)
         asked = self._config.dtype.option_text(dtype_of)
@@ -185,11 +208,12 @@ class ModelFactory:
         classifier) served as ``name`` in the runtime and ``--dtype`` of its base, exported as a
         built-in model is (the runtime cache keyed by its weights); blocking: export, warm-up."""
         use_torch_threads(usable_cores())
-        instances, precision = self._build_instances(spec, net, base.name)
+        instances, precision, exports = self._build_instances(spec, net, base.name)
         model = self._new_served(name, spec, labels, len(labels), platform=FINETUNED_PLATFORM)
         model.base_model = base.name
         model.version = version
         model.precision = precision
+        model.exports = exports
         self._start_workers(model, instances)
         return model
 
@@ -204,6 +228,25 @@ class ModelFactory:
         model.precision = Precision(base.precision.dtype)  # its base's backbone; the head's agreement is not measured
         self._start_workers(model, [i.with_head(head) for i in base.instances])
         return model
+
+    # -- the runtime cache -----------------------------------------------------
+
+    def collect_exports(self, models: list[ServedModel]) -> Collected | None:
+        """Lease the runtime cache's entries of ``models`` (all this server serves) alone, and delete
+        the entries no server uses (:meth:`ExportCache.collect`); None when nothing was looked at
+        (this server exports nothing, or a build is choosing its entry right now). Blocking."""
+        if self._options.runtime == TORCH:
+            return None
+        with self._builds_lock:
+            if self._builds:
+                return None  # the next pass collects; this one could take the entry a build is about to use
+        entries = {entry for model in models for entry in model.exports}
+        self._leases.keep_only(entries)
+        return ExportCache(self._options.cache_dir).collect(held=entries)
+
+    def close(self) -> None:
+        """Release the leases on the runtime cache (the server has stopped)."""
+        self._leases.close()
 
     # -- internals -------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from service.batching import BatchQueue
 from service.precision import Precision
@@ -45,6 +46,9 @@ class ServedModel:
     unloaded: bool = False
     # What it computes in (--dtype) and that precision's agreement with float32; set when it is built.
     precision: Precision = field(default_factory=Precision)
+    # The runtime cache's entries its instances were built from (service.runtimes.export): leased
+    # while it is served, so that no collector deletes them.
+    exports: tuple[Path, ...] = ()
 
     @property
     def available_versions(self) -> list[str]:

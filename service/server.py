@@ -361,6 +361,7 @@ class VisionServer:
         if self._health_grpc is not None:
             await self._health_grpc.stop(grace=None)
         await self.repository.stop()
+        self.factory.close()  # its leases on the runtime cache
         self.shared_memory.unregister("")  # closes the regions' files (requests holding one close it at their end)
         await self._metrics_http.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)

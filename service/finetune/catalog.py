@@ -23,6 +23,10 @@ the store and publishing both take a while (reading or writing files, warming th
 each counts the name's withdrawals (:meth:`ModelRepository.withdrawals`) before it starts and
 gives up if a delete or an unload came meanwhile, rather than serving what was withdrawn.
 
+Every version served adds an export of its network to the runtime cache (when its backbone's blocks
+were trained); :meth:`collect_exports`, after each publish and rollback and on each poll, leases the
+exports of what is served now and deletes those no server uses (``ExportCache.collect``).
+
 Store entries that cannot be served raise :class:`StoreEntryError` with a :class:`StoreReason`;
 :meth:`report` logs and counts each once per version of the entry (``vision_store_errors_total``).
 """
@@ -55,7 +59,7 @@ from service.finetune.store import Manifest, ModelStore, StoreReason
 from service.finetune.trainer import TrainMetrics
 from service.metrics import ServerMetrics
 from service.models import get_model_spec
-from service.repository import ModelRepository, ServedModel
+from service.repository import ModelRepository, ModelState, ServedModel
 from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,7 @@ class FineTunedModels:
         self._reading: set[str] = set()  # entries being read (a read that timed out may still be running)
         self._reported: dict[str, tuple[str, Fingerprint | None]] = {}  # (reason, fingerprint) last logged
         self._version_loads: dict[tuple[str, str, str], asyncio.Task[ServedModel]] = {}  # on-demand loads
+        self._collecting = False  # a pass over the runtime cache is running
         repository.on_unknown_model(self._unknown)
         repository.on_version_request(self.load_version)
 
@@ -154,6 +159,7 @@ class FineTunedModels:
             self._repository.retire(model)
             raise UnavailableError(f"{quote(name)} was deleted or unloaded while the job published it")
         self._repository.activate(model)
+        await self.collect_exports()
         return manifest
 
     def base_served(self, base: str) -> bool:
@@ -351,6 +357,7 @@ class FineTunedModels:
         if model is not served:
             self._repository.activate(model)
         log.info("model %s rolled back to version %s (%s in the store)", name, version, manifest.version)
+        await self.collect_exports()
         return model
 
     async def _read_version(self, name: str, version: str) -> tuple[str, Manifest, tuple[Manifest, StandardizedHead]]:
@@ -433,6 +440,24 @@ class FineTunedModels:
             self._repository.remove(name, reason="deleted")
         else:
             self._repository.withdraw(name)
+
+    # -- the runtime cache -------------------------------------------------------
+
+    async def collect_exports(self) -> None:
+        """Lease the runtime cache's exports of every model served (each name's resident version
+        too) and delete the exports no server uses; not while a model is loading (its build may be
+        about to use an export nobody leases yet), and one pass at a time. Never raises."""
+        models = self._repository.all()
+        if self._collecting or any(m.state is ModelState.LOADING and not m.unloaded for m in models):
+            return
+        models += [r for m in models if (r := self._repository.resident(m.name)) is not None]
+        self._collecting = True
+        try:
+            await asyncio.to_thread(self._factory.collect_exports, models)
+        except Exception:
+            log.exception("collecting the runtime cache failed; trying again on the next poll")
+        finally:
+            self._collecting = False
 
     # -- accounting -----------------------------------------------------------
 

@@ -110,6 +110,7 @@ class StoreSync:
         self.passes += 1
         if self.passes == 1:
             self._on_first_pass()
+        await self._catalog.collect_exports()  # what replicas replaced or deleted no longer needs its export
 
     def _collect_orphans(self, listing: dict[str, StoredModel]) -> None:
         """Delete what writers left behind (weights no manifest names, past the grace period).

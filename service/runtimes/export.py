@@ -13,18 +13,44 @@ are built in a temporary directory next to their final place and renamed into
 it, so replicas sharing the cache never see half an entry. Runtime-specific
 compiled blobs (OpenVINO's model cache) go into a subdirectory named after the
 runtime and its version.
+
+Collection (:meth:`ExportCache.collect`): every new version of a fine-tuned network
+adds an entry, so entries nobody uses are deleted, safely for servers sharing the
+cache (a volume, several replicas, any torch version):
+
+- A server holds a shared ``flock`` (an :class:`ExportLeases` lease) on the
+  ``entry.json`` of each entry its models run from, for as long as it serves them;
+  the kernel drops it when the process dies, ``kill -9`` included.
+- Using an entry touches its ``entry.json`` (its mtime is the entry's last use),
+  under a shared lock held while the entry is checked.
+- A collector deletes an entry only when it is not its own server's, was last used
+  more than :data:`GRACE_S` ago, and it gets the exclusive lock at once (nobody holds a
+  lease nor is checking it); under that lock it looks at the last use again, renames
+  the entry out of the way (atomically: a reader sees the whole entry or none) and
+  then deletes it. A reader that finds the entry gone exports it again, as for any
+  missing entry. Where the file system has no locks nothing is deleted.
+- Leftovers of writers that died (``.tmp-*`` staging untouched for
+  :data:`STAGING_GRACE_S`, ``.discard-*``) go too; anything else is not ours and stays.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
+import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,6 +71,16 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.bin"  # the graph's initializers, named by MODEL_FILE as external data
 ENTRY_FILES = (MODEL_FILE, WEIGHTS_FILE)
 ENTRY_FILE = "entry.json"
+# An entry's directory name (export_key's): the digest's prefix, torch's version, the opset, the format.
+KEY_PATTERN = re.compile(r"[0-9a-f]{24}-torch[0-9A-Za-z._-]+-opset[0-9]+-f[0-9]+")
+STAGING_PREFIX = ".tmp-"
+DISCARD_PREFIX = ".discard-"
+# Unused this long, and leased by no server, an entry may be deleted. It covers a writer's step from
+# renaming a new entry into place to leasing it (milliseconds) and the reuse of a version just replaced.
+GRACE_S = 600.0
+# A staging directory untouched this long belongs to a writer that died (an export of VGG16 writes
+# its files within two minutes of each other).
+STAGING_GRACE_S = 3600.0
 
 
 def state_digest(net: torch.nn.Module) -> str:
@@ -131,7 +167,7 @@ class ExportCache:
         """The exported network of ``net`` (whose state dict hashes to ``digest``),
         exported now if the cache has no sound entry for it."""
         entry = self.entry(spec.name, digest)
-        problem = self.check(entry)
+        problem = self.check_in_use(entry)
         if problem is None:
             log.info("%s: exported network found in %s", spec.name, entry)
             return entry / MODEL_FILE
@@ -140,6 +176,27 @@ class ExportCache:
             self.discard(entry)
         self._export(spec, net, digest, entry)
         return entry / MODEL_FILE
+
+    def check_in_use(self, entry: Path) -> str | None:
+        """:meth:`check` of ``entry`` about to be used: under a shared lock, so that no collector
+        deletes it meanwhile, and touched (its last use, which a collector reads under its lock)."""
+        try:
+            try:
+                fd = _open_locked(entry, fcntl.LOCK_SH)
+            except _Replaced:  # replaced while locked (discarded and exported again): the new one
+                fd = _open_locked(entry, fcntl.LOCK_SH)
+            try:
+                with suppress(OSError):  # a read-only cache: used, but its last use stays unknown
+                    os.utime(fd)
+                return self.check(entry)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return f"{ENTRY_FILE} is missing"
+        except _Unlockable:  # no locks here: checked unlocked (and collect deletes nothing)
+            return self.check(entry)
+        except OSError as exc:
+            return f"{ENTRY_FILE}: {exc.strerror or exc}"
 
     def check(self, entry: Path) -> str | None:
         """Why ``entry`` cannot be used, or None when it is sound."""
@@ -165,7 +222,7 @@ class ExportCache:
 
     def discard(self, entry: Path) -> None:
         """Remove an entry (atomically out of the way first, then deleted)."""
-        doomed = entry.with_name(f".discard-{entry.name}-{uuid.uuid4().hex[:8]}")
+        doomed = entry.with_name(f"{DISCARD_PREFIX}{entry.name}-{uuid.uuid4().hex[:8]}")
         try:
             entry.rename(doomed)
         except OSError:  # gone already, or a read-only cache: exporting will say so
@@ -175,11 +232,82 @@ class ExportCache:
         else:
             doomed.unlink(missing_ok=True)
 
+    def collect(
+        self, *, held: Iterable[Path] = (), grace_s: float = GRACE_S, staging_grace_s: float = STAGING_GRACE_S
+    ) -> Collected:
+        """Delete the entries no server uses (see the module's docstring) and writers' leftovers.
+
+        ``held``: the entries of this server's models, never deleted. Blocking: a directory listing
+        and a few ``stat`` calls per entry, plus the deletions. Never raises for what it finds: a
+        foreign, corrupt or unreadable file is left alone and counted."""
+        keep = {Path(entry) for entry in held}
+        result = Collected()
+        now = time.time()
+        for model_dir in _directories(self.root, result):
+            for child in _children(model_dir, result):
+                if child.name.startswith(DISCARD_PREFIX):
+                    result.removed_bytes += _remove(child)
+                elif child.name.startswith(STAGING_PREFIX):
+                    if _age(child, now) >= staging_grace_s:
+                        result.leftovers.append(child.name)
+                        result.removed_bytes += _remove(child)
+                elif not KEY_PATTERN.fullmatch(child.name) or not _is_directory(child):
+                    result.foreign += 1
+                elif child in keep:
+                    result.kept += 1
+                else:
+                    self._collect_entry(child, now, grace_s, result)
+            if _age(model_dir, now) >= grace_s:
+                with suppress(OSError):
+                    model_dir.rmdir()  # only if empty: a writer makes it again (its staging's parents)
+        if result.removed:
+            log.info(
+                "runtime cache %s: deleted %d exports no server uses (%.1f MB): %s",
+                self.root, len(result.removed), result.removed_bytes / 1e6, ", ".join(result.removed[:10]),
+            )  # fmt: skip
+        return result
+
+    def _collect_entry(self, entry: Path, now: float, grace_s: float, result: Collected) -> None:
+        """Delete ``entry`` if it is unused past the grace and nobody holds or checks it."""
+        try:
+            with _locked(entry, fcntl.LOCK_EX | fcntl.LOCK_NB) as fd:
+                if now - os.fstat(fd).st_mtime < grace_s:  # its last use (under the lock: no reader now)
+                    result.recent += 1
+                    return
+                result.removed_bytes += self._delete(entry, result)
+        except _Replaced:  # another process's work of this very moment: its business
+            result.busy += 1
+        except FileNotFoundError:  # no entry.json: half an entry, which no reader uses (check refuses it)
+            if _age(entry, now) >= grace_s:
+                result.removed_bytes += self._delete(entry, result)
+            else:
+                result.recent += 1
+        except BlockingIOError:  # a server holds it (or checks it right now)
+            result.busy += 1
+        except _Unlockable:
+            result.unlockable += 1
+        except OSError:  # unreadable, a symlink, not a regular file: not ours to judge
+            result.foreign += 1
+
+    def _delete(self, entry: Path, result: Collected) -> int:
+        doomed = entry.with_name(f"{DISCARD_PREFIX}{entry.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            entry.rename(doomed)  # atomically out of the way: a reader sees the whole entry or none
+        except OSError:
+            return 0
+        result.removed.append(f"{entry.parent.name}/{entry.name}")
+        return _remove(doomed)
+
     def _export(self, spec: ModelSpec, net: torch.nn.Module, digest: str, entry: Path) -> None:
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            staging = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
+            staging = entry.parent / f"{STAGING_PREFIX}{entry.name}-{uuid.uuid4().hex[:8]}"
+            for attempt in range(3):  # a collector may remove the model's empty directory in between
+                try:
+                    staging.mkdir(parents=True)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
         except OSError as exc:
             raise FailedPreconditionError(
                 f"cannot write the runtime cache {self.root} ({exc}); point --runtime-cache at a writable "
@@ -268,3 +396,148 @@ def _fsync_dir(directory: Path) -> None:
     for path in directory.iterdir():
         with path.open("rb") as file:
             os.fsync(file.fileno())
+
+
+@dataclass
+class Collected:
+    """What :meth:`ExportCache.collect` did, for the log and tests."""
+
+    removed: list[str] = field(default_factory=list)  # "<model>/<key>" of each entry deleted
+    leftovers: list[str] = field(default_factory=list)  # staging directories of writers that died
+    removed_bytes: int = 0
+    kept: int = 0  # this server's
+    busy: int = 0  # another server's (a lease), or being checked
+    recent: int = 0  # used within the grace period
+    unlockable: int = 0  # on a file system without locks: never deleted
+    foreign: int = 0  # not an entry of ours: left alone
+
+
+class ExportLeases:
+    """Shared locks on the ``entry.json`` of the entries a server's models run from: while one is
+    held, no collector (of any process sharing the cache) deletes that entry. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._held: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> frozenset[Path]:
+        with self._lock:
+            return frozenset(self._held)
+
+    def hold(self, entries: Iterable[Path]) -> None:
+        """Lease each of ``entries`` not leased yet (one gone or unlockable is skipped: its model
+        runs from memory, and a later build exports it again)."""
+        with self._lock:
+            for entry in entries:
+                if entry in self._held:
+                    continue
+                try:
+                    fd = _open_locked(entry, fcntl.LOCK_SH)
+                except OSError:
+                    continue
+                self._held[entry] = fd
+
+    def keep_only(self, entries: Iterable[Path]) -> None:
+        """Lease exactly ``entries``: those missing, and release the others."""
+        wanted = set(entries)
+        with self._lock:
+            for entry in [e for e in self._held if e not in wanted]:
+                os.close(self._held.pop(entry))
+        self.hold(wanted)
+
+    def close(self) -> None:
+        self.keep_only(())
+
+
+class _Replaced(FileNotFoundError):
+    """The entry locked is no longer at its path: collected, or discarded and exported again."""
+
+
+class _Unlockable(OSError):
+    """The cache's file system has no advisory locks (some network and FUSE file systems)."""
+
+
+def _open_locked(entry: Path, operation: int) -> int:
+    """An open descriptor of ``entry``'s ``entry.json`` locked by ``operation`` (``flock``), verified
+    to be still the file at that path once locked (a collector may have renamed the entry away)."""
+    path = entry / ENTRY_FILE
+    mode = os.O_RDWR if operation & fcntl.LOCK_EX else os.O_RDONLY  # (NFS: an exclusive lock needs write)
+    fd = os.open(path, mode | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise _Unlockable(exc.errno, f"{path}: no file locks here ({exc.strerror})") from exc
+            raise
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError as exc:
+            raise _Replaced(errno.ENOENT, "the entry was removed while it was locked", str(path)) from exc
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            raise _Replaced(errno.ENOENT, "the entry was replaced while it was locked", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def _locked(entry: Path, operation: int) -> Iterator[int]:
+    fd = _open_locked(entry, operation)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _is_directory(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)  # a symlink is never one of ours
+    except OSError:
+        return False
+
+
+def _directories(root: Path, result: Collected) -> Iterator[Path]:
+    """The models' directories of the cache (anything else at its top is foreign)."""
+    for child in _children(root, result):
+        if child.name.startswith(".") or not _is_directory(child):
+            result.foreign += 1
+        else:
+            yield child
+
+
+def _children(directory: Path, result: Collected) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except OSError:  # gone meanwhile, unreadable
+        return []
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove(path: Path) -> int:
+    """Delete ``path`` (a directory tree, never following its symlinks, or a file); its bytes."""
+    size = 0
+    if _is_directory(path):
+        for parent, _, files in os.walk(path):
+            for name in files:
+                with suppress(OSError):
+                    size += os.lstat(os.path.join(parent, name)).st_size
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(OSError):
+            size = os.lstat(path).st_size
+            path.unlink()
+    return size

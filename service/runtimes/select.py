@@ -141,6 +141,11 @@ class BackendLoader:
         self._onnx: Path | None = None
         self._digest: str | None = None
 
+    @property
+    def export_entry(self) -> Path | None:
+        """The runtime cache's entry the backends were built from; None before any export is used."""
+        return None if self._onnx is None else self._onnx.parent
+
     def load(self, runtime: str, device: torch.device, dtype: torch.dtype, *, threads: int | None = None) -> Backend:
         """A backend of the network computing in ``dtype``; ``threads`` overrides the options'
         intra-op threads."""
