@@ -269,6 +269,10 @@ class ExportCache:
 
     def _collect_entry(self, entry: Path, now: float, grace_s: float, result: Collected) -> None:
         """Delete ``entry`` if it is unused past the grace and nobody holds or checks it."""
+        with suppress(OSError):  # (no entry.json: see below)
+            if now - os.lstat(entry / ENTRY_FILE).st_mtime < grace_s:  # used lately: known without a lock
+                result.recent += 1
+                return
         try:
             with _locked(entry, fcntl.LOCK_EX | fcntl.LOCK_NB) as fd:
                 if now - os.fstat(fd).st_mtime < grace_s:  # its last use (under the lock: no reader now)
