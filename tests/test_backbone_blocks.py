@@ -316,6 +316,28 @@ def test_a_job_training_the_last_block_publishes_the_whole_network_served_by_onn
     no_tracebacks(caplog)
 
 
+def test_a_network_with_a_trained_block_served_by_openvino_has_the_torch_modules_logits(
+    serve_inprocess, tmp_path: Path, caplog
+) -> None:
+    """The same whole network under ``--runtime openvino`` (its export compiled by OpenVINO, in
+    float32): logits within the same relative 1e-4 of the torch module's as under ONNX Runtime."""
+    store = tmp_path / "store"
+    save_trained(store, "deeper", seed=3)
+    server = serve_inprocess(
+        models=(TINY,),
+        weights="random",
+        runtime=RuntimeConfig(name="openvino", cache_dir=session_runtime_cache()),
+        model_store=store,
+        store_poll_seconds=3600,
+    )
+    assert ready(server, "deeper")
+    with Client(server.target) as sdk:
+        assert {model.name: model.runtime for model in sdk.models()}["deeper"] == "openvino"
+    batch = pixels(4, seed=8)
+    assert_close(served_logits(server, "deeper", batch), torch_logits(reference_network(store, "deeper"), batch))
+    no_tracebacks(caplog)
+
+
 # -- the store: trained blocks as data, checked as they are read ------------------------------------
 
 
