@@ -41,7 +41,7 @@ from service.storage import S3Location
 from tests.test_console import browser, screenshots  # noqa: F401  (fixtures of the console's tests)
 from tests.test_orphans import no_tracebacks, ready
 from tests.tiny import TINY
-from vision_client import Client, FineTuneConfig
+from vision_client import Client, FineTuneConfig, HeadConfig
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import to_message
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
@@ -565,3 +565,113 @@ def test_the_console_trains_on_a_dataset_it_names(browser, dataset_console, scre
     assert ready(dataset_console, "console-dataset")
     page.no_alert()
     browser.execute_script("sessionStorage.clear()")
+
+
+# -- a dataset job that outlives its server -----------------------------------------------------------
+
+RESUME_EPOCHS = 6
+
+
+def write_digits(root: Path, count: int) -> Path:
+    """scikit-learn's digits (upscaled PNGs) as an ImageFolder tree, a folder per class."""
+    from tests.support.finetune_data import digits
+
+    images, targets = digits()
+    for i, (image, target) in enumerate(zip(images[:count], targets[:count], strict=True)):
+        folder = root / f"digit{target}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:04d}.png").write_bytes(image)
+    return root
+
+
+def resumable_job(dataset: str, name: str) -> pb.FineTuneConfig:
+    # The last block of the backbone trained with the head, batches of 2: epochs long enough to kill
+    # the server in the third; dropout draws from the random stream the resumed job must go on with.
+    return to_message(
+        FineTuneConfig(
+            TINY, name, dataset=dataset, epochs=RESUME_EPOCHS, batch_size=2, seed=3, train_backbone_blocks=1,
+            head=HeadConfig("two_layer", hidden=256, dropout=0.2),
+        )
+    )  # fmt: skip
+
+
+def figures(job: pb.Job) -> list[tuple]:
+    return [(p.epoch, p.train_loss, p.validation_loss, p.validation_accuracy) for p in job.epoch_metrics]
+
+
+def digit_logits(target: str, model: str) -> object:
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    from tests.support.finetune_data import digits
+
+    images, _ = digits()
+    tensor = triton.InferInput("IMAGE", [8], "BYTES")
+    tensor.set_data_from_numpy(np.array(images[1700:1708], dtype=np.object_))
+    with triton.InferenceServerClient(target) as client:
+        return client.infer(model, [tensor], client_timeout=120).as_numpy("LOGITS")
+
+
+@pytest.mark.e2e
+def test_a_dataset_job_whose_server_is_killed_goes_on_at_the_next_start_with_the_same_figures(tmp_path: Path) -> None:
+    """``kill -9`` during epoch 3 of 6 of a job that names a directory dataset; the next start of a
+    server on the same store lists the dataset again, goes on from epoch 2's checkpoint and ends with
+    the figures and the model of an uninterrupted run of the same job."""
+    import signal
+    import time
+
+    import numpy as np
+
+    from tests.support.servers import start_server
+
+    sets = tmp_path / "sets"
+    dataset = f"{write_digits(sets / 'digits', 300)}/"
+    args = (
+        "--models", TINY, "--weights", "random", "--model-store", str(tmp_path / "store"),
+        "--dataset-roots", str(sets), "--store-poll-seconds", "1", "--job-lease-seconds", "2",
+    )  # fmt: skip
+    first = start_server(tmp_path, *args)
+    second = None
+    try:
+        first.wait_serving()
+        with grpc.insecure_channel(first.target) as channel:
+            stub = pb_grpc.FineTuningStub(channel)
+            reference = stub.CreateJob(iter([pb.CreateJobRequest(config=resumable_job(dataset, "reference"))]))
+            ended = list(stub.WatchJob(pb.WatchJobRequest(job_id=reference.id), timeout=600))
+            assert ended[-1].kind == "succeeded", ended[-1].message
+            expected = figures(stub.GetJob(pb.GetJobRequest(job_id=reference.id)))
+            job = stub.CreateJob(iter([pb.CreateJobRequest(config=resumable_job(dataset, "resumed"))]))
+            seen = []
+            with pytest.raises(grpc.RpcError):  # the killed server's stream breaks
+                for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600):
+                    seen.append(event.kind)
+                    if event.kind == "epoch" and event.epoch == 2:  # its checkpoint is written before
+                        first.process.send_signal(signal.SIGKILL)
+        assert first.process.wait(120) == -signal.SIGKILL
+        assert not {"succeeded", "failed", "cancelled"} & set(seen), seen
+
+        second = start_server(tmp_path, *args)
+        second.wait_serving()
+        deadline = time.monotonic() + 240
+        with grpc.insecure_channel(second.target) as channel:
+            stub = pb_grpc.FineTuningStub(channel)
+            while True:  # UNAVAILABLE until the killed server's lease has expired and this one claimed it
+                try:
+                    events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=600))
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    assert time.monotonic() < deadline, second.log()[-3000:]
+                    time.sleep(0.2)
+            done = stub.GetJob(pb.GetJobRequest(job_id=job.id))
+        assert done.state == pb.SUCCEEDED, done.error
+        resumed = next(e for e in events if e.kind == "resumed")
+        assert 2 <= resumed.epoch < RESUME_EPOCHS, resumed
+        assert done.examples == 300 and list(done.labels) == [f"digit{d}" for d in range(10)]
+        assert figures(done) == expected  # to the last bit: the same images, model, optimizer and streams
+        np.testing.assert_array_equal(digit_logits(second.target, "resumed"), digit_logits(second.target, "reference"))
+        assert "Traceback" not in second.log()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
