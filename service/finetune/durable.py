@@ -25,9 +25,14 @@ no extraction to run again); until they are kept, an upload's images are (a data
 dataset again), so a job stopped during extraction starts it again. A job whose inputs are gone
 from the store, or cannot be read, ends ``failed`` with that reason on the next start; so does one
 whose inputs were over the quota. ``quota_bytes`` bounds the images, features and checkpoints of
-all running jobs of the store together (checked, from a listing, when a job's images or features
-are about to be written; replicas writing at the same moment can each pass it once). A job over it
-runs as before, without surviving a restart. When a job ends, however it ends, its folder
+all running jobs of the store together, whichever replicas write them: before a job's images or
+features are written, a *reservation* of their size is (an empty object whose name holds the
+size), and only then is the store listed; the write goes ahead if everything listed, reservations
+included, fits the quota, and otherwise the reservation is withdrawn. Of two replicas admitting at
+once, the one that lists last sees the other's reservation, so together they never pass the quota
+(both may be refused, which costs only the survival of a restart). A checkpoint is not refused:
+it counts against the images and features admitted after it (docs/fine-tuning.md says the bound).
+A job over the quota runs as before, without surviving a restart. When a job ends, however it ends, its folder
 is deleted (its record goes to ``.jobs/`` as before, :mod:`.history`).
 """
 
@@ -68,6 +73,7 @@ LEASE_FILE = "lease.json"
 INPUTS_FILE = "inputs.safetensors"
 IMAGES_FILE = "images.bin"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+RESERVED = "reserved-"  # reserved-<what>-<bytes>: the room a write admitted under the quota holds until done
 MAX_JSON_BYTES = 1024 * 1024
 FORMAT_VERSION = 1
 KEPT = "kept"  # a kept job's "inputs" once they are in the store
@@ -159,7 +165,7 @@ class JobKeeper:
     def end(self, job_id: str) -> None:
         """Delete everything ``job_id`` kept (it has ended and its record is written); the lease last."""
         self.forget(job_id)
-        for name in (CHECKPOINT_FILE, INPUTS_FILE, IMAGES_FILE, JOB_FILE, LEASE_FILE):
+        for name in (CHECKPOINT_FILE, INPUTS_FILE, IMAGES_FILE, *self._reservations(job_id), JOB_FILE, LEASE_FILE):
             self.objects.delete(_key(job_id, name))
 
     # -- inputs -------------------------------------------------------------
@@ -168,29 +174,41 @@ class JobKeeper:
         """Write the job's training inputs if the quota has room for them; False (and why, in the
         job's description) if not."""
         size = features.nelement() * features.element_size() + targets.nelement() * targets.element_size()
-        note = self._over_quota("features", size)
+        reservation, note = self._reserve(job.id, "features", size)
         if note is not None:
             log.warning("job %s will not survive a restart: %s", job.id, note)
             self._write_job(job, inputs=note)
             return False
-        data = safetensors.torch.save(
-            {"features": features.contiguous(), "targets": targets.contiguous()},
-            metadata={"job": job.id, "format_version": str(FORMAT_VERSION)},
-        )
-        self.objects.write(_key(job.id, INPUTS_FILE), data)
+        try:
+            data = safetensors.torch.save(
+                {"features": features.contiguous(), "targets": targets.contiguous()},
+                metadata={"job": job.id, "format_version": str(FORMAT_VERSION)},
+            )
+            self.objects.write(_key(job.id, INPUTS_FILE), data)
+        finally:
+            self.objects.delete(reservation)  # the file, once written, counts for itself
         self._write_job(job, inputs=KEPT)
         return True
 
-    def _over_quota(self, what: str, size: int) -> str | None:
-        """Why ``size`` more bytes of a job's ``what`` are not kept (the quota of running jobs' inputs
-        and checkpoints has no room for them), or None where it has."""
-        used = self.used_bytes()
-        if used + size <= self.quota_bytes:
-            return None
-        return (
-            f"its {what} ({_mib(size)}) were not kept: the store held {_mib(used)} of running jobs' inputs "
+    def _reserve(self, job_id: str, what: str, size: int) -> tuple[str, str | None]:
+        """Reserve ``size`` bytes for a job's ``what`` under the quota (see the module's docstring):
+        the reservation's key, and None where the write may go ahead (the caller deletes the key once
+        it is written), or why it may not (the reservation is withdrawn)."""
+        key = _key(job_id, f"{RESERVED}{what}-{size}")
+        self.objects.write(key, b"")
+        used = self.used_bytes()  # this reservation and every other replica's written before it, included
+        if used <= self.quota_bytes:
+            return key, None
+        self.objects.delete(key)
+        return key, (
+            f"its {what} ({_mib(size)}) were not kept: the store held {_mib(used - size)} of running jobs' inputs "
             f"and checkpoints, and --max-kept-job-bytes is {_mib(self.quota_bytes)}"
         )
+
+    def _reservations(self, job_id: str) -> list[str]:
+        """Names of ``job_id``'s reservations left in the store (by a server that died while writing)."""
+        prefix = _key(job_id, RESERVED)
+        return [info.key.rsplit("/", 1)[1] for info in self.objects.list(prefix)]
 
     def inputs(self, job_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept features and targets; :class:`InputsGone` if they are not there (or not readable)."""
@@ -218,7 +236,7 @@ class JobKeeper:
         sizes = [len(image) for image in examples.images]
         targets = examples.targets
         size = sum(sizes) + (targets.nbytes if targets is not None else 0)
-        note = self._over_quota("images", size)
+        reservation, note = self._reserve(job.id, "images", size)
         if note is not None:
             log.warning("job %s: %s", job.id, note)
             self._write_job(job, inputs=note)
@@ -234,7 +252,10 @@ class JobKeeper:
         parts = [len(head).to_bytes(8, "little"), head, *examples.images]
         if targets is not None:
             parts.append(np.ascontiguousarray(targets, dtype="<f4").tobytes())
-        self.objects.write(_key(job.id, IMAGES_FILE), b"".join(parts))
+        try:
+            self.objects.write(_key(job.id, IMAGES_FILE), b"".join(parts))
+        finally:
+            self.objects.delete(reservation)
         return True
 
     def kept_examples(self, job_id: str) -> TrainingExamples | None:
@@ -257,7 +278,8 @@ class JobKeeper:
         return self.objects.head(_key(job_id, INPUTS_FILE)) is not None
 
     def used_bytes(self) -> int:
-        return sum(info.size for info in self.objects.list(f"{LIVE_FOLDER}/") if not info.error)
+        """Bytes of running jobs' inputs and checkpoints in the store, and of the writes reserved."""
+        return sum(_counted_bytes(info) for info in self.objects.list(f"{LIVE_FOLDER}/") if not info.error)
 
     # -- checkpoints --------------------------------------------------------
 
@@ -502,6 +524,15 @@ def _examples(data: memoryview, job_id: str) -> TrainingExamples:
     if offset != len(data) or (labels is None) == (targets is None):
         raise ValueError("the images, labels and targets do not fit together")
     return TrainingExamples(images, labels=labels, targets=targets)
+
+
+def _counted_bytes(info: ObjectInfo) -> int:
+    """What an object of a job's folder counts against the quota: its size, or a reservation's."""
+    name = info.key.rsplit("/", 1)[-1]
+    if name.startswith(RESERVED):
+        size = name.rsplit("-", 1)[-1]
+        return int(size) if size.isdigit() and len(size) <= 18 else 0
+    return info.size
 
 
 def _key(job_id: str, name: str) -> str:
