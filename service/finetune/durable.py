@@ -31,7 +31,8 @@ size), and only then is the store listed; the write goes ahead if everything lis
 included, fits the quota, and otherwise the reservation is withdrawn. Of two replicas admitting at
 once, the one that lists last sees the other's reservation, so together they never pass the quota
 (both may be refused, which costs only the survival of a restart). A checkpoint is not refused:
-it counts against the images and features admitted after it (docs/fine-tuning.md says the bound).
+it counts against the images and features admitted after it, so the store holds at most the quota
+plus the running jobs' checkpoints.
 A job over the quota runs as before, without surviving a restart. When a job ends, however it ends, its folder
 is deleted (its record goes to ``.jobs/`` as before, :mod:`.history`).
 """
