@@ -245,7 +245,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--runtime-cache",
         "runtime.cache_dir",
-        "directory of networks exported for onnxruntime/openvino (shareable; rebuilt when missing or corrupt)",
+        "directory of networks exported for onnxruntime/openvino (shareable; rebuilt when missing or corrupt; "
+        "an export no server uses is deleted an hour after its last use)",
         Path,
         environ_default=default_cache_dir,
         documented_default="`$XDG_CACHE_HOME/vision-serving/runtimes` (`~/.cache/...`)",

@@ -76,8 +76,9 @@ KEY_PATTERN = re.compile(r"[0-9a-f]{24}-torch[0-9A-Za-z._-]+-opset[0-9]+-f[0-9]+
 STAGING_PREFIX = ".tmp-"
 DISCARD_PREFIX = ".discard-"
 # Unused this long, and leased by no server, an entry may be deleted. It covers a writer's step from
-# renaming a new entry into place to leasing it (milliseconds) and the reuse of a version just replaced.
-GRACE_S = 600.0
+# renaming a new entry into place to leasing it (milliseconds), the reuse of a version just replaced
+# (a rollback within the hour exports nothing), and restarts (a test session's servers reuse each other's).
+GRACE_S = 3600.0
 # A staging directory untouched this long belongs to a writer that died (an export of VGG16 writes
 # its files within two minutes of each other).
 STAGING_GRACE_S = 3600.0
