@@ -249,6 +249,34 @@ def frame(payload: bytes) -> bytes:
     return _FRAME.pack(len(payload)) + payload
 
 
+class FrameWriter:
+    """The frames one side of the hop sends, written together: every frame queued while the event
+    loop runs one round of callbacks goes out in one write when that round ends (a batch's answers,
+    the requests of a burst), not one system call each."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+        self._parts: list[bytes] = []
+        self._queued = 0
+
+    @property
+    def unsent(self) -> int:
+        """Bytes queued here or waiting in the transport's buffer."""
+        return self._queued + self.transport.get_write_buffer_size()
+
+    def write(self, payload: bytes) -> None:
+        if not self._parts:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._parts.append(_FRAME.pack(len(payload)))
+        self._parts.append(payload)
+        self._queued += _FRAME.size + len(payload)
+
+    def flush(self) -> None:
+        parts, self._parts, self._queued = self._parts, [], 0
+        if parts and not self.transport.is_closing():
+            self.transport.write(b"".join(parts))
+
+
 async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
     """The next frame's payload; None at the end of the stream."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,6 +108,14 @@ class ModelInstance:
         self.forward([torch.zeros((1, *shape))])
         if self.lone is not None:
             self.forward([torch.zeros((1, *shape))], alone=True)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` where the system shows it too (``top -H``, ``/proc``'s
+    ``comm``, 15 bytes of it): Linux only, and nothing happens elsewhere. ``bench/ceiling.py``
+    tells the forward passes' CPU from the protocol's by it."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_bytes(name.encode()[:15])
 
 
 STAGING_MAX_BYTES = 64 * 1024 * 1024  # a larger batch is gathered into memory of its own, freed after it
@@ -222,6 +232,7 @@ class InferenceWorker:
         # The warm-up runs here, not in the thread that built the model: torch's CPU kernels
         # parallelize with OpenMP, whose thread team belongs to the thread that first uses it,
         # and every forward pass should find that team ready.
+        name_os_thread(self._thread.name)
         try:
             use_torch_threads(self._torch_threads)
             if self._warm_up_shape is not None:

@@ -70,6 +70,7 @@ class _Link:
         self.hello = hello
         self.memory = memory
         self.writer = writer
+        self.frames = hop.FrameWriter(writer.transport)
         self.counted = counted
         self.running: dict[int, asyncio.Task[None]] = {}
         self.closed = False
@@ -82,13 +83,13 @@ class _Link:
         """Queue ``reply`` without waiting; a link whose answers pile up unread is closed instead."""
         if self.closed:
             return
-        unsent = self.writer.transport.get_write_buffer_size()
+        unsent = self.frames.unsent
         if unsent > UNSENT_BYTES:
             self.close(
                 UNREAD_ANSWERS, f"it stopped reading its answers ({unsent} bytes wait to be sent, over {UNSENT_BYTES})"
             )
             return
-        self.writer.write(hop.frame(reply.encode()))
+        self.frames.write(reply.encode())
 
     def check(self, infer: hop.Infer) -> None:
         """Refuse a descriptor no front end of ours sends: a slot outside its arena, a reused id, too many."""

@@ -58,6 +58,7 @@ class EngineLink:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[bytes], int, int]] = {}  # id -> (answer, offset, capacity)
         self._writer: asyncio.StreamWriter | None = None
+        self._frames: hop.FrameWriter | None = None  # the descriptors to the engine, written together
         self._running: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -75,6 +76,7 @@ class EngineLink:
                 continue
             wait = RECONNECT_S[0]
             self._writer = writer
+            self._frames = hop.FrameWriter(writer.transport)
             self.connected.set()
             log.info("connected to the engine")
             try:
@@ -87,6 +89,7 @@ class EngineLink:
             finally:
                 self.connected.clear()
                 self._writer = None
+                self._frames = None
                 writer.close()
                 self._fail_pending()
             log.warning("lost the engine; answering UNAVAILABLE until it is back")
@@ -164,8 +167,8 @@ class EngineLink:
         """The engine's serialized ModelInferResponse for the serialized ModelInferRequest in the
         first ``length`` bytes of ``slot``; its errors relayed as :class:`RelayedError`. The slot is
         the engine's until it answers (or dies), then free again."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        writer, frames = self._writer, self._frames
+        if writer is None or frames is None or writer.is_closing():
             self._arena.release(slot.offset, slot.capacity)
             raise engine_down()
         request_id = next(self._ids)
@@ -186,14 +189,14 @@ class EngineLink:
             received_ns,
             *decoded_ns,
         )
-        writer.write(hop.frame(descriptor.encode()))
+        frames.write(descriptor.encode())
         try:
             return await future
         except asyncio.CancelledError:
             # The caller went away: the engine drops the work if it has not run; the slot stays
             # held until the engine answers.
             if self._writer is writer and not writer.is_closing():
-                writer.write(hop.frame(hop.Cancel(request_id).encode()))
+                frames.write(hop.Cancel(request_id).encode())
             raise
 
     async def infer(
@@ -223,13 +226,13 @@ class EngineLink:
 
     async def describe(self, model: str) -> bytes:
         """The engine's JSON of ``model``'s preprocessing (``hop.Describe``); its errors relayed."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        writer, frames = self._writer, self._frames
+        if writer is None or frames is None or writer.is_closing():
             raise engine_down()
         request_id = next(self._ids)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (future, NO_SLOT, 0)
-        writer.write(hop.frame(hop.Describe(request_id, model).encode()))
+        frames.write(hop.Describe(request_id, model).encode())
         return await future
 
     async def close(self) -> None:
