@@ -4,6 +4,8 @@ End to end: a real server process killed (SIGKILL) or stopped (SIGTERM) during a
 of six; the next start of a server sharing the store goes on from the last checkpoint and finishes
 with the very figures of an uninterrupted run, and serves the model; a job whose kept inputs were
 removed from the store ends ``failed`` with that reason. A directory store and an S3 one (moto).
+The servers serve the tiny network: what is tested is the job, the same whatever the backbone, and
+tiny's forward pass costs microseconds.
 
 Without a server: leases claimed by one of several replicas at once, a holder that lost its job
 fenced off by the conditional writes, the quota, checkpoints that go on exactly, and damaged ones."""
@@ -24,11 +26,16 @@ import tritonclient.grpc as triton
 from tests.conftest import ServerProcess, start_server
 from tests.support.finetune_data import digits
 from tests.test_finetune import config, job_requests
+from tests.tiny import TINY
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
-EXAMPLES = 300
+# Enough examples (the held-out images start at 1500) that what is left of the job when the test stops
+# its server, four epochs of 600 steps or most of 47 chunks of features, lasts far longer than an event
+# takes to arrive: the tiny network's steps and chunks take milliseconds.
+EXAMPLES = 1500
 EPOCHS = 6
+SERVER = ("--models", TINY, "--weights", "random")
 LEASE_S = "2"  # a killed server's jobs go on after this
 RESUMED_WITHIN_S = 240.0
 
@@ -38,6 +45,7 @@ def job_config(name: str) -> pb.FineTuneConfig:
     # dropout draws from the random stream a resumed job must go on with.
     return config(
         name,
+        base_model=TINY,
         epochs=EPOCHS,
         batch_size=2,
         head=pb.HeadSpec(kind="two_layer", hidden=512, dropout=0.2),
@@ -92,13 +100,13 @@ def store(request, tmp_path) -> Store:
 
 
 @pytest.fixture
-def serve(tmp_path, weights_dir, store) -> Iterator:
+def serve(tmp_path, store) -> Iterator:
     started: list[ServerProcess] = []
 
     def start() -> ServerProcess:
         proc = start_server(
             tmp_path,
-            "--models", "alexnet", "--weights", str(weights_dir), *store.args,
+            *SERVER, *store.args,
             "--store-poll-seconds", "1", "--job-lease-seconds", LEASE_S,
             env=store.env,
         )  # fmt: skip
@@ -112,10 +120,10 @@ def serve(tmp_path, weights_dir, store) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, weights_dir) -> tuple[list[tuple], np.ndarray]:
+def reference(tmp_path_factory) -> tuple[list[tuple], np.ndarray]:
     """An uninterrupted run of the job: its curve, and the logits its model gives the held-out images."""
     tmp = tmp_path_factory.mktemp("reference")
-    proc = start_server(tmp, "--models", "alexnet", "--weights", str(weights_dir), "--model-store", str(tmp / "store"))
+    proc = start_server(tmp, *SERVER, "--model-store", str(tmp / "store"))
     try:
         proc.wait_serving()
         images, labels = examples()
