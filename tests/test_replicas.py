@@ -1,4 +1,7 @@
-"""Replicas sharing one model store, and a SIGTERM that arrives while a job trains."""
+"""Replicas sharing one model store, and a SIGTERM that arrives while a job trains.
+
+The servers serve the tiny network: what is tested (what replicas see of each other's models, how a
+job stops) is the same whatever the backbone, and tiny's forward pass costs microseconds."""
 
 from __future__ import annotations
 
@@ -8,20 +11,22 @@ import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import start_server, store_server_args
+from tests.conftest import start_server
 from tests.support.finetune_data import digits
 from tests.test_finetune import config, job_requests, run_job
+from tests.tiny import TINY
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
 VISIBLE_WITHIN_S = 30.0
+SERVER = ("--models", TINY, "--weights", "random")
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory, weights_dir):
+def replicas(tmp_path_factory):
     store = tmp_path_factory.mktemp("shared-store")
     logs = tmp_path_factory.mktemp("replicas")
-    args = store_server_args(weights_dir, store)
+    args = (*SERVER, "--model-store", str(store), "--store-poll-seconds", "1")
     first, second = start_server(logs, *args), start_server(logs, *args)
     try:
         first.wait_serving()
@@ -58,7 +63,10 @@ def train(target: str, name: str, seed: int, replace: bool = False) -> pb.Job:
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.FineTuningStub(channel)
         job, _ = run_job(
-            stub, config(name, epochs=5, seed=seed, replace=replace), images[:150], [str(t) for t in targets[:150]]
+            stub,
+            config(name, base_model=TINY, epochs=5, seed=seed, replace=replace),
+            images[:150],
+            [str(t) for t in targets[:150]],
         )
     assert job.state == pb.SUCCEEDED, job.error
     return job
@@ -97,18 +105,20 @@ def test_a_head_trained_on_one_replica_is_served_by_the_other(replicas) -> None:
         assert "shared-digits" not in [m.name for m in client.get_model_repository_index().models]
 
 
-def test_sigterm_stops_a_running_job_cleanly_for_the_next_start_and_exits_zero(tmp_path, weights_dir) -> None:
+def test_sigterm_stops_a_running_job_cleanly_for_the_next_start_and_exits_zero(tmp_path) -> None:
     """The job stops after its batch with its features and last checkpoint kept in the store, where the
     next start of a server sharing it goes on with it (tests/test_job_resume.py)."""
-    proc = start_server(
-        tmp_path, "--models", "alexnet", "--weights", str(weights_dir), "--model-store", str(tmp_path / "store")
-    )
+    proc = start_server(tmp_path, *SERVER, "--model-store", str(tmp_path / "store"))
     proc.wait_serving()
     images, targets = digits()
     with grpc.insecure_channel(proc.target) as channel:
         stub = pb_grpc.FineTuningStub(channel)
         job = stub.CreateJob(
-            job_requests(config("endless", epochs=1000, batch_size=4), images[:100], [str(t) for t in targets[:100]])
+            job_requests(
+                config("endless", base_model=TINY, epochs=1000, batch_size=4),
+                images[:100],
+                [str(t) for t in targets[:100]],
+            )
         )
         kinds = []
         for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=300):
