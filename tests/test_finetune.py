@@ -15,6 +15,7 @@ from service.models import get_model_spec
 from tests.conftest import load_reference, start_server, store_server_args
 from tests.metrics_util import sample_value, scrape
 from tests.support.finetune_data import digits
+from tests.tiny import TINY
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
@@ -264,11 +265,11 @@ def test_delete_model_stops_serving_it(store_server) -> None:
         assert "digits-doomed" not in [m.name for m in client.get_model_repository_index().models]
 
 
-def test_fine_tuning_requires_the_token_when_one_is_set(tmp_path, weights_dir) -> None:
+def test_fine_tuning_requires_the_token_when_one_is_set(tmp_path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     proc = start_server(
-        tmp_path, "--models", "alexnet", "--weights", str(weights_dir),
+        tmp_path, "--models", TINY, "--weights", "random",  # the token is checked before any backbone runs
         "--model-store", str(tmp_path / "store"), "--auth-token-file", str(token),
     )  # fmt: skip
     try:
@@ -287,6 +288,6 @@ def test_fine_tuning_requires_the_token_when_one_is_set(tmp_path, weights_dir) -
             )
             assert stub.ListJobs(pb.ListJobsRequest(), metadata=(("authorization", "Bearer s3cret"),)).jobs == []
         images, _ = digits()
-        assert classify(proc.target, "alexnet", images[:1]).shape == (1,)  # inference needs no token
+        assert classify(proc.target, TINY, images[:1]).shape == (1,)  # inference needs no token
     finally:
         proc.stop()
