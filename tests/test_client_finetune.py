@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import client_util
 from tests.client_util import (
     CALL_TIMEOUT,
     EVERY_SETTING,
@@ -37,8 +36,9 @@ from tests.client_util import (
     vision_client,
 )
 from tests.conftest import TOKEN
-from tests.inprocess import InProcessServer
+from tests.inprocess import InProcessServer, running, tiny_config
 from tests.support.finetune_data import digits
+from tests.tiny import TINY
 from vision_client import (
     AlreadyExistsError,
     AuthenticationError,
@@ -75,14 +75,18 @@ def store_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) ->
 
 
 @pytest.fixture(scope="module")
-def token_server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Iterator[InProcessServer]:
-    with client_util.token_server(tmp_path_factory.mktemp("token-server"), weights_dir) as server:
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    """A server of the tiny network wanting ``Bearer TOKEN`` for fine-tuning calls (the token is
+    checked before any backbone runs: no second AlexNet is needed)."""
+    directory = tmp_path_factory.mktemp("token-server")
+    (directory / "token").write_text(TOKEN + "\n")
+    with running(tiny_config(directory / "store", auth_token_file=directory / "token")) as server:
         yield server
 
 
-def config(output_model: str, **settings: Any) -> FineTuneConfig:
-    """A job on the digits' base model."""
-    return FineTuneConfig(base_model=BASE, output_model=output_model, **settings)
+def config(output_model: str, base_model: str = BASE, **settings: Any) -> FineTuneConfig:
+    """A job on ``base_model``: the store server's AlexNet unless named."""
+    return FineTuneConfig(base_model=base_model, output_model=output_model, **settings)
 
 
 def training_set(selection: slice = TRAIN) -> list[tuple[bytes, str]]:
@@ -358,7 +362,7 @@ def test_fine_tuning_needs_the_token_when_the_server_wants_one(token_server, kin
 
     async def body(token: str | None):
         async with connect(kind, token_server.target, token=token) as client:
-            return await result(client.fine_tune(config(name, epochs=2), training_set()))
+            return await result(client.fine_tune(config(name, base_model=TINY, epochs=2), training_set()))
 
     with pytest.raises(AuthenticationError, match="Bearer") as caught:
         run(body(None))
