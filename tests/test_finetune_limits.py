@@ -231,10 +231,21 @@ def _create(stub, config: pb.FineTuneConfig, *batches: pb.CreateJobRequest) -> p
     return stub.CreateJob(iter([pb.CreateJobRequest(config=config), *batches]), timeout=120)
 
 
+@pytest.fixture(scope="module")
+def store_server(tmp_path_factory, weights_dir):  # -> tests.inprocess.InProcessServer
+    """One in-process AlexNet server for the module, with room for one upload and one queued job: the
+    tests below leave no job queued and no upload open (the last one cancels its job)."""
+    from tests.inprocess import alexnet_config, running
+
+    limits = FineTuneLimits(max_uploads=1, max_queued_jobs=1)
+    config = alexnet_config(tmp_path_factory.mktemp("limited") / "store", weights_dir, fine_tuning=limits)
+    with running(config) as server:
+        yield server
+
+
 @pytest.fixture
-def stub(serve_inprocess):
-    server = serve_inprocess(fine_tuning=FineTuneLimits(max_uploads=1, max_queued_jobs=1))
-    with grpc.insecure_channel(server.target) as channel:
+def stub(store_server):
+    with grpc.insecure_channel(store_server.target) as channel:
         yield pb_grpc.FineTuningStub(channel)
 
 
