@@ -170,7 +170,8 @@ def test_planted_bad_objects_are_skipped_counted_and_the_rest_served(
 def test_a_stopped_store_never_stops_inference_and_its_models_are_seen_again(
     tiny_replica, s3_store: S3Location, moto_server, caplog
 ) -> None:
-    """The S3 server is stopped (SIGSTOP: connections hang) for 30 s under inference load."""
+    """The S3 server is stopped (SIGSTOP: connections hang) under inference load, until the server has
+    found the store unreadable (a poll met its time limit) and has answered requests since."""
     caplog.set_level(logging.INFO)
     save_head(s3_store, "before", features=TINY_FEATURE_DIM, base=TINY)
     server = tiny_replica(store_poll_seconds=1.0)
@@ -194,16 +195,25 @@ def test_a_stopped_store_never_stops_inference_and_its_models_are_seen_again(
     threads = [threading.Thread(target=load) for _ in range(2)]
     for thread in threads:
         thread.start()
+
+    def unreadable() -> float:
+        return sample_value(scrape(server.metrics_url), "vision_store_errors_total", reason="unreadable_store")
+
     try:
         with moto_server.paused():
-            time.sleep(30)
+            deadline = time.monotonic() + 120
+            while unreadable() < 1 and not failures:
+                assert time.monotonic() < deadline, "the stopped store was never found unreadable"
+                time.sleep(0.5)
+            since = answered["count"]
+            while answered["count"] < since + 20 and not failures:  # answered with the store still stopped
+                assert time.monotonic() < deadline, f"{answered['count'] - since} answers since"
+                time.sleep(0.1)
     finally:
         stop.set()
         for thread in threads:
             thread.join(30)
     assert failures == [] and answered["count"] > 0, failures[:5]
-    metrics = scrape(server.metrics_url)
-    assert sample_value(metrics, "vision_store_errors_total", reason="unreadable_store") >= 1
 
     save_head(s3_store, "after", features=TINY_FEATURE_DIM, base=TINY)  # the store is back
     deadline = time.monotonic() + 120
