@@ -53,14 +53,26 @@ class ScreenedParsingInterceptor(HandlerInterceptor):
         self._methods = dict(methods)
         self._schema = schema
         self._max_fields = max_fields
+        # method -> (the handler it was given, the wrapped one): a method's handler is the same object
+        # call after call, so it is wrapped once, not once per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def wrap(
         self, handler: grpc.RpcMethodHandler[Req, Resp], details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Req, Resp]:
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            wrapped: grpc.RpcMethodHandler[Req, Resp] = known[1]
+            return wrapped
         parser = self._methods.get(details.method)
         if parser is None:
             return handler
-        parse = ScreenedParser(parser, self._schema, self._max_fields)
+        wrapped = self._wrap(handler, ScreenedParser(parser, self._schema, self._max_fields))
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler[Req, Resp], parse: ScreenedParser) -> grpc.RpcMethodHandler[Req, Resp]:
         behavior = behaviors(handler)
         if behavior.unary_unary:
             return replace(handler, drop_request_deserializer=True, unary_unary=_unary(behavior.unary_unary, parse))
