@@ -4,7 +4,7 @@
 A cache of N entries (copies of the tiny network's export under distinct keys, spread over 50
 models' folders) is collected twice: with every entry used lately (the pass a server makes on each
 store poll: a listing and a ``stat`` per entry), then with every entry unused for two hours and ten
-leased (the deletions). ``python bench/runtime_cache_collect.py [N]``; figures in docs/operations.md.
+leased (the deletions). ``.venv/bin/python -m bench.runtime_cache_collect [N]``; figures in docs/operations.md.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.models import WeightsSource, build_model, get_model_spec
 from service.runtimes.export import ENTRY_FILE, ExportCache
