@@ -177,6 +177,30 @@ def test_the_blocks_train_at_their_own_rate_from_a_copy_and_the_head_on_their_ou
         assert torch.equal(part(activations), part.top()(part.blocks(activations)))
 
 
+def test_the_blocks_normalizations_are_measured_on_the_training_examples_and_held_while_they_train() -> None:
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU())
+    activations = torch.randn(200, 8) * 1e4 + 5e3  # far off what a normalization starts from (mean 0, variance 1)
+    targets = (activations[:, 0] > 5e3).long()
+    with torch.inference_mode():
+        outputs = blocks[0](activations)
+    config = FineTuneConfig(
+        TINY, "k", train_backbone_blocks=1, backbone_lr_factor=1.0, epochs=30, batch_size=16, validation_fraction=0.0
+    )
+    part = train_head(activations, targets, config, num_outputs=2, trunk=blocks).head
+    assert isinstance(part, TrainedPart)
+    norm = part.blocks[1]
+    # Measured once on the training examples (one part of at most 256 rows), then held: the steps moved none.
+    assert int(norm.num_batches_tracked) == 1
+    assert torch.allclose(norm.running_mean, outputs.mean(0), rtol=1e-5, atol=1e-2)
+    assert torch.allclose(norm.running_var, outputs.var(0), rtol=1e-4)
+    assert not torch.equal(part.blocks[0].weight, blocks[0].weight)  # while the rest of the blocks trained
+    assert torch.equal(blocks[1].running_mean, torch.zeros(16)) and int(blocks[1].num_batches_tracked) == 0
+    with torch.inference_mode():
+        accuracy = float((part(activations).argmax(1) == targets).float().mean())
+    assert accuracy > 0.9, accuracy
+
+
 # -- a job over the wire: refused before any image, or trained, published, served, restarted --------
 
 

@@ -345,7 +345,11 @@ class _Fit:
         config, device = self.config, self.device
         epochs = epochs or config.epochs
         x, y, train_idx, val_idx = (t.to(device) for t in (x, y, train_idx, val_idx))
-        mean, std = _statistics(x, train_idx) if self.trunk is None else _trunk_statistics(self.trunk, x, train_idx)
+        trunk = None
+        if self.trunk is not None:  # a fresh copy of the blocks given: a refit starts where selection did
+            trunk = copy.deepcopy(self.trunk).to(device)
+            _calibrate_normalizations(trunk, x, train_idx)
+        mean, std = _statistics(x, train_idx) if trunk is None else _trunk_statistics(trunk, x, train_idx)
         target_stats: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         if not self.classification:
             target_mean, target_std = _statistics(y, train_idx)
@@ -354,10 +358,10 @@ class _Fit:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             head = build_head(config.head, int(mean.shape[0]), self.num_outputs)
-            if self.trunk is None:
+            if trunk is None:
                 model = StandardizedHead(head, mean, std, *target_stats).to(device)
-            else:  # a fresh copy of the blocks as they were given: the refit starts where selection did
-                model = TrainedPart(copy.deepcopy(self.trunk), head, mean, std, *target_stats).to(device)
+            else:
+                model = TrainedPart(trunk, head, mean, std, *target_stats).to(device)
         optimizer = _optimizer(config, model)
         generator = torch.Generator().manual_seed((config.seed + 1) % 2**64)  # any uint64 seed
 
@@ -424,6 +428,8 @@ class _Fit:
         generator: torch.Generator,
     ) -> tuple[float, int]:
         model.train()
+        if isinstance(model, TrainedPart):
+            _hold_normalizations(model.blocks)
         order = rows[torch.randperm(len(rows), generator=generator).to(rows.device)]
         total, seen = 0.0, 0
         for start in range(0, len(order), self.config.batch_size):
@@ -489,6 +495,50 @@ def _statistics(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
 def _usable(std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``std``, with 1 for columns constant in training (see :func:`_statistics`)."""
     return torch.where(std < 1e-6 * (1 + mean.abs()), torch.ones_like(std), std)
+
+
+def _normalizations(trunk: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [module for module in trunk.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+
+
+def _calibrate_normalizations(trunk: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> None:
+    """Measure the running statistics of ``trunk``'s batch normalizations on rows ``rows`` of ``x``
+    (the training examples, each counted once: a cumulative average, :data:`ROWS_AT_ONCE` rows at a
+    time), in place of the base model's; :func:`_hold_normalizations` then keeps them while the
+    blocks train.
+
+    Why: the blocks' statistics must describe the activations the job brings them (as AdaBN
+    re-estimates them for a new domain), and must not move while the head trains on the blocks'
+    standardized output; a job's batches are small and few, so statistics taken from each batch
+    (a normalization's training mode) would give the head inputs that neither its standardization
+    nor the served network, which runs the running statistics, ever sees. With a base of random
+    weights the base's statistics (mean 0, variance 1) describe nothing at all: the blocks' input is
+    then many orders of magnitude off and every step of their weights throws their output far off.
+    """
+    norms = _normalizations(trunk)
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+    trunk.train()
+    try:
+        with torch.no_grad():
+            for part in _slices(rows):
+                if len(part) > 1:  # a normalization cannot measure a batch of one
+                    trunk(x[part].float())
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        trunk.eval()
+
+
+def _hold_normalizations(trunk: nn.Module) -> None:
+    """Keep ``trunk``'s batch normalizations on their running statistics while the rest of it
+    trains (:func:`_calibrate_normalizations` says why); their scale and shift still learn."""
+    for norm in _normalizations(trunk):
+        norm.eval()
 
 
 def _trunk_statistics(trunk: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
