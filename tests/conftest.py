@@ -46,6 +46,23 @@ def pytest_configure(config: pytest.Config) -> None:
         directory = tempfile.mkdtemp(prefix="vision-runtime-cache-")
         os.environ[RUNTIME_CACHE_ENV] = directory
         config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+    share_cores_among_workers()
+
+
+def share_cores_among_workers() -> None:
+    """A pytest-xdist worker's own torch computations (references, the trainer's tests) on its share
+    of the cores. Each worker is a process whose torch team of intra-op threads is as wide as the
+    machine: on two cores, two such teams and the servers under test leave each OpenMP barrier
+    waiting for a thread that is not running, and a small head trained 15 times slower than on one
+    thread. What the servers compute is not changed: their threads set their own counts
+    (service.cpus.use_torch_threads), and child servers are processes of their own."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        from service.cpus import usable_cores
+
+        torch.set_num_threads(max(1, usable_cores() // workers))
 
 
 # The end-to-end tier (`pytest -m e2e`; `-m "not e2e"` is the fast tier): tests that start a server
