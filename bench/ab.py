@@ -50,9 +50,9 @@ def pixels_of(model: str, jpegs: list[bytes]) -> list[object]:
     import torch
 
     from service.config import ServeConfig
+    from service.inference.preprocess import ImageDecoder
     from service.models import get_model_spec
     from service.models.preprocessing import preprocessing_of
-    from service.preprocess import ImageDecoder
 
     transform = get_model_spec(model).transforms()
     decode = ImageDecoder(preprocessing_of(transform), max_pixels=ServeConfig().max_image_pixels)

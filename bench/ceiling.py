@@ -11,7 +11,7 @@ request (the supervisor, engine and front ends together) in ms; the part of it o
 passes, estimated two ways: "outside fwd" subtracts the forward passes' wall time (from the
 server's metrics; on busy cores that includes waiting, so it understates the protocol), "protocol"
 subtracts the CPU of the model workers' threads (gathering a batch, its forward pass, handing out
-its answers; where the server names them for the system, ``service.runtime.name_os_thread``);
+its answers; where the server names them for the system, ``service.engine.runtime.name_os_thread``);
 then the clients' CPU (same machine, same cores) and each server process's cores.
 
     .venv/bin/python -m bench.ceiling                       # 1 and 2 front ends, C = 1, 8, 32
@@ -76,7 +76,7 @@ def _role(pid: int) -> str:
 
 def _worker_cpu_seconds(pid: int) -> float:
     """CPU seconds of the model workers' threads of process ``pid`` (named ``infer-*`` where the
-    server names its threads for the system: ``service.runtime.name_os_thread``): the forward
+    server names its threads for the system: ``service.engine.runtime.name_os_thread``): the forward
     passes, gathering their batches and handing out their answers. 0 where none is named so."""
     total = 0.0
     try:

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from bench.inputs import encode_jpeg, photographs
+from service.inference.preprocess import ImageDecoder
 from service.models import get_model_spec
 from service.models.preprocessing import preprocessing_of
-from service.preprocess import ImageDecoder
 
 MAX_PIXELS = 40_000_000  # the server's default --max-image-pixels
 

@@ -19,7 +19,7 @@ closed-loop ``tritonclient.grpc`` clients as ``bench/throughput.py``).
 Agreement, beside each: on the benchmark's 8 photographs (``bench/inputs.py``), the lowest cosine
 and top-1 agreement of each one's logits (IMAGE requests, each photograph alone) against eager
 torchvision in float32 with the same weights; and the server's own measurement at load
-(``vision.v1.Models``' ``precision_agreement``, on ``service/precision.py``'s sample images).
+(``vision.v1.Models``' ``precision_agreement``, on ``service/engine/precision.py``'s sample images).
 The table, the machine and the command go to ``--output`` as JSON.
 """
 
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.machine import machine_info
     from bench.raw import RawModel, RawThread, RawWindow, load_raw_models, measure_raw
     from bench.records import write_document
-    from service.devices import native_precisions
+    from service.engine.devices import native_precisions
+    from service.engine.precision import measure, reference_logits, sample_batch
+    from service.engine.runtime import ModelInstance
     from service.models import WeightsSource, build_model, get_model_spec
-    from service.precision import measure, reference_logits, sample_batch
-    from service.runtime import ModelInstance
     from service.runtimes.select import BackendLoader, RuntimeOptions
 
     cpu = torch.device("cpu")

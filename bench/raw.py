@@ -51,8 +51,8 @@ def load_raw_models(
     name: str, weights: str, device: torch.device, baselines: list[str], *, cache_dir: Path, threads: int
 ) -> dict[str, RawModel]:
     """``name`` in each of ``baselines`` (``eager`` or a runtime), from one build of its weights."""
+    from service.engine.runtime import ModelInstance
     from service.models import WeightsSource, build_model, get_model_spec
-    from service.runtime import ModelInstance
     from service.runtimes.select import BackendLoader, RuntimeOptions
 
     # The server logs its loud random-weights warning; the benchmark's copy would only break the table.

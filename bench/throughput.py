@@ -292,7 +292,7 @@ def _run(args: argparse.Namespace, raw_thread: Any, torch: Any) -> int:
     from bench.machine import machine_info
     from bench.raw import RawWindow, load_raw_models, measure_raw
     from bench.records import EAGER, Point, to_json
-    from service.devices import resolve_devices
+    from service.engine.devices import resolve_devices
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

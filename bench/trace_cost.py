@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from service.tracing import ExportConfig, TracedItem, Tracing, record_batch
+from service.telemetry.tracing import ExportConfig, TracedItem, Tracing, record_batch
 
 PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
 

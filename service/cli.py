@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 
 from service.config import DEFAULT_MODELS
 from service.errors import VisionServeError
-from service.logs import configure_logging
-from service.memory import configure_allocator
+from service.host.memory import configure_allocator
 from service.options import ENV_PREFIX, build_serve_parser, config_from_args, model_list
+from service.telemetry.logs import configure_logging
 
 __all__ = ["build_serve_parser", "config_from_args", "fetch_weights", "main"]
 
@@ -53,12 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fetch_weights(argv[1:], environ)
         config = config_from_args(build_serve_parser(environ).parse_args(argv))
         configure_logging(config.log_level, config.log_format)
-        configure_allocator()  # before any model is loaded: see service.memory
+        configure_allocator()  # before any model is loaded: see service.host.memory
         if config.frontend_count > 1:
-            from service.supervisor import supervise
+            from service.supervisor.supervisor import supervise
 
             return asyncio.run(supervise(config, argv))
-        from service.server import serve
+        from service.engine.server import serve
 
         return asyncio.run(serve(config))
     except VisionServeError as exc:

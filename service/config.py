@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.cpus import usable_cores
+from service.host.cpus import usable_cores
 from service.storage.location import StoreLocation
 
 DEFAULT_MODELS: tuple[str, ...] = ("alexnet", "vgg16", "resnet101")
@@ -116,7 +116,7 @@ class BatchingConfig:
     max_queue_size: int = 512  # images waiting per model before RESOURCE_EXHAUSTED
     # After a batch, how long a worker may wait for the clients it answered to send again and for
     # admitted requests still decoding (also at most a quarter of the last forward pass; 0: never):
-    # without it, closed-loop clients split into two half-size batches (service.batching).
+    # without it, closed-loop clients split into two half-size batches (service.engine.batching).
     max_rejoin_ms: float = 50.0
 
     @property
@@ -172,7 +172,7 @@ class RuntimeConfig:
     cache_dir: Path | None = None  # None: $XDG_CACHE_HOME/vision-serving/runtimes
     threads: int = 0  # intra-op threads of each instance's runtime; 0: the usable cores, shared out among the instances
     # Model instances per device (Triton's instance_group count): each has a worker taking batches from
-    # the model's queue, so that several batches run at once (service.batching shares the work out).
+    # the model's queue, so that several batches run at once (service.engine.batching shares the work out).
     instances: int = 1
     # When ONNX Runtime's intra-op threads busy-wait for work (service.runtimes.base.SPIN_CHOICES):
     # during a forward pass only, so that between batches the cores decode images and run the protocol.
@@ -181,7 +181,7 @@ class RuntimeConfig:
     @property
     def instance_threads(self) -> int:
         """Intra-op threads each instance's runtime gets: ``threads``, else the cores this process
-        may use (:func:`service.cpus.usable_cores`) divided among the instances, so that instances
+        may use (:func:`service.host.cpus.usable_cores`) divided among the instances, so that instances
         running at once do not oversubscribe them."""
         return self.threads or max(1, usable_cores() // self.instances)
 
@@ -207,7 +207,7 @@ class ServeConfig:
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:0,cuda:1"
     dtype: DtypeChoice = field(default_factory=DtypeChoice)  # what each model computes in (PRECISIONS)
     # Lowest cosine of a model's logits in a reduced precision against float32, over the sample images
-    # measured at load (service.precision), under which the model is not served in that precision.
+    # measured at load (service.engine.precision), under which the model is not served in that precision.
     min_precision_agreement: float = 0.99
     channels_last: bool = False
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -240,7 +240,7 @@ class ServeConfig:
     health_port: int | None = None  # a plaintext port serving grpc.health.v1 only (probes under TLS)
     drain_seconds: float = 25.0
     log_level: str = "INFO"
-    log_format: str = "text"  # "text" or "json" (service.logs)
+    log_format: str = "text"  # "text" or "json" (service.telemetry.logs)
     access_log: bool = False  # one line per inference request on logger vision.access
     trace: bool = False  # OpenTelemetry spans exported over OTLP, configured by the OTEL_* variables
 

@@ -102,7 +102,7 @@ class SharedMemoryFullError(VisionServeError):
 
 class SlotsFullError(QueueFullError):
     """A protocol front end's shared memory for requests in flight to the engine is full
-    (``service.hop``): answered as a full queue is."""
+    (``service.inference.hop``): answered as a full queue is."""
 
 
 class DeadlineExceededError(VisionServeError):

@@ -28,8 +28,8 @@ from service.config import (
     ServeConfig,
     default_cache_dir,
 )
-from service.logs import LOG_FORMATS
 from service.storage.location import StoreLocation, parse_store_location
+from service.telemetry.logs import LOG_FORMATS
 
 ENV_PREFIX = "VISION_SERVE_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

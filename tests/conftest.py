@@ -55,12 +55,12 @@ def share_cores_among_workers() -> None:
     machine: on two cores, two such teams and the servers under test leave each OpenMP barrier
     waiting for a thread that is not running, and a small head trained 15 times slower than on one
     thread. What the servers compute is not changed: their threads set their own counts
-    (service.cpus.use_torch_threads), and child servers are processes of their own."""
+    (service.host.cpus.use_torch_threads), and child servers are processes of their own."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
 
-        from service.cpus import usable_cores
+        from service.host.cpus import usable_cores
 
         torch.set_num_threads(max(1, usable_cores() // workers))
 

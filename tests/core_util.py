@@ -16,17 +16,17 @@ import torch
 from prometheus_client import generate_latest
 
 from service.config import BatchingConfig, RuntimeConfig, ServeConfig
-from service.dataplane import DataPlane
-from service.factory import ModelFactory
+from service.engine.dataplane import DataPlane
+from service.engine.factory import ModelFactory
+from service.engine.loader import BuiltinModels
+from service.engine.metrics import ServerMetrics
+from service.engine.model_control import ModelControl
+from service.engine.repository import ModelRepository
 from service.finetune.catalog import FineTunedModels
 from service.finetune.manager import JobManager
 from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
-from service.loader import BuiltinModels
-from service.metrics import ServerMetrics
-from service.model_control import ModelControl
 from service.models import WeightsSource
-from service.repository import ModelRepository
 from tests.conftest import session_runtime_cache
 from tests.metrics_util import sample_value
 from tests.tiny import TINY

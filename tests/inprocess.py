@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.config import RuntimeConfig, ServeConfig
-from service.server import VisionServer, create_server
+from service.engine.server import VisionServer, create_server
 from tests.conftest import session_runtime_cache
 
 T = TypeVar("T")

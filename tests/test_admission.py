@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from service.batching import BatchQueue, WorkItem
 from service.config import BatchingConfig
+from service.engine.batching import BatchQueue, WorkItem
 from service.errors import InvalidInputError, QueueClosedError, QueueFullError
-from service.preprocess import ImageDecoder
+from service.inference.preprocess import ImageDecoder
 from service.transport.codec import parse_infer_request
 from service.transport.parsing import (
     FIELDS_BESIDES_IMAGES,
@@ -114,7 +114,7 @@ def test_fp32_contents_read_as_one_array_equal_raw() -> None:
 
 
 def test_raw_pixels_are_used_in_place_and_unaligned_ones_copied() -> None:
-    from service.dataplane import _pixels_copy, _pixels_view
+    from service.engine.dataplane import _pixels_copy, _pixels_view
 
     values = np.random.default_rng(4).standard_normal((2, 3, 8, 8), dtype=np.float32)
     request = pb.ModelInferRequest(model_name="alexnet", raw_input_contents=[values.tobytes()])

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from service.config import BatchingConfig
-from service.dataplane import InferenceInput
-from service.repository import ModelRepository, ServedModel
-from service.server import VisionServer
+from service.engine.dataplane import InferenceInput
+from service.engine.repository import ModelRepository, ServedModel
+from service.engine.server import VisionServer
 from service.transport.codec import decode_bytes_elements
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc

@@ -9,7 +9,7 @@ from collections import deque
 import pytest
 import torch
 
-from service.batching import BatchQueue, WorkItem, collate, min_split_images
+from service.engine.batching import BatchQueue, WorkItem, collate, min_split_images
 from service.errors import QueueClosedError, QueueFullError
 
 

@@ -1,4 +1,4 @@
-"""Every file the server reads goes through one bounded reader (service/files.py): a FIFO, a
+"""Every file the server reads goes through one bounded reader (service/host/files.py): a FIFO, a
 device, a directory or an oversized file in place of a runtime cache entry, a token file, a
 weights file or a store file is refused at once, never read whole and never waited on.
 (TLS files: tests/test_tls.py; the model store: tests/test_store_entries.py.)"""
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from service.errors import WeightsUnavailableError
-from service.files import MAX_CACHE_ENTRY_BYTES, FileRefused, open_regular, read_bounded
+from service.host.files import MAX_CACHE_ENTRY_BYTES, FileRefused, open_regular, read_bounded
 from service.models import WeightsSource, build_model, get_model_spec
 from service.runtimes.export import ENTRY_FILE, MODEL_FILE, WEIGHTS_FILE, ExportCache
 from service.transport.auth import TokenFile

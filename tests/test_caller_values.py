@@ -324,7 +324,7 @@ def test_undecodable_images_are_refused_without_python_reprs_on_both_ports(tiny_
 
 
 def test_pil_reason_drops_reprs_and_addresses() -> None:
-    from service.preprocess import pil_reason
+    from service.inference.preprocess import pil_reason
 
     reason = pil_reason(OSError("cannot identify image file <_io.BytesIO object at 0x7f1e551c8850>"))
     assert reason == "cannot identify image file the image"

@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from service.config import ServeConfig
+from service.engine.factory import ModelFactory
+from service.engine.metrics import ServerMetrics
+from service.engine.repository import ModelRepository
 from service.errors import (
     AlreadyExistsError,
     BuiltinModelError,
@@ -23,13 +26,10 @@ from service.errors import (
     ModelNotFoundError,
     UnavailableError,
 )
-from service.factory import ModelFactory
 from service.finetune.catalog import FineTunedModels
 from service.finetune.heads import build_standardized_head
 from service.finetune.store import ModelStore
 from service.finetune.trainer import TrainMetrics
-from service.metrics import ServerMetrics
-from service.repository import ModelRepository
 from tests.core_util import Core, run_with_core
 from tests.store_util import save_head
 from tests.tiny import TINY, TINY_FEATURE_DIM

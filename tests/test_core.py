@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.dataplane import InferenceInput
+from service.engine.dataplane import InferenceInput
 from service.errors import (
     FailedPreconditionError,
     InvalidInputError,
@@ -58,7 +58,7 @@ def test_a_result_comes_from_the_model_that_ran_and_batching_does_not_change_it(
 
 def test_a_request_split_into_batches_is_expected_back_once() -> None:
     """20 images in batches of at most 8: only the last part's answer lets its client send again,
-    so the worker waits for one arrival after it (service.batching's rejoin rule), not for three."""
+    so the worker waits for one arrival after it (service.engine.batching's rejoin rule), not for three."""
 
     async def scenario(core: Core) -> None:
         await core.dataplane.infer(TINY, InferenceInput(pixels=pixels(20)))

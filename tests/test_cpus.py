@@ -1,4 +1,4 @@
-"""The cores thread pools are sized by: CPU affinity capped by a cgroup CPU quota (service/cpus.py)."""
+"""The cores thread pools are sized by: CPU affinity capped by a cgroup CPU quota (service/host/cpus.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from service.config import RuntimeConfig
-from service.cpus import cgroup_cpu_quota, usable_cores
+from service.host.cpus import cgroup_cpu_quota, usable_cores
 from tests.support.servers import start_server
 from tests.test_instances import pixels_input
 
@@ -93,9 +93,7 @@ def test_a_quota_caps_the_cores_rounding_down_to_at_least_one(tmp_path: Path) ->
 def test_affinity_caps_the_cores() -> None:
     """A process pinned to one core (taskset, a cpuset) counts one, whatever the machine has."""
     one = min(os.sched_getaffinity(0))
-    script = (
-        f"import os; os.sched_setaffinity(0, {{{one}}}); from service.cpus import usable_cores; print(usable_cores())"
-    )
+    script = f"import os; os.sched_setaffinity(0, {{{one}}}); from service.host.cpus import usable_cores; print(usable_cores())"
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "1"
 

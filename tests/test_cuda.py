@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from service.config import ONNXRUNTIME, TORCH
-from service.devices import resolve_devices, resolve_dtype
+from service.engine.devices import resolve_devices, resolve_dtype
+from service.engine.runtime import ModelInstance
 from service.errors import FailedPreconditionError
 from service.models import WeightsSource, build_model, get_model_spec
-from service.runtime import ModelInstance
 from service.runtimes.select import BackendLoader, RuntimeOptions, candidates
 from service.runtimes.torch_backend import TorchBackend
 

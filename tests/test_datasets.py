@@ -36,7 +36,7 @@ from service.errors import (
 from service.finetune import datasets
 from service.finetune.datasets import DatasetImages, check_name, list_dataset
 from service.finetune.examples import ExampleCollector
-from service.preprocess import ImageDecoder
+from service.inference.preprocess import ImageDecoder
 from service.storage import S3Location
 from tests.test_console import browser, screenshots  # noqa: F401  (fixtures of the console's tests)
 from tests.test_orphans import no_tracebacks, ready

@@ -11,8 +11,8 @@ from PIL import Image
 from torchvision.models import AlexNet_Weights
 
 from service.errors import InvalidInputError
+from service.inference.preprocess import ACCEPTED_MODES, ImageDecoder, to_rgb
 from service.models.preprocessing import preprocessing_of
-from service.preprocess import ACCEPTED_MODES, ImageDecoder, to_rgb
 from tests.conftest import encode
 
 TRANSFORM = AlexNet_Weights.DEFAULT.transforms()

@@ -427,8 +427,8 @@ def test_server_exports_the_scaling_metric() -> None:
     """The HPA's metric is a gauge that follows the images a model's queue holds."""
     import torch
 
-    from service.batching import BatchQueue, WorkItem
-    from service.metrics import ServerMetrics
+    from service.engine.batching import BatchQueue, WorkItem
+    from service.engine.metrics import ServerMetrics
 
     metrics = ServerMetrics()
     queue = BatchQueue(capacity_images=64, on_depth_change=metrics.queue_depth_recorder("alexnet"))

@@ -254,7 +254,7 @@ def test_links_in_code_are_not_read_and_a_broken_one_is_found(tmp_path: Path) ->
     assert broken(Link(page, 1, "protocol.md#httprest")) is None
     assert broken(Link(page, 1, "no-such-page.md")) == "no such file or folder"
     assert broken(Link(page, 1, "../service/")) is None
-    assert broken(Link(page, 1, "../service/files.py#L10-L20")) is None
+    assert broken(Link(page, 1, "../service/host/files.py#L10-L20")) is None
     assert broken(Link(page, 1, "#not-a-heading-here")) is not None
     assert broken(Link(page, 1, "../../outside.md")) == "points outside the repository"
     sample = tmp_path / "sample.md"

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from service.dataplane import InferenceInput
+from service.engine.dataplane import InferenceInput
 from service.finetune.examples import ExampleCollector
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.pipeline import FEATURE_CHUNK, FEATURE_DTYPE, JobPipeline, put_rows
 from service.finetune.trainer import ROWS_AT_ONCE, _statistics
-from service.memory import MMAP_THRESHOLD_BYTES, THRESHOLD_VARIABLE, configure_allocator, trim
+from service.host.memory import MMAP_THRESHOLD_BYTES, THRESHOLD_VARIABLE, configure_allocator, trim
 from tests.core_util import Core, run_with_core
 from tests.tiny import TINY, TINY_FEATURE_DIM
 from vision_client.protocol import FineTuneConfig
@@ -64,7 +64,7 @@ def live_pixels(side: int = 224) -> int:
 
 def worker_pixels() -> int:
     """What a model's idle worker may still hold: the storage of its last batch's rows, one chunk
-    of a job's images (service/runtime.py keeps the batch until it takes the next)."""
+    of a job's images (service/engine/runtime.py keeps the batch until it takes the next)."""
     return FEATURE_CHUNK
 
 

@@ -33,7 +33,7 @@ from service.finetune.examples import ExampleCollector
 from service.finetune.history import JobHistory
 from service.finetune.spec import MAX_AUGMENT_VIEWS, check_limits, config_from_wire
 from service.finetune.trainer import EpochReport, TrainMetrics, split_indices, train_head
-from service.preprocess import ImageDecoder
+from service.inference.preprocess import ImageDecoder
 from tests import test_console
 from tests.inprocess import InProcessServer, running, tiny_config
 from tests.support.finetune_data import digits

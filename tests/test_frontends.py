@@ -160,7 +160,7 @@ def _http_pixels(values: np.ndarray) -> triton_http.InferInput:
 def test_images_are_decoded_by_the_frontends_exactly(server):
     """IMAGE requests reach the engine as PIXELS decoded by a front end, with the engine's own
     answer: the same logits as the same image decoded by the server's preprocessing and sent as PIXELS."""
-    from service.preprocess import ImageDecoder, Preprocessing
+    from service.inference.preprocess import ImageDecoder, Preprocessing
 
     weights_preprocessing = Preprocessing(
         resize_size=256, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)

@@ -19,8 +19,8 @@ from PIL import Image
 from torchvision.models import AlexNet_Weights
 
 from service.errors import VisionServeError
+from service.inference.preprocess import ImageDecoder
 from service.models.preprocessing import preprocessing_of
-from service.preprocess import ImageDecoder
 from service.transport.codec import InferCall, parse_infer_request
 from service.transport.parsing import FIELDS_BESIDES_IMAGES, INFER_REQUEST_SCHEMA, ScreenedParser, screen
 from vision_client.protocol import encode_bytes_elements

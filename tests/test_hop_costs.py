@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from service import hop
-from service.dataplane import LoopAnswers
+from service.engine.dataplane import LoopAnswers
+from service.engine.runtime import HostStaging
 from service.errors import InvalidInputError
-from service.runtime import HostStaging
+from service.inference import hop
 
 
 def parts(*rows: int, side: int = 8) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 """The hop's engine end against a front end that breaks its rules: one that stops reading its
 answers, one that names memory outside its arena, one whose arena could shrink. Each is a raw
 peer on the engine's hop socket of a real ``--frontends 2`` server, speaking the hop's own
-messages (``service.hop``); the real front ends keep serving real clients meanwhile. And a real
+messages (``service.inference.hop``); the real front ends keep serving real clients meanwhile. And a real
 front end stopped outright (SIGSTOP) stalls its own clients only.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from service import hop
 from service.engine.hop_server import UNSENT_BYTES
+from service.inference import hop
 from tests.conftest import ServerProcess, start_server
 from tests.metrics_util import sample_value, scrape
 from tests.test_frontends import CONNECTIONS, OWN_CONNECTION, children, wait_for

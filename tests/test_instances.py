@@ -13,11 +13,11 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.grpc import model_config_pb2 as triton_config
 
-from service.batching import BatchQueue, WorkItem
 from service.config import BatchingConfig, RuntimeConfig
-from service.cpus import usable_cores
+from service.engine.batching import BatchQueue, WorkItem
+from service.engine.runtime import ModelInstance
+from service.host.cpus import usable_cores
 from service.options import build_serve_parser
-from service.runtime import ModelInstance
 from tests.conftest import session_runtime_cache
 from tests.metrics_util import sample_value, scrape
 

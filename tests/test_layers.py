@@ -83,14 +83,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "service.cli",
             "service.__main__",
             "service.options",
-            "service.server",
-            "service.supervisor",
+            "service.engine.server",
+            "service.supervisor.supervisor",
             "service.engine",
             "service.frontend",
         ),
     ),
     ("transport", ("service.transport",)),
-    ("model control and fine-tuning", ("service.model_control", "service.finetune")),
+    ("model control and fine-tuning", ("service.engine.model_control", "service.finetune")),
     ("core", ("service",)),  # data plane, registry, loaders, batching, runtimes, models, metrics, files...
 ]
 
@@ -118,18 +118,18 @@ def test_service_imports_run_downwards_only() -> None:
 
 
 def test_decoding_imports_no_torch() -> None:
-    """Processes that never import torch decode IMAGE inputs: ``service.preprocess`` (decoding and
+    """Processes that never import torch decode IMAGE inputs: ``service.inference.preprocess`` (decoding and
     the models' exact preprocessing) stands on Pillow and numpy only. A fresh interpreter, since
     this one has imported torch long ago."""
     probe = (
-        "import sys, service.preprocess; "
+        "import sys, service.inference.preprocess; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]", f"service.preprocess imports {result.stdout.strip()}"
+    assert result.stdout.strip() == "[]", f"service.inference.preprocess imports {result.stdout.strip()}"
 
 
 def test_frontends_import_no_torch_and_no_runtime() -> None:
@@ -137,7 +137,7 @@ def test_frontends_import_no_torch_and_no_runtime() -> None:
     each costs a few tens of megabytes and starts at once, however many a node runs. A fresh
     interpreter, importing what ``python -m service.frontend`` does and parsing the options."""
     probe = (
-        "import sys, service.frontend.__main__, service.supervisor, service.cli; "
+        "import sys, service.frontend.__main__, service.supervisor.supervisor, service.cli; "
         "from service.options import build_serve_parser, config_from_args; "
         "config_from_args(build_serve_parser({}).parse_args(['--frontends', '2'])); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "

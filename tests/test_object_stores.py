@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.files import FileRefused
+from service.host.files import FileRefused
 from service.options import build_serve_parser, config_from_args
 from service.storage import (
     DirectoryObjects,

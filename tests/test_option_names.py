@@ -25,8 +25,8 @@ from PIL import Image
 
 from service.config import RuntimeConfig, ServeConfig
 from service.errors import InvalidInputError
+from service.inference.preprocess import ImageDecoder, Preprocessing
 from service.options import OPTIONS, build_serve_parser
-from service.preprocess import ImageDecoder, Preprocessing
 from tests.conftest import ROOT, session_runtime_cache
 from tests.tiny import TINY
 from vision_client.cli import Defaults, build_parser

@@ -24,11 +24,11 @@ import tritonclient.grpc as triton
 from PIL import Image
 
 from service.config import ONNXRUNTIME, OPENVINO, TORCH, DtypeChoice, RuntimeConfig, ServeConfig
-from service.devices import CPU_FLAGS_ENV, native_precisions, resolve_dtype
+from service.engine.devices import CPU_FLAGS_ENV, native_precisions, resolve_dtype
+from service.engine.precision import SKLEARN_SOURCE, sample_batch
 from service.errors import FailedPreconditionError
 from service.models import WeightsSource, build_model, get_model_spec
 from service.options import build_serve_parser, config_from_args
-from service.precision import SKLEARN_SOURCE, sample_batch
 from service.runtimes.select import candidates
 from tests.conftest import ROOT, cosine, session_runtime_cache
 from tests.tiny import TINY
@@ -183,7 +183,7 @@ def test_runtimes_are_chosen_by_precision_only_when_it_is_reduced() -> None:
 
 
 def server_of(config: ServeConfig) -> object:
-    from service.server import VisionServer
+    from service.engine.server import VisionServer
 
     return VisionServer(config)
 

@@ -17,9 +17,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from service.errors import InternalError, InvalidInputError
+from service.inference.preprocess import ImageDecoder, Preprocessing
 from service.models import get_model_spec, list_models
 from service.models.preprocessing import preprocessing_of
-from service.preprocess import ImageDecoder, Preprocessing
 from tests.conftest import encode
 
 TRANSFORM = AlexNet_Weights.DEFAULT.transforms()

@@ -35,9 +35,9 @@ from service.config import (
     RuntimeConfig,
     ServeConfig,
 )
+from service.engine.runtime import ModelInstance
 from service.errors import FailedPreconditionError
 from service.models import WeightsSource, build_model, get_model_spec
-from service.runtime import ModelInstance
 from service.runtimes.export import ENTRY_FILE, ENTRY_FILES, MODEL_FILE, WEIGHTS_FILE, ExportCache, state_digest
 from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from service.runtimes.openvino_backend import OpenVinoBackend
@@ -141,7 +141,7 @@ def test_the_servers_runtime_threads_spin_only_during_a_forward_pass(
 
 def test_features_run_through_the_runtime(default_server: InProcessServer, all_weights: Path) -> None:
     """Fine-tuning extracts features through the same session as inference."""
-    from service.dataplane import InferenceInput
+    from service.engine.dataplane import InferenceInput
 
     server = default_server.server
     assert server is not None
@@ -305,7 +305,7 @@ def test_runtimes_that_cannot_run_on_cuda_say_what_to_do(alexnet: torch.nn.Modul
 
 
 def test_fastest_times_every_runtime_and_keeps_one(serve_inprocess, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="service.factory"):
+    with caplog.at_level(logging.INFO, logger="service.engine.factory"):
         server = serve_inprocess(runtime=RuntimeConfig(name="fastest", cache_dir=session_runtime_cache()))
     line = next(r.getMessage() for r in caplog.records if "--runtime fastest" in r.getMessage())
     assert all(name in line for name in RUNTIMES), line
@@ -378,7 +378,7 @@ def test_runtime_options_from_flags_and_environment(tmp_path: Path) -> None:
 
 
 def test_a_runtime_that_cannot_run_stops_the_server_at_start_with_its_reason() -> None:
-    from service.server import VisionServer
+    from service.engine.server import VisionServer
 
     with pytest.raises(FailedPreconditionError, match="choose one of"):
         VisionServer(ServeConfig(models=("alexnet",), model_store=None, runtime=RuntimeConfig(name="tensorrt")))

@@ -1,6 +1,6 @@
 """Triton's system shared memory with the real client library (``tritonclient.utils.shared_memory``)
 and the real gRPC and HTTP clients, against one in-process server; and the owner of the regions
-(``service.shared_memory``) on its own.
+(``service.inference.shared_memory``) on its own.
 
 Every test leaves no region registered and checks that the server stayed live and healthy.
 """
@@ -29,7 +29,7 @@ from service.errors import (
     RegionNotFoundError,
     SharedMemoryFullError,
 )
-from service.shared_memory import SHM_DIRECTORY, SharedMemoryRegions, SharedTensor, shm_file_name
+from service.inference.shared_memory import SHM_DIRECTORY, SharedMemoryRegions, SharedTensor, shm_file_name
 from service.transport.call import Call
 from tests.client_util import inprocess_server
 from tests.inprocess import InProcessServer

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from service.config import RuntimeConfig
-from service.metrics_http import MAX_CONNECTIONS
+from service.engine.metrics_http import MAX_CONNECTIONS
 from tests.conftest import session_runtime_cache
 from tests.tiny import TINY
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb

@@ -14,9 +14,9 @@ import pytest
 
 from service.cli import build_serve_parser, config_from_args
 from service.config import ServeConfig
+from service.engine.server import create_server
 from service.errors import FailedPreconditionError
-from service.ports import Listener, check_ports
-from service.server import create_server
+from service.host.ports import Listener, check_ports
 from tests.support.servers import ROOT, free_port
 from tests.tiny import TINY
 

@@ -15,8 +15,8 @@ import pytest
 
 from service.config import FineTuneLimits
 from service.errors import StoreEntryError
-from service.files import FileRefused, TimedOut, call_with_timeout, read_bounded
 from service.finetune.store import ModelStore
+from service.host.files import FileRefused, TimedOut, call_with_timeout, read_bounded
 from tests.metrics_util import sample_value, scrape
 from tests.store_util import manifest_of, save_head, write_manifest
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb

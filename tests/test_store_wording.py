@@ -16,14 +16,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from service.engine.factory import ModelFactory
+from service.engine.metrics import ServerMetrics
+from service.engine.repository import ModelRepository
 from service.errors import StoreEntryError
-from service.factory import ModelFactory
-from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import FineTunedModels
 from service.finetune.store import ModelStore, StoreReason
 from service.finetune.sync import StoreSync
-from service.metrics import ServerMetrics
-from service.repository import ModelRepository
+from service.host.files import TimedOut, call_with_timeout
 from service.storage import S3Location
 from service.storage.s3 import S3Objects
 from tests.core_util import tiny_config

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import ServeConfig
 from service.errors import FailedPreconditionError
-from service.files import MAX_TLS_FILE_BYTES
+from service.host.files import MAX_TLS_FILE_BYTES
 from service.transport.tls import CertificateFiles, TlsFiles
 from tests.certs import CertificateAuthority, Issued, write_atomically, write_pair
 from tests.metrics_util import sample_value, scrape

@@ -34,8 +34,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from tritonclient.utils import InferenceServerException
 
 from service.errors import FailedPreconditionError, InvalidInputError
-from service.logs import JsonFormatter, RequestIds, RequestIdsFilter, TextFormatter, request_ids
-from service.tracing import ExportConfig, ItemTrace, Tracing
+from service.telemetry.logs import JsonFormatter, RequestIds, RequestIdsFilter, TextFormatter, request_ids
+from service.telemetry.tracing import ExportConfig, ItemTrace, Tracing
 from tests.client_util import inprocess_server
 from tests.inprocess import InProcessServer
 from tests.metrics_util import sample_value, scrape
@@ -822,7 +822,7 @@ def test_the_encoder_writes_what_the_sdks_otlp_encoder_writes() -> None:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from service.otlp import KIND_INTERNAL, KIND_SERVER, Encoder, LinkRecord, SpanRecord, readable
+    from service.telemetry.otlp import KIND_INTERNAL, KIND_SERVER, Encoder, LinkRecord, SpanRecord, readable
 
     resource = Resource.create({"service.name": "edge", "service.version": "1.2", "hosts": ("a", "b")})
     records = [
@@ -870,7 +870,7 @@ def test_request_spans_reach_any_exporter_as_the_sdks_span_objects() -> None:
     a failed phase marked, the batch's queue and compute spans and the link to the batch span."""
     kept = Keeping()
     tracing = Tracing.create(ExportConfig(schedule_delay_s=3600), on_dropped=lambda reason, n: None, exporter=kept)
-    from service.tracing import TracedItem, record_batch
+    from service.telemetry.tracing import TracedItem, record_batch
 
     trace_id, caller = new_trace_id(), os.urandom(8).hex()
     request = tracing.start_request(
@@ -940,7 +940,7 @@ def test_requests_are_sampled_by_the_sdks_rules(sampler: str) -> None:
     from opentelemetry import trace as otel
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-    from service.tracing import RequestSampler
+    from service.telemetry.tracing import RequestSampler
 
     config = ExportConfig(sampler=sampler, sampler_arg=0.3)
     ours, theirs = RequestSampler(config), config.base_sampler()
@@ -959,7 +959,7 @@ def test_a_callers_trace_context_is_read_as_the_w3c_propagator_reads_it() -> Non
     from opentelemetry import trace as otel
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    from service.tracing import NOT_SAMPLED, _traceparent
+    from service.telemetry.tracing import NOT_SAMPLED, _traceparent
 
     trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     headers = [
@@ -1000,7 +1000,7 @@ def test_a_callers_trace_context_is_read_as_the_w3c_propagator_reads_it() -> Non
 def test_spans_that_do_not_fit_the_queue_are_dropped_and_counted() -> None:
     """A group of spans (a batch's) takes the room the queue has, its first spans first; the rest is
     counted, and nothing more enters until an export makes room."""
-    from service.tracing import TracedItem, record_batch
+    from service.telemetry.tracing import TracedItem, record_batch
 
     dropped: dict[str, int] = {}
 
@@ -1033,7 +1033,7 @@ def test_a_string_utf8_cannot_hold_is_written_with_a_replacement_not_a_failed_ex
     and the other spans of its batch still go out."""
     from opentelemetry.sdk.resources import Resource
 
-    from service.otlp import KIND_INTERNAL, Encoder, SpanRecord
+    from service.telemetry.otlp import KIND_INTERNAL, Encoder, SpanRecord
 
     odd = "id-\ud800"
     spans = [

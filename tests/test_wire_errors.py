@@ -194,7 +194,7 @@ def test_pixels_that_are_not_finite_are_invalid_argument(tiny_server, caplog, ra
 
 
 def test_classification_ranks_nan_last() -> None:
-    from service.classification import top_k
+    from service.inference.classification import top_k
 
     rows = top_k(np.array([[np.nan, 1.0, 2.0, -np.inf]], np.float32), 4, ["a", "b", "c", "d"])
     assert [score.label for score in rows[0]] == ["c", "b", "d", "a"]

@@ -1,5 +1,5 @@
 """``python -m service.engine RUN_DIR INDEX SUPERVISOR_PID -- [vision-serve options]``: the engine, started by
-the supervisor (``service.supervisor``), never by hand."""
+the supervisor (``service.supervisor.supervisor``), never by hand."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 from service.config import ServeConfig
 from service.errors import VisionServeError
-from service.logs import configure_logging
-from service.memory import configure_allocator
+from service.host.memory import configure_allocator
 from service.options import build_serve_parser, config_from_args
-from service.supervisor import LOADED_MARK, STARTED_MARK, die_with_supervisor
+from service.supervisor.supervisor import LOADED_MARK, STARTED_MARK, die_with_supervisor
+from service.telemetry.logs import configure_logging
 
 
 async def run_engine(config: ServeConfig, run_dir: Path) -> int:
-    from service.server import VisionServer
+    from service.engine.server import VisionServer
 
     server = VisionServer(config, run_dir=run_dir)
     try:

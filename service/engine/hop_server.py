@@ -1,6 +1,6 @@
-"""The engine's end of the hop (``service.hop``): front ends' descriptors in, answers out.
+"""The engine's end of the hop (``service.inference.hop``): front ends' descriptors in, answers out.
 
-Each front end holds one connection. Its first message (a :class:`~service.hop.Hello`) brings the
+Each front end holds one connection. Its first message (a :class:`~service.inference.hop.Hello`) brings the
 front end's arena as a file descriptor, which the engine maps once. Every later descriptor is one
 inference, run as a task of its own on the engine's event loop through the same servicer call the
 gRPC and REST adapters of a single process make; a cancel stops that task (its work is dropped
@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
-from service import hop
+from service.inference import hop
 from service.transport.errors import status_for
 
 log = logging.getLogger(__name__)

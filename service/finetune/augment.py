@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from service.preprocess import ImageDecoder
+from service.inference.preprocess import ImageDecoder
 from vision_client.protocol import AugmentationConfig
 
 RATIO = (3 / 4, 4 / 3)  # aspect ratios of a crop, RandomResizedCrop's default

@@ -27,8 +27,8 @@ from service.models.blocks import Backbone, check_trained_blocks, cut_shape, spl
 from vision_client.protocol import FineTuneConfig
 
 if TYPE_CHECKING:
-    from service.factory import ModelFactory
-    from service.served import ServedModel
+    from service.engine.factory import ModelFactory
+    from service.engine.served import ServedModel
 
 # What a job may keep of activations at its cut (as float16: 2 bytes a value): 2 GiB holds
 # ResNet101's before layer4 (1024 x 14 x 14) for 5,350 images, AlexNet's before fc6 for 116,000.

@@ -39,6 +39,9 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from service.engine.factory import ModelFactory
+from service.engine.metrics import ServerMetrics
+from service.engine.repository import ModelRepository, ModelState, ServedModel
 from service.errors import (
     BuiltinModelError,
     FailedPreconditionError,
@@ -50,16 +53,13 @@ from service.errors import (
     VisionServeError,
     quote,
 )
-from service.factory import ModelFactory
-from service.files import TimedOut, call_with_timeout
 from service.finetune.backbone import start_network
 from service.finetune.heads import StandardizedHead, TrainedPart
 from service.finetune.names import is_model_name, validate_model_name
 from service.finetune.store import Manifest, ModelStore, StoreReason
 from service.finetune.trainer import TrainMetrics
-from service.metrics import ServerMetrics
+from service.host.files import TimedOut, call_with_timeout
 from service.models import get_model_spec
-from service.repository import ModelRepository, ModelState, ServedModel
 from vision_client.protocol import FineTuneConfig
 
 log = logging.getLogger(__name__)

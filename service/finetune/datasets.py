@@ -47,9 +47,9 @@ from service.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from service.files import FileRefused, TimedOut, call_with_timeout, in_daemon_thread, read_bounded
 from service.finetune.examples import CHECK_SIZE, ExampleCollector, TrainingExamples
-from service.preprocess import ImageDecoder
+from service.host.files import FileRefused, TimedOut, call_with_timeout, in_daemon_thread, read_bounded
+from service.inference.preprocess import ImageDecoder
 from service.storage.location import S3Location, StoreLocation, parse_store_location
 from service.storage.objects import StoreUnreachable
 from vision_client.protocol import FineTuneConfig

@@ -56,12 +56,12 @@ import safetensors.torch
 import torch
 
 from service.errors import StoreEntryError, UnavailableError, quote
-from service.files import FileRefused
 from service.finetune.examples import TrainingExamples
 from service.finetune.history import JOB_ID, JOBS_FOLDER
 from service.finetune.job import EpochMetrics, Job, JobState
 from service.finetune.store import parse_json
 from service.finetune.trainer import FitState
+from service.host.files import FileRefused
 from service.storage import ObjectChanged, ObjectExists, ObjectInfo, ObjectStore
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import from_dict, to_dict

@@ -26,7 +26,7 @@ import numpy as np
 from service.config import FineTuneLimits
 from service.errors import InvalidInputError, quote
 from service.finetune.spec import check_classes, examples_limit_message, max_examples
-from service.preprocess import ImageDecoder
+from service.inference.preprocess import ImageDecoder
 from vision_client.protocol import FineTuneConfig
 from vision_client.protocol.labels import label_problem
 

@@ -11,10 +11,10 @@ import logging
 import re
 
 from service.errors import StoreEntryError
-from service.files import FileRefused
 from service.finetune.job import EpochMetrics, Job, JobState
 from service.finetune.store import parse_json
 from service.finetune.trainer import TrainMetrics
+from service.host.files import FileRefused
 from service.storage import ObjectStore, StoreLocation, open_objects
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import from_dict, to_dict

@@ -35,7 +35,10 @@ from typing import TypeVar
 import torch
 
 from service.config import FineTuneLimits, ServeConfig
-from service.dataplane import DataPlane
+from service.engine.dataplane import DataPlane
+from service.engine.loader import BuiltinModels
+from service.engine.metrics import ServerMetrics
+from service.engine.repository import ModelRepository
 from service.errors import (
     AlreadyExistsError,
     BuiltinModelError,
@@ -46,7 +49,6 @@ from service.errors import (
     VisionServeError,
     quote,
 )
-from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels
 from service.finetune.datasets import check_name, list_dataset
 from service.finetune.durable import InputsGone, JobKeeper, LeaseLost
@@ -56,11 +58,9 @@ from service.finetune.job import EpochMetrics, Job, JobEvent, JobState
 from service.finetune.pipeline import JobPipeline
 from service.finetune.spec import check_head, check_limits
 from service.finetune.trainer import JobCancelled
-from service.loader import BuiltinModels
-from service.metrics import ServerMetrics
+from service.host.files import TimedOut, call_with_timeout
 from service.models import get_model_spec
-from service.repository import ModelRepository
-from service.tracing import Tracing
+from service.telemetry.tracing import Tracing
 from vision_client.errors import InvalidInputError as ConfigError
 from vision_client.protocol import FineTuneConfig
 

@@ -5,10 +5,10 @@ feature-extractor model sharing the backbone's weights), a chunk of images at a 
 each chunk's images are let go as soon as its features are in, and the job keeps only
 what training needs (features and targets). The head trains in a worker thread; the
 result is written to the store and served. When the job ends, however it ends, its
-memory is handed back (:func:`service.memory.release_memory`).
+memory is handed back (:func:`service.host.memory.release_memory`).
 
 With tracing on, a job has a ``job`` span with ``features``, one ``epoch`` per epoch and
-``publish`` under it (:meth:`service.tracing.Tracing.start_job`). An epoch's span is recorded by
+``publish`` under it (:meth:`service.telemetry.tracing.Tracing.start_job`). An epoch's span is recorded by
 the training thread once the epoch is done, from two clock reads (when the previous one ended, or
 training began, and now): training waits for no exporter and no event loop.
 """
@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.cpus import usable_cores, use_torch_threads
-from service.dataplane import DataPlane
+from service.engine.dataplane import DataPlane
+from service.engine.loader import BuiltinModels
+from service.engine.metrics import ServerMetrics
+from service.engine.served import ServedModel
 from service.errors import InvalidInputError
 from service.finetune.augment import ViewMaker
 from service.finetune.backbone import activations_limit_message, max_examples_at_cut, trained_part
@@ -38,14 +40,12 @@ from service.finetune.examples import TrainingExamples
 from service.finetune.job import Job, JobEvent, JobState
 from service.finetune.store import Manifest
 from service.finetune.trainer import EpochReport, JobCancelled, TrainResult, train_head
-from service.inference_io import InferenceInput
-from service.loader import BuiltinModels
-from service.memory import release_memory
-from service.metrics import ServerMetrics
+from service.host.cpus import usable_cores, use_torch_threads
+from service.host.memory import release_memory
+from service.inference.inference_io import InferenceInput
 from service.models import get_model_spec
-from service.served import ServedModel
 from service.storage import store_kind
-from service.tracing import JobTrace, Tracing
+from service.telemetry.tracing import JobTrace, Tracing
 
 FEATURE_CHUNK = 32  # images per feature-extraction request
 FEATURE_SHARE = 0.3  # share of a job's progress given to feature extraction

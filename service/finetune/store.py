@@ -66,7 +66,6 @@ from service.errors import (
     UnavailableError,
     quote,
 )
-from service.files import FileRefused
 from service.finetune.heads import (
     StandardizedHead,
     build_standardized_head,
@@ -77,6 +76,7 @@ from service.finetune.heads import (
 from service.finetune.names import is_model_name
 from service.finetune.spec import check_head
 from service.finetune.trainer import TrainMetrics
+from service.host.files import FileRefused
 from service.models import get_model_spec, list_models
 from service.models.blocks import check_trained_blocks, trained_state_bytes
 from service.storage import (

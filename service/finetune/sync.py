@@ -20,11 +20,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from service.engine.repository import ModelRepository
 from service.errors import StoreEntryError
-from service.files import TimedOut, call_with_timeout
 from service.finetune.catalog import READ_TIMEOUT_S, FineTunedModels, Fingerprint
 from service.finetune.store import ModelStore, StoredModel, StoreReason
-from service.repository import ModelRepository
+from service.host.files import TimedOut, call_with_timeout
 
 log = logging.getLogger(__name__)
 

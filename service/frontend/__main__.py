@@ -1,5 +1,5 @@
 """``python -m service.frontend RUN_DIR INDEX SUPERVISOR_PID -- [vision-serve options]``: one protocol front end,
-started by the supervisor (``service.supervisor``), never by hand."""
+started by the supervisor (``service.supervisor.supervisor``), never by hand."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from service.errors import VisionServeError
 from service.frontend.server import serve_frontend
-from service.logs import configure_logging
 from service.options import build_serve_parser, config_from_args
-from service.supervisor import die_with_supervisor
+from service.supervisor.supervisor import die_with_supervisor
+from service.telemetry.logs import configure_logging
 
 
 def main(argv: list[str]) -> int:

@@ -2,7 +2,7 @@
 instead of waiting on the engine's.
 
 A request whose input is IMAGE (in the message, not in shared memory) is checked as the engine
-would check it, its images decoded with the model's exact preprocessing (``service.preprocess``,
+would check it, its images decoded with the model's exact preprocessing (``service.inference.preprocess``,
 which the engine describes once per model: ``hop.Describe``) straight into the request's slot, and
 the request goes to the engine as the same request with a PIXELS input in place of IMAGE:
 serialized by hand, the header from protobuf and the pixels as one ``raw_input_contents`` field
@@ -23,11 +23,11 @@ from functools import partial
 
 import numpy as np
 
-from service import hop
 from service.config import ServeConfig
 from service.errors import RelayedError, VisionServeError
 from service.frontend.engine_link import EngineLink, Slot
-from service.preprocess import ImageDecoder, Preprocessing, decode_rows
+from service.inference import hop
+from service.inference.preprocess import ImageDecoder, Preprocessing, decode_rows
 from service.transport.codec import parse_infer_request, uses_shared_memory
 from vision_client.protocol import PIXELS
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb

@@ -1,4 +1,4 @@
-"""A protocol front end's link to the engine: the hop for inference (``service.hop``) and a gRPC
+"""A protocol front end's link to the engine: the hop for inference (``service.inference.hop``) and a gRPC
 channel on the engine's Unix socket for every other call.
 
 The link reconnects by itself: while the engine is down (it died and its supervisor is starting
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import grpc
 
-from service import hop
 from service.errors import RelayedError, UnavailableError
+from service.inference import hop
 
 log = logging.getLogger(__name__)
 

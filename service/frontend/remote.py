@@ -2,7 +2,7 @@
 to the engine, which owns every model, queue, job and region. Like those, each method takes the
 request and its :class:`~service.transport.call.Call`, whichever binding (gRPC or REST) brought it.
 
-Inference goes through the hop (``service.hop``); every other call is forwarded on the engine's
+Inference goes through the hop (``service.inference.hop``); every other call is forwarded on the engine's
 gRPC socket with the caller's peer (``auth.FORWARDED_PEER``) and trace context: the front end has
 authorized it already. The engine's errors come back with their code and message unchanged. While
 the engine is down, readiness says not ready (liveness: live, this process is) and everything else

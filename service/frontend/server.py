@@ -19,7 +19,7 @@ from service.config import ServeConfig
 from service.frontend.decoding import FrontendDecoding
 from service.frontend.engine_link import EngineLink
 from service.frontend.remote import Forwarder, RemoteFineTuning, RemoteHealth, RemoteInference, RemoteModels
-from service.ports import Listener, bind_error, bracketed
+from service.host.ports import Listener, bind_error, bracketed
 from service.transport.auth import AuthorizationInterceptor, policy_from
 from service.transport.errors import ErrorMappingInterceptor
 from service.transport.limits import server_options

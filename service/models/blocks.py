@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from service.backbone_blocks import BLOCK_NAMES
 from service.errors import InvalidInputError, quote
+from service.inference.backbone_blocks import BLOCK_NAMES
 
 if TYPE_CHECKING:
     from service.models.registry import ModelSpec

@@ -1,4 +1,4 @@
-"""A model's torchvision preprocessing as data (:class:`service.preprocess.Preprocessing`), read
+"""A model's torchvision preprocessing as data (:class:`service.inference.preprocess.Preprocessing`), read
 from its weights' transform here, where torch is imported, so that the decoder needs none."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from service.preprocess import PIL_RESAMPLING, Preprocessing
+from service.inference.preprocess import PIL_RESAMPLING, Preprocessing
 
 
 def preprocessing_of(transform: Any) -> Preprocessing:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from service.errors import WeightsUnavailableError
-from service.files import MAX_NETWORK_FILE_BYTES, FileRefused, open_regular
+from service.host.files import MAX_NETWORK_FILE_BYTES, FileRefused, open_regular
 from service.models.registry import ModelSpec
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,7 @@ import torch
 
 from service.config import default_cache_dir as default_cache_dir
 from service.errors import FailedPreconditionError
-from service.files import MAX_CACHE_ENTRY_BYTES, MAX_NETWORK_FILE_BYTES, FileRefused, open_regular, read_bounded
+from service.host.files import MAX_CACHE_ENTRY_BYTES, MAX_NETWORK_FILE_BYTES, FileRefused, open_regular, read_bounded
 from service.models import ModelSpec
 from service.runtimes.base import FEATURES, LOGITS
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from service.config import ONNXRUNTIME, SPIN_ALWAYS, SPIN_NEVER, SPIN_RUN
-from service.cpus import usable_cores
 from service.errors import FailedPreconditionError
+from service.host.cpus import usable_cores
 from service.runtimes.base import Output, gather_on_host
 from service.runtimes.export import INPUT
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from service.config import OPENVINO
-from service.cpus import usable_cores
 from service.errors import FailedPreconditionError
+from service.host.cpus import usable_cores
 from service.runtimes.base import Output, gather_on_host
 
 # --dtype -> OpenVINO's INFERENCE_PRECISION_HINT on the CPU (whether the CPU has bf16 is devices' to say).

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from service.config import AUTO, FASTEST, FLOAT32, ONNXRUNTIME, OPENVINO, RUNTIME_CHOICES, SPIN_ALWAYS, TORCH
-from service.devices import DTYPES, NAMES
+from service.engine.devices import DTYPES, NAMES
 from service.errors import FailedPreconditionError
 from service.models import ModelSpec
 from service.runtimes import onnxruntime_backend, openvino_backend
@@ -41,7 +41,7 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": (TORCH,),
 }
 # What each runtime computes natively on each device kind (whether the device itself has the
-# precision is service.devices.native_precisions's to say). ONNX Runtime's CPU kernels have no
+# precision is service.engine.devices.native_precisions's to say). ONNX Runtime's CPU kernels have no
 # bfloat16 path on x86 and its float16 needs a converted graph: float32 only.
 PRECISIONS: dict[str, dict[str, tuple[str, ...]]] = {
     TORCH: {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "float16", "bfloat16")},

@@ -8,8 +8,8 @@ import copy
 import torch
 
 from service.config import TORCH
-from service.cpus import use_torch_threads
-from service.devices import NAMES
+from service.engine.devices import NAMES
+from service.host.cpus import use_torch_threads
 from service.models import ModelSpec
 from service.runtimes.base import FEATURES, Output
 

@@ -4,7 +4,7 @@ A key ``a/b`` is the file ``<root>/a/b``. Writes go through a temporary file, fl
 into place; a create-only write is ``link(2)`` of that temporary file (it fails if any process
 made the name first, also on NFS); a conditional replace holds an exclusive ``flock`` on the
 folder's ``.lock`` file while it compares the fingerprint and renames. Reads go through
-:func:`~service.files.read_bounded` (regular files only, never a symlink, at most a cap). A
+:func:`~service.host.files.read_bounded` (regular files only, never a symlink, at most a cap). A
 listing never follows symlinks and reports what ``lstat`` says; the ETag of a file is its inode,
 modification time and size, which change whenever it is replaced.
 
@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.files import read_bounded, rename_into_place, sync_directory, write_temporary
+from service.host.files import read_bounded, rename_into_place, sync_directory, write_temporary
 from service.storage.objects import ObjectChanged, ObjectExists, ObjectInfo, check_key
 
 LOCK_FILE = ".lock"

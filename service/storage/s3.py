@@ -30,7 +30,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from service.files import FileRefused
+from service.host.files import FileRefused
 from service.storage.location import S3Location
 from service.storage.objects import ObjectChanged, ObjectExists, ObjectInfo, StoreUnreachable, check_key
 

@@ -1,7 +1,7 @@
 """Spans of store operations: an :class:`~service.storage.objects.ObjectStore` that records one span
 per operation (``store.read``, ``store.write``, ``store.list``...) around another.
 
-Built only where tracing is on (:meth:`service.tracing.Tracing.store`); with tracing off the store is
+Built only where tracing is on (:meth:`service.telemetry.tracing.Tracing.store`); with tracing off the store is
 not wrapped at all. A span is made only as the child of a span that is current and recording where
 the operation runs: a fine-tuning job's ``publish`` (its phases are current spans) and the worker
 threads ``asyncio.to_thread`` starts from there, which carry the caller's context. An operation

@@ -53,7 +53,7 @@ from urllib.parse import unquote, urlsplit
 import grpc
 
 from service.errors import AuthenticationError, FailedPreconditionError, PermissionDeniedError, quote
-from service.files import MAX_TOKEN_FILE_BYTES, SMALL_FILE_TIMEOUT_S, FileRefused, in_daemon_thread, read_bounded
+from service.host.files import MAX_TOKEN_FILE_BYTES, SMALL_FILE_TIMEOUT_S, FileRefused, in_daemon_thread, read_bounded
 from service.transport.handlers import AioContext, HandlerInterceptor, Req, Resp, behaviors, replace, responses
 
 log = logging.getLogger(__name__)

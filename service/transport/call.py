@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from service.tracing import trace_carrier
+from service.telemetry.tracing import trace_carrier
 from service.transport.auth import caller_peer, is_loopback_peer
 from service.transport.handlers import AioContext
 

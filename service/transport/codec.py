@@ -9,7 +9,7 @@ empty one, and nothing is decoded here.
 
 Triton's system shared memory: a tensor whose parameters name a
 ``shared_memory_region`` lies in that region instead of the message. Its bytes
-are read through the request's leases (``service.shared_memory``) and then
+are read through the request's leases (``service.inference.shared_memory``) and then
 parsed exactly as ``raw_input_contents`` would be (a BYTES tensor has the same
 framing); an output with those parameters is written into its region and the
 response carries only the parameters, as Triton's does.
@@ -23,10 +23,10 @@ from math import prod
 
 import numpy as np
 
-from service.classification import top_k
 from service.errors import FailedPreconditionError, InvalidInputError, quote
-from service.inference_io import InferenceInput, InferenceResult, too_many_images
-from service.shared_memory import RegionLeases, SharedTensor
+from service.inference.classification import top_k
+from service.inference.inference_io import InferenceInput, InferenceResult, too_many_images
+from service.inference.shared_memory import RegionLeases, SharedTensor
 from service.transport import values
 from vision_client import protocol
 from vision_client.protocol import CLASSIFICATION, IMAGE, LOGITS, PIXELS, encode_bytes_elements

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 
 import service
 from service.config import BatchingConfig
-from service.dataplane import DataPlane
+from service.engine.dataplane import DataPlane
+from service.engine.model_control import ModelControl
+from service.engine.repository import ServedModel
+from service.engine.statistics import StatisticsCollector
 from service.errors import InvalidInputError, ModelNotFoundError, PermissionDeniedError, VisionServeError, quote
-from service.logs import RequestIds, access, new_request_id, request_ids
-from service.model_control import ModelControl
-from service.repository import ServedModel
-from service.shared_memory import RegionLeases, SharedMemoryRegions
-from service.statistics import StatisticsCollector
-from service.tracing import RequestTrace, Tracing
+from service.inference.shared_memory import RegionLeases, SharedMemoryRegions
+from service.telemetry.logs import RequestIds, access, new_request_id, request_ids
+from service.telemetry.tracing import RequestTrace, Tracing
 from service.transport.auth import host_only_message
 from service.transport.call import Call
 from service.transport.codec import (

@@ -44,7 +44,7 @@ within 20 s: the calls of a peer that vanished (a pulled cable, a killed node) a
 def server_options(*, share_port: bool = False) -> list[tuple[str, int]]:
     """The grpc.aio server options for the limits above. ``share_port``: the port is shared with this
     server's other protocol processes (``SO_REUSEPORT``; the kernel spreads connections over them).
-    A port another program holds is still refused: ``service.ports`` checks each without sharing."""
+    A port another program holds is still refused: ``service.host.ports`` checks each without sharing."""
     return [
         ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
         ("grpc.max_allowed_incoming_connections", MAX_INCOMING_CONNECTIONS),

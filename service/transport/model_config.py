@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from service.config import BatchingConfig
-from service.repository import ServedModel
-from service.statistics import Duration, ModelStatistics
+from service.engine.repository import ServedModel
+from service.engine.statistics import Duration, ModelStatistics
 from vision_client.protocol import IMAGE, LOGITS, PIXELS
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 from vision_client.protocol.stubs.inference import model_config_pb2 as config_pb

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 
-from service.dataplane import DataPlane
+from service.engine.dataplane import DataPlane
+from service.engine.metrics import ServerMetrics
+from service.engine.precision import Agreement
+from service.engine.repository import ServedModel
 from service.errors import InvalidInputError, quote
 from service.finetune.catalog import FineTunedModels
-from service.metrics import ServerMetrics
-from service.precision import Agreement
-from service.repository import ServedModel
 from service.transport.call import Call
 from service.transport.inference import require_model_name
 from vision_client.protocol.stubs.vision.v1 import models_pb2 as pb

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from service.errors import FailedPreconditionError
-from service.files import MAX_TLS_FILE_BYTES, FileRefused, read_bounded
+from service.host.files import MAX_TLS_FILE_BYTES, FileRefused, read_bounded
 
 log = logging.getLogger(__name__)
 

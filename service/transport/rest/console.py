@@ -32,9 +32,9 @@ from importlib import resources
 
 from aiohttp import web
 
-from service.backbone_blocks import BLOCK_NAMES
 from service.config import FineTuneLimits
 from service.finetune.spec import MAX_HEAD_LAYERS
+from service.inference.backbone_blocks import BLOCK_NAMES
 from vision_client.protocol import vocabulary
 from vision_client.protocol.labels import label_rule
 

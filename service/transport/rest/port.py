@@ -5,7 +5,7 @@ protocol front end (which shares the port with the others)."""
 from __future__ import annotations
 
 from service.config import ServeConfig
-from service.ports import Listener, bind_error, bracketed
+from service.host.ports import Listener, bind_error, bracketed
 from service.transport.auth import AccessPolicy
 from service.transport.rest.console import console_routes
 from service.transport.rest.routes import routes

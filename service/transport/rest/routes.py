@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from service.errors import InvalidInputError
-from service.tracing import trace_carrier
+from service.telemetry.tracing import trace_carrier
 from service.transport import values
 from service.transport.call import Call
 from service.transport.rest.codec import (

@@ -15,28 +15,28 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 import service
-from service import hop
 from service.config import ServeConfig
-from service.cpus import use_torch_threads
-from service.dataplane import DataPlane
-from service.devices import resolve_devices
+from service.engine.dataplane import DataPlane
+from service.engine.devices import resolve_devices
+from service.engine.factory import ModelFactory
 from service.engine.hop_server import HopServer
-from service.factory import ModelFactory
+from service.engine.loader import BuiltinModels
+from service.engine.metrics import ServerMetrics
+from service.engine.metrics_http import MetricsHttpServer
+from service.engine.model_control import ModelControl
+from service.engine.repository import ModelRepository, ServedModel
 from service.finetune.catalog import FineTunedModels
 from service.finetune.manager import JobManager
 from service.finetune.names import LIVENESS_SERVICE, SERVER_SERVICE
 from service.finetune.store import ModelStore
 from service.finetune.sync import StoreSync
-from service.loader import BuiltinModels
-from service.metrics import ServerMetrics
-from service.metrics_http import MetricsHttpServer
-from service.model_control import ModelControl
+from service.host.cpus import use_torch_threads
+from service.host.ports import Listener, bind_error, bracketed, check_ports, listeners
+from service.inference import hop
+from service.inference.shared_memory import SharedMemoryRegions
 from service.models import WeightsSource
-from service.ports import Listener, bind_error, bracketed, check_ports, listeners
-from service.repository import ModelRepository, ServedModel
-from service.shared_memory import SharedMemoryRegions
 from service.storage import open_objects
-from service.tracing import ExportConfig, Tracing
+from service.telemetry.tracing import ExportConfig, Tracing
 from service.transport.auth import AuthorizationInterceptor, policy_from, trust_forwarded_peers
 from service.transport.call import Call
 from service.transport.errors import ErrorMappingInterceptor
@@ -68,9 +68,9 @@ class VisionServer:
         """``environ``: where the ``OTEL_*`` variables are read with ``config.trace`` (the process's).
 
         ``run_dir``: run as the engine behind protocol front ends (``--frontends`` of 2 or more): the
-        gRPC services listen on a Unix socket there (``service.hop.ENGINE_SOCKET``) for the front ends, which
+        gRPC services listen on a Unix socket there (``service.inference.hop.ENGINE_SOCKET``) for the front ends, which
         have authorized each call and forward its peer; inference comes through the hop
-        (``service.hop.HOP_SOCKET``); no HTTP port (the front ends serve REST over the same
+        (``service.inference.hop.HOP_SOCKET``); no HTTP port (the front ends serve REST over the same
         services). The metrics and health-only ports stay here, one for the whole server."""
         self.config = config
         self.run_dir = run_dir

@@ -27,10 +27,10 @@ of ``OTEL_TRACES_SAMPLER`` decide.
 
 **What a traced request costs.** A request's spans are not the SDK's span objects: the request
 (:class:`RequestTrace`, on the event loop) and the batch's worker (:func:`record_batch`) record
-each span as one tuple when it ends (:class:`service.otlp.SpanRecord`: ids, name, two times,
+each span as one tuple when it ends (:class:`service.telemetry.otlp.SpanRecord`: ids, name, two times,
 attributes), with no sampler call, context object or lock per span; the request's spans go to the
 export queue together when it finishes, a batch's in one group. The export thread writes the OTLP
-protobuf from those tuples (:class:`service.otlp.Encoder`) and the SDK's OTLP exporters send it.
+protobuf from those tuples (:class:`service.telemetry.otlp.Encoder`) and the SDK's OTLP exporters send it.
 The sampling rules are the SDK's (:class:`RequestSampler`), the W3C parsing the propagator's
 (:func:`_traceparent`). Fine-tuning jobs and store operations, a few spans each, stay SDK spans.
 
@@ -83,9 +83,17 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TraceFlags, 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.errors import FailedPreconditionError, InvalidInputError, quote
-from service.otlp import KIND_INTERNAL, KIND_SERVER, EncodedExporter, Encoder, LinkRecord, SpanRecord, readable
 from service.storage.objects import ObjectStore
 from service.storage.traced import TracedObjects
+from service.telemetry.otlp import (
+    KIND_INTERNAL,
+    KIND_SERVER,
+    EncodedExporter,
+    Encoder,
+    LinkRecord,
+    SpanRecord,
+    readable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +185,8 @@ class ExportConfig:
 
     def exporter(self) -> SpanExporter:
         """The OTLP exporter of :attr:`protocol` (headers, certificates and compression: its own
-        ``OTEL_EXPORTER_OTLP_*`` variables), sending the requests :mod:`service.otlp` encodes."""
-        from service.otlp_exporters import OtlpGrpcExporter, OtlpHttpExporter
+        ``OTEL_EXPORTER_OTLP_*`` variables), sending the requests :mod:`service.telemetry.otlp` encodes."""
+        from service.telemetry.otlp_exporters import OtlpGrpcExporter, OtlpHttpExporter
 
         if self.protocol == "grpc":
             return OtlpGrpcExporter(
@@ -268,8 +276,8 @@ class BoundedExportProcessor(SpanProcessor):
 
     Two kinds of span arrive: the SDK's (a job's, the store's: :meth:`on_end`) and a request's or a
     batch's recorded spans (:meth:`add`, a group at a time: one lock, one append). The export thread
-    encodes both into one OTLP request (:class:`service.otlp.Encoder` for the records) and sends it
-    as it is where the exporter can (:class:`service.otlp.EncodedExporter`); any other exporter gets
+    encodes both into one OTLP request (:class:`service.telemetry.otlp.Encoder` for the records) and sends it
+    as it is where the exporter can (:class:`service.telemetry.otlp.EncodedExporter`); any other exporter gets
     ``ReadableSpan`` objects.
 
     OpenTelemetry's BatchSpanProcessor does the same for the SDK's spans but logs a warning for
@@ -771,7 +779,7 @@ class RequestTrace:
 
     Used on the event loop only. Each phase is recorded as it ends (two clock reads and a tuple);
     the request's span and its phases go to the export queue together when it finishes, and are
-    encoded, off the event loop, by the export thread (:mod:`service.otlp`).
+    encoded, off the event loop, by the export thread (:mod:`service.telemetry.otlp`).
     """
 
     __slots__ = ("_attributes", "_caller", "_done", "_name", "_recorder", "_span_id", "_spans", "_start", "_trace_id")

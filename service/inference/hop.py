@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 
 from service.errors import SlotsFullError
-from service.preprocess import Preprocessing
+from service.inference.preprocess import Preprocessing
 
 ENGINE_SOCKET = "engine.sock"  # in the run directory: the engine's gRPC services, for front ends
 HOP_SOCKET = "hop.sock"  # in the run directory: the engine's end of the hop
@@ -158,7 +158,7 @@ class Infer:
 @dataclass(frozen=True)
 class Describe:
     """What a front end needs to decode a model's IMAGE inputs itself: answered by a reply whose
-    inline bytes are the JSON of :class:`~service.preprocess.Preprocessing` (``to_dict``), or an error."""
+    inline bytes are the JSON of :class:`~service.inference.preprocess.Preprocessing` (``to_dict``), or an error."""
 
     id: int
     model: str

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from service.engine.loader import UNLOADED_REASON, BuiltinModels
+from service.engine.repository import ModelRepository
 from service.errors import ModelNotFoundError, VisionServeError, quote
 from service.finetune.catalog import FineTunedModels
-from service.loader import UNLOADED_REASON, BuiltinModels
 from service.models import list_models
-from service.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 

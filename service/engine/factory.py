@@ -1,7 +1,7 @@
 """Building served models: networks with their weights, placed on the devices in the chosen
 runtime (``--runtime``), behind a queue and worker threads that are warmed up before use.
 
-:class:`ModelFactory` makes things and forgets them; :class:`service.repository.ModelRepository`
+:class:`ModelFactory` makes things and forgets them; :class:`service.engine.repository.ModelRepository`
 keeps them by name. Derived models (a built-in model's features for fine-tuning, fine-tuned
 heads) are built from a built-in model's instances and share its weights.
 """
@@ -17,22 +17,22 @@ from pathlib import Path
 
 import torch
 
-from service.batching import BatchQueue, min_split_images
 from service.config import FASTEST, FLOAT32, TORCH, ServeConfig
-from service.cpus import usable_cores, use_torch_threads
-from service.devices import resolve_dtype
+from service.engine.batching import BatchQueue, min_split_images
+from service.engine.devices import resolve_dtype
+from service.engine.metrics import ServerMetrics
+from service.engine.precision import Agreement, Precision, check_floor, measure, reference_logits, sample_batch, worst
+from service.engine.runtime import InferenceWorker, ModelInstance
+from service.engine.served import BUILTIN_PLATFORM, FEATURES_SUFFIX, FINETUNED_PLATFORM, ServedModel
 from service.errors import FailedPreconditionError, quote
-from service.metrics import ServerMetrics
+from service.host.cpus import usable_cores, use_torch_threads
+from service.inference.preprocess import ImageDecoder
 from service.models import ModelSpec, WeightsSource, build_model, get_model_spec
 from service.models.preprocessing import preprocessing_of
-from service.precision import Agreement, Precision, check_floor, measure, reference_logits, sample_batch, worst
-from service.preprocess import ImageDecoder
-from service.runtime import InferenceWorker, ModelInstance
 from service.runtimes.base import FEATURES, Backend
 from service.runtimes.export import Collected, ExportCache, ExportLeases, default_cache_dir
 from service.runtimes.select import BackendLoader, RuntimeOptions, candidates, time_backend
 from service.runtimes.torch_backend import TorchBackend
-from service.served import BUILTIN_PLATFORM, FEATURES_SUFFIX, FINETUNED_PLATFORM, ServedModel
 
 ACTIVATIONS_SUFFIX = ":activations"  # a fine-tuning job's internal model of a backbone's frozen prefix
 
@@ -291,7 +291,7 @@ class ModelFactory:
         """Fewest images per instance when work is split: where every instance has a lone-batch
         backend on every core (they divided a CPU's cores), a network that reads much weight for
         little work (AlexNet) keeps small loads in one batch, which runs there
-        (service.batching.min_split_images); elsewhere any split."""
+        (service.engine.batching.min_split_images); elsewhere any split."""
         if not instances or any(instance.lone is None for instance in instances):
             return 1
         spec = get_model_spec(model.base_model or model.name)

@@ -6,7 +6,7 @@ built in Python: about 600 us of CPU per request on a small machine, shared with
 Here the request's code records each span as one :class:`SpanRecord` (ids, name, times, attributes,
 links, an error), and the export thread writes the protobuf wire format of
 ``ExportTraceServiceRequest`` (``opentelemetry/proto/collector/trace/v1``) from those tuples
-directly (:class:`Encoder`), which the OTLP exporters of :mod:`service.otlp_exporters` send as
+directly (:class:`Encoder`), which the OTLP exporters of :mod:`service.telemetry.otlp_exporters` send as
 it is (:class:`EncodedExporter`). Any other ``SpanExporter`` gets ``ReadableSpan`` objects made
 from the records (:func:`readable`).
 
@@ -48,7 +48,7 @@ class LinkRecord(NamedTuple):
 @runtime_checkable
 class EncodedExporter(Protocol):
     """An exporter that sends a serialised ``ExportTraceServiceRequest`` as it is (the OTLP ones of
-    :mod:`service.otlp_exporters`, imported only where tracing is on)."""
+    :mod:`service.telemetry.otlp_exporters`, imported only where tracing is on)."""
 
     def export_encoded(self, payload: bytes, spans: int) -> SpanExportResult: ...
 

@@ -2,7 +2,7 @@
 
 A registry, and nothing more: what is served under each name, its state, who is told when
 that changes, and which models were stopped but may still be finishing work. Building models
-is the loaders' job (:mod:`service.loader` for built-in models and their feature extractors,
+is the loaders' job (:mod:`service.engine.loader` for built-in models and their feature extractors,
 :mod:`service.finetune.catalog` for fine-tuned ones); they write through this registry.
 
 Three kinds of served model share one shape (:class:`ServedModel`): built-in models
@@ -25,15 +25,15 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-from service.errors import ModelNotFoundError, UnavailableError, VisionServeError, quote
-from service.metrics import ServerMetrics
-from service.served import (
+from service.engine.metrics import ServerMetrics
+from service.engine.served import (
     BUILTIN_PLATFORM,
     FEATURES_SUFFIX,
     FINETUNED_PLATFORM,
     ModelState,
     ServedModel,
 )
+from service.errors import ModelNotFoundError, UnavailableError, VisionServeError, quote
 
 __all__ = [
     "BUILTIN_PLATFORM",

@@ -1,6 +1,6 @@
-"""The SDK's OTLP exporters, sending a request :mod:`service.otlp` encoded as it is.
+"""The SDK's OTLP exporters, sending a request :mod:`service.telemetry.otlp` encoded as it is.
 
-Imported only where tracing is on (:meth:`service.tracing.ExportConfig.exporter`): the exporters
+Imported only where tracing is on (:meth:`service.telemetry.tracing.ExportConfig.exporter`): the exporters
 bring ``requests`` and the collector's protobuf modules, which a server without ``--trace`` does
 not need at start-up.
 """

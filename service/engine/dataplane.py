@@ -20,19 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.batching import Reservation, WorkItem
 from service.config import ServeConfig
+from service.engine.batching import Reservation, WorkItem
+from service.engine.metrics import ServerMetrics
+from service.engine.repository import ModelRepository, ServedModel
 from service.errors import (
     InvalidInputError,
     QueueClosedError,
     UnavailableError,
     VisionServeError,
 )
-from service.inference_io import InferenceInput, InferenceResult, too_many_images
-from service.metrics import ServerMetrics
-from service.preprocess import decode_rows
-from service.repository import ModelRepository, ServedModel
-from service.tracing import RequestTrace
+from service.inference.inference_io import InferenceInput, InferenceResult, too_many_images
+from service.inference.preprocess import decode_rows
+from service.telemetry.tracing import RequestTrace
 
 # PIXELS tensors view the request's read-only bytes (_pixels_view) and nothing writes into
 # them: torch's warning about such arrays says nothing here. A filter set once, not a

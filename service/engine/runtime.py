@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.batching import BatchQueue, WorkItem
 from service.config import TORCH
-from service.cpus import use_torch_threads
-from service.devices import device_label
+from service.engine.batching import BatchQueue, WorkItem
+from service.engine.devices import device_label
 from service.errors import DeadlineExceededError, InternalError
+from service.host.cpus import use_torch_threads
 from service.runtimes.base import FEATURES, LOGITS, Backend, Output
-from service.tracing import TracedItem, record_batch
+from service.telemetry.tracing import TracedItem, record_batch
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class HostStaging:
     """One worker's host memory for gathering a batch's parts into one tensor, kept from batch to batch.
 
     A batch gathered into fresh memory costs the kernel a page fault per 4 KiB on every batch: the
-    allocator maps anything of 1 MiB or more anew (``service.memory``) and zeroes it page by page.
+    allocator maps anything of 1 MiB or more anew (``service.host.memory``) and zeroes it page by page.
     Measured: 1.5 ms of system time per batch of 8 [1,3,224,224] images, against 8 us into memory
     kept (bench/README.md, "The protocol's own ceiling"). The buffer grows to the largest batch
     the worker has gathered (at most :data:`STAGING_MAX_BYTES`) and is reused only once the batch

@@ -56,7 +56,7 @@ import torch
 from service.errors import QueueClosedError, QueueFullError
 
 if TYPE_CHECKING:
-    from service.tracing import ItemTrace
+    from service.telemetry.tracing import ItemTrace
 
 REJOIN_SHARE = 0.25  # of the last forward pass's time: the most a worker waits for answered clients to return
 # Multiply-adds per byte of weights that a group of images must do for splitting work into groups to
@@ -106,7 +106,7 @@ class WorkItem:
     completes_request: bool = True
     # The request's trace context (None: not traced). This is the one piece of a request's trace that
     # travels with its work; where work items cross processes, its W3C form (ItemTrace.traceparent)
-    # is what to serialise (see service/tracing.py).
+    # is what to serialise (see service/telemetry/tracing.py).
     trace: ItemTrace | None = None
 
     @property

@@ -6,10 +6,10 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.batching import BatchQueue
-from service.precision import Precision
-from service.preprocess import ImageDecoder
-from service.runtime import InferenceWorker, ModelInstance
+from service.engine.batching import BatchQueue
+from service.engine.precision import Precision
+from service.engine.runtime import InferenceWorker, ModelInstance
+from service.inference.preprocess import ImageDecoder
 
 BUILTIN_PLATFORM = "pytorch_torchvision"
 FINETUNED_PLATFORM = "vision_finetuned"

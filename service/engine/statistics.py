@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from service.runtime import BatchStats, PhaseTimes
+from service.engine.runtime import BatchStats, PhaseTimes
 
 
 @dataclass(frozen=True)

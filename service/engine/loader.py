@@ -13,11 +13,11 @@ import threading
 
 import torch
 
+from service.engine.factory import ModelFactory
+from service.engine.repository import FEATURES_SUFFIX, ModelRepository, ModelState, ServedModel
 from service.errors import InvalidInputError, ModelNotFoundError, quote
-from service.factory import ModelFactory
 from service.models import WeightsSource, get_model_spec
 from service.models.weights import ensure_pretrained
-from service.repository import FEATURES_SUFFIX, ModelRepository, ModelState, ServedModel
 
 log = logging.getLogger(__name__)
 

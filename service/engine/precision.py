@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from service.config import FLOAT32
 from service.errors import FailedPreconditionError
-from service.files import read_bounded
+from service.host.files import read_bounded
 from service.models import ModelSpec
 from service.runtimes.base import LOGITS, Backend
 

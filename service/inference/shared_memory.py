@@ -52,7 +52,7 @@ from service.errors import (
     VisionServeError,
     quote,
 )
-from service.files import atomic_write, read_bounded
+from service.host.files import atomic_write, read_bounded
 
 log = logging.getLogger(__name__)
 

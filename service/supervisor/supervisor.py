@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.config import ServeConfig
-from service.ports import check_ports, listeners
+from service.host.ports import check_ports, listeners
 
 log = logging.getLogger(__name__)
 
