@@ -93,7 +93,10 @@ def test_a_quota_caps_the_cores_rounding_down_to_at_least_one(tmp_path: Path) ->
 def test_affinity_caps_the_cores() -> None:
     """A process pinned to one core (taskset, a cpuset) counts one, whatever the machine has."""
     one = min(os.sched_getaffinity(0))
-    script = f"import os; os.sched_setaffinity(0, {{{one}}}); from service.host.cpus import usable_cores; print(usable_cores())"
+    script = (
+        f"import os; os.sched_setaffinity(0, {{{one}}}); "
+        "from service.host.cpus import usable_cores; print(usable_cores())"
+    )
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "1"
 

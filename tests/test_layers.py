@@ -75,27 +75,49 @@ def test_test_support_is_not_shipped() -> None:
     assert not (ROOT / "service" / "testing.py").exists()
 
 
-# service/'s layers, top to bottom: a module imports from its own layer and the ones below only.
+# service/'s layers, top to bottom: a module imports from its own layer and the ones below only. The
+# folders show them: the processes (supervisor/, frontend/, engine/'s entry, assembly and hop end),
+# the engine's core (engine/, with models/ and runtimes/), and below it what every process shares
+# without torch (inference/, host/, telemetry/, storage/, config, errors).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "entry points and processes",
         (
-            "service.cli",
             "service.__main__",
+            "service.cli",
             "service.options",
-            "service.engine.server",
-            "service.supervisor.supervisor",
-            "service.engine",
+            "service.supervisor",
             "service.frontend",
+            "service.engine.__main__",
+            "service.engine.server",
+            "service.engine.hop_server",
         ),
     ),
     ("transport", ("service.transport",)),
     ("model control and fine-tuning", ("service.engine.model_control", "service.finetune")),
-    ("core", ("service",)),  # data plane, registry, loaders, batching, runtimes, models, metrics, files...
+    ("engine", ("service.engine", "service.models", "service.runtimes")),
+    (
+        "shared by every process",
+        (
+            "service.inference",
+            "service.host",
+            "service.telemetry",
+            "service.storage",
+            "service.config",
+            "service.errors",
+        ),
+    ),
 ]
+# the package itself (its __init__: the version), below everything
+PACKAGE = "service"
+# what stays at the top of service/: the entry points and what every layer uses; every other module
+# lives in the folder of its layer
+TOP_LEVEL = {"__init__", "__main__", "cli", "config", "errors", "options"}
 
 
 def layer_of(module: str) -> int:
+    if module == PACKAGE:
+        return len(LAYERS) - 1
     for index, (_, prefixes) in enumerate(LAYERS):
         if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
             return index
@@ -132,19 +154,39 @@ def test_decoding_imports_no_torch() -> None:
     assert result.stdout.strip() == "[]", f"service.inference.preprocess imports {result.stdout.strip()}"
 
 
-def test_frontends_import_no_torch_and_no_runtime() -> None:
-    """Protocol front ends (``service.frontend``) and the supervisor load neither torch nor a runtime:
-    each costs a few tens of megabytes and starts at once, however many a node runs. A fresh
-    interpreter, importing what ``python -m service.frontend`` does and parsing the options."""
+# the engine's own folders: only the engine process (or the single process) loads them
+ENGINE_FOLDERS = ("service.engine", "service.models", "service.runtimes")
+HEAVY = ("torch", "torchvision", "onnxruntime", "openvino")
+
+
+def test_only_entry_points_and_what_every_layer_uses_stay_at_the_top() -> None:
+    flat = {path.stem for path in (ROOT / "service").glob("*.py")}
+    assert not flat - TOP_LEVEL, f"{sorted(flat - TOP_LEVEL)}: move each into the folder of its layer"
+
+
+def test_frontends_import_nothing_of_the_engine() -> None:
+    """Protocol front ends (``service/frontend/``) and the supervisor load neither torch nor a
+    runtime nor any module of the engine's folders: each costs a few tens of megabytes and starts at
+    once, however many a node runs. A fresh interpreter imports every module of both packages and
+    parses the options as a front end does; and no module of theirs names the engine's folders, not
+    even in a function."""
     probe = (
-        "import sys, service.frontend.__main__, service.supervisor.supervisor, service.cli; "
-        "from service.options import build_serve_parser, config_from_args; "
-        "config_from_args(build_serve_parser({}).parse_args(['--frontends', '2'])); "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'torch', 'torchvision', 'onnxruntime', 'openvino'}))"
+        "import importlib, pkgutil, sys, service.frontend, service.supervisor, service.cli\n"
+        "for package in (service.frontend, service.supervisor):\n"
+        "    for info in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "from service.options import build_serve_parser, config_from_args\n"
+        "config_from_args(build_serve_parser({}).parse_args(['--frontends', '2']))\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m.startswith({ENGINE_FOLDERS!r})))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]", f"a front end imports {result.stdout.strip()}"
+    assert result.stdout.strip() == "[]", f"a front end or the supervisor imports {result.stdout.strip()}"
+    named = {
+        str(path.relative_to(ROOT)): found
+        for path in sources("service/frontend") + sources("service/supervisor")
+        if (found := [m for m in imported_modules(path) if m.startswith(ENGINE_FOLDERS)])
+    }
+    assert not named, f"front end or supervisor modules that import the engine's: {named}"
