@@ -25,6 +25,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 WAIT_S = 120.0  # an engine's restart through front ends included
+ENDED = -1  # what Watch.next gives once the server has ended the stream (status OK)
 
 
 class Watch:
@@ -42,6 +43,7 @@ class Watch:
         try:
             for response in self.call:
                 self.statuses.put(response.status)
+            self.statuses.put(ENDED)
         except grpc.RpcError as exc:
             self.statuses.put(exc)
 
@@ -53,6 +55,7 @@ class Watch:
         while True:
             got = self.next()
             assert not isinstance(got, grpc.RpcError), f"watch ended: {got.code()} {got.details()}"
+            assert got != ENDED, f"watch ended by the server before any of {wanted}"
             if got in wanted:
                 return got
 
@@ -114,8 +117,9 @@ def test_many_watchers_on_both_ports_through_unload_load_and_drain(serve_inproce
 
     server.stop()  # drains: the server and its models stop serving before the ports close
     for watch in [*staying, late]:
-        got = watch.next()
-        assert got == NOT_SERVING or isinstance(got, grpc.RpcError)
+        # NOT_SERVING, then the stream ends (OK): the server ends it before gRPC stops, not cancelled
+        assert watch.next() == NOT_SERVING
+        assert watch.next() == ENDED
     no_tracebacks(caplog)
 
 

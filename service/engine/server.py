@@ -349,6 +349,7 @@ class VisionServer:
             await self.dataplane.wait_idle(STOP_GRACE_S)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        self.health.close()  # Watch streams end now, within the grace below, not cancelled after it
         if self._grpc is not None:
             # Calls that reached gRPC but not yet our handlers (a busy event loop) still get
             # their UNAVAILABLE from them within the grace; only what is left after it is

@@ -5,6 +5,11 @@ Each Watch call has a watcher of its own (the latest status and an event), so an
 clients may watch one service and one leaving never affects the others. The watcher keeps only
 the latest status: a slow watcher skips intermediate ones, as the protocol allows (a watcher is
 told the current status, then every change it has not seen), and never holds a growing queue.
+
+Watch streams never end by themselves; a stopping server ends them (:meth:`HealthServicer.close`)
+before it stops gRPC, after each has told its latest status, so that none is still open when the
+gRPC server's grace runs out (grpc.aio cancels the streams left then, and logs each as an error
+with a traceback).
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ SERVICE_UNKNOWN: Status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 class _Watcher:
     """One Watch call: the latest status of its service and whether it changed since read."""
 
-    def __init__(self, status: Status) -> None:
+    def __init__(self, status: Status, *, closed: bool = False) -> None:
         self.status = status
+        self.closed = closed  # the stream ends once its latest status is told
         self.changed = asyncio.Event()
         self.changed.set()  # the first status is sent at once
 
     def update(self, status: Status) -> None:
         self.status = status
+        self.changed.set()
+
+    def close(self) -> None:
+        self.closed = True
         self.changed.set()
 
     async def next(self) -> Status:
@@ -47,6 +57,7 @@ class HealthServicer:
     def __init__(self) -> None:
         self._statuses: dict[str, Status] = {}
         self._watchers: dict[str, set[_Watcher]] = {}
+        self._closed = False
 
     def status(self, service: str) -> Status:
         return self._statuses.get(service, SERVICE_UNKNOWN)
@@ -64,6 +75,14 @@ class HealthServicer:
         for watcher in self._watchers.get(service, ()):
             watcher.update(SERVICE_UNKNOWN)
 
+    def close(self) -> None:
+        """The server is stopping: every Watch stream ends after telling its latest status, and one
+        opened from now on tells the status and ends (its client watches again, elsewhere)."""
+        self._closed = True
+        for watchers in self._watchers.values():
+            for watcher in watchers:
+                watcher.close()
+
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: AioContext
     ) -> health_pb2.HealthCheckResponse:
@@ -76,7 +95,7 @@ class HealthServicer:
         self, request: health_pb2.HealthCheckRequest, context: AioContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         service = request.service
-        watcher = _Watcher(self.status(service))
+        watcher = _Watcher(self.status(service), closed=self._closed)
         self._watchers.setdefault(service, set()).add(watcher)
         try:
             last: Status | None = None
@@ -85,6 +104,8 @@ class HealthServicer:
                 if status != last:
                     yield health_pb2.HealthCheckResponse(status=status)
                     last = status
+                if watcher.closed:
+                    return
         finally:
             watchers = self._watchers.get(service)
             if watchers is not None:
