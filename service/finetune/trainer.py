@@ -512,17 +512,20 @@ def _calibrate_normalizations(trunk: nn.Module, x: torch.Tensor, rows: torch.Ten
     standardized output; a job's batches are small and few, so statistics taken from each batch
     (a normalization's training mode) would give the head inputs that neither its standardization
     nor the served network, which runs the running statistics, ever sees. With a base of random
-    weights the base's statistics (mean 0, variance 1) describe nothing at all: the blocks' input is
-    then many orders of magnitude off and every step of their weights throws their output far off.
+    weights the base's statistics (mean 0, variance 1) describe nothing at all: a random ResNet101's
+    ``layer4`` takes activations some 10^4 times unit scale. Only the normalizations run in training
+    mode here (dropout stays off); with fewer than two training rows the base's statistics stay.
     """
     norms = _normalizations(trunk)
-    if not norms:
+    if not norms or len(rows) < 2:
         return
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches below
-    trunk.train()
+    trunk.eval()
+    for norm in norms:
+        norm.train()
     try:
         with torch.no_grad():
             for part in _slices(rows):
