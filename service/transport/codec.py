@@ -53,12 +53,21 @@ class InferCall:
     timeout_s: float | None = None  # the request's ``timeout`` parameter (microseconds on the wire)
 
 
+def names_shared_memory(parameters: Mapping[str, object]) -> bool:
+    """Whether a tensor's ``parameters`` (the message's, or REST's JSON) name any of
+    :data:`SHM_PARAMETERS` (on every request: a plain loop, no generator)."""
+    if parameters:
+        for key in SHM_PARAMETERS:
+            if key in parameters:
+                return True
+    return False
+
+
 def uses_shared_memory(request: pb.ModelInferRequest) -> bool:
     """Whether any input or output of ``request`` names a system shared memory parameter."""
     for tensors in (request.inputs, request.outputs):
         for tensor in tensors:
-            parameters = tensor.parameters
-            if parameters and (SHM_REGION in parameters or SHM_BYTE_SIZE in parameters or SHM_OFFSET in parameters):
+            if names_shared_memory(tensor.parameters):
                 return True
     return False
 
@@ -69,11 +78,10 @@ def shared_input_bytes(request: pb.ModelInferRequest) -> int | None:
     total = 0
     for tensor in request.inputs:
         if SHM_BYTE_SIZE in tensor.parameters:
-            parameter = tensor.parameters[SHM_BYTE_SIZE]
-            kind = parameter.WhichOneof("parameter_choice")
-            if kind not in ("int64_param", "uint64_param"):
+            value = _integer(tensor.parameters[SHM_BYTE_SIZE])
+            if value is None:
                 return None
-            total += max(0, getattr(parameter, kind))
+            total += max(0, value)
     return total
 
 
@@ -149,7 +157,7 @@ def _shared(shared: RegionLeases | None) -> RegionLeases:
 
 def shared_tensor(parameters: Mapping[str, pb.InferParameter], what: str) -> SharedTensor | None:
     """The shared memory place of a tensor from its parameters, or None if it names none."""
-    if not any(key in parameters for key in SHM_PARAMETERS):
+    if not names_shared_memory(parameters):
         return None
     region = parameters[SHM_REGION].string_param if SHM_REGION in parameters else ""
     if not region:
@@ -163,10 +171,16 @@ def shared_tensor(parameters: Mapping[str, pb.InferParameter], what: str) -> Sha
     return SharedTensor(region=region, offset=offset, byte_size=byte_size)
 
 
-def _byte_count(parameter: pb.InferParameter, field: str) -> int:
+def _integer(parameter: pb.InferParameter) -> int | None:
+    """An integer parameter's value (int64 or uint64), or None for any other kind."""
     kind = parameter.WhichOneof("parameter_choice")
     value = getattr(parameter, kind) if kind in ("int64_param", "uint64_param") else None
-    if not isinstance(value, int) or value < 0:
+    return value if isinstance(value, int) else None
+
+
+def _byte_count(parameter: pb.InferParameter, field: str) -> int:
+    value = _integer(parameter)
+    if value is None or value < 0:
         raise InvalidInputError(f"{field} must be a non-negative integer (bytes), got {quote(parameter)}")
     return value
 

@@ -44,7 +44,7 @@ from google.protobuf.message import Message
 
 from service.errors import InvalidInputError, quote
 from service.transport import values
-from service.transport.codec import SHM_PARAMETERS, SHM_REGION, decode_bytes_elements
+from service.transport.codec import SHM_PARAMETERS, SHM_REGION, decode_bytes_elements, names_shared_memory
 from vision_client.protocol import encode_bytes_elements
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 
@@ -179,7 +179,7 @@ def _input(
         raise InvalidInputError(f"{where}.shape {quote(shape)} is not a tensor's shape")
     added = request.inputs.add(name=name, datatype=datatype, shape=shape)
     parameters = values.parameters(tensor.get("parameters", {}), added.parameters, f"{where}.parameters")
-    if any(key in parameters for key in SHM_PARAMETERS):
+    if names_shared_memory(parameters):
         if "data" in tensor or BINARY_DATA_SIZE in parameters:
             raise InvalidInputError(f"{where} is in shared memory and has data too; send one")
         return None, offset  # the servicer reads it from its region
