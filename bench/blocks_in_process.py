@@ -33,7 +33,7 @@ from bench.records import write_document
 from service.finetune.trainer import train_head
 from service.models import WeightsSource, build_model, get_model_spec
 from service.models.blocks import split_at
-from tests.support.finetune_data import digits
+from tests.support.finetune_data import shuffled_digits
 from vision_client import FineTuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = get_model_spec(args.base)
     net = build_model(spec, WeightsSource.parse("random")).eval()
     transforms = spec.weights.transforms()
-    images, labels = digits()
-    order = np.random.default_rng(0).permutation(len(images))
-    train, held = order[: args.train], order[args.train : args.train + args.held_out]
+    images, labels = shuffled_digits()
+    train, held = np.arange(args.train), np.arange(args.train, args.train + args.held_out)
     prefix, blocks = split_at(spec, net, args.blocks)
     print(f"# {args.base}, k = {args.blocks}; {len(train)} digits trained on, {len(held)} held out; "
           f"load average {os.getloadavg()}", flush=True)  # fmt: skip

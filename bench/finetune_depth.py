@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench.records import write_document
-from tests.support.finetune_data import digits
+from tests.support.finetune_data import digits, shuffled_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 300.0
@@ -111,11 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from vision_client import Client, FineTuneConfig, OptimizerConfig
 
     load_before = os.getloadavg()
-    images, targets = digits()
+    images, targets = shuffled_digits() if args.split == "shuffled" else digits()
     labels = [str(int(target)) for target in targets]
-    if args.split == "shuffled":
-        order = np.random.default_rng(0).permutation(len(images))
-        images, labels = [images[i] for i in order], [labels[i] for i in order]
     train = list(zip(images[: args.train], labels[: args.train], strict=True))
     held_images, held_labels = images[args.train :], labels[args.train :]
     print(f"# load average {load_before}; {len(train)} digits trained on, {len(held_images)} held out", flush=True)
