@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -409,11 +410,15 @@ def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
 def test_health_watch_through_every_frontend_follows_models_and_an_engine_restart(tmp_path: Path):
     """Watch through each front end: a model's unload and load, then the engine's death and return
     (SERVING, NOT_SERVING, SERVING), the same stream all along; then the server's drain (NOT_SERVING
-    before the front ends go)."""
+    before the front ends go), which closes idle HTTP keep-alive connections at once instead of
+    waiting its whole grace (600 s here) for them."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-    proc = start_server(tmp_path, "--frontends", "2", "--models", "tiny", "--weights", "random")
+    proc = start_server(
+        tmp_path, "--frontends", "2", "--models", "tiny", "--weights", "random", "--drain-seconds", "600"
+    )
     watches: list[Watch] = []
+    idle: list[socket.socket] = []
     try:
         proc.wait_serving()
         models = [Watch(proc.target, "tiny", OWN_CONNECTION) for _ in range(CONNECTIONS)]
@@ -440,14 +445,37 @@ def test_health_watch_through_every_frontend_follows_models_and_an_engine_restar
         assert children(proc)["engine"] != before["engine"]
         assert client.is_server_ready() and client.is_model_ready("tiny")
         client.close()
+        assert proc.http_port is not None
+        idle += [keep_alive_connection(proc.http_port) for _ in range(CONNECTIONS)]  # on both front ends
         proc.process.send_signal(signal.SIGTERM)  # the front ends drain first: they say so before they go
         for watch in watches:
             watch.wait_for(not_serving)
+        for connection in idle:
+            assert connection.recv(1) == b""  # closed by the server, not left to the grace
+        assert proc.process.wait(timeout=120) == 0  # far within the 600 s of grace
     finally:
         for watch in watches:
             watch.close()
+        for connection in idle:
+            connection.close()
         assert proc.stop() == 0
     assert "Traceback" not in proc.log()
+
+
+def keep_alive_connection(port: int) -> socket.socket:
+    """A connection to the HTTP port that has had one request answered and stays open, idle."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=120)
+    connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += connection.recv(4096)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+    length = int(next(value for name, value in fields.items() if name.lower() == b"content-length"))
+    while len(body) < length:
+        body += connection.recv(4096)
+    return connection
 
 
 def test_a_second_server_on_the_same_ports_does_not_start(server, tmp_path):
