@@ -134,7 +134,7 @@ def test_server_pinned_to_one_core_sizes_its_pools_by_it(tmp_path: Path, weights
         assert proc.alive()
     finally:
         proc.stop()
-    assert "Traceback" not in proc.log()
+    proc.assert_no_traceback()
 
 
 def test_runtime_config_counts_usable_cores() -> None:

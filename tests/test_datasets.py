@@ -670,7 +670,7 @@ def test_a_dataset_job_whose_server_is_killed_goes_on_at_the_next_start_with_the
         assert done.examples == 300 and list(done.labels) == [f"digit{d}" for d in range(10)]
         assert figures(done) == expected  # to the last bit: the same images, model, optimizer and streams
         np.testing.assert_array_equal(digit_logits(second.target, "resumed"), digit_logits(second.target, "reference"))
-        assert "Traceback" not in second.log()
+        second.assert_no_traceback()
     finally:
         first.stop()
         if second is not None:

@@ -64,7 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Itera
         yield proc
     finally:
         assert proc.stop() == 0
-        assert "Traceback" not in proc.log()
+        proc.assert_no_traceback()
 
 
 def clients(server: ServerProcess) -> list[triton.InferenceServerClient]:
@@ -459,7 +459,7 @@ def test_health_watch_through_every_frontend_follows_models_and_an_engine_restar
         for connection in idle:
             connection.close()
         assert proc.stop() == 0
-    assert "Traceback" not in proc.log()
+    proc.assert_no_traceback()
 
 
 def keep_alive_connection(port: int) -> socket.socket:

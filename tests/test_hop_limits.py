@@ -39,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield proc
     finally:
         assert proc.stop() == 0
-        assert "Traceback" not in proc.log()
+        proc.assert_no_traceback()
 
 
 def hop_socket(server: ServerProcess) -> Path:

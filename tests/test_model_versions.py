@@ -463,7 +463,7 @@ def test_versions_and_a_rollback_through_the_frontends(tmp_path: Path) -> None:
                 np.testing.assert_allclose(sdk.logits(images, NAME), first, rtol=1e-6)
     finally:
         assert proc.stop() == 0
-    assert "Traceback" not in proc.log()
+    proc.assert_no_traceback()
 
 
 def test_a_kept_version_that_cannot_be_read_is_unavailable_and_nothing_else_changes(tmp_path: Path, caplog) -> None:

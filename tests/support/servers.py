@@ -92,6 +92,12 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def assert_no_traceback(self) -> None:
+        """Fail, showing the first traceback whole (the log around it), when the log has one."""
+        log = self.log()
+        at = log.find("Traceback")
+        assert at < 0, log[max(0, log.rfind("\n", 0, max(0, at - 400))) : at + 5000]
+
     def wait_serving(self, service: str = "", timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Block until the health service reports ``service`` SERVING."""
         import grpc  # here, so that importing this module (conftest) needs no gRPC: GPU-only hosts
