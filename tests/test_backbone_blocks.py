@@ -177,28 +177,40 @@ def test_the_blocks_train_at_their_own_rate_from_a_copy_and_the_head_on_their_ou
         assert torch.equal(part(activations), part.top()(part.blocks(activations)))
 
 
-def test_the_blocks_normalizations_are_measured_on_the_training_examples_and_held_while_they_train() -> None:
+def test_the_blocks_normalizations_train_on_batches_and_serve_statistics_measured_on_the_training_examples() -> None:
     torch.manual_seed(0)
     blocks = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU())
-    activations = torch.randn(200, 8) * 1e4 + 5e3  # far off what a normalization starts from (mean 0, variance 1)
+    activations = torch.randn(201, 8) * 1e4 + 5e3  # far off what a normalization starts from (mean 0, variance 1)
     targets = (activations[:, 0] > 5e3).long()
-    with torch.inference_mode():
-        outputs = blocks[0](activations)
-    config = FineTuneConfig(
-        TINY, "k", train_backbone_blocks=1, backbone_lr_factor=1.0, epochs=30, batch_size=16, validation_fraction=0.0
+    config = FineTuneConfig(  # batches of 25 and a last one of a single row: 201 = 8 x 25 + 1
+        TINY, "k", train_backbone_blocks=1, backbone_lr_factor=1.0, epochs=30, batch_size=25, validation_fraction=0.0
     )
     part = train_head(activations, targets, config, num_outputs=2, trunk=blocks).head
     assert isinstance(part, TrainedPart)
-    norm = part.blocks[1]
-    # Measured once on the training examples (one part of at most 256 rows), then held: the steps moved none.
+    trained, norm = part.blocks[0], part.blocks[1]
+    assert not torch.equal(trained.weight, blocks[0].weight)  # the blocks trained
+    # The statistics served are those of every training example through the blocks as trained, measured
+    # once after the last epoch (one part of at most 256 rows), not averages the steps left behind.
+    with torch.inference_mode():
+        outputs = trained(activations)
     assert int(norm.num_batches_tracked) == 1
-    assert torch.allclose(norm.running_mean, outputs.mean(0), rtol=1e-5, atol=1e-2)
-    assert torch.allclose(norm.running_var, outputs.var(0), rtol=1e-4)
-    assert not torch.equal(part.blocks[0].weight, blocks[0].weight)  # while the rest of the blocks trained
+    assert torch.allclose(norm.running_mean, outputs.mean(0), rtol=1e-4, atol=1e-2)
+    assert torch.allclose(norm.running_var, outputs.var(0), rtol=1e-3)
     assert torch.equal(blocks[1].running_mean, torch.zeros(16)) and int(blocks[1].num_batches_tracked) == 0
     with torch.inference_mode():
         accuracy = float((part(activations).argmax(1) == targets).float().mean())
     assert accuracy > 0.9, accuracy
+
+
+def test_a_batch_of_one_row_trains_the_blocks_on_their_measured_statistics() -> None:
+    """Batches of one: no batch statistics to normalize by; each step uses the measured ones."""
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU())
+    activations = torch.randn(40, 8)
+    targets = (activations[:, 0] > 0).long()
+    config = FineTuneConfig(TINY, "k", train_backbone_blocks=1, epochs=2, batch_size=1, validation_fraction=0.0)
+    part = train_head(activations, targets, config, num_outputs=2, trunk=blocks).head
+    assert isinstance(part, TrainedPart) and not torch.equal(part.blocks[0].weight, blocks[0].weight)
 
 
 # -- a job over the wire: refused before any image, or trained, published, served, restarted --------

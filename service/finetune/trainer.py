@@ -384,6 +384,8 @@ class _Fit:
         for epoch in range(first, epochs + 1):
             epoch_started = time.monotonic()
             train_loss, seen = self._epoch(model, optimizer, x, y, train_idx, generator)
+            if isinstance(model, TrainedPart):  # what validation, a checkpoint and the served network use
+                _calibrate_normalizations(model.blocks, x, train_idx)
             epochs_run = epoch
             val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification, self.weights)
             if len(val_idx) == 0:
@@ -428,14 +430,15 @@ class _Fit:
         generator: torch.Generator,
     ) -> tuple[float, int]:
         model.train()
-        if isinstance(model, TrainedPart):
-            _hold_normalizations(model.blocks)
+        norms = _normalizations(model.blocks) if isinstance(model, TrainedPart) else []
         order = rows[torch.randperm(len(rows), generator=generator).to(rows.device)]
         total, seen = 0.0, 0
         for start in range(0, len(order), self.config.batch_size):
             if self.cancelled():
                 raise JobCancelled("the job was cancelled")
             batch = order[start : start + self.config.batch_size]
+            for norm in norms:  # a batch's statistics, but one row has none: its own are held for it
+                norm.train(len(batch) > 1)
             rows = batch
             if self.views:  # one view of each example, its own image (view 0) among them
                 view = torch.randint(0, self.views + 1, (len(batch),), generator=generator).to(batch.device)
@@ -504,17 +507,19 @@ def _normalizations(trunk: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def _calibrate_normalizations(trunk: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> None:
     """Measure the running statistics of ``trunk``'s batch normalizations on rows ``rows`` of ``x``
     (the training examples, each counted once: a cumulative average, :data:`ROWS_AT_ONCE` rows at a
-    time), in place of the base model's; :func:`_hold_normalizations` then keeps them while the
-    blocks train.
+    time), in place of what they held. Done before the blocks train and after each epoch.
 
-    Why: the blocks' statistics must describe the activations the job brings them (as AdaBN
-    re-estimates them for a new domain), and must not move while the head trains on the blocks'
-    standardized output; a job's batches are small and few, so statistics taken from each batch
-    (a normalization's training mode) would give the head inputs that neither its standardization
-    nor the served network, which runs the running statistics, ever sees. With a base of random
-    weights the base's statistics (mean 0, variance 1) describe nothing at all: a random ResNet101's
-    ``layer4`` takes activations some 10^4 times unit scale. Only the normalizations run in training
-    mode here (dropout stays off); with fewer than two training rows the base's statistics stay.
+    Why: the served network, validation and the head's standardization run the running statistics,
+    which must describe the activations the job brings the blocks (as AdaBN re-estimates them for a
+    new domain) with the weights they have now. The base's describe nothing of the first (with a
+    base of random weights, mean 0 and variance 1, where a random ResNet101's ``layer4`` takes
+    activations some 10^4 times unit scale); and while the blocks train, each step normalizes its
+    batch by the batch's own statistics (as any training of a network with batch normalizations),
+    and the running averages those steps leave behind lag weights that moved under them in a job's
+    few, small batches. Measuring the epoch's end weights once on every training example gives
+    the network the statistics its training saw (as "precise BN" does). Only the normalizations run
+    in training mode here (dropout stays off, no random draws); with fewer than two training rows
+    what they held stays.
     """
     norms = _normalizations(trunk)
     if not norms or len(rows) < 2:
@@ -535,13 +540,6 @@ def _calibrate_normalizations(trunk: nn.Module, x: torch.Tensor, rows: torch.Ten
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
         trunk.eval()
-
-
-def _hold_normalizations(trunk: nn.Module) -> None:
-    """Keep ``trunk``'s batch normalizations on their running statistics while the rest of it
-    trains (:func:`_calibrate_normalizations` says why); their scale and shift still learn."""
-    for norm in _normalizations(trunk):
-        norm.eval()
 
 
 def _trunk_statistics(trunk: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
