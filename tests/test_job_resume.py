@@ -220,6 +220,7 @@ def test_a_job_goes_on_after_its_server_stops_with_the_same_figures(serve, store
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("store", ["s3"], indirect=True)  # both stores read a missing object alike (test_object_stores)
 def test_a_job_whose_inputs_are_gone_ends_failed_with_the_reason(serve, store) -> None:
     first = serve()
     job_id, _ = start_job_and_stop_in_epoch_3(first, "inputs-gone", signal.SIGKILL)

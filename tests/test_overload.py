@@ -11,23 +11,24 @@ import pytest
 
 from tests.conftest import start_server
 from tests.metrics_util import sample_value, scrape
+from tests.tiny import TINY
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def pixels_request(n: int, side: int = 64) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="alexnet")
+    request = pb.ModelInferRequest(model_name=TINY)
     request.inputs.add(name="PIXELS", datatype="FP32", shape=[n, 3, side, side])
     request.raw_input_contents.append(np.zeros((n, 3, side, side), dtype="<f4").tobytes())
     return request
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory, weights_dir):
+def slow_server(tmp_path_factory):
     """Batches wait up to 1.5 s to fill, and the queue holds 16 images."""
     proc = start_server(
         tmp_path_factory.mktemp("slow"),
-        "--models", "alexnet", "--weights", str(weights_dir),
+        "--models", TINY, "--weights", "random",
         "--max-batch-size", "16", "--max-queue-delay-ms", "1500", "--max-queue-size", "16",
     )  # fmt: skip
     try:
@@ -72,10 +73,10 @@ def test_expired_requests_are_dropped_before_compute(slow_server) -> None:
         assert len(stub.ModelInfer(pixels_request(16), timeout=60).raw_output_contents[0]) == 16 * 4000
 
 
-def test_sigterm_answers_everything_in_flight_then_exits_zero(tmp_path, weights_dir) -> None:
+def test_sigterm_answers_everything_in_flight_then_exits_zero(tmp_path) -> None:
     proc = start_server(
         tmp_path,
-        "--models", "alexnet", "--weights", str(weights_dir),
+        "--models", TINY, "--weights", "random",
         "--max-batch-size", "64", "--max-queue-delay-ms", "3000",
     )  # fmt: skip
     proc.wait_serving()
