@@ -35,13 +35,14 @@ from tests.conftest import ServerProcess, start_server
 from tests.metrics_util import sample_value, scrape
 from tests.support.finetune_data import digits
 from tests.test_health_watch import Watch
+from tests.tiny import TINY
 from vision_client import Client, FineTuneConfig
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "alexnet"
+MODEL = "alexnet"  # where the model matters; TINY for what does not (faults, tokens, traces)
 CONNECTIONS = 12  # each its own channel: with two front ends, all on one has odds of 1 in 2**11
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels to one address share no connection
 
@@ -317,11 +318,13 @@ def test_health_and_reflection_are_the_same_everywhere(server):
 # -- faults --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fault_server(tmp_path: Path, weights_dir: Path) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module")
+def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the fault tests: each leaves it whole again (its dead process restarted)."""
     proc = start_server(
-        tmp_path, "--frontends", "2", "--models", MODEL, "--weights", str(weights_dir), "--max-batch-size", "8"
-    )
+        tmp_path_factory.mktemp("faults"),
+        "--frontends", "2", "--models", TINY, "--weights", "random", "--max-batch-size", "8",
+    )  # fmt: skip
     try:
         proc.wait_serving()
         yield proc
@@ -344,7 +347,7 @@ class Load:
         while not self._stop.is_set():
             client = triton.InferenceServerClient(server.target)  # a new connection each time
             try:
-                client.infer(MODEL, [image_input(data)], client_timeout=30)
+                client.infer(TINY, [image_input(data)], client_timeout=30)
                 self.statuses.append("OK")
             except InferenceServerException as exc:
                 self.statuses.append(str(exc.status()))
@@ -386,7 +389,7 @@ def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
     os.kill(before["engine"], signal.SIGKILL)
     wait_for(lambda: not client.is_server_ready(), timeout=30)
     assert client.is_server_live()
-    wait_for(lambda: client.is_server_ready() and client.is_model_ready(MODEL))
+    wait_for(lambda: client.is_server_ready() and client.is_model_ready(TINY))
     after = children(fault_server)
     assert after["engine"] != before["engine"]
     assert {key: after[key] for key in after if key != "engine"} == {
@@ -400,8 +403,8 @@ def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
         assert name in client.get_system_shared_memory_status(as_json=True)["regions"]
         tensor = triton.InferInput("PIXELS", list(values.shape), "FP32")
         tensor.set_shared_memory(name, values.nbytes)
-        expected = client.infer(MODEL, [pixels_input(values)]).as_numpy("LOGITS")
-        np.testing.assert_allclose(client.infer(MODEL, [tensor]).as_numpy("LOGITS"), expected, rtol=1e-5)
+        expected = client.infer(TINY, [pixels_input(values)]).as_numpy("LOGITS")
+        np.testing.assert_allclose(client.infer(TINY, [tensor]).as_numpy("LOGITS"), expected, rtol=1e-5)
     finally:
         client.unregister_system_shared_memory(name)
         shm.destroy_shared_memory_region(region)
@@ -414,22 +417,20 @@ def test_health_watch_through_every_frontend_follows_models_and_an_engine_restar
     waiting its whole grace (600 s here) for them."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-    proc = start_server(
-        tmp_path, "--frontends", "2", "--models", "tiny", "--weights", "random", "--drain-seconds", "600"
-    )
+    proc = start_server(tmp_path, "--frontends", "2", "--models", TINY, "--weights", "random", "--drain-seconds", "600")
     watches: list[Watch] = []
     idle: list[socket.socket] = []
     try:
         proc.wait_serving()
-        models = [Watch(proc.target, "tiny", OWN_CONNECTION) for _ in range(CONNECTIONS)]
+        models = [Watch(proc.target, TINY, OWN_CONNECTION) for _ in range(CONNECTIONS)]
         watches += models
         for watch in models:
             assert watch.wait_for(serving, not_serving, unknown) == serving
         client = triton.InferenceServerClient(proc.target)
-        client.unload_model("tiny")
+        client.unload_model(TINY)
         for watch in models:
             watch.wait_for(not_serving, unknown)
-        client.load_model("tiny")
+        client.load_model(TINY)
         for watch in models:
             watch.wait_for(serving)
         servers = [Watch(proc.target, "", OWN_CONNECTION) for _ in range(CONNECTIONS)]
@@ -443,7 +444,7 @@ def test_health_watch_through_every_frontend_follows_models_and_an_engine_restar
         for watch in watches:
             watch.wait_for(serving)
         assert children(proc)["engine"] != before["engine"]
-        assert client.is_server_ready() and client.is_model_ready("tiny")
+        assert client.is_server_ready() and client.is_model_ready(TINY)
         client.close()
         assert proc.http_port is not None
         idle += [keep_alive_connection(proc.http_port) for _ in range(CONNECTIONS)]  # on both front ends
@@ -489,11 +490,11 @@ def test_a_second_server_on_the_same_ports_does_not_start(server, tmp_path):
 # -- what every front end reads itself, and traces across the hop -------------------------------
 
 
-def test_token_rotation_reaches_every_frontend(tmp_path: Path, weights_dir: Path):
+def test_token_rotation_reaches_every_frontend(tmp_path: Path):
     tokens = tmp_path / "tokens"
     tokens.write_text("old-token\n")
     proc = start_server(
-        tmp_path, "--frontends", "2", "--models", MODEL, "--weights", str(weights_dir), "--auth-token-file", str(tokens)
+        tmp_path, "--frontends", "2", "--models", TINY, "--weights", "random", "--auth-token-file", str(tokens)
     )
     try:
         proc.wait_serving()
@@ -523,7 +524,7 @@ def test_token_rotation_reaches_every_frontend(tmp_path: Path, weights_dir: Path
         assert proc.stop() == 0
 
 
-def test_one_trace_covers_a_request_through_a_frontend_and_the_engine(tmp_path: Path, weights_dir: Path):
+def test_one_trace_covers_a_request_through_a_frontend_and_the_engine(tmp_path: Path):
     from tests.test_tracing import http_receiver, new_trace_id, traceparent
 
     with http_receiver() as (receiver, endpoint):
@@ -533,14 +534,14 @@ def test_one_trace_covers_a_request_through_a_frontend_and_the_engine(tmp_path: 
             "OTEL_BSP_SCHEDULE_DELAY": "20",
         }
         proc = start_server(
-            tmp_path, "--frontends", "2", "--models", MODEL, "--weights", str(weights_dir), "--trace", env=environ
+            tmp_path, "--frontends", "2", "--models", TINY, "--weights", "random", "--trace", env=environ
         )
         try:
             proc.wait_serving()
             for client in clients(proc)[:4]:
                 trace_id = new_trace_id()
                 headers = {"traceparent": traceparent(trace_id)}
-                client.infer(MODEL, [image_input(jpeg())], headers=headers)
+                client.infer(TINY, [image_input(jpeg())], headers=headers)
                 spans = receiver.wait_trace(trace_id, {"ModelInfer", "decode", "queue", "infer"})
                 by_name = {span.name: span for span in spans}
                 request = by_name["ModelInfer"]
