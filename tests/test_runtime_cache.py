@@ -27,7 +27,15 @@ from service.finetune.heads import build_trained_part
 from service.finetune.store import ModelStore
 from service.models import WeightsSource, build_model, get_model_spec
 from service.runtimes.base import LOGITS
-from service.runtimes.export import ENTRY_FILE, GRACE_S, STAGING_GRACE_S, ExportCache, ExportLeases, state_digest
+from service.runtimes.export import (
+    ENTRY_FILE,
+    GRACE_S,
+    STAGING_GRACE_S,
+    STAGING_PREFIX,
+    ExportCache,
+    ExportLeases,
+    state_digest,
+)
 from service.runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from service.runtimes.select import BackendLoader, RuntimeOptions
 from tests.test_orphans import no_tracebacks, poll, ready
@@ -85,6 +93,36 @@ def entries(cache: Path) -> set[str]:
 
 def name(entry: Path) -> str:
     return f"{entry.parent.name}/{entry.name}"
+
+
+# -- exports at once ------------------------------------------------------------------------------
+
+
+def test_networks_exported_by_several_threads_at_once_all_serve_their_own_logits(tmp_path: Path) -> None:
+    """A job's publish, a store poll and a model load may each build a network in one process at the
+    same moment; torch's exporter keeps its state in process globals, so the cache exports one at a
+    time, and threads that want the same network share one export."""
+    nets = [network(seed) for seed in (1, 2, 3, 1, 2, 3)]  # each network twice
+    start = threading.Barrier(len(nets))
+    results: list[object] = [None] * len(nets)
+
+    def build(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = load(tmp_path, nets[index])[1]
+        except Exception as exc:  # reported below
+            results[index] = exc
+
+    threads = [threading.Thread(target=build, args=(index,)) for index in range(len(nets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for net, result in zip(nets, results, strict=True):
+        assert isinstance(result, np.ndarray), result
+        np.testing.assert_allclose(result, expected_logits(net), rtol=1e-4, atol=1e-5)
+    assert len(entries(tmp_path)) == 3  # one entry per network
+    assert not list(tmp_path.glob(f"*/{STAGING_PREFIX}*"))  # no export left half done
 
 
 # -- the rule --------------------------------------------------------------------------------------

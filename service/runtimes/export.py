@@ -74,6 +74,10 @@ ENTRY_FILE = "entry.json"
 # An entry's directory name (export_key's): the digest's prefix, torch's version, the opset, the format.
 KEY_PATTERN = re.compile(r"[0-9a-f]{24}-torch[0-9A-Za-z._-]+-opset[0-9]+-f[0-9]+")
 STAGING_PREFIX = ".tmp-"
+# torch.onnx.export keeps its state in process globals (and warnings' filters are the process's):
+# two exports at once in one process fail ("GLOBALS.in_onnx_export must be False"), so a process
+# exports one network at a time (a job's publish and a store poll may build the same one at once).
+_EXPORTING = threading.Lock()
 DISCARD_PREFIX = ".discard-"
 # Unused this long, and leased by no server, an entry may be deleted. It covers a writer's step from
 # renaming a new entry into place to leasing it (milliseconds), the reuse of a version just replaced
@@ -168,14 +172,18 @@ class ExportCache:
         """The exported network of ``net`` (whose state dict hashes to ``digest``),
         exported now if the cache has no sound entry for it."""
         entry = self.entry(spec.name, digest)
-        problem = self.check_in_use(entry)
-        if problem is None:
+        if self.check_in_use(entry) is None:
             log.info("%s: exported network found in %s", spec.name, entry)
             return entry / MODEL_FILE
-        if entry.exists():
-            log.warning("%s: cache entry %s is unusable (%s); exporting again", spec.name, entry, problem)
-            self.discard(entry)
-        self._export(spec, net, digest, entry)
+        with _EXPORTING:
+            problem = self.check_in_use(entry)  # again: another thread may have exported it meanwhile
+            if problem is None:
+                log.info("%s: exported network found in %s", spec.name, entry)
+                return entry / MODEL_FILE
+            if entry.exists():
+                log.warning("%s: cache entry %s is unusable (%s); exporting again", spec.name, entry, problem)
+                self.discard(entry)
+            self._export(spec, net, digest, entry)
         return entry / MODEL_FILE
 
     def check_in_use(self, entry: Path) -> str | None:
