@@ -11,7 +11,10 @@ and the stored blocks and head.
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -349,6 +352,28 @@ def test_a_job_training_the_last_block_publishes_the_whole_network_served_by_onn
     again = onnx_server(store)  # a restart on the same store
     assert ready(again, "deeper")
     assert_close(served_logits(again, "deeper", batch), expected)
+    no_tracebacks(caplog)
+
+
+def test_a_store_poll_leaves_a_network_its_own_job_is_publishing_to_the_job(serve_inprocess, tmp_path, caplog) -> None:
+    """The poll that reads the manifest a job of the same server has just written, while the job
+    exports and starts the network, builds nothing: the network is exported and built once."""
+    caplog.set_level(logging.INFO, logger="service.runtimes.export")
+    server = serve_inprocess(
+        models=(TINY,),
+        weights="random",
+        runtime=RuntimeConfig(name="onnxruntime", cache_dir=session_runtime_cache()),
+        model_store=tmp_path / "polled-store",
+        store_poll_seconds=0.02,  # many passes while the job publishes
+    )
+    name = f"polled-{uuid.uuid4().hex[:8]}"
+    with Client(server.target) as sdk:  # a seed of its own: a network the cache has not seen
+        config = FineTuneConfig(TINY, name, train_backbone_blocks=1, epochs=1, batch_size=4, seed=int(time.time()))
+        job = sdk.fine_tune(config, examples(8), timeout=180)
+        assert job.state == "succeeded", job.error
+    assert ready(server, name)
+    built = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{name}: ")]
+    assert len(built) == 1 and "exported to ONNX" in built[0], built  # by the job; the polls found it served
     no_tracebacks(caplog)
 
 

@@ -88,6 +88,7 @@ class FineTunedModels:
         self._read_timeout_s = read_timeout_s
         self._store_read = store is None
         self._reading: set[str] = set()  # entries being read (a read that timed out may still be running)
+        self._publishing: set[str] = set()  # names a job of this server is writing and installing now
         self._reported: dict[str, tuple[str, Fingerprint | None]] = {}  # (reason, fingerprint) last logged
         self._version_loads: dict[tuple[str, str, str], asyncio.Task[ServedModel]] = {}  # on-demand loads
         self._collecting = False  # a pass over the runtime cache is running
@@ -131,6 +132,22 @@ class FineTunedModels:
         store = self.require_store()
         name = config.output_model
         self.require_base(config.base_model)
+        self._publishing.add(name)
+        try:
+            return await self._publish(store, config, head, labels, metrics, job_id)
+        finally:
+            self._publishing.discard(name)
+
+    async def _publish(
+        self,
+        store: ModelStore,
+        config: FineTuneConfig,
+        head: StandardizedHead,
+        labels: list[str],
+        metrics: TrainMetrics,
+        job_id: str,
+    ) -> Manifest:
+        name = config.output_model
         withdrawals = self._repository.withdrawals(name)
         try:
             manifest = await asyncio.to_thread(
@@ -176,8 +193,10 @@ class FineTunedModels:
     # -- serve from the store -------------------------------------------------
 
     def reading(self, name: str) -> bool:
-        """Whether a read of ``name`` is still running (one that timed out may be)."""
-        return name in self._reading
+        """Whether a read of ``name`` is still running (one that timed out may be), or a job of this
+        server is publishing it (writing it, then building what it serves): a poll that read the new
+        manifest meanwhile leaves it to the job rather than build the same network a second time."""
+        return name in self._reading or name in self._publishing
 
     async def serve_stored(self, name: str) -> str:
         """Serve the store's version of ``name`` (a poll's find); that version.
