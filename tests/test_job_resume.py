@@ -381,6 +381,54 @@ def test_a_resumed_run_goes_on_with_the_same_figures_and_random_streams(tmp_path
         assert torch.equal(again.head.state_dict()[name], value), name
 
 
+def test_a_runs_draws_are_its_own_whatever_other_threads_do_with_torchs_generator() -> None:
+    """The same job's figures and weights, alone and while another thread builds networks and
+    reseeds torch's global generator (a server building a model, another job): the head's
+    initialization, the batch order and every dropout mask, of the head's and of the trained blocks'
+    (torch's own Dropout in a base such as AlexNet's fc6), come from the run's own generators."""
+    import threading
+
+    import torch
+
+    from service.finetune.trainer import train_head
+    from vision_client.protocol import FineTuneConfig, HeadConfig
+
+    torch.manual_seed(0)
+    features, targets = torch.randn(96, 16), torch.arange(96) % 3
+    blocks = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(16, 16), torch.nn.ReLU())
+    given = blocks[1].weight.detach().clone()
+    head = HeadConfig(kind="two_layer", hidden=32, dropout=0.3)
+    config = FineTuneConfig(base_model=TINY, output_model="m", epochs=4, batch_size=8, seed=5, head=head,
+                            train_backbone_blocks=1, backbone_lr_factor=1.0)  # fmt: skip
+
+    def run() -> tuple[list[float], dict[str, torch.Tensor]]:
+        curve: list[float] = []
+        result = train_head(features, targets, config, num_outputs=3, trunk=blocks,
+                            on_epoch=lambda report: curve.append(report.train_loss))  # fmt: skip
+        return curve, result.head.state_dict()
+
+    alone = run()
+    stop = threading.Event()
+
+    def meddle() -> None:
+        while not stop.is_set():
+            torch.manual_seed(int(time.monotonic_ns() % 1000))
+            torch.nn.Linear(64, 64)  # its initialization draws from the global generator
+            torch.rand(100)
+
+    meddler = threading.Thread(target=meddle)
+    meddler.start()
+    try:
+        beside = run()
+    finally:
+        stop.set()
+        meddler.join()
+    assert beside[0] == alone[0]
+    for name, value in alone[1].items():
+        assert torch.equal(beside[1][name], value), name
+    assert type(blocks[0]) is torch.nn.Dropout and torch.equal(blocks[1].weight, given)  # the blocks given: untouched
+
+
 def test_inputs_over_the_quota_are_not_kept_and_the_job_says_why_when_it_cannot_go_on(tmp_path) -> None:
     import torch
 

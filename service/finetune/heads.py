@@ -33,6 +33,25 @@ class Parallel(nn.Module):
         return result
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose training masks come from ``generator`` when one is set: the trainer's own
+    seeded stream (:mod:`service.finetune.trainer`), so that a job's draws are its own whatever else
+    the process does meanwhile (building any network, another job) with torch's global generator.
+    The masks are torch's own (Bernoulli of 1 - p, outputs scaled by 1 / (1 - p)); without a
+    generator, and when not training, it is ``nn.Dropout``."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.generator is None:
+            return super().forward(x)
+        keep = 1.0 - self.p
+        if keep == 0:
+            return torch.zeros_like(x)
+        mask = torch.empty_like(x).bernoulli_(keep, generator=self.generator).div_(keep)
+        return x * mask
+
+
 class BatchNorm(nn.BatchNorm1d):
     """Batch normalisation that takes a training batch of one example (the last of an epoch may
     be one) with its running statistics, as serving does, where torch's would raise."""
@@ -61,7 +80,7 @@ def build_layers(layers: tuple[Layer, ...], width: int) -> tuple[list[nn.Module]
         elif layer.kind == "gelu":
             modules.append(nn.GELU())
         elif layer.kind == "dropout":
-            modules.append(nn.Dropout(layer.p))
+            modules.append(Dropout(layer.p))
         elif layer.kind == "batch_norm":
             modules.append(BatchNorm(width))
         elif layer.kind == "layer_norm":

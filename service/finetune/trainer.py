@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from service.errors import UnavailableError
-from service.finetune.heads import StandardizedHead, TrainedPart, build_head
+from service.finetune.heads import Dropout, StandardizedHead, TrainedPart, build_head
 from vision_client.protocol import FineTuneConfig
 
 CPU = torch.device("cpu")
@@ -164,7 +164,7 @@ class FitState:
     model: dict[str, torch.Tensor]  # the model's state_dict now
     optimizer: dict[str, Any]  # the optimizer's state_dict now
     generator: torch.Tensor  # the batch order's (and views') generator state
-    rng: torch.Tensor  # the CPU's global generator state (dropout draws from it)
+    rng: torch.Tensor  # the dropout masks' generator state (:class:`~service.finetune.heads.Dropout`)
     best_score: tuple[float, float]
     best_epoch: int
     best_model: dict[str, torch.Tensor] | None
@@ -355,28 +355,55 @@ class _Fit:
             target_mean, target_std = _statistics(y, train_idx)
             target_stats = (target_mean, target_std)
             y = (y - target_mean) / target_std  # a copy of the targets only
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            head = build_head(config.head, int(mean.shape[0]), self.num_outputs)
-            if trunk is None:
-                model = StandardizedHead(head, mean, std, *target_stats).to(device)
-            else:
-                model = TrainedPart(trunk, head, mean, std, *target_stats).to(device)
+        head = build_head(config.head, int(mean.shape[0]), self.num_outputs)
+        _initialize(head, torch.Generator().manual_seed(config.seed))
+        if trunk is None:
+            model = StandardizedHead(head, mean, std, *target_stats).to(device)
+        else:
+            model = TrainedPart(_own_dropouts(trunk), head, mean, std, *target_stats).to(device)
         optimizer = _optimizer(config, model)
+        # Every draw of the run comes from its own generators, never torch's global one, which any
+        # thread of the process may use (a network built for serving, another job): the batch order
+        # and views from one, the dropout masks from another (kept in checkpoints).
         generator = torch.Generator().manual_seed((config.seed + 1) % 2**64)  # any uint64 seed
-
-        best: tuple[float, float] = (math.inf, math.inf)  # lower is better
-        best_epoch, best_state, stale = 0, None, 0
-        train_loss = val_loss = val_acc = math.nan
-        epochs_run = 0
-        outside_rng = torch.get_rng_state()  # dropout's draws come from a seeded stream, kept in checkpoints
-        torch.manual_seed((config.seed + 2) % 2**64)
-        first = 1
+        masks = torch.Generator(device=device).manual_seed((config.seed + 2) % 2**64)
         if resume is not None:  # go on after the checkpoint's epoch
             model.load_state_dict(resume.model)
             optimizer.load_state_dict(resume.optimizer)
             generator.set_state(resume.generator)
-            torch.set_rng_state(resume.rng)
+            masks.set_state(resume.rng)
+        dropouts = [module for module in model.modules() if isinstance(module, Dropout)]
+        for module in dropouts:
+            module.generator = masks
+        try:
+            return self._epochs(model, optimizer, x, y, train_idx, val_idx, generator, masks, epochs, resume, on_epoch,
+                                on_checkpoint)  # fmt: skip
+        finally:
+            for module in dropouts:
+                module.generator = None  # the model outlives the run (it is served), the generator does not
+
+    def _epochs(
+        self,
+        model: StandardizedHead,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        train_idx: torch.Tensor,
+        val_idx: torch.Tensor,
+        generator: torch.Generator,
+        masks: torch.Generator,
+        epochs: int,
+        resume: FitState | None,
+        on_epoch: Callable[[EpochReport], None] | None,
+        on_checkpoint: Callable[[FitState], None] | None,
+    ) -> _Outcome:
+        """:meth:`run`'s epochs (from after ``resume``'s, where one is given) and its outcome."""
+        config = self.config
+        best: tuple[float, float] = (math.inf, math.inf)  # lower is better
+        best_epoch, best_state, stale = 0, None, 0
+        train_loss = val_loss = val_acc = math.nan
+        epochs_run, first = 0, 1
+        if resume is not None:
             best, best_epoch, stale, best_state = resume.best_score, resume.best_epoch, resume.stale, resume.best_model
             train_loss, val_loss, val_acc = resume.train_loss, resume.validation_loss, resume.validation_accuracy
             epochs_run = resume.epoch
@@ -403,7 +430,7 @@ class _Fit:
             if on_checkpoint is not None:
                 on_checkpoint(
                     FitState(
-                        epoch, model.state_dict(), optimizer.state_dict(), generator.get_state(), torch.get_rng_state(),
+                        epoch, model.state_dict(), optimizer.state_dict(), generator.get_state(), masks.get_state(),
                         best, best_epoch, best_state, stale, stopping, train_loss, val_loss, val_acc,
                     )
                 )  # fmt: skip
@@ -413,7 +440,6 @@ class _Fit:
                 on_epoch(EpochReport(epoch, epochs, train_loss, val_loss, val_acc, eta, seen))
             if stopping:
                 break
-        torch.set_rng_state(outside_rng)
         if best_state is not None:
             model.load_state_dict(best_state)
         val_loss, val_acc = _evaluate(model, x, y, val_idx, self.classification, self.weights)
@@ -451,6 +477,29 @@ class _Fit:
             seen += len(batch)
             time.sleep(0)  # let the inference threads have the interpreter between steps
         return total / max(seen, 1), seen
+
+
+def _initialize(head: nn.Module, generator: torch.Generator) -> None:
+    """Draw ``head``'s Linear layers' weights and biases as torch's default initialization does
+    (uniform within 1 / sqrt(fan_in)), in module order, from ``generator``; the head's other layers
+    (normalisations) start without a draw."""
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, nn.Linear):
+                bound = 1 / math.sqrt(module.in_features) if module.in_features > 0 else 0.0
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=generator)
+
+
+def _own_dropouts(trunk: nn.Module) -> nn.Module:
+    """``trunk`` (the job's own copy of the blocks) with each of torch's Dropouts made a
+    :class:`~service.finetune.heads.Dropout` of the same p, whose masks the run draws."""
+    for parent in list(trunk.modules()):
+        for child_name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, child_name, Dropout(child.p))
+    return trunk
 
 
 def _optimizer(config: FineTuneConfig, model: nn.Module) -> torch.optim.Optimizer:
