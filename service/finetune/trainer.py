@@ -348,6 +348,8 @@ class _Fit:
         trunk = None
         if self.trunk is not None:  # a fresh copy of the blocks given: a refit starts where selection did
             trunk = copy.deepcopy(self.trunk).to(device)
+            for norm in _normalizations(trunk):
+                norm.momentum = 0.0  # training steps leave the running statistics as measured
             _calibrate_normalizations(trunk, x, train_idx)
         mean, std = _statistics(x, train_idx) if trunk is None else _trunk_statistics(trunk, x, train_idx)
         target_stats: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
@@ -463,7 +465,7 @@ class _Fit:
             if self.cancelled():
                 raise JobCancelled("the job was cancelled")
             batch = order[start : start + self.config.batch_size]
-            for norm in norms:  # a batch's statistics, but one row has none: its own are held for it
+            for norm in norms:  # a batch's statistics; one row has none: it is normalised by the measured ones
                 norm.train(len(batch) > 1)
             rows = batch
             if self.views:  # one view of each example, its own image (view 0) among them
