@@ -74,10 +74,6 @@ ENTRY_FILE = "entry.json"
 # An entry's directory name (export_key's): the digest's prefix, torch's version, the opset, the format.
 KEY_PATTERN = re.compile(r"[0-9a-f]{24}-torch[0-9A-Za-z._-]+-opset[0-9]+-f[0-9]+")
 STAGING_PREFIX = ".tmp-"
-# torch.onnx.export keeps its state in process globals (and warnings' filters are the process's):
-# two exports at once in one process fail ("GLOBALS.in_onnx_export must be False"), so a process
-# exports one network at a time (a job's publish and a store poll may build the same one at once).
-_EXPORTING = threading.Lock()
 DISCARD_PREFIX = ".discard-"
 # Unused this long, and leased by no server, an entry may be deleted. It covers a writer's step from
 # renaming a new entry into place to leasing it (milliseconds), the reuse of a version just replaced
@@ -86,6 +82,10 @@ GRACE_S = 3600.0
 # A staging directory untouched this long belongs to a writer that died (an export of VGG16 writes
 # its files within two minutes of each other).
 STAGING_GRACE_S = 3600.0
+# torch.onnx.export keeps its state in process globals (and warnings' filters are the process's):
+# two exports at once in one process fail ("GLOBALS.in_onnx_export must be False"), so a process
+# exports one network at a time (a job's publish and a store poll may build the same one at once).
+_EXPORTING = threading.Lock()
 
 
 def state_digest(net: torch.nn.Module) -> str:
