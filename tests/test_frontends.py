@@ -9,6 +9,7 @@ front end and the engine with SIGKILL under load.
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import signal
@@ -465,18 +466,13 @@ def test_health_watch_through_every_frontend_follows_models_and_an_engine_restar
 
 def keep_alive_connection(port: int) -> socket.socket:
     """A connection to the HTTP port that has had one request answered and stays open, idle."""
-    connection = socket.create_connection(("127.0.0.1", port), timeout=120)
-    connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        answer += connection.recv(4096)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
-    length = int(next(value for name, value in fields.items() if name.lower() == b"content-length"))
-    while len(body) < length:
-        body += connection.recv(4096)
-    return connection
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("GET", "/v2/health/live")
+    answer = connection.getresponse()
+    assert answer.status == 200 and not answer.will_close, answer.status
+    answer.read()
+    assert connection.sock is not None  # kept open for the next request
+    return connection.sock
 
 
 def test_a_second_server_on_the_same_ports_does_not_start(server, tmp_path):
