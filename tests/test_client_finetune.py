@@ -50,6 +50,7 @@ from vision_client import (
     JobEvent,
     ModelNotFoundError,
     OptimizerConfig,
+    VisionClientError,
 )
 from vision_client.cli import Progress
 from vision_client.protocol import from_message
@@ -369,6 +370,32 @@ def test_fine_tuning_needs_the_token_when_the_server_wants_one(token_server, kin
     assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
     done = run(body(TOKEN))
     assert done.succeeded and done.labels == DIGITS
+
+
+def test_an_upload_refused_while_its_images_still_stream_reports_the_servers_status(token_server, kind):
+    """The server refuses a job from its first message (no token; a base it does not serve) while
+    the client still writes large images. Each of 40 refusals must come back as the server's
+    status: the asynchronous client used to turn about one in six into INTERNAL, "Internal error
+    from Core", when a write failed after the server had ended the call."""
+    rng = np.random.default_rng(7)
+    noise = []
+    for label in ("a", "b") * 32:  # 64 PNGs of about 200 kB each
+        encoded = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(encoded, "PNG")
+        noise.append((encoded.getvalue(), label))
+
+    async def refusals(token: str | None, base_model: str) -> list[type]:
+        raised = []
+        async with connect(kind, token_server.target, token=token) as client:
+            for n in range(20):
+                try:
+                    await result(client.fine_tune(config(f"refused-{n}", base_model=base_model), noise))
+                except VisionClientError as error:
+                    raised.append(type(error))
+        return raised
+
+    assert run(refusals(None, TINY)) == [AuthenticationError] * 20
+    assert run(refusals(TOKEN, "inception")) == [ModelNotFoundError] * 20
 
 
 # -- the command line ---------------------------------------------------------------------------
