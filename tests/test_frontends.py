@@ -9,6 +9,7 @@ front end and the engine with SIGKILL under load.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import os
@@ -37,7 +38,7 @@ from tests.metrics_util import sample_value, scrape
 from tests.support.finetune_data import digits
 from tests.test_health_watch import Watch
 from tests.tiny import TINY
-from vision_client import Client, FineTuneConfig
+from vision_client import AsyncClient, Client, FineTuneConfig, VisionClientError
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as ft_grpc
 
@@ -217,6 +218,31 @@ def test_errors_keep_their_codes_through_the_hop(server):
         with pytest.raises(InferenceServerException) as bad:
             client.infer(MODEL, [image_input(b"not an image")])
         assert bad.value.status() == "StatusCode.INVALID_ARGUMENT" and "not a decodable image" in bad.value.message()
+
+
+def test_a_refused_upload_keeps_the_engines_status_through_every_frontend(server):
+    """The engine refuses a job at its first message while the caller and the front end still
+    stream large images: each refusal comes back as the engine's NOT_FOUND, never as an INTERNAL
+    from a write that failed once the call had ended."""
+    rng = np.random.default_rng(3)
+    noise = []
+    for label in ("a", "b") * 32:  # 64 PNGs of about 200 kB each
+        encoded = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(encoded, "PNG")
+        noise.append((encoded.getvalue(), label))
+
+    async def refusals() -> list[str]:
+        raised = []
+        for n in range(CONNECTIONS):  # a connection each: both front ends relay some
+            async with AsyncClient(server.target, options=OWN_CONNECTION) as client:
+                try:
+                    await client.fine_tune(FineTuneConfig("inception", f"refused-{n}"), noise)
+                except VisionClientError as error:
+                    raised.append(f"{error.code.name}: {error.message}")
+        return raised
+
+    raised = asyncio.run(refusals())
+    assert len(raised) == CONNECTIONS and all(r.startswith("NOT_FOUND") and "inception" in r for r in raised), raised
 
 
 def test_unload_and_load_are_seen_by_every_frontend_before_the_call_returns(server):

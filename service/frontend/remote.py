@@ -28,6 +28,7 @@ from service.transport.call import Call, grpc_call
 from service.transport.handlers import AioContext
 from service.transport.limits import UploadPace
 from service.transport.streaming import stream_call
+from vision_client.protocol.calls import finish_upload
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as pb
 from vision_client.protocol.stubs.inference import grpc_service_pb2_grpc as pb_grpc
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -59,6 +60,13 @@ class Forwarder:
     async def unary(self, method: Callable[..., Awaitable[Resp]], request: Any, call: Call) -> Resp:
         try:
             return await method(request, metadata=self.metadata(call), timeout=call.time_remaining())
+        except grpc.aio.AioRpcError as exc:
+            raise self.error(exc) from None
+
+    async def upload(self, method: Callable[..., Awaitable[Resp]], messages: AsyncIterator[Any], call: Call) -> Resp:
+        """A client-streaming call: the engine's refusal, not the INTERNAL a failed write can leave."""
+        try:
+            return await finish_upload(method(messages, metadata=self.metadata(call), timeout=call.time_remaining()))
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
 
@@ -212,11 +220,11 @@ class RemoteFineTuning:
 
     async def CreateJob(self, request_iterator: AsyncIterator[ft_pb.CreateJobRequest], call: Call) -> ft_pb.Job:
         # The engine paces the upload and counts it against the caller's address.
-        return await self._forward.unary(self._stub.CreateJob, request_iterator, call)
+        return await self._forward.upload(self._stub.CreateJob, request_iterator, call)
 
     async def create_job(self, messages: AsyncIterator[ft_pb.CreateJobRequest], call: Call) -> ft_pb.Job:
         """CreateJob of messages the REST binding reads (and paces) itself."""
-        return await self._forward.unary(self._stub.CreateJob, messages, call)
+        return await self._forward.upload(self._stub.CreateJob, messages, call)
 
     def WatchJob(self, request: ft_pb.WatchJobRequest, call: Call) -> AsyncIterator[ft_pb.JobEvent]:
         return self._forward.stream(self._stub.WatchJob, request, call)

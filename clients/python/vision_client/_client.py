@@ -37,6 +37,7 @@ from vision_client._tracing import trace_headers
 from vision_client._types import FineTuneResult, JobEvent, JobInfo, ModelInfo, Prediction
 from vision_client._version import __version__
 from vision_client.errors import ClientClosedError, UnavailableError
+from vision_client.protocol.calls import finish_upload
 from vision_client.protocol.fine_tuning import FineTuneConfig, to_message
 from vision_client.protocol.stubs.inference import grpc_service_pb2 as infer_pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as ft_pb
@@ -70,69 +71,6 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit
 DEFAULT_MAX_IMAGES_PER_REQUEST = 32
 DEFAULT_MODEL = "resnet101"
-
-
-class _ServerStatus:
-    """The status the server ended a grpc.aio client-streaming call with, kept for its caller.
-
-    When the server ends such a call while the client is still writing (it refused the upload
-    from its first message), a write fails in Core, and grpc.aio (1.81 included; grpc/grpc
-    #36066) then sets the call's status to a synthetic ``INTERNAL: Internal error from Core``,
-    over the server's own if that came first: a refused job would read as an internal error in
-    about one upload of large images in six. Every status the call takes passes through its done
-    callbacks, so this keeps each one as it is set, and :meth:`instead_of` gives back the
-    server's.
-    """
-
-    def __init__(self) -> None:
-        self.seen: list[grpc.aio.AioRpcError] = []
-
-    @classmethod
-    def of(cls, call: object) -> _ServerStatus | None:
-        """Watch ``call`` if it is a grpc.aio call (the HTTP channel's uploads are tasks)."""
-        if not isinstance(call, grpc.aio.Call):
-            return None
-        statuses = cls()
-        call.add_done_callback(statuses._record)
-        return statuses
-
-    def _record(self, call: Any) -> None:  # a grpc.aio call (its type omits debug_error_string)
-        # The call has its status now: these coroutines return without waiting. (Nothing may
-        # escape: this runs inside grpc.aio as it sets the status.)
-        with contextlib.suppress(RuntimeError):
-            self.seen.append(
-                grpc.aio.AioRpcError(
-                    _finished(call.code()),
-                    _finished(call.initial_metadata()),
-                    _finished(call.trailing_metadata()),
-                    _finished(call.details()),
-                    _finished(call.debug_error_string()),
-                )
-            )
-
-    def instead_of(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError | None:
-        """The server's status where ``error`` is the synthetic one a failed write set; else None."""
-        if not _failed_write(error):
-            return None
-        return next((status for status in self.seen if not _failed_write(status)), None)
-
-
-def _failed_write(error: grpc.aio.AioRpcError) -> bool:
-    return (
-        error.code() is grpc.StatusCode.INTERNAL
-        and error.details() == "Internal error from Core"
-        and "SendMessageOperation" in (error.debug_error_string() or "")
-    )
-
-
-def _finished(step: Any) -> Any:
-    """The value of a coroutine that completes without suspending (it reads a finished call)."""
-    try:
-        step.send(None)
-    except StopIteration as done:
-        return done.value
-    step.close()
-    raise RuntimeError("the call has not finished")
 
 
 class UseClientDefault:
@@ -854,18 +792,12 @@ class AsyncClient(BaseClient):
         """A client-streaming call; its RequestStream cancels it if making a message fails."""
         pending = self._method(call.rpc)(call.request, timeout=timeout, metadata=self._call_metadata())
         call.request.started(pending.cancel)
-        statuses = _ServerStatus.of(pending)
         try:
-            return await pending
+            return await finish_upload(pending)
         except asyncio.CancelledError:
             if call.request.error is None:  # this task was cancelled
                 raise
             raise call.request.failure() from None
-        except grpc.aio.AioRpcError as error:
-            sent = statuses.instead_of(error) if statuses is not None else None
-            if sent is None:
-                raise
-            raise sent from None
 
     async def _read(self, stream: _ResponseStream) -> Any:
         """The stream's next new response; None once it has ended."""

@@ -5,6 +5,8 @@
 - :mod:`~vision_client.protocol.tensors`: the tensor names and the BYTES framing;
 - :mod:`~vision_client.protocol.fine_tuning`: the kinds of heads, optimizers and losses, the
   one :class:`FineTuneConfig` and its one conversion to and from the wire and JSON.
+- :mod:`~vision_client.protocol.calls`: awaiting a grpc.aio client-streaming call so that a
+  refusal keeps the server's status.
 
 Everything named here is public: the server imports these names and nothing private of the SDK.
 """
