@@ -31,9 +31,9 @@ from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2 as pb
 from vision_client.protocol.stubs.vision.v1 import fine_tuning_pb2_grpc as pb_grpc
 
 # Enough examples (the held-out images start at 1500) that what is left of the job when the test stops
-# its server, four epochs of 600 steps or most of 47 chunks of features, lasts far longer than an event
+# its server, four epochs of 400 steps or most of 32 chunks of features, lasts far longer than an event
 # takes to arrive: the tiny network's steps and chunks take milliseconds.
-EXAMPLES = 1500
+EXAMPLES = 1000
 EPOCHS = 6
 SERVER = ("--models", TINY, "--weights", "random")
 LEASE_S = "2"  # a killed server's jobs go on after this

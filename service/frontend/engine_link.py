@@ -53,6 +53,12 @@ class EngineLink:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
+                # Back as soon as the engine is: gRPC's own backoff after a refused connection grows
+                # from 1 s by 1.6 times a try, and would hold the engine's calls UNAVAILABLE for
+                # seconds (minutes after a long outage) once it is back.
+                ("grpc.initial_reconnect_backoff_ms", int(RECONNECT_S[0] * 1000)),
+                ("grpc.min_reconnect_backoff_ms", int(RECONNECT_S[0] * 1000)),
+                ("grpc.max_reconnect_backoff_ms", int(RECONNECT_S[1] * 1000)),
             ],
         )
         self._ids = itertools.count(1)

@@ -67,6 +67,16 @@ def _ephemeral_range_start() -> int:
         return 32768  # Linux's default
 
 
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 250),
+]
+"""Channel options for a client that polls a server still starting: gRPC's default backoff after a
+refused connection grows from 1 s by 1.6 times a try, so a server that came up between two tries
+would be seen seconds late."""
+
+
 @dataclass
 class ServerProcess:
     """A ``vision-serve`` child process and how to reach it."""
@@ -104,7 +114,7 @@ class ServerProcess:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        with grpc.insecure_channel(self.target, options=FAST_RECONNECT) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not self.alive():
