@@ -37,7 +37,7 @@ from tests.client_util import (
 )
 from tests.conftest import TOKEN
 from tests.inprocess import InProcessServer, running, tiny_config
-from tests.support.finetune_data import digits
+from tests.support.finetune_data import digits, large_noise_examples
 from tests.tiny import TINY
 from vision_client import (
     AlreadyExistsError,
@@ -377,12 +377,7 @@ def test_an_upload_refused_while_its_images_still_stream_reports_the_servers_sta
     the client still writes large images. Each of 40 refusals must come back as the server's
     status: the asynchronous client used to turn about one in six into INTERNAL, "Internal error
     from Core", when a write failed after the server had ended the call."""
-    rng = np.random.default_rng(7)
-    noise = []
-    for label in ("a", "b") * 32:  # 64 PNGs of about 200 kB each
-        encoded = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(encoded, "PNG")
-        noise.append((encoded.getvalue(), label))
+    noise = large_noise_examples(64, seed=7)
 
     async def refusals(token: str | None, base_model: str) -> list[type]:
         raised = []

@@ -35,7 +35,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess, start_server
 from tests.metrics_util import sample_value, scrape
-from tests.support.finetune_data import digits
+from tests.support.finetune_data import digits, large_noise_examples
 from tests.test_health_watch import Watch
 from tests.tiny import TINY
 from vision_client import AsyncClient, Client, FineTuneConfig, VisionClientError
@@ -224,12 +224,7 @@ def test_a_refused_upload_keeps_the_engines_status_through_every_frontend(server
     """The engine refuses a job at its first message while the caller and the front end still
     stream large images: each refusal comes back as the engine's NOT_FOUND, never as an INTERNAL
     from a write that failed once the call had ended."""
-    rng = np.random.default_rng(3)
-    noise = []
-    for label in ("a", "b") * 32:  # 64 PNGs of about 200 kB each
-        encoded = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(encoded, "PNG")
-        noise.append((encoded.getvalue(), label))
+    noise = large_noise_examples(64, seed=3)
 
     async def refusals() -> list[str]:
         raised = []

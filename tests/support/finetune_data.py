@@ -29,3 +29,15 @@ def shuffled_digits(seed: int = 0) -> tuple[list[bytes], np.ndarray]:
     images, targets = digits()
     order = np.random.default_rng(seed).permutation(len(images))
     return [images[i] for i in order], targets[order]
+
+
+def large_noise_examples(count: int = 64, seed: int = 0) -> list[tuple[bytes, str]]:
+    """``count`` PNGs of 256x256 random pixels (about 200 kB each: they do not compress), labelled
+    ``a`` and ``b`` in turn: an upload that is still streaming when a server refuses it."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for index in range(count):
+        encoded = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(encoded, "PNG")
+        examples.append((encoded.getvalue(), "ab"[index % 2]))
+    return examples
