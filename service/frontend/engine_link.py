@@ -56,8 +56,8 @@ class EngineLink:
                 # Back as soon as the engine is: gRPC's own backoff after a refused connection grows
                 # from 1 s by 1.6 times a try, and would hold the engine's calls UNAVAILABLE for
                 # seconds (minutes after a long outage) once it is back.
+                # (Not grpc.min_reconnect_backoff_ms: that is how long one attempt may take.)
                 ("grpc.initial_reconnect_backoff_ms", int(RECONNECT_S[0] * 1000)),
-                ("grpc.min_reconnect_backoff_ms", int(RECONNECT_S[0] * 1000)),
                 ("grpc.max_reconnect_backoff_ms", int(RECONNECT_S[1] * 1000)),
             ],
         )

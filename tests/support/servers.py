@@ -69,7 +69,6 @@ def _ephemeral_range_start() -> int:
 
 FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 250),
 ]
 """Channel options for a client that polls a server still starting: gRPC's default backoff after a
