@@ -375,8 +375,8 @@ def test_fine_tuning_needs_the_token_when_the_server_wants_one(token_server, kin
 def test_an_upload_refused_while_its_images_still_stream_reports_the_servers_status(token_server, kind):
     """The server refuses a job from its first message (no token; a base it does not serve) while
     the client still writes large images. Each of 40 refusals must come back as the server's
-    status: the asynchronous client used to turn about one in six into INTERNAL, "Internal error
-    from Core", when a write failed after the server had ended the call."""
+    status: grpc.aio itself turns about one in six into INTERNAL, "Internal error from Core", when
+    a write fails after the server has ended the call (``vision_client.protocol.calls``)."""
     noise = large_noise_examples(64, seed=7)
 
     async def refusals(token: str | None, base_model: str) -> list[type]:
