@@ -432,6 +432,30 @@ def test_a_killed_engine_comes_back_ready_by_itself(fault_server):
         shm.destroy_shared_memory_region(region)
 
 
+def test_after_a_long_engine_outage_the_frontends_reach_the_engine_as_soon_as_it_is_back(fault_server):
+    """The front ends try the engine again at most a second apart however long it was away (gRPC's
+    own backoff, 1 s growing 1.6 times a try, would leave them UNAVAILABLE for up to half a minute
+    once the engine was back after this outage). The outage: the engine killed while the
+    supervisor is stopped, so that it cannot start another, for 25 s."""
+    supervisor = fault_server.process.pid
+    engine = children(fault_server)["engine"]
+    ready_line = f"model {TINY} ready"
+    loaded = fault_server.log().count(ready_line)
+    client = triton.InferenceServerClient(fault_server.target)
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        os.kill(engine, signal.SIGKILL)
+        wait_for(lambda: not client.is_server_ready(), timeout=30)
+        time.sleep(25)
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    wait_for(lambda: fault_server.log().count(ready_line) > loaded)  # the new engine has loaded the model
+    back = time.monotonic()
+    wait_for(lambda: client.is_server_ready() and client.is_model_ready(TINY), timeout=60)
+    late = time.monotonic() - back
+    assert late < 4.0, f"the front end saw the engine {late:.1f}s after it was back"
+
+
 def test_health_watch_through_every_frontend_follows_models_and_an_engine_restart(tmp_path: Path):
     """Watch through each front end: a model's unload and load, then the engine's death and return
     (SERVING, NOT_SERVING, SERVING), the same stream all along; then the server's drain (NOT_SERVING
