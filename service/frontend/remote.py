@@ -58,15 +58,10 @@ class Forwarder:
         return RelayedError(exc.code().name, exc.details() or exc.code().name)
 
     async def unary(self, method: Callable[..., Awaitable[Resp]], request: Any, call: Call) -> Resp:
+        """A call with one answer; ``request`` may be a stream of messages (``CreateJob``), whose
+        refusal keeps the engine's status (:func:`~vision_client.protocol.calls.finish_upload`)."""
         try:
-            return await method(request, metadata=self.metadata(call), timeout=call.time_remaining())
-        except grpc.aio.AioRpcError as exc:
-            raise self.error(exc) from None
-
-    async def upload(self, method: Callable[..., Awaitable[Resp]], messages: AsyncIterator[Any], call: Call) -> Resp:
-        """A client-streaming call: the engine's refusal, not the INTERNAL a failed write can leave."""
-        try:
-            return await finish_upload(method(messages, metadata=self.metadata(call), timeout=call.time_remaining()))
+            return await finish_upload(method(request, metadata=self.metadata(call), timeout=call.time_remaining()))
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
 
@@ -220,11 +215,11 @@ class RemoteFineTuning:
 
     async def CreateJob(self, request_iterator: AsyncIterator[ft_pb.CreateJobRequest], call: Call) -> ft_pb.Job:
         # The engine paces the upload and counts it against the caller's address.
-        return await self._forward.upload(self._stub.CreateJob, request_iterator, call)
+        return await self._forward.unary(self._stub.CreateJob, request_iterator, call)
 
     async def create_job(self, messages: AsyncIterator[ft_pb.CreateJobRequest], call: Call) -> ft_pb.Job:
         """CreateJob of messages the REST binding reads (and paces) itself."""
-        return await self._forward.upload(self._stub.CreateJob, messages, call)
+        return await self._forward.unary(self._stub.CreateJob, messages, call)
 
     def WatchJob(self, request: ft_pb.WatchJobRequest, call: Call) -> AsyncIterator[ft_pb.JobEvent]:
         return self._forward.stream(self._stub.WatchJob, request, call)
